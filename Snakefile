@@ -1,0 +1,25 @@
+# speechllm: teach multilingual LLMs to understand speech (BLOOMZMMS; speech-prompted summarization).
+# Thin entry point: load and validate config, include one rule file per stage, define the final targets.
+# Default config = the embedded offline demo; paper scale: --configfile config/experiments/bloomzmms.yaml
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/models.smk"
+include: "rules/targets.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        all_tables(),
+    default_target: True

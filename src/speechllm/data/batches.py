@@ -1,0 +1,82 @@
+"""Manifest records → padded batches (waveforms, token targets, language ids, prompt pieces)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from speechllm.audio import load_audio, speed_perturb
+from speechllm.data.languages import language_name
+from speechllm.data.manifest import duration_seconds
+
+
+class SpeechDataset(Dataset):
+    """Loads each record's audio (speed-perturbed when the record says so) at `sampling_rate`."""
+
+    def __init__(self, records: list[dict[str, Any]], sampling_rate: int, manifest: str = "") -> None:
+        self.records = records
+        self.sampling_rate = sampling_rate
+        self.manifest = manifest
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def durations(self) -> list[float]:
+        return [duration_seconds(r) for r in self.records]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        wav = load_audio(record["audio"], self.sampling_rate, line=record.get("_line"))
+        wav = speed_perturb(wav, record.get("speed", 1.0), self.sampling_rate)
+        return {"record": record, "wav": torch.from_numpy(wav)}
+
+
+@dataclass
+class Batch:
+    wav: torch.Tensor                     # (B, N) float32, right-padded with zeros
+    wav_lengths: torch.Tensor             # (B,) long
+    records: list[dict[str, Any]]
+    ctc_targets: list[list[int]] = field(default_factory=list)   # LLM token ids of the normalised transcript
+    lid: torch.Tensor | None = None       # (B,) long, 1..num_languages
+    prefix: list[list[int]] = field(default_factory=list)        # CE prompt pieces and targets (token ids)
+    postfix: list[list[int]] = field(default_factory=list)
+    target: list[list[int]] = field(default_factory=list)
+
+    def to(self, device: torch.device) -> Batch:
+        self.wav = self.wav.to(device)
+        self.wav_lengths = self.wav_lengths.to(device)
+        if self.lid is not None:
+            self.lid = self.lid.to(device)
+        return self
+
+
+class Collator:
+    """Pads waveforms and tokenises text fields with the LLM tokenizer (no special tokens, as BLOOM)."""
+
+    def __init__(self, tokenizer: Any, language_ids: dict[str, int] | None = None,
+                 default_prefix: str = "", default_postfix: str = "") -> None:
+        self.tokenizer = tokenizer
+        self.language_ids = language_ids or {}
+        self.default_prefix = default_prefix
+        self.default_postfix = default_postfix
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    def __call__(self, items: list[dict[str, Any]]) -> Batch:
+        lengths = torch.tensor([item["wav"].shape[0] for item in items], dtype=torch.long)
+        wav = torch.zeros(len(items), int(lengths.max()))
+        for i, item in enumerate(items):
+            wav[i, : lengths[i]] = item["wav"]
+        records = [item["record"] for item in items]
+        batch = Batch(wav=wav, wav_lengths=lengths, records=records)
+        batch.ctc_targets = [self.ids(r.get("transcription", "")) for r in records]
+        if self.language_ids:
+            batch.lid = torch.tensor([self.language_ids.get(language_name(r["language"]), 0) for r in records])
+        batch.prefix = [self.ids(r.get("prefix", self.default_prefix)) for r in records]
+        batch.postfix = [self.ids(r.get("postfix", self.default_postfix)) for r in records]
+        batch.target = [self.ids(r.get("target", r.get("transcription", ""))) for r in records]
+        return batch

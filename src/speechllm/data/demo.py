@@ -1,0 +1,154 @@
+"""The embedded offline world: a parallel corpus and SpeechGLUE/SpeechXNLI-shaped sets written for this
+project (package data in `speechllm/data/demo/`), spoken with a TTS backend into FLEURS-shaped manifests."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import soundfile as sf
+from tqdm import tqdm
+
+from speechllm.data.languages import FLEURS_TO_SHORT, SHORT_TO_FLEURS
+from speechllm.data.manifest import write_manifest
+from speechllm.data.tts import TTSBackend
+
+GLUE_FIELDS: dict[str, tuple[str, ...]] = {
+    "sst2": ("sentence",),
+    "cola": ("sentence",),
+    "rte": ("sentence1", "sentence2"),
+}
+XNLI_FIELDS = ("premise", "hypothesis")
+
+
+def demo_file(name: str) -> Path:
+    return Path(str(resources.files("speechllm.data") / "demo" / name))
+
+
+def read_tsv(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    for lineno, row in enumerate(rows, start=2):
+        empty = [key for key, value in row.items() if not (value or "").strip()]
+        if empty:
+            raise ValueError(f"{path}:{lineno}: empty field(s) {', '.join(empty)}")
+    return rows
+
+
+def parallel_sentences() -> list[dict[str, str]]:
+    return read_tsv(demo_file("sentences.tsv"))
+
+
+def demo_templates() -> list[tuple[str, str]]:
+    pairs = json.loads(demo_file("templates.json").read_text(encoding="utf-8"))
+    return [(prefix, postfix) for prefix, postfix in pairs]
+
+
+def split_for_llm(rows: list[dict[str, str]], fraction: float) -> tuple[list[dict], list[dict]]:
+    """Split a classification set: the first `fraction` teaches the demo LLM the task, the rest is evaluated."""
+    cut = math.ceil(len(rows) * fraction)
+    return rows[:cut], rows[cut:]
+
+
+def _speak_all(tts: TTSBackend, jobs: list[tuple[str, str, Path]], threads: int) -> None:
+    todo = [job for job in jobs if not job[2].exists()]
+
+    def run(job: tuple[str, str, Path]) -> None:
+        text, voice, path = job
+        tts.synthesize(text, voice, path)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        list(tqdm(pool.map(run, todo), total=len(todo), desc=f"TTS ({tts.name})", mininterval=5))
+
+
+def build_corpus(
+    out_dir: Path, languages: list[str], voices: dict[str, str], tts: TTSBackend, sampling_rate: int, threads: int
+) -> dict[str, int]:
+    """Speak the parallel corpus; write `out_dir/fleurs/{train,dev,test}.jsonl`. Returns counts per split."""
+    rows = parallel_sentences()
+    jobs, records = [], {"train": [], "dev": [], "test": []}
+    for code in languages:
+        short = FLEURS_TO_SHORT.get(code)
+        if short is None or short not in rows[0]:
+            raise ValueError(f"language {code!r} (config key data.languages) is not in the demo corpus")
+        if code not in voices:
+            raise ValueError(f"no TTS voice for {code!r} (config key data.tts.voices)")
+        for row in rows:
+            sid = int(row["id"])
+            path = out_dir / "audio" / code / f"{sid:04d}.wav"
+            jobs.append((row[short], voices[code], path))
+            records[row["split"]].append({
+                "id": f"{code}-{row['split']}-{sid:04d}", "sentence_id": sid, "language": code,
+                "audio": str(path), "raw_transcription": row[short], "translation": row["en"],
+            })
+    _speak_all(tts, jobs, threads)
+    for split, recs in records.items():
+        for rec in recs:
+            rec["num_samples"] = sf.info(rec["audio"]).frames
+            rec["sampling_rate"] = sampling_rate
+        write_manifest(out_dir / "fleurs" / f"{split}.jsonl", recs)
+    return {split: len(recs) for split, recs in records.items()}
+
+
+def _example(task: str, ex_id: str, language: str, fields: dict[str, Path], texts: dict[str, str],
+             label: Any, sampling_rate: int) -> dict[str, Any]:
+    return {
+        "id": ex_id, "task": task, "language": language, "label": label, "sampling_rate": sampling_rate,
+        "fields": {
+            name: {"text": texts[name], "audio": str(path), "num_samples": sf.info(str(path)).frames}
+            for name, path in fields.items()
+        },
+    }
+
+
+def build_speechglue(out_dir: Path, tasks: list[str], voice: str, tts: TTSBackend, sampling_rate: int,
+                     llm_fraction: float, threads: int) -> dict[str, int]:
+    """Speak each text field of the held-out part of each task; `out_dir/speechglue/{task}.jsonl`."""
+    counts = {}
+    for task in tasks:
+        if task not in GLUE_FIELDS:
+            raise ValueError(f"demo SpeechGLUE has no task {task!r} (config key data.speechglue.tasks)")
+        _, held_out = split_for_llm(read_tsv(demo_file(f"{task}.tsv")), llm_fraction)
+        jobs, pending = [], []
+        for row in held_out:
+            paths = {f: out_dir / "audio" / "speechglue" / task / f"{int(row['id']):04d}_{f}.wav"
+                     for f in GLUE_FIELDS[task]}
+            jobs += [(row[f], voice, p) for f, p in paths.items()]
+            pending.append((row, paths))
+        _speak_all(tts, jobs, threads)
+        examples = [_example(task, f"{task}-{int(row['id']):04d}", "en_us", paths, row, int(row["label"]),
+                             sampling_rate) for row, paths in pending]
+        counts[task] = write_manifest(out_dir / "speechglue" / f"{task}.jsonl", examples)
+    return counts
+
+
+def xnli_split(llm_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Split XNLI-shaped pairs by pair id, so no translation of a held-out pair teaches the demo LLM."""
+    rows = read_tsv(demo_file("xnli.tsv"))
+    ids = sorted({int(row["id"]) for row in rows})
+    llm_ids = set(ids[: math.ceil(len(ids) * llm_fraction)])
+    return [r for r in rows if int(r["id"]) in llm_ids], [r for r in rows if int(r["id"]) not in llm_ids]
+
+
+def build_speechxnli(out_dir: Path, languages: list[str], voices: dict[str, str], tts: TTSBackend,
+                     sampling_rate: int, llm_fraction: float, threads: int) -> int:
+    """Speak premise and hypothesis of every held-out pair; `out_dir/speechxnli/test.jsonl`."""
+    rows = [row for row in xnli_split(llm_fraction)[1] if row["language"] in languages]
+    missing = set(languages) - {row["language"] for row in rows}
+    if missing:
+        raise ValueError(f"demo SpeechXNLI has no language(s) {sorted(missing)} (config key data.speechxnli.languages)")
+    jobs, pending = [], []
+    for row in rows:
+        lang = row["language"]
+        paths = {f: out_dir / "audio" / "speechxnli" / lang / f"{int(row['id']):04d}_{f}.wav" for f in XNLI_FIELDS}
+        jobs += [(row[f], voices[lang], p) for f, p in paths.items()]
+        pending.append((row, paths))
+    _speak_all(tts, jobs, threads)
+    examples = [_example("xnli", f"xnli-{row['language']}-{int(row['id']):04d}", SHORT_TO_FLEURS[row["language"]],
+                         paths, row, int(row["label"]), sampling_rate) for row, paths in pending]
+    return write_manifest(out_dir / "speechxnli" / "test.jsonl", examples)

@@ -1,0 +1,68 @@
+"""Manifests: JSON Lines, one utterance (or example) per line — the single format data flows through.
+
+An utterance line (FLEURS-shaped) holds at least:
+  id, sentence_id (joins parallel sentences across languages, FLEURS `id`), language, audio (path),
+  num_samples, sampling_rate, raw_transcription, transcription (normalised), translation (English);
+optional: speed (perturbation factor; audio is perturbed when loaded), prefix/postfix/target (CE targets).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from speechllm.io import atomic_write_text
+
+UTTERANCE_FIELDS = ("id", "language", "audio", "num_samples", "sampling_rate", "raw_transcription")
+
+
+class ManifestError(ValueError):
+    """A malformed manifest line; the message names the file and line."""
+
+
+def iter_manifest(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, record) for each non-empty line of a JSON Lines manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ManifestError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ManifestError(f"{path}:{lineno}: expected a JSON object")
+            yield lineno, record
+
+
+def read_manifest(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Read all records, checking `required` keys; records get `_line` for later error messages."""
+    records = []
+    required = tuple(required)
+    for lineno, record in iter_manifest(path):
+        missing = [key for key in required if key not in record]
+        if missing:
+            raise ManifestError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+        record["_line"] = lineno
+        records.append(record)
+    return records
+
+
+def write_manifest(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
+    """Write records atomically (temp file + rename); private `_`-keys are dropped. Returns the count."""
+    lines = []
+    for record in records:
+        clean = {k: v for k, v in record.items() if not k.startswith("_")}
+        lines.append(json.dumps(clean, ensure_ascii=False))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def duration_seconds(record: dict[str, Any]) -> float:
+    """Duration after speed perturbation."""
+    return record["num_samples"] / record["sampling_rate"] / record.get("speed", 1.0)

@@ -1,0 +1,60 @@
+"""Text-to-speech backends used to voice text-only sets (demo corpus, SpeechGLUE/SpeechXNLI fallbacks).
+
+A backend turns (text, voice) into a 16-bit wav at a given path. espeak-ng is the offline default;
+a neural TTS plugs in by implementing `TTSBackend.synthesize`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import soundfile as sf
+
+from speechllm.audio import load_audio
+
+
+class TTSBackend(Protocol):
+    name: str
+
+    def synthesize(self, text: str, voice: str, out_path: Path) -> None:
+        """Write `text` spoken with `voice` to `out_path` (wav, mono, the pipeline's sampling rate)."""
+
+
+class EspeakNG:
+    """espeak-ng (Debian package `espeak-ng`), resampled to `sampling_rate`."""
+
+    name = "espeak-ng"
+
+    def __init__(self, sampling_rate: int, words_per_minute: int) -> None:
+        self.binary = shutil.which("espeak-ng")
+        if self.binary is None:
+            raise RuntimeError("espeak-ng not found on PATH: install it with `apt-get install -y espeak-ng`")
+        self.sampling_rate = sampling_rate
+        self.words_per_minute = words_per_minute
+
+    def version(self) -> str:
+        out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+    def synthesize(self, text: str, voice: str, out_path: Path) -> None:
+        with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
+            cmd = [self.binary, "-v", voice, "-s", str(self.words_per_minute), "-w", tmp.name, text]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"espeak-ng failed for voice {voice!r} on {text!r}: {proc.stderr.strip()}")
+            wav = load_audio(tmp.name, self.sampling_rate)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        part = out_path.with_name(out_path.name + ".part.wav")
+        sf.write(str(part), np.clip(wav, -1.0, 1.0), self.sampling_rate, subtype="PCM_16")
+        part.replace(out_path)
+
+
+def make_tts(backend: str, sampling_rate: int, words_per_minute: int) -> TTSBackend:
+    if backend == "espeak-ng":
+        return EspeakNG(sampling_rate, words_per_minute)
+    raise ValueError(f"unknown TTS backend {backend!r} (config key data.tts.backend); available: espeak-ng")

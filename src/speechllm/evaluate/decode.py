@@ -1,0 +1,58 @@
+"""Decoding: CTC greedy, and LLM generation from [E(prefix); speech; E(postfix)] (beam search, batched)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from speechllm.audio import load_audio
+from speechllm.models.bloomzmms import BloomzMMS
+from speechllm.models.speech_llm import Segment
+
+
+def postprocess(text: str) -> str:
+    """As the reference tokenizer overlay: special tokens already dropped, newlines to spaces, stripped."""
+    return text.replace("\n", " ").strip()
+
+
+def length_sorted_chunks(records: Sequence[dict[str, Any]], key: str, batch_size: int) -> Iterator[list[int]]:
+    order = sorted(range(len(records)), key=lambda i: -records[i][key])
+    for i in range(0, len(order), batch_size):
+        yield order[i: i + batch_size]
+
+
+def load_wavs(paths: Sequence[str], sampling_rate: int, lines: Sequence[int | None],
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded (B, N) waveforms and (B,) lengths."""
+    wavs = [torch.from_numpy(load_audio(p, sampling_rate, line=line)) for p, line in zip(paths, lines, strict=True)]
+    lengths = torch.tensor([w.shape[0] for w in wavs])
+    batch = torch.zeros(len(wavs), int(lengths.max()))
+    for i, w in enumerate(wavs):
+        batch[i, : w.shape[0]] = w
+    return batch.to(device), lengths.to(device)
+
+
+@torch.no_grad()
+def encode_speech(model: BloomzMMS, paths: Sequence[str], sampling_rate: int, lines: Sequence[int | None],
+                  device: torch.device) -> tuple[list[torch.Tensor], Any]:
+    """Speech vectors per clip [(T2_i, H)] and the raw adaptor output."""
+    wav, lengths = load_wavs(paths, sampling_rate, lines, device)
+    out = model.encode(wav, lengths)
+    return model.speech_segments(out), out
+
+
+@torch.no_grad()
+def ctc_transcribe(model: BloomzMMS, tokenizer: Any, paths: Sequence[str], sampling_rate: int,
+                   lines: Sequence[int | None], device: torch.device) -> list[str]:
+    _, out = encode_speech(model, paths, sampling_rate, lines, device)
+    return [postprocess(t) for t in tokenizer.batch_decode(model.ctc_decode(out), skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def llm_generate(model: BloomzMMS, tokenizer: Any, segments: Sequence[Sequence[Segment]], num_beams: int,
+                 max_new_tokens: int) -> list[str]:
+    assert model.llm is not None, "this model has no LLM"
+    ids = model.llm.generate(segments, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    return [postprocess(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -1,0 +1,177 @@
+"""Scoring for ASR (CER/WER), speech translation (BLEU/chrF) and SpeechGLUE/SpeechXNLI.
+
+Conventions (spec bloomzmms.md §5, ecosystem.md §C):
+
+* ASR: ``basic_normalize`` on references *and* hypotheses, then corpus-level rates
+  (total edits / total reference tokens, as sclite), never a mean of per-utterance rates.
+  CER counts the space between words as a character (ESPnet's ``<space>`` token).
+* Translation: sacreBLEU corpus BLEU and chrF with default settings (13a, cased) unless told.
+* Classification: the metrics of HF ``evaluate.load("glue", task)``, with the same key names.
+
+Rates and correlations are fractions (0.41 = 41 %); BLEU and chrF are on sacreBLEU's 0-100 scale.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from statistics import fmean
+from typing import Any, Literal
+
+import jiwer
+import sacrebleu
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+from speechllm.text.normalize import basic_normalize, normalizer_version
+
+CER_PRIMARY_LANGUAGES: frozenset[str] = frozenset(
+    {"zh", "ja", "th", "lo", "my", "cmn_hans_cn", "yue_hant_hk", "ja_jp", "th_th", "lo_la", "my_mm"}
+)
+
+ACCURACY_TASKS: frozenset[str] = frozenset(
+    {"sst2", "mnli", "mnli_matched", "mnli_mismatched", "qnli", "rte", "wnli", "xnli"}
+)
+ACCURACY_F1_TASKS: frozenset[str] = frozenset({"mrpc", "qqp"})
+KNOWN_TASKS: frozenset[str] = ACCURACY_TASKS | ACCURACY_F1_TASKS | {"cola", "stsb"}
+
+# One figure per task for averages and tables. MRPC/QQP use accuracy and STS-B uses Pearson, as in
+# the BLOOMZMMS evaluation (accuracy for MRPC/QQP), not the GLUE leaderboard's metric means.
+GLUE_PRIMARY_METRIC: dict[str, str] = {
+    "cola": "matthews_correlation",
+    "stsb": "pearson",
+    **{task: "accuracy" for task in sorted(ACCURACY_TASKS | ACCURACY_F1_TASKS)},
+}
+
+
+def _check_lengths(refs: Sequence[Any], hyps: Sequence[Any]) -> None:
+    """Raise ValueError unless references and hypotheses pair up one-to-one."""
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+
+
+def primary_asr_metric(language: str) -> Literal["cer", "wer"]:
+    """Return ``"cer"`` for languages written without word spaces (zh, ja, th, lo, my), else ``"wer"``.
+
+    Matches the full code (``ja_jp``, ``cmn_hans_cn``) or its first ``_``/``-`` part (``zh-CN``).
+    """
+    code = language.strip().lower()
+    if code in CER_PRIMARY_LANGUAGES or re.split(r"[_-]", code)[0] in CER_PRIMARY_LANGUAGES:
+        return "cer"
+    return "wer"
+
+
+def _rate(edits: int, length: int) -> float | None:
+    """Error rate, or None when the reference side is empty."""
+    return edits / length if length else None
+
+
+def asr_scores(refs: list[str], hyps: list[str]) -> dict[str, Any]:
+    """Corpus-level CER and WER after ``basic_normalize`` on both sides, with counts.
+
+    Empty references (also those that normalise to "") are kept, as sclite does: every hypothesis
+    token counts as an insertion and the reference adds 0 to the denominator. ``num_empty_refs``
+    reports how many there were. If the total reference length is 0, ``cer``/``wer`` are None.
+    """
+    _check_lengths(refs, hyps)
+    norm_refs = [basic_normalize(text) for text in refs]
+    norm_hyps = [basic_normalize(text) for text in hyps]
+    words = jiwer.process_words(norm_refs, norm_hyps)
+    chars = jiwer.process_characters(norm_refs, norm_hyps)
+    ref_words = words.hits + words.substitutions + words.deletions
+    ref_chars = chars.hits + chars.substitutions + chars.deletions
+    word_edits = words.substitutions + words.deletions + words.insertions
+    char_edits = chars.substitutions + chars.deletions + chars.insertions
+    return {
+        "cer": _rate(char_edits, ref_chars),
+        "wer": _rate(word_edits, ref_words),
+        "num_utts": len(refs),
+        "num_empty_refs": sum(1 for text in norm_refs if not text),
+        "ref_words": ref_words,
+        "ref_chars": ref_chars,
+        "word_substitutions": words.substitutions,
+        "word_deletions": words.deletions,
+        "word_insertions": words.insertions,
+        "char_substitutions": chars.substitutions,
+        "char_deletions": chars.deletions,
+        "char_insertions": chars.insertions,
+        "normalizer": normalizer_version(),
+    }
+
+
+def translation_scores(
+    refs: list[str], hyps: list[str], normalize: bool, tokenize: str | None = None
+) -> dict[str, Any]:
+    """sacreBLEU corpus BLEU and chrF (one reference per segment) with their signatures.
+
+    ``normalize`` applies ``basic_normalize`` to references *and* hypotheses (BLOOMZMMS's script
+    normalised only the references). ``tokenize`` overrides BLEU's tokeniser (e.g. ``"zh"``,
+    ``"ja-mecab"`` for CJK targets); None keeps sacreBLEU's default (13a).
+    """
+    _check_lengths(refs, hyps)
+    if normalize:
+        refs = [basic_normalize(text) for text in refs]
+        hyps = [basic_normalize(text) for text in hyps]
+    bleu = sacrebleu.metrics.BLEU(tokenize=tokenize)
+    chrf = sacrebleu.metrics.CHRF()
+    bleu_score = bleu.corpus_score(hyps, [refs])
+    chrf_score = chrf.corpus_score(hyps, [refs])
+    return {
+        "bleu": bleu_score.score,
+        "chrf": chrf_score.score,
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+        "num_segments": len(refs),
+        "normalized": normalize,
+        "normalizer": normalizer_version() if normalize else None,
+    }
+
+
+def classification_scores(task: str, labels: Sequence[Any], preds: Sequence[Any]) -> dict[str, Any]:
+    """GLUE/XNLI metrics with HF ``evaluate`` key names.
+
+    cola: ``matthews_correlation``; sst2, mnli(_matched/_mismatched), qnli, rte, wnli, xnli:
+    ``accuracy``; mrpc, qqp: ``accuracy`` and ``f1`` (positive class 1); stsb: ``pearson`` and
+    ``spearmanr`` on floats (NaN if either side is constant). Predictions must already be mapped
+    to label ids (BLOOMZMMS maps an unmatched answer to class 0).
+    """
+    _check_lengths(labels, preds)
+    if task not in KNOWN_TASKS:
+        raise ValueError(f"unknown classification task {task!r}; expected one of {sorted(KNOWN_TASKS)}")
+    if not labels:
+        raise ValueError(f"no examples to score for task {task!r}")
+    scores: dict[str, Any] = {"num_examples": len(labels)}
+    if task == "cola":
+        scores["matthews_correlation"] = float(matthews_corrcoef(labels, preds))
+    elif task == "stsb":
+        gold = [float(x) for x in labels]
+        pred = [float(x) for x in preds]
+        scores["pearson"] = float(pearsonr(gold, pred).statistic)
+        scores["spearmanr"] = float(spearmanr(gold, pred).statistic)
+    else:
+        scores["accuracy"] = float(accuracy_score(labels, preds))
+        if task in ACCURACY_F1_TASKS:
+            scores["f1"] = float(f1_score(labels, preds, pos_label=1, zero_division=0.0))
+    return scores
+
+
+def glue_average(task_scores: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Mean of each task's primary metric (``GLUE_PRIMARY_METRIC``), with and without WNLI.
+
+    Averages over the tasks given. For the paper's "Avg." pass cola, sst2, mrpc, qqp,
+    mnli_matched, mnli_mismatched, qnli, rte and wnli (it did not evaluate STS-B). The WNLI
+    exclusion really drops the ``wnli`` task (the reference code compared a metric name to
+    "wnli", so its "without WNLI" figure still included it). Means of no tasks are None.
+    """
+    unknown = sorted(set(task_scores) - set(GLUE_PRIMARY_METRIC))
+    if unknown:
+        raise ValueError(f"no primary metric for task(s) {unknown}")
+    primary = {task: float(scores[GLUE_PRIMARY_METRIC[task]]) for task, scores in task_scores.items()}
+    without_wnli = {task: value for task, value in primary.items() if task != "wnli"}
+    return {
+        "average": fmean(primary.values()) if primary else None,
+        "average_without_wnli": fmean(without_wnli.values()) if without_wnli else None,
+        "tasks": sorted(primary),
+        "tasks_without_wnli": sorted(without_wnli),
+        "primary_metrics": {task: GLUE_PRIMARY_METRIC[task] for task in sorted(primary)},
+    }

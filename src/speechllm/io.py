@@ -1,0 +1,70 @@
+"""Atomic file writes: write to a temp file in the target's directory, then ``os.replace``.
+
+A reader (or Snakemake) therefore sees either the old file, or the complete new one, never a
+partial file. On any exception the temp file is removed and the target is left untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _read_umask() -> int:
+    """Return the process umask (read once, at import, to avoid racing other threads later)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a written file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[Path]:
+    """Yield a temp path next to ``path``; move it onto ``path`` on success, delete it on error.
+
+    The temp name keeps the target's suffixes (``.scores.x1y2.tmp.json`` for ``scores.json``), so
+    writers that infer the format from the extension behave as for the real target. The temp file
+    exists (empty) when yielded; writers must overwrite it. The final file gets the usual
+    ``0o666 & ~umask`` permissions rather than ``mkstemp``'s 0600. Parent directories are created.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".tmp" + "".join(target.suffixes)
+    stem = target.name[: len(target.name) - len("".join(target.suffixes))] or target.name
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        if fsync:
+            _fsync_file(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Atomically write ``data`` to ``path``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
+    """Atomically write ``text`` to ``path`` (no newline translation)."""
+    atomic_write_bytes(path, text.encode(encoding))

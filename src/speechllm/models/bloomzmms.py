@@ -1,0 +1,70 @@
+"""BLOOMZMMS: frozen speech encoder → trainable frontend + E-Branchformer adaptor → (frozen CTC head | frozen LLM)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from speechllm.models.adaptor import AdaptorOutput, SpeechAdaptor
+from speechllm.models.ctc_head import CTCHead
+from speechllm.models.frontend import SpeechFrontend
+from speechllm.models.speech_llm import Segment, SpeechLLM
+
+LID_BLANK = 0
+
+
+class BloomzMMS(nn.Module):
+    """The speech side (frontend + adaptor) with an optional CTC head (stage 1) and/or LLM (stage 2)."""
+
+    def __init__(self, frontend: SpeechFrontend, adaptor: SpeechAdaptor, ctc_head: CTCHead | None = None,
+                 llm: SpeechLLM | None = None, ctc_blank_id: int = 3) -> None:
+        super().__init__()
+        self.frontend = frontend
+        self.adaptor = adaptor
+        self.ctc_head = ctc_head
+        self.llm = llm
+        self.ctc_blank_id = ctc_blank_id
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what training changes: the frozen encoder, CTC head and LLM are referenced, not copied."""
+        names = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k in names}
+
+    def encode(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> AdaptorOutput:
+        """wav (B, N) → speech vectors (B, T2, H_llm) and LID logits."""
+        feats, feat_lengths = self.frontend(wav, wav_lengths)
+        return self.adaptor(feats, feat_lengths)
+
+    def ctc_losses(self, out: AdaptorOutput, targets: Sequence[Sequence[int]],
+                   lid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CTC over LLM tokens, LID inter-CTC), each summed over the batch / B, zero_infinity.
+
+        As the reference, the LID target is the utterance's label repeated to the length of its token target.
+        """
+        assert self.ctc_head is not None, "this model has no CTC head"
+        ctc = self.ctc_head.loss(out.speech, out.speech_lengths, targets, blank_id=self.ctc_blank_id)
+        lid_targets = [[int(label)] * max(1, len(t)) for label, t in zip(lid.tolist(), targets, strict=True)]
+        log_probs = out.lid_logits.float().log_softmax(-1).transpose(0, 1)
+        flat = torch.tensor([x for t in lid_targets for x in t], device=log_probs.device)
+        lengths = torch.tensor([len(t) for t in lid_targets], device=log_probs.device)
+        lid_loss = nn.functional.ctc_loss(log_probs, flat, out.lid_lengths, lengths, blank=LID_BLANK,
+                                          reduction="sum", zero_infinity=True) / len(lid_targets)
+        return ctc, lid_loss
+
+    def ctc_decode(self, out: AdaptorOutput) -> list[list[int]]:
+        assert self.ctc_head is not None, "this model has no CTC head"
+        logits = self.ctc_head(out.speech)
+        return CTCHead.greedy_decode(logits, out.speech_lengths, self.ctc_blank_id)
+
+    @staticmethod
+    def speech_segments(out: AdaptorOutput) -> list[torch.Tensor]:
+        """Per-utterance speech vectors cut to their valid length: [(T2_i, H)]."""
+        return [out.speech[i, : int(n)] for i, n in enumerate(out.speech_lengths)]
+
+    @staticmethod
+    def prompt_segments(prefix: Sequence[Sequence[int]], speech: Sequence[torch.Tensor],
+                        postfix: Sequence[Sequence[int]]) -> list[list[Segment]]:
+        """[E(prefix); speech; E(postfix)] per utterance."""
+        return [[list(p), s, list(q)] for p, s, q in zip(prefix, speech, postfix, strict=True)]

@@ -1,0 +1,173 @@
+"""Local models for the offline world, saved with `save_pretrained` so the pipeline loads them through the
+same `from_pretrained` calls as hub models: a byte-level BPE tokenizer with BLOOM's special tokens, a tiny
+BLOOM pretrained on the demo text in instruction form, and a tiny Wav2Vec2 in the MMS architecture."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+from transformers import (
+    BloomConfig,
+    BloomForCausalLM,
+    PreTrainedTokenizerFast,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Model,
+)
+
+from speechllm.data.demo import (
+    demo_file,
+    demo_templates,
+    parallel_sentences,
+    read_tsv,
+    split_for_llm,
+    xnli_split,
+)
+from speechllm.data.languages import language_name
+from speechllm.evaluate.prompts import TASK_PROMPTS, render_text
+
+# BLOOM's special tokens and ids: <unk>=0, <s>=1, </s>=2, <pad>=3 (the CTC blank).
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+DEMO_COLUMNS = ("en", "de", "fr", "es", "it", "pt")
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    completion: str
+
+
+def instruction_examples(llm_fraction: float, repeat_prefix: str, repeat_postfix: str, st_prefix: str,
+                         st_postfix: str, templates_per_sentence: int, task_repeats: int,
+                         option_prefix: str, seed: int) -> list[Example]:
+    """The demo LLM's instruction-form training text: repeat, translate, template-bank translation, tasks."""
+    rng = random.Random(seed)
+    examples: list[Example] = []
+    names = {col: language_name(col) for col in DEMO_COLUMNS}
+    translation_templates = [(p, q, t) for p, q in demo_templates()
+                             if (t := _template_target(q + p, names)) is not None]
+    for row in parallel_sentences():
+        for col in DEMO_COLUMNS:
+            examples.append(Example(repeat_prefix + row[col] + repeat_postfix, row[col]))
+            if col != "en":
+                st = st_prefix.format(language=names[col])
+                examples.append(Example(st + row[col] + st_postfix, row["en"]))
+        for col in DEMO_COLUMNS:
+            for prefix, postfix, target in rng.sample(translation_templates, templates_per_sentence):
+                examples.append(Example(prefix + row[col] + postfix, " " + row[target]))
+    for task in ("sst2", "cola", "rte"):
+        seen, _ = split_for_llm(read_tsv(demo_file(f"{task}.tsv")), llm_fraction)
+        prompt = TASK_PROMPTS[task]
+        examples += [Example(render_text(prompt, row), option_prefix + prompt.options[int(row["label"])])
+                     for row in seen] * task_repeats
+    prompt = TASK_PROMPTS["xnli"]
+    examples += [Example(render_text(prompt, row), option_prefix + prompt.options[int(row["label"])])
+                 for row in xnli_split(llm_fraction)[0]] * task_repeats
+    return examples
+
+
+def _template_target(text: str, names: dict[str, str]) -> str | None:
+    """The demo column a translation template asks for ("... in Y:" / "to Y"), else None."""
+    for col, name in names.items():
+        if f"in {name}:" in text or f"to {name}\n" in text or f"to {name}:" in text:
+            return col
+    return None
+
+
+def build_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
+    """Byte-level BPE (any string encodes) with BLOOM's special-token ids; adds no BOS/EOS, as BLOOM."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", padding_side="left")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def _batches(ids: list[list[int]], batch_size: int, rng: random.Random):
+    while True:
+        order = list(range(len(ids)))
+        rng.shuffle(order)
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield [ids[j] for j in order[i: i + batch_size]]
+
+
+def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st_prompt: dict[str, str],
+              llm_fraction: float, option_prefix: str, seed: int) -> dict[str, float]:
+    """Train tokenizer + tiny BLOOM on the instruction text; save both into `out_dir`. Returns losses."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    train = cfg["llm_pretrain"]
+    examples = instruction_examples(llm_fraction, prompt_cfg["prefix"], prompt_cfg["postfix"],
+                                    st_prompt["prefix"], st_prompt["postfix"], train["templates_per_sentence"],
+                                    train["task_repeats"], option_prefix, seed)
+    tokenizer = build_tokenizer([e.prompt + e.completion for e in examples], cfg["tokenizer_vocab_size"], out_dir)
+    pad_to = cfg["llm_vocab_pad_to"]
+    vocab = int(math.ceil(len(tokenizer) / pad_to) * pad_to)
+    if vocab == len(tokenizer):
+        vocab += pad_to  # keep BLOOM's property: more embedding rows than tokenizer entries
+    config = BloomConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3, **cfg["llm"])
+    model = BloomForCausalLM(config)
+    max_len = train["max_length"]
+    seqs = [tokenizer(e.prompt + e.completion).input_ids[: max_len - 1] + [tokenizer.eos_token_id]
+            for e in examples]
+    opt = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+    steps, warmup = train["steps"], train["warmup_steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    model.train()
+    losses = []
+    batches = _batches(seqs, train["batch_size"], rng)
+    for _ in tqdm(range(steps), desc="demo LLM pretraining", mininterval=10):
+        batch = next(batches)
+        width = max(len(s) for s in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, s in enumerate(batch):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        labels = input_ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    window = max(1, len(losses) // 20)
+    return {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
+            "examples": len(examples), "vocab_size": vocab, "tokenizer_size": len(tokenizer)}
+
+
+def build_speech_encoder(out_dir: Path, cfg: dict[str, Any], sampling_rate: int, seed: int) -> int:
+    """A randomly initialised Wav2Vec2 in MMS's stable-layer-norm architecture. Returns its parameter count."""
+    torch.manual_seed(seed)
+    enc = cfg["speech_encoder"]
+    config = Wav2Vec2Config(
+        do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True,
+        hidden_size=enc["hidden_size"], num_hidden_layers=enc["num_hidden_layers"],
+        num_attention_heads=enc["num_attention_heads"], intermediate_size=enc["intermediate_size"],
+        conv_dim=tuple(enc["conv_dim"]), conv_stride=tuple(enc["conv_stride"]), conv_kernel=tuple(enc["conv_kernel"]),
+        num_conv_pos_embeddings=enc["num_conv_pos_embeddings"],
+        num_conv_pos_embedding_groups=enc["num_conv_pos_embedding_groups"],
+        layerdrop=0.0, mask_time_prob=0.0,
+    )
+    model = Wav2Vec2Model(config)
+    model.save_pretrained(out_dir)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=sampling_rate, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,128 @@
+"""Model directories: `speechllm.json` (what it is, its parts, prompt defaults) + `model.safetensors`
+(the trained weights). Frozen parts (speech encoder, LLM) are referenced by `from_pretrained` id."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from speechllm import __version__
+from speechllm.io import atomic_write_text
+from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
+from speechllm.models.bloomzmms import BloomzMMS
+from speechllm.models.ctc_head import CTCHead
+from speechllm.models.frontend import SpeechFrontend
+from speechllm.models.speech_llm import SpeechLLM
+
+FORMAT = "speechllm-model/1"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelDirError(ValueError):
+    """A model directory that cannot be loaded; the message names the directory and what is wrong."""
+
+
+def model_spec(models_cfg: dict[str, Any], adaptor: AdaptorConfig, language_ids: dict[str, int],
+               stage: str) -> dict[str, Any]:
+    """The `speechllm.json` content for a BLOOMZMMS model built from the `models` config section."""
+    return {
+        "format": FORMAT, "kind": "bloomzmms", "stage": stage, "speechllm_version": __version__,
+        "speech_encoder": dict(models_cfg["speech_encoder"]),
+        "llm": {k: models_cfg["llm"][k] for k in ("name_or_path", "revision", "dtype", "load_in_8bit")},
+        "adaptor": asdict(adaptor), "language_ids": language_ids,
+        "prompt": dict(models_cfg["prompt"]),
+    }
+
+
+def load_llm(llm_cfg: dict[str, Any], device: torch.device | str = "cpu"):
+    """The frozen causal LM and its tokenizer through the hub-style `from_pretrained` calls."""
+    kwargs: dict[str, Any] = {"revision": llm_cfg.get("revision")} if _is_hub(llm_cfg["name_or_path"]) else {}
+    tokenizer = AutoTokenizer.from_pretrained(llm_cfg["name_or_path"], **kwargs)
+    if llm_cfg.get("load_in_8bit"):
+        from transformers import BitsAndBytesConfig  # optional: needs bitsandbytes and a GPU
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    lm = AutoModelForCausalLM.from_pretrained(llm_cfg["name_or_path"], dtype=DTYPES[llm_cfg["dtype"]], **kwargs)
+    if not llm_cfg.get("load_in_8bit"):
+        lm = lm.to(device)
+    return lm, tokenizer
+
+
+def _is_hub(name: str) -> bool:
+    return not Path(name).exists()
+
+
+def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: torch.device | str = "cpu",
+                gradient_checkpointing: bool = False) -> tuple[BloomzMMS, Any]:
+    """A BloomzMMS from a spec; the CTC head is cut from the LLM's input embeddings. Returns (model, tokenizer)."""
+    enc_cfg = spec["speech_encoder"]
+    kwargs = {"revision": enc_cfg.get("revision")} if _is_hub(enc_cfg["name_or_path"]) else {}
+    encoder = AutoModel.from_pretrained(enc_cfg["name_or_path"], **kwargs)
+    adaptor_cfg = AdaptorConfig(**spec["adaptor"])
+    frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"])
+    adaptor = SpeechAdaptor(adaptor_cfg)
+    lm, tokenizer = load_llm(spec["llm"], device)
+    ctc_head = CTCHead.from_embeddings(lm.get_input_embeddings().weight, len(tokenizer)) if with_ctc else None
+    llm = SpeechLLM(lm, tokenizer.pad_token_id, tokenizer.eos_token_id, gradient_checkpointing) if with_llm else None
+    model = BloomzMMS(frontend, adaptor, ctc_head, llm, ctc_blank_id=tokenizer.pad_token_id)
+    return model.to(device), tokenizer
+
+
+def save_model_dir(model: BloomzMMS, spec: dict[str, Any], out_dir: Path,
+                   extra: dict[str, Any] | None = None) -> None:
+    """Write weights and spec; the directory appears complete or not at all (temp dir + rename)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    save_file(model.trainable_state_dict(), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+    atomic_write_text(tmp / "speechllm.json", json.dumps({**spec, **(extra or {})}, indent=2,
+                                                         ensure_ascii=False) + "\n")
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        import shutil
+
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def read_spec(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "speechllm.json"
+    if not path.is_file():
+        raise ModelDirError(f"not a speechllm model directory (no speechllm.json): {model_dir}")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    if spec.get("format") != FORMAT:
+        raise ModelDirError(f"{path}: unsupported format {spec.get('format')!r} (expected {FORMAT})")
+    return spec
+
+
+def load_model_dir(model_dir: Path, with_ctc: bool, with_llm: bool, device: torch.device | str = "cpu",
+                   gradient_checkpointing: bool = False) -> tuple[BloomzMMS, Any, dict[str, Any]]:
+    """Load an exported model: (model, tokenizer, spec)."""
+    spec = read_spec(model_dir)
+    model, tokenizer = build_model(spec, with_ctc, with_llm, device, gradient_checkpointing)
+    load_trained_weights(model, Path(model_dir) / "model.safetensors")
+    return model, tokenizer, spec
+
+
+def load_trained_weights(model: BloomzMMS, path: Path) -> None:
+    """Load trained weights; every stored tensor must match a parameter (frozen parts may be absent)."""
+    state = load_file(str(path))
+    own = model.state_dict()
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise ModelDirError(f"{path}: tensors not in the model: {unknown[:5]}")
+    missing = [k for k, p in model.named_parameters() if p.requires_grad and k not in state]
+    if missing:
+        raise ModelDirError(f"{path}: trained tensors missing: {missing[:5]}")
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,72 @@
+"""Convolutional 4x time subsampling (ESPnet ``Conv2dSubsampling``, encoder ``input_layer: conv2d``).
+
+Two ``Conv2d(kernel 3, stride 2)`` + ReLU layers treat the feature sequence as a one-channel image
+(time x feature), then a linear layer maps the flattened ``channels x reduced features`` back to ``d``.
+With the default kernel 3 / stride 2 a sequence of ``T`` frames becomes ``((T - 1) // 2 - 1) // 2``
+frames (20 ms MMS frames -> 80 ms).
+
+Output lengths apply the same formula to each utterance's own length. ESPnet instead slices the
+padding mask (``mask[:, :, :-2:2]`` twice), which gives padded utterances up to two extra 80 ms frames
+(e.g. 45 frames padded to 97 -> 12 instead of 10); the extra frames mostly see padding.
+
+The positional encoding, which ESPnet attaches to this module's output layer, lives in
+``speechllm.models.positional`` and is applied by the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DEFAULT_KERNEL = 3
+DEFAULT_STRIDE = 2
+
+
+def conv_output_length(length: torch.Tensor | int, kernel_size: int, stride: int) -> torch.Tensor | int:
+    """Length after one unpadded convolution: ``(length - kernel_size) // stride + 1`` (>= 0)."""
+    if isinstance(length, torch.Tensor):
+        return torch.clamp(torch.div(length - kernel_size, stride, rounding_mode="floor") + 1, min=0)
+    return max((length - kernel_size) // stride + 1, 0)
+
+
+class Conv2dSubsampling(nn.Module):
+    """Conv2d(1, d, k, s) + ReLU, Conv2d(d, d, k, s) + ReLU, Linear(d * F1 -> d).
+
+    ``F1`` is the feature axis after the two convolutions (``((idim - 1) // 2 - 1) // 2`` for k 3, s 2).
+    The flattening order is channel-major (``c * F1 + f``), as in ESPnet, so checkpoints map one-to-one.
+
+    Args:
+        idim: input feature size.
+        odim: output size ``d`` (also the number of conv channels).
+        kernel_size: kernel of both convolutions.
+        stride: stride of both convolutions.
+    """
+
+    def __init__(
+        self, idim: int, odim: int, kernel_size: int = DEFAULT_KERNEL, stride: int = DEFAULT_STRIDE
+    ) -> None:
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, odim, kernel_size, stride),
+            nn.ReLU(),
+            nn.Conv2d(odim, odim, kernel_size, stride),
+            nn.ReLU(),
+        )
+        reduced_features = self.output_length(idim)
+        if reduced_features < 1:
+            raise ValueError(f"idim={idim} is too small for two convolutions of kernel {kernel_size}")
+        self.out = nn.Linear(odim * reduced_features, odim)
+
+    def output_length(self, length: torch.Tensor | int) -> torch.Tensor | int:
+        """Frames (or features) left after both convolutions."""
+        once = conv_output_length(length, self.kernel_size, self.stride)
+        return conv_output_length(once, self.kernel_size, self.stride)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, idim), lengths (B,) -> x (B, T1, odim), lengths (B,) with T1 = output_length(T)."""
+        hidden = self.conv(x.unsqueeze(1))  # (B, d, T1, F1)
+        batch, channels, frames, features = hidden.shape
+        hidden = hidden.transpose(1, 2).reshape(batch, frames, channels * features)
+        return self.out(hidden), self.output_length(lengths)

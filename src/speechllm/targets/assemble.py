@@ -1,0 +1,57 @@
+"""T / MI / TMI training manifests from the training utterances and the generated (or imported) targets.
+
+T   = every utterance with the default prompt and its normalised transcript (the reference's train_t_sp).
+TMI = every utterance three times: `-1` the transcription item (raw transcript, "Repeat the sentence: "),
+      `-2`, `-3` two synthetic items.
+MI  = `mi_reading: synthetic_only` (our default): `-1`, `-2` two synthetic items;
+      `mi_reading: reference_pop`: TMI's `-1`, `-2`, i.e. one transcription + one synthetic item, which is
+      what the reference's prepare_data.py produces through its pop() order (spec §4.3).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+MI_READINGS = ("synthetic_only", "reference_pop")
+
+
+def synthetic_pools(generated: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Usable items per transcript, in generation order. As the reference: a non-empty output and a
+    non-empty prefix or postfix (which drops an empty template)."""
+    pools: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for item in sorted(generated, key=lambda x: x["index"]):
+        if item["output"].strip() and (item["prefix"] or item["postfix"]):
+            pools[item["text"]].append(item)
+    return pools
+
+
+def assemble(train: list[dict[str, Any]], generated: list[dict[str, Any]], prefix: str, postfix: str,
+             mi_reading: str, per_utterance: int) -> dict[str, list[dict[str, Any]]]:
+    """Returns {"t": [...], "mi": [...], "tmi": [...]} manifest records."""
+    if mi_reading not in MI_READINGS:
+        raise ValueError(f"targets.mi_reading must be one of {MI_READINGS}, got {mi_reading!r}")
+    pools = synthetic_pools(generated)
+    cursor: dict[str, int] = defaultdict(int)
+    t_set, mi_set, tmi_set = [], [], []
+    for rec in train:
+        base = {k: v for k, v in rec.items() if k not in ("prefix", "postfix", "target")}
+        t_set.append({**base, "prefix": prefix, "postfix": postfix, "target": rec["transcription"]})
+        transcription = {**base, "prefix": prefix, "postfix": postfix, "target": rec["raw_transcription"]}
+        text = rec["raw_transcription"]
+        pool = pools.get(text, [])
+        synthetic = []
+        for _ in range(per_utterance):
+            if not pool:
+                break
+            item = pool[cursor[text] % len(pool)]  # hand items out in passes over the utterances of a text
+            cursor[text] += 1
+            synthetic.append({**base, "prefix": item["prefix"], "postfix": item["postfix"],
+                              "target": item["output"].strip()})
+        tmi_items = [transcription, *synthetic]
+        for k, item in enumerate(tmi_items, start=1):
+            tmi_set.append({**item, "id": f"{rec['id']}-{k}"})
+        mi_items = synthetic if mi_reading == "synthetic_only" else tmi_items[:per_utterance]
+        for k, item in enumerate(mi_items, start=1):
+            mi_set.append({**item, "id": f"{rec['id']}-{k}"})
+    return {"t": t_set, "mi": mi_set, "tmi": tmi_set}

@@ -1,0 +1,229 @@
+"""Checks for result tables and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from speechllm.io import atomic_path, atomic_write_bytes, atomic_write_text
+from speechllm.report.tables import build_table, order_models, table_footer, write_table
+
+ORDER = ["init", "ctc", "t", "mi", "tmi"]
+VERSIONS = {
+    "normalizer": "transformers==5.23.0 BasicTextNormalizer",
+    "sacrebleu": "2.6.0",
+    "speechllm": "0.1.0",
+}
+BLEU_SIG = "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"
+
+
+def _score_file(tmp_path: Path, benchmark: str, model: str, metrics: dict[str, Any]) -> Path:
+    """Write a synthetic score file and return its path."""
+    path = tmp_path / "scores" / benchmark / f"{model}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "benchmark": benchmark,
+        "model": model,
+        "decoder": model,
+        "checkpoint": f"results/models/{model}",
+        "experiment": "demo",
+        "metrics": metrics,
+        "versions": VERSIONS,
+    }
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def _asr_metrics(offset: float) -> dict[str, Any]:
+    """ASR metrics for three languages, one of them scored by CER."""
+    return {
+        "all": {"cer": 0.30 + offset, "wer": 0.60 + offset},
+        "per_language": {
+            "de_de": {"cer": 0.10 + offset, "wer": 0.25 + offset, "num_utts": 10},
+            "cmn_hans_cn": {"cer": 0.41 + offset, "wer": 0.99, "num_utts": 10},
+            "af_za": {"cer": 0.20 + offset, "wer": 0.50 + offset, "num_utts": 10},
+        },
+    }
+
+
+@pytest.fixture
+def asr_files(tmp_path: Path) -> list[Path]:
+    return [
+        _score_file(tmp_path, "fleurs_asr", "tmi", _asr_metrics(0.0)),
+        _score_file(tmp_path, "fleurs_asr", "ctc", _asr_metrics(0.1)),
+        _score_file(tmp_path, "fleurs_asr", "init", _asr_metrics(0.2)),
+    ]
+
+
+def test_fleurs_asr_table(asr_files: list[Path]) -> None:
+    table = build_table("fleurs_asr", asr_files, ORDER)
+    assert list(table.columns) == ["init", "ctc", "tmi"]
+    assert list(table.index) == [
+        ("af_za", "wer"),
+        ("cmn_hans_cn", "cer"),
+        ("de_de", "wer"),
+        ("all", "cer"),
+        ("all", "wer"),
+    ]
+    assert table.index.names == ["language", "metric"]
+    assert table.loc[("cmn_hans_cn", "cer"), "tmi"] == pytest.approx(41.0)
+    assert table.loc[("de_de", "wer"), "ctc"] == pytest.approx(35.0)
+    assert table.loc[("all", "wer"), "init"] == pytest.approx(80.0)
+
+
+def test_models_outside_order_are_appended(tmp_path: Path, asr_files: list[Path]) -> None:
+    extra = _score_file(tmp_path, "fleurs_asr", "baseline", _asr_metrics(0.0))
+    table = build_table("fleurs_asr", [*asr_files, extra], ORDER)
+    assert list(table.columns) == ["init", "ctc", "tmi", "baseline"]
+    assert order_models(["b", "a"], None) == ["a", "b"]
+
+
+def test_bad_inputs_raise(tmp_path: Path, asr_files: list[Path]) -> None:
+    with pytest.raises(ValueError, match="unknown table"):
+        build_table("librispeech", asr_files)
+    with pytest.raises(ValueError, match="benchmark 'fleurs_asr'"):
+        build_table("fleurs_st", asr_files)
+    duplicate = _score_file(tmp_path / "other", "fleurs_asr", "ctc", _asr_metrics(0.0))
+    with pytest.raises(ValueError, match="model 'ctc'"):
+        build_table("fleurs_asr", [*asr_files, duplicate])
+
+
+def test_fleurs_st_table_and_signature_footer(tmp_path: Path) -> None:
+    def metrics(bleu: float) -> dict[str, Any]:
+        entry = {"bleu": bleu, "chrf": bleu + 20, "bleu_signature": BLEU_SIG}
+        return {"all": entry, "per_language": {"de_de": entry, "fr_fr": {**entry, "bleu": bleu + 1}}}
+
+    files = [_score_file(tmp_path, "fleurs_st", m, metrics(b)) for m, b in [("t", 10.0), ("mi", 12.5)]]
+    table = build_table("fleurs_st", files, ORDER)
+    assert table.shape == (6, 2)
+    assert list(table.columns) == ["t", "mi"]
+    assert table.loc[("fr_fr", "bleu"), "mi"] == pytest.approx(13.5)  # BLEU is not rescaled
+    assert table.loc[("all", "chrf"), "t"] == pytest.approx(30.0)
+    footer = table_footer("fleurs_st", files, ORDER)
+    assert footer.count(BLEU_SIG) == 2  # once per model, deduplicated across languages
+
+
+def test_speechglue_table_rows_and_averages(tmp_path: Path) -> None:
+    per_task = {
+        "wnli": {"accuracy": 0.1},
+        "sst2": {"accuracy": 0.8},
+        "cola": {"matthews_correlation": 0.2},
+        "mrpc": {"accuracy": 0.6, "f1": 0.7},
+    }
+    recorded = _score_file(
+        tmp_path, "speechglue", "tmi", {"per_task": per_task, "average": 0.5, "average_without_wnli": 0.9}
+    )
+    computed = _score_file(tmp_path, "speechglue", "t", {"per_task": per_task})
+    table = build_table("speechglue", [recorded, computed], ORDER)
+    assert [row for row, _ in table.index] == [
+        "cola",
+        "sst2",
+        "mrpc",
+        "wnli",
+        "average",
+        "average_without_wnli",
+    ]
+    assert table.index.names == ["task", "metric"]
+    assert table.loc[("cola", "matthews_correlation"), "t"] == pytest.approx(20.0)
+    assert table.loc[("average", "primary"), "tmi"] == pytest.approx(50.0)
+    assert table.loc[("average", "primary"), "t"] == pytest.approx(100 * (0.1 + 0.8 + 0.2 + 0.6) / 4)
+    assert table.loc[("average_without_wnli", "primary"), "t"] == pytest.approx(100 * (0.8 + 0.2 + 0.6) / 3)
+
+
+def test_speechxnli_table(tmp_path: Path) -> None:
+    metrics = {"per_language": {"sw": {"accuracy": 0.4}, "ar": {"accuracy": 0.5}}, "all": {"accuracy": 0.45}}
+    partial = {"per_language": {"ar": {"accuracy": 0.3}}}
+    files = [
+        _score_file(tmp_path, "speechxnli", "ctc", metrics),
+        _score_file(tmp_path, "speechxnli", "mi", partial),
+    ]
+    table = build_table("speechxnli", files, ORDER)
+    assert list(table.index) == [("ar", "accuracy"), ("sw", "accuracy"), ("mean", "accuracy")]
+    assert table.loc[("mean", "accuracy"), "ctc"] == pytest.approx(45.0)
+    assert pd.isna(table.loc[("sw", "accuracy"), "mi"])
+
+
+def test_write_table_files_and_footer(tmp_path: Path, asr_files: list[Path]) -> None:
+    table = build_table("fleurs_asr", asr_files, ORDER)
+    footer = table_footer("fleurs_asr", asr_files, ORDER)
+    paths = write_table(table, tmp_path / "tables" / "fleurs_asr.v1", footer)
+    assert [p.name for p in paths] == ["fleurs_asr.v1.md", "fleurs_asr.v1.csv", "fleurs_asr.v1.tex"]
+    markdown = paths[0].read_text(encoding="utf-8")
+    assert "| language" in markdown and "cmn_hans_cn" in markdown and "41.00" in markdown
+    for needle in (
+        "experiment=demo",
+        "checkpoint=results/models/ctc",
+        VERSIONS["normalizer"],
+        "sacrebleu=2.6.0",
+    ):
+        assert needle in markdown
+    assert markdown.index("- init:") < markdown.index("- ctc:") < markdown.index("- tmi:")
+    csv = pd.read_csv(paths[1])
+    assert list(csv.columns) == ["language", "metric", "init", "ctc", "tmi"]
+    assert csv.shape == (5, 5)
+    latex = paths[2].read_text(encoding="utf-8")
+    assert r"cmn\_hans\_cn" in latex and r"\begin{tabular}" in latex
+    assert "% - ctc: experiment=demo" in latex
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_write_table_nan_and_escaping(tmp_path: Path) -> None:
+    index = pd.MultiIndex.from_tuples([("de_de", "wer"), ("all", "wer")], names=["language", "metric"])
+    table = pd.DataFrame({"t_mi": [12.345, float("nan")], "a&b": [1.0, 2.0]}, index=index)
+    md, _, tex = write_table(table, tmp_path / "x", "footer line")
+    all_row = next(line for line in md.read_text(encoding="utf-8").splitlines() if line.startswith("| all"))
+    assert [cell.strip() for cell in all_row.strip("|").split("|")] == ["all", "wer", "--", "2.00"]
+    latex = tex.read_text(encoding="utf-8")
+    assert r"t\_mi" in latex and r"a\&b" in latex and "--" in latex and "12.35" in latex
+
+
+def test_failed_render_writes_nothing(
+    tmp_path: Path, asr_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = build_table("fleurs_asr", asr_files, ORDER)
+
+    def boom(*args: Any, **kwargs: Any) -> str:
+        raise RuntimeError("latex failed")
+
+    monkeypatch.setattr(pd.DataFrame, "to_latex", boom)
+    out = tmp_path / "tables"
+    out.mkdir()
+    with pytest.raises(RuntimeError, match="latex failed"):
+        write_table(table, out / "fleurs_asr", "footer")
+    assert list(out.iterdir()) == []
+
+
+def test_atomic_path_failure_leaves_no_file(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "scores.json"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.endswith(".json") and tmp != target
+        tmp.write_text("partial")
+        raise RuntimeError("writer crashed")
+    assert list(target.parent.iterdir()) == []
+
+
+def test_atomic_failure_keeps_previous_content(tmp_path: Path) -> None:
+    target = tmp_path / "table.md"
+    atomic_write_text(target, "old\n")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("new")
+        raise RuntimeError
+    assert target.read_text() == "old\n"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_writes_replace_and_set_mode(tmp_path: Path) -> None:
+    target = tmp_path / "data.bin"
+    atomic_write_bytes(target, b"\x00\x01")
+    atomic_write_bytes(target, b"\x02")
+    assert target.read_bytes() == b"\x02"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    atomic_write_text(tmp_path / "t.txt", "ü\r\n")
+    assert (tmp_path / "t.txt").read_bytes() == "ü\r\n".encode()
