@@ -2,12 +2,15 @@
 # Thin entry point: load and validate config, include one rule file per stage, define the final targets.
 # Default config = the embedded offline demo; paper scale: --configfile config/experiments/bloomzmms.yaml
 
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The embedded default, found next to this Snakefile so `snakemake -d <elsewhere>` works too.
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "rules/common.smk"

@@ -1,10 +1,18 @@
 # Config validation, wildcard constraints and input functions shared by all rule files.
 
 import json
+import os
+import sys
 
 import jsonschema
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
+
+
+def config_error(key, message):
+    """Stop with one line that names the key, no traceback: the user's config is wrong, not the workflow."""
+    print(f"config error at key '{key}': {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def validate_config(cfg, schema_path):
@@ -18,7 +26,7 @@ def validate_config(cfg, schema_path):
             schema = yaml.safe_load(fh)
         error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(cfg))
         key = ".".join(str(p) for p in error.absolute_path) or "<top level>"
-        raise WorkflowError(f"config error at key '{key}': {error.message}") from None
+        config_error(key, error.message)
 
 
 validate_config(config, workflow.source_path("../workflow/schemas/config.schema.yaml"))
@@ -48,7 +56,7 @@ if config["data"]["source"] == "demo":
                       ("models.speech_encoder.name_or_path", DEMO_ENCODER_DIR)):
         section, part, _ = key.split(".")
         if config[section][part]["name_or_path"] != path:
-            raise WorkflowError(f"config error at key '{key}': the demo world builds its model at {path}")
+            config_error(key, f"the demo world builds its model at {path}")
 
 
 wildcard_constraints:
@@ -58,6 +66,13 @@ wildcard_constraints:
     variant="|".join(CE_VARIANTS),
     shard=r"\d+",
     name="|".join(BENCHMARK_SYSTEMS),
+
+
+def parent_dir(path, levels):
+    """The directory `levels` above a file: where a step that writes several files is told to write."""
+    for _ in range(levels):
+        path = os.path.dirname(path)
+    return path
 
 
 def as_json(value):
@@ -92,6 +107,11 @@ def model_inputs(wildcards=None):
     if config["data"]["source"] == "demo":
         return {"llm": DEMO_LLM_DIR, "encoder": DEMO_ENCODER_DIR}
     return {"llm": "resources/models/llm.fetched", "encoder": "resources/models/speech_encoder.fetched"}
+
+
+def demo_build_settings(*keys):
+    build = config["models"].get("demo_build", {})
+    return {k: build[k] for k in keys if k in build}
 
 
 def train_settings(stage):

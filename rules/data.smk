@@ -9,7 +9,7 @@ rule demo_data:
         speechxnli="resources/demo/speechxnli/test.jsonl",
     params:
         settings=lambda wc: data_settings(),
-        out_dir="resources/demo",
+        out_dir=lambda wc, output: parent_dir(output.manifests[0], 2),
     log:
         "logs/data/demo_data.log",
     threads: 2
@@ -27,7 +27,7 @@ rule fleurs_data:
         manifests=expand("resources/fleurs/{split}.jsonl", split=["train", "dev", "test"]),
     params:
         settings=lambda wc: data_settings(),
-        out_dir="resources/fleurs",
+        out_dir=lambda wc, output: parent_dir(output.manifests[0], 1),
     log:
         "logs/data/fleurs_data.log",
     threads: 4
@@ -79,3 +79,39 @@ rule language_ids:
         "../envs/speechllm.yaml"
     shell:
         "speechllm data language-ids --manifest {input} --out {output} > {log} 2>&1"
+
+
+rule speechglue_data:
+    output:
+        expand("resources/speechglue/{task}.jsonl", task=config["data"]["speechglue"]["tasks"]),
+    params:
+        settings=lambda wc: data_settings(),
+        out_dir=lambda wc, output: parent_dir(output[0], 2),
+    log:
+        "logs/data/speechglue_data.log",
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=12 * 60,
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm data speechglue --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+
+
+rule speechxnli_data:
+    output:
+        "resources/speechxnli/test.jsonl",
+    params:
+        settings=lambda wc: data_settings(),
+        out_dir=lambda wc, output: parent_dir(output[0], 2),
+    log:
+        "logs/data/speechxnli_data.log",
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=12 * 60,
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm data speechxnli --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"

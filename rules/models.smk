@@ -7,7 +7,7 @@ rule demo_llm:
         directory(DEMO_LLM_DIR),
     params:
         settings=lambda wc: as_json({
-            "demo_build": config["models"].get("demo_build", {}),
+            "demo_build": demo_build_settings("tokenizer_vocab_size", "llm_vocab_pad_to", "llm", "llm_pretrain"),
             "prompt": config["models"]["prompt"],
             "st_prompt": config["evaluate"]["st_prompt"],
             "llm_fraction": config["data"].get("demo", {}).get("llm_train_fraction"),
@@ -31,7 +31,7 @@ rule demo_speech_encoder:
         directory(DEMO_ENCODER_DIR),
     params:
         settings=as_json({
-            "demo_build": config["models"].get("demo_build", {}),
+            "demo_build": demo_build_settings("speech_encoder"),
             "sampling_rate": config["data"]["sampling_rate"],
             "seed": config["seed"],
         }),

@@ -10,7 +10,7 @@ rule table:
         tex="results/tables/{name}.tex",
     params:
         systems=lambda wc: BENCHMARK_SYSTEMS[wc.name],
-        stem="results/tables/{name}",
+        stem=lambda wc, output: os.path.splitext(output.md)[0],
     log:
         "logs/report/table_{name}.log",
     threads: 1

@@ -42,7 +42,7 @@ rule assemble_targets:
             "mi_reading": config["targets"]["mi_reading"],
             "templates_per_occurrence": config["targets"]["templates_per_occurrence"],
         }),
-        out_dir="results/data",
+        out_dir=lambda wc, output: parent_dir(output[0], 1),
     log:
         "logs/targets/assemble.log",
     threads: 1

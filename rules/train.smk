@@ -35,7 +35,7 @@ rule train_ctc:
         summary="results/train/ctc/summary.json",
     params:
         settings=lambda wc: train_settings("ctc"),
-        log_dir="results/train/ctc",
+        log_dir=lambda wc, output: parent_dir(output.metrics, 1),
         run_name=f"{config['experiment']}-ctc",
     log:
         "logs/train/ctc.log",
@@ -65,7 +65,7 @@ rule train_ce:
         summary="results/train/{variant}/summary.json",
     params:
         settings=lambda wc: train_settings("ce"),
-        log_dir="results/train/{variant}",
+        log_dir=lambda wc, output: parent_dir(output.metrics, 1),
         run_name=lambda wc: f"{config['experiment']}-ce-{wc.variant}",
     log:
         "logs/train/ce_{variant}.log",

@@ -63,6 +63,37 @@ def cmd_data_demo(args: argparse.Namespace) -> None:
     log.info("demo corpus %s; speechglue %s; speechxnli %d examples", counts, glue, xnli)
 
 
+def cmd_data_fleurs(args: argparse.Namespace) -> None:
+    from speechllm.data.hub import build_fleurs
+
+    s = _settings(args.settings)
+    counts = build_fleurs(Path(args.out_dir), s["languages"], s["fleurs"]["dataset"], s["fleurs"]["revision"],
+                          s["sampling_rate"])
+    log.info("FLEURS: %s", counts)
+
+
+def cmd_data_speechglue(args: argparse.Namespace) -> None:
+    from speechllm.data.hub import build_speechglue_tts
+    from speechllm.data.tts import make_tts
+
+    s = _settings(args.settings)
+    tts = make_tts(s["tts"]["backend"], s["sampling_rate"], s["tts"]["words_per_minute"])
+    counts = build_speechglue_tts(Path(args.out_dir), s["speechglue"]["tasks"], tts, s["tts"]["voices"]["en_us"],
+                                  s["sampling_rate"], s["speechglue"]["dataset"], args.threads)
+    log.info("SpeechGLUE (TTS): %s", counts)
+
+
+def cmd_data_speechxnli(args: argparse.Namespace) -> None:
+    from speechllm.data.hub import build_speechxnli_tts
+    from speechllm.data.tts import make_tts
+
+    s = _settings(args.settings)
+    tts = make_tts(s["tts"]["backend"], s["sampling_rate"], s["tts"]["words_per_minute"])
+    n = build_speechxnli_tts(Path(args.out_dir), s["speechxnli"]["languages"], tts, s["tts"]["voices"],
+                             s["sampling_rate"], s["speechxnli"]["dataset"], args.threads)
+    log.info("SpeechXNLI (TTS): %d examples", n)
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from speechllm.data.prepare import prepare_split
 
@@ -87,6 +118,13 @@ def cmd_models_demo_llm(args: argparse.Namespace) -> None:
     stats = build_llm(Path(args.out_dir), s["demo_build"], s["prompt"], s["st_prompt"], s["llm_fraction"],
                       s["option_prefix"], s["seed"])
     log.info("demo LLM: %s", stats)
+
+
+def cmd_models_fetch(args: argparse.Namespace) -> None:
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(args.name, revision=args.revision)
+    log.info("fetched %s@%s into %s", args.name, args.revision, path)
 
 
 def cmd_models_demo_speech_encoder(args: argparse.Namespace) -> None:
@@ -272,6 +310,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out-dir", required=True)
     d.add_argument("--threads", type=int, default=1)
     d.set_defaults(func=cmd_data_demo)
+    for name, func, text in (("fleurs", cmd_data_fleurs, "FLEURS from the hub's parquet conversion"),
+                             ("speechglue", cmd_data_speechglue, "SpeechGLUE-shaped sets voiced with TTS"),
+                             ("speechxnli", cmd_data_speechxnli, "SpeechXNLI-shaped set voiced with TTS")):
+        d = dsub.add_parser(name, help=text)
+        d.add_argument("--settings", required=True)
+        d.add_argument("--out-dir", required=True)
+        d.add_argument("--threads", type=int, default=1)
+        d.set_defaults(func=func)
     d = dsub.add_parser("prepare", help="check audio, normalise text, filter durations, speed-perturb")
     d.add_argument("--settings", required=True)
     d.add_argument("--manifest", required=True)
@@ -290,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out-dir", required=True)
     m.add_argument("--threads", type=int, default=1)
     m.set_defaults(func=cmd_models_demo_llm)
+    m = msub.add_parser("fetch", help="download a hub model into the Hugging Face cache")
+    m.add_argument("--name", required=True)
+    m.add_argument("--revision", default="main")
+    m.set_defaults(func=cmd_models_fetch)
     m = msub.add_parser("demo-speech-encoder", help="tiny Wav2Vec2 in the MMS architecture")
     m.add_argument("--settings", required=True)
     m.add_argument("--out-dir", required=True)

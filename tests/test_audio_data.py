@@ -1,0 +1,124 @@
+"""Audio input and split preparation: any readable format in, clear errors naming file and line out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from speechllm.audio import AudioError, load_audio, perturbed_length, speed_perturb
+from speechllm.data.manifest import ManifestError, read_manifest, write_manifest
+from speechllm.data.prepare import prepare_split
+
+SR = 16000
+
+
+def tone(seconds: float, sr: int, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    wav = 0.3 * np.sin(2 * np.pi * 220 * t).astype(np.float32)
+    return np.stack([wav] * channels, axis=1) if channels > 1 else wav
+
+
+def record(path: Path, text: str = "Hello there.", uid: str = "u1", num_samples: int | None = None) -> dict:
+    n = num_samples if num_samples is not None else sf.info(str(path)).frames if path.exists() else 16000
+    return {"id": uid, "language": "en_us", "audio": str(path), "num_samples": n, "sampling_rate": SR,
+            "raw_transcription": text}
+
+
+def test_any_rate_and_channels_become_16k_mono(tmp_path):
+    path = tmp_path / "stereo44k.flac"
+    sf.write(str(path), tone(1.0, 44100, channels=2), 44100)
+    wav = load_audio(path, SR)
+    assert wav.dtype == np.float32 and wav.ndim == 1
+    assert abs(wav.shape[0] - SR) <= 1
+
+
+def test_real_clips_load(shared_data):
+    clips = sorted((shared_data / "speech").rglob("*.wav")) + sorted((shared_data / "speech").rglob("*.flac"))
+    clips += sorted((shared_data / "speech").rglob("*.mp3"))
+    assert clips, "no clips found in shared data"
+    for clip in clips[:5]:
+        wav = load_audio(clip, SR)
+        assert wav.ndim == 1 and wav.shape[0] > SR // 10 and np.isfinite(wav).all()
+
+
+@pytest.mark.parametrize("factor", [0.9, 1.1])
+def test_speed_perturbation_changes_length_as_predicted(factor):
+    wav = tone(2.0, SR)
+    out = speed_perturb(wav, factor, SR)
+    assert out.shape[0] == perturbed_length(wav.shape[0], factor, SR)
+    assert abs(out.shape[0] - wav.shape[0] / factor) <= 2
+
+
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    empty = tmp_path / "empty.wav"
+    sf.write(str(empty), np.zeros((0,), dtype=np.float32), SR)
+    nan = tmp_path / "nan.wav"
+    data = tone(0.5, SR)
+    data[100] = np.nan
+    sf.write(str(nan), data, SR, subtype="FLOAT")
+    text = tmp_path / "notes.wav"
+    text.write_text("this is not audio")
+    good = tmp_path / "good.wav"
+    sf.write(str(good), tone(1.0, SR), SR)
+    truncated = tmp_path / "truncated.wav"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    zero_bytes = tmp_path / "zero.wav"
+    zero_bytes.write_bytes(b"")
+    return {"missing": tmp_path / "missing.wav", "empty": empty, "nan": nan, "non-audio": text,
+            "zero-bytes": zero_bytes, "truncated": truncated}
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "nan", "non-audio", "zero-bytes", "truncated"])
+def test_bad_audio_is_named_with_its_manifest_line(tmp_path, kind):
+    files = bad_files(tmp_path)
+    good = tmp_path / "good.wav"
+    manifest = tmp_path / "raw.jsonl"
+    write_manifest(manifest, [record(good, uid="ok"), record(files[kind], uid="bad", num_samples=16000)])
+    with pytest.raises(AudioError) as err:
+        prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "report.json", SR, 0.1, 30.0, [1.0], "error")
+    message = str(err.value)
+    assert str(files[kind]) in message and "line 2" in message
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_skip_mode_counts_every_bad_file(tmp_path):
+    files = bad_files(tmp_path)
+    manifest = tmp_path / "raw.jsonl"
+    recs = [record(tmp_path / "good.wav", uid="ok")]
+    recs += [record(p, uid=k, num_samples=16000) for k, p in files.items()]
+    recs.append(record(tmp_path / "good.wav", text="  ", uid="no-text"))
+    write_manifest(manifest, recs)
+    report = prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "report.json", SR, 0.1, 30.0,
+                           [0.9, 1.0, 1.1], "skip")
+    assert report["counts"]["bad"] == len(files) + 1
+    assert {s["id"] for s in report["skipped"]} == set(files) | {"no-text"}
+    out = read_manifest(tmp_path / "out.jsonl")
+    assert [r["id"] for r in out] == ["sp0.9-ok", "ok", "sp1.1-ok"]
+    assert out[0]["speed"] == 0.9 and out[0]["transcription"] == "hello there"
+    assert out[0]["raw_transcription"] == "Hello there."
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["normalizer"].startswith("transformers==")
+
+
+def test_duration_filter_is_counted(tmp_path):
+    short, long_ = tmp_path / "short.wav", tmp_path / "long.wav"
+    sf.write(str(short), tone(0.05, SR), SR)
+    sf.write(str(long_), tone(3.0, SR), SR)
+    manifest = tmp_path / "raw.jsonl"
+    write_manifest(manifest, [record(short, uid="s"), record(long_, uid="l")])
+    report = prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "r.json", SR, 0.1, 2.0, [1.0], "error")
+    assert report["counts"] == {"input": 2, "too_short": 1, "too_long": 1, "kept": 0, "output": 0}
+
+
+def test_malformed_manifest_names_file_and_line(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "a"}\n{not json}\n')
+    with pytest.raises(ManifestError, match=r"m\.jsonl:2"):
+        read_manifest(manifest)
+    manifest.write_text('{"id": "a"}\n')
+    with pytest.raises(ManifestError, match=r"m\.jsonl:1: missing field\(s\) audio"):
+        read_manifest(manifest, required=("id", "audio"))

@@ -1,0 +1,109 @@
+"""The Snakemake workflow: config validation, lint, the paper-scale dry run and, end to end, a reduced demo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+STAGE_RULES = {"fleurs_data", "speechglue_data", "speechxnli_data", "fetch_model", "prepare_split",
+               "language_ids", "generate_targets", "assemble_targets", "init_model", "train_ctc", "train_ce",
+               "evaluate", "table"}
+
+
+def snakemake(*args: str, cwd: Path = REPO, timeout: int = 1800) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "WANDB_MODE": "offline"}
+    return subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), *args], cwd=cwd, capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def override(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"train": {"ctc": {"learning_rate": 0.1}}}, "train.ctc"),
+        ({"train": {"ce": {"lr": "fast"}}}, "train.ce.lr"),
+        ({"data": {"on_bad_audio": "ignore"}}, "data.on_bad_audio"),
+        ({"evaluate": {"num_beams": 0}}, "evaluate.num_beams"),
+        ({"surprise": 1}, "<top level>"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, data, key):
+    res = snakemake("-n", "-d", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"),
+                    str(override(tmp_path, data)))
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if "config error at key" in line]
+    assert len(lines) == 1 and f"'{key}'" in lines[0], res.stderr[-2000:]
+
+
+def test_lint_is_clean(tmp_path):
+    res = snakemake("--lint", "-d", str(tmp_path))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_paper_scale_dry_run_lists_every_stage(tmp_path):
+    res = snakemake("-n", "-d", str(tmp_path), "--configfile", str(REPO / "config/experiments/bloomzmms.yaml"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    jobs = {line.split()[0] for line in out.split("Job stats:")[1].splitlines()[3:] if line.strip()
+            and not line.startswith("total")}
+    assert STAGE_RULES <= jobs, STAGE_RULES - jobs
+    assert "generate_targets" in out and "61" in out.split("generate_targets")[1].splitlines()[0]
+
+
+REDUCED = {
+    "data": {"languages": ["en_us", "de_de"], "speechglue": {"tasks": ["sst2", "rte"]},
+             "speechxnli": {"languages": ["en", "de"]}},
+    "models": {"demo_build": {"llm_pretrain": {"steps": 200, "batch_size": 16, "lr": 3.0e-3, "warmup_steps": 20,
+                                               "max_length": 96, "weight_decay": 0.0, "templates_per_sentence": 1,
+                                               "task_repeats": 1}}},
+    "targets": {"shards": 1, "max_new_tokens": 16},
+    "train": {"ctc": {"max_steps": 40, "eval_every": 20, "warmup_steps": 10},
+              "ce": {"max_steps": 20, "eval_every": 10, "warmup_steps": 5}},
+    "evaluate": {"max_new_tokens": 16, "num_beams": 2},
+}
+
+
+@pytest.mark.slow
+def test_reduced_demo_end_to_end(tmp_path):
+    """The whole DAG on a reduced demo: tables with real numbers; a rerun does nothing; one table alone."""
+    res = snakemake("-c2", "-d", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"),
+                    str(override(tmp_path, REDUCED)))
+    assert res.returncode == 0, res.stderr[-5000:]
+    for name in ("fleurs_asr", "fleurs_st", "speechglue", "speechxnli"):
+        for ext in ("md", "csv", "tex"):
+            assert (tmp_path / f"results/tables/{name}.{ext}").stat().st_size > 0
+    asr = pd.read_csv(tmp_path / "results/tables/fleurs_asr.csv")
+    assert {"ctc_init", "ctc", "ce_init", "t", "mi", "tmi"} <= set(asr.columns)
+    assert asr[["ctc_init", "ctc", "t"]].notna().all().all()
+    md = (tmp_path / "results/tables/fleurs_asr.md").read_text()
+    assert "transformers==" in md and "results/models/ctc" in md
+    # Exported models: speechllm.json + safetensors, and training curves were written.
+    for model in ("ctc", "t", "mi", "tmi"):
+        assert (tmp_path / f"results/models/{model}/speechllm.json").is_file()
+        assert (tmp_path / f"results/models/{model}/model.safetensors").is_file()
+        assert len(pd.read_csv(tmp_path / f"results/train/{model}/metrics.csv")) > 0
+    # Per-utterance outputs make every score recomputable.
+    hyps = pd.read_parquet(tmp_path / "results/eval/fleurs_asr/ctc.parquet")
+    assert {"id", "language", "reference", "hypothesis", "reference_normalized"} <= set(hyps.columns)
+    rerun = snakemake("-n", "-d", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"),
+                      str(override(tmp_path, REDUCED)))
+    assert rerun.returncode == 0 and "Nothing to be done" in rerun.stdout + rerun.stderr
+    shutil.rmtree(tmp_path / "results/tables")
+    one = snakemake("-n", "-d", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"),
+                    str(override(tmp_path, REDUCED)), "results/tables/speechglue.md")
+    out = one.stdout + one.stderr
+    assert one.returncode == 0 and "table" in out and "train_ce" not in out and "evaluate" not in out.split("Job stats")[1]
