@@ -45,7 +45,7 @@ rule prepare_split:
         raw_manifest,
     output:
         manifest="results/data/{split}.jsonl",
-        report="results/data/{split}.report.json",
+        report=report("results/data/{split}.report.json", caption="../workflow/report/data.rst", category="Data"),
     params:
         settings=lambda wc: as_json({
             **json.loads(data_settings()),

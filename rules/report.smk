@@ -6,7 +6,7 @@ rule table:
         table_scores,
     output:
         md="results/tables/{name}.md",
-        csv="results/tables/{name}.csv",
+        csv=report("results/tables/{name}.csv", caption="../workflow/report/table.rst", category="Result tables"),
         tex="results/tables/{name}.tex",
     params:
         systems=lambda wc: BENCHMARK_SYSTEMS[wc.name],

@@ -31,7 +31,7 @@ rule train_ctc:
         language_ids="results/data/language_ids.json",
     output:
         model=directory("results/models/ctc"),
-        metrics="results/train/ctc/metrics.csv",
+        metrics=report("results/train/ctc/metrics.csv", caption="../workflow/report/training.rst", category="Training"),
         summary="results/train/ctc/summary.json",
     params:
         settings=lambda wc: train_settings("ctc"),
@@ -61,7 +61,7 @@ rule train_ce:
         init="results/models/ctc",
     output:
         model=directory("results/models/{variant}"),
-        metrics="results/train/{variant}/metrics.csv",
+        metrics=report("results/train/{variant}/metrics.csv", caption="../workflow/report/training.rst", category="Training"),
         summary="results/train/{variant}/summary.json",
     params:
         settings=lambda wc: train_settings("ce"),
