@@ -1,0 +1,37 @@
+"""Helpers shared by the `speechllm` subcommand modules."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+EXAMPLES = {
+    "transcribe": "example:\n  speechllm transcribe --model results/models/ctc clip1.wav clip2.flac > hyps.tsv",
+    "data": "example:\n  speechllm data prepare --manifest raw.jsonl --out train.jsonl --report report.json "
+            "--settings '{\"sampling_rate\": 16000, ...}'",
+    "train": "example:\n  speechllm train ctc --settings \"$(cat settings.json)\" --train train.jsonl "
+             "--dev dev.jsonl --language-ids lid.json --out-dir results/models/ctc",
+}
+
+
+def parse_settings(raw: str) -> dict[str, Any]:
+    """The JSON object a rule passes as `--settings`."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--settings is not valid JSON: {err.msg}") from err
+    if not isinstance(value, dict):
+        raise SystemExit("--settings must be a JSON object")
+    return value
+
+
+def pick_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
