@@ -8,7 +8,7 @@ CORES ?= 2
 export PATH := $(BIN):$(PATH)
 export WANDB_MODE ?= offline
 
-.PHONY: demo test setup system-deps lint dryrun-paper clean
+.PHONY: demo test setup system-deps slurm-profile lint dryrun-paper clean
 
 demo: setup
 	snakemake --cores $(CORES)
@@ -18,7 +18,7 @@ test: setup
 	ruff check src tests benchmarks
 	python -m pytest
 
-setup: system-deps $(VENV)/.installed
+setup: system-deps $(VENV)/.installed slurm-profile
 
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
@@ -29,6 +29,17 @@ system-deps:
 	  else \
 	    echo "Missing system tools:$$missing. Run: sudo apt-get install -y$$missing"; exit 1; \
 	  fi; \
+	fi
+
+# `snakemake --profile slurm` looks for ./slurm, ~/.config/snakemake/slurm and /etc/xdg/snakemake/slurm: link the
+# user's entry to workflow/profiles/slurm (a profile of that name that is not a link is left alone).
+SNAKEMAKE_USER_PROFILES ?= $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake
+slurm-profile:
+	@link="$(SNAKEMAKE_USER_PROFILES)/slurm"; \
+	if [ -e "$$link" ] && [ ! -L "$$link" ]; then \
+	  echo "$$link exists and is not a link; use: snakemake --profile workflow/profiles/slurm"; \
+	else \
+	  mkdir -p "$(SNAKEMAKE_USER_PROFILES)" && ln -sfn "$(CURDIR)/workflow/profiles/slurm" "$$link"; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

@@ -13,6 +13,10 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
+# Front page of `snakemake --report results/report.html`.
+report: "workflow/report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/models.smk"
@@ -25,4 +29,6 @@ include: "rules/report.smk"
 rule all:
     input:
         all_tables(),
+        report_plots(),
+        wandb_results(),
     default_target: True

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import jsonschema
@@ -34,22 +35,48 @@ validate_config(config, workflow.source_path("../workflow/schemas/config.schema.
 EVAL_SPLIT = config["data"].get("splits", {}).get("test", "test")
 CE_VARIANTS = ["t", "mi", "tmi"]
 # system -> (model directory, decoder): the untrained and trained CTC model decoded by CTC, the CTC model put
-# in front of the LLM before CE training (the CE starting point), and the three CE models.
+# in front of the LLM before CE training (the CE starting point), and the three CE models; baselines: `cascade`
+# (the CTC model's transcript put into the LLM prompt as text) and `text` (the gold text; only the LLM is loaded).
 SYSTEMS = {
     "ctc_init": ("results/models/ctc_init", "ctc"),
     "ctc": ("results/models/ctc", "ctc"),
     "ce_init": ("results/models/ctc", "llm"),
     **{v: (f"results/models/{v}", "llm") for v in CE_VARIANTS},
+    "cascade": ("results/models/ctc", "cascade"),
+    "text": ("results/models/ctc_init", "text"),
 }
+BASELINES = ["cascade", "text"]
 BENCHMARK_SYSTEMS = {
-    "fleurs_asr": ["ctc_init", "ctc", "ce_init", *CE_VARIANTS],
-    "fleurs_st": ["ce_init", *CE_VARIANTS],
-    "speechglue": ["ce_init", *CE_VARIANTS],
-    "speechxnli": ["ce_init", *CE_VARIANTS],
+    "fleurs_asr": ["ctc_init", "ctc", "ce_init", *CE_VARIANTS, *BASELINES],
+    "fleurs_st": ["ce_init", *CE_VARIANTS, *BASELINES],
+    "speechglue": ["ce_init", *CE_VARIANTS, *BASELINES],
+    "speechxnli": ["ce_init", *CE_VARIANTS, *BASELINES],
 }
+COVOST2_MANIFEST = "resources/covost2/test.jsonl"
+if config["evaluate"]["covost2"]["release_dir"]:
+    BENCHMARK_SYSTEMS["covost2_st"] = ["ce_init", *CE_VARIANTS, *BASELINES]
+# Kang & Roy (`system: kang_roy`): the speech-prompted model, its cascade (the HF CTC checkpoint named by
+# evaluate.cascade_asr, lower-cased as theirs) and the text topline, on the spoken articles and the LibriSpeech
+# response perplexity. KANG_ROY_MODEL_DIR is where the KD training exports the model.
+KANG_ROY_MODEL_DIR = "results/models/kang_roy"
+ARTICLES_MANIFEST = "resources/articles/test.jsonl"
+KANG_ROY = config.get("system", "bloomzmms") == "kang_roy"
+if KANG_ROY:
+    # The summarization experiment is its own DAG: responses → KD training → summarization / perplexity.
+    SYSTEMS = {"kang_roy": (KANG_ROY_MODEL_DIR, "llm"), "kang_roy_cascade": (KANG_ROY_MODEL_DIR, "cascade"),
+               "kang_roy_text": (KANG_ROY_MODEL_DIR, "text")}
+    BENCHMARK_SYSTEMS = {b: ["kang_roy", "kang_roy_cascade", "kang_roy_text"]
+                         for b in ("summarization", "response_ppl")}
 DEMO_LLM_DIR = "resources/models/demo-llm"
 DEMO_ENCODER_DIR = "resources/models/demo-mms"
 TARGET_SHARDS = list(range(config["targets"]["shards"]))
+RESPONSE_SETS = config["targets"]["responses"]["manifests"]
+RESPONSE_SHARDS = list(range(config["targets"]["responses"]["shards"]))
+RELEASED_TARGETS_ARCHIVE = "resources/bloomzmms/tmi_training_targets.tar.gz"
+# A template bank under resources/ is downloaded (targets.templates_download); `builtin` or another path is
+# used as it is.
+FETCHED_TEMPLATES = (config["targets"]["templates"] if config["targets"]["templates"].startswith("resources/")
+                     else None)
 
 if config["data"]["source"] == "demo":
     for key, path in (("models.llm.name_or_path", DEMO_LLM_DIR),
@@ -66,6 +93,7 @@ wildcard_constraints:
     variant="|".join(CE_VARIANTS),
     shard=r"\d+",
     name="|".join(BENCHMARK_SYSTEMS),
+    response_set="|".join(re.escape(n) for n in RESPONSE_SETS) or r"[A-Za-z0-9_.-]+",
 
 
 def parent_dir(path, levels):
@@ -73,6 +101,13 @@ def parent_dir(path, levels):
     for _ in range(levels):
         path = os.path.dirname(path)
     return path
+
+
+def optional_arg(flag, value):
+    """`flag 'value'` for the shell, or nothing when the value is unset."""
+    import shlex
+
+    return f"{flag} {shlex.quote(str(value))}" if value else ""
 
 
 def as_json(value):
@@ -86,9 +121,44 @@ def data_settings():
     return as_json({k: config["data"][k] for k in keys if k in config["data"]})
 
 
+def source_settings(*keys):
+    """Settings of one source's rule: only the data keys it reads, so other edits do not rerun it."""
+    keys = ("sampling_rate", "on_bad_audio", "tts", *keys)
+    return as_json({k: config["data"][k] for k in keys if k in config["data"]})
+
+
+def common_voice_enabled():
+    return config["data"]["source"] == "hub" and bool(config["data"].get("common_voice", {}).get("release_dir"))
+
+
+def common_voice_inputs(wildcards=None):
+    """The published utterance list / durations file, when configured (rule zenodo_file fetches them)."""
+    cv = config["data"].get("common_voice", {})
+    return {key: cv[key] for key in ("utterance_list", "durations") if cv.get(key)}
+
+
+def zenodo_url(name):
+    return f"https://zenodo.org/records/{config['data']['zenodo']['record']}/files/{name}?download=1"
+
+
+def speechxnli_inputs(wildcards=None):
+    """The zenodo SpeechXNLI archive, when the released audio is used and no extracted copy is configured."""
+    xnli = config["data"]["speechxnli"]
+    if config["data"]["source"] == "hub" and xnli.get("source") == "released" and not xnli.get("release_dir"):
+        return {"archive": "resources/zenodo/speech_xnli.tar.gz"}
+    return {}
+
+
+def speechxnli_archive_arg(wildcards=None):
+    archive = speechxnli_inputs().get("archive")
+    return f"--archive {archive}" if archive else ""
+
+
 def raw_manifest(wildcards):
     if config["data"]["source"] == "demo":
         return f"resources/demo/fleurs/{wildcards.split}.jsonl"
+    if wildcards.split == "train" and common_voice_enabled():
+        return "resources/hub/train.jsonl"  # FLEURS train + the Common Voice subsample
     return f"resources/fleurs/{wildcards.split}.jsonl"
 
 
@@ -109,6 +179,26 @@ def model_inputs(wildcards=None):
     return {"llm": "resources/models/llm.fetched", "encoder": "resources/models/speech_encoder.fetched"}
 
 
+def template_inputs(wildcards=None):
+    """The template bank a generation job reads, when a rule downloads it."""
+    return {"templates": FETCHED_TEMPLATES} if FETCHED_TEMPLATES else {}
+
+
+def llm_input(wildcards=None):
+    """What must exist before a step loads the LLM's tokenizer."""
+    return model_inputs()["llm"]
+
+
+def response_manifest(wildcards):
+    if wildcards.response_set not in RESPONSE_SETS:
+        raise WorkflowError(f"config key targets.responses.manifests has no entry '{wildcards.response_set}'")
+    return RESPONSE_SETS[wildcards.response_set]
+
+
+def response_shards(wildcards):
+    return [f"results/responses/{wildcards.response_set}/shard{s}.jsonl" for s in RESPONSE_SHARDS]
+
+
 def demo_build_settings(*keys):
     build = config["models"].get("demo_build", {})
     return {k: build[k] for k in keys if k in build}
@@ -121,7 +211,19 @@ def train_settings(stage):
     settings["sampling_rate"] = config["data"]["sampling_rate"]
     if stage in config["train"]:
         settings["stage"] = config["train"][stage]
+    if stage == "kd":  # the teacher's prompt is the transcript the responses were generated from
+        settings["responses"] = {k: config["targets"]["responses"][k] for k in ("text_field", "lowercase")}
     return as_json(settings)
+
+
+def kd_manifest(which):
+    """The response manifest (results/responses/<set>.jsonl) the KD stage trains or evaluates on."""
+    key = f"{which}_set"
+    name = config["train"].get("kd", {}).get(key)
+    if name not in RESPONSE_SETS:
+        raise WorkflowError(f"config key train.kd.{key} must name a targets.responses.manifests entry, "
+                            f"got {name!r}")
+    return f"results/responses/{name}.jsonl"
 
 
 def eval_settings():
@@ -140,14 +242,188 @@ def system_decoder(wildcards):
 def benchmark_manifests(wildcards):
     if wildcards.benchmark in ("fleurs_asr", "fleurs_st"):
         return [f"results/data/{EVAL_SPLIT}.jsonl"]
+    if wildcards.benchmark == "covost2_st":
+        return [COVOST2_MANIFEST]
+    if wildcards.benchmark == "summarization":
+        return [ARTICLES_MANIFEST]
+    if wildcards.benchmark == "response_ppl":
+        return [f"results/responses/{config['evaluate']['response_ppl']['response_set']}.jsonl"]
     if wildcards.benchmark == "speechglue":
         return speechglue_manifests()
     return [speechxnli_manifest()]
 
 
+# Tables that read several benchmarks' score files: the summarization table adds the response perplexity.
+TABLE_BENCHMARKS = {"summarization": ["summarization", "response_ppl"]}
+# Trained models (results/train/<model>/) -> (job type, name) of their W&B training run, as train.smk names it:
+# the learning curves are drawn for these, and a system's W&B results run links to its model's training run.
+TRAINED_MODELS = {"ctc": ("train_ctc", f"{config['experiment']}-ctc"),
+                  **{v: ("train_ce", f"{config['experiment']}-ce-{v}") for v in CE_VARIANTS}}
+if KANG_ROY:
+    TRAINED_MODELS = {"kang_roy": ("train_kd", f"{config['experiment']}-kd")}
+for _table in config["report"]["tables"]:
+    if _table not in BENCHMARK_SYSTEMS:
+        config_error("report.tables", f"table '{_table}' has no evaluation in this configuration "
+                                      f"(evaluated: {', '.join(BENCHMARK_SYSTEMS)})")
+
+
 def table_scores(wildcards):
-    return [f"results/eval/{wildcards.name}/{s}.scores.json" for s in BENCHMARK_SYSTEMS[wildcards.name]]
+    benchmarks = TABLE_BENCHMARKS.get(wildcards.name, [wildcards.name])
+    return [f"results/eval/{b}/{s}.scores.json" for b in benchmarks if b in BENCHMARK_SYSTEMS
+            for s in BENCHMARK_SYSTEMS[b]]
 
 
 def all_tables():
     return [f"results/tables/{name}.{ext}" for name in config["report"]["tables"] for ext in ("md", "csv", "tex")]
+
+
+def report_plots():
+    """Figures of the Snakemake report: learning curves per trained model, bars per configured table."""
+    return ([f"results/plots/train/{m}.png" for m in TRAINED_MODELS]
+            + [f"results/plots/{name}.png" for name in config["report"]["tables"]])
+
+
+def result_systems():
+    """Systems shown in at least one configured table."""
+    return [s for s in SYSTEMS if any(s in BENCHMARK_SYSTEMS[t] for t in config["report"]["tables"])]
+
+
+def system_scores(wildcards):
+    """A system's score files of every configured table it appears in."""
+    return [f"results/eval/{b}/{wildcards.system}.scores.json" for t in config["report"]["tables"]
+            for b in TABLE_BENCHMARKS.get(t, [t]) if wildcards.system in BENCHMARK_SYSTEMS.get(b, [])]
+
+
+def system_train_summary(wildcards):
+    """The scored model's training summary.json (it may record the W&B run id), for trained models."""
+    model = os.path.basename(SYSTEMS[wildcards.system][0])
+    return {"train_summary": f"results/train/{model}/summary.json"} if model in TRAINED_MODELS else {}
+
+
+def wandb_results_settings(system):
+    model_dir, decoder = SYSTEMS[system]
+    job_type, name = TRAINED_MODELS.get(os.path.basename(model_dir), (None, None))
+    return as_json({"experiment": config["experiment"], "wandb": config["wandb"], "model_dir": model_dir,
+                    "decoder": decoder, "model_run": {"job_type": job_type, "name": name} if name else None})
+
+
+def wandb_results():
+    """One W&B results run per system (nothing when wandb.mode is disabled)."""
+    if config["wandb"]["mode"] == "disabled":
+        return []
+    return [f"results/wandb/{s}.json" for s in result_systems()]
+
+
+def wandb_sync_inputs(wildcards):
+    """Everything that writes W&B runs; only offered when the runs are written offline."""
+    if config["wandb"]["mode"] != "offline":
+        raise WorkflowError(f"wandb_sync uploads offline runs, but config key wandb.mode is "
+                            f"'{config['wandb']['mode']}' (online runs are uploaded as they run)")
+    return wandb_results() + [f"results/train/{m}/summary.json" for m in TRAINED_MODELS]
+
+
+# Compute of the model steps, locally or on Slurm (workflow/profiles/slurm): config `resources`, with
+# `resources.rules.<rule>` merged over it.
+# accelerate training: may span nodes (resources.rules.<rule>.nodes)
+MULTI_NODE_RULES = ("train_ctc", "train_ce", "train_kd")
+
+# Compute nodes without internet: the rules that download run on the submit host instead (the conditional
+# ones only where they exist, as in rules/targets.smk).
+if config["resources"]["offline_compute_nodes"]:
+
+    localrules:
+        fetch_model,
+        fleurs_data,
+        speechglue_data,
+        speechxnli_data,
+        librispeech_data,
+        articles_data,
+        zenodo_file,
+
+    if FETCHED_TEMPLATES:
+
+        localrules:
+            fetch_templates,
+
+    if config["targets"]["source"] == "released":
+
+        localrules:
+            fetch_released_targets,
+
+
+def rule_resources(rule_name):
+    """config `resources` with `resources.rules.<rule_name>` merged over it."""
+    base = {k: v for k, v in config["resources"].items() if k != "rules"}
+    return {**base, **config["resources"].get("rules", {}).get(rule_name, {})}
+
+
+def retry_scaled(value, scale):
+    """A resource that grows with each attempt, value × scale^(attempt-1): a job killed for memory or time
+    asks for more when it is retried."""
+    return lambda wildcards, attempt: round(value * scale ** (attempt - 1))
+
+
+def job_resources(rule_name):
+    """A model step's resources, as `resources: **job_resources("<rule>")`.
+
+    gpu > 0: `gpu` and `cpus_per_gpu` (sbatch --gpus, --cpus-per-gpu). nodes > 1: GPUs per node as `gres`
+    (sbatch --gres counts per node) and the `mpi` resource, so the Slurm plugin runs the shell command as the
+    batch step itself and the command's own srun (see `launcher`) starts one task per node.
+    """
+    res = rule_resources(rule_name)
+    key = f"resources.rules.{rule_name}" if rule_name in config["resources"].get("rules", {}) else "resources"
+    out = {"mem_mb": retry_scaled(res["mem_mb"], res["retry_scale"]),
+           "runtime": retry_scaled(res["runtime"], res["retry_scale"])}
+    for name in ("slurm_partition", "slurm_account"):  # unset: the profile's default (environment or cluster)
+        if res.get(name):
+            out[name] = res[name]
+    nodes = res.get("nodes", 1)
+    if rule_name not in MULTI_NODE_RULES and res["gpu"] > 1:
+        config_error(f"{key}.gpu", f"{rule_name} runs one process on one GPU: use gpu 0 or 1")
+    if rule_name not in MULTI_NODE_RULES and nodes > 1:
+        config_error(f"{key}.nodes", f"{rule_name} runs on one node")
+    if nodes > 1:
+        if res["gpu"] < 1:
+            config_error(f"{key}.nodes", "several nodes need gpu >= 1 (GPUs per node)")
+        # tasks_per_gpu=0: without it the plugin turns `tasks` into --ntasks-per-gpu.
+        out.update(gres=f"gpu:{res['gpu']}", cpus_per_gpu=res["cpus_per_gpu"], nodes=nodes, mpi="srun",
+                   tasks=nodes, tasks_per_gpu=0)
+    else:
+        out["gpu"] = res["gpu"]
+        if res["gpu"] > 0:
+            out["cpus_per_gpu"] = res["cpus_per_gpu"]
+    return out
+
+
+def gpus_per_node(resources):
+    """GPUs per node of a job: the `gpu` resource, or the count at the end of a `gres` like gpu:4."""
+    if resources.get("gpu"):
+        return int(resources.get("gpu"))
+    gres = str(resources.get("gres") or "")
+    return int(gres.rsplit(":", 1)[1]) if gres.startswith("gpu:") else 0
+
+
+def launcher(wildcards, resources):
+    """What starts a model step's `speechllm` call (params.launcher, in front of it in the shell line).
+
+    No GPU: nothing (the plain call). GPUs on one node: `accelerate launch` with one process per GPU. Several
+    nodes: `srun` starts one task per node, and each runs `accelerate launch` with its machine rank
+    ($SLURM_NODEID) and the main node's address (the first host of $SLURM_JOB_NODELIST); the port is offset by
+    the job id so jobs sharing a node do not collide. The `speechllm ...` words that follow reach the
+    per-node shell as its arguments ("$@"), so their quoting is kept.
+    """
+    gpus, nodes = gpus_per_node(resources), int(resources.get("nodes") or 1)
+    if gpus == 0:
+        return ""
+    defaults = "--mixed_precision no --dynamo_backend no --no_python"  # precision comes from config (stage)
+    if nodes == 1:
+        multi = " --multi_gpu" if gpus > 1 else ""
+        return f"accelerate launch --num_processes {gpus} --num_machines 1{multi} {defaults}"
+    port = config["resources"]["main_process_port"]
+    per_node = (f"exec accelerate launch --multi_gpu --num_processes {gpus * nodes} --num_machines {nodes} "
+                '--machine_rank "$SLURM_NODEID" '
+                '--main_process_ip "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)" '
+                f"--main_process_port $(({port} + SLURM_JOB_ID % 1000)) {defaults}")
+    return (f"{resources.get('mpi') or 'srun'} --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 "
+            f"--cpus-per-task={gpus * int(resources.get('cpus_per_gpu'))} --mem=0 --kill-on-bad-exit=1 "
+            f"bash -c '{per_node} \"$@\"' accelerate-node")

@@ -1,5 +1,6 @@
-# Data: the demo world spoken with TTS (or FLEURS from the hub at paper scale) → checked, normalised,
-# duration-filtered, speed-perturbed manifests + language-ID labels.
+# Data: the demo world spoken with TTS, or at paper scale FLEURS (hub parquet conversion) + the Common Voice 12
+# subsample, SpeechGLUE / SpeechXNLI (released audio or TTS), LibriSpeech and spoken articles (summarization)
+# → checked, normalised, duration-filtered, speed-perturbed manifests + language-ID labels.
 
 
 rule demo_data:
@@ -25,8 +26,9 @@ rule demo_data:
 rule fleurs_data:
     output:
         manifests=expand("resources/fleurs/{split}.jsonl", split=["train", "dev", "test"]),
+        report="resources/fleurs/report.json",
     params:
-        settings=lambda wc: data_settings(),
+        settings=lambda wc: source_settings("languages", "fleurs"),
         out_dir=lambda wc, output: parent_dir(output.manifests[0], 1),
     log:
         "logs/data/fleurs_data.log",
@@ -85,7 +87,7 @@ rule speechglue_data:
     output:
         expand("resources/speechglue/{task}.jsonl", task=config["data"]["speechglue"]["tasks"]),
     params:
-        settings=lambda wc: data_settings(),
+        settings=lambda wc: source_settings("speechglue"),
         out_dir=lambda wc, output: parent_dir(output[0], 2),
     log:
         "logs/data/speechglue_data.log",
@@ -100,11 +102,14 @@ rule speechglue_data:
 
 
 rule speechxnli_data:
+    input:
+        unpack(speechxnli_inputs),
     output:
         "resources/speechxnli/test.jsonl",
     params:
-        settings=lambda wc: data_settings(),
+        settings=lambda wc: source_settings("speechxnli"),
         out_dir=lambda wc, output: parent_dir(output[0], 2),
+        archive=speechxnli_archive_arg,
     log:
         "logs/data/speechxnli_data.log",
     threads: 4
@@ -114,4 +119,102 @@ rule speechxnli_data:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm data speechxnli --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        "speechllm data speechxnli --settings {params.settings:q} --out-dir {params.out_dir} {params.archive} "
+        "--threads {threads} > {log} 2>&1"
+
+
+rule zenodo_file:
+    output:
+        "resources/zenodo/{name}",
+    wildcard_constraints:
+        name=r"[A-Za-z0-9_.-]+",
+    params:
+        url=lambda wc: zenodo_url(wc.name),
+    log:
+        "logs/data/zenodo_{name}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=180,
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm data fetch --url {params.url:q} --out {output} > {log} 2>&1"
+
+
+rule common_voice_data:
+    input:
+        unpack(common_voice_inputs),
+    output:
+        manifest="resources/common_voice/train.jsonl",
+        report="resources/common_voice/report.json",
+    params:
+        settings=lambda wc: source_settings("common_voice"),
+        out_dir=lambda wc, output: parent_dir(output.manifest, 1),
+    log:
+        "logs/data/common_voice_data.log",
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=12 * 60,
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm data common-voice --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} "
+        "> {log} 2>&1"
+
+
+rule hub_train_manifest:
+    input:
+        fleurs="resources/fleurs/train.jsonl",
+        common_voice="resources/common_voice/train.jsonl",
+    output:
+        "resources/hub/train.jsonl",
+    log:
+        "logs/data/hub_train_manifest.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm data combine --manifests {input.fleurs} {input.common_voice} --out {output} > {log} 2>&1"
+
+
+rule librispeech_data:
+    output:
+        manifests=expand("resources/librispeech/{split}.jsonl", split=["train", "dev", "test"]),
+        report="resources/librispeech/report.json",
+    params:
+        settings=lambda wc: source_settings("librispeech"),
+        out_dir=lambda wc, output: parent_dir(output.report, 1),
+    log:
+        "logs/data/librispeech_data.log",
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=24 * 60,
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm data librispeech --settings {params.settings:q} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule articles_data:
+    output:
+        "resources/articles/test.jsonl",
+    params:
+        settings=lambda wc: source_settings("articles"),
+        out_dir=lambda wc, output: parent_dir(output[0], 2),
+    log:
+        "logs/data/articles_data.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=6 * 60,
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm data articles --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} "
+        "> {log} 2>&1"

@@ -1,4 +1,5 @@
-# Evaluation: each system on each benchmark → per-utterance outputs (Parquet) + a score file.
+# Evaluation: each system on each benchmark → per-utterance outputs (Parquet) + a score file; the CoVoST 2
+# X→en test manifest from a local release (when evaluate.covost2.release_dir is set).
 
 
 rule evaluate:
@@ -12,16 +13,32 @@ rule evaluate:
     params:
         settings=lambda wc: eval_settings(),
         decoder=system_decoder,
+        launcher=launcher,
     log:
         "logs/eval/{benchmark}/{system}.log",
     threads: config["resources"]["cpu_threads"]
     resources:
-        gpu=config["resources"]["gpu"],
-        mem_mb=config["resources"]["mem_mb"],
-        runtime=config["resources"]["runtime"],
+        **job_resources("evaluate"),
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm evaluate {wildcards.benchmark} --settings {params.settings:q} --model {input.model} "
+        "{params.launcher} speechllm evaluate {wildcards.benchmark} --settings {params.settings:q} --model {input.model} "
         "--name {wildcards.system} --decoder {params.decoder} --manifests {input.manifests} "
         "--hyps {output.hyps} --scores {output.scores} --threads {threads} > {log} 2>&1"
+
+
+rule covost2_data:
+    output:
+        COVOST2_MANIFEST,
+    params:
+        settings=lambda wc: as_json({"evaluate": {"covost2": config["evaluate"]["covost2"]}}),
+    log:
+        "logs/eval/covost2_data.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm evaluate covost2-manifest --settings {params.settings:q} --out {output} > {log} 2>&1"

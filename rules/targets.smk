@@ -1,17 +1,43 @@
 # Synthetic multi-instruction targets: the frozen LLM continues prefix + transcript + postfix (scattered
-# over shards, one job each), then T / MI / TMI training manifests are assembled.
+# over shards, one job each), then T / MI / TMI training manifests are assembled. With
+# targets.source: released they are imported from the reference's released token ids instead. Also the
+# Kang & Roy response targets: the chat LLM's greedy response to each transcript of a manifest
+# (targets.responses.manifests), scattered over shards and gathered.
+
+
+if FETCHED_TEMPLATES:
+
+    rule fetch_templates:
+        output:
+            FETCHED_TEMPLATES,
+        params:
+            url=config["targets"]["templates_download"]["url"],
+            sha256=config["targets"]["templates_download"]["sha256"],
+        log:
+            "logs/targets/fetch_templates.log",
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        conda:
+            "../envs/speechllm.yaml"
+        shell:
+            "speechllm targets fetch-templates --url {params.url:q} --sha256 {params.sha256} --out {output} "
+            "> {log} 2>&1"
 
 
 rule generate_targets:
     input:
         unpack(model_inputs),
+        unpack(template_inputs),
         manifest="results/data/train.jsonl",
     output:
         "results/targets/shard{shard}.jsonl",
     params:
         settings=as_json({
             **{k: config["targets"][k] for k in ("templates", "templates_per_occurrence", "batch_size",
-                                                 "max_new_tokens", "num_beams")},
+                                                 "max_new_tokens", "num_beams", "clean_up_spaces", "backend",
+                                                 "vllm")},
             "llm": config["models"]["llm"],
             "seed": config["seed"],
         }),
@@ -27,30 +53,131 @@ rule generate_targets:
         "../envs/speechllm.yaml"
     shell:
         "speechllm targets generate --settings {params.settings:q} --manifest {input.manifest} "
-        "--shard {wildcards.shard} --num-shards {params.num_shards} --out {output} --threads {threads} > {log} 2>&1"
+        "--shard {wildcards.shard} --num-shards {params.num_shards} --out {output} --threads {threads} "
+        "> {log} 2>&1"
 
 
-rule assemble_targets:
+if config["targets"]["source"] == "released":
+
+    rule fetch_released_targets:
+        output:
+            RELEASED_TARGETS_ARCHIVE,
+        params:
+            url=config["targets"]["released"]["url"],
+            # No published checksum for the tar: then the download logs its hash instead of checking it.
+            sha256_arg=optional_arg("--sha256", config["targets"]["released"]["sha256"]),
+        log:
+            "logs/targets/fetch_released.log",
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=60,
+        conda:
+            "../envs/speechllm.yaml"
+        shell:
+            "speechllm targets fetch-released --url {params.url:q} {params.sha256_arg} --out {output} "
+            "> {log} 2>&1"
+
+    rule import_released_targets:
+        input:
+            llm=llm_input,
+            manifest="results/data/train.jsonl",
+            archive=RELEASED_TARGETS_ARCHIVE,
+        output:
+            expand("results/data/train_{variant}.jsonl", variant=CE_VARIANTS),
+        params:
+            settings=as_json({
+                "llm": config["models"]["llm"],
+                "prompt": config["models"]["prompt"],
+                "mi_reading": config["targets"]["mi_reading"],
+                "templates_per_occurrence": config["targets"]["templates_per_occurrence"],
+                "on_unmatched": config["targets"]["released"]["on_unmatched"],
+            }),
+            out_dir=lambda wc, output: parent_dir(output[0], 1),
+        log:
+            "logs/targets/import_released.log",
+        threads: 1
+        resources:
+            mem_mb=16000,
+            runtime=120,
+        conda:
+            "../envs/speechllm.yaml"
+        shell:
+            "speechllm targets import-released --settings {params.settings:q} --manifest {input.manifest} "
+            "--archive {input.archive} --out-dir {params.out_dir} > {log} 2>&1"
+
+else:
+
+    rule assemble_targets:
+        input:
+            manifest="results/data/train.jsonl",
+            shards=expand("results/targets/shard{shard}.jsonl", shard=TARGET_SHARDS),
+        output:
+            expand("results/data/train_{variant}.jsonl", variant=CE_VARIANTS),
+        params:
+            settings=as_json({
+                "prompt": config["models"]["prompt"],
+                "mi_reading": config["targets"]["mi_reading"],
+                "templates_per_occurrence": config["targets"]["templates_per_occurrence"],
+            }),
+            out_dir=lambda wc, output: parent_dir(output[0], 1),
+        log:
+            "logs/targets/assemble.log",
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=60,
+        conda:
+            "../envs/speechllm.yaml"
+        shell:
+            "speechllm targets assemble --settings {params.settings:q} --manifest {input.manifest} "
+            "--shards {input.shards} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule generate_responses:
     input:
-        manifest="results/data/train.jsonl",
-        shards=expand("results/targets/shard{shard}.jsonl", shard=TARGET_SHARDS),
+        llm=llm_input,
+        manifest=response_manifest,
     output:
-        expand("results/data/train_{variant}.jsonl", variant=CE_VARIANTS),
+        "results/responses/{response_set}/shard{shard}.jsonl",
     params:
-        settings=as_json({
-            "prompt": config["models"]["prompt"],
-            "mi_reading": config["targets"]["mi_reading"],
-            "templates_per_occurrence": config["targets"]["templates_per_occurrence"],
+        # a lambda: the prompt template's {text} is not a wildcard
+        settings=lambda wc: as_json({
+            "llm": config["models"]["llm"],
+            "backend": config["targets"]["backend"],
+            "vllm": config["targets"]["vllm"],
+            "seed": config["seed"],
+            "responses": {k: v for k, v in config["targets"]["responses"].items()
+                          if k not in ("manifests", "shards")},
         }),
-        out_dir=lambda wc, output: parent_dir(output[0], 1),
+        num_shards=config["targets"]["responses"]["shards"],
     log:
-        "logs/targets/assemble.log",
-    threads: 1
+        "logs/targets/responses_{response_set}_shard{shard}.log",
+    threads: config["resources"]["cpu_threads"]
     resources:
-        mem_mb=4000,
-        runtime=60,
+        gpu=config["resources"]["gpu"],
+        mem_mb=config["resources"]["mem_mb"],
+        runtime=config["resources"]["runtime"],
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm targets assemble --settings {params.settings:q} --manifest {input.manifest} "
-        "--shards {input.shards} --out-dir {params.out_dir} > {log} 2>&1"
+        "speechllm targets responses --settings {params.settings:q} --manifest {input.manifest} "
+        "--shard {wildcards.shard} --num-shards {params.num_shards} --out {output} --threads {threads} "
+        "> {log} 2>&1"
+
+
+rule gather_responses:
+    input:
+        response_shards,
+    output:
+        "results/responses/{response_set}.jsonl",
+    log:
+        "logs/targets/gather_responses_{response_set}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm targets gather --shards {input} --out {output} > {log} 2>&1"

@@ -1,5 +1,8 @@
 # Training: the untrained starting point, CTC pretraining onto the LLM's token embeddings, and CE training
-# into the frozen LLM on T, MI and TMI targets (initialised from the CTC model without its CTC head).
+# into the frozen LLM on T, MI and TMI targets (initialised from the CTC model without its CTC head); for
+# `system: kang_roy`, the KD training of the speech encoder on the frozen chat LLM's responses.
+# Each training job checkpoints into results/train/<model>/checkpoints (not an output: it survives a failed or
+# killed job) and a rerun with the same settings and inputs resumes from the latest checkpoint.
 
 
 rule init_model:
@@ -36,20 +39,22 @@ rule train_ctc:
     params:
         settings=lambda wc: train_settings("ctc"),
         log_dir=lambda wc, output: parent_dir(output.metrics, 1),
+        checkpoint_dir=lambda wc, output: os.path.join(parent_dir(output.metrics, 1), "checkpoints"),
         run_name=f"{config['experiment']}-ctc",
+        job_type="train_ctc",  # W&B job type = the rule
+        launcher=launcher,
     log:
         "logs/train/ctc.log",
     threads: config["resources"]["cpu_threads"]
     resources:
-        gpu=config["resources"]["gpu"],
-        mem_mb=config["resources"]["mem_mb"],
-        runtime=config["resources"]["runtime"],
+        **job_resources("train_ctc"),
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm train ctc --settings {params.settings:q} --train {input.train} --dev {input.dev} "
+        "{params.launcher} speechllm train ctc --settings {params.settings:q} --train {input.train} --dev {input.dev} "
         "--language-ids {input.language_ids} --out-dir {output.model} --log-dir {params.log_dir} "
-        "--run-name {params.run_name} --threads {threads} > {log} 2>&1"
+        "--checkpoint-dir {params.checkpoint_dir} --run-name {params.run_name} --job-type {params.job_type} "
+        "--threads {threads} > {log} 2>&1"
 
 
 rule train_ce:
@@ -66,17 +71,49 @@ rule train_ce:
     params:
         settings=lambda wc: train_settings("ce"),
         log_dir=lambda wc, output: parent_dir(output.metrics, 1),
+        checkpoint_dir=lambda wc, output: os.path.join(parent_dir(output.metrics, 1), "checkpoints"),
         run_name=lambda wc: f"{config['experiment']}-ce-{wc.variant}",
+        job_type="train_ce",  # W&B job type = the rule
+        launcher=launcher,
     log:
         "logs/train/ce_{variant}.log",
     threads: config["resources"]["cpu_threads"]
     resources:
-        gpu=config["resources"]["gpu"],
-        mem_mb=config["resources"]["mem_mb"],
-        runtime=config["resources"]["runtime"],
+        **job_resources("train_ce"),
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm train ce --settings {params.settings:q} --train {input.train} --dev {input.dev} "
+        "{params.launcher} speechllm train ce --settings {params.settings:q} --train {input.train} --dev {input.dev} "
         "--language-ids {input.language_ids} --init-from {input.init} --out-dir {output.model} "
-        "--log-dir {params.log_dir} --run-name {params.run_name} --threads {threads} > {log} 2>&1"
+        "--log-dir {params.log_dir} --checkpoint-dir {params.checkpoint_dir} --run-name {params.run_name} "
+        "--job-type {params.job_type} --threads {threads} > {log} 2>&1"
+
+
+rule train_kd:
+    input:
+        unpack(model_inputs),
+        train=lambda wc: kd_manifest("train"),
+        dev=lambda wc: kd_manifest("dev"),
+    output:
+        model=directory(KANG_ROY_MODEL_DIR),
+        metrics=report("results/train/kang_roy/metrics.csv", caption="../workflow/report/training.rst",
+                       category="Training"),
+        summary="results/train/kang_roy/summary.json",
+    params:
+        settings=lambda wc: train_settings("kd"),
+        log_dir=lambda wc, output: parent_dir(output.metrics, 1),
+        checkpoint_dir=lambda wc, output: os.path.join(parent_dir(output.metrics, 1), "checkpoints"),
+        run_name=f"{config['experiment']}-kd",
+        job_type="train_kd",  # W&B job type = the rule
+        launcher=launcher,
+    log:
+        "logs/train/kd.log",
+    threads: config["resources"]["cpu_threads"]
+    resources:
+        **job_resources("train_kd"),
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "{params.launcher} speechllm train kd --settings {params.settings:q} --train {input.train} --dev {input.dev} "
+        "--out-dir {output.model} --log-dir {params.log_dir} --checkpoint-dir {params.checkpoint_dir} "
+        "--run-name {params.run_name} --job-type {params.job_type} --threads {threads} > {log} 2>&1"

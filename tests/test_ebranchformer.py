@@ -309,16 +309,30 @@ def test_paper_scale_parameter_counts() -> None:
 
 
 # --------------------------------------------------------------------------- ESPnet parity (optional)
+# ESPnet is a test-only oracle, not a dependency: these run where `pip install espnet` was done beside the pinned
+# torch (a throwaway venv, or a `parity` extra). Inputs are unpadded because the adaptor deliberately differs from
+# ESPnet on padded batches (padding-invariant LID upsampling and masking, see speechllm.models.adaptor).
 
 
-def test_parity_with_espnet_encoder() -> None:
-    """E-Branchformer stack against ESPnet with copied weights (unpadded input; conditioning off)."""
+class OverlayLidCtc(torch.nn.Module):
+    """The BLOOMZMMS overlay's `lid_ctc.softmax` (spec §2.3, §8) over our LID head's weights, for ESPnet's loop:
+    softmax at 160 ms, then `F.interpolate` (nearest) back to the 80 ms input length."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def softmax(self, x: torch.Tensor) -> torch.Tensor:
+        lengths = torch.full((x.size(0),), x.size(1))
+        probs = torch.softmax(self.head(x, lengths)[0], dim=-1)
+        return F.interpolate(probs.transpose(1, 2), x.size(1)).transpose(1, 2)
+
+
+def espnet_encoder(config: AdaptorConfig, **kwargs):
     module = pytest.importorskip(
         "espnet2.asr.encoder.e_branchformer_encoder",
         reason="espnet2 is not installed in this venv (deliberately not a dependency); parity test skipped",
     )
-    config = dataclasses.replace(SMALL)
-    ours = SpeechAdaptor(config).eval()
     reference = module.EBranchformerEncoder(
         input_size=config.input_dim,
         output_size=config.d_model,
@@ -336,12 +350,26 @@ def test_parity_with_espnet_encoder() -> None:
         macaron_ffn=True,
         linear_units=config.linear_units,
         merge_conv_kernel=config.merge_kernel,
-    ).eval()
-    state = {
-        key.replace("embed.out.0.", "embed.out."): value for key, value in reference.state_dict().items()
-    }
+        **kwargs,
+    )
+    randomize_(reference, seed=1)
+    return reference.eval()
+
+
+def copy_espnet_weights(reference: torch.nn.Module, ours: SpeechAdaptor) -> list[str]:
+    """Load ESPnet's encoder weights into ours by name; returns our parameters ESPnet does not have."""
+    state = {key.replace("embed.out.0.", "embed.out."): value for key, value in reference.state_dict().items()}
     missing, unexpected = ours.load_state_dict(state, strict=False)
     assert not unexpected
+    return missing
+
+
+def test_parity_with_espnet_encoder() -> None:
+    """E-Branchformer stack against ESPnet with copied weights (unpadded input; conditioning off)."""
+    config = dataclasses.replace(SMALL)
+    reference = espnet_encoder(config)
+    ours = SpeechAdaptor(config).eval()
+    missing = copy_espnet_weights(reference, ours)
     assert all(key.startswith(("lid_ctc.", "conditioning_layer.", "postencoder.")) for key in missing)
 
     feats = torch.randn(1, 57, config.input_dim)
@@ -355,4 +383,32 @@ def test_parity_with_espnet_encoder() -> None:
             x = layer(x, pos_emb, mask)
         x = ours.after_norm(x)
     assert our_lengths.tolist() == expected_lengths.tolist()
+    assert expected.abs().max() > 0.1  # randomised LayerNorm gains: not a trivially normalised output
     torch.testing.assert_close(x, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("frames", [57, 61])  # odd and even 80 ms lengths (T1 = 13, 14)
+def test_parity_with_espnet_self_conditioned_encoder(frames: int) -> None:
+    """Whole adaptor incl. LID inter-CTC self-conditioning after block `interctc_layer` against ESPnet."""
+    config = dataclasses.replace(SMALL)
+    reference = espnet_encoder(config, interctc_layer_idx=[config.interctc_layer], interctc_use_conditioning=True)
+    ours = SpeechAdaptor(config).eval()
+    missing = copy_espnet_weights(reference, ours)
+    assert all(key.startswith(("lid_ctc.", "conditioning_layer.", "postencoder.")) for key in missing)
+    for seed, part in enumerate((ours.lid_ctc, ours.conditioning_layer, ours.postencoder), start=2):
+        randomize_(part, seed=seed)
+    # ESPnet creates the conditioning layer outside the encoder (its ASR model knows the CTC size).
+    reference.conditioning_layer = torch.nn.Linear(config.num_lid_classes, config.d_model)
+
+    feats = torch.randn(1, frames, config.input_dim)
+    lengths = torch.tensor([frames])
+    with torch.no_grad():
+        reference.conditioning_layer.load_state_dict(ours.conditioning_layer.state_dict())
+        (expected, intermediate), expected_lengths, _ = reference(feats, lengths, ctc=OverlayLidCtc(ours.lid_ctc))
+        out = ours(feats, lengths)
+        expected_speech, expected_speech_lengths = ours.postencoder(expected, expected_lengths)
+        expected_lid, _ = ours.lid_ctc(intermediate[0][1], expected_lengths)
+    assert intermediate[0][0] == config.interctc_layer
+    assert out.speech_lengths.tolist() == expected_speech_lengths.tolist()
+    torch.testing.assert_close(out.speech, expected_speech, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.lid_logits, expected_lid, atol=ATOL, rtol=0)

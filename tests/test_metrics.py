@@ -10,11 +10,16 @@ from statistics import fmean
 import jiwer
 import pytest
 
+from speechllm.evaluate import metrics
 from speechllm.evaluate.metrics import (
     asr_scores,
+    bleu_tokenizer,
     classification_scores,
     glue_average,
+    meteor,
+    perplexity,
     primary_asr_metric,
+    rouge_scores,
     translation_scores,
 )
 from speechllm.text.normalize import basic_normalize, normalizer_version
@@ -209,3 +214,57 @@ def test_flores_refs_against_themselves() -> None:
     lowered = [r.lower() for r in refs]
     assert translation_scores(refs, lowered, normalize=False)["bleu"] < 100.0
     assert translation_scores(refs, lowered, normalize=True)["bleu"] == pytest.approx(100.0)
+
+
+BLEU_TABLE = {"default": "13a", "zh": "zh", "cmn": "zh", "ja": "ja-mecab"}
+
+
+@pytest.mark.parametrize(
+    ("target", "tokenizer"),
+    [("en", "13a"), ("en_us", "13a"), ("zh-CN", "zh"), ("cmn_hans_cn", "zh"), ("ja", "ja-mecab"),
+     ("de_de", "13a")],
+)
+def test_bleu_tokenizer_by_target_language(target: str, tokenizer: str) -> None:
+    assert bleu_tokenizer(target, BLEU_TABLE) == tokenizer
+
+
+def test_bleu_tokenizer_needs_a_default() -> None:
+    with pytest.raises(ValueError, match="evaluate.bleu_tokenize"):
+        bleu_tokenizer("en", {"zh": "zh"})
+
+
+def test_rouge_hand_counted() -> None:
+    # ref "the cat sat", hyp "the cat ran": unigram P = R = 2/3; bigram "the cat" 1 of 2; LCS 2 of 3.
+    scores = rouge_scores(["the cat sat", "a b"], ["the cat ran", "a b"], use_stemmer=False)
+    assert scores["rouge1"] == pytest.approx((2 / 3 + 1.0) / 2)
+    assert scores["rouge2"] == pytest.approx((1 / 2 + 1.0) / 2)
+    assert scores["rougeL"] == pytest.approx((2 / 3 + 1.0) / 2)
+    assert scores["rouge_stemmer"] is False
+    stemmed = rouge_scores(["the cats sat"], ["the cat sat"], use_stemmer=True)
+    assert stemmed["rouge1"] == pytest.approx(1.0)
+
+
+def test_meteor_is_skipped_with_a_reason_without_wordnet(monkeypatch) -> None:
+    monkeypatch.setattr(metrics, "wordnet_available", lambda: False)
+    result = meteor(["the cat sat"], ["the cat sat"])
+    assert result["meteor"] is None and "never downloaded" in result["meteor_skipped"]
+
+
+def test_perplexity_per_utterance_mean_and_token_level() -> None:
+    # two utterances: mean NLL 1.0 over 2 tokens and 3.0 over 1 token
+    result = perplexity([2.0, 3.0], [2, 1])
+    assert result["ppl"] == pytest.approx(math.exp((1.0 + 3.0) / 2))
+    assert result["ppl_token"] == pytest.approx(math.exp(5.0 / 3))
+    assert (result["num_utts"], result["num_tokens"]) == (2, 3)
+    assert perplexity([], [])["ppl"] is None
+
+
+def test_unavailable_bleu_tokenizer_names_the_config_key(monkeypatch) -> None:
+    import sacrebleu
+
+    def broken(*args, **kwargs):
+        raise ImportError("MeCab not installed")
+
+    monkeypatch.setattr(sacrebleu.metrics, "BLEU", broken)
+    with pytest.raises(ValueError, match="evaluate.bleu_tokenize"):
+        translation_scores(["a"], ["a"], normalize=False, tokenize="ja-mecab")

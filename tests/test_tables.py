@@ -227,3 +227,55 @@ def test_atomic_writes_replace_and_set_mode(tmp_path: Path) -> None:
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
     atomic_write_text(tmp_path / "t.txt", "ü\r\n")
     assert (tmp_path / "t.txt").read_bytes() == "ü\r\n".encode()
+
+
+def test_summarization_table_reads_summary_and_perplexity_files(tmp_path: Path) -> None:
+    """The evaluation writes ROUGE/METEOR (`summarization`) and perplexity (`response_ppl`) to two score files."""
+    files = []
+    for model, rouge, meteor in (("text", 0.40, 0.30), ("cascade", 0.30, None)):
+        skipped = {"meteor_skipped": "nltk WordNet data not found"} if meteor is None else {}
+        files.append(_score_file(tmp_path, "summarization", model, {"all": {
+            "rouge1": rouge, "rouge2": rouge / 2, "rougeL": rouge - 0.1, "rougeLsum": rouge, "meteor": meteor,
+            "num_docs": 3, **skipped}}))
+        files.append(_score_file(tmp_path / "ppl", "response_ppl", model, {
+            "per_subset": {"test.clean": {"ppl": 3.5, "num_utts": 4}, "test.other": {"ppl": 5.0, "num_utts": 4}},
+            "all": {"ppl": 4.2, "ppl_token": 4.0}}))
+    table = build_table("summarization", files, ["text", "cascade"])
+    assert list(table.columns) == ["text", "cascade"]
+    assert list(table.index) == [("articles", "ROUGE-1"), ("articles", "ROUGE-2"), ("articles", "ROUGE-L"),
+                                 ("articles", "METEOR"), ("test.clean", "perplexity"), ("test.other", "perplexity"),
+                                 ("all", "perplexity")]
+    assert table.loc[("articles", "ROUGE-1"), "text"] == pytest.approx(40.0)
+    assert table.loc[("articles", "ROUGE-L"), "cascade"] == pytest.approx(20.0)
+    assert pd.isna(table.loc[("articles", "METEOR"), "cascade"])
+    assert table.loc[("all", "perplexity"), "cascade"] == pytest.approx(4.2)  # the paper's ppl, not ppl_token
+    footer = table_footer("summarization", files, ["text", "cascade"])
+    assert footer.index("- text (summarization):") < footer.index("- text (response_ppl):") < footer.index(
+        "- cascade (summarization):")
+    assert "meteor_skipped: nltk WordNet data not found" in footer
+    md, _, _ = write_table(table, tmp_path / "tables" / "summarization", footer)
+    assert "| articles | METEOR" in md.read_text(encoding="utf-8").replace("  ", " ").replace("  ", " ")
+    with pytest.raises(ValueError, match="model 'text' in both"):
+        build_table("summarization", [*files, _score_file(tmp_path / "again", "summarization", "text", {})])
+
+
+def test_summarization_table_in_the_agreed_single_file_format(tmp_path: Path) -> None:
+    path = _score_file(tmp_path, "summarization", "kang_roy", {
+        "rouge1": 0.5, "rouge2": 0.2, "rougeL": 0.4, "meteor": 0.3, "perplexity": {"test.clean": 3.0, "all": 3.2}})
+    table = build_table("summarization", [path])
+    assert table["kang_roy"].round(6).to_dict() == {
+        ("articles", "ROUGE-1"): 50.0, ("articles", "ROUGE-2"): 20.0, ("articles", "ROUGE-L"): 40.0,
+        ("articles", "METEOR"): 30.0, ("test.clean", "perplexity"): 3.0, ("all", "perplexity"): 3.2}
+    assert build_table("summarization", [_score_file(tmp_path / "b", "summarization", "t", {"perplexity": 2.5})]
+                       ).loc[("all", "perplexity"), "t"] == pytest.approx(2.5)
+
+
+def test_covost2_table_and_malformed_metrics_name_the_file(tmp_path: Path) -> None:
+    entry = {"bleu": 20.0, "chrf": 45.0}
+    path = _score_file(tmp_path, "covost2_st", "tmi", {"all": entry, "per_language": {"de": entry, "fr": entry}})
+    table = build_table("covost2_st", [path])
+    assert list(table.index) == [("de", "bleu"), ("de", "chrf"), ("fr", "bleu"), ("fr", "chrf"), ("all", "bleu"),
+                                 ("all", "chrf")]
+    bad = _score_file(tmp_path / "bad", "speechxnli", "t", {"per_language": {"en": {"accuracy": "n/a"}}})
+    with pytest.raises(ValueError, match=f"{bad}: malformed speechxnli metrics"):
+        build_table("speechxnli", [bad])

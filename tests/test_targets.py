@@ -1,16 +1,38 @@
-"""Synthetic targets: template banks, reproducible draws, batched + resumable generation, T/MI/TMI assembly."""
+"""Synthetic targets: template banks (and their download), reproducible draws, batched + cached + resumable
+generation, backends, T/MI/TMI assembly."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import importlib.metadata
 import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from speechllm.cli import main
 from speechllm.targets.assemble import assemble
-from speechllm.targets.generate import generate_batched, generate_shard, read_partial
-from speechllm.targets.templates import TemplateError, bank_hash, draw_items, load_templates
+from speechllm.targets.backends import load_generator
+from speechllm.targets.download import DownloadError
+from speechllm.targets.generate import (
+    HFGenerator,
+    cache_key,
+    cached_generate,
+    generate_batched,
+    generate_shard,
+    read_partial,
+    target_settings,
+)
+from speechllm.targets.templates import TemplateError, bank_hash, draw_items, fetch_templates, load_templates
+from speechllm.targets.vllm_backend import BackendUnavailable
 
 
 def test_reference_template_bank(shared_data):
@@ -49,9 +71,11 @@ def lm(tiny_models):
 
 def test_batched_generation_equals_one_at_a_time(lm):
     model, tok = lm
-    prompts = ["Repeat the sentence: the cat", "hello", "Der Hund schläft im Garten. The same text in English:"]
+    prompts = ["Repeat the sentence: the cat", "hello",
+               "Der Hund schläft im Garten. The same text in English:"]
     batched = generate_batched(model, tok, prompts, batch_size=3, max_new_tokens=6, num_beams=1)
-    single = [generate_batched(model, tok, [p], batch_size=1, max_new_tokens=6, num_beams=1)[0] for p in prompts]
+    single = [generate_batched(model, tok, [p], batch_size=1, max_new_tokens=6, num_beams=1)[0]
+              for p in prompts]
     assert batched == single
 
 
@@ -60,17 +84,17 @@ def test_killed_shard_resumes_without_redoing_or_duplicating(lm, tmp_path):
     items = [(f"text {i} the cat", "Repeat the sentence: ", ". ") for i in range(7)]
     settings = {"llm": "tiny", "max_new_tokens": 4, "num_beams": 1}
     full = tmp_path / "full.jsonl"
-    generate_shard(items, 0, 1, model, tok, settings, 3, full)
+    generate_shard(items, 0, 1, HFGenerator(model, tok, 3), settings, full)
     # Simulate a kill after the first batch: keep 3 finished items and a torn line in the partial file.
     out = tmp_path / "resumed.jsonl"
     partial = out.with_name(out.name + ".partial.jsonl")
     lines = [json.loads(x) for x in full.read_text().splitlines()]
-    from speechllm.targets.generate import cache_key
 
     with partial.open("w") as fh:
         for item in lines[:3]:
             key = cache_key(settings, item["prefix"] + item["text"] + item["postfix"])
-            fh.write(json.dumps({"key": key, **{k: item[k] for k in ("text", "prefix", "postfix", "output")}}) + "\n")
+            fields = {k: item[k] for k in ("text", "prefix", "postfix", "output")}
+            fh.write(json.dumps({"key": key, **fields}) + "\n")
         fh.write('{"key": "torn')
     calls = []
     original = model.generate
@@ -81,7 +105,7 @@ def test_killed_shard_resumes_without_redoing_or_duplicating(lm, tmp_path):
 
     model.generate = counting_generate
     try:
-        stats = generate_shard(items, 0, 1, model, tok, settings, 3, out)
+        stats = generate_shard(items, 0, 1, HFGenerator(model, tok, 3), settings, out)
     finally:
         model.generate = original
     assert stats == {"items": 7, "generated": 4, "reused": 3}
@@ -97,7 +121,7 @@ def test_shards_partition_the_items(lm, tmp_path):
     settings = {"llm": "tiny", "max_new_tokens": 2, "num_beams": 1}
     got = []
     for shard in range(2):
-        generate_shard(items, shard, 2, model, tok, settings, 2, tmp_path / f"s{shard}.jsonl")
+        generate_shard(items, shard, 2, HFGenerator(model, tok, 2), settings, tmp_path / f"s{shard}.jsonl")
         got += [json.loads(x)["index"] for x in (tmp_path / f"s{shard}.jsonl").read_text().splitlines()]
     assert sorted(got) == list(range(5))
 
@@ -105,8 +129,8 @@ def test_shards_partition_the_items(lm, tmp_path):
 def test_t_mi_tmi_assembly():
     train = [{"id": f"u{i}", "raw_transcription": "Hello, World.", "transcription": "hello world"}
              for i in range(2)]
-    generated = [{"index": i, "text": "Hello, World.", "prefix": f"P{i}: ", "postfix": "", "output": f" out{i}"}
-                 for i in range(4)]
+    generated = [{"index": i, "text": "Hello, World.", "prefix": f"P{i}: ", "postfix": "",
+                  "output": f" out{i}"} for i in range(4)]
     generated.append({"index": 9, "text": "Hello, World.", "prefix": "", "postfix": "", "output": "dropped"})
     sets = assemble(train, generated, "Repeat the sentence: ", ". ", "synthetic_only", 2)
     assert [r["target"] for r in sets["t"]] == ["hello world", "hello world"]
@@ -126,3 +150,175 @@ def test_generation_is_deterministic_under_torch_seed_changes(lm):
     a = generate_batched(model, tok, ["hello"], 1, 5, 1)
     torch.manual_seed(7)
     assert generate_batched(model, tok, ["hello"], 1, 5, 1) == a
+
+
+# --- template bank download --------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def test_template_download_verifies_hash_and_parses(shared_data, tmp_path):
+    pinned = CONFIG["targets"]["templates_download"]
+    assert "/77dc192" in pinned["url"] and pinned["url"].endswith("/data/synthetic-targets/templates.json")
+    src = shared_data / "bloomzmms" / "templates.json"
+    out = tmp_path / "resources" / "bloomzmms" / "templates.json"
+    assert fetch_templates(src.as_uri(), pinned["sha256"], out) == 4300  # file:// URL, read in place
+    assert load_templates(str(out)) == load_templates(str(src))
+    assert fetch_templates(str(src), pinned["sha256"], tmp_path / "from_path.json") == 4300
+    bad = tmp_path / "bad" / "templates.json"
+    with pytest.raises(DownloadError, match="does not match.*targets.templates_download.sha256"):
+        fetch_templates(src.as_uri(), "0" * 64, bad)
+    assert not bad.parent.exists() or list(bad.parent.iterdir()) == []  # nothing left behind, not even a temp
+    with pytest.raises(DownloadError, match="no such file"):
+        fetch_templates(str(tmp_path / "missing.json"), pinned["sha256"], bad)
+
+
+def test_template_download_rejects_a_bank_that_does_not_parse(tmp_path):
+    src = tmp_path / "templates.json"
+    src.write_text('[["a", "b"], ["only one"]]')
+    out = tmp_path / "out" / "templates.json"
+    with pytest.raises(TemplateError, match="entry 1"):
+        fetch_templates(src.as_uri(), hashlib.sha256(src.read_bytes()).hexdigest(), out)
+    assert not out.exists()
+
+
+def test_paper_scale_generation_depends_on_the_downloaded_bank(tmp_path):
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({"targets": {"source": "released"}}))
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    targets = ["results/targets/shard0.jsonl", "results/data/train_tmi.jsonl"]
+    configs = [str(REPO / "config/experiments/bloomzmms.yaml"), str(override)]
+    res = subprocess.run([snakemake, "-s", str(REPO / "Snakefile"), "-n", "-d", str(tmp_path), *targets,
+                          "--configfile", *configs], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = {block.split(":")[0]: block for block in res.stdout.split("\nrule ")[1:]}
+    assert "output: resources/bloomzmms/templates.json" in jobs["fetch_templates"]
+    assert "resources/bloomzmms/templates.json" in jobs["generate_targets"].split("output:")[0]
+    assert "resources/bloomzmms/tmi_training_targets.tar.gz" in jobs["import_released_targets"]
+    assert "fetch_released_targets" in jobs and "assemble_targets" not in jobs
+
+
+# --- cache key ----------------------------------------------------------------------------------------
+
+class EchoGenerator:
+    """A stand-in backend that records what it is asked to generate."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+
+    def prompt_length(self, prompt: str) -> int:
+        return len(prompt.split())
+
+    def generate(self, prompts, max_new_tokens, on_batch=None):
+        self.prompts += prompts
+        outputs = [f"{p}|{n}" for p, n in zip(prompts, max_new_tokens, strict=True)]
+        if on_batch is not None:
+            on_batch(list(enumerate(outputs)))
+        return outputs
+
+
+TARGET_SETTINGS = {  # what rule generate_targets passes as --settings (the parts that reach the key)
+    "llm": {"name_or_path": "bigscience/bloomz-7b1", "revision": "main", "dtype": "bfloat16",
+            "load_in_8bit": False},
+    "backend": "hf", "num_beams": 1, "seed": 0, "max_new_tokens": 128, "clean_up_spaces": True,
+}
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    ("llm.name_or_path", "bigscience/bloomz-3b"), ("llm.revision", "a1b2c3d"), ("llm.dtype", "float16"),
+    ("llm.load_in_8bit", True), ("seed", 1), ("max_new_tokens", 64), ("num_beams", 2),
+    ("clean_up_spaces", False), ("backend", "vllm"), ("bank", "another bank"),
+])
+def test_any_setting_change_invalidates_the_cache(tmp_path, path, value):
+    prompts = ["A text in German: Hallo.\nThe same text in English:", "Summarize: the cat sat."]
+    partial = tmp_path / "shard0.jsonl.partial.jsonl"
+    base = target_settings(TARGET_SETTINGS, bank_hash([("A: ", "")]))
+    _, generated = cached_generate(prompts, [8, 8], EchoGenerator(), base, partial)
+    assert generated == 2
+    again = EchoGenerator()
+    assert cached_generate(prompts, [8, 8], again, base, partial)[1] == 0 and again.prompts == []
+    changed = copy.deepcopy(TARGET_SETTINGS)
+    if path == "bank":
+        key = target_settings(changed, bank_hash([("B: ", "")]))
+    else:
+        section, _, name = path.rpartition(".")
+        (changed[section] if section else changed)[name] = value
+        key = target_settings(changed, bank_hash([("A: ", "")]))
+    fresh = EchoGenerator()
+    assert cached_generate(prompts, [8, 8], fresh, key, partial)[1] == 2 and fresh.prompts == prompts
+
+
+def test_the_generating_library_version_is_part_of_the_key(monkeypatch):
+    bank = bank_hash([("A: ", "")])
+    before = target_settings(TARGET_SETTINGS, bank)
+    assert before["engine_version"] == importlib.metadata.version("transformers")
+    monkeypatch.setattr("speechllm.targets.generate.engine_version", lambda backend: "0.0.1")
+    assert cache_key(target_settings(TARGET_SETTINGS, bank), "p") != cache_key(before, "p")
+
+
+def test_the_same_prompt_twice_is_generated_once(tmp_path):
+    gen = EchoGenerator()
+    outputs, generated = cached_generate(["p", "q", "p"], [2, 2, 2], gen, {"k": 1},
+                                         tmp_path / "x.partial.jsonl")
+    assert outputs == ["p|2", "q|2", "p|2"] and generated == 2 and gen.prompts == ["p", "q"]
+
+
+# --- vLLM backend -------------------------------------------------------------------------------------
+
+VLLM_CFG = {"chunk_size": 2, "gpu_memory_utilization": 0.5}
+
+
+def test_vllm_unavailable_is_reported_cleanly(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError, as on this machine
+    with pytest.raises(BackendUnavailable, match="targets.backend is 'vllm'.*targets.backend: hf"):
+        load_generator(TARGET_SETTINGS["llm"], "vllm", 4, 1, 0, VLLM_CFG)
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text(json.dumps({"id": "u1", "raw_transcription": "Hello."}) + "\n")
+    settings = {**TARGET_SETTINGS, "templates": "builtin", "templates_per_occurrence": 2, "batch_size": 4,
+                "vllm": VLLM_CFG, "backend": "vllm"}
+    with pytest.raises(SystemExit,
+                       match="^speechllm targets[a-z ]*: error: targets.backend is 'vllm' but vLLM cannot"):
+        main(["targets", "generate", "--settings", json.dumps(settings), "--manifest", str(manifest),
+              "--shard", "0", "--num-shards", "1", "--out", str(tmp_path / "shard0.jsonl")])
+    assert not (tmp_path / "shard0.jsonl").exists()
+
+
+def fake_vllm(model) -> types.ModuleType:
+    """A stand-in `vllm` module whose LLM decodes greedily with the HF model, one prompt at a time."""
+
+    class LLM:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def generate(self, prompts, params, use_tqdm=True):
+            results = []
+            for prompt, p in zip(prompts, params, strict=True):
+                assert p.temperature == 0.0 and p.n == 1
+                ids = torch.tensor([prompt["prompt_token_ids"]])
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     max_new_tokens=p.max_tokens, do_sample=False)
+                new = SimpleNamespace(token_ids=gen[0, ids.shape[1]:].tolist())
+                results.append(SimpleNamespace(outputs=[new]))
+            return results
+
+    module = types.ModuleType("vllm")
+    module.LLM = LLM
+    module.SamplingParams = lambda **kwargs: SimpleNamespace(**kwargs)
+    return module
+
+
+def test_vllm_backend_writes_what_the_hf_backend_writes(lm, monkeypatch, tmp_path):
+    model, tok = lm
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm(model))
+    monkeypatch.setattr("speechllm.targets.backends.load_tokenizer", lambda cfg: tok)
+    items = [("the cat sits", "Repeat the sentence: ", ". "), ("Der Hund", "", " hello"),
+             ("hello world", "A: ", "")]
+    settings = {"max_new_tokens": 5}
+    vllm_gen = load_generator({"name_or_path": "tiny", "dtype": "float32"}, "vllm", 4, 1, 0, VLLM_CFG,
+                              clean_up_spaces=True)
+    assert vllm_gen.llm.kwargs["dtype"] == "float32"
+    generate_shard(items, 0, 1, vllm_gen, settings, tmp_path / "vllm.jsonl")
+    hf_gen = HFGenerator(model, tok, 4, clean_up_spaces=True)
+    generate_shard(items, 0, 1, hf_gen, settings, tmp_path / "hf.jsonl")
+    assert (tmp_path / "vllm.jsonl").read_text() == (tmp_path / "hf.jsonl").read_text()

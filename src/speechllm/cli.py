@@ -44,7 +44,18 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as err:
         # Bad input: one clear line naming the file/key; the traceback goes to the log at debug level.
         log.debug("failure", exc_info=True)
-        raise SystemExit(f"speechllm {args.command}: error: {err}") from err
+        raise SystemExit(f"{step_name(args)}: error: {err}") from err
+    except Exception as err:
+        # A crash: the traceback for whoever debugs it, then a last line that says which step failed and why
+        # (rules send stderr to the job's log, and Snakemake shows the end of a failed job's log).
+        log.exception("unexpected failure")
+        raise SystemExit(f"{step_name(args)}: failed: {type(err).__name__}: {err} (traceback above)") from err
+
+
+def step_name(args: argparse.Namespace) -> str:
+    """`speechllm <command> [<subcommand> ...]` as the user typed it, for error lines."""
+    words = [getattr(args, key, None) for key in ("command", "action", "plot", "stage", "benchmark")]
+    return " ".join(["speechllm", *(w for w in words if isinstance(w, str))])
 
 
 if __name__ == "__main__":

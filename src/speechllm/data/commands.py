@@ -26,35 +26,117 @@ def cmd_data_demo(args: argparse.Namespace) -> None:
     log.info("demo corpus %s; speechglue %s; speechxnli %d examples", counts, glue, xnli)
 
 
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
 def cmd_data_fleurs(args: argparse.Namespace) -> None:
     from speechllm.data.hub import build_fleurs
 
     s = parse_settings(args.settings)
     counts = build_fleurs(Path(args.out_dir), s["languages"], s["fleurs"]["dataset"], s["fleurs"]["revision"],
-                          s["sampling_rate"])
+                          s["on_bad_audio"], args.cache_dir)
     log.info("FLEURS: %s", counts)
 
 
-def cmd_data_speechglue(args: argparse.Namespace) -> None:
-    from speechllm.data.hub import build_speechglue_tts
+def cmd_data_common_voice(args: argparse.Namespace) -> None:
+    from speechllm.data.common_voice import build_common_voice
+
+    s = parse_settings(args.settings)
+    cv = s["common_voice"]
+    if not cv.get("release_dir"):
+        raise SystemExit("config key data.common_voice.release_dir is not set: point it at the extracted "
+                         "cv-corpus-12.0-2022-12-07 directory")
+    report = build_common_voice(Path(args.out_dir), Path(cv["release_dir"]), cv["max_hours_per_language"],
+                                cv["seed"], _optional_path(cv.get("utterance_list")),
+                                _optional_path(cv.get("durations")), s["on_bad_audio"], args.threads)
+    log.info("Common Voice (%s): %d utterances in %d languages, %d skipped", report["mode"],
+             report["utterances"], len(report["languages"]), len(report["skipped"]))
+
+
+def cmd_data_combine(args: argparse.Namespace) -> None:
+    from speechllm.data.common_voice import combine_manifests
+
+    n = combine_manifests([Path(m) for m in args.manifests], Path(args.out))
+    log.info("%s: %d utterances from %d manifests", args.out, n, len(args.manifests))
+
+
+def cmd_data_librispeech(args: argparse.Namespace) -> None:
+    from speechllm.data.librispeech import build_librispeech
+
+    s = parse_settings(args.settings)
+    ls = s["librispeech"]
+    report = build_librispeech(Path(args.out_dir), ls["dataset"], ls["revision"], ls["config"], ls["splits"],
+                               ls["max_duration"], s["on_bad_audio"], args.cache_dir)
+    log.info("LibriSpeech: %s", report["subsets"])
+
+
+def cmd_data_articles(args: argparse.Namespace) -> None:
+    from speechllm.data import articles
     from speechllm.data.tts import make_tts
 
     s = parse_settings(args.settings)
+    a = s["articles"]
+    if a["source"] == "demo":
+        items = articles.demo_articles()
+    else:
+        items = articles.hub_articles(a["dataset"], a["config"], a["split"], a["revision"], a["max_chars"],
+                                      a.get("max_articles"), args.cache_dir)
     tts = make_tts(s["tts"]["backend"], s["sampling_rate"], s["tts"]["words_per_minute"])
-    counts = build_speechglue_tts(Path(args.out_dir), s["speechglue"]["tasks"], tts, s["tts"]["voices"]["en_us"],
-                                  s["sampling_rate"], s["speechglue"]["dataset"], args.threads)
+    n = articles.build_articles(Path(args.out_dir), items, tts, s["tts"]["voices"][a["voice"]], s["sampling_rate"],
+                                a["segmentation"], a["pause_seconds"], args.threads)
+    log.info("spoken articles (%s): %d", a["source"], n)
+
+
+def cmd_data_speechglue(args: argparse.Namespace) -> None:
+    from speechllm.data.hub import build_speechglue_released, build_speechglue_tts
+    from speechllm.data.tts import make_tts
+
+    s = parse_settings(args.settings)
+    glue = s["speechglue"]
+    if glue.get("source", "tts") == "released":
+        if not glue.get("release_dir"):
+            raise SystemExit("config key data.speechglue.release_dir is not set (data.speechglue.source: released)")
+        counts = build_speechglue_released(Path(args.out_dir), Path(glue["release_dir"]), glue["tasks"],
+                                           s["sampling_rate"])
+        log.info("SpeechGLUE (released audio): %s", counts)
+        return
+    tts = make_tts(s["tts"]["backend"], s["sampling_rate"], s["tts"]["words_per_minute"])
+    counts = build_speechglue_tts(Path(args.out_dir), glue["tasks"], tts, s["tts"]["voices"]["en_us"],
+                                  s["sampling_rate"], glue["dataset"], args.threads, glue.get("revision", "main"))
     log.info("SpeechGLUE (TTS): %s", counts)
 
 
 def cmd_data_speechxnli(args: argparse.Namespace) -> None:
-    from speechllm.data.hub import build_speechxnli_tts
+    from speechllm.data.hub import build_speechxnli_released, build_speechxnli_tts, extract_archive
     from speechllm.data.tts import make_tts
 
     s = parse_settings(args.settings)
+    xnli = s["speechxnli"]
+    revision = xnli.get("revision", "main")
+    if xnli.get("source", "tts") == "released":
+        if xnli.get("release_dir"):
+            release = Path(xnli["release_dir"])
+        elif args.archive:
+            release = extract_archive(Path(args.archive), Path(args.out_dir) / "audio" / "speechxnli_release")
+        else:
+            raise SystemExit("data.speechxnli.source is released but neither data.speechxnli.release_dir nor "
+                             "--archive (the zenodo speech_xnli.tar.gz) is given")
+        n = build_speechxnli_released(Path(args.out_dir), release, xnli["languages"], xnli["dataset"],
+                                      s["sampling_rate"], revision, args.cache_dir)
+        log.info("SpeechXNLI (released audio): %d examples", n)
+        return
     tts = make_tts(s["tts"]["backend"], s["sampling_rate"], s["tts"]["words_per_minute"])
-    n = build_speechxnli_tts(Path(args.out_dir), s["speechxnli"]["languages"], tts, s["tts"]["voices"],
-                             s["sampling_rate"], s["speechxnli"]["dataset"], args.threads)
+    n = build_speechxnli_tts(Path(args.out_dir), xnli["languages"], tts, s["tts"]["voices"], s["sampling_rate"],
+                             xnli["dataset"], args.threads, revision)
     log.info("SpeechXNLI (TTS): %d examples", n)
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> None:
+    from speechllm.data.hub import fetch_url
+
+    n = fetch_url(args.url, Path(args.out))
+    log.info("%s: %d bytes from %s", args.out, n, args.url)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
@@ -80,14 +162,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out-dir", required=True)
     d.add_argument("--threads", type=int, default=1)
     d.set_defaults(func=cmd_data_demo)
-    for name, func, text in (("fleurs", cmd_data_fleurs, "FLEURS from the hub's parquet conversion"),
-                             ("speechglue", cmd_data_speechglue, "SpeechGLUE-shaped sets voiced with TTS"),
-                             ("speechxnli", cmd_data_speechxnli, "SpeechXNLI-shaped set voiced with TTS")):
+    sources = (
+        ("fleurs", cmd_data_fleurs, "FLEURS from the hub's parquet conversion (or a local copy of it)"),
+        ("common-voice", cmd_data_common_voice, "Common Voice 12 subsample from a local release directory"),
+        ("librispeech", cmd_data_librispeech, "LibriSpeech 960 h (summarization experiment), long clips dropped"),
+        ("articles", cmd_data_articles, "spoken articles + reference summaries (summarization evaluation)"),
+        ("speechglue", cmd_data_speechglue, "SpeechGLUE sets: released speechGLUE audio or voiced with TTS"),
+        ("speechxnli", cmd_data_speechxnli, "SpeechXNLI set: released zenodo audio or voiced with TTS"),
+    )
+    for name, func, text in sources:
         d = dsub.add_parser(name, help=text)
         d.add_argument("--settings", required=True)
         d.add_argument("--out-dir", required=True)
         d.add_argument("--threads", type=int, default=1)
+        d.add_argument("--cache-dir", default=None, help="datasets cache (default: the HF_DATASETS_CACHE)")
+        if name == "speechxnli":
+            d.add_argument("--archive", default=None, help="speech_xnli.tar.gz to unpack (source: released)")
         d.set_defaults(func=func)
+    d = dsub.add_parser("combine", help="concatenate utterance manifests (ids must be unique)")
+    d.add_argument("--manifests", nargs="+", required=True)
+    d.add_argument("--out", required=True)
+    d.set_defaults(func=cmd_data_combine)
+    d = dsub.add_parser("fetch", help="download a released file (e.g. from zenodo) atomically")
+    d.add_argument("--url", required=True)
+    d.add_argument("--out", required=True)
+    d.set_defaults(func=cmd_data_fetch)
     d = dsub.add_parser("prepare", help="check audio, normalise text, filter durations, speed-perturb")
     d.add_argument("--settings", required=True)
     d.add_argument("--manifest", required=True)

@@ -1,11 +1,16 @@
-"""Benchmarks: FLEURS-shaped ASR and X→English ST, SpeechGLUE- and SpeechXNLI-shaped classification.
+"""Benchmarks: FLEURS-shaped ASR, X→English ST (FLEURS, CoVoST 2), SpeechGLUE- and SpeechXNLI-shaped
+classification.
 
-Each writes per-utterance outputs (Parquet; every score recomputable without decoding) and a score file.
+Each `run_*` decodes into a per-utterance frame (saved as Parquet) and scores it with the matching `score_*`,
+which reads nothing but that frame (and the settings), so `speechllm evaluate rescore` reproduces every score
+file without decoding again.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import math
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pandas as pd
@@ -13,125 +18,363 @@ import torch
 from tqdm import tqdm
 
 from speechllm.data.languages import language_name
-from speechllm.evaluate.decode import ctc_transcribe, encode_speech, length_sorted_chunks, llm_generate
-from speechllm.evaluate.metrics import asr_scores, classification_scores, glue_average, translation_scores
+from speechllm.evaluate.constrained import constrained_beam_search, match_option
+from speechllm.evaluate.metrics import (
+    asr_scores,
+    bleu_tokenizer,
+    classification_scores,
+    glue_average,
+    primary_asr_metric,
+    translation_scores,
+)
 from speechllm.evaluate.prompts import TASK_PROMPTS, Field
-from speechllm.models.bloomzmms import BloomzMMS
+from speechllm.evaluate.system import Clip, EvalSystem, Fill
 from speechllm.text.normalize import basic_normalize
 
+STSB_VALUES: tuple[str, ...] = tuple(
+    f"{i / 5:.1f}" for i in range(26)
+)  # the reference's round(5·label)/5 targets
+NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+def chunks_by_length(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Index batches, longest first (least padding per batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
 
 
-def transcribe_records(model: BloomzMMS, tokenizer: Any, records: list[dict[str, Any]], decoder: str,
-                       prompts: list[tuple[str, str]], settings: dict[str, Any], sampling_rate: int,
-                       device: torch.device, desc: str) -> list[str]:
-    """Hypotheses for `records` (CTC greedy, or LLM beam search with a (prefix, postfix) per record)."""
-    hyps = [""] * len(records)
-    chunks = list(length_sorted_chunks(records, "num_samples", settings["batch_size"]))
-    for idx in tqdm(chunks, desc=desc, mininterval=10):
-        paths = [records[i]["audio"] for i in idx]
-        lines = [records[i].get("_line") for i in idx]
-        if decoder == "ctc":
-            out = ctc_transcribe(model, tokenizer, paths, sampling_rate, lines, device)
+def _utterance_clip(record: dict[str, Any]) -> Clip:
+    return Clip(record["audio"], record.get("raw_transcription", ""), record.get("_line"))
+
+
+def _text_input(system: EvalSystem, fills: Sequence[Fill]) -> str | None:
+    """The text that stood in for speech (cascade/text), for the Parquet outputs."""
+    return None if system.decoder == "llm" else " | ".join(str(f) for f in fills)
+
+
+# ---------------------------------------------------------------------- ASR
+
+
+def _asr_with_primary(language: str, refs: list[str], hyps: list[str]) -> dict[str, Any]:
+    scores = asr_scores(refs, hyps)
+    metric = primary_asr_metric(language)
+    return {**scores, "primary_metric": metric, "primary": scores[metric]}
+
+
+def score_asr(df: pd.DataFrame, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Pooled and per-language CER/WER (`primary` = CER for zh/ja/th/lo/my, WER otherwise).
+
+    Adds `ctc_branch` (same layout) when the frame has the CTC head's own transcripts of the same clips.
+    """
+    metrics: dict[str, Any] = {
+        "all": asr_scores(list(df.reference), list(df.hypothesis)),
+        "per_language": {
+            lang: _asr_with_primary(lang, list(g.reference), list(g.hypothesis))
+            for lang, g in df.groupby("language", sort=True)
+        },
+    }
+    if "ctc_hypothesis" in df and len(df) and df.ctc_hypothesis.notna().all():
+        metrics["ctc_branch"] = {
+            "all": asr_scores(list(df.reference), list(df.ctc_hypothesis)),
+            "per_language": {
+                lang: _asr_with_primary(lang, list(g.reference), list(g.ctc_hypothesis))
+                for lang, g in df.groupby("language", sort=True)
+            },
+        }
+    return metrics
+
+
+def run_asr(
+    system: EvalSystem, records: list[dict[str, Any]], prefix: str, postfix: str, settings: dict[str, Any]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Transcribe every utterance: CTC output (decoder ctc) or `prefix + <clip> + postfix` to the LLM."""
+    hyps: list[str] = [""] * len(records)
+    prompts: list[str] = [""] * len(records)
+    inputs: list[str | None] = [None] * len(records)
+    ctc_hyps: list[str | None] = [None] * len(records)
+    batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], settings["batch_size"]))
+    for idx in tqdm(batches, desc=f"ASR ({system.decoder})", mininterval=10):
+        fills, ctc = system.fills([_utterance_clip(records[i]) for i in idx])
+        if system.decoder == "ctc":
+            out = [str(f) for f in fills]
+            described = ["<ctc>"] * len(idx)
         else:
-            speech, _ = encode_speech(model, paths, sampling_rate, lines, device)
-            segments = [[_ids(tokenizer, prompts[i][0]), s, _ids(tokenizer, prompts[i][1])]
-                        for i, s in zip(idx, speech, strict=True)]
-            out = llm_generate(model, tokenizer, segments, settings["num_beams"], settings["max_new_tokens"])
-        for i, text in zip(idx, out, strict=True):
-            hyps[i] = text
-    return hyps
+            pieces = [[prefix, fill, postfix] for fill in fills]
+            out = system.generate(system.prompts(pieces), settings["num_beams"], settings["max_new_tokens"])
+            described = [system.describe(p) for p in pieces]
+        for j, i in enumerate(idx):
+            hyps[i], prompts[i] = out[j], described[j]
+            if system.decoder in ("cascade", "text"):
+                inputs[i] = str(fills[j])
+            if ctc is not None and system.decoder == "llm":
+                ctc_hyps[i] = ctc[j]
+    df = pd.DataFrame(
+        {
+            "id": [r["id"] for r in records],
+            "language": [r["language"] for r in records],
+            "prompt": prompts,
+            "input_text": inputs,
+            "reference": [r["raw_transcription"] for r in records],
+            "hypothesis": hyps,
+            "reference_normalized": [basic_normalize(r["raw_transcription"]) for r in records],
+            "hypothesis_normalized": [basic_normalize(h) for h in hyps],
+            "ctc_hypothesis": ctc_hyps,
+        }
+    )
+    return df, score_asr(df)
 
 
-def run_asr(model: BloomzMMS, tokenizer: Any, records: list[dict[str, Any]], decoder: str,
-            prefix: str, postfix: str, settings: dict[str, Any], sampling_rate: int,
-            device: torch.device) -> tuple[pd.DataFrame, dict[str, Any]]:
-    prompts = [(prefix, postfix)] * len(records)
-    hyps = transcribe_records(model, tokenizer, records, decoder, prompts, settings, sampling_rate, device,
-                              f"ASR ({decoder})")
-    rows = pd.DataFrame({
-        "id": [r["id"] for r in records], "language": [r["language"] for r in records],
-        "prompt": [f"{prefix}<speech>{postfix}" if decoder == "llm" else "<ctc>"] * len(records),
-        "reference": [r["raw_transcription"] for r in records], "hypothesis": hyps,
-        "reference_normalized": [basic_normalize(r["raw_transcription"]) for r in records],
-        "hypothesis_normalized": [basic_normalize(h) for h in hyps],
-    })
-    per_language = {lang: asr_scores(list(g.reference), list(g.hypothesis)) for lang, g in rows.groupby("language")}
-    metrics = {"all": asr_scores(list(rows.reference), list(rows.hypothesis)), "per_language": per_language}
-    return rows, metrics
+# ---------------------------------------------------------------------- speech translation
 
 
-def run_st(model: BloomzMMS, tokenizer: Any, records: list[dict[str, Any]], prefix_template: str, postfix: str,
-           target_language: str, settings: dict[str, Any], sampling_rate: int,
-           device: torch.device) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """X→English: every non-English utterance, reference = the English sentence with the same sentence id."""
+def score_st(df: pd.DataFrame, settings: dict[str, Any]) -> dict[str, Any]:
+    """sacreBLEU BLEU/chrF per source language and pooled, references and hypotheses normalised alike.
+
+    BLEU's tokeniser follows the target language (`evaluate.bleu_tokenize`: 13a for English, zh/ja-mecab/...
+    as configured).
+    """
+    table = settings["bleu_tokenize"]
+    targets = sorted(set(df.target_language)) if len(df) else []
+    pooled_tokenize = bleu_tokenizer(targets[0], table) if len(targets) == 1 else table["default"]
+    per_language = {}
+    for lang, g in df.groupby("language", sort=True):
+        target = g.target_language.iloc[0]
+        per_language[lang] = {
+            **translation_scores(
+                list(g.reference), list(g.hypothesis), normalize=True, tokenize=bleu_tokenizer(target, table)
+            ),
+            "target_language": target,
+        }
+    return {
+        "all": translation_scores(
+            list(df.reference), list(df.hypothesis), normalize=True, tokenize=pooled_tokenize
+        ),
+        "per_language": per_language,
+        "target_languages": targets,
+    }
+
+
+def run_st(
+    system: EvalSystem,
+    records: list[dict[str, Any]],
+    prefix_template: str,
+    postfix: str,
+    target_language: str,
+    settings: dict[str, Any],
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """X→target: every utterance not in the target language; reference = its `translation` (FLEURS joins the
+    English sentence with the same sentence id; CoVoST 2 ships it)."""
     sources = [r for r in records if r["language"] != target_language]
-    prompts = [(prefix_template.format(language=language_name(r["language"])), postfix) for r in sources]
-    hyps = transcribe_records(model, tokenizer, sources, "llm", prompts, settings, sampling_rate, device, "ST")
-    rows = pd.DataFrame({
-        "id": [r["id"] for r in sources], "language": [r["language"] for r in sources],
-        "prompt": [p + "<speech>" + q for p, q in prompts],
-        "reference": [r["translation"] for r in sources], "hypothesis": hyps,
-        "reference_normalized": [basic_normalize(r["translation"]) for r in sources],
-        "hypothesis_normalized": [basic_normalize(h) for h in hyps],
-    })
-    per_language = {lang: translation_scores(list(g.reference), list(g.hypothesis), normalize=True)
-                    for lang, g in rows.groupby("language")}
-    metrics = {"all": translation_scores(list(rows.reference), list(rows.hypothesis), normalize=True),
-               "per_language": per_language}
-    return rows, metrics
+    missing = [r for r in sources if not isinstance(r.get("translation"), str)]
+    if missing:
+        raise ValueError(
+            f"manifest line {missing[0].get('_line')}: utterance {missing[0]['id']} has no "
+            f"translation into {target_language}"
+        )
+    target_name = language_name(target_language)
+    hyps: list[str] = [""] * len(sources)
+    prompts: list[str] = [""] * len(sources)
+    inputs: list[str | None] = [None] * len(sources)
+    batches = list(chunks_by_length([r.get("num_samples", 0) for r in sources], settings["batch_size"]))
+    for idx in tqdm(batches, desc=f"ST ({system.decoder})", mininterval=10):
+        fills, _ = system.fills([_utterance_clip(sources[i]) for i in idx])
+        pieces = [
+            [
+                prefix_template.format(language=language_name(sources[i]["language"]), target=target_name),
+                fill,
+                postfix,
+            ]
+            for i, fill in zip(idx, fills, strict=True)
+        ]
+        out = system.generate(system.prompts(pieces), settings["num_beams"], settings["max_new_tokens"])
+        for j, i in enumerate(idx):
+            hyps[i], prompts[i] = out[j], system.describe(pieces[j])
+            inputs[i] = None if system.decoder == "llm" else str(fills[j])
+    df = pd.DataFrame(
+        {
+            "id": [r["id"] for r in sources],
+            "language": [r["language"] for r in sources],
+            "target_language": [target_language] * len(sources),
+            "prompt": prompts,
+            "input_text": inputs,
+            "reference": [r["translation"] for r in sources],
+            "hypothesis": hyps,
+            "reference_normalized": [basic_normalize(r["translation"]) for r in sources],
+            "hypothesis_normalized": [basic_normalize(h) for h in hyps],
+        }
+    )
+    return df, score_st(df, settings)
 
 
-@torch.no_grad()
-def classify_records(model: BloomzMMS, tokenizer: Any, records: list[dict[str, Any]], task: str,
-                     option_prefix: str, settings: dict[str, Any], sampling_rate: int,
-                     device: torch.device) -> pd.DataFrame:
-    """Rank classification: the option with the highest log-likelihood after the spoken prompt."""
+# ---------------------------------------------------------------------- classification
+
+
+def parse_similarity(answer: str) -> float | None:
+    """The first number in a generated STS-B answer, clipped to [0, 5]; None if there is none."""
+    match = NUMBER.search(answer)
+    if match is None:
+        return None
+    return min(max(float(match.group().replace(",", ".")), 0.0), 5.0)
+
+
+def stsb_prediction(option_scores: torch.Tensor, method: str) -> float:
+    """A similarity from the 26 values' log-likelihoods: the most likely value, or the expectation under their
+    renormalised probabilities (config `evaluate.stsb_rank: argmax|expectation`)."""
+    values = torch.tensor([float(v) for v in STSB_VALUES])
+    if method == "argmax":
+        return float(values[int(option_scores.argmax())])
+    if method == "expectation":
+        return float((option_scores.float().softmax(dim=-1) * values).sum())
+    raise ValueError(
+        f"unknown STS-B rank method {method!r} (config key evaluate.stsb_rank: argmax|expectation)"
+    )
+
+
+def _example_length(record: dict[str, Any]) -> int:
+    return sum(int(f.get("num_samples", 0)) for f in record["fields"].values())
+
+
+def classify_records(
+    system: EvalSystem, records: list[dict[str, Any]], task: str, option_prefix: str, settings: dict[str, Any]
+) -> pd.DataFrame:
+    """Answer every example of one task with the reference's prompt (each text field replaced by its clip).
+
+    `evaluate.glue_scoring`: ``rank`` picks the option with the highest log-likelihood (STS-B: the 26 values
+    0.0..5.0 ranked, then `evaluate.stsb_rank`); ``constrained`` runs the reference's constrained beam search
+    and maps an answer that is no option to class 0 (STS-B: beam search, the first number of the answer, 0.0
+    if none).
+    """
+    if task not in TASK_PROMPTS:
+        raise ValueError(f"no prompt for task {task!r}; expected one of {sorted(TASK_PROMPTS)}")
     prompt = TASK_PROMPTS[task]
-    options = [_ids(tokenizer, option_prefix + o) for o in prompt.options]
-    out_rows = []
-    for start in tqdm(range(0, len(records), settings["batch_size"]), desc=f"{task}", mininterval=10):
-        chunk = records[start: start + settings["batch_size"]]
-        fields = [f.name for f in prompt.pieces if isinstance(f, Field)]
-        paths = [r["fields"][f]["audio"] for r in chunk for f in fields]
-        lines = [r.get("_line") for r in chunk for _ in fields]
-        speech, _ = encode_speech(model, paths, sampling_rate, lines, device)
-        segments = []
-        for i, _rec in enumerate(chunk):
-            clip = dict(zip(fields, speech[i * len(fields): (i + 1) * len(fields)], strict=True))
-            segments.append([clip[p.name] if isinstance(p, Field) else _ids(tokenizer, p) for p in prompt.pieces])
-        scores = model.llm.option_logprobs(segments, options).cpu()
-        for rec, row_scores in zip(chunk, scores, strict=True):
-            out_rows.append({
-                "id": rec["id"], "language": rec["language"], "task": task,
-                "prompt": "".join(p if isinstance(p, str) else f"<speech:{p.name}>" for p in prompt.pieces),
-                "reference": int(rec["label"]), "prediction": int(row_scores.argmax()),
-                "option_scores": [float(x) for x in row_scores], "options": list(prompt.options),
-            })
-    return pd.DataFrame(out_rows)
+    fields = [p.name for p in prompt.pieces if isinstance(p, Field)]
+    stsb = task == "stsb"
+    option_texts = list(STSB_VALUES if stsb else prompt.options)
+    option_ids = [system.text_ids(option_prefix + o) for o in option_texts]
+    scoring = settings["glue_scoring"]
+    if scoring not in ("rank", "constrained"):
+        raise ValueError(
+            f"unknown glue_scoring {scoring!r} (config key evaluate.glue_scoring: rank|constrained)"
+        )
+    for rec in records:
+        absent = [f for f in fields if f not in rec.get("fields", {})]
+        if absent:
+            raise ValueError(
+                f"manifest line {rec.get('_line')}: {task} example {rec.get('id')} lacks field(s) {absent}"
+            )
+    rows = []
+    batches = list(chunks_by_length([_example_length(r) for r in records], settings["batch_size"]))
+    for idx in tqdm(batches, desc=f"{task} ({system.decoder}, {scoring})", mininterval=10):
+        chunk = [records[i] for i in idx]
+        clips = [
+            Clip(r["fields"][f]["audio"], r["fields"][f].get("text", ""), r.get("_line"))
+            for r in chunk
+            for f in fields
+        ]
+        fills, _ = system.fills(clips)
+        per_example = [
+            dict(zip(fields, fills[k * len(fields) : (k + 1) * len(fields)], strict=True))
+            for k in range(len(chunk))
+        ]
+        pieces = [
+            [fill[p.name] if isinstance(p, Field) else p for p in prompt.pieces] for fill in per_example
+        ]
+        segments = system.prompts(pieces)
+        if scoring == "rank":
+            scores = system.option_logprobs(segments, option_ids).cpu()
+            best = scores.argmax(dim=-1).tolist()
+            predictions = (
+                [stsb_prediction(s, settings["stsb_rank"]) for s in scores]
+                if stsb
+                else [float(b) for b in best]
+            )
+            answers = [option_texts[b] for b in best]
+            matched = [True] * len(chunk)
+            option_scores = [[float(x) for x in s] for s in scores]
+        elif stsb:
+            answers = system.generate(segments, settings["num_beams"], settings["stsb_max_new_tokens"])
+            parsed = [parse_similarity(a) for a in answers]
+            predictions = [0.0 if p is None else p for p in parsed]
+            matched = [p is not None for p in parsed]
+            option_scores = [[] for _ in chunk]
+        else:
+            ids = [constrained_beam_search(system.llm, seg, option_ids) for seg in segments]
+            answers = system.decode(ids)
+            predictions = [float(match_option(a, option_texts)) for a in answers]
+            matched = [a.strip() in [o.strip() for o in option_texts] for a in answers]
+            option_scores = [[] for _ in chunk]
+        for k, rec in enumerate(chunk):
+            rows.append(
+                {
+                    "id": rec["id"],
+                    "language": rec.get("language", "en_us"),
+                    "task": task,
+                    "prompt": system.describe(pieces[k], fields),
+                    "input_text": _text_input(system, list(per_example[k].values())),
+                    "reference": float(rec["label"]),
+                    "prediction": predictions[k],
+                    "hypothesis": answers[k],
+                    "matched": matched[k],
+                    "option_scores": option_scores[k],
+                    "options": option_texts,
+                    "scoring": scoring,
+                }
+            )
+    order = {rec["id"]: n for n, rec in enumerate(records)}
+    return pd.DataFrame(sorted(rows, key=lambda row: order[row["id"]]))
 
 
-def run_speechglue(model: BloomzMMS, tokenizer: Any, task_records: dict[str, list[dict[str, Any]]],
-                   option_prefix: str, settings: dict[str, Any], sampling_rate: int,
-                   device: torch.device) -> tuple[pd.DataFrame, dict[str, Any]]:
-    frames, per_task = [], {}
-    for task, records in task_records.items():
-        df = classify_records(model, tokenizer, records, task, option_prefix, settings, sampling_rate, device)
-        per_task[task] = classification_scores(task, list(df.reference), list(df.prediction))
-        frames.append(df)
-    avg = glue_average(per_task)
-    return pd.concat(frames, ignore_index=True), {"per_task": per_task, "average": avg["average"],
-                                                   "average_without_wnli": avg["average_without_wnli"]}
+def _task_scores(task: str, g: pd.DataFrame) -> dict[str, Any]:
+    labels = list(g.reference) if task == "stsb" else [int(x) for x in g.reference]
+    preds = list(g.prediction) if task == "stsb" else [int(x) for x in g.prediction]
+    scores = classification_scores(task, labels, preds)
+    scores["num_unmatched"] = int(
+        (~g.matched.astype(bool)).sum()
+    )  # constrained: answers mapped to class 0 / 0.0
+    return scores
 
 
-def run_speechxnli(model: BloomzMMS, tokenizer: Any, records: list[dict[str, Any]], option_prefix: str,
-                   settings: dict[str, Any], sampling_rate: int,
-                   device: torch.device) -> tuple[pd.DataFrame, dict[str, Any]]:
-    df = classify_records(model, tokenizer, records, "xnli", option_prefix, settings, sampling_rate, device)
-    per_language: dict[str, Any] = defaultdict(dict)
-    for lang, g in df.groupby("language"):
-        per_language[lang] = classification_scores("xnli", list(g.reference), list(g.prediction))
-    mean = sum(s["accuracy"] for s in per_language.values()) / max(len(per_language), 1)
-    return df, {"per_language": dict(per_language), "all": mean}
+def score_speechglue(df: pd.DataFrame, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per-task GLUE metrics, then the averages with and without WNLI."""
+    per_task = {task: _task_scores(task, g) for task, g in df.groupby("task", sort=False)}
+    average = glue_average(per_task)
+    return {
+        "per_task": per_task,
+        "average": average["average"],
+        "average_without_wnli": average["average_without_wnli"],
+        "scoring": sorted(set(df.scoring)) if "scoring" in df else None,
+    }
+
+
+def run_speechglue(
+    system: EvalSystem,
+    task_records: dict[str, list[dict[str, Any]]],
+    option_prefix: str,
+    settings: dict[str, Any],
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    frames = [
+        classify_records(system, records, task, option_prefix, settings)
+        for task, records in task_records.items()
+    ]
+    df = pd.concat(frames, ignore_index=True)
+    return df, score_speechglue(df)
+
+
+def score_speechxnli(df: pd.DataFrame, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Accuracy per language and its mean over languages (`all`)."""
+    per_language = {lang: _task_scores("xnli", g) for lang, g in df.groupby("language", sort=True)}
+    accuracies = [s["accuracy"] for s in per_language.values()]
+    return {
+        "per_language": per_language,
+        "all": sum(accuracies) / len(accuracies) if accuracies else math.nan,
+    }
+
+
+def run_speechxnli(
+    system: EvalSystem, records: list[dict[str, Any]], option_prefix: str, settings: dict[str, Any]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The MNLI prompt and Yes/Maybe/No (labels 0 entailment, 1 neutral, 2 contradiction) in every language.
+    """
+    df = classify_records(system, records, "xnli", option_prefix, settings)
+    return df, score_speechxnli(df)

@@ -1,4 +1,11 @@
-"""Decoding: CTC greedy, and LLM generation from [E(prefix); speech; E(postfix)] (beam search, batched)."""
+"""Decoding: CTC (greedy or prefix beam search), and LLM generation from [E(prefix); speech; E(postfix)].
+
+LLM generation is batched with left padding (`SpeechLLM.generate`: beam 5 and 192 new tokens at paper scale)
+and post-processed as the reference's tokenizer overlay: `batch_decode(skip_special_tokens=True)`, newlines to
+spaces, stripped. The reference also cut the first (dummy input id) and last token of each output; the last is
+eos when the beam finished, and we cut at eos instead, so a beam that ran out of budget keeps its final real
+token.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from typing import Any
 import torch
 
 from speechllm.audio import load_audio
+from speechllm.evaluate.ctc_search import CTCSearch, ctc_decode
 from speechllm.models.bloomzmms import BloomzMMS
 from speechllm.models.speech_llm import Segment
 
@@ -20,13 +28,17 @@ def postprocess(text: str) -> str:
 def length_sorted_chunks(records: Sequence[dict[str, Any]], key: str, batch_size: int) -> Iterator[list[int]]:
     order = sorted(range(len(records)), key=lambda i: -records[i][key])
     for i in range(0, len(order), batch_size):
-        yield order[i: i + batch_size]
+        yield order[i : i + batch_size]
 
 
-def load_wavs(paths: Sequence[str], sampling_rate: int, lines: Sequence[int | None],
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def load_wavs(
+    paths: Sequence[str], sampling_rate: int, lines: Sequence[int | None], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded (B, N) waveforms and (B,) lengths."""
-    wavs = [torch.from_numpy(load_audio(p, sampling_rate, line=line)) for p, line in zip(paths, lines, strict=True)]
+    wavs = [
+        torch.from_numpy(load_audio(p, sampling_rate, line=line))
+        for p, line in zip(paths, lines, strict=True)
+    ]
     lengths = torch.tensor([w.shape[0] for w in wavs])
     batch = torch.zeros(len(wavs), int(lengths.max()))
     for i, w in enumerate(wavs):
@@ -35,8 +47,13 @@ def load_wavs(paths: Sequence[str], sampling_rate: int, lines: Sequence[int | No
 
 
 @torch.no_grad()
-def encode_speech(model: BloomzMMS, paths: Sequence[str], sampling_rate: int, lines: Sequence[int | None],
-                  device: torch.device) -> tuple[list[torch.Tensor], Any]:
+def encode_speech(
+    model: BloomzMMS,
+    paths: Sequence[str],
+    sampling_rate: int,
+    lines: Sequence[int | None],
+    device: torch.device,
+) -> tuple[list[torch.Tensor], Any]:
     """Speech vectors per clip [(T2_i, H)] and the raw adaptor output."""
     wav, lengths = load_wavs(paths, sampling_rate, lines, device)
     out = model.encode(wav, lengths)
@@ -44,15 +61,32 @@ def encode_speech(model: BloomzMMS, paths: Sequence[str], sampling_rate: int, li
 
 
 @torch.no_grad()
-def ctc_transcribe(model: BloomzMMS, tokenizer: Any, paths: Sequence[str], sampling_rate: int,
-                   lines: Sequence[int | None], device: torch.device) -> list[str]:
+def ctc_transcribe(
+    model: BloomzMMS,
+    tokenizer: Any,
+    paths: Sequence[str],
+    sampling_rate: int,
+    lines: Sequence[int | None],
+    device: torch.device,
+    search: CTCSearch | None = None,
+) -> list[str]:
+    """CTC transcripts (greedy unless `search` says prefix_beam)."""
     _, out = encode_speech(model, paths, sampling_rate, lines, device)
-    return [postprocess(t) for t in tokenizer.batch_decode(model.ctc_decode(out), skip_special_tokens=True)]
+    if search is None or search.search == "greedy":
+        ids = model.ctc_decode(out)
+    else:
+        ids = ctc_decode(model.ctc_head(out.speech), out.speech_lengths, model.ctc_blank_id, search)
+    return [postprocess(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 @torch.no_grad()
-def llm_generate(model: BloomzMMS, tokenizer: Any, segments: Sequence[Sequence[Segment]], num_beams: int,
-                 max_new_tokens: int) -> list[str]:
+def llm_generate(
+    model: BloomzMMS,
+    tokenizer: Any,
+    segments: Sequence[Sequence[Segment]],
+    num_beams: int,
+    max_new_tokens: int,
+) -> list[str]:
     assert model.llm is not None, "this model has no LLM"
     ids = model.llm.generate(segments, max_new_tokens=max_new_tokens, num_beams=num_beams)
     return [postprocess(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]

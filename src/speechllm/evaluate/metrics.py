@@ -13,6 +13,7 @@ Rates and correlations are fractions (0.41 = 41 %); BLEU and chrF are on sacreBL
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from statistics import fmean
@@ -112,7 +113,11 @@ def translation_scores(
     if normalize:
         refs = [basic_normalize(text) for text in refs]
         hyps = [basic_normalize(text) for text in hyps]
-    bleu = sacrebleu.metrics.BLEU(tokenize=tokenize)
+    try:
+        bleu = sacrebleu.metrics.BLEU(tokenize=tokenize)
+    except (ImportError, RuntimeError, KeyError, ValueError) as err:
+        raise ValueError(f"sacreBLEU tokenizer {tokenize!r} is unavailable ({err}); install its extra (e.g. "
+                         "sacrebleu[ja] for ja-mecab) or change config key evaluate.bleu_tokenize") from err
     chrf = sacrebleu.metrics.CHRF()
     bleu_score = bleu.corpus_score(hyps, [refs])
     chrf_score = chrf.corpus_score(hyps, [refs])
@@ -125,6 +130,17 @@ def translation_scores(
         "normalized": normalize,
         "normalizer": normalizer_version() if normalize else None,
     }
+
+
+def bleu_tokenizer(target_language: str, table: Mapping[str, str]) -> str:
+    """sacreBLEU tokeniser for a target language: `table[code]` for the code's first ``_``/``-`` part (``zh``
+    for ``zh-CN``, ``cmn`` for ``cmn_hans_cn``), else ``table["default"]`` (13a for English and most
+    targets)."""
+    if "default" not in table:
+        raise ValueError("config key evaluate.bleu_tokenize needs a 'default' entry (13a)")
+    code = target_language.strip().lower()
+    short = re.split(r"[_-]", code)[0]
+    return table.get(code, table.get(short, table["default"]))
 
 
 def classification_scores(task: str, labels: Sequence[Any], preds: Sequence[Any]) -> dict[str, Any]:
@@ -175,3 +191,69 @@ def glue_average(task_scores: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
         "tasks_without_wnli": sorted(without_wnli),
         "primary_metrics": {task: GLUE_PRIMARY_METRIC[task] for task in sorted(primary)},
     }
+
+
+ROUGE_TYPES: tuple[str, ...] = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def rouge_scores(refs: list[str], hyps: list[str], use_stemmer: bool) -> dict[str, Any]:
+    """Mean ROUGE-1/2/L/Lsum F1 (Google's rouge-score, as HF `evaluate`'s "rouge"; rougeLsum splits on
+    newlines).
+
+    HF `evaluate` aggregates with a random bootstrap; the plain mean over documents is reported instead
+    (deterministic, and what that bootstrap estimates). Values are fractions.
+    """
+    from rouge_score import rouge_scorer
+
+    _check_lengths(refs, hyps)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
+    per_doc = [scorer.score(ref, hyp) for ref, hyp in zip(refs, hyps, strict=True)]
+    scores: dict[str, Any] = {
+        name: (fmean(doc[name].fmeasure for doc in per_doc) if per_doc else None) for name in ROUGE_TYPES
+    }
+    scores["rouge_stemmer"] = use_stemmer
+    return scores
+
+
+def wordnet_available() -> bool:
+    """Whether nltk's WordNet data (needed by METEOR) is installed locally; nothing is downloaded."""
+    import nltk
+
+    for resource in ("corpora/wordnet", "corpora/wordnet.zip"):
+        try:
+            nltk.data.find(resource)
+            return True
+        except LookupError:
+            continue
+    return False
+
+
+def meteor(refs: list[str], hyps: list[str]) -> dict[str, Any]:
+    """Mean METEOR (nltk, whitespace tokens) when WordNet is available offline; else None with the reason."""
+    _check_lengths(refs, hyps)
+    import nltk
+
+    if not wordnet_available():
+        return {"meteor": None, "meteor_skipped": "nltk WordNet data not found (run nltk.download('wordnet') "
+                "ahead of time to score METEOR; it is never downloaded at run time)"}
+    from nltk.translate.meteor_score import meteor_score
+
+    values = [meteor_score([ref.split()], hyp.split()) for ref, hyp in zip(refs, hyps, strict=True)]
+    return {"meteor": fmean(values) if values else None, "meteor_version": f"nltk=={nltk.__version__}"}
+
+
+def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> dict[str, Any]:
+    """Response perplexity of a set of utterances.
+
+    ``ppl``: exp of the mean over utterances of each utterance's mean token NLL (Kang & Roy's evaluation
+    averages
+    per-utterance losses); ``ppl_token``: exp(total NLL / total tokens).
+    """
+    _check_lengths(nll_sums, token_counts)
+    pairs = [(s, n) for s, n in zip(nll_sums, token_counts, strict=True) if n > 0]
+    if not pairs:
+        return {"ppl": None, "ppl_token": None, "num_utts": 0, "num_tokens": 0}
+    mean_loss = fmean(s / n for s, n in pairs)
+    total_tokens = sum(n for _, n in pairs)
+    return {"ppl": math.exp(mean_loss), "ppl_token": math.exp(sum(s for s, _ in pairs) / total_tokens),
+            "mean_nll": mean_loss, "num_utts": len(pairs), "num_tokens": total_tokens}

@@ -1,9 +1,11 @@
-"""`speechllm models` subcommands: build local demo models, fetch hub models"""
+"""`speechllm models` subcommands (build local demo models, fetch hub models) and `speechllm plan`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
 from pathlib import Path
 
 from speechllm.cliutils import parse_settings, set_threads
@@ -36,7 +38,37 @@ def cmd_models_demo_speech_encoder(args: argparse.Namespace) -> None:
     log.info("demo speech encoder: %d parameters", n)
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from speechllm.models.plan import PlanError, config_root, format_plan, load_experiment, plan_experiment
+
+    try:
+        cfg = load_experiment(Path(args.config), Path(args.base) if args.base else None)
+        models_dir = Path(args.models_dir) if args.models_dir else config_root(Path(args.config)) / "models"
+        plans = plan_experiment(cfg, models_dir)
+    except (PlanError, KeyError) as error:
+        sys.exit(f"speechllm plan: {args.config}: {error}")
+    if args.json:
+        print(json.dumps([p.to_dict() for p in plans], indent=2))
+    else:
+        print(format_plan(plans))
+
+
+PLAN_EPILOG = """example:
+  speechllm plan --config config/experiments/bloomzmms.yaml
+  speechllm plan --config config/experiments/speech_summarization.yaml --json
+
+Models are built on the meta device from config/models/<hub name>.json (no download). The formulas are in the
+docstring of speechllm.models.plan."""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("plan", help="parameters, memory per GPU and FLOPs per step of an experiment's models",
+                       epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("--config", required=True, help="experiment config (merged over config/config.yaml)")
+    m.add_argument("--base", help="base config to merge under it (default: config.yaml beside experiments/)")
+    m.add_argument("--models-dir", help="architecture configs (default: config/models beside the config)")
+    m.add_argument("--json", action="store_true", help="print JSON instead of Markdown tables")
+    m.set_defaults(func=cmd_plan)
     models = sub.add_parser("models", help="build the local demo models")
     msub = models.add_subparsers(dest="action", required=True)
     m = msub.add_parser("demo-llm", help="tokenizer + tiny BLOOM pretrained on the demo text")

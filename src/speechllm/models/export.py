@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -20,10 +21,13 @@ from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
 from speechllm.models.bloomzmms import BloomzMMS
 from speechllm.models.ctc_head import CTCHead
 from speechllm.models.frontend import SpeechFrontend
+from speechllm.models.hubert_pool import HubertPoolEncoder, PoolConfig
+from speechllm.models.kang_roy import ChatTemplate, KangRoy
 from speechllm.models.speech_llm import SpeechLLM
 
 FORMAT = "speechllm-model/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+KINDS = ("bloomzmms", "kang_roy")
 
 
 class ModelDirError(ValueError):
@@ -42,8 +46,39 @@ def model_spec(models_cfg: dict[str, Any], adaptor: AdaptorConfig, language_ids:
     }
 
 
+def kang_roy_spec(models_cfg: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The `speechllm.json` content for a Kang & Roy model (HuBERT + pooling into a frozen chat LLM)."""
+    return {
+        "format": FORMAT, "kind": "kang_roy", "stage": stage, "speechllm_version": __version__,
+        "speech_encoder": dict(models_cfg["speech_encoder"]),
+        "llm": {k: models_cfg["llm"][k] for k in ("name_or_path", "revision", "dtype", "load_in_8bit")},
+        "pooling": dict(models_cfg["pooling"]), "chat": dict(models_cfg["chat"]),
+        "prompt": dict(models_cfg["prompt"]),
+    }
+
+
+class QuantizationUnavailable(RuntimeError):
+    """8-bit loading was asked for on a machine that cannot do it."""
+
+
+def check_8bit_support() -> None:
+    """bitsandbytes' LLM.int8() needs the package and a CUDA device; say which is missing."""
+    missing = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package (pip install bitsandbytes)")
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU")
+    if missing:
+        raise QuantizationUnavailable(
+            f"models.llm.load_in_8bit is true but {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not available; set load_in_8bit: false to load the LLM in "
+            "models.llm.dtype (bfloat16 at paper scale)")
+
+
 def load_llm(llm_cfg: dict[str, Any], device: torch.device | str = "cpu"):
     """The frozen causal LM and its tokenizer through the hub-style `from_pretrained` calls."""
+    if llm_cfg.get("load_in_8bit"):
+        check_8bit_support()
     kwargs: dict[str, Any] = {"revision": llm_cfg.get("revision")} if _is_hub(llm_cfg["name_or_path"]) else {}
     tokenizer = AutoTokenizer.from_pretrained(llm_cfg["name_or_path"], **kwargs)
     if llm_cfg.get("load_in_8bit"):
@@ -60,9 +95,38 @@ def _is_hub(name: str) -> bool:
     return not Path(name).exists()
 
 
+def build_kang_roy(spec: dict[str, Any], with_llm: bool, device: torch.device | str = "cpu",
+                   gradient_checkpointing: bool = False) -> tuple[KangRoy, Any]:
+    """A KangRoy from a spec: trainable HuBERT encoder + pooling, frozen chat LLM. Returns (model, tokenizer)."""
+    enc_cfg = spec["speech_encoder"]
+    if enc_cfg.get("normalize_waveform"):
+        raise ModelDirError("kang_roy reads the raw waveform, as the reference: models.speech_encoder."
+                            "normalize_waveform must be false")
+    kwargs = {"revision": enc_cfg.get("revision")} if _is_hub(enc_cfg["name_or_path"]) else {}
+    hubert = AutoModel.from_pretrained(enc_cfg["name_or_path"], **kwargs)
+    lm, tokenizer = load_llm(spec["llm"], device)
+    encoder = HubertPoolEncoder(hubert, lm.get_input_embeddings().weight.shape[1], PoolConfig(**spec["pooling"]))
+    llm = None
+    if with_llm:
+        # The reference sets pad = eos (MiniChat's tokenizer has no pad token).
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        llm = SpeechLLM(lm, pad_id, tokenizer.eos_token_id, gradient_checkpointing)
+    chat = dict(spec["chat"])
+    label_eos = bool(chat.pop("label_eos", False))
+    model = KangRoy.from_tokenizer(encoder, llm, tokenizer, ChatTemplate(**chat), label_eos)
+    return model.to(device), tokenizer
+
+
 def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: torch.device | str = "cpu",
-                gradient_checkpointing: bool = False) -> tuple[BloomzMMS, Any]:
-    """A BloomzMMS from a spec; the CTC head is cut from the LLM's input embeddings. Returns (model, tokenizer)."""
+                gradient_checkpointing: bool = False) -> tuple[BloomzMMS | KangRoy, Any]:
+    """A BloomzMMS from a spec; the CTC head is cut from the LLM's input embeddings. Returns (model, tokenizer).
+
+    Specs of kind `kang_roy` build a KangRoy instead (it has no CTC head).
+    """
+    if spec.get("kind") == "kang_roy":
+        if with_ctc:
+            raise ModelDirError("a kang_roy model has no CTC head (with_ctc=True)")
+        return build_kang_roy(spec, with_llm, device, gradient_checkpointing)
     enc_cfg = spec["speech_encoder"]
     kwargs = {"revision": enc_cfg.get("revision")} if _is_hub(enc_cfg["name_or_path"]) else {}
     encoder = AutoModel.from_pretrained(enc_cfg["name_or_path"], **kwargs)
@@ -76,7 +140,7 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     return model.to(device), tokenizer
 
 
-def save_model_dir(model: BloomzMMS, spec: dict[str, Any], out_dir: Path,
+def save_model_dir(model: BloomzMMS | KangRoy, spec: dict[str, Any], out_dir: Path,
                    extra: dict[str, Any] | None = None) -> None:
     """Write weights and spec; the directory appears complete or not at all (temp dir + rename)."""
     out_dir = Path(out_dir)
@@ -103,11 +167,13 @@ def read_spec(model_dir: Path) -> dict[str, Any]:
     spec = json.loads(path.read_text(encoding="utf-8"))
     if spec.get("format") != FORMAT:
         raise ModelDirError(f"{path}: unsupported format {spec.get('format')!r} (expected {FORMAT})")
+    if spec.get("kind", "bloomzmms") not in KINDS:
+        raise ModelDirError(f"{path}: unknown model kind {spec.get('kind')!r} (expected one of {KINDS})")
     return spec
 
 
 def load_model_dir(model_dir: Path, with_ctc: bool, with_llm: bool, device: torch.device | str = "cpu",
-                   gradient_checkpointing: bool = False) -> tuple[BloomzMMS, Any, dict[str, Any]]:
+                   gradient_checkpointing: bool = False) -> tuple[BloomzMMS | KangRoy, Any, dict[str, Any]]:
     """Load an exported model: (model, tokenizer, spec)."""
     spec = read_spec(model_dir)
     model, tokenizer = build_model(spec, with_ctc, with_llm, device, gradient_checkpointing)
@@ -115,7 +181,7 @@ def load_model_dir(model_dir: Path, with_ctc: bool, with_llm: bool, device: torc
     return model, tokenizer, spec
 
 
-def load_trained_weights(model: BloomzMMS, path: Path) -> None:
+def load_trained_weights(model: BloomzMMS | KangRoy, path: Path) -> None:
     """Load trained weights; every stored tensor must match a parameter (frozen parts may be absent)."""
     state = load_file(str(path))
     own = model.state_dict()

@@ -1,12 +1,29 @@
-"""`speechllm report` subcommands: result tables"""
+"""`speechllm report` subcommands: result tables, report figures, W&B results runs and `wandb sync`"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
+from speechllm.cliutils import parse_settings
+
 log = logging.getLogger("speechllm")
+
+TABLE_EPILOG = """example:
+  speechllm report table --name fleurs_asr --scores results/eval/fleurs_asr/*.scores.json \\
+      --models ctc_init ctc ce_init t mi tmi --out-stem results/tables/fleurs_asr"""
+PLOTS_EPILOG = """examples:
+  speechllm report plots curves --metrics results/train/ctc/metrics.csv --title ctc --out curves_ctc.png
+  speechllm report plots bars --name speechglue --scores results/eval/speechglue/*.scores.json \\
+      --models ce_init t mi tmi --out speechglue.png"""
+WANDB_EPILOG = """example:
+  speechllm report wandb --settings '{"experiment": "demo", "wandb": {"project": "speechllm", "mode": "offline"},
+      "model_run": {"name": "demo-ce-t", "job_type": "train_ce"}}' --system t \\
+      --scores results/eval/*/t.scores.json --log-dir results/wandb/t --out results/wandb/t.json"""
+SYNC_EPILOG = """example (on a node with internet access and WANDB_API_KEY set):
+  speechllm report wandb-sync --roots results --out results/wandb/sync.json"""
 
 
 def cmd_report_table(args: argparse.Namespace) -> None:
@@ -14,15 +31,97 @@ def cmd_report_table(args: argparse.Namespace) -> None:
 
     files = [Path(p) for p in args.scores]
     df = build_table(args.name, files, model_order=args.models)
-    write_table(df, Path(args.out_stem), table_footer(args.name, files, model_order=args.models))
+    paths = write_table(df, Path(args.out_stem), table_footer(args.name, files, model_order=args.models))
+    log.info("table %s: %d rows x %d systems -> %s", args.name, *df.shape, ", ".join(map(str, paths)))
+
+
+def cmd_plot_curves(args: argparse.Namespace) -> None:
+    from speechllm.report.plots import plot_learning_curves, read_curves
+
+    path = Path(args.metrics)
+    if not path.is_file():
+        raise FileNotFoundError(f"training metrics not found: {path}")
+    out = plot_learning_curves(read_curves(path), args.title or path.parent.name, Path(args.out), source=path)
+    log.info("learning curves of %s -> %s", path, out)
+
+
+def cmd_plot_bars(args: argparse.Namespace) -> None:
+    from speechllm.report.plots import plot_benchmark
+
+    out = plot_benchmark(args.name, [Path(p) for p in args.scores], Path(args.out), model_order=args.models)
+    log.info("%s bars -> %s", args.name, out)
+
+
+def cmd_report_wandb(args: argparse.Namespace) -> None:
+    from speechllm.io import atomic_write_text
+    from speechllm.report.wandb_runs import log_system_results
+
+    settings = parse_settings(args.settings)
+    for key in ("experiment", "wandb"):
+        if key not in settings:
+            raise ValueError(f"--settings lacks {key!r}")
+    record = log_system_results(settings, args.system, [Path(p) for p in args.scores], Path(args.log_dir),
+                                Path(args.train_summary) if args.train_summary else None)
+    atomic_write_text(Path(args.out), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    log.info("W&B results run %s (%s): %d summary metrics, tables %s", record["run"]["name"], record["run"]["mode"],
+             len(record["summary"]), sorted(record["tables"]))
+
+
+def cmd_wandb_sync(args: argparse.Namespace) -> None:
+    from speechllm.io import atomic_write_text
+    from speechllm.report.wandb_runs import SyncError, sync_offline_runs
+
+    try:
+        synced = sync_offline_runs([Path(r) for r in args.roots], args.wandb_bin, args.resync)
+    except SyncError as err:
+        raise SystemExit(f"speechllm report wandb-sync: error: {err}") from err
+    atomic_write_text(Path(args.out), json.dumps(synced, indent=2) + "\n")
+    log.info("wandb sync: %d run directories (%d newly synced)", len(synced),
+             sum(r["status"] == "synced" for r in synced))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    rep = sub.add_parser("report", help="result tables")
+    raw = argparse.RawDescriptionHelpFormatter
+    rep = sub.add_parser("report", help="result tables, report figures, W&B results runs")
     rsub = rep.add_subparsers(dest="action", required=True)
-    r = rsub.add_parser("table", help="one table as .md, .csv and .tex")
-    r.add_argument("--name", required=True)
-    r.add_argument("--scores", nargs="+", required=True)
-    r.add_argument("--models", nargs="+", required=True)
-    r.add_argument("--out-stem", required=True)
+
+    r = rsub.add_parser("table", help="one table as .md, .csv and .tex", epilog=TABLE_EPILOG, formatter_class=raw)
+    r.add_argument("--name", required=True, help="fleurs_asr | fleurs_st | speechglue | speechxnli | summarization")
+    r.add_argument("--scores", nargs="+", required=True, help="score files (JSON), one per system")
+    r.add_argument("--models", nargs="+", required=True, help="column order (systems)")
+    r.add_argument("--out-stem", required=True, help="writes <stem>.md, <stem>.csv and <stem>.tex")
     r.set_defaults(func=cmd_report_table)
+
+    plots = rsub.add_parser("plots", help="report figures (PNG)", epilog=PLOTS_EPILOG, formatter_class=raw)
+    psub = plots.add_subparsers(dest="plot", required=True)
+    p = psub.add_parser("curves", help="learning curves (loss, lr, dev metrics) from a training metrics.csv",
+                        epilog=PLOTS_EPILOG, formatter_class=raw)
+    p.add_argument("--metrics", required=True, help="results/train/<model>/metrics.csv")
+    p.add_argument("--title", help="model name shown in the title (default: the metrics file's directory)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_plot_curves)
+    p = psub.add_parser("bars", help="per-language / per-task bars of one benchmark, one bar per system",
+                        epilog=PLOTS_EPILOG, formatter_class=raw)
+    p.add_argument("--name", required=True, help="benchmark (as for `report table`)")
+    p.add_argument("--scores", nargs="+", required=True)
+    p.add_argument("--models", nargs="+", help="bar order (systems)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_plot_bars)
+
+    w = rsub.add_parser("wandb", help="log a system's tables and summary metrics to its W&B results run",
+                        epilog=WANDB_EPILOG, formatter_class=raw)
+    w.add_argument("--settings", required=True, help="JSON: experiment, wandb, model_run, model_dir, decoder")
+    w.add_argument("--system", required=True)
+    w.add_argument("--scores", nargs="+", required=True, help="the system's score files, one per benchmark")
+    w.add_argument("--train-summary", help="summary.json of the scored model's training run, if trained")
+    w.add_argument("--log-dir", required=True, help="the run's files (W&B writes under <log-dir>/wandb)")
+    w.add_argument("--out", required=True, help="JSON record of what was logged")
+    w.set_defaults(func=cmd_report_wandb)
+
+    s = rsub.add_parser("wandb-sync", help="upload offline W&B runs (`wandb sync`)", epilog=SYNC_EPILOG,
+                        formatter_class=raw)
+    s.add_argument("--roots", nargs="+", required=True, help="directories searched for wandb/offline-run-*")
+    s.add_argument("--out", required=True, help="JSON list of the run directories and their status")
+    s.add_argument("--wandb-bin", default="wandb", help="the wandb command")
+    s.add_argument("--resync", action="store_true", help="also sync directories synced before")
+    s.set_defaults(func=cmd_wandb_sync)

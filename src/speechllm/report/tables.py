@@ -2,9 +2,9 @@
 
 A score file is JSON with ``benchmark``, ``model``, ``metrics`` and optionally ``decoder``,
 ``checkpoint``, ``experiment`` and ``versions`` (see ``load_score_file``). Tables have a
-``(language|task, metric)`` row index and one column per model; values are percentages
+``(language|task|data, metric)`` row index and one column per model; values are percentages
 (CER, WER, accuracy, Matthews/Pearson × 100), except BLEU and chrF, which keep sacreBLEU's
-0-100 scale.
+0-100 scale, and perplexity, which is reported as it is.
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ import pandas as pd
 from speechllm.evaluate.metrics import GLUE_PRIMARY_METRIC, glue_average, primary_asr_metric
 from speechllm.io import atomic_write_text
 
-TABLE_NAMES: tuple[str, ...] = ("fleurs_asr", "fleurs_st", "speechglue", "speechxnli")
+TABLE_NAMES: tuple[str, ...] = ("fleurs_asr", "fleurs_st", "covost2_st", "speechglue", "speechxnli", "summarization")
+# The benchmarks whose score files a table reads (default: the table's own name). The summarization table adds
+# the response perplexity on LibriSpeech, scored as benchmark `response_ppl`.
+TABLE_BENCHMARKS: dict[str, tuple[str, ...]] = {"summarization": ("summarization", "response_ppl")}
 GLUE_TASK_ORDER: tuple[str, ...] = (
     "cola",
     "sst2",
@@ -37,24 +40,41 @@ GLUE_TASK_ORDER: tuple[str, ...] = (
 ROW_LEVEL: dict[str, str] = {
     "fleurs_asr": "language",
     "fleurs_st": "language",
+    "covost2_st": "language",
     "speechglue": "task",
     "speechxnli": "language",
+    "summarization": "data",
 }
 SUMMARY_ROWS: dict[str, tuple[str, ...]] = {
     "fleurs_asr": ("all",),
     "fleurs_st": ("all",),
+    "covost2_st": ("all",),
     "speechglue": ("average", "average_without_wnli"),
     "speechxnli": ("mean",),
+    "summarization": ("all",),
 }
 VALUE_NOTES: dict[str, str] = {
     "fleurs_asr": "Primary metric per language in % (CER for zh/ja/th/lo/my, WER otherwise; "
     "corpus-level, Whisper basic normaliser on both sides); 'all' = pooled over all utterances.",
     "fleurs_st": "sacreBLEU corpus BLEU and chrF (0-100); 'all' = pooled corpus score.",
+    "covost2_st": "CoVoST 2 X->English: sacreBLEU corpus BLEU and chrF (0-100); 'all' = pooled corpus score.",
     "speechglue": "Primary metric per task in % (CoLA Matthews, STS-B Pearson, accuracy otherwise); "
     "averages are means of the primary metrics.",
     "speechxnli": "Accuracy in %; 'mean' = mean over languages.",
+    "summarization": "ROUGE-1/2/L F-measures and METEOR in % against the reference summaries (mean over "
+    "articles; METEOR where measured); perplexity of the text-prompted LLM's responses per test set "
+    "(exp of the mean over utterances of the mean token NLL).",
 }
 METRIC_ORDER: tuple[str, ...] = ("cer", "wer", "bleu", "chrf")
+# Summary-quality metrics in table order (score-file key, row label); absent ones are left out.
+SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
+    ("rouge1", "ROUGE-1"),
+    ("rouge2", "ROUGE-2"),
+    ("rougeL", "ROUGE-L"),
+    ("meteor", "METEOR"),
+)
+SUMMARY_LABELS: tuple[str, ...] = tuple(label for _, label in SUMMARY_METRICS)
+SUMMARY_DATA = "articles"  # row label of the summary-quality metrics (the spoken articles)
 
 Row = tuple[str, str]
 
@@ -128,11 +148,44 @@ def _speechxnli_rows(metrics: Mapping[str, Any]) -> dict[Row, float]:
     return rows
 
 
+def _score_value(raw: Any, keys: Sequence[str]) -> Any:
+    """A metric recorded as a number or as a mapping holding it under the first of ``keys`` present."""
+    if isinstance(raw, Mapping):
+        return next((raw[key] for key in keys if key in raw), None)
+    return raw
+
+
+def _summarization_rows(metrics: Mapping[str, Any]) -> dict[Row, float]:
+    """ROUGE-1/2/L and METEOR (x 100) as rows of the 'articles', then the perplexity of each test set (unscaled).
+
+    Reads a `summarization` score file (ROUGE/METEOR fractions at the top level or under ``all``; optionally
+    ``perplexity``: a number, or test set -> number) and a `response_ppl` one (``per_subset``: test set ->
+    {"ppl": ...}, and ``all``: {"ppl": ...}).
+    """
+    rows: dict[Row, float] = {}
+    overall = metrics.get("all")
+    summary = overall if isinstance(overall, Mapping) else {}
+    for key, label in SUMMARY_METRICS:
+        source = metrics if key in metrics else summary
+        if key in source:
+            rows[(SUMMARY_DATA, label)] = _value(_score_value(source[key], (key, "fmeasure")), 100.0)
+    if "per_subset" in metrics:
+        sets = {**metrics["per_subset"], **({"all": overall} if overall is not None else {})}
+    else:
+        perplexity = metrics.get("perplexity")
+        sets = perplexity if isinstance(perplexity, Mapping) else {} if perplexity is None else {"all": perplexity}
+    for name, raw in sets.items():
+        rows[(str(name), "perplexity")] = _value(_score_value(raw, ("ppl", "perplexity")), 1.0)
+    return rows
+
+
 ROW_BUILDERS: dict[str, Callable[[Mapping[str, Any]], dict[Row, float]]] = {
     "fleurs_asr": _fleurs_asr_rows,
     "fleurs_st": _fleurs_st_rows,
+    "covost2_st": _fleurs_st_rows,
     "speechglue": _speechglue_rows,
     "speechxnli": _speechxnli_rows,
+    "summarization": _summarization_rows,
 }
 
 
@@ -141,7 +194,11 @@ def _row_sort_key(name: str, row: Row) -> tuple[int, int, str, int, str]:
     label, metric = row
     summary = SUMMARY_ROWS[name]
     group = summary.index(label) + 1 if label in summary else 0
-    canonical = GLUE_TASK_ORDER.index(label) if name == "speechglue" and label in GLUE_TASK_ORDER else 99
+    canonical = 99
+    if name == "speechglue" and label in GLUE_TASK_ORDER:
+        canonical = GLUE_TASK_ORDER.index(label)
+    elif name == "summarization" and label == SUMMARY_DATA and metric in SUMMARY_LABELS:
+        canonical = SUMMARY_LABELS.index(metric)
     metric_rank = METRIC_ORDER.index(metric) if metric in METRIC_ORDER else 99
     return (group, canonical, label, metric_rank, metric)
 
@@ -153,21 +210,44 @@ def order_models(models: Iterable[str], model_order: Sequence[str] | None = None
     return first + sorted(present - set(first))
 
 
-def _load_for_table(
+def load_table_scores(
     name: str, score_files: Sequence[Path], model_order: Sequence[str] | None
 ) -> list[tuple[Path, dict[str, Any]]]:
-    """Load score files, check benchmark and model uniqueness, return them in column order."""
+    """Load score files, check benchmarks and (model, benchmark) uniqueness, return them in column order."""
     if name not in ROW_BUILDERS:
         raise ValueError(f"unknown table {name!r}; expected one of {list(TABLE_NAMES)}")
-    by_model: dict[str, tuple[Path, dict[str, Any]]] = {}
+    accepted = table_benchmarks(name)
+    seen: dict[tuple[str, str], Path] = {}
+    loaded: list[tuple[Path, dict[str, Any]]] = []
     for path in score_files:
         data = load_score_file(path)
-        if data["benchmark"] != name:
+        if data["benchmark"] not in accepted:
             raise ValueError(f"{path}: benchmark {data['benchmark']!r} in a {name!r} table")
-        if data["model"] in by_model:
-            raise ValueError(f"model {data['model']!r} in both {by_model[data['model']][0]} and {path}")
-        by_model[data["model"]] = (Path(path), data)
-    return [by_model[model] for model in order_models(by_model, model_order)]
+        key = (data["model"], data["benchmark"])
+        if key in seen:
+            raise ValueError(f"model {data['model']!r} in both {seen[key]} and {path}")
+        seen[key] = Path(path)
+        loaded.append((Path(path), data))
+    rank = {model: i for i, model in enumerate(order_models({data["model"] for _, data in loaded}, model_order))}
+    return sorted(loaded, key=lambda item: (rank[item[1]["model"]], accepted.index(item[1]["benchmark"])))
+
+
+def table_benchmarks(name: str) -> tuple[str, ...]:
+    """The benchmarks whose score files table `name` reads."""
+    return TABLE_BENCHMARKS.get(name, (name,))
+
+
+def table_for_benchmark(benchmark: str) -> str:
+    """The table that shows a benchmark's scores."""
+    return next((table for table, benchmarks in TABLE_BENCHMARKS.items() if benchmark in benchmarks), benchmark)
+
+
+def table_column(name: str, path: Path, data: Mapping[str, Any]) -> dict[Row, float]:
+    """One model's table values by row; a malformed metric raises ValueError naming the score file."""
+    try:
+        return ROW_BUILDERS[name](data["metrics"])
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: malformed {name} metrics: {err}") from err
 
 
 def build_table(
@@ -178,8 +258,10 @@ def build_table(
     Missing values are NaN. Models in ``model_order`` without a score file are left out; models
     not in it are appended in alphabetical order.
     """
-    loaded = _load_for_table(name, score_files, model_order)
-    columns = {data["model"]: ROW_BUILDERS[name](data["metrics"]) for _, data in loaded}
+    loaded = load_table_scores(name, score_files, model_order)
+    columns: dict[str, dict[Row, float]] = {}
+    for path, data in loaded:
+        columns.setdefault(data["model"], {}).update(table_column(name, path, data))
     rows = sorted(
         {row for values in columns.values() for row in values}, key=lambda r: _row_sort_key(name, r)
     )
@@ -202,14 +284,16 @@ def _walk(node: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
 
 
 def _signatures(metrics: Mapping[str, Any]) -> list[str]:
-    """Distinct metric signatures recorded anywhere in a score file's ``metrics``, first-seen order."""
-    found = (f"{key}: {value}" for key, value in _walk(metrics) if key.endswith("signature"))
+    """Distinct metric signatures, versions and skip reasons (e.g. METEOR without WordNet) recorded anywhere in
+    a score file's ``metrics``, first-seen order."""
+    found = (f"{key}: {value}" for key, value in _walk(metrics)
+             if key.endswith(("signature", "_version", "_skipped")) and not isinstance(value, Mapping))
     return list(dict.fromkeys(found))
 
 
 def table_footer(name: str, score_files: Sequence[Path], model_order: Sequence[str] | None = None) -> str:
     """Footer lines: value conventions, then per model its experiment, checkpoint, versions, signatures."""
-    loaded = _load_for_table(name, score_files, model_order)
+    loaded = load_table_scores(name, score_files, model_order)
     lines = [f"Benchmark: {name}. {VALUE_NOTES[name]}", ""]
     for path, data in loaded:
         parts = [f"experiment={data.get('experiment', '?')}", f"checkpoint={data.get('checkpoint', '?')}"]
@@ -218,7 +302,8 @@ def table_footer(name: str, score_files: Sequence[Path], model_order: Sequence[s
         parts += [f"{key}={value}" for key, value in sorted(data.get("versions", {}).items())]
         parts += _signatures(data["metrics"])
         parts.append(f"scores={path}")
-        lines.append(f"- {data['model']}: " + "; ".join(parts))
+        label = data["model"] if len(table_benchmarks(name)) == 1 else f"{data['model']} ({data['benchmark']})"
+        lines.append(f"- {label}: " + "; ".join(parts))
     return "\n".join(lines)
 
 

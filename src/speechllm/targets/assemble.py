@@ -26,6 +26,17 @@ def synthetic_pools(generated: list[dict[str, Any]]) -> dict[str, list[dict[str,
     return pools
 
 
+def base_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """An utterance record without CE prompt/target fields (they are set per training item)."""
+    return {k: v for k, v in rec.items() if k not in ("prefix", "postfix", "target")}
+
+
+def t_records(train: list[dict[str, Any]], prefix: str, postfix: str) -> list[dict[str, Any]]:
+    """T: every utterance with the default prompt and its normalised transcript."""
+    return [{**base_record(rec), "prefix": prefix, "postfix": postfix, "target": rec["transcription"]}
+            for rec in train]
+
+
 def assemble(train: list[dict[str, Any]], generated: list[dict[str, Any]], prefix: str, postfix: str,
              mi_reading: str, per_utterance: int) -> dict[str, list[dict[str, Any]]]:
     """Returns {"t": [...], "mi": [...], "tmi": [...]} manifest records."""
@@ -33,10 +44,9 @@ def assemble(train: list[dict[str, Any]], generated: list[dict[str, Any]], prefi
         raise ValueError(f"targets.mi_reading must be one of {MI_READINGS}, got {mi_reading!r}")
     pools = synthetic_pools(generated)
     cursor: dict[str, int] = defaultdict(int)
-    t_set, mi_set, tmi_set = [], [], []
+    t_set, mi_set, tmi_set = t_records(train, prefix, postfix), [], []
     for rec in train:
-        base = {k: v for k, v in rec.items() if k not in ("prefix", "postfix", "target")}
-        t_set.append({**base, "prefix": prefix, "postfix": postfix, "target": rec["transcription"]})
+        base = base_record(rec)
         transcription = {**base, "prefix": prefix, "postfix": postfix, "target": rec["raw_transcription"]}
         text = rec["raw_transcription"]
         pool = pools.get(text, [])

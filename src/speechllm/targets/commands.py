@@ -1,4 +1,4 @@
-"""`speechllm targets` subcommands: synthetic multi-instruction targets"""
+"""`speechllm targets` subcommands: synthetic multi-instruction targets, released targets, chat responses"""
 
 from __future__ import annotations
 
@@ -7,31 +7,51 @@ import json
 import logging
 from pathlib import Path
 
-from speechllm.cliutils import parse_settings, pick_device, set_threads
+from speechllm.cliutils import parse_settings, set_threads
 
 log = logging.getLogger("speechllm")
+
+EXAMPLES = {
+    "generate": "example:\n  speechllm targets generate --settings \"$(cat settings.json)\" "
+                "--manifest results/data/train.jsonl --shard 0 --num-shards 2 "
+                "--out results/targets/shard0.jsonl",
+    "assemble": "example:\n  speechllm targets assemble --settings '{...}' "
+                "--manifest results/data/train.jsonl --shards results/targets/shard*.jsonl "
+                "--out-dir results/data",
+    "fetch-templates": "example:\n  speechllm targets fetch-templates --url https://raw.githubusercontent.com/"
+                       "DigitalPhonetics/bloomzmms/<commit>/data/synthetic-targets/templates.json "
+                       "--sha256 3baa3c49... --out resources/bloomzmms/templates.json",
+    "fetch-released": "example:\n  speechllm targets fetch-released --url 'https://zenodo.org/records/10900287/"
+                      "files/tmi_training_targets.tar.gz?download=1' --out resources/bloomzmms/tmi.tar.gz",
+    "import-released": "example:\n  speechllm targets import-released --settings '{...}' "
+                       "--manifest results/data/train.jsonl --archive resources/bloomzmms/tmi.tar.gz "
+                       "--out-dir results/data",
+    "responses": "example:\n  speechllm targets responses --settings \"$(cat settings.json)\" "
+                 "--manifest librispeech_train.jsonl --shard 0 --num-shards 4 "
+                 "--out results/responses/x/shard0.jsonl",
+    "gather": "example:\n  speechllm targets gather --shards results/responses/x/shard*.jsonl "
+              "--out results/responses/x.jsonl",
+}
 
 
 def cmd_targets_generate(args: argparse.Namespace) -> None:
     from collections import Counter
 
     from speechllm.data.manifest import read_manifest
-    from speechllm.models.export import load_llm
-    from speechllm.targets.generate import generate_shard
+    from speechllm.targets.backends import load_generator
+    from speechllm.targets.generate import generate_shard, target_settings
     from speechllm.targets.templates import bank_hash, draw_items, load_templates
 
     s = parse_settings(args.settings)
     set_threads(args.threads)
     templates = load_templates(s["templates"])
-    counts = Counter(r["raw_transcription"] for r in read_manifest(args.manifest))
+    train = read_manifest(args.manifest, required=("raw_transcription",))
+    counts = Counter(r["raw_transcription"] for r in train)
     items = draw_items(counts, templates, s["templates_per_occurrence"], s["seed"])
-    lm, tokenizer = load_llm(s["llm"], pick_device())
-    lm.eval()
-    settings = {"llm": s["llm"]["name_or_path"], "revision": s["llm"].get("revision"), "dtype": s["llm"]["dtype"],
-                "bank": bank_hash(templates), "seed": s["seed"], "max_new_tokens": s["max_new_tokens"],
-                "num_beams": s["num_beams"]}
-    stats = generate_shard(items, args.shard, args.num_shards, lm, tokenizer, settings, s["batch_size"],
-                           Path(args.out))
+    settings = target_settings(s, bank_hash(templates))
+    generator = load_generator(s["llm"], s["backend"], s["batch_size"], s["num_beams"], s["seed"],
+                               s.get("vllm"), clean_up_spaces=s["clean_up_spaces"])
+    stats = generate_shard(items, args.shard, args.num_shards, generator, settings, Path(args.out))
     log.info("shard %d/%d: %s", args.shard, args.num_shards, stats)
 
 
@@ -41,7 +61,8 @@ def cmd_targets_assemble(args: argparse.Namespace) -> None:
 
     s = parse_settings(args.settings)
     train = read_manifest(args.manifest)
-    generated = [json.loads(line) for path in args.shards for line in Path(path).read_text("utf-8").splitlines()]
+    generated = [json.loads(line) for path in args.shards
+                 for line in Path(path).read_text("utf-8").splitlines()]
     sets = assemble(train, generated, s["prompt"]["prefix"], s["prompt"]["postfix"], s["mi_reading"],
                     s["templates_per_occurrence"])
     out = Path(args.out_dir)
@@ -50,10 +71,71 @@ def cmd_targets_assemble(args: argparse.Namespace) -> None:
     log.info("assembled %s", {k: len(v) for k, v in sets.items()})
 
 
+def cmd_targets_fetch_templates(args: argparse.Namespace) -> None:
+    from speechllm.targets.templates import fetch_templates
+
+    count = fetch_templates(args.url, args.sha256, Path(args.out))
+    log.info("template bank: %d (prefix, postfix) pairs", count)
+
+
+def cmd_targets_fetch_released(args: argparse.Namespace) -> None:
+    from speechllm.targets.download import fetch_verified
+
+    fetch_verified(args.url, args.sha256 or None, Path(args.out), "targets.released")
+
+
+def cmd_targets_import_released(args: argparse.Namespace) -> None:
+    from speechllm.data.manifest import read_manifest, write_manifest
+    from speechllm.targets.backends import load_tokenizer
+    from speechllm.targets.released import import_released, log_report, read_released_archive
+
+    s = parse_settings(args.settings)
+    train = read_manifest(args.manifest, required=("id", "transcription"))
+    fields = read_released_archive(Path(args.archive))
+    prompt = s["prompt"]
+    sets, report = import_released(train, fields, load_tokenizer(s["llm"]), prompt["prefix"],
+                                   prompt["postfix"], s["mi_reading"], s["templates_per_occurrence"],
+                                   s["on_unmatched"])
+    log_report(report, prompt["prefix"])
+    out = Path(args.out_dir)
+    for name, records in sets.items():
+        write_manifest(out / f"train_{name}.jsonl", records)
+
+
+def cmd_targets_responses(args: argparse.Namespace) -> None:
+    from speechllm.targets.backends import load_generator
+    from speechllm.targets.responses import generate_responses_shard, response_settings
+
+    s = parse_settings(args.settings)
+    set_threads(args.threads)
+    r = s["responses"]
+    generator = load_generator(s["llm"], s["backend"], r["batch_size"], r["num_beams"], s["seed"],
+                               s.get("vllm"), add_special_tokens=r["add_special_tokens"],
+                               clean_up_spaces=r["clean_up_spaces"])
+    stats = generate_responses_shard(Path(args.manifest), args.shard, args.num_shards, generator,
+                                     response_settings(s), r["text_field"], r["prompt_template"],
+                                     r["lowercase"], r["length_factor"], Path(args.out))
+    log.info("responses shard %d/%d: %s", args.shard, args.num_shards, stats)
+
+
+def cmd_targets_gather(args: argparse.Namespace) -> None:
+    from speechllm.data.manifest import write_manifest
+    from speechllm.targets.responses import gather_shards
+
+    count = write_manifest(args.out, gather_shards([Path(p) for p in args.shards]))
+    log.info("gathered %d records into %s", count, args.out)
+
+
+def _parser(tsub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
+    return tsub.add_parser(name, help=help_text, epilog=EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    targets = sub.add_parser("targets", help="synthetic multi-instruction targets")
+    targets = sub.add_parser("targets",
+                             help="synthetic multi-instruction targets, released targets, responses")
     tsub = targets.add_subparsers(dest="action", required=True)
-    t = tsub.add_parser("generate", help="generate one shard of targets with the frozen LLM")
+    t = _parser(tsub, "generate", "generate one shard of targets with the frozen LLM")
     t.add_argument("--settings", required=True)
     t.add_argument("--manifest", required=True)
     t.add_argument("--shard", type=int, required=True)
@@ -61,9 +143,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True)
     t.add_argument("--threads", type=int, default=1)
     t.set_defaults(func=cmd_targets_generate)
-    t = tsub.add_parser("assemble", help="T / MI / TMI training manifests")
+    t = _parser(tsub, "assemble", "T / MI / TMI training manifests")
     t.add_argument("--settings", required=True)
     t.add_argument("--manifest", required=True)
     t.add_argument("--shards", nargs="+", required=True)
     t.add_argument("--out-dir", required=True)
     t.set_defaults(func=cmd_targets_assemble)
+    t = _parser(tsub, "fetch-templates", "download the reference's templates.json, verified by sha256")
+    t.add_argument("--url", required=True, help="http(s):// or file:// URL, or a local path")
+    t.add_argument("--sha256", required=True)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_targets_fetch_templates)
+    t = _parser(tsub, "fetch-released", "download the released targets archive (sha256-verified if given)")
+    t.add_argument("--url", required=True, help="http(s):// or file:// URL, or a local path")
+    t.add_argument("--sha256", default="", help="expected sha256; empty: not verified, logged")
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_targets_fetch_released)
+    t = _parser(tsub, "import-released", "T / MI / TMI manifests from the released token-id targets")
+    t.add_argument("--settings", required=True)
+    t.add_argument("--manifest", required=True)
+    t.add_argument("--archive", required=True)
+    t.add_argument("--out-dir", required=True)
+    t.set_defaults(func=cmd_targets_import_released)
+    t = _parser(tsub, "responses",
+                "Kang & Roy targets: the LLM's greedy response to each transcript (one shard)")
+    t.add_argument("--settings", required=True)
+    t.add_argument("--manifest", required=True)
+    t.add_argument("--shard", type=int, default=0)
+    t.add_argument("--num-shards", type=int, default=1)
+    t.add_argument("--out", required=True)
+    t.add_argument("--threads", type=int, default=1)
+    t.set_defaults(func=cmd_targets_responses)
+    t = _parser(tsub, "gather", "shards with `index` back into one manifest, in order")
+    t.add_argument("--shards", nargs="+", required=True)
+    t.add_argument("--out", required=True)
+    t.set_defaults(func=cmd_targets_gather)

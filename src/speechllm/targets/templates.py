@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 from speechllm.data.demo import demo_templates
+from speechllm.targets.download import fetch_verified
 
 
 class TemplateError(ValueError):
@@ -15,22 +16,42 @@ class TemplateError(ValueError):
 
 
 def load_templates(source: str) -> list[tuple[str, str]]:
-    """`builtin` = the demo bank shipped with the package; otherwise a templates.json path (the reference's)."""
+    """`builtin` = the demo bank shipped with the package; otherwise a templates.json path (the
+    reference's)."""
     if source == "builtin":
         return demo_templates()
     path = Path(source)
     if not path.is_file():
         raise TemplateError(f"template bank not found: {path} (config key targets.templates)")
+    return parse_templates(path.read_bytes(), str(path))
+
+
+def parse_templates(raw: bytes, name: str) -> list[tuple[str, str]]:
+    """A templates.json (a JSON list of [prefix, postfix] string pairs); `name` is used in errors."""
     try:
-        pairs = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise TemplateError(f"{path}: not valid JSON ({err.msg})") from err
+        pairs = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TemplateError(f"{name}: not a UTF-8 JSON file ({err})") from err
+    if not isinstance(pairs, list) or not pairs:
+        raise TemplateError(f"{name}: expected a non-empty JSON list of [prefix, postfix] pairs")
     out = []
     for i, pair in enumerate(pairs):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
-            raise TemplateError(f"{path}: entry {i} is not a [prefix, postfix] pair of strings")
+            raise TemplateError(f"{name}: entry {i} is not a [prefix, postfix] pair of strings")
         out.append((pair[0], pair[1]))
     return out
+
+
+def fetch_templates(url: str, sha256: str, out: Path) -> int:
+    """Download the reference's templates.json to `out`, verified by sha256 and parsed before it is moved
+    into place (config keys targets.templates_download.url/sha256). Returns the number of pairs."""
+    count = []
+
+    def check(tmp: Path) -> None:
+        count.append(len(parse_templates(tmp.read_bytes(), url)))
+
+    fetch_verified(url, sha256, out, "targets.templates_download", check)
+    return count[0]
 
 
 def bank_hash(templates: list[tuple[str, str]]) -> str:
@@ -40,7 +61,8 @@ def bank_hash(templates: list[tuple[str, str]]) -> str:
 def draw_items(text_counts: dict[str, int], templates: list[tuple[str, str]], per_occurrence: int,
                seed: int) -> list[tuple[str, str, str]]:
     """(text, prefix, postfix) items: `per_occurrence` × count templates per distinct text, drawn uniformly
-    regardless of the text's language (as the reference). Texts are visited in sorted order for determinism."""
+    regardless of the text's language (as the reference). Texts are visited in sorted order for
+    determinism."""
     rng = random.Random(seed)
     items = []
     for text in sorted(text_counts):

@@ -1,72 +1,225 @@
-"""`speechllm train` subcommands: train and export models"""
+"""`speechllm train` subcommands: initialise, train (CTC / CE / KD) and export models.
+
+A training job resumes by itself: when its checkpoint directory holds checkpoints written with the same
+settings and inputs (the run fingerprint), it continues from the latest one; checkpoints of other settings are
+discarded. Launch several processes with `accelerate launch --num_processes N speechllm train ...`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
-from speechllm.cliutils import EXAMPLES, parse_settings, pick_device, set_threads
+from speechllm.cliutils import EXAMPLES, parse_settings, set_threads
 
 log = logging.getLogger("speechllm")
 
 
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# Stage keys that do not change the trajectory of updates: a run extended (more epochs, more patience) or
+# checkpointed / logged differently still resumes. (linear_decay's length depends on max_steps / max_epochs.)
+TRAJECTORY_FREE = (
+    "max_epochs",
+    "max_steps",
+    "patience",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "num_workers",
+)
+
+
+def run_fingerprint(settings: dict[str, Any], args: argparse.Namespace) -> str:
+    """Hash of what defines a run: settings (tracking aside), objective, manifests, initial weights."""
+    relevant = {k: v for k, v in settings.items() if k not in ("wandb",)}
+    stage = dict(relevant.get("stage", {}))
+    free = (
+        TRAJECTORY_FREE
+        if stage.get("schedule", "warmup_inverse_sqrt") == "warmup_inverse_sqrt"
+        else tuple(k for k in TRAJECTORY_FREE if k not in ("max_epochs", "max_steps"))
+    )
+    relevant["stage"] = {k: v for k, v in stage.items() if k not in free}
+    parts: dict[str, Any] = {
+        "settings": relevant,
+        "stage": args.stage,
+        "train": _file_digest(args.train),
+        "dev": _file_digest(args.dev),
+    }
+    if args.init_from:
+        weights = Path(args.init_from) / "model.safetensors"
+        stat = weights.stat()
+        parts["init_from"] = [str(weights), stat.st_size, stat.st_mtime_ns]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def process_device() -> Any:
+    """This process's device: its own GPU under `accelerate launch` (not cuda:0 for every rank), else CPU."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available()).device
+
+
+class SelectedWeights:
+    """Trained weights in the shape `save_model_dir` reads them (used when FSDP shards the live model)."""
+
+    def __init__(self, weights: dict[str, Any]) -> None:
+        self.weights = weights
+
+    def trainable_state_dict(self) -> dict[str, Any]:
+        return self.weights
+
+
+def build_for_stage(
+    s: dict[str, Any], stage: str, language_ids: Path | None, device: Any
+) -> tuple[Any, Any, Any, dict]:
+    """(model, tokenizer, spec, language ids): BLOOMZMMS for init / ctc / ce, Kang & Roy for kd."""
+    from speechllm.models.export import build_model, kang_roy_spec, model_spec
+
+    gradient_checkpointing = s["models"]["llm"].get("gradient_checkpointing", False)
+    if stage == "kd":
+        spec = kang_roy_spec(s["models"], stage="kd")
+        model, tokenizer = build_model(
+            spec, with_ctc=False, with_llm=True, device=device, gradient_checkpointing=gradient_checkpointing
+        )
+        return model, tokenizer, spec, {}
+    from transformers import AutoConfig
+
+    from speechllm.models.adaptor import AdaptorConfig
+
+    if language_ids is None:
+        raise ValueError(f"--language-ids is required for the {stage} stage")
+    lid = json.loads(Path(language_ids).read_text("utf-8"))
+    llm_cfg = AutoConfig.from_pretrained(s["models"]["llm"]["name_or_path"])
+    adaptor = AdaptorConfig(
+        **dict(s["adaptor"], num_lid_classes=len(lid) + 1, llm_hidden_size=llm_cfg.hidden_size)
+    )
+    objective = "ctc" if stage == "init" else stage
+    spec = model_spec(s["models"], adaptor, lid, stage=objective)
+    model, tokenizer = build_model(
+        spec,
+        with_ctc=objective == "ctc",
+        with_llm=objective == "ce",
+        device=device,
+        gradient_checkpointing=gradient_checkpointing,
+    )
+    return model, tokenizer, spec, lid
+
+
 def cmd_train(args: argparse.Namespace) -> None:
+    from accelerate.utils import set_seed
+
     from speechllm.data.batches import Collator, SpeechDataset
     from speechllm.data.manifest import read_manifest
-    from speechllm.models.export import build_model, load_trained_weights, model_spec, save_model_dir
+    from speechllm.models.export import load_trained_weights, save_model_dir
     from speechllm.train.loop import StageConfig, train, write_json
+    from speechllm.train.objectives import DistillationCollator
     from speechllm.train.tracking import Tracker
 
     s = parse_settings(args.settings)
     set_threads(args.threads)
-    lid = json.loads(Path(args.language_ids).read_text("utf-8"))
-    adaptor = dict(s["adaptor"], num_lid_classes=len(lid) + 1)
-    from transformers import AutoConfig
-
-    llm_cfg = AutoConfig.from_pretrained(s["models"]["llm"]["name_or_path"])
-    adaptor["llm_hidden_size"] = llm_cfg.hidden_size
-    from speechllm.models.adaptor import AdaptorConfig
-
-    objective = args.stage if args.stage != "init" else "ctc"
-    spec = model_spec(s["models"], AdaptorConfig(**adaptor), lid, stage=objective)
-    device = pick_device()
-    model, tokenizer = build_model(spec, with_ctc=objective == "ctc", with_llm=objective == "ce", device=device,
-                                   gradient_checkpointing=s["models"]["llm"].get("gradient_checkpointing", False))
+    set_seed(s["seed"])  # the untrained adaptor's initialisation is part of the run
+    model, tokenizer, spec, lid = build_for_stage(s, args.stage, args.language_ids, process_device())
     if args.init_from:
         load_trained_weights(model, Path(args.init_from) / "model.safetensors")
     out_dir = Path(args.out_dir)
     if args.stage == "init":
         save_model_dir(model, spec, out_dir, extra={"training": {"steps": 0}})
         return
-    stage = StageConfig.from_config(objective, s["stage"])
+    if not (args.train and args.dev):
+        raise ValueError(f"--train and --dev are required for the {args.stage} stage")
+    if "stage" not in s:
+        raise ValueError(f"the settings have no 'stage' section (config train.{args.stage})")
+    stage = StageConfig.from_config(args.stage, s["stage"])
     sr = s["sampling_rate"]
     train_set = SpeechDataset(read_manifest(args.train), sr, args.train)
     dev_set = SpeechDataset(read_manifest(args.dev), sr, args.dev)
-    collator = Collator(tokenizer, lid, s["models"]["prompt"]["prefix"], s["models"]["prompt"]["postfix"])
+    if args.stage == "kd":
+        responses = s.get("responses", {})
+        collator = DistillationCollator(
+            tokenizer, responses.get("text_field", "raw_transcription"), responses.get("lowercase", True)
+        )
+    else:
+        collator = Collator(tokenizer, lid, s["models"]["prompt"]["prefix"], s["models"]["prompt"]["postfix"])
     log_dir = Path(args.log_dir)
-    tracker = Tracker(log_dir / "metrics.csv", s["wandb"], group=s["experiment"], job_type=f"train_{args.stage}",
-                      name=args.run_name, config=s, wandb_dir=log_dir)
-    summary = train(model, tokenizer, stage, train_set, dev_set, collator, tracker, s["seed"])
-    tracker.close()
+    job_type = args.job_type or f"train_{args.stage}"
+
+    def make_tracker(resume_step: int | None, enabled: bool) -> Tracker:
+        return Tracker(
+            log_dir,
+            s["wandb"],
+            group=s["experiment"],
+            job_type=job_type,
+            name=args.run_name,
+            config=s,
+            enabled=enabled,
+            resume_step=resume_step,
+        )
+
+    checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else log_dir / "checkpoints"
+    result = train(
+        model,
+        tokenizer,
+        stage,
+        train_set,
+        dev_set,
+        collator,
+        make_tracker,
+        s["seed"],
+        checkpoint_dir,
+        run_fingerprint(s, args),
+    )
+    summary = result.summary
+    if result.weights is None:  # not the main process: rank 0 writes the outputs
+        return
     write_json(log_dir / "summary.json", summary)
-    save_model_dir(model, spec, out_dir, extra={"training": {k: summary[k] for k in
-                                                             ("selected_steps", "final_step", "epochs")},
-                                                "init_from": args.init_from})
+    exported = SelectedWeights(result.weights) if stage.fsdp else model
+    save_model_dir(
+        exported,
+        spec,
+        out_dir,
+        extra={
+            "training": {k: summary[k] for k in ("selected_steps", "final_step", "epochs", "stopped")},
+            "init_from": args.init_from,
+        },
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    tr = sub.add_parser("train", help="train (or initialise) a model and export it", epilog=EXAMPLES["train"],
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    tr.add_argument("stage", choices=["init", "ctc", "ce"])
-    tr.add_argument("--settings", required=True)
-    tr.add_argument("--train")
-    tr.add_argument("--dev")
-    tr.add_argument("--language-ids", required=True)
-    tr.add_argument("--init-from")
-    tr.add_argument("--out-dir", required=True)
-    tr.add_argument("--log-dir", default="logs/train")
-    tr.add_argument("--run-name", default="run")
+    tr = sub.add_parser(
+        "train",
+        help="train (or initialise) a model and export it",
+        epilog=EXAMPLES["train"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tr.add_argument(
+        "stage",
+        choices=["init", "ctc", "ce", "kd"],
+        help="init: export the untrained model; ctc / ce: BLOOMZMMS stages; kd: Kang & Roy",
+    )
+    tr.add_argument("--settings", required=True, help="JSON settings built by the rule (rules/common.smk)")
+    tr.add_argument("--train", help="training manifest (JSON Lines)")
+    tr.add_argument("--dev", help="dev manifest (JSON Lines)")
+    tr.add_argument("--language-ids", help="language-name -> LID label JSON (BLOOMZMMS stages)")
+    tr.add_argument("--init-from", help="model directory whose trained weights initialise this run")
+    tr.add_argument("--out-dir", required=True, help="model directory to export to")
+    tr.add_argument("--log-dir", default="logs/train", help="metrics, summary, resolved config, W&B files")
+    tr.add_argument(
+        "--checkpoint-dir",
+        help="periodic checkpoints (default: <log-dir>/checkpoints); a rerun resumes from the latest one",
+    )
+    tr.add_argument("--run-name", default="run", help="W&B run name")
+    tr.add_argument("--job-type", help="W&B job type (the Snakemake rule; default train_<stage>)")
     tr.add_argument("--threads", type=int, default=1)
     tr.set_defaults(func=cmd_train)

@@ -1,179 +1,585 @@
-"""One accelerate training loop for the CTC stage and the CE stage (T / MI / TMI) of BLOOMZMMS."""
+"""One accelerate training loop for BLOOMZMMS (CTC pretraining, CE training) and Kang & Roy (KD), resumable.
+
+Recipe (spec bloomzmms.md §3, ESPnet semantics):
+- Adam (not AdamW), warm-up then inverse-sqrt decay, gradient clipping, gradient accumulation (loss / accum);
+  an update whose gradient norm is not finite is skipped (ESPnet), the schedule still advances.
+- Batches by padded seconds (`DurationBucketSampler`); an "epoch" is `num_iters_per_epoch` micro-batches drawn
+  from a stream of passes over the data (null: the number of batches of the first pass). It ends at the first
+  optimizer update at or after that count.
+- Dev evaluation at each epoch end (and every `eval_every` updates when set); early stopping when the
+  early-stopping metric (ESPnet: dev loss) has not improved for more than `patience` evaluations.
+- Selection: the best evaluation by `best_metric` (CTC: dev CER), or the parameter average of the `keep_best`
+  best (CE: dev accuracy, 3); `last` keeps the final weights.
+
+Exact resume: every `checkpoint_every` updates, at each epoch end and at the end, a checkpoint holds the
+trainable weights, optimizer, scheduler, the counters that position the sampler (the loop's own count of
+consumed batches, not the sampler's, which runs ahead with DataLoader workers), best / k-best / early-stopping
+bookkeeping and the RNG states of every process (see `checkpoint.py`). A new run in the same checkpoint
+directory with the same fingerprint continues from the latest one; RNG states are restored right before the
+first resumed batch, and the DataLoaders draw from their own generators, so dropout masks after the resume
+equal those of an uninterrupted run.
+
+Several processes (DDP): every rank draws its own batches (same count per rank), gradients are all-reduced,
+all ranks evaluate the whole dev set and follow rank 0's metrics, rank 0 writes checkpoints (each rank its RNG
+file).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import math
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from speechllm.data.batches import Batch, Collator, SpeechDataset
+from speechllm.data.batches import Collator, SpeechDataset
 from speechllm.data.bucketing import DurationBucketSampler
-from speechllm.evaluate.metrics import asr_scores
-from speechllm.models.bloomzmms import BloomzMMS
-from speechllm.train.schedule import warmup_lr
+from speechllm.train.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    KeptState,
+    TrainerState,
+    restore_rng,
+    weights_digest,
+)
+from speechllm.train.distillation import DistillationConfig
+from speechllm.train.objectives import ObjectiveModule, batch_tokens, evaluate_dev
+from speechllm.train.parallel import llm_block_names, make_accelerator
+from speechllm.train.schedule import make_schedule
 from speechllm.train.tracking import Tracker
 
-PRECISIONS = {"fp32": "no", "tf32": "no", "bf16": "bf16"}
+log = logging.getLogger("speechllm")
+
+SELECTION_METRICS = ("dev_cer", "dev_acc", "dev_loss", "last")
 
 
 @dataclass
 class StageConfig:
-    objective: str                  # "ctc" | "ce"
-    max_steps: int
-    warmup_steps: int
+    """Knobs of one training stage (config `train.<stage>`; reference values in config/experiments/*.yaml)."""
+
+    objective: str  # "ctc" | "ce" | "kd"
     lr: float
     weight_decay: float
-    grad_clip: float
+    warmup_steps: int
+    grad_clip: float | None  # None: no clipping (the norm is still logged)
     accum_grad: int
-    batch_seconds: float
+    batch_seconds: float  # padded seconds per micro-batch (ESPnet batch_bins analogue)
     num_buckets: int
-    eval_every: int
-    precision: str
+    max_epochs: int | None = None  # at least one of max_epochs / max_steps
+    num_iters_per_epoch: int | None = None  # micro-batches per epoch; None = one pass over the data
+    max_steps: int | None = None  # cap on optimizer updates
+    eval_every: int | None = None  # extra dev evaluations every N updates
+    patience: int | None = None  # None: no early stopping
+    early_stopping_metric: str = "dev_loss"
+    best_metric: str = "last"
+    keep_best: int = 1
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    precision: str = "fp32"  # fp32 | tf32 | bf16
+    optimizer: str = "adam"  # adam (ESPnet) | adamw (Kang & Roy)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "warmup_inverse_sqrt"  # | linear_decay
+    max_batch_size: int | None = None  # cap on utterances per micro-batch besides the seconds budget
+    find_unused_parameters: bool = True
+    fsdp: bool = False
+    num_workers: int = 0
     ctc_weight: float = 1.0
     interctc_weight: float = 0.0
-    keep_best: int = 1
+    ntp_weight: float = 0.5
+    ld_weight: float = 0.5
+    fd_weight: float = 1.0
+    fd_layers: list[int] = field(default_factory=lambda: [0, 5, 11, 17, 23])
+
+    # Keys of `train.<stage>` that choose data (read by the rules), not the loop.
+    DATA_KEYS = ("train_set", "dev_set")
+
+    def __post_init__(self) -> None:
+        if self.max_epochs is None and self.max_steps is None:
+            raise ValueError("a stage needs max_epochs or max_steps")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
+        for name in ("early_stopping_metric", "best_metric"):
+            if getattr(self, name) not in SELECTION_METRICS:
+                raise ValueError(f"{name} must be one of {SELECTION_METRICS}, got {getattr(self, name)!r}")
+        if self.early_stopping_metric == "last":
+            raise ValueError("early_stopping_metric cannot be 'last'")
+        if self.objective != "ctc" and "dev_cer" in (self.best_metric, self.early_stopping_metric):
+            raise ValueError(f"dev_cer is only measured by the ctc objective, not {self.objective!r}")
+        if self.objective == "ctc" and "dev_acc" in (self.best_metric, self.early_stopping_metric):
+            raise ValueError("dev_acc is not measured by the ctc objective")
+
+    @property
+    def distillation(self) -> DistillationConfig:
+        return DistillationConfig(self.ntp_weight, self.ld_weight, self.fd_weight, list(self.fd_layers))
 
     @classmethod
     def from_config(cls, objective: str, cfg: dict[str, Any]) -> StageConfig:
-        return cls(objective=objective, **cfg)
+        values = {k: v for k, v in cfg.items() if k not in cls.DATA_KEYS}
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        return cls(objective=objective, **values)
 
 
-def make_accelerator(stage: StageConfig) -> Accelerator:
-    if stage.precision == "tf32" and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=PRECISIONS[stage.precision],
-                       gradient_accumulation_steps=stage.accum_grad)
+@dataclass
+class TrainResult:
+    """What `train` hands back: the summary (all ranks) and the selected trainable weights (main process)."""
+
+    summary: dict[str, Any]
+    weights: dict[str, torch.Tensor] | None
 
 
-def stage_loss(model: BloomzMMS, batch: Batch, stage: StageConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """The objective of one batch: weighted CTC + LID inter-CTC, or token-summed CE / B."""
-    out = model.encode(batch.wav, batch.wav_lengths)
-    if stage.objective == "ctc":
-        ctc, lid = model.ctc_losses(out, batch.ctc_targets, batch.lid)
-        loss = stage.ctc_weight * ctc + stage.interctc_weight * lid
-        return loss, {"loss": loss.item(), "loss_ctc": ctc.item(), "loss_lid": lid.item()}
-    segments = model.prompt_segments(batch.prefix, model.speech_segments(out), batch.postfix)
-    res = model.llm(segments, batch.target)
-    acc = (res.num_correct.float() / res.num_tokens.clamp(min=1)).item()
-    return res.loss, {"loss": res.loss.item(), "acc": acc}
+def selection_value(metrics: dict[str, Any], name: str) -> float:
+    """The value of a dev metric where lower is better (accuracy negated); missing / undefined -> +inf."""
+    value = metrics.get(name)
+    if value is None or not math.isfinite(float(value)):
+        return math.inf
+    return -float(value) if name == "dev_acc" else float(value)
 
 
-@torch.no_grad()
-def evaluate_dev(model: BloomzMMS, loader: DataLoader, stage: StageConfig, tokenizer: Any,
-                 device: torch.device) -> dict[str, float]:
-    """CTC stage: greedy CTC CER/WER on dev. CE stage: teacher-forced token accuracy and loss on dev."""
-    model.eval()
-    refs, hyps, loss_sum, n_utts, correct, tokens = [], [], 0.0, 0, 0, 0
-    for batch in loader:
-        batch = batch.to(device)
-        out = model.encode(batch.wav, batch.wav_lengths)
-        if stage.objective == "ctc":
-            hyps += tokenizer.batch_decode(model.ctc_decode(out), skip_special_tokens=True)
-            refs += [r["transcription"] for r in batch.records]
-        else:
-            segments = model.prompt_segments(batch.prefix, model.speech_segments(out), batch.postfix)
-            res = model.llm(segments, batch.target)
-            loss_sum += res.loss.item() * len(batch.records)
-            n_utts += len(batch.records)
-            correct += int(res.num_correct)
-            tokens += int(res.num_tokens)
-    model.train()
-    if stage.objective == "ctc":
-        scores = asr_scores(refs, hyps)
-        return {"dev_cer": scores["cer"], "dev_wer": scores["wer"]}
-    return {"dev_acc": correct / max(tokens, 1), "dev_loss": loss_sum / max(n_utts, 1)}
+def rank_kept(kept: list[KeptState], value: float, step: int, keep_best: int) -> list[KeptState]:
+    """The `keep_best` best evaluations once (value, step) joins them; ties keep the earlier (ESPnet).
+
+    The new entry, if it stays, has no file yet ("").
+    """
+    return sorted([*kept, KeptState(value, step, "")], key=lambda k: (k.value, k.step))[:keep_best]
 
 
-def is_better(stage: StageConfig, metrics: dict[str, float], best: float | None) -> bool:
-    value = metrics["dev_cer"] if stage.objective == "ctc" else -metrics["dev_acc"]
-    return best is None or value < best
+def early_stopping_update(best: float | None, evals_since_best: int, value: float) -> tuple[float, int]:
+    """(best value, evaluations since it) after one more evaluation; training stops once the count exceeds
+    `patience` (ESPnet: `epoch - best_epoch > patience`)."""
+    if best is None or value < best:
+        return value, 0
+    return best, evals_since_best + 1
+
+
+def chain_digest(previous: str, ids: list[str]) -> str:
+    """Next link of a hash chain over consumed batches (order-sensitive): equal digests, equal data."""
+    return hashlib.sha256(f"{previous}|{','.join(ids)}".encode()).hexdigest()
 
 
 def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Parameter average of checkpoints (ESPnet `average_nbest_models`)."""
-    return {k: sum(s[k].float() for s in states) / len(states) for k in states[0]}
+    """Parameter average of checkpoints (ESPnet `average_nbest_models`), in each tensor's own dtype."""
+    return {k: (sum(s[k].double() for s in states) / len(states)).to(states[0][k].dtype) for k in states[0]}
 
 
-def train(model: BloomzMMS, tokenizer: Any, stage: StageConfig, train_set: SpeechDataset, dev_set: SpeechDataset,
-          collator: Collator, tracker: Tracker, seed: int) -> dict[str, Any]:
-    """Train `model` in place; on return it holds the selected weights (best, or the k-best average)."""
-    set_seed(seed)
-    accelerator = make_accelerator(stage)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    scheduler = warmup_lr(optimizer, stage.warmup_steps)
-    sampler = DurationBucketSampler(train_set.durations(), stage.batch_seconds, stage.num_buckets, seed=seed,
-                                    num_replicas=accelerator.num_processes, rank=accelerator.process_index)
-    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collator)
-    dev_sampler = DurationBucketSampler(dev_set.durations(), stage.batch_seconds, stage.num_buckets, seed=seed,
-                                        shuffle=False)
-    dev_loader = DataLoader(dev_set, batch_sampler=dev_sampler, collate_fn=collator)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core: BloomzMMS = accelerator.unwrap_model(model)
-    model.train()
-    kept: list[tuple[float, int, dict[str, torch.Tensor]]] = []
-    best_value: float | None = None
-    step, epoch, history = 0, 0, []
-    progress = tqdm(total=stage.max_steps, desc=f"{stage.objective} training", mininterval=10,
-                    disable=not accelerator.is_main_process)
-    initial = evaluate_dev(core, dev_loader, stage, tokenizer, accelerator.device)
-    tracker.log(initial, step=0)
-    window_audio, window_start = 0.0, time.perf_counter()
-    while step < stage.max_steps:
-        sampler.set_epoch(epoch)
-        for batch in loader:
-            batch = batch.to(accelerator.device)
-            with accelerator.accumulate(model):
-                loss, logs = stage_loss(core, batch, stage)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(params, stage.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            window_audio += float(batch.wav_lengths.sum()) / train_set.sampling_rate
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            elapsed = time.perf_counter() - window_start
-            row = {**logs, "lr": scheduler.get_last_lr()[0], "epoch": epoch,
-                   "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                   "audio_seconds_per_second": window_audio / max(elapsed, 1e-9)}
-            window_audio, window_start = 0.0, time.perf_counter()
-            if step % stage.eval_every == 0 or step == stage.max_steps:
-                dev = evaluate_dev(core, dev_loader, stage, tokenizer, accelerator.device)
-                row.update(dev)
-                history.append({"step": step, **dev})
-                value = dev["dev_cer"] if stage.objective == "ctc" else -dev["dev_acc"]
-                if stage.objective == "ctc" and is_better(stage, dev, best_value):
-                    best_value = value
-                    kept = [(value, step, core.trainable_state_dict())]
-                elif stage.objective == "ce":
-                    kept.append((value, step, core.trainable_state_dict()))
-                    kept = sorted(kept, key=lambda x: (x[0], -x[1]))[: stage.keep_best]
-            tracker.log(row, step=step)
-            if step >= stage.max_steps:
-                break
-        epoch += 1
-    progress.close()
-    selected = average_states([s for _, _, s in kept]) if len(kept) > 1 else kept[0][2]
-    core.load_state_dict(selected, strict=False)
-    summary = {"initial_dev": initial, "selected_steps": [s for _, s, _ in kept], "history": history,
-               "final_step": step, "epochs": epoch}
-    tracker.summary({"selected_steps": json.dumps(summary["selected_steps"])})
-    return summary
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """Load trainable weights into `model`; every tensor must name one of its entries."""
+    own = model.state_dict()
+    unknown = [k for k in weights if k not in own]
+    if unknown:
+        raise CheckpointError(f"{where}: tensors not in the model: {unknown[:5]}")
+    model.load_state_dict(weights, strict=False)
+
+
+class Trainer:
+    """The loop; see the module docstring. Construct, then call `run()` once."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        stage: StageConfig,
+        train_set: SpeechDataset,
+        dev_set: SpeechDataset,
+        collator: Collator,
+        make_tracker: Callable[[int | None, bool], Tracker],
+        seed: int,
+        checkpoint_dir: Path,
+        fingerprint: str = "",
+    ) -> None:
+        if len(train_set) == 0:
+            raise ValueError(f"empty training set: {train_set.manifest}")
+        self.core = model
+        self.tokenizer = tokenizer
+        self.stage = stage
+        self.train_set = train_set
+        self.dev_set = dev_set
+        self.collator = collator
+        self.make_tracker = make_tracker
+        self.seed = seed
+        self.fingerprint = fingerprint
+        self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.accelerator: Accelerator = make_accelerator(
+            stage.precision,
+            stage.find_unused_parameters,
+            stage.fsdp,
+            llm_block_names(model) if stage.fsdp else None,
+        )
+        acc = self.accelerator
+        self.checkpoints = CheckpointManager(
+            Path(checkpoint_dir), stage.keep_checkpoints, acc.is_main_process
+        )
+        self.state = TrainerState(fingerprint=fingerprint, num_processes=acc.num_processes)
+
+    # ------------------------------------------------------------------ helpers
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def trainable_weights(self) -> dict[str, torch.Tensor]:
+        """Full trainable weights (on every rank for DDP; gathered on rank 0 under FSDP)."""
+        if not self.stage.fsdp:
+            return self.core.trainable_state_dict()
+        full = self.accelerator.get_state_dict(self.wrapped)  # collective
+        wanted = set(self.trainable_names)
+        return {
+            k.removeprefix("model."): v.cpu() for k, v in full.items() if k.removeprefix("model.") in wanted
+        }
+
+    def optimizer_state(self) -> dict[str, Any]:
+        if not self.stage.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.optim_state_dict(self.wrapped, self.optimizer.optimizer)
+
+    def load_optimizer_state(self, saved: dict[str, Any]) -> None:
+        if not self.stage.fsdp:
+            self.optimizer.load_state_dict(saved)
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        self.optimizer.optimizer.load_state_dict(
+            FSDP.optim_state_dict_to_load(self.wrapped, self.optimizer.optimizer, saved)
+        )
+
+    def _loader(self, sampler: DurationBucketSampler, dataset: SpeechDataset, num_workers: int) -> DataLoader:
+        # Own generator: creating an iterator must not draw from the global RNG (resume would shift dropout).
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.collator,
+            num_workers=num_workers,
+            generator=generator,
+        )
+
+    # ------------------------------------------------------------------ set-up
+
+    def _find_resume(self) -> Path | None:
+        """Latest checkpoint of this run, after removing partial writes and stale (other settings) ones."""
+        self.checkpoints.clean_partial()
+        latest = self.checkpoints.latest()
+        if latest is not None and self.accelerator.is_main_process:
+            saved = CheckpointManager.load_state(latest)
+            if saved.fingerprint != self.fingerprint:
+                self.checkpoints.discard_all("written by a run with other settings or inputs")
+        self.barrier()
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            saved = CheckpointManager.load_state(latest)
+            if saved.num_processes != self.accelerator.num_processes:
+                raise CheckpointError(
+                    f"{latest} was written by {saved.num_processes} processes, this run has "
+                    f"{self.accelerator.num_processes}; resume with the same number or delete "
+                    f"{self.checkpoints.root}"
+                )
+        return latest
+
+    def _setup(self) -> dict[str, Any] | None:
+        """Build optimizer, schedule, loaders; load the checkpoint to resume from. Returns its RNG states."""
+        acc, stage = self.accelerator, self.stage
+        set_seed(self.seed)
+        resume = self._find_resume()
+        rng = trainer_state = None
+        if resume is not None:
+            self.state, weights, trainer_state, rng = CheckpointManager.load(resume, acc.process_index)
+            load_weights(self.core, weights, str(resume))
+            log.info("resuming from %s (step %d, epoch %d)", resume, self.state.step, self.state.epoch)
+        objective = ObjectiveModule(
+            self.core, stage.objective, stage.ctc_weight, stage.interctc_weight, stage.distillation
+        )
+        self.wrapped = acc.prepare(objective)
+        self.sampler = DurationBucketSampler(
+            self.train_set.durations(),
+            stage.batch_seconds,
+            stage.num_buckets,
+            seed=self.seed,
+            num_replicas=acc.num_processes,
+            rank=acc.process_index,
+            max_batch_size=stage.max_batch_size,
+        )
+        self.loader = self._loader(self.sampler, self.train_set, stage.num_workers)
+        dev_sampler = DurationBucketSampler(
+            self.dev_set.durations(),
+            stage.batch_seconds,
+            stage.num_buckets,
+            seed=self.seed,
+            shuffle=False,
+            max_batch_size=stage.max_batch_size,
+        )
+        self.dev_loader = self._loader(dev_sampler, self.dev_set, 0)
+        # Without num_iters_per_epoch an epoch is this rank's number of batches in the first pass.
+        self.iters_per_epoch = stage.num_iters_per_epoch or len(self.sampler)
+        params = [p for p in self.wrapped.parameters() if p.requires_grad]
+        optimizer_cls = torch.optim.AdamW if stage.optimizer == "adamw" else torch.optim.Adam
+        optimizer = optimizer_cls(params, lr=stage.lr, betas=stage.betas, weight_decay=stage.weight_decay)
+        self.scheduler = make_schedule(optimizer, stage.schedule, stage.warmup_steps, self.total_steps())
+        self.optimizer = acc.prepare(optimizer)
+        if trainer_state is not None:
+            self.load_optimizer_state(trainer_state["optimizer"])
+            self.scheduler.load_state_dict(trainer_state["scheduler"])
+        self.tracker = self.make_tracker(self.state.step if resume is not None else None, acc.is_main_process)
+        return rng
+
+    # ------------------------------------------------------------------ evaluation and bookkeeping
+
+    def evaluate(self) -> dict[str, float]:
+        """Dev metrics of rank 0, shared with every rank so all take the same decisions."""
+        metrics = evaluate_dev(
+            self.wrapped,
+            self.dev_loader,
+            self.stage.objective,
+            self.tokenizer,
+            self.accelerator.device,
+            self.accelerator.autocast,
+        )
+        shared = [metrics]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(shared, from_process=0)
+        return shared[0]
+
+    def after_evaluation(self, metrics: dict[str, float]) -> None:
+        """Record an evaluation: history, k-best set (weights saved once), early-stopping counter."""
+        stage, state = self.stage, self.state
+        state.history.append({"step": state.step, "epoch": state.epoch, **metrics})
+        state.last_eval_step = state.step
+        if stage.best_metric != "last":
+            kept = rank_kept(
+                state.kept, selection_value(metrics, stage.best_metric), state.step, stage.keep_best
+            )
+            if any(k.step == state.step for k in kept):
+                name = self.checkpoints.save_kept(state.step, self.trainable_weights())
+                kept = [KeptState(k.value, k.step, name) if k.step == state.step else k for k in kept]
+            state.kept = kept
+        if stage.patience is not None:
+            value = selection_value(metrics, stage.early_stopping_metric)
+            state.best_early_stop, state.evals_since_best = early_stopping_update(
+                state.best_early_stop, state.evals_since_best, value
+            )
+
+    def save_checkpoint(self) -> None:
+        trainer = {"optimizer": self.optimizer_state(), "scheduler": self.scheduler.state_dict()}
+        self.checkpoints.save(
+            self.state,
+            self.trainable_weights(),
+            trainer,
+            self.accelerator.process_index,
+            self.barrier if self.accelerator.num_processes > 1 else None,
+        )
+
+    def stop_reason(self) -> str:
+        stage, state = self.stage, self.state
+        if stage.max_steps is not None and state.step >= stage.max_steps:
+            return "max_steps"
+        if stage.max_epochs is not None and state.epoch >= stage.max_epochs:
+            return "max_epochs"
+        if stage.patience is not None and state.evals_since_best > stage.patience:
+            return "patience"
+        return ""
+
+    # ------------------------------------------------------------------ training
+
+    def _reduce_window(self, window: dict[str, float], elapsed: float) -> dict[str, float]:
+        """Means of the per-micro-batch statistics over ranks, and throughput summed over ranks."""
+        keys = sorted(window)
+        values = torch.tensor([window[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        totals = dict(zip(keys, values.tolist(), strict=True))
+        micro = max(totals.pop("micro_batches"), 1.0)
+        audio, tokens = totals.pop("audio_seconds"), totals.pop("tokens")
+        row = {k: v / micro for k, v in totals.items()}
+        row["audio_seconds_per_second"] = audio / max(elapsed, 1e-9)
+        row["tokens_per_second"] = tokens / max(elapsed, 1e-9)
+        return row
+
+    def total_steps(self) -> int:
+        """Optimizer updates of a run that is not stopped early (what linear_decay decays over)."""
+        stage = self.stage
+        by_epochs = (
+            math.inf
+            if stage.max_epochs is None
+            else math.ceil(stage.max_epochs * self.iters_per_epoch / stage.accum_grad)
+        )
+        return int(min(by_epochs, stage.max_steps or math.inf))
+
+    def _step_due(self, every: int | None) -> bool:
+        return every is not None and self.state.step % every == 0
+
+    def run(self) -> TrainResult:
+        acc, stage = self.accelerator, self.stage
+        rng = self._setup()
+        state = self.state  # the resumed state replaces the fresh one
+        if rng is None:
+            initial = self.evaluate()
+            state.history.append({"step": 0, "epoch": 0, "initial": True, **initial})
+            self.tracker.log(initial, step=0)
+        state.stopped = self.stop_reason()  # a finished run whose limits were raised goes on
+        if state.stopped:
+            return self.finish()
+        progress = tqdm(
+            total=self.total_steps(),
+            initial=state.step,
+            desc=f"{stage.objective} training",
+            mininterval=10,
+            disable=not acc.is_main_process,
+        )
+        window: dict[str, float] = {}
+        window_start = time.perf_counter()
+        self.wrapped.train()
+        if rng is not None:
+            restore_rng(rng)  # last thing before the first resumed batch
+        while not state.stopped:
+            self.sampler.set_epoch(state.data_pass)
+            if state.pass_position:
+                self.sampler.load_state_dict(
+                    {"epoch": state.data_pass, "position": state.pass_position, "seed": self.seed}
+                )
+            for batch in self.loader:
+                state.pass_position += 1
+                state.batches_seen += 1
+                state.data_digest = chain_digest(state.data_digest, [str(r.get("id")) for r in batch.records])
+                sync = state.batches_seen % stage.accum_grad == 0
+                batch = batch.to(acc.device)
+                context = contextlib.nullcontext() if sync else acc.no_sync(self.wrapped)
+                with context:
+                    loss, stats = self.wrapped(batch)
+                    acc.backward(loss / stage.accum_grad)
+                for key, value in {"loss": loss.detach(), **stats}.items():
+                    window[key] = window.get(key, 0.0) + float(value)
+                window["micro_batches"] = window.get("micro_batches", 0.0) + 1
+                window["audio_seconds"] = (
+                    window.get("audio_seconds", 0.0)
+                    + float(batch.wav_lengths.sum()) / self.train_set.sampling_rate
+                )
+                window["tokens"] = window.get("tokens", 0.0) + batch_tokens(batch, stage.objective)
+                if not sync:
+                    continue
+                grad_norm = float(acc.clip_grad_norm_(self.wrapped.parameters(), stage.grad_clip or math.inf))
+                if math.isfinite(grad_norm):
+                    self.optimizer.step()
+                else:
+                    log.warning("step %d: gradient norm is %s, update skipped", state.step + 1, grad_norm)
+                lr = self.scheduler.get_last_lr()[0]  # the rate this update used
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                progress.update(1)
+                if self._after_step(window, window_start, grad_norm, lr):
+                    window, window_start = {}, time.perf_counter()
+                if state.stopped:
+                    break
+            else:
+                state.data_pass += 1
+                state.pass_position = 0
+        progress.close()
+        return self.finish()
+
+    def _after_step(self, window: dict[str, float], window_start: float, grad_norm: float, lr: float) -> bool:
+        """Logging, evaluation, epoch end, checkpoint and stop decision after an optimizer update.
+
+        Returns whether the statistics window was logged (and should restart).
+        """
+        stage, state = self.stage, self.state
+        epoch_end = state.batches_seen >= (state.epoch + 1) * self.iters_per_epoch
+        at_cap = stage.max_steps is not None and state.step >= stage.max_steps
+        evaluate = epoch_end or at_cap or self._step_due(stage.eval_every)
+        row: dict[str, Any] = {}
+        if self._step_due(stage.log_every) or evaluate:
+            row = self._reduce_window(window, time.perf_counter() - window_start)
+            row.update(lr=lr, grad_norm=grad_norm, epoch=state.epoch)
+        if evaluate:
+            metrics = self.evaluate()
+            self.after_evaluation(metrics)
+            row.update(metrics)
+        if epoch_end:
+            state.epoch += 1
+        state.stopped = self.stop_reason()
+        if row:
+            self.tracker.log(row, step=state.step)
+        if epoch_end or state.stopped or self._step_due(stage.checkpoint_every):
+            self.save_checkpoint()
+        return bool(row)
+
+    # ------------------------------------------------------------------ end
+
+    def finish(self) -> TrainResult:
+        """Select the final weights (best / k-best average / last) and summarise, on every rank."""
+        acc, stage, state = self.accelerator, self.stage, self.state
+        last = self.trainable_weights()
+        digests = gather_object([weights_digest(last) if acc.is_main_process or not stage.fsdp else ""])
+        batches = gather_object([state.batches_seen])
+        data = gather_object([state.data_digest])
+        self.barrier()
+        if stage.best_metric == "last" or not state.kept:
+            selected = last
+        else:
+            states = [self.checkpoints.load_kept(k.file) for k in state.kept]
+            selected = states[0] if len(states) == 1 else average_states(states)
+        if not stage.fsdp:
+            load_weights(self.core, selected, "selected weights")
+        initial = next((h for h in state.history if h.get("initial")), {})
+        summary = {
+            "objective": stage.objective,
+            "final_step": state.step,
+            "epochs": state.epoch,
+            "stopped": state.stopped,
+            "selected_steps": [k.step for k in state.kept]
+            if stage.best_metric != "last" and state.kept
+            else [state.step],
+            "initial_dev": {k: v for k, v in initial.items() if k.startswith("dev_")},
+            "history": [h for h in state.history if not h.get("initial")],
+            "batches_per_process": batches,
+            "data_sha256_per_process": data,
+            "final_weights_sha256_per_process": digests,
+            "num_processes": acc.num_processes,
+            "wandb_run_id": self.tracker.wandb_id,
+        }
+        self.tracker.summary(
+            {
+                "selected_steps": json.dumps(summary["selected_steps"]),
+                "stopped": summary["stopped"],
+                "final_step": state.step,
+            }
+        )
+        self.tracker.close()
+        return TrainResult(summary, selected if acc.is_main_process else None)
+
+
+def train(
+    model: nn.Module,
+    tokenizer: Any,
+    stage: StageConfig,
+    train_set: SpeechDataset,
+    dev_set: SpeechDataset,
+    collator: Collator,
+    make_tracker: Callable[[int | None, bool], Tracker],
+    seed: int,
+    checkpoint_dir: Path,
+    fingerprint: str = "",
+) -> TrainResult:
+    """Train `model` in place (resuming from `checkpoint_dir` when it holds this run's checkpoints).
+
+    On return (without FSDP) the model holds the selected weights: the best evaluation, the average of the k
+    best, or the last weights. `make_tracker(resume_step, enabled)` opens the job's tracker.
+    """
+    return Trainer(
+        model, tokenizer, stage, train_set, dev_set, collator, make_tracker, seed, checkpoint_dir, fingerprint
+    ).run()
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -1,69 +1,153 @@
-"""Experiment tracking: W&B (offline unless the user sets WANDB_MODE) plus a CSV the project reads itself."""
+"""Experiment tracking: W&B (offline unless the user sets WANDB_MODE) plus files the project reads itself.
+
+A job opens one W&B run: project from the config, group = experiment, job_type = the Snakemake rule, name from
+the rule's wildcards (a stable id from these three); its config is the job's resolved settings. Scalars also
+go to `<log_dir>/metrics.jsonl` as they are logged (so a resumed job keeps the rows written before its
+checkpoint) and to a CSV at the end; the resolved settings are dumped to `<log_dir>/config.json`.
+
+Secrets never reach a file: keys that look like credentials are dropped and any string containing the value of
+WANDB_API_KEY is redacted before a config is logged or dumped; W&B reads the key from the environment itself.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import math
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password)", re.IGNORECASE)
+from speechllm.io import atomic_path, atomic_write_text
+
+# Credential-like keys ("api_key", "hf_token", "password", ...), not "max_new_tokens" or "tokenizer_...".
+SECRET_KEY = re.compile(r"(api[_-]?key|secret|passw(or)?d|credential|(^|[_-])token$)", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
+def _secret_values() -> list[str]:
+    return [v for k, v in os.environ.items() if k == "WANDB_API_KEY" and v]
 
 
 def scrub(value: Any) -> Any:
-    """Drop secret-looking keys and any string equal to WANDB_API_KEY from a config before it is logged."""
-    key = os.environ.get("WANDB_API_KEY")
+    """Drop secret-looking keys and redact strings containing WANDB_API_KEY, recursively."""
+    secrets = _secret_values()
     if isinstance(value, dict):
         return {k: scrub(v) for k, v in value.items() if not SECRET_KEY.search(str(k))}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [scrub(v) for v in value]
-    if key and isinstance(value, str) and key in value:
-        return "<redacted>"
+    if isinstance(value, str) and any(s in value for s in secrets):
+        return REDACTED
     return value
 
 
-class Tracker:
-    """Logs scalars to `csv_path` and, on the main process, to a W&B run."""
+def run_id(group: str, job_type: str, name: str) -> str:
+    """A stable W&B run id per job: a resumed job continues its run (online) instead of starting another."""
+    return hashlib.sha256(f"{group}/{job_type}/{name}".encode()).hexdigest()[:16]
 
-    def __init__(self, csv_path: Path, wandb_cfg: dict[str, Any], group: str, job_type: str, name: str,
-                 config: dict[str, Any], wandb_dir: Path, enabled: bool = True) -> None:
-        self.csv_path = Path(csv_path)
-        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+
+def _finite(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class Tracker:
+    """Logs scalars to `<log_dir>/metrics.jsonl` (and a CSV at `close`) and to a W&B run.
+
+    Args:
+        log_dir: the job's run directory (W&B writes under `<log_dir>/wandb`).
+        wandb_cfg: `{"project": ..., "mode": offline|online|disabled}`; WANDB_MODE in the environment wins.
+        group, job_type, name: W&B run grouping (experiment, rule, wildcards).
+        config: the resolved settings (scrubbed before logging or dumping).
+        enabled: False on non-main processes (nothing is written).
+        resume_step: keep earlier rows up to this step (a resumed job); None starts afresh.
+    """
+
+    def __init__(
+        self,
+        log_dir: Path,
+        wandb_cfg: dict[str, Any],
+        group: str,
+        job_type: str,
+        name: str,
+        config: dict[str, Any],
+        enabled: bool = True,
+        resume_step: int | None = None,
+    ) -> None:
+        self.log_dir = Path(log_dir)
         self.enabled = enabled
-        self._fields: list[str] | None = None
         self.rows: list[dict[str, Any]] = []
         self.run = None
-        if enabled and wandb_cfg.get("mode", "offline") != "disabled":
-            import wandb
+        self.wandb_id: str | None = None
+        if not enabled:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = self.log_dir / "metrics.jsonl"
+        if resume_step is not None and self.jsonl.is_file():
+            lines = self.jsonl.read_text(encoding="utf-8").splitlines()
+            self.rows = [row for row in map(json.loads, filter(None, lines)) if row["step"] <= resume_step]
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+        clean = scrub(config)
+        atomic_write_text(self.log_dir / "config.json", json.dumps(clean, indent=2, sort_keys=True) + "\n")
+        mode = os.environ.get("WANDB_MODE") or wandb_cfg.get("mode", "offline")
+        self.wandb_id = run_id(group, job_type, name) if mode != "disabled" else None
+        if mode == "disabled":
+            return
+        import wandb
 
-            wandb_dir.mkdir(parents=True, exist_ok=True)
-            os.environ.setdefault("WANDB_MODE", wandb_cfg.get("mode", "offline"))
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self.run = wandb.init(project=wandb_cfg["project"], group=group, job_type=job_type, name=name,
-                                  config=scrub(config), dir=str(wandb_dir), reinit="finish_previous")
+        if mode == "offline":
+            # An offline run cannot be continued: the resumed job's run directory replaces the killed one's
+            # and gets the earlier rows again: the one directory `wandb sync` uploads holds the whole curve.
+            for old in (self.log_dir / "wandb").glob(f"offline-run-*-{self.wandb_id}*"):
+                shutil.rmtree(old, ignore_errors=True)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(
+            project=wandb_cfg["project"],
+            group=group,
+            job_type=job_type,
+            name=name,
+            config=clean,
+            dir=str(self.log_dir),
+            mode=mode,
+            id=self.wandb_id,
+            resume="allow",
+        )
+        if mode == "offline":
+            for row in self.rows:
+                self._to_wandb(row)
 
     def log(self, row: dict[str, Any], step: int) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **row}
+        row = {"step": step, **{k: _finite(v) for k, v in row.items()}}
         self.rows.append(row)
+        with self.jsonl.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self._to_wandb(row)
+
+    def _to_wandb(self, row: dict[str, Any]) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in row.items() if k != "step"}, step=step)
+            self.run.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
-            self.run.summary.update(values)
+            self.run.summary.update(scrub(values))
 
-    def close(self) -> None:
-        if not self.enabled:
-            return
+    def write_csv(self, path: Path) -> None:
+        """All rows as one CSV (columns: step first, then sorted names), written atomically."""
         fields = sorted({k for row in self.rows for k in row}, key=lambda k: (k != "step", k))
-        tmp = self.csv_path.with_name(self.csv_path.name + ".tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
+        with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(self.rows)
-        tmp.replace(self.csv_path)
+
+    def close(self) -> None:
+        """Write `<log_dir>/metrics.csv` and finish the W&B run."""
+        if not self.enabled:
+            return
+        self.write_csv(self.log_dir / "metrics.csv")
         if self.run is not None:
             self.run.finish()
+            self.run = None

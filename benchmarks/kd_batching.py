@@ -1,0 +1,198 @@
+"""Training throughput of the Kang & Roy KD objective: batched (left padding) vs the reference's batch-1 loop.
+
+Usage: python benchmarks/kd_batching.py [--batch-size 16] [--rounds 5] [--threads 1] [--seed 0]
+
+Both modes run the same tiny HuBERT + pooling + LLaMA model (built here, no downloads) on the same 16
+utterances per update: "batched" is one forward/backward over all of them, "batch-1" 16 forward/backward
+passes with gradient accumulation (the reference: batch size 1, accumulation 16). Two measurements:
+
+- KD objective: student and teacher LLM forwards, NTP + logit + feature distillation, backward into the speech
+  embeddings (given, with the lengths the encoder produces) — the part `train/distillation.py` batches;
+- full update: the same plus the HuBERT encoder forward/backward on the raw audio and an Adam step. On a CPU
+  the encoder's convolutions over raw samples cost the same per second of audio in both modes, which caps this
+  ratio.
+
+The last line printed is the KD objective's `batched/batch-1 samples per second: <ratio>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM
+
+from speechllm.models.hubert_pool import HubertPoolEncoder, PoolConfig
+from speechllm.models.kang_roy import KangRoy
+from speechllm.models.speech_llm import SpeechLLM
+from speechllm.train.distillation import DistillationConfig, distillation_loss
+
+SAMPLING_RATE = 16_000
+VOCAB = 256
+LLM_HIDDEN = 32
+LLM_LAYERS = 2
+PREFIX, SUFFIX = [1, 5, 6], [2, 7, 8]  # "<s>[|User|]" / "</s>[|Assistant|]" stand-ins
+AUDIO_SECONDS = (1.0, 2.0)  # utterance durations (a duration bucket keeps them similar)
+TRANSCRIPT_TOKENS = (6, 16)
+RESPONSE_TOKENS = (8, 24)
+WARMUP_ROUNDS = 1
+CONFIG = DistillationConfig(
+    ntp_weight=0.5, ld_weight=0.5, fd_weight=1.0, fd_layers=list(range(LLM_LAYERS + 1))
+)
+
+
+def tiny_model(seed: int) -> KangRoy:
+    """HuBERT-large's layout (20 ms frames) and MiniChat's LLaMA layout, shrunk."""
+    torch.manual_seed(seed)
+    hubert = HubertModel(
+        HubertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            conv_dim=(32, 32, 32, 32),
+            conv_stride=(5, 4, 4, 4),
+            conv_kernel=(10, 4, 4, 4),
+            feat_extract_norm="layer",
+            do_stable_layer_norm=True,
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=2,
+        )
+    )
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=LLM_HIDDEN,
+            intermediate_size=2 * LLM_HIDDEN,
+            num_hidden_layers=LLM_LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+        )
+    )
+    encoder = HubertPoolEncoder(hubert, llm_hidden_size=LLM_HIDDEN, pool=PoolConfig(8, 4))
+    return KangRoy(encoder, SpeechLLM(lm, pad_token_id=2, eos_token_id=2), PREFIX, SUFFIX).train()
+
+
+def make_samples(count: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def randint(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=gen))
+
+    samples = []
+    for _ in range(count):
+        n = randint(int(AUDIO_SECONDS[0] * SAMPLING_RATE), int(AUDIO_SECONDS[1] * SAMPLING_RATE))
+        samples.append(
+            {
+                "wav": 0.1 * torch.randn(n, generator=gen),
+                "transcript": torch.randint(9, VOCAB, (randint(*TRANSCRIPT_TOKENS),), generator=gen).tolist(),
+                "response": torch.randint(9, VOCAB, (randint(*RESPONSE_TOKENS),), generator=gen).tolist(),
+            }
+        )
+    return samples
+
+
+def kd_loss(model: KangRoy, speech: Sequence[torch.Tensor], samples: Sequence[dict]) -> torch.Tensor:
+    student = model.chat_segments([[s] for s in speech])
+    teacher = model.chat_segments([[s["transcript"]] for s in samples])
+    return distillation_loss(model.llm, student, teacher, [s["response"] for s in samples], CONFIG).loss
+
+
+def encode(model: KangRoy, samples: Sequence[dict]) -> list[torch.Tensor]:
+    """Right-padded audio through HuBERT + pooling: one (T_b, H) speech segment per utterance."""
+    lengths = torch.tensor([s["wav"].shape[0] for s in samples])
+    wav = torch.zeros(len(samples), int(lengths.max()))
+    for i, s in enumerate(samples):
+        wav[i, : lengths[i]] = s["wav"]
+    return model.encode(wav, lengths)
+
+
+def kd_objective_round(
+    model: KangRoy, samples: Sequence[dict], speech: Sequence[torch.Tensor], micro_batch: int
+) -> None:
+    """Forward + backward of the KD objective over all samples, in micro-batches (mean loss over samples)."""
+    for start in range(0, len(samples), micro_batch):
+        chunk = slice(start, start + micro_batch)
+        (kd_loss(model, speech[chunk], samples[chunk]) * len(samples[chunk]) / len(samples)).backward()
+
+
+def full_update_round(
+    model: KangRoy, optimizer: torch.optim.Optimizer, samples: Sequence[dict], micro_batch: int
+) -> None:
+    """One optimizer update: encoder + KD forward/backward per micro-batch, then Adam."""
+    for start in range(0, len(samples), micro_batch):
+        chunk = samples[start : start + micro_batch]
+        (kd_loss(model, encode(model, chunk), chunk) * len(chunk) / len(samples)).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def samples_per_second(run_round: Callable[[], None], num_samples: int, rounds: int) -> float:
+    for _ in range(WARMUP_ROUNDS):
+        run_round()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        run_round()
+    return rounds * num_samples / (time.perf_counter() - start)
+
+
+def measure(samples: list[dict], micro_batch: int, rounds: int, seed: int) -> tuple[float, float]:
+    """(KD objective, full update) samples per second with the given micro-batch size."""
+    model = tiny_model(seed)
+    with torch.no_grad():
+        lengths = model.encoder.output_lengths(torch.tensor([s["wav"].shape[0] for s in samples]))
+    generator = torch.Generator().manual_seed(seed)
+    speech = [torch.randn(int(n), LLM_HIDDEN, generator=generator).requires_grad_() for n in lengths]
+    kd = samples_per_second(
+        lambda: kd_objective_round(model, samples, speech, micro_batch), len(samples), rounds
+    )
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    full = samples_per_second(
+        lambda: full_update_round(model, optimizer, samples, micro_batch), len(samples), rounds
+    )
+    return kd, full
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per update (reference: 16)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed updates per mode")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    samples = make_samples(args.batch_size, args.seed)
+    kd_batched, full_batched = measure(samples, args.batch_size, args.rounds, args.seed)
+    kd_single, full_single = measure(samples, 1, args.rounds, args.seed)
+    print(
+        f"tiny HuBERT (2 layers) + pooling + LLaMA ({LLM_LAYERS} layers, hidden {LLM_HIDDEN}), CPU, "
+        f"{args.threads} thread(s); {args.batch_size} utterances of "
+        f"{AUDIO_SECONDS[0]:g}-{AUDIO_SECONDS[1]:g} s, "
+        f"responses of {RESPONSE_TOKENS[0]}-{RESPONSE_TOKENS[1]} tokens per update"
+    )
+    print(f"{'samples/s':<48} {'batched':>9} {'batch-1':>9} {'ratio':>7}")
+    print(
+        f"{'full update (HuBERT + KD + Adam)':<48} {full_batched:>9.1f} {full_single:>9.1f} "
+        f"{full_batched / full_single:>7.2f}"
+    )
+    print(
+        f"{'KD objective (student + teacher LLM + backward)':<48} {kd_batched:>9.1f} {kd_single:>9.1f} "
+        f"{kd_batched / kd_single:>7.2f}"
+    )
+    print(f"batched/batch-1 samples per second: {kd_batched / kd_single:.2f}")
+
+
+if __name__ == "__main__":
+    main()

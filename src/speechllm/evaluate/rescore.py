@@ -1,0 +1,118 @@
+"""Score files: written from a benchmark's per-utterance frame, and recomputed from its Parquet alone.
+
+A score file is JSON: `benchmark`, `model`, `decoder`, `checkpoint`, `experiment`, `metrics` (what the tables
+read), `versions` (speechllm, normaliser, sacreBLEU, rouge-score), `settings` (the decoding/scoring knobs that
+shaped it) and `notes` (e.g. why a model has no CTC-branch score).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from speechllm.evaluate import benchmarks, summarization
+from speechllm.io import atomic_path
+
+SCORERS: dict[str, Callable[[pd.DataFrame, dict[str, Any]], dict[str, Any]]] = {
+    "fleurs_asr": benchmarks.score_asr,
+    "fleurs_st": benchmarks.score_st,
+    "covost2_st": benchmarks.score_st,
+    "speechglue": benchmarks.score_speechglue,
+    "speechxnli": benchmarks.score_speechxnli,
+    "summarization": summarization.score_summarization,
+    "response_ppl": summarization.score_response_ppl,
+}
+BENCHMARKS: tuple[str, ...] = tuple(SCORERS)
+SETTING_KEYS = (
+    "num_beams",
+    "max_new_tokens",
+    "glue_scoring",
+    "stsb_rank",
+    "stsb_max_new_tokens",
+    "option_prefix",
+    "ctc",
+    "bleu_tokenize",
+    "st_prompt",
+    "summarization",
+    "response_ppl",
+    "cascade_asr",
+)
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def versions() -> dict[str, Any]:
+    from speechllm import __version__
+    from speechllm.text.normalize import normalizer_version
+
+    return {
+        "speechllm": __version__,
+        "normalizer": normalizer_version(),
+        "sacrebleu": _package_version("sacrebleu"),
+        "jiwer": _package_version("jiwer"),
+        "rouge_score": _package_version("rouge-score"),
+    }
+
+
+def score_frame(benchmark: str, df: pd.DataFrame, settings: dict[str, Any]) -> dict[str, Any]:
+    if benchmark not in SCORERS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {list(BENCHMARKS)}")
+    return SCORERS[benchmark](df, settings)
+
+
+def write_outputs(df: pd.DataFrame, scores: dict[str, Any], hyps: Path, scores_path: Path) -> None:
+    """Parquet of per-utterance outputs and the score file, each written atomically."""
+    with atomic_path(hyps) as tmp:
+        df.to_parquet(tmp, index=False)
+    with atomic_path(scores_path) as tmp:
+        tmp.write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def score_document(
+    benchmark: str,
+    model: str,
+    decoder: str,
+    checkpoint: str,
+    settings: dict[str, Any],
+    metrics: dict[str, Any],
+    notes: dict[str, Any],
+) -> dict[str, Any]:
+    evaluate = settings["evaluate"]
+    return {
+        "benchmark": benchmark,
+        "model": model,
+        "decoder": decoder,
+        "checkpoint": checkpoint,
+        "experiment": settings.get("experiment"),
+        "metrics": metrics,
+        "versions": versions(),
+        "settings": {k: evaluate[k] for k in SETTING_KEYS if k in evaluate},
+        "notes": notes,
+    }
+
+
+def rescore(
+    benchmark: str, hyps: Path, scores_path: Path, settings: dict[str, Any], out: Path | None = None
+) -> dict:
+    """Recompute `metrics` of a score file from its Parquet (no decoding); write to `out` (default: in place).
+    """
+    if not Path(hyps).is_file():
+        raise FileNotFoundError(f"per-utterance outputs not found: {hyps}")
+    document = json.loads(Path(scores_path).read_text(encoding="utf-8"))
+    if document.get("benchmark") != benchmark:
+        raise ValueError(f"{scores_path}: benchmark {document.get('benchmark')!r}, not {benchmark!r}")
+    document["metrics"] = score_frame(benchmark, pd.read_parquet(hyps), settings["evaluate"])
+    document["versions"] = versions()
+    with atomic_path(out or scores_path) as tmp:
+        tmp.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return document

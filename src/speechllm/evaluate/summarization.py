@@ -1,0 +1,130 @@
+"""Kang & Roy's evaluations (speech-summarization.md §5): spoken-article summarization and response
+perplexity.
+
+* Summarization: the user turn is the instruction text followed by the article's speech (the reference puts
+  the text prompt before the audio), e.g. "Summarize the following article in 3 sentences or less: " +
+  <speech>; greedy decoding as the reference; ROUGE-1/2/L/Lsum (rouge-score) and METEOR (nltk, only when
+  WordNet is installed locally) against the reference summaries.
+* Response perplexity on LibriSpeech test-clean / test-other: the frozen LLM's text-prompted response to each
+  utterance (`llm_response`, made by `speechllm targets responses`) scored teacher-forced after the speech
+  (decoder llm), the CTC transcript (cascade) or the gold transcript (text).
+
+Manifests: one JSON object per line with `id`, `audio`, `num_samples` and the configured text fields
+(`evaluate.summarization.text_field` / `reference_field`, `evaluate.response_ppl.text_field` /
+`response_field`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from speechllm.evaluate.benchmarks import chunks_by_length
+from speechllm.evaluate.metrics import meteor, perplexity, rouge_scores
+from speechllm.evaluate.system import Clip, EvalSystem
+
+
+def _require(records: list[dict[str, Any]], keys: tuple[str, ...], config_key: str) -> None:
+    for rec in records:
+        missing = [k for k in keys if not isinstance(rec.get(k), str)]
+        if missing:
+            raise ValueError(
+                f"manifest line {rec.get('_line')}: record {rec.get('id')} has no text field(s) "
+                f"{missing} (config key {config_key})"
+            )
+
+
+def score_summarization(df: pd.DataFrame, settings: dict[str, Any]) -> dict[str, Any]:
+    refs, hyps = list(df.reference), list(df.hypothesis)
+    return {
+        "all": {
+            **rouge_scores(refs, hyps, settings["summarization"]["rouge_stemmer"]),
+            **meteor(refs, hyps),
+            "num_docs": len(df),
+        }
+    }
+
+
+def run_summarization(
+    system: EvalSystem, records: list[dict[str, Any]], settings: dict[str, Any]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Summarize every spoken article with the configured instruction."""
+    cfg = settings["summarization"]
+    _require(
+        records,
+        (cfg["reference_field"],) + ((cfg["text_field"],) if system.decoder == "text" else ()),
+        "evaluate.summarization.text_field/reference_field",
+    )
+    hyps: list[str] = [""] * len(records)
+    prompts: list[str] = [""] * len(records)
+    inputs: list[str | None] = [None] * len(records)
+    batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], settings["batch_size"]))
+    for idx in tqdm(batches, desc=f"summarization ({system.decoder})", mininterval=10):
+        clips = [
+            Clip(records[i]["audio"], _article_text(records[i], cfg), records[i].get("_line")) for i in idx
+        ]
+        fills, _ = system.fills(clips)
+        pieces = [[cfg["prompt"], fill] for fill in fills]
+        out = system.generate(system.prompts(pieces), cfg["num_beams"], cfg["max_new_tokens"])
+        for j, i in enumerate(idx):
+            hyps[i], prompts[i] = out[j], system.describe(pieces[j])
+            inputs[i] = None if system.decoder == "llm" else str(fills[j])
+    df = pd.DataFrame(
+        {
+            "id": [r["id"] for r in records],
+            "prompt": prompts,
+            "input_text": inputs,
+            "reference": [r[cfg["reference_field"]] for r in records],
+            "hypothesis": hyps,
+        }
+    )
+    return df, score_summarization(df, settings)
+
+
+def _article_text(record: dict[str, Any], cfg: dict[str, Any]) -> str:
+    text = record.get(cfg["text_field"], "")
+    return text.lower() if cfg.get("lowercase_text") and isinstance(text, str) else text
+
+
+def score_response_ppl(df: pd.DataFrame, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Perplexity per LibriSpeech subset and over all utterances."""
+    per_subset = {
+        subset: perplexity(list(g.nll), list(g.num_tokens)) for subset, g in df.groupby("subset", sort=True)
+    }
+    return {"per_subset": per_subset, "all": perplexity(list(df.nll), list(df.num_tokens))}
+
+
+def run_response_ppl(
+    system: EvalSystem, records: list[dict[str, Any]], settings: dict[str, Any]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Teacher-forced NLL of each utterance's LLM response after its speech / transcript in the chat turn.
+
+    Utterances are grouped by their `subset` (LibriSpeech `test.clean` / `test.other`).
+    """
+    cfg = settings["response_ppl"]
+    _require(
+        records,
+        (cfg["response_field"],) + ((cfg["text_field"],) if system.decoder == "text" else ()),
+        "evaluate.response_ppl.text_field/response_field",
+    )
+    rows: list[dict[str, Any] | None] = [None] * len(records)
+    batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], settings["batch_size"]))
+    for idx in tqdm(batches, desc=f"response ppl ({system.decoder})", mininterval=10):
+        chunk = [records[i] for i in idx]
+        fills, _ = system.fills([Clip(r["audio"], _article_text(r, cfg), r.get("_line")) for r in chunk])
+        targets = [system.text_ids(r[cfg["response_field"]]) for r in chunk]
+        nll, counts = system.response_nll(system.prompts([[f] for f in fills]), targets, cfg["append_eos"])
+        for i, rec, fill, loss, count in zip(idx, chunk, fills, nll, counts, strict=True):
+            rows[i] = {
+                "id": rec["id"],
+                "subset": rec.get("subset", "all"),
+                "prompt": system.describe([fill]),
+                "input_text": None if system.decoder == "llm" else str(fill),
+                "response": rec[cfg["response_field"]],
+                "nll": loss,
+                "num_tokens": count,
+            }
+    df = pd.DataFrame(rows)
+    return df, score_response_ppl(df)

@@ -1,0 +1,106 @@
+"""Kang & Roy audio encoder: trainable HuBERT -> average pooling over time -> Linear into the LLM's embedding space.
+
+Spec speech-summarization.md §1.2: `HubertModel` (`facebook/hubert-large-ls960-ft` at scale, CTC head discarded) is
+fully trainable and, in train mode, applies its config's SpecAugment time masking and LayerDrop. It reads the raw,
+un-normalised waveform (right zero-padded). `AvgPool1d(8, 4)` turns 20 ms frames into one LLM "token" per 80 ms and
+`Linear(1024 -> 3072)` (with bias) projects into MiniChat's embedding space.
+
+Unlike the reference (batch size 1, no attention mask), batches pass an attention mask to HuBERT, and only pooling
+windows that lie entirely inside an utterance's valid frames are kept, so an utterance's output does not depend on
+what else is in the batch (for layer-norm conv extractors such as HuBERT-large's; a group-norm extractor, as in
+HuBERT-base, normalises over time and sees the padding). Attribute names (`encoder`, `embed_projection`) match the reference's `AudioEncoder`, so
+its released `state_dict` loads by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from speechllm.models.frontend import lengths_to_mask
+
+
+@dataclass
+class PoolConfig:
+    """Average pooling over encoder frames (reference `config_full.yaml`: kernel 8, stride 4)."""
+
+    kernel_size: int = 8
+    stride: int = 4
+
+    def __post_init__(self) -> None:
+        if self.kernel_size < 1 or self.stride < 1:
+            raise ValueError(f"pooling kernel_size and stride must be >= 1, got {self}")
+
+    def output_length(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B,) valid frames -> (B,) pooled frames `floor((T - k) / s) + 1`, 0 when T < k."""
+        pooled = torch.div(frames - self.kernel_size, self.stride, rounding_mode="floor") + 1
+        return pooled.clamp(min=0)
+
+
+class HubertPoolEncoder(nn.Module):
+    """Trainable HF speech encoder -> AvgPool1d over time -> Linear(hidden -> llm_hidden_size).
+
+    Args:
+        encoder: HF `HubertModel` (any wav2vec2-family model with `last_hidden_state` works). Trainable; its
+            SpecAugment (`apply_spec_augment`, `mask_time_prob`, ...) and `layerdrop` act in train mode as in HF.
+        llm_hidden_size: size of the LLM's input embeddings (MiniChat-2-3B: 3072).
+        pool: pooling kernel and stride.
+    """
+
+    def __init__(self, encoder: PreTrainedModel, llm_hidden_size: int, pool: PoolConfig | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pool = pool or PoolConfig()
+        self.pooling_layer = nn.AvgPool1d(self.pool.kernel_size, self.pool.stride)
+        self.embed_projection = nn.Linear(encoder.config.hidden_size, llm_hidden_size)
+
+    def frame_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
+        """(B,) valid samples -> (B,) long valid encoder frames (conv feature extractor arithmetic)."""
+        return self.encoder._get_feat_extract_output_lengths(wav_lengths).to(torch.long)
+
+    def output_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
+        """(B,) valid samples -> (B,) long number of speech embeddings per utterance."""
+        return self.pool.output_length(self.frame_lengths(wav_lengths))
+
+    def min_samples(self) -> int:
+        """Shortest waveform (samples) that yields one speech embedding."""
+        low, high = 1, 1
+        while int(self.output_lengths(torch.tensor([high]))[0]) < 1:
+            low, high = high, high * 2
+        while low < high:
+            mid = (low + high) // 2
+            if int(self.output_lengths(torch.tensor([mid]))[0]) >= 1:
+                high = mid
+            else:
+                low = mid + 1
+        return high
+
+    def forward(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode a right-padded raw waveform batch.
+
+        Args:
+            wav: (B, N) float waveform at the encoder's rate (not normalised; padding is zeroed here).
+            wav_lengths: (B,) long valid samples per utterance.
+
+        Returns:
+            speech: (B, T_pool, llm_hidden_size); rows past an utterance's length are padding (set to 0).
+            speech_lengths: (B,) long valid speech embeddings per utterance.
+        """
+        speech_lengths = self.output_lengths(wav_lengths)
+        if bool((speech_lengths < 1).any()):
+            raise ValueError(
+                f"utterance too short for the encoder + pooling: wav_lengths={wav_lengths.tolist()} "
+                f"(need >= {self.min_samples()} samples)"
+            )
+        sample_mask = lengths_to_mask(wav_lengths, wav.shape[1])
+        encoder_dtype = next(self.encoder.parameters()).dtype
+        wav = wav.masked_fill(~sample_mask, 0.0).to(encoder_dtype)
+        hidden = self.encoder(wav, attention_mask=sample_mask.long(), return_dict=True).last_hidden_state
+        pooled = self.pooling_layer(hidden.transpose(1, 2)).transpose(1, 2)  # (B, T_pool, D)
+        speech = self.embed_projection(pooled)
+        # Windows that reach into padding are not part of the utterance.
+        valid = lengths_to_mask(speech_lengths, speech.shape[1]).unsqueeze(-1)
+        return speech * valid.to(speech.dtype), speech_lengths

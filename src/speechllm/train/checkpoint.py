@@ -1,0 +1,308 @@
+"""Periodic training checkpoints for exact resumption.
+
+A checkpoint is a directory `step_<8 digits>/` in the run's checkpoint dir:
+
+    model.safetensors     trainable weights only (the frozen encoder / CTC head / LLM come from their sources)
+    trainer.pt            optimizer and scheduler state (`torch.load(weights_only=True)`)
+    rng_rank<r>.pt        python / numpy / torch CPU / CUDA RNG states of each process
+    trainer_state.json    counters (step, batches, epoch, data pass), best / k-best and early-stopping
+                          bookkeeping, dev history, the run fingerprint and the number of processes
+
+The weights of the evaluations kept for the final selection (best, or k-best for averaging) are written once
+to `kept/step_<8 digits>.safetensors` and referenced by name. Every directory and file appears complete or not
+at all: it is written under a temporary name and renamed. A SIGKILL at any moment leaves the previous
+checkpoints intact; leftovers of an interrupted write are removed on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from speechllm.io import atomic_write_text
+
+log = logging.getLogger("speechllm")
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the directory."""
+
+
+@dataclass
+class KeptState:
+    """One dev evaluation whose weights take part in the final selection."""
+
+    value: float  # selection value, lower is better (accuracy is stored negated)
+    step: int
+    file: str  # name under `kept/`
+
+
+@dataclass
+class TrainerState:
+    """Everything besides tensors that the loop needs to continue exactly where it stopped.
+
+    Attributes:
+        step: optimizer updates done.
+        batches_seen: micro-batches consumed by this rank since the start (all passes).
+        data_pass: index of the current pass over the training data (the sampler's epoch).
+        pass_position: micro-batches consumed in the current pass (the sampler's resume position).
+        epoch: completed "epochs" (`num_iters_per_epoch` micro-batches each).
+        kept: evaluations whose weights are kept for the final selection, best first.
+        best_early_stop: best value of the early-stopping metric so far (lower is better).
+        evals_since_best: dev evaluations since it last improved.
+        last_eval_step: step of the latest dev evaluation (-1: none yet).
+        history: one dict per dev evaluation.
+        stopped: why training ended ("" while running).
+        data_digest: hash chain over the utterance ids of every consumed micro-batch (this rank).
+        fingerprint: hash of everything that defines the run; a mismatch means the checkpoints are stale.
+        num_processes: world size when written (the data plan depends on it).
+    """
+
+    step: int = 0
+    batches_seen: int = 0
+    data_pass: int = 0
+    pass_position: int = 0
+    epoch: int = 0
+    kept: list[KeptState] = field(default_factory=list)
+    best_early_stop: float | None = None
+    evals_since_best: int = 0
+    last_eval_step: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stopped: str = ""
+    data_digest: str = ""
+    fingerprint: str = ""
+    num_processes: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        data = json.loads(text)
+        data["kept"] = [KeptState(**k) for k in data.get("kept", [])]
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------------- RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states of this process in a form `torch.load(weights_only=True)` accepts (no numpy objects)."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [
+            np_name,
+            torch.from_numpy(np_keys.astype(np.int64)),
+            int(np_pos),
+            int(np_has_gauss),
+            float(np_gauss),
+        ],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors file written under a temporary name and renamed."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes: equal digests mean bit-identical weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+class CheckpointManager:
+    """Writes, lists, loads and prunes the checkpoints of one run directory.
+
+    Args:
+        root: the run's checkpoint directory.
+        keep: number of most recent `step_*` checkpoints to keep.
+        is_main: only the main process writes shared files; every process writes its own RNG file.
+    """
+
+    def __init__(self, root: Path, keep: int, is_main: bool = True) -> None:
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root = Path(root)
+        self.keep = keep
+        self.is_main = is_main
+        self.kept_dir = self.root / "kept"
+
+    # ------------------------------------------------------------------ listing
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, ascending."""
+        if not self.root.is_dir():
+            return []
+        found = (STEP_DIR.match(p.name) for p in self.root.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return self.path(steps[-1]) if steps else None
+
+    def clean_partial(self) -> None:
+        """Remove leftovers of writes that a kill interrupted (main process, before training starts)."""
+        if not self.is_main:
+            return
+        for folder in (self.root, self.kept_dir):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if p.name.startswith(TMP_PREFIX):
+                        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def discard_all(self, reason: str) -> None:
+        """Delete every checkpoint of this directory (they belong to another configuration)."""
+        if self.is_main and self.root.is_dir() and (self.steps() or self.kept_dir.is_dir()):
+            log.warning("discarding checkpoints in %s: %s", self.root, reason)
+            for step in self.steps():
+                shutil.rmtree(self.path(step))
+            shutil.rmtree(self.kept_dir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ kept weights
+
+    def save_kept(self, step: int, weights: dict[str, torch.Tensor]) -> str:
+        """Store the weights of an evaluation that enters the k-best set; returns the file name."""
+        name = f"step_{step:08d}.safetensors"
+        if self.is_main:
+            self.kept_dir.mkdir(parents=True, exist_ok=True)
+            _save_tensors(weights, self.kept_dir / name)
+        return name
+
+    def load_kept(self, name: str) -> dict[str, torch.Tensor]:
+        path = self.kept_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"kept weights missing: {path}")
+        return load_file(str(path))
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(
+        self,
+        state: TrainerState,
+        weights: dict[str, torch.Tensor],
+        trainer: dict[str, Any],
+        rank: int,
+        barrier: Any = None,
+    ) -> Path:
+        """Write checkpoint `state.step`; all processes call this (each writes its RNG file).
+
+        Args:
+            state: counters and bookkeeping (identical on all ranks except `batches_seen`-type counters).
+            weights: trainable weights (identical on all ranks after DDP updates).
+            trainer: `{"optimizer": ..., "scheduler": ...}` state dicts.
+            rank: this process's index.
+            barrier: callable that synchronises all processes (None with one process).
+        """
+        final = self.path(state.step)
+        tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        sync = barrier or (lambda: None)
+        if self.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        sync()
+        torch.save(capture_rng(), tmp / f"rng_rank{rank}.pt")
+        sync()
+        if self.is_main:
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors")
+            )
+            torch.save(trainer, tmp / "trainer.pt")
+            atomic_write_text(tmp / "trainer_state.json", state.to_json())
+            if final.exists():  # the same step written again (e.g. an evaluation at a checkpoint step)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune(state)
+        sync()
+        return final
+
+    def _prune(self, state: TrainerState) -> None:
+        """Keep the newest `keep` checkpoints, and the kept weights that they or `state` still reference."""
+        steps = self.steps()
+        for step in steps[: -self.keep]:
+            shutil.rmtree(self.path(step))
+        referenced = {k.file for k in state.kept}
+        for step in self.steps():
+            referenced |= {k.file for k in self.load_state(self.path(step)).kept}
+        if self.kept_dir.is_dir():
+            for p in self.kept_dir.iterdir():
+                if p.suffix == ".safetensors" and p.name not in referenced:
+                    p.unlink()
+
+    @staticmethod
+    def load_state(path: Path) -> TrainerState:
+        file = Path(path) / "trainer_state.json"
+        if not file.is_file():
+            raise CheckpointError(f"not a checkpoint (no trainer_state.json): {path}")
+        return TrainerState.from_json(file.read_text(encoding="utf-8"))
+
+    @staticmethod
+    def load(
+        path: Path, rank: int
+    ) -> tuple[TrainerState, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+        """(state, trainable weights, trainer state dicts, this rank's RNG states) of one checkpoint."""
+        path = Path(path)
+        state = CheckpointManager.load_state(path)
+        rng_file = path / f"rng_rank{rank}.pt"
+        if not rng_file.is_file():
+            raise CheckpointError(
+                f"{path}: no RNG state for process {rank} (written by {state.num_processes} processes)"
+            )
+        weights = load_file(str(path / "model.safetensors"))
+        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+        return state, weights, trainer, rng

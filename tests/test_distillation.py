@@ -1,0 +1,273 @@
+"""Kang & Roy's KD loss: batched with left padding = mean of per-sample losses = the reference's batch-1 loss.
+
+A tiny LLaMA is built locally; the reference computation is written out below from the spec (§3.1): unpadded
+batch-1 sequence, NTP on `logits[-R:-1]`, soft cross-entropy on `logits[-R:]`, MSE on `hidden_states[l][-R:]`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM
+
+from speechllm.models.speech_llm import SpeechLLM
+from speechllm.train.distillation import DistillationConfig, distillation_loss, response_mask
+
+VOCAB, HIDDEN, LAYERS = 96, 32, 4
+BOS, EOS, PAD = 1, 2, 0
+PREFIX, SUFFIX = [BOS, 5, 6], [EOS, 7, 8]  # "<s>[|User|]", "</s>[|Assistant|]" stand-ins
+CONFIG = DistillationConfig(ntp_weight=0.5, ld_weight=0.5, fd_weight=1.0, fd_layers=[0, 1, 3, 4])
+ATOL = 1e-5
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).float().eval()
+
+
+def mixed_batch(seed: int = 0) -> tuple[list[torch.Tensor], list[list[int]], list[list[int]]]:
+    """Speech (T_b, H) leaves, transcripts and responses, all of different lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    speech_lengths, transcript_lengths, response_lengths = [7, 3, 11, 5, 9], [4, 9, 2, 6, 5], [6, 1, 9, 3, 4]
+    speech = [(0.5 * torch.randn(n, HIDDEN, generator=gen)).requires_grad_() for n in speech_lengths]
+    transcripts = [torch.randint(9, VOCAB, (n,), generator=gen).tolist() for n in transcript_lengths]
+    responses = [torch.randint(9, VOCAB, (n,), generator=gen).tolist() for n in response_lengths]
+    return speech, transcripts, responses
+
+
+def prompts(speech, transcripts):
+    return [[PREFIX, s, SUFFIX] for s in speech], [[PREFIX, t, SUFFIX] for t in transcripts]
+
+
+def reference_loss(
+    lm: LlamaForCausalLM,
+    speech: torch.Tensor,
+    transcript: list[int],
+    response: list[int],
+    config: DistillationConfig,
+) -> dict[str, torch.Tensor]:
+    """The reference trainer at batch 1: no padding or attention mask, labels [placeholder] + response."""
+    embed = lm.get_input_embeddings()
+
+    def sequence(middle: torch.Tensor) -> torch.Tensor:
+        ids = lambda xs: embed(torch.tensor(xs))  # noqa: E731
+        return torch.cat([ids(PREFIX), middle, ids(SUFFIX), ids(response)]).unsqueeze(0)
+
+    student = lm(inputs_embeds=sequence(speech), output_hidden_states=True)
+    with torch.no_grad():
+        teacher = lm(inputs_embeds=sequence(embed(torch.tensor(transcript))), output_hidden_states=True)
+    num_labels = len(response) + 1
+    ntp = F.cross_entropy(student.logits[0, -num_labels:-1], torch.tensor(response))
+    target = teacher.logits[:, -num_labels:].softmax(-1)
+    ld = -(target * student.logits[:, -num_labels:].log_softmax(-1)).sum(-1).mean()
+    fd = sum(
+        F.mse_loss(student.hidden_states[i][:, -num_labels:], teacher.hidden_states[i][:, -num_labels:])
+        for i in config.fd_layers
+    )
+    loss = config.ntp_weight * ntp + config.ld_weight * ld + config.fd_weight * fd
+    return {"loss": loss, "ntp": ntp, "ld": ld, "fd": fd}
+
+
+def test_response_mask_marks_each_samples_last_positions():
+    assert response_mask(torch.tensor([2, 0, 4]), 5).int().tolist() == [
+        [0, 0, 1, 1, 1],
+        [0, 0, 0, 0, 1],
+        [1, 1, 1, 1, 1],
+    ]
+
+
+def test_batched_loss_is_the_mean_of_per_sample_losses_and_matches_the_reference():
+    lm = tiny_llama()
+    llm = SpeechLLM(lm, PAD, EOS)
+    speech, transcripts, responses = mixed_batch()
+    student, teacher = prompts(speech, transcripts)
+    batched = distillation_loss(llm, student, teacher, responses, CONFIG)
+    batched.loss.backward()
+    batched_grads = [s.grad.clone() for s in speech]
+    for s in speech:
+        s.grad = None
+
+    singles = [
+        distillation_loss(llm, [student[b]], [teacher[b]], [responses[b]], CONFIG) for b in range(len(speech))
+    ]
+    for part in ("loss", "ntp", "ld", "fd"):
+        mean = torch.stack([getattr(o, part) for o in singles]).mean()
+        torch.testing.assert_close(getattr(batched, part), mean, atol=ATOL, rtol=0)
+    torch.stack([o.loss for o in singles]).mean().backward()
+    for got, want in zip(batched_grads, (s.grad for s in speech), strict=True):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert all(g.abs().sum() > 0 for g in batched_grads)  # the gradient reaches every utterance's speech
+    assert int(batched.num_tokens) == sum(len(r) for r in responses)
+
+    for b, single in enumerate(singles):
+        ref = reference_loss(lm, speech[b].detach(), transcripts[b], responses[b], CONFIG)
+        for part in ("loss", "ntp", "ld", "fd"):
+            torch.testing.assert_close(getattr(single, part), ref[part], atol=ATOL, rtol=0)
+    assert all(p.grad is None for p in lm.parameters())  # the LLM stays frozen
+
+
+def test_teacher_prompt_as_student_gives_zero_feature_loss():
+    llm = SpeechLLM(tiny_llama(), PAD, EOS)
+    _, transcripts, responses = mixed_batch()
+    embedded = [llm.embed_tokens(torch.tensor(t)) for t in transcripts]
+    student, teacher = [[PREFIX, e, SUFFIX] for e in embedded], [[PREFIX, t, SUFFIX] for t in transcripts]
+    out = distillation_loss(llm, student, teacher, responses, CONFIG)
+    assert float(out.fd) < 1e-10
+    # LD is then the teacher's entropy over the response positions, NTP its cross-entropy: both positive.
+    assert float(out.ld) > 0 and float(out.ntp) > 0
+
+
+def test_eos_label_and_input_errors():
+    llm = SpeechLLM(tiny_llama(), PAD, EOS)
+    speech, transcripts, responses = mixed_batch()
+    student, teacher = prompts(speech, transcripts)
+    with_eos = distillation_loss(llm, student, teacher, responses, CONFIG, append_eos=True)
+    assert int(with_eos.num_tokens) == sum(len(r) + 1 for r in responses)
+    with pytest.raises(ValueError, match="empty responses at batch positions \\[1\\]"):
+        distillation_loss(llm, student[:2], teacher[:2], [responses[0], []], CONFIG)
+    with pytest.raises(ValueError, match="fd_layers \\[9\\] out of range"):
+        distillation_loss(llm, student, teacher, responses, DistillationConfig(fd_layers=[0, 9]))
+
+
+def test_kd_objective_trains_a_kang_roy_model(tmp_path):
+    """The loop's "kd" objective on a tiny HuBERT + LLaMA Kang & Roy model: losses finite, weights move."""
+    from test_train_resume import write_corpus
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from speechllm.data.batches import SpeechDataset
+    from speechllm.data.manifest import read_manifest
+    from speechllm.models.export import build_model, kang_roy_spec
+    from speechllm.train.loop import StageConfig, train
+    from speechllm.train.objectives import DistillationCollator
+    from speechllm.train.tracking import Tracker
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    texts = [
+        "[|User|] the cat sits on the mat</s>[|Assistant|] hello world",
+        "der hund schläft im garten",
+    ] * 10
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(vocab_size=90, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False),
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(tmp_path / "llm")
+    torch.manual_seed(0)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(fast),
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+        )
+    ).save_pretrained(tmp_path / "llm")
+    HubertModel(
+        HubertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            conv_dim=(32, 32, 32),
+            conv_stride=(5, 4, 4),
+            conv_kernel=(10, 4, 4),
+            feat_extract_norm="layer",
+            do_stable_layer_norm=True,
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=2,
+        )
+    ).save_pretrained(tmp_path / "hubert")
+    spec = kang_roy_spec(
+        {
+            "llm": {
+                "name_or_path": str(tmp_path / "llm"),
+                "revision": "main",
+                "dtype": "float32",
+                "load_in_8bit": False,
+            },
+            "speech_encoder": {
+                "name_or_path": str(tmp_path / "hubert"),
+                "revision": "main",
+                "normalize_waveform": False,
+            },
+            "pooling": {"kernel_size": 8, "stride": 4},
+            "chat": {"prefix": "[|User|]", "suffix": "</s>[|Assistant|]", "label_eos": False},
+            "prompt": {"prefix": "", "postfix": ""},
+        },
+        stage="kd",
+    )
+    model, tokenizer = build_model(spec, with_ctc=False, with_llm=True)
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    corpus = write_corpus(tmp_path / "data", num_train=6, num_dev=2)
+    stage = StageConfig.from_config(
+        "kd",
+        {
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "warmup_steps": 0,
+            "accum_grad": 1,
+            "batch_seconds": 2.5,
+            "num_buckets": 1,
+            "max_epochs": 1,
+            "num_iters_per_epoch": 3,
+            "best_metric": "last",
+            "log_every": 1,
+            "checkpoint_every": 10,
+            "optimizer": "adamw",
+            "betas": [0.9, 0.999],
+            "schedule": "linear_decay",
+            "grad_clip": None,
+            "ntp_weight": 0.5,
+            "ld_weight": 0.5,
+            "fd_weight": 1.0,
+            "fd_layers": [0, 1, 2],
+        },
+    )
+    datasets = [SpeechDataset(read_manifest(corpus[s]), 16000, str(corpus[s])) for s in ("train", "dev")]
+
+    def tracker(step, enabled):
+        return Tracker(
+            tmp_path / "log",
+            {"project": "t", "mode": "disabled"},
+            "tests",
+            "train_kd",
+            "kd",
+            {},
+            enabled=enabled,
+            resume_step=step,
+        )
+
+    collator = DistillationCollator(tokenizer, text_field="raw_transcription", lowercase=True)
+    result = train(model, tokenizer, stage, *datasets, collator, tracker, 0, tmp_path / "ckpt")
+    rows = [json.loads(line) for line in Path(tmp_path / "log/metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "loss" in r]
+    assert len(trained) == 3 and all(r["loss_fd"] >= 0 and r["loss_ld"] > 0 for r in trained)
+    assert {"dev_loss", "dev_ntp", "dev_ld", "dev_fd", "dev_acc"} <= set(rows[-1])
+    assert result.summary["final_step"] == 3 and result.summary["selected_steps"] == [3]
+    assert [r["lr"] for r in trained] == pytest.approx(
+        [1e-3, 2e-3 / 3, 1e-3 / 3]
+    )  # linear decay over 3 updates
+    after = model.trainable_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,186 @@
+"""How model steps are launched and what they ask Slurm for: resources and shell commands from Snakemake dry runs
+(rules/common.smk: job_resources, launcher), run for real with accelerate on CPU and, for several nodes,
+under a stand-in srun."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TARGETS = ["results/models/ctc", "results/models/tmi", "results/eval/fleurs_asr/t.parquet"]
+MULTI_NODE = {"resources": {"rules": {"train_ce": {"nodes": 2}}}}
+
+
+def dry_run(workdir: Path, *configs: Path | str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WANDB_MODE": "offline"}
+    return subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-n", "-p", "-d", str(workdir),
+                           "--configfile", str(REPO / "config/config.yaml"), *map(str, configs), *extra,
+                           "--", *TARGETS], capture_output=True, text=True, env=env, timeout=300)
+
+
+def parse_jobs(out: str) -> dict[str, dict]:
+    """The first job of each rule in a dry run's output: its resources and its shell command."""
+    jobs: dict[str, dict] = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", out):
+        head = re.match(r"(?:local)?rule (\w+):\n", block)
+        if not head or head.group(1) in jobs:
+            continue
+        res = re.search(r"^ +resources: (.*)$", block, re.M)
+        cmd = re.search(r"^Shell command: (.*)$", block, re.M)
+        resources = {}
+        for item in (res.group(1).split(", ") if res else []):
+            key, _, value = item.partition("=")
+            resources[key] = int(value) if value.isdigit() else value
+        jobs[head.group(1)] = {"resources": resources, "shell": cmd.group(1) if cmd else ""}
+    return jobs
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo_jobs(tmp_path_factory) -> dict[str, dict]:
+    res = dry_run(tmp_path_factory.mktemp("demo"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return parse_jobs(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def paper_jobs(tmp_path_factory) -> dict[str, dict]:
+    """Paper scale, CE on two nodes, as the third attempt of each job (after two failures)."""
+    tmp = tmp_path_factory.mktemp("paper")
+    res = dry_run(tmp, REPO / "config/experiments/bloomzmms.yaml", write_yaml(tmp / "nodes.yaml", MULTI_NODE),
+                  extra=("--attempt", "3"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return parse_jobs(res.stdout)
+
+
+def test_cpu_steps_keep_the_plain_call(demo_jobs):
+    for rule in ("train_ctc", "train_ce", "evaluate"):
+        job = demo_jobs[rule]
+        assert job["shell"].split()[0] == "speechllm", job["shell"][:200]
+        assert job["resources"]["gpu"] == 0 and "cpus_per_gpu" not in job["resources"]
+        # First attempt: the config's memory and runtime as they are.
+        assert (job["resources"]["mem_mb"], job["resources"]["runtime"]) == (8000, 60)
+
+
+def test_gpu_steps_launch_one_process_per_gpu(paper_jobs):
+    ctc, evaluate = paper_jobs["train_ctc"], paper_jobs["evaluate"]
+    assert ctc["shell"].startswith("accelerate launch --num_processes 2 --num_machines 1 --multi_gpu ")
+    assert ctc["shell"].split(" --no_python ", 1)[1].startswith("speechllm train ctc ")
+    assert (ctc["resources"]["gpu"], ctc["resources"]["cpus_per_gpu"]) == (2, 8)
+    assert evaluate["shell"].startswith("accelerate launch --num_processes 1 --num_machines 1 --mixed_precision")
+    assert evaluate["resources"]["gpu"] == 1
+
+
+def test_retries_ask_for_more_memory_and_time(paper_jobs):
+    # Attempt 3 = two retries at retry_scale 1.5: 2.25 × (mem_mb, runtime) of config/experiments/bloomzmms.yaml.
+    assert paper_jobs["train_ce"]["resources"]["mem_mb"] == 432000
+    assert paper_jobs["train_ctc"]["resources"]["mem_mb"] == 288000
+    assert paper_jobs["evaluate"]["resources"]["runtime"] == 6480
+
+
+def test_multi_node_ce_asks_slurm_for_gpus_per_node(paper_jobs):
+    """The `mpi` resource trick, through the pinned Slurm plugin's own sbatch builder."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    res = paper_jobs["train_ce"]["resources"]
+    assert {k: res[k] for k in ("gres", "nodes", "mpi", "tasks", "tasks_per_gpu")} == {
+        "gres": "gpu:4", "nodes": 2, "mpi": "srun", "tasks": 2, "tasks_per_gpu": 0}
+    assert "gpu" not in res  # --gpus would count GPUs over all nodes
+
+    class JobResources(dict):
+        __getattr__ = dict.__getitem__
+
+    job = SimpleNamespace(resources=JobResources(res), threads=8)
+    params = {"run_uuid": "run", "slurm_logfile": "x.log", "comment_str": "train_ce", "account": "",
+              "partition": "", "workdir": "/tmp"}
+    sbatch = get_submit_command(job, params) + set_gres_string(job)
+    for flag in ("--nodes=2", "--ntasks=2", "--cpus-per-gpu=8", "--gres=gpu:4", "--mem 432000", "-t 6480"):
+        assert re.search(rf"(^| ){re.escape(flag)}( |$)", sbatch), (flag, sbatch)
+    assert "--ntasks-per-gpu" not in sbatch and "--gpus" not in sbatch, sbatch
+
+
+def write_stub(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+def test_multi_node_ce_runs_one_accelerate_launch_per_node(paper_jobs, tmp_path):
+    """The generated command under a stand-in srun (one task per node, Slurm's variables set per task) and
+    scontrol; a stand-in accelerate records what each node's launcher was given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_stub(bin_dir / "srun", "#!/usr/bin/env bash\n"
+               'echo "$@" > "$RECORD_DIR/srun.args"\n'
+               "nodes=1\n"
+               'while [[ $1 == -* ]]; do case $1 in --nodes=*) nodes=${1#--nodes=};; esac; shift; done\n'
+               "for ((i = 0; i < nodes; i++)); do\n"
+               '  SLURM_NODEID=$i SLURM_NNODES=$nodes SLURM_JOB_NODELIST="gpu[07-08]" SLURM_JOB_ID=123456 "$@" || exit\n'
+               "done\n")
+    write_stub(bin_dir / "scontrol", '#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && printf "gpu07\\ngpu08\\n"\n')
+    write_stub(bin_dir / "accelerate", f"#!{sys.executable}\nimport json, os, sys\n"
+               "path = os.path.join(os.environ['RECORD_DIR'], 'node' + os.environ['SLURM_NODEID'] + '.json')\n"
+               "json.dump(sys.argv[1:], open(path, 'w'))\n")
+    (tmp_path / "logs/train").mkdir(parents=True)
+    command = paper_jobs["train_ce"]["shell"]
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD_DIR": str(tmp_path)}
+    res = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+
+    srun = (tmp_path / "srun.args").read_text().split()
+    assert srun[:6] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=32", "--mem=0",
+                        "--kill-on-bad-exit=1"]
+    words = shlex.split(command)
+    speechllm_argv = words[words.index("accelerate-node") + 1:words.index(">")]
+    assert speechllm_argv[:3] == ["speechllm", "train", "ce"]
+    settings = json.loads(speechllm_argv[speechllm_argv.index("--settings") + 1])
+    assert settings["models"]["llm"]["name_or_path"] == "bigscience/bloomz-7b1"
+    for rank in (0, 1):
+        argv = json.loads((tmp_path / f"node{rank}.json").read_text())
+        assert argv == ["launch", "--multi_gpu", "--num_processes", "8", "--num_machines", "2",
+                        "--machine_rank", str(rank), "--main_process_ip", "gpu07",
+                        "--main_process_port", str(29500 + 123456 % 1000), "--mixed_precision", "no",
+                        "--dynamo_backend", "no", "--no_python", *speechllm_argv]
+
+
+def test_single_node_launcher_starts_one_process_per_gpu(paper_jobs, tmp_path):
+    """train_ctc's launcher (2 GPUs) with real accelerate on CPU: two ranks of one world, arguments intact."""
+    launcher = paper_jobs["train_ctc"]["shell"].split(" speechllm ", 1)[0]
+    probe = "import os, sys; print(os.environ['RANK'], os.environ['WORLD_SIZE'], sys.argv[1:])"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "ACCELERATE_USE_CPU": "true"}
+    res = subprocess.run(f"{launcher} {shlex.quote(sys.executable)} -c {shlex.quote(probe)} --settings '{{\"a\": 1}}'",
+                         shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = sorted(line for line in res.stdout.splitlines() if line[:1].isdigit())
+    assert lines == ["0 2 ['--settings', '{\"a\": 1}']", "1 2 ['--settings', '{\"a\": 1}']"], res.stdout
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"resources": {"rules": {"evaluate": {"gpu": 2}}}}, "resources.rules.evaluate.gpu"),
+        ({"resources": {"rules": {"evaluate": {"nodes": 2}}}}, "resources.rules.evaluate.nodes"),
+        ({"resources": {"rules": {"train_ce": {"nodes": 2, "gpu": 0}}}}, "resources.rules.train_ce.nodes"),
+        ({"resources": {"rules": {"prepare_split": {"gpu": 1}}}}, "resources.rules"),
+    ],
+)
+def test_resource_config_errors_name_the_key(tmp_path, data, key):
+    res = dry_run(tmp_path, write_yaml(tmp_path / "override.yaml", data))
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if "config error at key" in line]
+    assert len(lines) == 1 and f"'{key}'" in lines[0], res.stderr[-2000:]

@@ -1,0 +1,360 @@
+"""Exact resume: a training run killed with SIGKILL and restarted ends with an uninterrupted run's weights.
+
+Also the checkpoint files themselves (atomic writes, pruning, RNG round trip, weights_only loading) and the
+recipe bookkeeping (k-best averaging, early stopping). The helpers here build the tiny training runs that
+test_ddp.py and test_tracking.py use too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+from speechllm.train.checkpoint import CheckpointManager, KeptState, TrainerState, capture_rng, restore_rng
+from speechllm.train.loop import (
+    StageConfig,
+    average_states,
+    early_stopping_update,
+    rank_kept,
+    selection_value,
+)
+
+SR = 16000
+ADAPTOR = {
+    "input_dim": 16,
+    "d_model": 32,
+    "heads": 2,
+    "linear_units": 64,
+    "cgmlp_units": 64,
+    "cgmlp_kernel": 5,
+    "merge_kernel": 5,
+    "num_blocks": 2,
+    "dropout": 0.1,
+    "pos_dropout": 0.1,
+    "attn_dropout": 0.1,
+    "interctc_layer": 1,
+}
+CTC_STAGE = {
+    "lr": 2.0e-3,
+    "weight_decay": 1.0e-6,
+    "warmup_steps": 4,
+    "grad_clip": 5.0,
+    "accum_grad": 2,
+    "batch_seconds": 2.5,
+    "num_buckets": 2,
+    "max_epochs": 3,
+    "num_iters_per_epoch": 10,
+    "patience": None,
+    "early_stopping_metric": "dev_loss",
+    "best_metric": "dev_cer",
+    "keep_best": 1,
+    "checkpoint_every": 3,
+    "keep_checkpoints": 2,
+    "log_every": 1,
+    "precision": "fp32",
+    "find_unused_parameters": True,
+    "fsdp": False,
+    "num_workers": 0,
+    "ctc_weight": 0.8,
+    "interctc_weight": 0.2,
+}
+SENTENCES = [
+    ("en_us", "the cat sits on the mat"),
+    ("de_de", "der hund schläft im garten"),
+    ("en_us", "hello world"),
+    ("de_de", "der hund"),
+    ("en_us", "the cat"),
+]
+
+
+def write_corpus(root: Path, num_train: int = 12, num_dev: int = 4, seed: int = 0) -> dict[str, Path]:
+    """Noisy-tone clips of 0.4-1.0 s with short transcripts; train/dev manifests and language ids."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, count in (("train", num_train), ("dev", num_dev)):
+        lines = []
+        for i in range(count):
+            language, text = SENTENCES[i % len(SENTENCES)]
+            n = int(rng.integers(int(0.4 * SR), int(1.0 * SR)))
+            t = np.arange(n) / SR
+            wav = 0.3 * np.sin(2 * np.pi * (150 + 40 * (i % 5)) * t) + 0.05 * rng.standard_normal(n)
+            audio = root / f"{split}_{i}.wav"
+            sf.write(str(audio), wav.astype(np.float32), SR)
+            lines.append(
+                json.dumps(
+                    {
+                        "id": f"{split}_{i}",
+                        "language": language,
+                        "audio": str(audio),
+                        "num_samples": n,
+                        "sampling_rate": SR,
+                        "raw_transcription": text,
+                        "transcription": text,
+                        "target": text,
+                        "llm_response": f"you said {text}",
+                    }
+                )
+            )
+        paths[split] = root / f"{split}.jsonl"
+        paths[split].write_text("\n".join(lines) + "\n")
+    paths["language_ids"] = root / "language_ids.json"
+    paths["language_ids"].write_text(json.dumps({"English": 1, "German": 2}))
+    return paths
+
+
+def run_settings(tiny_models: dict[str, Path], stage: dict, wandb_mode: str = "disabled") -> dict:
+    """The `--settings` JSON that rules/common.smk builds, for the tiny models."""
+    models = {
+        "llm": {
+            "name_or_path": str(tiny_models["llm"]),
+            "revision": "main",
+            "dtype": "float32",
+            "load_in_8bit": False,
+            "gradient_checkpointing": False,
+        },
+        "speech_encoder": {
+            "name_or_path": str(tiny_models["encoder"]),
+            "revision": "main",
+            "normalize_waveform": True,
+        },
+        "adaptor": ADAPTOR,
+        "prompt": {"prefix": "Repeat the sentence: ", "postfix": ". "},
+    }
+    return {
+        "experiment": "tests",
+        "seed": 0,
+        "models": models,
+        "adaptor": ADAPTOR,
+        "sampling_rate": SR,
+        "wandb": {"project": "speechllm-tests", "mode": wandb_mode},
+        "stage": stage,
+    }
+
+
+def train_command(stage_name: str, settings: dict, corpus: dict[str, Path], run_dir: Path) -> list[str]:
+    return [
+        "-m",
+        "speechllm.cli",
+        "train",
+        stage_name,
+        "--settings",
+        json.dumps(settings),
+        "--train",
+        str(corpus["train"]),
+        "--dev",
+        str(corpus["dev"]),
+        "--language-ids",
+        str(corpus["language_ids"]),
+        "--out-dir",
+        str(run_dir / "model"),
+        "--log-dir",
+        str(run_dir / "train"),
+        "--run-name",
+        f"tests-{stage_name}",
+        "--threads",
+        "1",
+    ]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    env.setdefault("WANDB_MODE", "disabled")
+    return env
+
+
+def start(args: list[str], env: dict[str, str], log_file: Path) -> subprocess.Popen:
+    with log_file.open("w") as fh:
+        return subprocess.Popen([sys.executable, *args], stdout=fh, stderr=subprocess.STDOUT, env=env)
+
+
+def wait(proc: subprocess.Popen, log_file: Path, timeout: float = 240) -> None:
+    assert proc.wait(timeout=timeout) == 0, log_file.read_text()[-4000:]
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return CheckpointManager(run_dir / "train" / "checkpoints", keep=1).steps()
+
+
+# ------------------------------------------------------------------------------------------ the SIGKILL test
+
+
+def test_sigkill_and_resume_gives_the_same_weights(tiny_models, tmp_path):
+    corpus = write_corpus(tmp_path / "data")
+    settings = run_settings(tiny_models, CTC_STAGE)
+    env = subprocess_env()
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    # The uninterrupted run and the run to be killed go side by side (2 cores).
+    reference = start(train_command("ctc", settings, corpus, straight), env, tmp_path / "straight.log")
+    victim = start(train_command("ctc", settings, corpus, killed), env, tmp_path / "killed.log")
+    deadline = time.monotonic() + 240
+    while not checkpoint_steps(killed) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=30) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-4000:]
+    stopped_at = checkpoint_steps(killed)
+    final_step = CTC_STAGE["max_epochs"] * CTC_STAGE["num_iters_per_epoch"] // CTC_STAGE["accum_grad"]
+    assert stopped_at and stopped_at[-1] < final_step, "the run was not killed midway"
+    assert not (killed / "model").exists()
+
+    resumed = start(train_command("ctc", settings, corpus, killed), env, tmp_path / "resumed.log")
+    wait(reference, tmp_path / "straight.log")
+    wait(resumed, tmp_path / "resumed.log")
+    assert (
+        f"resuming from {killed / 'train' / 'checkpoints' / f'step_{stopped_at[-1]:08d}'}"
+        in (tmp_path / "resumed.log").read_text()
+    )
+
+    # Final weights (the last checkpoint) and the exported, selected weights are bit-identical.
+    last = f"step_{final_step:08d}"
+    for name in (f"train/checkpoints/{last}/model.safetensors", "model/model.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(killed / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    summary_a = json.loads((straight / "train/summary.json").read_text())
+    summary_b = json.loads((killed / "train/summary.json").read_text())
+    assert summary_a["history"] == summary_b["history"] and summary_a["final_step"] == final_step
+    for key in ("final_weights_sha256_per_process", "data_sha256_per_process", "batches_per_process"):
+        assert summary_a[key] == summary_b[key], key
+    # The metrics written before the kill were kept, those after the checkpoint rewritten: same rows.
+    rows_a = (straight / "train/metrics.jsonl").read_text().splitlines()
+    rows_b = (killed / "train/metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(r).items() if not k.endswith("_per_second")} for r in rows_a]
+    assert strip == [
+        {k: v for k, v in json.loads(r).items() if not k.endswith("_per_second")} for r in rows_b
+    ]
+    assert len(checkpoint_steps(killed)) == CTC_STAGE["keep_checkpoints"]
+
+
+# ------------------------------------------------------------------------------------------ checkpoint files
+
+
+def test_rng_states_round_trip_through_weights_only_files(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = capture_rng()
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (
+        random.random(),
+        np.random.rand(),
+        torch.rand(3),
+        torch.nn.functional.dropout(torch.ones(8), 0.5),
+    )
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (
+        random.random(),
+        np.random.rand(),
+        torch.rand(3),
+        torch.nn.functional.dropout(torch.ones(8), 0.5),
+    )
+    assert (
+        expected[:2] == again[:2]
+        and torch.equal(expected[2], again[2])
+        and torch.equal(expected[3], again[3])
+    )
+
+
+def _save(manager: CheckpointManager, step: int, kept: list[KeptState] | None = None) -> None:
+    weights = {"w": torch.full((2,), float(step))}
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    state = TrainerState(step=step, kept=kept or [], fingerprint="f")
+    manager.save(
+        state, weights, {"optimizer": optimizer.state_dict(), "scheduler": {"last_epoch": step}}, rank=0
+    )
+
+
+def test_checkpoints_are_atomic_pruned_and_reloadable(tmp_path):
+    manager = CheckpointManager(tmp_path, keep=2)
+    a = manager.save_kept(1, {"w": torch.zeros(2)})
+    _save(manager, 1, [KeptState(0.5, 1, a)])
+    b = manager.save_kept(2, {"w": torch.ones(2)})
+    _save(manager, 2, [KeptState(0.4, 2, b)])
+    _save(manager, 3, [KeptState(0.4, 2, b)])
+    # Only the newest two remain; kept weights nobody references any more are gone.
+    assert manager.steps() == [2, 3]
+    assert sorted(p.name for p in manager.kept_dir.iterdir()) == [b]
+    # A write interrupted by a kill leaves a temporary directory, never a step directory; it is cleaned.
+    (tmp_path / ".tmp-step_00000004").mkdir()
+    (tmp_path / ".tmp-step_00000004" / "model.safetensors").write_bytes(b"partial")
+    assert manager.latest() == manager.path(3)
+    manager.clean_partial()
+    assert not (tmp_path / ".tmp-step_00000004").exists()
+    state, weights, trainer, rng = CheckpointManager.load(manager.latest(), rank=0)
+    assert (
+        state.step == 3
+        and state.kept == [KeptState(0.4, 2, b)]
+        and torch.equal(weights["w"], torch.full((2,), 3.0))
+    )
+    assert trainer["scheduler"]["last_epoch"] == 3 and "state" in trainer["optimizer"] and "torch" in rng
+    with pytest.raises(Exception, match="RNG state for process 1"):
+        CheckpointManager.load(manager.latest(), rank=1)
+
+
+# ----------------------------------------------------------------------------------------- recipe bookkeeping
+
+
+def test_selection_values_and_averaging():
+    assert selection_value({"dev_acc": 0.8}, "dev_acc") == -0.8
+    assert selection_value({"dev_cer": None}, "dev_cer") == float("inf")
+    avg = average_states(
+        [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 6.0])}, {"w": torch.tensor([2.0, 1.0])}]
+    )
+    assert torch.allclose(avg["w"], torch.tensor([2.0, 3.0]))
+    with pytest.raises(ValueError, match="dev_cer is only measured"):
+        StageConfig.from_config("ce", {**CTC_STAGE, "best_metric": "dev_cer"})
+
+
+def test_k_best_bookkeeping_and_patience_follow_espnet():
+    # CE: dev accuracy per evaluation (steps 1..6); the 3 best are kept, ties keep the earlier evaluation.
+    accuracies = [0.50, 0.70, 0.60, 0.70, 0.80, 0.40]
+    kept = []
+    for step, acc in enumerate(accuracies, start=1):
+        kept = rank_kept(kept, selection_value({"dev_acc": acc}, "dev_acc"), step, keep_best=3)
+    assert [k.step for k in kept] == [5, 2, 4]
+    # Early stopping on the dev loss with patience 1: stop after more than 1 evaluation in a row without gain.
+    best, since, stops = None, 0, []
+    for loss in [5.0, 4.0, 4.5, 3.9, 4.0, 4.1, 3.0]:
+        best, since = early_stopping_update(best, since, loss)
+        stops.append(since > 1)
+    assert stops == [False, False, False, False, False, True, False] and best == 3.0
+
+
+def test_fingerprint_ignores_run_length_but_not_the_recipe(tmp_path):
+    import argparse
+
+    from speechllm.train.commands import run_fingerprint
+
+    corpus = write_corpus(tmp_path, num_train=2, num_dev=1)
+    args = argparse.Namespace(stage="ctc", train=corpus["train"], dev=corpus["dev"], init_from=None)
+    base = {"seed": 0, "stage": CTC_STAGE, "wandb": {"project": "p", "mode": "offline"}}
+
+    def fingerprint(**stage):
+        return run_fingerprint({**base, "stage": {**CTC_STAGE, **stage}}, args)
+
+    same = [
+        fingerprint(max_epochs=10),
+        fingerprint(patience=5, checkpoint_every=7),
+        run_fingerprint({**base, "wandb": {"project": "q", "mode": "online"}}, args),
+    ]
+    assert set(same) == {fingerprint()}  # a longer run or other tracking resumes the same checkpoints
+    assert fingerprint(lr=1e-3) != fingerprint() and fingerprint(accum_grad=1) != fingerprint()
+    # linear decay's slope depends on the run length
+    assert fingerprint(schedule="linear_decay", max_epochs=4) != fingerprint(schedule="linear_decay")
+    before = fingerprint()
+    corpus["train"].write_text(corpus["train"].read_text().replace("cat", "dog"))
+    assert fingerprint() != before  # other training data
