@@ -103,7 +103,7 @@ def test_reduced_demo_end_to_end(tmp_path):
                       str(override(tmp_path, REDUCED)))
     assert rerun.returncode == 0 and "Nothing to be done" in rerun.stdout + rerun.stderr
     shutil.rmtree(tmp_path / "results/tables")
-    one = snakemake("-n", "-d", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"),
-                    str(override(tmp_path, REDUCED)), "results/tables/speechglue.md")
+    one = snakemake("results/tables/speechglue.md", "-n", "-d", str(tmp_path), "--configfile",
+                    str(REPO / "config/config.yaml"), str(override(tmp_path, REDUCED)))
     out = one.stdout + one.stderr
     assert one.returncode == 0 and "table" in out and "train_ce" not in out and "evaluate" not in out.split("Job stats")[1]
