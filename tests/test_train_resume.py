@@ -170,9 +170,10 @@ def train_command(stage_name: str, settings: dict, corpus: dict[str, Path], run_
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
-    env.setdefault("WANDB_MODE", "disabled")
-    return env
+    # W&B is not under test here, and the two side-by-side runs would share one deterministic W&B run id;
+    # `make` exports WANDB_MODE=offline, so this must override, not default.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+            **extra}
 
 
 def start(args: list[str], env: dict[str, str], log_file: Path) -> subprocess.Popen:
