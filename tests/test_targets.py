@@ -322,3 +322,14 @@ def test_vllm_backend_writes_what_the_hf_backend_writes(lm, monkeypatch, tmp_pat
     hf_gen = HFGenerator(model, tok, 4, clean_up_spaces=True)
     generate_shard(items, 0, 1, hf_gen, settings, tmp_path / "hf.jsonl")
     assert (tmp_path / "vllm.jsonl").read_text() == (tmp_path / "hf.jsonl").read_text()
+
+
+def test_demo_llm_sees_prompt_and_completion_tokenised_apart(tiny_models):
+    """The demo LLM is trained on ids(prompt) + ids(completion), as it is used: a prompt ending in a space."""
+    from speechllm.models.demo_build import prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["llm"])
+    prompt, completion = "Repeat the sentence: the cat sits on the mat. ", "the cat sits on the mat."
+    apart = prompt_ids(tok, prompt) + prompt_ids(tok, completion)
+    assert apart[: len(prompt_ids(tok, prompt))] == prompt_ids(tok, prompt)
+    assert tok.decode(apart) == prompt + completion

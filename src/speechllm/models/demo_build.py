@@ -95,6 +95,10 @@ def build_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> PreTrai
     return fast
 
 
+def prompt_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def _batches(ids: list[list[int]], batch_size: int, rng: random.Random):
     while True:
         order = list(range(len(ids)))
@@ -120,8 +124,11 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
     config = BloomConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3, **cfg["llm"])
     model = BloomForCausalLM(config)
     max_len = train["max_length"]
-    seqs = [tokenizer(e.prompt + e.completion).input_ids[: max_len - 1] + [tokenizer.eos_token_id]
-            for e in examples]
+    # Prompt and completion are tokenised apart, as at inference (the prompt alone, then generated tokens):
+    # tokenising them joined lets BPE merge across the boundary (". " + "The" → " The"), and a model trained
+    # that way cannot continue a prompt that ends in a space.
+    seqs = [(prompt_ids(tokenizer, e.prompt) + prompt_ids(tokenizer, e.completion))[: max_len - 1]
+            + [tokenizer.eos_token_id] for e in examples]
     opt = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
     steps, warmup = train["steps"], train["warmup_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(
