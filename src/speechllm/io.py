@@ -23,8 +23,8 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def _fsync_file(path: Path) -> None:
-    """Flush a written file's data to disk."""
+def fsync_path(path: Path) -> None:
+    """Flush a written file's data (or a directory's entries, after a rename) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -52,7 +52,7 @@ def atomic_path(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[Pa
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)
         if fsync:
-            _fsync_file(tmp)
+            fsync_path(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

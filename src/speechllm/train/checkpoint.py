@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from speechllm.io import atomic_write_text
+from speechllm.io import atomic_write_text, fsync_path
 
 log = logging.getLogger("speechllm")
 
@@ -131,14 +131,6 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -265,7 +257,7 @@ class CheckpointManager:
             if final.exists():  # the same step written again (e.g. an evaluation at a checkpoint step)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
             self._prune(state)
         sync()
         return final
