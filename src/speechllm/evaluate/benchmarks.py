@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
@@ -155,6 +155,33 @@ def score_st(df: pd.DataFrame, settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def generate_for_records(
+    system: EvalSystem,
+    records: list[dict[str, Any]],
+    clip: Callable[[dict[str, Any]], Clip],
+    pieces: Callable[[dict[str, Any], Any], list[Any]],
+    num_beams: int,
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str,
+) -> tuple[list[str], list[str], list[str | None]]:
+    """Generate one answer per record from the prompt `pieces(record, fill)`, where `fill` is the system's
+    speech vectors or text for `clip(record)`; batched by length. Returns (hypotheses, prompts as written,
+    input texts — None when speech was the input)."""
+    hyps: list[str] = [""] * len(records)
+    prompts: list[str] = [""] * len(records)
+    inputs: list[str | None] = [None] * len(records)
+    batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], batch_size))
+    for idx in tqdm(batches, desc=desc, mininterval=10):
+        fills, _ = system.fills([clip(records[i]) for i in idx])
+        built = [pieces(records[i], fill) for i, fill in zip(idx, fills, strict=True)]
+        out = system.generate(system.prompts(built), num_beams, max_new_tokens)
+        for j, i in enumerate(idx):
+            hyps[i], prompts[i] = out[j], system.describe(built[j])
+            inputs[i] = None if system.decoder == "llm" else str(fills[j])
+    return hyps, prompts, inputs
+
+
 def run_st(
     system: EvalSystem,
     records: list[dict[str, Any]],
@@ -173,24 +200,15 @@ def run_st(
             f"translation into {target_language}"
         )
     target_name = language_name(target_language)
-    hyps: list[str] = [""] * len(sources)
-    prompts: list[str] = [""] * len(sources)
-    inputs: list[str | None] = [None] * len(sources)
-    batches = list(chunks_by_length([r.get("num_samples", 0) for r in sources], settings["batch_size"]))
-    for idx in tqdm(batches, desc=f"ST ({system.decoder})", mininterval=10):
-        fills, _ = system.fills([_utterance_clip(sources[i]) for i in idx])
-        pieces = [
-            [
-                prefix_template.format(language=language_name(sources[i]["language"]), target=target_name),
-                fill,
-                postfix,
-            ]
-            for i, fill in zip(idx, fills, strict=True)
-        ]
-        out = system.generate(system.prompts(pieces), settings["num_beams"], settings["max_new_tokens"])
-        for j, i in enumerate(idx):
-            hyps[i], prompts[i] = out[j], system.describe(pieces[j])
-            inputs[i] = None if system.decoder == "llm" else str(fills[j])
+
+    def pieces(record: dict[str, Any], fill: Any) -> list[Any]:
+        language = language_name(record["language"])
+        return [prefix_template.format(language=language, target=target_name), fill, postfix]
+
+    hyps, prompts, inputs = generate_for_records(
+        system, sources, _utterance_clip, pieces, settings["num_beams"], settings["max_new_tokens"],
+        settings["batch_size"], f"ST ({system.decoder})",
+    )
     df = pd.DataFrame(
         {
             "id": [r["id"] for r in sources],

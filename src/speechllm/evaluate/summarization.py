@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from speechllm.evaluate.benchmarks import chunks_by_length
+from speechllm.evaluate.benchmarks import chunks_by_length, generate_for_records
 from speechllm.evaluate.metrics import meteor, perplexity, rouge_scores
 from speechllm.evaluate.system import Clip, EvalSystem
 
@@ -57,20 +57,11 @@ def run_summarization(
         (cfg["reference_field"],) + ((cfg["text_field"],) if system.decoder == "text" else ()),
         "evaluate.summarization.text_field/reference_field",
     )
-    hyps: list[str] = [""] * len(records)
-    prompts: list[str] = [""] * len(records)
-    inputs: list[str | None] = [None] * len(records)
-    batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], settings["batch_size"]))
-    for idx in tqdm(batches, desc=f"summarization ({system.decoder})", mininterval=10):
-        clips = [
-            Clip(records[i]["audio"], _article_text(records[i], cfg), records[i].get("_line")) for i in idx
-        ]
-        fills, _ = system.fills(clips)
-        pieces = [[cfg["prompt"], fill] for fill in fills]
-        out = system.generate(system.prompts(pieces), cfg["num_beams"], cfg["max_new_tokens"])
-        for j, i in enumerate(idx):
-            hyps[i], prompts[i] = out[j], system.describe(pieces[j])
-            inputs[i] = None if system.decoder == "llm" else str(fills[j])
+    hyps, prompts, inputs = generate_for_records(
+        system, records, lambda r: Clip(r["audio"], _article_text(r, cfg), r.get("_line")),
+        lambda _r, fill: [cfg["prompt"], fill], cfg["num_beams"], cfg["max_new_tokens"],
+        settings["batch_size"], f"summarization ({system.decoder})",
+    )
     df = pd.DataFrame(
         {
             "id": [r["id"] for r in records],
