@@ -62,25 +62,23 @@ def one_at_a_time(model, tok, prompt: str) -> str:
 
 def test_batched_responses_equal_one_at_a_time_with_per_sample_limits(chat_lm, tmp_path):
     model, tok = chat_lm
-    calls = []
-    original = model.generate
+    prefills = []  # forward passes over whole prompts: (rows, prompt lengths)
 
-    def recording_generate(*args, **kwargs):
-        calls.append((kwargs["input_ids"].shape[0], kwargs["attention_mask"].sum(1).tolist(),
-                      kwargs["max_new_tokens"]))
-        return original(*args, **kwargs)
+    def record(_, args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            prefills.append((kwargs["input_ids"].shape[0], kwargs["attention_mask"].sum(1).tolist()))
 
-    model.generate = recording_generate
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         out = tmp_path / "shard0.jsonl"
         stats = generate_responses_shard(write_manifest(tmp_path / "m.jsonl"), 0, 1, HFGenerator(
             model, tok, 4, add_special_tokens=True, clean_up_spaces=True), response_settings(SETTINGS),
             "raw_transcription", TEMPLATE, True, 2, out)
     finally:
-        model.generate = original
-    # two batches of 4, each mixing prompt lengths, run to the batch's longest limit
-    assert [n for n, _, _ in calls] == [4, 4]
-    assert all(len(set(lengths)) > 1 and limit == 2 * max(lengths) for _, lengths, limit in calls)
+        hook.remove()
+    # prompts are prefilled four at a time, each batch mixing prompt lengths (and so per-sample limits)
+    assert [n for n, _ in prefills] == [4, 4]
+    assert all(len(set(lengths)) > 1 for _, lengths in prefills)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [f"utt{i}" for i in range(len(TRANSCRIPTS))]
     for row, text in zip(rows, TRANSCRIPTS, strict=True):

@@ -10,25 +10,36 @@ import json
 import subprocess
 import sys
 import types
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BloomConfig,
+    BloomForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from speechllm.cli import main
 from speechllm.targets.assemble import assemble
 from speechllm.targets.backends import load_generator
 from speechllm.targets.download import DownloadError
 from speechllm.targets.generate import (
+    GreedyDecoder,
     HFGenerator,
     cache_key,
     cached_generate,
     generate_batched,
     generate_shard,
+    greedy_loop_supported,
     read_partial,
+    row_tokens,
     target_settings,
 )
 from speechllm.targets.templates import TemplateError, bank_hash, draw_items, fetch_templates, load_templates
@@ -96,18 +107,16 @@ def test_killed_shard_resumes_without_redoing_or_duplicating(lm, tmp_path):
             fields = {k: item[k] for k in ("text", "prefix", "postfix", "output")}
             fh.write(json.dumps({"key": key, **fields}) + "\n")
         fh.write('{"key": "torn')
+    generator = HFGenerator(model, tok, 3)
     calls = []
-    original = model.generate
+    original = generator.generate
 
-    def counting_generate(*args, **kwargs):
-        calls.append(kwargs["input_ids"].shape[0])
-        return original(*args, **kwargs)
+    def counting_generate(prompts, max_new_tokens, on_batch=None):
+        calls.append(len(prompts))
+        return original(prompts, max_new_tokens, on_batch)
 
-    model.generate = counting_generate
-    try:
-        stats = generate_shard(items, 0, 1, HFGenerator(model, tok, 3), settings, out)
-    finally:
-        model.generate = original
+    generator.generate = counting_generate
+    stats = generate_shard(items, 0, 1, generator, settings, out)
     assert stats == {"items": 7, "generated": 4, "reused": 3}
     assert sum(calls) == 4
     assert out.read_text() == full.read_text()
@@ -150,6 +159,118 @@ def test_generation_is_deterministic_under_torch_seed_changes(lm):
     a = generate_batched(model, tok, ["hello"], 1, 5, 1)
     torch.manual_seed(7)
     assert generate_batched(model, tok, ["hello"], 1, 5, 1) == a
+
+
+# --- batched greedy decoding vs one-at-a-time HF generate ------------------------------------------------
+
+MIXED_PROMPTS = ["hello", "the cat", "Repeat the sentence: the cat sits on the mat. ",
+                 "Der Hund schläft im Garten. The same text in English:",
+                 "Translate the following text from German to English\nDer Hund", "world hello world",
+                 "sits on the mat", "Garten", "Repeat the sentence: hello world. ", "the mat. the cat. the dog.",
+                 "English: German: English:", "cat"]
+MIXED_LIMITS = [12, 1, 7, 3, 12, 5, 9, 2, 12, 4, 6, 10]
+EXTRA_STOPS = 2  # the most frequent generated tokens, made stop tokens so that rows finish early
+
+
+@pytest.fixture(scope="module", params=["bloom", "llama"])
+def varied_lm(request, tiny_models, tmp_path_factory):
+    """A tiny random BLOOM (ALiBi from the attention mask) or LLaMA (rotary position ids, grouped KV heads)
+    with large weights (small ones repeat a single token), saved and loaded like a checkpoint, so greedy
+    continuations change token by token and depend on the whole context."""
+    tok = AutoTokenizer.from_pretrained(tiny_models["llm"])
+    torch.manual_seed(0)
+    common = {"vocab_size": len(tok) + 8, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+              "initializer_range": 1.0}
+    if request.param == "bloom":
+        model = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, **common))
+    path = tmp_path_factory.mktemp(f"varied_{request.param}")
+    model.save_pretrained(path)
+    return AutoModelForCausalLM.from_pretrained(path).eval(), tok
+
+
+def hf_alone(model, tok, prompt: str, limit: int, stop_ids: set[int]) -> list[int]:
+    """Plain HF greedy `generate` on one prompt (no padding, its own cache), cut as `generate_batched` cuts."""
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit,
+                         do_sample=False, num_beams=1, eos_token_id=sorted(stop_ids), pad_token_id=tok.pad_token_id)
+    return row_tokens(gen[0, ids.shape[1]:].tolist(), limit, stop_ids)
+
+
+@pytest.fixture(scope="module")
+def stopping_lm(varied_lm):
+    """`varied_lm` with extra stop tokens, and the one-at-a-time HF reference continuations (ids) of
+    MIXED_PROMPTS under MIXED_LIMITS: some rows stop early (one before its first token), others at their limit."""
+    model, tok = varied_lm
+    free_run = [hf_alone(model, tok, p, max(MIXED_LIMITS), {2}) for p in MIXED_PROMPTS]
+    frequent = Counter(t for ids in free_run for t in ids[1:]).most_common(EXTRA_STOPS)
+    stops = {2, *(t for t, _ in frequent)}
+    stopping = copy.deepcopy(model)
+    stopping.generation_config.eos_token_id = sorted(stops)
+    expected = [hf_alone(stopping, tok, p, n, stops) for p, n in zip(MIXED_PROMPTS, MIXED_LIMITS, strict=True)]
+    assert any(not e for e in expected)
+    assert any(len(e) < n for e, n in zip(expected, MIXED_LIMITS, strict=True))
+    assert any(len(e) == n for e, n in zip(expected, MIXED_LIMITS, strict=True))
+    assert len({len(tok(p, add_special_tokens=False).input_ids) for p in MIXED_PROMPTS}) > len(MIXED_PROMPTS) // 2
+    return stopping, tok, stops, expected
+
+
+def texts(tok, rows: list[list[int]]) -> list[str]:
+    return [tok.decode(r, skip_special_tokens=True, clean_up_tokenization_spaces=False) for r in rows]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 5, 16])
+def test_batched_greedy_equals_hf_generate_alone(stopping_lm, batch_size):
+    """Mixed prompt lengths and per-prompt limits, rows finishing early and slots refilled: every output
+    equals HF `generate` on that prompt alone, and no forward pass exceeds the batch size."""
+    model, tok, _, expected = stopping_lm
+    assert greedy_loop_supported(model)
+    sizes, reported = [], []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    try:
+        got = generate_batched(model, tok, MIXED_PROMPTS, batch_size, MIXED_LIMITS, 1, on_batch=reported.extend)
+    finally:
+        hook.remove()
+    assert got == texts(tok, expected)
+    assert max(sizes) <= batch_size
+    assert sorted(i for i, _ in reported) == list(range(len(MIXED_PROMPTS)))
+    assert all(got[i] == text for i, text in reported)
+
+
+@pytest.mark.parametrize("order", ["shortest first", "as given"])
+def test_greedy_decoder_takes_prompts_in_any_order(stopping_lm, order):
+    """Rows longer than the running cache widen it (left padding) before they take a slot."""
+    model, tok, stops, expected = stopping_lm
+    ids = [tok(p, add_special_tokens=False).input_ids for p in MIXED_PROMPTS]
+    perm = sorted(range(len(ids)), key=lambda i: len(ids[i])) if order == "shortest first" else list(range(len(ids)))
+    decoder = GreedyDecoder(model, tok.pad_token_id, stops, batch_size=4)
+    with torch.inference_mode():
+        got = dict(decoder.rows([ids[i] for i in perm], [MIXED_LIMITS[i] for i in perm]))
+    assert [got[perm.index(i)] for i in range(len(ids))] == expected
+
+
+def test_zero_new_tokens_and_no_prompts(stopping_lm):
+    model, tok, _, expected = stopping_lm
+    assert generate_batched(model, tok, MIXED_PROMPTS[:2], 2, [0, MIXED_LIMITS[1]], 1) == ["", *texts(tok, expected[1:2])]
+    assert generate_batched(model, tok, [], 2, 3, 1) == []
+
+
+def test_models_the_greedy_loop_does_not_cover_use_hf_generate(stopping_lm):
+    """A logits processor in the generation config (here a repetition penalty) sends greedy decoding through
+    HF `generate` per batch, rows still cut to their own limits and stop tokens."""
+    model, tok, stops, _ = stopping_lm
+    penalised = copy.deepcopy(model)
+    penalised.generation_config.repetition_penalty = 1.5
+    assert not greedy_loop_supported(penalised)
+    expected = [hf_alone(penalised, tok, p, n, stops) for p, n in zip(MIXED_PROMPTS, MIXED_LIMITS, strict=True)]
+    calls = []
+    original = penalised.generate
+    penalised.generate = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
+    assert generate_batched(penalised, tok, MIXED_PROMPTS, 4, MIXED_LIMITS, 1) == texts(tok, expected)
+    assert len(calls) == -(-len(MIXED_PROMPTS) // 4)
 
 
 # --- template bank download --------------------------------------------------------------------------------
