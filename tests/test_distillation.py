@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from transformers import HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM
 
 from speechllm.models.speech_llm import SpeechLLM
-from speechllm.train.distillation import DistillationConfig, distillation_loss, response_mask
+from speechllm.train.distillation import (
+    DistillationConfig,
+    distillation_loss,
+    pack_right_padded,
+    response_rows,
+    response_targets,
+)
 
 VOCAB, HIDDEN, LAYERS = 96, 32, 4
 BOS, EOS, PAD = 1, 2, 0
@@ -84,12 +90,38 @@ def reference_loss(
     return {"loss": loss, "ntp": ntp, "ld": ld, "fd": fd}
 
 
-def test_response_mask_marks_each_samples_last_positions():
-    assert response_mask(torch.tensor([2, 0, 4]), 5).int().tolist() == [
-        [0, 0, 1, 1, 1],
-        [0, 0, 0, 0, 1],
-        [1, 1, 1, 1, 1],
+def test_response_rows_mark_each_samples_response_positions():
+    # Right padding: sample b starts at b * span; its rows run from the last prompt position to the last token.
+    assert response_rows([3, 1, 2], [2, 0, 4], 6) == [2, 3, 4, 6, 13, 14, 15, 16, 17]
+
+
+def test_pack_right_padded_lays_out_each_sequence_from_position_zero():
+    llm = SpeechLLM(tiny_llama(), PAD, EOS)
+    embed = llm.lm.get_input_embeddings()
+    speech = [torch.randn(n, HIDDEN).requires_grad_() for n in (2, 3)]
+    responses = [[20, 21, 22], [30]]
+    packed = pack_right_padded(llm, [[PREFIX, s, SUFFIX] for s in speech], responses)
+    ids = lambda xs: embed(torch.tensor(xs))  # noqa: E731
+    want = [  # prompts of 8 and 9 positions, sequences of 11 and 10: one pad embedding after the second
+        torch.cat([ids(PREFIX), speech[0], ids(SUFFIX), ids(responses[0])]),
+        torch.cat([ids(PREFIX), speech[1], ids(SUFFIX), ids(responses[1]), ids([PAD])]),
     ]
+    torch.testing.assert_close(packed.inputs_embeds, torch.stack(want), atol=0, rtol=0)
+    # Response rows, flat in (B, 11): the last prompt position through the last response token.
+    assert packed.rows.tolist() == [7, 8, 9, 10, 11 + 8, 11 + 9]
+    assert packed.keep.flatten().nonzero().flatten().tolist() == packed.rows.tolist()
+    packed.inputs_embeds.sum().backward()
+    assert all(torch.equal(s.grad, torch.ones_like(s)) for s in speech)
+
+
+def test_response_targets_average_each_sample_over_its_own_rows():
+    no_eos = response_targets([[5, 6, 7], [8]], None, torch.device("cpu"))
+    assert no_eos.labels.tolist() == [5, 6, 7, -100, 8, -100]
+    torch.testing.assert_close(no_eos.position_weights, torch.tensor([1 / 8] * 4 + [1 / 4] * 2))
+    torch.testing.assert_close(no_eos.label_weights, torch.tensor([1 / 6] * 3 + [0.0, 1 / 2, 0.0]))
+    with_eos = response_targets([[5, 6, 7], [8]], EOS, torch.device("cpu"))
+    assert with_eos.labels.tolist() == [5, 6, 7, EOS, 8, EOS]
+    torch.testing.assert_close(with_eos.label_weights, with_eos.position_weights)
 
 
 def test_batched_loss_is_the_mean_of_per_sample_losses_and_matches_the_reference():
@@ -120,6 +152,25 @@ def test_batched_loss_is_the_mean_of_per_sample_losses_and_matches_the_reference
         for part in ("loss", "ntp", "ld", "fd"):
             torch.testing.assert_close(getattr(single, part), ref[part], atol=ATOL, rtol=0)
     assert all(p.grad is None for p in lm.parameters())  # the LLM stays frozen
+
+
+def test_sorting_or_bucketing_by_length_leaves_the_loss_unchanged():
+    """The batch loss is a mean over samples: any order, or buckets weighted by their size, give the same value."""
+    llm = SpeechLLM(tiny_llama(), PAD, EOS)
+    speech, transcripts, responses = mixed_batch()
+    student, teacher = prompts(speech, transcripts)
+    whole = distillation_loss(llm, student, teacher, responses, CONFIG)
+    order = sorted(range(len(speech)), key=lambda b: speech[b].shape[0] + len(responses[b]))
+    student, teacher, responses = ([xs[b] for b in order] for xs in (student, teacher, responses))
+    in_order = distillation_loss(llm, student, teacher, responses, CONFIG)
+    short, long = (
+        distillation_loss(llm, student[c], teacher[c], responses[c], CONFIG)
+        for c in (slice(0, 2), slice(2, 5))
+    )
+    for part in ("loss", "ntp", "ld", "fd"):
+        torch.testing.assert_close(getattr(in_order, part), getattr(whole, part), atol=ATOL, rtol=0)
+        buckets = (2 * getattr(short, part) + 3 * getattr(long, part)) / 5
+        torch.testing.assert_close(buckets, getattr(whole, part), atol=ATOL, rtol=0)
 
 
 def test_teacher_prompt_as_student_gives_zero_feature_loss():
