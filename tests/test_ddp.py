@@ -1,4 +1,4 @@
-"""DDP on the CPU: two gloo processes started by `accelerate launch` train one tiny CTC run together."""
+"""DDP and FSDP on the CPU: two gloo processes started by `accelerate launch` train one tiny run together."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
-from test_train_resume import CTC_STAGE, run_settings, subprocess_env, train_command, write_corpus
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train_resume import ADAPTOR, CTC_STAGE, run_settings, subprocess_env, train_command, write_corpus
 
 
 def free_port() -> int:
@@ -16,17 +20,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_gloo_processes_share_batches_and_end_with_identical_weights(tiny_models, tmp_path):
-    corpus = write_corpus(tmp_path / "data", num_train=16)
-    stage = {**CTC_STAGE, "max_epochs": 2, "num_iters_per_epoch": 6, "checkpoint_every": 100}
-    run_dir = tmp_path / "run"
-    launch = [
+def launch(args: list[str], num_processes: int) -> list[str]:
+    """`accelerate launch` with N gloo processes on the CPU (ACCELERATE_USE_CPU=true in the environment)."""
+    return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--multi_gpu",
         "--num_processes",
-        "2",
+        str(num_processes),
         "--num_machines",
         "1",
         "--mixed_precision",
@@ -35,10 +37,17 @@ def test_two_gloo_processes_share_batches_and_end_with_identical_weights(tiny_mo
         "no",
         "--main_process_port",
         str(free_port()),
-        *train_command("ctc", run_settings(tiny_models, stage), corpus, run_dir),
+        *args,
     ]
+
+
+def test_two_gloo_processes_share_batches_and_end_with_identical_weights(tiny_models, tmp_path):
+    corpus = write_corpus(tmp_path / "data", num_train=16)
+    stage = {**CTC_STAGE, "max_epochs": 2, "num_iters_per_epoch": 6, "checkpoint_every": 100}
+    run_dir = tmp_path / "run"
+    command = launch(train_command("ctc", run_settings(tiny_models, stage), corpus, run_dir), 2)
     res = subprocess.run(
-        launch, capture_output=True, text=True, timeout=300, env=subprocess_env(ACCELERATE_USE_CPU="true")
+        command, capture_output=True, text=True, timeout=300, env=subprocess_env(ACCELERATE_USE_CPU="true")
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
 
@@ -62,3 +71,124 @@ def test_two_gloo_processes_share_batches_and_end_with_identical_weights(tiny_mo
         "trainer_state.json",
     ]
     assert (run_dir / "model/model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------------ FSDP
+
+CE_STAGE = {
+    **CTC_STAGE,
+    "best_metric": "dev_acc",
+    "keep_best": 2,
+    "max_batch_size": 2,
+    "checkpoint_every": 100,
+    "grad_clip": 0.02,
+}
+NO_DROPOUT = {**ADAPTOR, "dropout": 0.0, "pos_dropout": 0.0, "attn_dropout": 0.0}
+
+
+def ce_settings(tiny_models, **stage) -> dict:
+    """CE-stage settings without dropout: a run's trajectory then depends on its batches alone."""
+    settings = run_settings(tiny_models, {**CE_STAGE, **stage})
+    settings["adaptor"] = settings["models"]["adaptor"] = NO_DROPOUT
+    return settings
+
+
+def run(command: list[str], log_file: Path) -> str:
+    env = subprocess_env(ACCELERATE_USE_CPU="true")
+    res = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    log_file.write_text(res.stdout + res.stderr)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res.stdout + res.stderr
+
+
+def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    """Equal up to rounding: FSDP sums the squared gradient norm over shards, so the clipping factor (and the
+    clipped update) may differ in the last bit. A wrong norm (e.g. a shard's own) would be far off."""
+    assert got.keys() == want.keys(), what
+    for name in got:
+        error = float((got[name] - want[name]).abs().max())
+        assert torch.allclose(got[name], want[name], rtol=0, atol=1e-6), f"{what}: {name} differs by {error}"
+
+
+def assert_rows_close(got: list[dict], want: list[dict]) -> None:
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    for row, expected in zip(got, want, strict=True):
+        assert row == pytest.approx(expected, rel=1e-5), (row, expected)
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "train/metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("step", "loss", "grad_norm", "lr")} for r in rows if "loss" in r]
+
+
+def test_fsdp_on_two_gloo_processes_equals_one_process_and_resumes(tiny_models, tmp_path):
+    """FSDP (2 processes, accum 1) and one plain process (accum 2) see the same micro-batches per update.
+
+    The sampler gives rank r the global batches r, r + 2, ...; one process takes them all in order, so with
+    twice the accumulation each update averages the gradients of the same two batches. Without dropout the runs
+    agree up to rounding (bit for bit without clipping). The FSDP run stops after one epoch; a second launch
+    with two epochs resumes from its checkpoint (full optimizer state) and continues.
+    """
+    corpus = write_corpus(tmp_path / "data", num_train=28)  # 14 batches of <= 2: both runs stay in pass 0
+    reference, sharded = tmp_path / "reference", tmp_path / "fsdp"
+    plain = ce_settings(tiny_models, accum_grad=2, num_iters_per_epoch=6, max_epochs=2)
+    run([sys.executable, *train_command("ce", plain, corpus, reference)], tmp_path / "reference.log")
+    logs = []
+    for epochs in (1, 2):
+        fsdp = ce_settings(tiny_models, accum_grad=1, num_iters_per_epoch=3, max_epochs=epochs, fsdp=True)
+        logs.append(
+            run(launch(train_command("ce", fsdp, corpus, sharded), 2), tmp_path / f"fsdp_{epochs}.log")
+        )
+    assert all(
+        "FSDP: 2 LLM decoder blocks (BloomBlock) and the root unit sharded over 2 processes" in out
+        for out in logs
+    )
+    assert f"resuming from {sharded / 'train/checkpoints/step_00000003'}" in logs[1]
+
+    summary = json.loads((sharded / "train/summary.json").read_text())
+    expected = json.loads((reference / "train/summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["final_step"] == expected["final_step"] == 6
+    assert summary["batches_per_process"] == [6, 6] and expected["batches_per_process"] == [12]
+    assert summary["selected_steps"] == expected["selected_steps"] and len(expected["selected_steps"]) == 2
+    # Losses, global gradient norms (clipped at 0.02 in the first updates) and dev evaluations ...
+    assert_rows_close(train_rows(sharded), train_rows(reference))
+    assert max(r["grad_norm"] for r in train_rows(reference)) > CE_STAGE["grad_clip"]
+    assert summary["initial_dev"] == expected["initial_dev"]
+    assert_rows_close(summary["history"], expected["history"])
+    assert summary["history"][-1]["dev_loss"] < summary["initial_dev"]["dev_loss"]
+    # ... and the weights after one epoch, at the end, and the exported k-best average.
+    for name in ("step_00000003", "step_00000006"):
+        path = f"train/checkpoints/{name}/model.safetensors"
+        assert_close(load_file(str(sharded / path)), load_file(str(reference / path)), name)
+    exported = "model/model.safetensors"
+    assert_close(load_file(str(sharded / exported)), load_file(str(reference / exported)), "exported")
+    # The checkpoint holds the full (unsharded) optimizer state of the trainable parameters, by name.
+    trainer = torch.load(sharded / "train/checkpoints/step_00000006/trainer.pt", weights_only=True)
+    weights = load_file(str(sharded / "train/checkpoints/step_00000006/model.safetensors"))
+    state = trainer["optimizer"]["state"]
+    assert {k.removeprefix("model.") for k in state} == set(weights)
+    assert all(state[k]["exp_avg"].shape == weights[k.removeprefix("model.")].shape for k in state)
+
+
+def test_fsdp_with_gradient_accumulation_equals_ddp(tiny_models, tmp_path):
+    """Accumulation under FSDP (no reduce-scatter until the last micro-batch) against DDP's `no_sync`.
+
+    Both runs give each rank the same batches and the same dropout masks (same seed per rank), so they agree
+    up to rounding when the accumulated FSDP gradients equal DDP's.
+    """
+    corpus = write_corpus(tmp_path / "data", num_train=16)
+    stage = {**CE_STAGE, "accum_grad": 2, "num_iters_per_epoch": 4, "max_epochs": 2}
+    runs = {}
+    for fsdp in (False, True):
+        settings = run_settings(tiny_models, {**stage, "fsdp": fsdp})  # with dropout
+        runs[fsdp] = tmp_path / f"fsdp_{fsdp}"
+        run(launch(train_command("ce", settings, corpus, runs[fsdp]), 2), tmp_path / f"fsdp_{fsdp}.log")
+    ddp, sharded = runs[False], runs[True]
+    summary = json.loads((sharded / "train/summary.json").read_text())
+    expected = json.loads((ddp / "train/summary.json").read_text())
+    assert summary["final_step"] == expected["final_step"] == 4
+    assert summary["data_sha256_per_process"] == expected["data_sha256_per_process"]
+    assert_rows_close(train_rows(sharded), train_rows(ddp))
+    assert_rows_close(summary["history"], expected["history"])
+    for name in ("train/checkpoints/step_00000004/model.safetensors", "model/model.safetensors"):
+        assert_close(load_file(str(sharded / name)), load_file(str(ddp / name)), name)

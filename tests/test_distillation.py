@@ -154,6 +154,20 @@ def test_batched_loss_is_the_mean_of_per_sample_losses_and_matches_the_reference
     assert all(p.grad is None for p in lm.parameters())  # the LLM stays frozen
 
 
+def test_bf16_autocast_gives_a_float32_loss_close_to_fp32():
+    """precision: bf16 runs the LLM under autocast; the loss sums stay float32 and near the fp32 value."""
+    llm = SpeechLLM(tiny_llama(), PAD, EOS)
+    speech, transcripts, responses = mixed_batch()
+    student, teacher = prompts(speech, transcripts)
+    full = distillation_loss(llm, student, teacher, responses, CONFIG)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = distillation_loss(llm, student, teacher, responses, CONFIG)
+    assert half.loss.dtype == torch.float32
+    half.loss.backward()
+    assert all(s.grad is not None and torch.isfinite(s.grad).all() for s in speech)
+    torch.testing.assert_close(half.loss, full.loss.detach(), rtol=0.05, atol=0.05)
+
+
 def test_sorting_or_bucketing_by_length_leaves_the_loss_unchanged():
     """The batch loss is a mean over samples: any order, or buckets weighted by their size, give the same value."""
     llm = SpeechLLM(tiny_llama(), PAD, EOS)

@@ -299,11 +299,12 @@ def distillation_loss(
 
     s_logp = s_logits.float().log_softmax(dim=-1)  # (N, V)
     token_ce = F.nll_loss(s_logp, targets.labels, ignore_index=IGNORE_INDEX, reduction="none")
-    soft_ce = -torch.linalg.vecdot(t_probs, s_logp)
+    # Elementwise products and sums, not dot/vecdot: autocast would run those in bf16 (and mix dtypes).
+    soft_ce = -(t_probs * s_logp).sum(dim=-1)
     sq_error = (s_hidden.float() - t_hidden.float()).pow(2).mean(dim=-1).sum(dim=0)  # (N,) summed over layers
-    ntp = torch.dot(token_ce, targets.label_weights)
-    ld = torch.dot(soft_ce, targets.position_weights)
-    fd = torch.dot(sq_error, targets.position_weights)
+    ntp = (token_ce.float() * targets.label_weights).sum()
+    ld = (soft_ce * targets.position_weights).sum()
+    fd = (sq_error * targets.position_weights).sum()
     labelled = targets.labels != IGNORE_INDEX
     return DistillationOutput(
         loss=config.ntp_weight * ntp + config.ld_weight * ld + config.fd_weight * fd,

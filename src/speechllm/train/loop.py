@@ -19,9 +19,10 @@ directory with the same fingerprint continues from the latest one; RNG states ar
 first resumed batch, and the DataLoaders draw from their own generators, so dropout masks after the resume
 equal those of an uninterrupted run.
 
-Several processes (DDP): every rank draws its own batches (same count per rank), gradients are all-reduced,
-all ranks evaluate the whole dev set and follow rank 0's metrics, rank 0 writes checkpoints (each rank its RNG
-file).
+Several processes (DDP, or FSDP with `fsdp: true`, see `parallel.py`): every rank draws its own batches (same
+count per rank), gradients are all-reduced (FSDP: reduce-scattered), all ranks evaluate the whole dev set and
+follow rank 0's metrics, rank 0 writes checkpoints (each rank its RNG file). Under FSDP the checkpoints hold the
+gathered (full) trainable weights and optimizer state, so they do not depend on the sharding.
 """
 
 from __future__ import annotations
@@ -56,7 +57,16 @@ from speechllm.train.checkpoint import (
 )
 from speechllm.train.distillation import DistillationConfig
 from speechllm.train.objectives import ObjectiveModule, batch_tokens, evaluate_dev
-from speechllm.train.parallel import llm_block_names, make_accelerator
+from speechllm.train.parallel import (
+    full_optimizer_state,
+    full_trainable_weights,
+    llm_decoder_blocks,
+    load_full_optimizer_state,
+    local_value,
+    make_accelerator,
+    shard_module,
+    without_gradient_sync,
+)
 from speechllm.train.schedule import make_schedule
 from speechllm.train.tracking import Tracker
 
@@ -94,7 +104,7 @@ class StageConfig:
     schedule: str = "warmup_inverse_sqrt"  # | linear_decay
     max_batch_size: int | None = None  # cap on utterances per micro-batch besides the seconds budget
     find_unused_parameters: bool = True
-    fsdp: bool = False
+    fsdp: bool = False  # shard the frozen LLM's decoder blocks over the processes (FSDP2; several processes)
     num_workers: int = 0
     ctc_weight: float = 1.0
     interctc_weight: float = 0.0
@@ -211,14 +221,15 @@ class Trainer:
         self.make_tracker = make_tracker
         self.seed = seed
         self.fingerprint = fingerprint
-        self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        self.accelerator: Accelerator = make_accelerator(
-            stage.precision,
-            stage.find_unused_parameters,
-            stage.fsdp,
-            llm_block_names(model) if stage.fsdp else None,
-        )
+        self.accelerator: Accelerator = make_accelerator(stage.precision, stage.find_unused_parameters)
         acc = self.accelerator
+        if stage.fsdp and not llm_decoder_blocks(model):
+            raise ValueError(
+                f"fsdp: true needs a model with an LLM; the {stage.objective} stage's model has none"
+            )
+        if stage.fsdp and acc.num_processes == 1:
+            log.warning("fsdp: true with one process: nothing to shard, training unsharded")
+        self.sharded = stage.fsdp and acc.num_processes > 1
         self.checkpoints = CheckpointManager(
             Path(checkpoint_dir), stage.keep_checkpoints, acc.is_main_process
         )
@@ -230,31 +241,28 @@ class Trainer:
         self.accelerator.wait_for_everyone()
 
     def trainable_weights(self) -> dict[str, torch.Tensor]:
-        """Full trainable weights (on every rank for DDP; gathered on rank 0 under FSDP)."""
-        if not self.stage.fsdp:
+        """Full trainable weights on every rank (under FSDP gathered from the shards: a collective)."""
+        if not self.sharded:
             return self.core.trainable_state_dict()
-        full = self.accelerator.get_state_dict(self.wrapped)  # collective
-        wanted = set(self.trainable_names)
-        return {
-            k.removeprefix("model."): v.cpu() for k, v in full.items() if k.removeprefix("model.") in wanted
-        }
+        return full_trainable_weights(self.core)
 
     def optimizer_state(self) -> dict[str, Any]:
-        if not self.stage.fsdp:
+        """The optimizer's state dict (under FSDP unsharded and keyed by parameter name: a collective)."""
+        if not self.sharded:
             return self.optimizer.state_dict()
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        return FSDP.optim_state_dict(self.wrapped, self.optimizer.optimizer)
+        return full_optimizer_state(self.wrapped, self.optimizer.optimizer)
 
     def load_optimizer_state(self, saved: dict[str, Any]) -> None:
-        if not self.stage.fsdp:
+        if not self.sharded:
             self.optimizer.load_state_dict(saved)
             return
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        load_full_optimizer_state(self.wrapped, self.optimizer.optimizer, saved)
 
-        self.optimizer.optimizer.load_state_dict(
-            FSDP.optim_state_dict_to_load(self.wrapped, self.optimizer.optimizer, saved)
-        )
+    def accumulating(self) -> contextlib.AbstractContextManager:
+        """Context of a backward that only accumulates (no gradient reduction across processes)."""
+        if self.sharded:
+            return without_gradient_sync(self.wrapped)
+        return self.accelerator.no_sync(self.wrapped)
 
     def _loader(self, sampler: DurationBucketSampler, dataset: SpeechDataset, num_workers: int) -> DataLoader:
         # Own generator: creating an iterator must not draw from the global RNG (resume would shift dropout).
@@ -268,6 +276,19 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ set-up
+
+    def _shard(self, objective: ObjectiveModule) -> nn.Module:
+        """FSDP2 over the LLM's decoder blocks (accelerate refuses FSDP on the CPU, see parallel.py)."""
+        blocks = llm_decoder_blocks(self.core)
+        names = ", ".join(sorted({type(b).__name__ for b in blocks}))  # sharding renames the classes
+        sharded = shard_module(objective, blocks, self.accelerator.device)
+        log.info(
+            "FSDP: %d LLM decoder blocks (%s) and the root unit sharded over %d processes",
+            len(blocks),
+            names,
+            self.accelerator.num_processes,
+        )
+        return sharded
 
     def _find_resume(self) -> Path | None:
         """Latest checkpoint of this run, after removing partial writes and stale (other settings) ones."""
@@ -302,7 +323,7 @@ class Trainer:
         objective = ObjectiveModule(
             self.core, stage.objective, stage.ctc_weight, stage.interctc_weight, stage.distillation
         )
-        self.wrapped = acc.prepare(objective)
+        self.wrapped = self._shard(objective) if self.sharded else acc.prepare(objective)  # prepare: DDP
         self.sampler = DurationBucketSampler(
             self.train_set.durations(),
             stage.batch_seconds,
@@ -347,6 +368,8 @@ class Trainer:
             self.accelerator.device,
             self.accelerator.autocast,
         )
+        if self.sharded:  # FSDP2 keeps the root unit's parameters gathered after a forward without backward
+            self.wrapped.reshard()
         shared = [metrics]
         if self.accelerator.num_processes > 1:
             broadcast_object_list(shared, from_process=0)
@@ -455,8 +478,8 @@ class Trainer:
                 state.data_digest = chain_digest(state.data_digest, [str(r.get("id")) for r in batch.records])
                 sync = state.batches_seen % stage.accum_grad == 0
                 batch = batch.to(acc.device)
-                context = contextlib.nullcontext() if sync else acc.no_sync(self.wrapped)
-                with context:
+                context = contextlib.nullcontext() if sync else self.accumulating()
+                with context, acc.autocast():  # the prepared (DDP) forward autocasts too; FSDP's does not
                     loss, stats = self.wrapped(batch)
                     acc.backward(loss / stage.accum_grad)
                 for key, value in {"loss": loss.detach(), **stats}.items():
@@ -469,7 +492,8 @@ class Trainer:
                 window["tokens"] = window.get("tokens", 0.0) + batch_tokens(batch, stage.objective)
                 if not sync:
                     continue
-                grad_norm = float(acc.clip_grad_norm_(self.wrapped.parameters(), stage.grad_clip or math.inf))
+                norm = acc.clip_grad_norm_(self.wrapped.parameters(), stage.grad_clip or math.inf)
+                grad_norm = float(local_value(norm))  # FSDP: a DTensor
                 if math.isfinite(grad_norm):
                     self.optimizer.step()
                 else:
@@ -521,7 +545,7 @@ class Trainer:
         """Select the final weights (best / k-best average / last) and summarise, on every rank."""
         acc, stage, state = self.accelerator, self.stage, self.state
         last = self.trainable_weights()
-        digests = gather_object([weights_digest(last) if acc.is_main_process or not stage.fsdp else ""])
+        digests = gather_object([weights_digest(last)])
         batches = gather_object([state.batches_seen])
         data = gather_object([state.data_digest])
         self.barrier()
@@ -530,7 +554,7 @@ class Trainer:
         else:
             states = [self.checkpoints.load_kept(k.file) for k in state.kept]
             selected = states[0] if len(states) == 1 else average_states(states)
-        if not stage.fsdp:
+        if not self.sharded:
             load_weights(self.core, selected, "selected weights")
         initial = next((h for h in state.history if h.get("initial")), {})
         summary = {
@@ -574,8 +598,8 @@ def train(
 ) -> TrainResult:
     """Train `model` in place (resuming from `checkpoint_dir` when it holds this run's checkpoints).
 
-    On return (without FSDP) the model holds the selected weights: the best evaluation, the average of the k
-    best, or the last weights. `make_tracker(resume_step, enabled)` opens the job's tracker.
+    On return (unless sharded by FSDP) the model holds the selected weights: the best evaluation, the average
+    of the k best, or the last weights. `make_tracker(resume_step, enabled)` opens the job's tracker.
     """
     return Trainer(
         model, tokenizer, stage, train_set, dev_set, collator, make_tracker, seed, checkpoint_dir, fingerprint
