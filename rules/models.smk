@@ -7,10 +7,13 @@ rule demo_llm:
         directory(DEMO_LLM_DIR),
     params:
         settings=lambda wc: as_json({
-            "demo_build": demo_build_settings("tokenizer_vocab_size", "llm_vocab_pad_to", "llm", "llm_pretrain"),
+            "demo_build": demo_build_settings(
+                "tokenizer_vocab_size", "llm_vocab_pad_to", "llm_embedding_norm", "llm", "llm_pretrain"
+            ),
             "prompt": config["models"]["prompt"],
             "st_prompt": config["evaluate"]["st_prompt"],
             "llm_fraction": config["data"].get("demo", {}).get("llm_train_fraction"),
+            "composed": config["data"].get("demo", {}).get("composed"),
             "option_prefix": config["evaluate"]["option_prefix"],
             "seed": config["seed"],
         }),

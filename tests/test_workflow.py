@@ -66,7 +66,8 @@ def test_paper_scale_dry_run_lists_every_stage(tmp_path):
 
 REDUCED = {
     "data": {"languages": ["en_us", "de_de"], "speechglue": {"tasks": ["sst2", "rte"]},
-             "speechxnli": {"languages": ["en", "de"]}},
+             "speechxnli": {"languages": ["en", "de"]},
+             "demo": {"composed": {"train": 12, "dev": 2, "test": 2, "seed": 0}}},
     "models": {"demo_build": {"llm_pretrain": {"steps": 200, "batch_size": 16, "lr": 3.0e-3, "warmup_steps": 20,
                                                "max_length": 96, "weight_decay": 0.0, "templates_per_sentence": 1,
                                                "task_repeats": 1}}},

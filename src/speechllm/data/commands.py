@@ -18,7 +18,8 @@ def cmd_data_demo(args: argparse.Namespace) -> None:
     s = parse_settings(args.settings)
     tts = make_tts(s["tts"]["backend"], s["sampling_rate"], s["tts"]["words_per_minute"])
     out = Path(args.out_dir)
-    counts = demo.build_corpus(out, s["languages"], s["tts"]["voices"], tts, s["sampling_rate"], args.threads)
+    counts = demo.build_corpus(out, s["languages"], s["tts"]["voices"], tts, s["sampling_rate"], args.threads,
+                               s["demo"].get("composed"))
     glue = demo.build_speechglue(out, s["speechglue"]["tasks"], s["tts"]["voices"]["en_us"], tts,
                                  s["sampling_rate"], s["demo"]["llm_train_fraction"], args.threads)
     xnli = demo.build_speechxnli(out, s["speechxnli"]["languages"], s["tts"]["voices"], tts, s["sampling_rate"],

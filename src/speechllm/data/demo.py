@@ -4,8 +4,10 @@ project (package data in `speechllm/data/demo/`), spoken with a TTS backend into
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
+import random
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -44,6 +46,57 @@ def parallel_sentences() -> list[dict[str, str]]:
     return read_tsv(demo_file("sentences.tsv"))
 
 
+COMPOSED_SLOTS = ("subject", "verb", "object", "adverbial")
+COMPOSED_FIRST_ID = 1001  # composed sentence ids start here, after the written ones
+SPLITS = ("train", "dev", "test")
+
+
+def composed_sentences(counts: dict[str, int], seed: int) -> list[dict[str, str]]:
+    """Parallel sentences composed from `phrases.tsv` (subject verb object adverbial, one phrase per slot).
+
+    The written corpus uses most words once, too few times for a tiny model to learn what they sound like; composed
+    sentences repeat each phrase across many sentences, and the dev/test sentences are combinations not seen in
+    training (every phrase of which is). `counts` gives sentences per split (config key data.demo.composed); the
+    same seeded draw serves the TTS corpus and the demo LLM's text.
+    """
+    path = demo_file("phrases.tsv")
+    phrases = read_tsv(path)
+    by_slot = {slot: [row for row in phrases if row["slot"] == slot] for slot in COMPOSED_SLOTS}
+    if any(not rows for rows in by_slot.values()) or len(phrases) != sum(map(len, by_slot.values())):
+        raise ValueError(f"{path}: every row's slot must be one of {COMPOSED_SLOTS}, each slot non-empty")
+    sizes = [len(by_slot[slot]) for slot in COMPOSED_SLOTS]
+    rng = random.Random(seed)
+    # The first training sentences walk a shuffled order of every slot at once, so each phrase occurs in training.
+    orders = [rng.sample(range(n), n) for n in sizes]
+    cover = [tuple(order[i % len(order)] for order in orders) for i in range(max(sizes))]
+    if counts.get("train", 0) < len(cover):
+        raise ValueError(f"data.demo.composed.train is too small: it must be at least {len(cover)} so that every "
+                         f"phrase of {path} occurs in training")
+    rest = sorted(set(itertools.product(*(range(n) for n in sizes))) - set(cover))
+    wanted = sum(counts.get(split, 0) for split in SPLITS)
+    if wanted > len(cover) + len(rest):
+        raise ValueError(f"data.demo.composed asks for {wanted} sentences; {path} makes {len(cover) + len(rest)}")
+    drawn = cover + rng.sample(rest, wanted - len(cover))
+    columns = [c for c in phrases[0] if c != "slot"]
+    rows, start = [], 0
+    for split in SPLITS:
+        for combo in drawn[start: start + counts.get(split, 0)]:
+            parts = [by_slot[slot][j] for slot, j in zip(COMPOSED_SLOTS, combo, strict=True)]
+            row = {"id": str(COMPOSED_FIRST_ID + len(rows)), "split": split}
+            row.update({c: " ".join(part[c] for part in parts) + "." for c in columns})
+            rows.append(row)
+        start += counts.get(split, 0)
+    return rows
+
+
+def demo_sentences(composed: dict[str, int] | None) -> list[dict[str, str]]:
+    """The written parallel corpus plus, when configured (data.demo.composed), the composed sentences."""
+    rows = parallel_sentences()
+    if composed:
+        rows += composed_sentences({k: v for k, v in composed.items() if k in SPLITS}, composed["seed"])
+    return rows
+
+
 def demo_templates() -> list[tuple[str, str]]:
     pairs = json.loads(demo_file("templates.json").read_text(encoding="utf-8"))
     return [(prefix, postfix) for prefix, postfix in pairs]
@@ -67,10 +120,11 @@ def _speak_all(tts: TTSBackend, jobs: list[tuple[str, str, Path]], threads: int)
 
 
 def build_corpus(
-    out_dir: Path, languages: list[str], voices: dict[str, str], tts: TTSBackend, sampling_rate: int, threads: int
+    out_dir: Path, languages: list[str], voices: dict[str, str], tts: TTSBackend, sampling_rate: int, threads: int,
+    composed: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Speak the parallel corpus; write `out_dir/fleurs/{train,dev,test}.jsonl`. Returns counts per split."""
-    rows = parallel_sentences()
+    rows = demo_sentences(composed)
     jobs, records = [], {"train": [], "dev": [], "test": []}
     for code in languages:
         short = FLEURS_TO_SHORT.get(code)

@@ -19,7 +19,7 @@ def cmd_models_demo_llm(args: argparse.Namespace) -> None:
     s = parse_settings(args.settings)
     set_threads(args.threads)
     stats = build_llm(Path(args.out_dir), s["demo_build"], s["prompt"], s["st_prompt"], s["llm_fraction"],
-                      s["option_prefix"], s["seed"])
+                      s["option_prefix"], s["seed"], s.get("composed"))
     log.info("demo LLM: %s", stats)
 
 

@@ -24,8 +24,8 @@ from transformers import (
 
 from speechllm.data.demo import (
     demo_file,
+    demo_sentences,
     demo_templates,
-    parallel_sentences,
     read_tsv,
     split_for_llm,
     xnli_split,
@@ -46,14 +46,14 @@ class Example:
 
 def instruction_examples(llm_fraction: float, repeat_prefix: str, repeat_postfix: str, st_prefix: str,
                          st_postfix: str, templates_per_sentence: int, task_repeats: int,
-                         option_prefix: str, seed: int) -> list[Example]:
+                         option_prefix: str, seed: int, composed: dict[str, int] | None = None) -> list[Example]:
     """The demo LLM's instruction-form training text: repeat, translate, template-bank translation, tasks."""
     rng = random.Random(seed)
     examples: list[Example] = []
     names = {col: language_name(col) for col in DEMO_COLUMNS}
     translation_templates = [(p, q, t) for p, q in demo_templates()
                              if (t := _template_target(q + p, names)) is not None]
-    for row in parallel_sentences():
+    for row in demo_sentences(composed):
         for col in DEMO_COLUMNS:
             examples.append(Example(repeat_prefix + row[col] + repeat_postfix, row[col]))
             if col != "en":
@@ -108,14 +108,15 @@ def _batches(ids: list[list[int]], batch_size: int, rng: random.Random):
 
 
 def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st_prompt: dict[str, str],
-              llm_fraction: float, option_prefix: str, seed: int) -> dict[str, float]:
+              llm_fraction: float, option_prefix: str, seed: int,
+              composed: dict[str, int] | None = None) -> dict[str, float]:
     """Train tokenizer + tiny BLOOM on the instruction text; save both into `out_dir`. Returns losses."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     train = cfg["llm_pretrain"]
     examples = instruction_examples(llm_fraction, prompt_cfg["prefix"], prompt_cfg["postfix"],
                                     st_prompt["prefix"], st_prompt["postfix"], train["templates_per_sentence"],
-                                    train["task_repeats"], option_prefix, seed)
+                                    train["task_repeats"], option_prefix, seed, composed)
     tokenizer = build_tokenizer([e.prompt + e.completion for e in examples], cfg["tokenizer_vocab_size"], out_dir)
     pad_to = cfg["llm_vocab_pad_to"]
     vocab = int(math.ceil(len(tokenizer) / pad_to) * pad_to)
@@ -153,11 +154,31 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
         opt.zero_grad()
         losses.append(loss.item())
     model.eval()
+    scale = rescale_embeddings(model, cfg["llm_embedding_norm"])
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     window = max(1, len(losses) // 20)
     return {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
-            "examples": len(examples), "vocab_size": vocab, "tokenizer_size": len(tokenizer)}
+            "examples": len(examples), "vocab_size": vocab, "tokenizer_size": len(tokenizer),
+            "embedding_scale": scale}
+
+
+@torch.no_grad()
+def rescale_embeddings(model: BloomForCausalLM, mean_norm: float) -> float:
+    """Scale the (tied) token embeddings to rows of mean L2 norm `mean_norm`, and the final LayerNorm by the
+    inverse: the LLM computes the same function (its embedding LayerNorm ignores a row's scale, and the output
+    logits E·ln_f(h) are unchanged), but the frozen CTC head built from these embeddings gets the logit range
+    of a large LLM's embeddings. A tiny LLM trained for minutes ends with rows of norm ~1, whose CTC logits are
+    too flat for the adaptor to leave the blank plateau within the demo's budget. Returns the factor."""
+    if not model.config.tie_word_embeddings:
+        raise ValueError("rescale_embeddings expects tied input/output embeddings, as BLOOM's")
+    embeddings = model.get_input_embeddings().weight
+    factor = mean_norm / float(embeddings.norm(dim=1).mean())
+    embeddings.mul_(factor)
+    final_norm = model.transformer.ln_f
+    final_norm.weight.div_(factor)
+    final_norm.bias.div_(factor)
+    return factor
 
 
 def build_speech_encoder(out_dir: Path, cfg: dict[str, Any], sampling_rate: int, seed: int) -> int:

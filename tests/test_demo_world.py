@@ -1,0 +1,82 @@
+"""The embedded demo world: written sentences plus sentences composed from a phrase table; the demo LLM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BloomConfig, BloomForCausalLM
+
+from speechllm.data.demo import COMPOSED_SLOTS, composed_sentences, demo_file, demo_sentences, read_tsv
+from speechllm.models.demo_build import rescale_embeddings
+
+COUNTS = {"train": 60, "dev": 6, "test": 6}
+LANGUAGES = ("en", "de", "fr", "es", "it", "pt")
+
+
+def phrase_sets() -> dict[str, list[str]]:
+    """English phrase of each slot, the slot order of a composed sentence."""
+    rows = read_tsv(demo_file("phrases.tsv"))
+    return {slot: [r["en"] for r in rows if r["slot"] == slot] for slot in COMPOSED_SLOTS}
+
+
+def english_parts(sentence: str, phrases: dict[str, list[str]]) -> tuple[str, ...]:
+    """Split an English composed sentence back into its four phrases."""
+    rest = sentence.removesuffix(".")
+    parts = []
+    for slot in COMPOSED_SLOTS:
+        match = [p for p in phrases[slot] if rest.startswith(p)]
+        assert len(match) == 1, (sentence, slot)
+        parts.append(match[0])
+        rest = rest[len(match[0]):].lstrip()
+    assert rest == "", sentence
+    return tuple(parts)
+
+
+def test_composed_splits_are_unseen_combinations_of_seen_phrases():
+    rows = composed_sentences(COUNTS, seed=0)
+    phrases = phrase_sets()
+    by_split = {s: [english_parts(r["en"], phrases) for r in rows if r["split"] == s] for s in COUNTS}
+    assert {s: len(v) for s, v in by_split.items()} == COUNTS
+    train = set(by_split["train"])
+    assert len(train) == COUNTS["train"]
+    for split in ("dev", "test"):
+        assert not train & set(by_split[split])
+        for combo in by_split[split]:
+            for i, phrase in enumerate(combo):
+                assert any(t[i] == phrase for t in train), (split, phrase)
+    for row in rows:
+        assert all(row[c].endswith(".") and row[c][0].isupper() for c in LANGUAGES)
+
+
+def test_composed_draw_is_reproducible_and_ids_follow_the_written_corpus():
+    assert composed_sentences(COUNTS, seed=3) == composed_sentences(COUNTS, seed=3)
+    assert composed_sentences(COUNTS, seed=3) != composed_sentences(COUNTS, seed=4)
+    rows = demo_sentences({**COUNTS, "seed": 0})
+    ids = [int(r["id"]) for r in rows]
+    assert len(set(ids)) == len(ids)
+    assert demo_sentences(None) == rows[: len(ids) - sum(COUNTS.values())]
+
+
+def test_too_many_or_too_few_composed_sentences_name_the_config_key():
+    with pytest.raises(ValueError, match="data.demo.composed asks for"):
+        composed_sentences({"train": 10**6, "dev": 0, "test": 0}, seed=0)
+    with pytest.raises(ValueError, match="data.demo.composed.train is too small"):
+        composed_sentences({"train": 7, "dev": 1, "test": 1}, seed=0)
+
+
+def test_rescaled_embeddings_leave_the_llm_function_unchanged():
+    torch.manual_seed(0)
+    model = BloomForCausalLM(BloomConfig(vocab_size=50, hidden_size=32, n_layer=2, n_head=4)).eval()
+    with torch.no_grad():  # a trained model's final LayerNorm is not the identity
+        model.transformer.ln_f.weight.uniform_(0.5, 1.5)
+        model.transformer.ln_f.bias.uniform_(-0.5, 0.5)
+    ids = torch.randint(0, 50, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    before = model(input_ids=ids, attention_mask=mask).logits
+    factor = rescale_embeddings(model, mean_norm=5.0)
+    after = model(input_ids=ids, attention_mask=mask).logits
+    norms = model.get_input_embeddings().weight.detach().norm(dim=1)
+    assert factor > 1 and float(norms.mean()) == pytest.approx(5.0, rel=1e-5)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
