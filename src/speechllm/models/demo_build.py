@@ -32,6 +32,7 @@ from speechllm.data.demo import (
 )
 from speechllm.data.languages import language_name
 from speechllm.evaluate.prompts import TASK_PROMPTS, render_text
+from speechllm.text.normalize import basic_normalize
 
 # BLOOM's special tokens and ids: <unk>=0, <s>=1, </s>=2, <pad>=3 (the CTC blank).
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -56,6 +57,10 @@ def instruction_examples(llm_fraction: float, repeat_prefix: str, repeat_postfix
     for row in demo_sentences(composed):
         for col in DEMO_COLUMNS:
             examples.append(Example(repeat_prefix + row[col] + repeat_postfix, row[col]))
+            # Repeating copies the input's form, as a large LLM does: normalised text (the CTC and T targets,
+            # lower-case and unpunctuated) is repeated as normalised text.
+            plain = basic_normalize(row[col])
+            examples.append(Example(repeat_prefix + plain + repeat_postfix, plain))
             if col != "en":
                 st = st_prefix.format(language=names[col])
                 examples.append(Example(st + row[col] + st_postfix, row["en"]))
