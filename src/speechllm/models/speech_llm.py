@@ -85,11 +85,13 @@ def _accepts_argument(fn: object, name: str) -> bool:
     return name in inspect.signature(fn).parameters
 
 
-def _is_speech(segment: Segment) -> bool:
+def is_speech_segment(segment: Segment) -> bool:
+    """A (T, H) speech tensor, as opposed to token ids."""
     return isinstance(segment, torch.Tensor) and segment.dim() == 2
 
 
-def _token_list(segment: Segment) -> list[int]:
+def token_list(segment: Segment) -> list[int]:
+    """Token ids of a token segment (a list or a 1-D tensor) as a Python list."""
     return segment.tolist() if isinstance(segment, torch.Tensor) else [int(tok) for tok in segment]
 
 
@@ -176,7 +178,7 @@ class SpeechLLM(nn.Module):
         self.eos_token_id = eos_token_id
         self.gradient_checkpointing = gradient_checkpointing
         self._lm_takes_position_ids = _accepts_argument(lm.forward, "position_ids")
-        self._lm_takes_logits_to_keep = _accepts_argument(lm.forward, "logits_to_keep")
+        self.lm_takes_logits_to_keep = _accepts_argument(lm.forward, "logits_to_keep")
         if gradient_checkpointing:
             self._enable_gradient_checkpointing()
         self.train(self.training)
@@ -261,7 +263,7 @@ class SpeechLLM(nn.Module):
         Returns:
             B tensors (L_b, H) in the LM's dtype.
         """
-        token_pieces = [_token_list(seg) for sample in pieces for seg in sample if not _is_speech(seg)]
+        token_pieces = [token_list(seg) for sample in pieces for seg in sample if not is_speech_segment(seg)]
         flat_ids = [tok for seg in token_pieces for tok in seg]
         flat_embeds = self.embed_tokens(torch.tensor(flat_ids, dtype=torch.long))
         token_embeds = iter(torch.split(flat_embeds, [len(seg) for seg in token_pieces]))
@@ -269,7 +271,7 @@ class SpeechLLM(nn.Module):
         for sample in pieces:
             parts = []
             for seg in sample:
-                if _is_speech(seg):
+                if is_speech_segment(seg):
                     self._check_speech(seg)
                     parts.append(seg.to(self.embed_device, self.embed_dtype))
                 else:
@@ -297,7 +299,7 @@ class SpeechLLM(nn.Module):
         """
         if targets is not None and len(targets) != len(segments):
             raise ValueError(f"{len(segments)} prompts but {len(targets)} targets")
-        target_lists = [_token_list(t) for t in targets] if targets is not None else [[] for _ in segments]
+        target_lists = [token_list(t) for t in targets] if targets is not None else [[] for _ in segments]
         pieces = [list(sample) + [target] for sample, target in zip(segments, target_lists, strict=True)]
         sequences = self._embed_sequences(pieces)
         device = self.embed_device
@@ -347,10 +349,10 @@ class SpeechLLM(nn.Module):
         }
         if self._lm_takes_position_ids:
             kwargs["position_ids"] = inputs.position_ids
-        if self._lm_takes_logits_to_keep:
+        if self.lm_takes_logits_to_keep:
             kwargs["logits_to_keep"] = logits_to_keep
         logits = self.lm(**kwargs).logits
-        if logits_to_keep and not self._lm_takes_logits_to_keep:
+        if logits_to_keep and not self.lm_takes_logits_to_keep:
             logits = logits[:, -logits_to_keep:]
         return logits
 

@@ -19,16 +19,14 @@ prompts or the padding, and the per-sample means are one weighted sum over those
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from speechllm.models.speech_llm import IGNORE_INDEX, Segment, SpeechLLM
+from speechllm.models.speech_llm import IGNORE_INDEX, Segment, SpeechLLM, is_speech_segment, token_list
 
 
 @dataclass
@@ -96,24 +94,11 @@ class ResponseTargets:
     label_weights: torch.Tensor
 
 
-def _is_speech(segment: Segment) -> bool:
-    return isinstance(segment, torch.Tensor) and segment.dim() == 2
-
-
-def _token_ids(segment: Segment) -> list[int]:
-    return segment.tolist() if isinstance(segment, torch.Tensor) else [int(tok) for tok in segment]
-
-
 def _tensor(
     values: Sequence[float] | np.ndarray, dtype: type[np.number], device: torch.device
 ) -> torch.Tensor:
     """A Python list as a tensor via numpy (several times faster than `torch.tensor` on long lists)."""
     return torch.from_numpy(np.asarray(values, dtype=dtype)).to(device)
-
-
-@functools.cache
-def _takes_logits_to_keep(forward: Callable[..., object]) -> bool:
-    return "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def response_rows(prompt_lengths: Sequence[int], response_lengths: Sequence[int], span: int) -> list[int]:
@@ -150,7 +135,7 @@ def _embed_sources(
     for sequence in sequences:
         layout = []
         for segment in sequence:
-            if _is_speech(segment):
+            if is_speech_segment(segment):
                 if segment.shape[-1] != hidden_size:
                     raise ValueError(
                         f"speech segment of shape {tuple(segment.shape)} does not match H={hidden_size}"
@@ -159,7 +144,7 @@ def _embed_sources(
                 layout.append((True, speech_rows, segment.shape[0]))
                 speech_rows += segment.shape[0]
             else:
-                ids = _token_ids(segment)
+                ids = token_list(segment)
                 layout.append((False, len(token_ids), len(ids)))
                 token_ids.extend(ids)
         pieces.append(layout)
@@ -246,7 +231,7 @@ def run_llm(llm: SpeechLLM, batch: PackedBatch, layers: Sequence[int]) -> tuple[
         "output_hidden_states": True,
         "use_cache": False,
     }
-    takes_keep = _takes_logits_to_keep(type(llm.lm).forward)
+    takes_keep = llm.lm_takes_logits_to_keep
     if takes_keep:
         kwargs["logits_to_keep"] = batch.keep  # LM head on the N kept rows only, flattened sample-major
     out = llm.lm(**kwargs)
@@ -285,7 +270,7 @@ def distillation_loss(
             f"{len(student_prompts)} student prompts, {len(teacher_prompts)} teacher prompts and "
             f"{len(responses)} responses"
         )
-    responses = [_token_ids(r) for r in responses]
+    responses = [token_list(r) for r in responses]
     empty = [i for i, r in enumerate(responses) if len(r) == 0]
     if empty:
         raise ValueError(f"empty responses at batch positions {empty}: nothing to distil")
