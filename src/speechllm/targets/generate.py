@@ -26,6 +26,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from speechllm.io import atomic_write_text
+from speechllm.models.speech_llm import position_ids_from_mask
 
 OnBatch = Callable[[list[tuple[int, str]]], None]
 
@@ -294,7 +295,7 @@ class GreedyDecoder:
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        position = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 0)
+        position = position_ids_from_mask(mask)
         cache = buffered_cache(self.model)
         first = self._next_tokens(ids, mask, position, cache)
         return Slots(cache, mask, first, position[:, -1], list(rows), [[t] for t in first.tolist()])
