@@ -7,7 +7,7 @@ import torch
 from transformers import BloomConfig, BloomForCausalLM
 
 from speechllm.data.demo import COMPOSED_SLOTS, composed_sentences, demo_file, demo_sentences, read_tsv
-from speechllm.models.demo_build import rescale_embeddings
+from speechllm.models.demo_build import build_llm, rescale_embeddings
 
 COUNTS = {"train": 60, "dev": 6, "test": 6}
 LANGUAGES = ("en", "de", "fr", "es", "it", "pt")
@@ -80,3 +80,33 @@ def test_rescaled_embeddings_leave_the_llm_function_unchanged():
     assert factor > 1 and float(norms.mean()) == pytest.approx(5.0, rel=1e-5)
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+
+
+def tiny_llm_settings(steps: int, freeze: bool) -> dict:
+    return {"tokenizer_vocab_size": 300, "llm_vocab_pad_to": 64, "llm_embedding_norm": 5.0,
+            "llm": {"hidden_size": 32, "n_layer": 1, "n_head": 2},
+            "llm_pretrain": {"steps": steps, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "max_length": 32,
+                             "weight_decay": 0.0, "templates_per_sentence": 1, "task_repeats": 1,
+                             "freeze_embeddings": freeze}}
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_demo_llm_embeddings_stay_random_and_frozen_when_asked(tmp_path, freeze):
+    """freeze_embeddings: pretraining leaves the (tied) table at its random rows of norm ~5; otherwise it moves."""
+    prompt = {"prefix": "Repeat the sentence: ", "postfix": ". "}
+    st_prompt = {"prefix": "Translate the following text from {language} to English\n", "postfix": "\n"}
+    models = {}
+    for steps in (1, 3):
+        out = tmp_path / f"llm{steps}"
+        build_llm(out, tiny_llm_settings(steps, freeze), prompt, st_prompt, 0.5, " ", seed=0)
+        models[steps] = BloomForCausalLM.from_pretrained(out)
+    one, three = (models[s].get_input_embeddings().weight.detach() for s in (1, 3))
+    assert float(three.norm(dim=1).mean()) == pytest.approx(5.0, rel=1e-4)
+    blocks = [m.transformer.h[0].mlp.dense_4h_to_h.weight.detach() for m in models.values()]
+    assert not torch.equal(*blocks)
+    if freeze:
+        torch.testing.assert_close(three, one)
+        cosine = torch.nn.functional.normalize(three, dim=1) @ torch.nn.functional.normalize(three, dim=1).T
+        assert float(cosine.fill_diagonal_(0).abs().max()) < 0.9  # random rows: no two tokens alike
+    else:
+        assert not torch.allclose(three, one)

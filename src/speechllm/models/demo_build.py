@@ -129,13 +129,16 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
         vocab += pad_to  # keep BLOOM's property: more embedding rows than tokenizer entries
     config = BloomConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3, **cfg["llm"])
     model = BloomForCausalLM(config)
+    if train["freeze_embeddings"]:
+        freeze_random_embeddings(model, cfg["llm_embedding_norm"])
     max_len = train["max_length"]
     # Prompt and completion are tokenised apart, as at inference (the prompt alone, then generated tokens):
     # tokenising them joined lets BPE merge across the boundary (". " + "The" → " The"), and a model trained
     # that way cannot continue a prompt that ends in a space.
     seqs = [(prompt_ids(tokenizer, e.prompt) + prompt_ids(tokenizer, e.completion))[: max_len - 1]
             + [tokenizer.eos_token_id] for e in examples]
-    opt = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
     steps, warmup = train["steps"], train["warmup_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
@@ -153,7 +156,7 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
         labels = input_ids.masked_fill(mask == 0, -100)
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         opt.zero_grad()
@@ -166,6 +169,20 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
     return {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
             "examples": len(examples), "vocab_size": vocab, "tokenizer_size": len(tokenizer),
             "embedding_scale": scale}
+
+
+@torch.no_grad()
+def freeze_random_embeddings(model: BloomForCausalLM, mean_norm: float) -> None:
+    """Random token embeddings of row norm ~`mean_norm`, frozen for the whole pretraining (tied: also the LM head).
+
+    The embedding table is stage 1's frozen CTC head. A large LLM's table (250,680 x 4,096) keeps its rows far
+    apart; a tiny one trained for minutes (1,200 x 128) pulls them into clusters (nearest-neighbour cosine
+    ~0.6, random rows ~0.35), which raises the CTC loss the adaptor can reach. Random rows are nearly
+    orthogonal, and the LLM learns its function around them (`llm_pretrain.freeze_embeddings`).
+    """
+    embeddings = model.get_input_embeddings().weight
+    embeddings.normal_(0.0, mean_norm / math.sqrt(embeddings.shape[1]))
+    embeddings.requires_grad_(False)
 
 
 @torch.no_grad()
