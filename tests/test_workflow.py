@@ -38,6 +38,8 @@ def override(tmp_path: Path, data: dict) -> Path:
         ({"train": {"ce": {"lr": "fast"}}}, "train.ce.lr"),
         ({"data": {"on_bad_audio": "ignore"}}, "data.on_bad_audio"),
         ({"evaluate": {"num_beams": 0}}, "evaluate.num_beams"),
+        ({"models": {"demo_build": {"llm_pretrain": {"freeze_embeddings": "yes"}}}},
+         "models.demo_build.llm_pretrain.freeze_embeddings"),
         ({"surprise": 1}, "<top level>"),
     ],
 )
