@@ -161,13 +161,16 @@ def test_multi_node_ce_runs_one_accelerate_launch_per_node(paper_jobs, tmp_path)
 def test_single_node_launcher_starts_one_process_per_gpu(paper_jobs, tmp_path):
     """train_ctc's launcher (2 GPUs) with real accelerate on CPU: two ranks of one world, arguments intact."""
     launcher = paper_jobs["train_ctc"]["shell"].split(" speechllm ", 1)[0]
-    probe = "import os, sys; print(os.environ['RANK'], os.environ['WORLD_SIZE'], sys.argv[1:])"
+    # One file per rank: the ranks share the launcher's stdout, where their lines can interleave.
+    probe = ("import json, os, sys; open(f\"rank{os.environ['RANK']}.json\", 'w')"
+             ".write(json.dumps([os.environ['WORLD_SIZE'], sys.argv[1:]]))")
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "ACCELERATE_USE_CPU": "true"}
     res = subprocess.run(f"{launcher} {shlex.quote(sys.executable)} -c {shlex.quote(probe)} --settings '{{\"a\": 1}}'",
                          shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    lines = sorted(line for line in res.stdout.splitlines() if line[:1].isdigit())
-    assert lines == ["0 2 ['--settings', '{\"a\": 1}']", "1 2 ['--settings', '{\"a\": 1}']"], res.stdout
+    assert sorted(p.name for p in tmp_path.glob("rank*.json")) == ["rank0.json", "rank1.json"], res.stdout
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == ["2", ["--settings", '{"a": 1}']]
 
 
 @pytest.mark.parametrize(
