@@ -1,4 +1,5 @@
-# Models: the demo world's local models (tokenizer + tiny BLOOM, tiny MMS-architecture Wav2Vec2),
+# Models: the demo world's local models (tokenizer + tiny BLOOM, tiny MMS-architecture Wav2Vec2 fine-tuned
+# with character CTC on the demo training speech, as MMS-1B-all),
 # or, at paper scale, hub models fetched once into the Hugging Face cache (compute nodes may be offline).
 
 
@@ -30,6 +31,9 @@ rule demo_llm:
 
 
 rule demo_speech_encoder:
+    input:
+        train="results/data/train.jsonl",
+        dev="results/data/dev.jsonl",
     output:
         directory(DEMO_ENCODER_DIR),
     params:
@@ -40,14 +44,15 @@ rule demo_speech_encoder:
         }),
     log:
         "logs/models/demo_speech_encoder.log",
-    threads: 1
+    threads: 2
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=3000,
+        runtime=30,
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm models demo-speech-encoder --settings {params.settings:q} --out-dir {output} > {log} 2>&1"
+        "speechllm models demo-speech-encoder --settings {params.settings:q} --out-dir {output} "
+        "--train-manifest {input.train} --dev-manifest {input.dev} --threads {threads} > {log} 2>&1"
 
 
 rule fetch_model:

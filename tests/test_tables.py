@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from speechllm.io import atomic_path, atomic_write_bytes, atomic_write_text
+from speechllm.io import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text
 from speechllm.report.tables import build_table, order_models, table_footer, write_table
 
 ORDER = ["init", "ctc", "t", "mi", "tmi"]
@@ -227,6 +227,21 @@ def test_atomic_writes_replace_and_set_mode(tmp_path: Path) -> None:
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
     atomic_write_text(tmp_path / "t.txt", "ü\r\n")
     assert (tmp_path / "t.txt").read_bytes() == "ü\r\n".encode()
+
+
+def test_atomic_dir_replaces_a_directory_whole_or_not_at_all(tmp_path: Path) -> None:
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == tmp_path and not target.exists()
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("half of v2")
+        raise RuntimeError("killed while saving")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (target / "weights").read_text() == "v1"
+    with atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("v2")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in target.iterdir()] == ["weights"]
+    assert (target / "weights").read_text() == "v2"
 
 
 def test_summarization_table_reads_summary_and_perplexity_files(tmp_path: Path) -> None:

@@ -40,6 +40,8 @@ def override(tmp_path: Path, data: dict) -> Path:
         ({"evaluate": {"num_beams": 0}}, "evaluate.num_beams"),
         ({"models": {"demo_build": {"llm_pretrain": {"freeze_embeddings": "yes"}}}},
          "models.demo_build.llm_pretrain.freeze_embeddings"),
+        ({"models": {"demo_build": {"speech_encoder": {"ctc_finetune": {"updates": -1}}}}},
+         "models.demo_build.speech_encoder.ctc_finetune.updates"),
         ({"surprise": 1}, "<top level>"),
     ],
 )
@@ -72,7 +74,8 @@ REDUCED = {
              "demo": {"composed": {"train": 12, "dev": 2, "test": 2, "seed": 0}}},
     "models": {"demo_build": {"llm_pretrain": {"steps": 200, "batch_size": 16, "lr": 3.0e-3, "warmup_steps": 20,
                                                "max_length": 96, "weight_decay": 0.0, "templates_per_sentence": 1,
-                                               "task_repeats": 1}}},
+                                               "task_repeats": 1},
+                           "speech_encoder": {"ctc_finetune": {"updates": 20, "warmup_steps": 5}}}},
     "targets": {"shards": 1, "max_new_tokens": 16},
     "train": {"ctc": {"max_steps": 40, "eval_every": 20, "warmup_steps": 10},
               "ce": {"max_steps": 20, "eval_every": 10, "warmup_steps": 5}},

@@ -14,12 +14,14 @@ log = logging.getLogger("speechllm")
 
 
 def cmd_models_demo_llm(args: argparse.Namespace) -> None:
+    from speechllm.io import atomic_dir
     from speechllm.models.demo_build import build_llm
 
     s = parse_settings(args.settings)
     set_threads(args.threads)
-    stats = build_llm(Path(args.out_dir), s["demo_build"], s["prompt"], s["st_prompt"], s["llm_fraction"],
-                      s["option_prefix"], s["seed"], s.get("composed"))
+    with atomic_dir(args.out_dir) as tmp:
+        stats = build_llm(tmp, s["demo_build"], s["prompt"], s["st_prompt"], s["llm_fraction"],
+                          s["option_prefix"], s["seed"], s.get("composed"))
     log.info("demo LLM: %s", stats)
 
 
@@ -31,11 +33,23 @@ def cmd_models_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_models_demo_speech_encoder(args: argparse.Namespace) -> None:
+    from speechllm.io import atomic_dir
     from speechllm.models.demo_build import build_speech_encoder
+    from speechllm.models.encoder_ctc import CtcFinetuneConfig, finetune_encoder
 
     s = parse_settings(args.settings)
-    n = build_speech_encoder(Path(args.out_dir), s["demo_build"], s["sampling_rate"], s["seed"])
-    log.info("demo speech encoder: %d parameters", n)
+    set_threads(args.threads)
+    finetune = CtcFinetuneConfig(**s["demo_build"]["speech_encoder"]["ctc_finetune"])
+    with atomic_dir(args.out_dir) as tmp:
+        n = build_speech_encoder(tmp, s["demo_build"], s["sampling_rate"], s["seed"])
+        log.info("demo speech encoder: %d parameters", n)
+        if finetune.updates > 0:
+            if not (args.train_manifest and args.dev_manifest):
+                sys.exit("speechllm models demo-speech-encoder: ctc_finetune.updates > 0 needs --train-manifest "
+                         "and --dev-manifest")
+            report = finetune_encoder(tmp, Path(args.train_manifest), Path(args.dev_manifest), finetune,
+                                      s["sampling_rate"], s["seed"])
+            log.info("character-CTC fine-tuning: %s", report)
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -80,7 +94,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--name", required=True)
     m.add_argument("--revision", default="main")
     m.set_defaults(func=cmd_models_fetch)
-    m = msub.add_parser("demo-speech-encoder", help="tiny Wav2Vec2 in the MMS architecture")
+    m = msub.add_parser("demo-speech-encoder",
+                        help="tiny Wav2Vec2 in the MMS architecture, fine-tuned with character CTC as MMS-1B-all")
     m.add_argument("--settings", required=True)
     m.add_argument("--out-dir", required=True)
+    m.add_argument("--train-manifest", help="speech + transcripts for the character-CTC fine-tuning")
+    m.add_argument("--dev-manifest", help="held-out speech for the CER before / after (ctc_finetune.json)")
+    m.add_argument("--threads", type=int, default=1)
     m.set_defaults(func=cmd_models_demo_speech_encoder)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from speechllm import __version__
-from speechllm.io import atomic_write_text
+from speechllm.io import atomic_dir
 from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
 from speechllm.models.bloomzmms import BloomzMMS
 from speechllm.models.ctc_head import CTCHead
@@ -143,21 +141,10 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
 def save_model_dir(model: BloomzMMS | KangRoy, spec: dict[str, Any], out_dir: Path,
                    extra: dict[str, Any] | None = None) -> None:
     """Write weights and spec; the directory appears complete or not at all (temp dir + rename)."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    save_file(model.trainable_state_dict(), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-    atomic_write_text(tmp / "speechllm.json", json.dumps({**spec, **(extra or {})}, indent=2,
-                                                         ensure_ascii=False) + "\n")
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        import shutil
-
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file(model.trainable_state_dict(), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        (tmp / "speechllm.json").write_text(json.dumps({**spec, **(extra or {})}, indent=2, ensure_ascii=False)
+                                            + "\n", encoding="utf-8")
 
 
 def read_spec(model_dir: Path) -> dict[str, Any]:
