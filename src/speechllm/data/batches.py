@@ -53,6 +53,15 @@ class Batch:
         return self
 
 
+def pad_waveforms(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) float32 waveforms right-padded with zeros, and their (B,) long lengths."""
+    lengths = torch.tensor([w.shape[0] for w in waves], dtype=torch.long)
+    wav = torch.zeros(len(waves), int(lengths.max()))
+    for i, w in enumerate(waves):
+        wav[i, : w.shape[0]] = w
+    return wav, lengths
+
+
 class Collator:
     """Pads waveforms and tokenises text fields with the LLM tokenizer (no special tokens, as BLOOM)."""
 
@@ -67,10 +76,7 @@ class Collator:
         return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
 
     def __call__(self, items: list[dict[str, Any]]) -> Batch:
-        lengths = torch.tensor([item["wav"].shape[0] for item in items], dtype=torch.long)
-        wav = torch.zeros(len(items), int(lengths.max()))
-        for i, item in enumerate(items):
-            wav[i, : lengths[i]] = item["wav"]
+        wav, lengths = pad_waveforms([item["wav"] for item in items])
         records = [item["record"] for item in items]
         batch = Batch(wav=wav, wav_lengths=lengths, records=records)
         batch.ctc_targets = [self.ids(r.get("transcription", "")) for r in records]

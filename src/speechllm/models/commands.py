@@ -40,13 +40,13 @@ def cmd_models_demo_speech_encoder(args: argparse.Namespace) -> None:
     s = parse_settings(args.settings)
     set_threads(args.threads)
     finetune = CtcFinetuneConfig(**s["demo_build"]["speech_encoder"]["ctc_finetune"])
+    if finetune.updates > 0 and not (args.train_manifest and args.dev_manifest):
+        sys.exit("speechllm models demo-speech-encoder: ctc_finetune.updates > 0 needs --train-manifest "
+                 "and --dev-manifest")
     with atomic_dir(args.out_dir) as tmp:
         n = build_speech_encoder(tmp, s["demo_build"], s["sampling_rate"], s["seed"])
         log.info("demo speech encoder: %d parameters", n)
         if finetune.updates > 0:
-            if not (args.train_manifest and args.dev_manifest):
-                sys.exit("speechllm models demo-speech-encoder: ctc_finetune.updates > 0 needs --train-manifest "
-                         "and --dev-manifest")
             report = finetune_encoder(tmp, Path(args.train_manifest), Path(args.dev_manifest), finetune,
                                       s["sampling_rate"], s["seed"])
             log.info("character-CTC fine-tuning: %s", report)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ import torch
 from tqdm import tqdm
 from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2ForCTC
 
-from speechllm.data.batches import SpeechDataset
-from speechllm.data.bucketing import DurationBucketSampler
+from speechllm.data.batches import SpeechDataset, pad_waveforms
+from speechllm.data.bucketing import DurationBucketSampler, sorted_batches
 from speechllm.data.manifest import ManifestError, read_manifest
 from speechllm.models.frontend import WAVEFORM_NORM_EPS, lengths_to_mask, normalize_waveform
 from speechllm.train.schedule import warmup_lr
@@ -78,12 +77,18 @@ def write_tokenizer(vocab: dict[str, int], out_dir: Path) -> Wav2Vec2CTCTokenize
     return tokenizer
 
 
-def load_utterances(manifest: Path, tokenizer: Wav2Vec2CTCTokenizer, sampling_rate: int) -> Utterances:
-    """Read, speed-perturb (as the record says) and normalise every utterance of a manifest."""
+def read_transcribed(manifest: Path) -> list[dict[str, Any]]:
+    """Manifest records with audio and a non-empty transcript (an empty one names the file and line)."""
     records = read_manifest(manifest, required=("audio", TEXT_FIELD))
     for record in records:
         if not str(record[TEXT_FIELD]).strip():
-            raise ManifestError(f"{manifest}:{record.get('_line')}: empty {TEXT_FIELD!r}")
+            raise ManifestError(f"{manifest}:{record['_line']}: empty {TEXT_FIELD!r}")
+    return records
+
+
+def load_utterances(records: list[dict[str, Any]], manifest: Path, tokenizer: Wav2Vec2CTCTokenizer,
+                    sampling_rate: int) -> Utterances:
+    """Load, speed-perturb (as the record says) and normalise every utterance once, up front."""
     dataset = SpeechDataset(records, sampling_rate, str(manifest))
     waves, targets = [], []
     for i in range(len(dataset)):
@@ -97,10 +102,7 @@ def load_utterances(manifest: Path, tokenizer: Wav2Vec2CTCTokenizer, sampling_ra
 
 def pad_batch(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) zero-padded waveforms and their (B, N) long attention mask."""
-    lengths = torch.tensor([w.shape[0] for w in waves])
-    wav = torch.zeros(len(waves), int(lengths.max()))
-    for i, w in enumerate(waves):
-        wav[i, : w.shape[0]] = w
+    wav, lengths = pad_waveforms(waves)
     return wav, lengths_to_mask(lengths, wav.shape[1]).long()
 
 
@@ -116,16 +118,17 @@ def ctc_model(encoder_dir: Path, vocab_size: int, pad_token_id: int, dropout: fl
 
 
 @torch.no_grad()
-def greedy_transcripts(model: Wav2Vec2ForCTC, tokenizer: Wav2Vec2CTCTokenizer, waves: list[torch.Tensor],
-                       batch_size: int) -> list[str]:
-    """Best-path CTC decoding; the tokenizer merges repeats and drops blanks."""
+def greedy_transcripts(model: Wav2Vec2ForCTC, tokenizer: Wav2Vec2CTCTokenizer, utterances: Utterances,
+                       max_padded_seconds: float) -> list[str]:
+    """Best-path CTC decoding in duration-sorted batches; the tokenizer merges repeats and drops blanks."""
     model.eval()
-    texts: list[str] = []
-    for start in range(0, len(waves), batch_size):
-        wav, mask = pad_batch(waves[start : start + batch_size])
+    texts = [""] * len(utterances.waves)
+    for batch in sorted_batches(utterances.seconds, max_padded_seconds):
+        wav, mask = pad_batch([utterances.waves[i] for i in batch])
         ids = model(wav, attention_mask=mask).logits.argmax(dim=-1)
         frames = model._get_feat_extract_output_lengths(mask.sum(dim=1))
-        texts.extend(tokenizer.decode(row[: int(n)].tolist()) for row, n in zip(ids, frames, strict=True))
+        for i, row, n in zip(batch, ids, frames, strict=True):
+            texts[i] = tokenizer.decode(row[: int(n)].tolist())
     return texts
 
 
@@ -170,15 +173,14 @@ def finetune_encoder(encoder_dir: Path, train_manifest: Path, dev_manifest: Path
 
     Writes `vocab.json` + tokenizer files and `ctc_finetune.json` (losses and dev CER before and after).
     """
-    train_texts = [r[TEXT_FIELD] for r in read_manifest(train_manifest, required=(TEXT_FIELD,))]
-    tokenizer = write_tokenizer(character_vocab(train_texts), encoder_dir)
-    train = load_utterances(train_manifest, tokenizer, sampling_rate)
-    dev = load_utterances(dev_manifest, tokenizer, sampling_rate)
+    train_records, dev_records = read_transcribed(train_manifest), read_transcribed(dev_manifest)
+    tokenizer = write_tokenizer(character_vocab([r[TEXT_FIELD] for r in train_records]), encoder_dir)
+    train = load_utterances(train_records, train_manifest, tokenizer, sampling_rate)
+    dev = load_utterances(dev_records, dev_manifest, tokenizer, sampling_rate)
     model = ctc_model(encoder_dir, len(tokenizer), tokenizer.pad_token_id, cfg.dropout)
-    batch_size = max(1, math.floor(cfg.max_padded_seconds / max(dev.seconds)))
-    before = jiwer.cer(dev.texts, greedy_transcripts(model, tokenizer, dev.waves, batch_size))
+    before = jiwer.cer(dev.texts, greedy_transcripts(model, tokenizer, dev, cfg.max_padded_seconds))
     losses = finetune(model, train, cfg, seed)
-    hypotheses = greedy_transcripts(model, tokenizer, dev.waves, batch_size)
+    hypotheses = greedy_transcripts(model, tokenizer, dev, cfg.max_padded_seconds)
     after = jiwer.cer(dev.texts, hypotheses)
     model.save_pretrained(encoder_dir)
     window = max(1, len(losses) // 20)
