@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from transformers import HubertConfig, HubertModel, LlamaConfig, LlamaForCausalLM
 
+from speechllm.data.batches import pad_waveforms
 from speechllm.models.hubert_pool import HubertPoolEncoder, PoolConfig
 from speechllm.models.kang_roy import KangRoy
 from speechllm.models.speech_llm import SpeechLLM
@@ -106,10 +107,7 @@ def kd_loss(model: KangRoy, speech: Sequence[torch.Tensor], samples: Sequence[di
 
 def encode(model: KangRoy, samples: Sequence[dict]) -> list[torch.Tensor]:
     """Right-padded audio through HuBERT + pooling: one (T_b, H) speech segment per utterance."""
-    lengths = torch.tensor([s["wav"].shape[0] for s in samples])
-    wav = torch.zeros(len(samples), int(lengths.max()))
-    for i, s in enumerate(samples):
-        wav[i, : lengths[i]] = s["wav"]
+    wav, lengths = pad_waveforms([s["wav"] for s in samples])
     return model.encode(wav, lengths)
 
 
