@@ -15,6 +15,7 @@ rule demo_llm:
             "st_prompt": config["evaluate"]["st_prompt"],
             "llm_fraction": config["data"].get("demo", {}).get("llm_train_fraction"),
             "composed": config["data"].get("demo", {}).get("composed"),
+            "composed_glue": config["data"].get("demo", {}).get("composed_glue"),
             "option_prefix": config["evaluate"]["option_prefix"],
             "seed": config["seed"],
         }),

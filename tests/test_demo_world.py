@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
-from speechllm.data.demo import COMPOSED_SLOTS, composed_sentences, demo_file, demo_sentences, read_tsv
-from speechllm.models.demo_build import build_llm, rescale_embeddings
+from speechllm.data.demo import (
+    COMPOSED_SLOTS,
+    composed_glue,
+    composed_sentences,
+    demo_file,
+    demo_sentences,
+    glue_split,
+    read_tsv,
+    split_for_llm,
+)
+from speechllm.evaluate.prompts import TASK_PROMPTS, render_text
+from speechllm.models.demo_build import _batches, build_llm, instruction_examples, rescale_embeddings
 
 COUNTS = {"train": 60, "dev": 6, "test": 6}
 LANGUAGES = ("en", "de", "fr", "es", "it", "pt")
@@ -85,7 +97,7 @@ def test_rescaled_embeddings_leave_the_llm_function_unchanged():
 def tiny_llm_settings(steps: int, freeze: bool) -> dict:
     return {"tokenizer_vocab_size": 300, "llm_vocab_pad_to": 64, "llm_embedding_norm": 5.0,
             "llm": {"hidden_size": 32, "n_layer": 1, "n_head": 2},
-            "llm_pretrain": {"steps": steps, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "max_length": 32,
+            "llm_pretrain": {"steps": steps, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "max_length": 160, "sort_pool_batches": 2,
                              "weight_decay": 0.0, "templates_per_sentence": 1, "task_repeats": 1,
                              "freeze_embeddings": freeze}}
 
@@ -110,3 +122,84 @@ def test_demo_llm_embeddings_stay_random_and_frozen_when_asked(tmp_path, freeze)
         assert float(cosine.fill_diagonal_(0).abs().max()) < 0.9  # random rows: no two tokens alike
     else:
         assert not torch.allclose(three, one)
+
+
+def test_demo_llm_refuses_to_cut_answers_off(tmp_path):
+    """An instruction example longer than max_length is an error naming the key, not a silent truncation."""
+    settings = tiny_llm_settings(1, freeze=False)
+    settings["llm_pretrain"]["max_length"] = 24
+    prompt = {"prefix": "Repeat the sentence: ", "postfix": ". "}
+    st_prompt = {"prefix": "Translate the following text from {language} to English\n", "postfix": "\n"}
+    with pytest.raises(ValueError, match=r"models\.demo_build\.llm_pretrain\.max_length=24 .* at least \d+"):
+        build_llm(tmp_path / "llm", settings, prompt, st_prompt, 0.5, " ", seed=0)
+    assert not (tmp_path / "llm" / "model.safetensors").exists()
+
+
+def plain(sentence: str) -> str:
+    """A composed English sentence as its phrases read in order, whatever their capitalisation."""
+    return sentence.removesuffix(".").lower()
+
+
+def test_composed_glue_follows_one_rule_per_task():
+    phrases = {slot: [p.lower() for p in values] for slot, values in phrase_sets().items()}
+    polarity = {r["verb"]: r["label"] for r in read_tsv(demo_file("sentiment.tsv"))}
+    for task in ("sst2", "cola", "rte"):
+        rows = composed_glue(task, 40, seed=0)
+        assert [r["label"] for r in rows].count("1") == 20  # balanced
+        assert len({tuple(r.values())[1:] for r in rows}) == 40  # no item twice
+        assert [int(r["id"]) for r in rows] == list(range(1001, 1041))  # after the written ids (<= 48)
+        for r in rows:
+            if task == "sst2":
+                verb = next(v for v in polarity if f" {v} " in r["sentence"])
+                assert polarity[verb] == r["label"], r
+            elif task == "cola" and r["label"] == "1":
+                english_parts(r["sentence"], phrase_sets())  # subject verb object adverbial, in that order
+            elif task == "cola":  # the same kinds of phrases, in an order English does not allow
+                words = plain(r["sentence"])
+                assert not any(words.startswith(f"{s} {v} ") for s in phrases["subject"] for v in phrases["verb"])
+                assert sum(words.count(a) for a in phrases["adverbial"]) == 1, r
+            else:
+                premise, hypothesis = plain(r["sentence1"]), plain(r["sentence2"])
+                entailed = any(premise == hypothesis + " " + a for a in phrases["adverbial"])
+                assert entailed == (r["label"] == "0"), r
+
+
+def test_composed_glue_adds_to_the_written_sets_on_both_sides_of_the_llm_split():
+    written = {t: read_tsv(demo_file(f"{t}.tsv")) for t in ("sst2", "rte")}
+    composed = {"taught": 12, "held_out": 4, "seed": 0}
+    seen, held_out = glue_split("sst2", 0.5, composed)
+    assert len(seen) == len(written["sst2"]) // 2 + 12 and len(held_out) == len(written["sst2"]) // 2 + 4
+    assert not {r["sentence"] for r in seen} & {r["sentence"] for r in held_out}
+    assert glue_split("rte", 0.5, None) == tuple(split_for_llm(written["rte"], 0.5))
+    assert composed_glue("cola", 12, seed=1) == composed_glue("cola", 12, seed=1) != composed_glue("cola", 12, 2)
+    # The demo LLM is taught the seen composed items in the evaluation's own prompt.
+    examples = instruction_examples(0.5, "Repeat: ", ". ", "Translate from {language}:\n", "\n", 1, 1, " ", 0,
+                                    None, composed)
+    prompts = {e.prompt: e.completion for e in examples}
+    for row in seen[-5:]:
+        assert prompts[render_text(TASK_PROMPTS["sst2"], row)] == " " + TASK_PROMPTS["sst2"].options[int(row["label"])]
+    for row in held_out:
+        assert render_text(TASK_PROMPTS["sst2"], row) not in prompts
+
+
+def test_composed_glue_errors_name_the_config_key():
+    with pytest.raises(ValueError, match=r"data\.demo\.composed_glue: no composed items for task 'qqp'"):
+        composed_glue("qqp", 4, seed=0)
+    with pytest.raises(ValueError, match=r"data\.demo\.composed_glue\.sst2=100000: too many"):
+        composed_glue("sst2", 100_000, seed=0)
+
+
+def test_demo_llm_batches_group_similar_lengths_and_cover_every_sequence():
+    """Sorted pools: each pass yields every sequence once, with far less padding than random batches."""
+    rng = random.Random(0)
+    seqs = [[7] * rng.randint(5, 120) for _ in range(640)]
+    batches = _batches(seqs, 8, 10, random.Random(1))
+    one_pass = [next(batches) for _ in range(80)]
+    assert sorted(map(len, (s for b in one_pass for s in b))) == sorted(map(len, seqs))
+
+    def padded(bs: list[list[list[int]]]) -> int:
+        return sum(len(b) * max(map(len, b)) for b in bs)
+
+    unsorted = [seqs[i: i + 8] for i in range(0, 640, 8)]
+    assert padded(one_pass) < 0.75 * padded(unsorted)
+    assert [len(b[0]) for b in one_pass] != sorted(len(b[0]) for b in one_pass)  # batches still shuffled

@@ -73,7 +73,7 @@ REDUCED = {
              "speechxnli": {"languages": ["en", "de"]},
              "demo": {"composed": {"train": 12, "dev": 2, "test": 2, "seed": 0}}},
     "models": {"demo_build": {"llm_pretrain": {"steps": 200, "batch_size": 16, "lr": 3.0e-3, "warmup_steps": 20,
-                                               "max_length": 96, "weight_decay": 0.0, "templates_per_sentence": 1,
+                                               "max_length": 128, "sort_pool_batches": 4, "weight_decay": 0.0, "templates_per_sentence": 1,
                                                "task_repeats": 1},
                            "speech_encoder": {"ctc_finetune": {"updates": 20, "warmup_steps": 5}}}},
     "targets": {"shards": 1, "max_new_tokens": 16},

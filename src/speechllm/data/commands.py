@@ -21,7 +21,8 @@ def cmd_data_demo(args: argparse.Namespace) -> None:
     counts = demo.build_corpus(out, s["languages"], s["tts"]["voices"], tts, s["sampling_rate"], args.threads,
                                s["demo"].get("composed"))
     glue = demo.build_speechglue(out, s["speechglue"]["tasks"], s["tts"]["voices"]["en_us"], tts,
-                                 s["sampling_rate"], s["demo"]["llm_train_fraction"], args.threads)
+                                 s["sampling_rate"], s["demo"]["llm_train_fraction"], args.threads,
+                                 s["demo"].get("composed_glue"))
     xnli = demo.build_speechxnli(out, s["speechxnli"]["languages"], s["tts"]["voices"], tts, s["sampling_rate"],
                                  s["demo"]["llm_train_fraction"], args.threads)
     log.info("demo corpus %s; speechglue %s; speechxnli %d examples", counts, glue, xnli)

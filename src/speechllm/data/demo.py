@@ -89,6 +89,88 @@ def composed_sentences(counts: dict[str, int], seed: int) -> list[dict[str, str]
     return rows
 
 
+# GLUE-shaped items composed from the English phrases (data.demo.composed_glue). The written sets hold 40-48
+# natural items each, too few for the tiny demo LLM to learn a task from the half it trains on (its `text`
+# row stays at chance); composed items follow one rule per task that a small model learns from text, in
+# phrases the demo's training speech contains, so the speech models have a task to gain on:
+#   sst2: "S V O A." with a verb of sentiment.tsv, whose polarity is the label (1 positive);
+#   cola: "S V O A." (1, acceptable), or the same phrases in an order English does not allow (0);
+#   rte:  premise "S V O A."; the hypothesis "S V O." follows (0, entailment) or names another subject or
+#         object (1, not entailment).
+COLA_BAD_ORDERS = ("VSOA", "SOVA", "OVSA", "VOSA", "SOAV")  # S V O A slots; "A S V O" is acceptable English
+COMPOSED_GLUE_TASKS = ("sst2", "cola", "rte")
+ARTICLES = ("The", "A", "An", "My", "Our")  # lower-cased when their phrase does not open the sentence
+
+
+def _english_phrases() -> dict[str, list[str]]:
+    phrases = read_tsv(demo_file("phrases.tsv"))
+    return {slot: [row["en"] for row in phrases if row["slot"] == slot] for slot in COMPOSED_SLOTS}
+
+
+def _sentence(parts: list[str]) -> str:
+    """Phrases joined into a sentence: capitalised first, lower-case article/pronoun elsewhere."""
+    words = [part[0].lower() + part[1:] if part.split()[0] in ARTICLES else part for part in parts]
+    return words[0][0].upper() + " ".join(words)[1:] + "."
+
+
+
+def composed_glue(task: str, count: int, seed: int) -> list[dict[str, str]]:
+    """`count` balanced rows of a GLUE-shaped task (columns as the written `{task}.tsv`), composed as above."""
+    if task not in COMPOSED_GLUE_TASKS:
+        raise ValueError(f"data.demo.composed_glue: no composed items for task {task!r} ({COMPOSED_GLUE_TASKS})")
+    slots = _english_phrases()
+    path = demo_file("sentiment.tsv")
+    polarity = {row["verb"]: row["label"] for row in read_tsv(path)}
+    unknown = sorted(set(polarity) - set(slots["verb"]))
+    if unknown or set(polarity.values()) != {"0", "1"}:
+        raise ValueError(f"{path}: verbs {unknown} are not English verbs of phrases.tsv, or labels are not 0 and 1")
+    verbs = {"sst2": list(polarity)}.get(task, [v for v in slots["verb"] if v not in polarity])
+    rng = random.Random(f"{seed}-{task}")
+    labels = [str(i % 2) for i in range(count)]
+    rng.shuffle(labels)
+    rows: list[dict[str, str]] = []
+    seen: set[tuple[str, ...]] = set()
+    for label in labels:
+        for _ in range(1000):  # a fresh combination (the sets are small next to the combinations)
+            if task == "sst2":
+                verb = rng.choice([v for v in verbs if polarity[v] == label])
+            else:
+                verb = rng.choice(verbs)
+            s, o, a = (rng.choice(slots[slot]) for slot in ("subject", "object", "adverbial"))
+            order = "SVOA" if task != "cola" or label == "1" else rng.choice(COLA_BAD_ORDERS)
+            key = (s, verb, o, a, order)
+            if key not in seen:
+                break
+        else:
+            raise ValueError(f"data.demo.composed_glue.{task}={count}: too many for the phrases of phrases.tsv")
+        seen.add(key)
+        by_slot = dict(zip("SVOA", (s, verb, o, a), strict=True))
+        row = {"id": str(COMPOSED_FIRST_ID + len(rows))}
+        if task == "rte":
+            hypothesis = [s, verb, o]
+            if label == "1":  # another subject or another object
+                which = rng.choice((0, 2))
+                slot = "subject" if which == 0 else "object"
+                hypothesis[which] = rng.choice([p for p in slots[slot] if p != hypothesis[which]])
+            row.update(sentence1=_sentence([s, verb, o, a]), sentence2=_sentence(hypothesis))
+        else:
+            row["sentence"] = _sentence([by_slot[k] for k in order])
+        row["label"] = label
+        rows.append(row)
+    return rows
+
+
+def glue_split(task: str, llm_fraction: float, composed: dict[str, int] | None) -> tuple[list[dict], list[dict]]:
+    """(taught to the demo LLM, held out and spoken) rows of a demo GLUE task: the written set split by
+    `split_for_llm`, plus, when configured (data.demo.composed_glue), `taught` and `held_out` composed rows."""
+    seen, held_out = split_for_llm(read_tsv(demo_file(f"{task}.tsv")), llm_fraction)
+    if composed and task in COMPOSED_GLUE_TASKS:
+        taught = composed["taught"]
+        rows = composed_glue(task, taught + composed["held_out"], composed["seed"])
+        seen, held_out = seen + rows[:taught], held_out + rows[taught:]
+    return seen, held_out
+
+
 def demo_sentences(composed: dict[str, int] | None) -> list[dict[str, str]]:
     """The written parallel corpus plus, when configured (data.demo.composed), the composed sentences."""
     rows = parallel_sentences()
@@ -161,13 +243,14 @@ def _example(task: str, ex_id: str, language: str, fields: dict[str, Path], text
 
 
 def build_speechglue(out_dir: Path, tasks: list[str], voice: str, tts: TTSBackend, sampling_rate: int,
-                     llm_fraction: float, threads: int) -> dict[str, int]:
+                     llm_fraction: float, threads: int,
+                     composed: dict[str, int] | None = None) -> dict[str, int]:
     """Speak each text field of the held-out part of each task; `out_dir/speechglue/{task}.jsonl`."""
     counts = {}
     for task in tasks:
         if task not in GLUE_FIELDS:
             raise ValueError(f"demo SpeechGLUE has no task {task!r} (config key data.speechglue.tasks)")
-        _, held_out = split_for_llm(read_tsv(demo_file(f"{task}.tsv")), llm_fraction)
+        _, held_out = glue_split(task, llm_fraction, composed)
         jobs, pending = [], []
         for row in held_out:
             paths = {f: out_dir / "audio" / "speechglue" / task / f"{int(row['id']):04d}_{f}.wav"

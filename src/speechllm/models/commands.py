@@ -21,7 +21,7 @@ def cmd_models_demo_llm(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     with atomic_dir(args.out_dir) as tmp:
         stats = build_llm(tmp, s["demo_build"], s["prompt"], s["st_prompt"], s["llm_fraction"],
-                          s["option_prefix"], s["seed"], s.get("composed"))
+                          s["option_prefix"], s["seed"], s.get("composed"), s.get("composed_glue"))
     log.info("demo LLM: %s", stats)
 
 

@@ -23,11 +23,9 @@ from transformers import (
 )
 
 from speechllm.data.demo import (
-    demo_file,
     demo_sentences,
     demo_templates,
-    read_tsv,
-    split_for_llm,
+    glue_split,
     xnli_split,
 )
 from speechllm.data.languages import language_name
@@ -47,7 +45,8 @@ class Example:
 
 def instruction_examples(llm_fraction: float, repeat_prefix: str, repeat_postfix: str, st_prefix: str,
                          st_postfix: str, templates_per_sentence: int, task_repeats: int,
-                         option_prefix: str, seed: int, composed: dict[str, int] | None = None) -> list[Example]:
+                         option_prefix: str, seed: int, composed: dict[str, int] | None = None,
+                         composed_glue: dict[str, int] | None = None) -> list[Example]:
     """The demo LLM's instruction-form training text: repeat, translate, template-bank translation, tasks."""
     rng = random.Random(seed)
     examples: list[Example] = []
@@ -68,7 +67,7 @@ def instruction_examples(llm_fraction: float, repeat_prefix: str, repeat_postfix
             for prefix, postfix, target in rng.sample(translation_templates, templates_per_sentence):
                 examples.append(Example(prefix + row[col] + postfix, " " + row[target]))
     for task in ("sst2", "cola", "rte"):
-        seen, _ = split_for_llm(read_tsv(demo_file(f"{task}.tsv")), llm_fraction)
+        seen, _ = glue_split(task, llm_fraction, composed_glue)
         prompt = TASK_PROMPTS[task]
         examples += [Example(render_text(prompt, row), option_prefix + prompt.options[int(row["label"])])
                      for row in seen] * task_repeats
@@ -104,24 +103,35 @@ def prompt_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _batches(ids: list[list[int]], batch_size: int, rng: random.Random):
+def _batches(ids: list[list[int]], batch_size: int, pool_batches: int, rng: random.Random):
+    """Endless shuffled batches of similar lengths: each pool of `pool_batches` batches' worth of shuffled
+    sequences is sorted by length and cut into batches, which are shuffled again (padding costs compute)."""
+    if len(ids) < batch_size:
+        raise ValueError(f"models.demo_build.llm_pretrain.batch_size={batch_size} exceeds the {len(ids)} examples")
+    pool = batch_size * pool_batches
     while True:
         order = list(range(len(ids)))
         rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield [ids[j] for j in order[i: i + batch_size]]
+        batches = []
+        for start in range(0, len(order) - batch_size + 1, pool):
+            chunk = sorted(order[start: start + pool], key=lambda j: len(ids[j]))
+            batches += [chunk[i: i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+        rng.shuffle(batches)
+        for batch in batches:
+            yield [ids[j] for j in batch]
 
 
 def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st_prompt: dict[str, str],
               llm_fraction: float, option_prefix: str, seed: int,
-              composed: dict[str, int] | None = None) -> dict[str, float]:
+              composed: dict[str, int] | None = None,
+              composed_glue: dict[str, int] | None = None) -> dict[str, float]:
     """Train tokenizer + tiny BLOOM on the instruction text; save both into `out_dir`. Returns losses."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     train = cfg["llm_pretrain"]
     examples = instruction_examples(llm_fraction, prompt_cfg["prefix"], prompt_cfg["postfix"],
                                     st_prompt["prefix"], st_prompt["postfix"], train["templates_per_sentence"],
-                                    train["task_repeats"], option_prefix, seed, composed)
+                                    train["task_repeats"], option_prefix, seed, composed, composed_glue)
     tokenizer = build_tokenizer([e.prompt + e.completion for e in examples], cfg["tokenizer_vocab_size"], out_dir)
     pad_to = cfg["llm_vocab_pad_to"]
     vocab = int(math.ceil(len(tokenizer) / pad_to) * pad_to)
@@ -135,8 +145,16 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
     # Prompt and completion are tokenised apart, as at inference (the prompt alone, then generated tokens):
     # tokenising them joined lets BPE merge across the boundary (". " + "The" → " The"), and a model trained
     # that way cannot continue a prompt that ends in a space.
-    seqs = [(prompt_ids(tokenizer, e.prompt) + prompt_ids(tokenizer, e.completion))[: max_len - 1]
-            + [tokenizer.eos_token_id] for e in examples]
+    seqs = [prompt_ids(tokenizer, e.prompt) + prompt_ids(tokenizer, e.completion) + [tokenizer.eos_token_id]
+            for e in examples]
+    longest = max(range(len(seqs)), key=lambda i: len(seqs[i]))
+    if len(seqs[longest]) > max_len:
+        # Cutting the end would drop the answer of exactly the longest (task) prompts: an error, not a truncation.
+        raise ValueError(
+            f"models.demo_build.llm_pretrain.max_length={max_len} is shorter than the longest instruction example "
+            f"({len(seqs[longest])} tokens with eos; tokenizer_vocab_size={cfg['tokenizer_vocab_size']}): "
+            f"{examples[longest].prompt!r}; raise max_length to at least {len(seqs[longest])}"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
     steps, warmup = train["steps"], train["warmup_steps"]
@@ -144,7 +162,7 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     model.train()
     losses = []
-    batches = _batches(seqs, train["batch_size"], rng)
+    batches = _batches(seqs, train["batch_size"], train["sort_pool_batches"], rng)
     for _ in tqdm(range(steps), desc="demo LLM pretraining", mininterval=10):
         batch = next(batches)
         width = max(len(s) for s in batch)
@@ -176,7 +194,7 @@ def freeze_random_embeddings(model: BloomForCausalLM, mean_norm: float) -> None:
     """Random token embeddings of row norm ~`mean_norm`, frozen for the whole pretraining (tied: also the LM head).
 
     The embedding table is stage 1's frozen CTC head. A large LLM's table (250,680 x 4,096) keeps its rows far
-    apart; a tiny one trained for minutes (1,200 x 128) pulls them into clusters (nearest-neighbour cosine
+    apart; a tiny one trained for minutes (measured at 1,200 x 128) pulls them into clusters (nearest-neighbour cosine
     ~0.6, random rows ~0.35), which raises the CTC loss the adaptor can reach. Random rows are nearly
     orthogonal, and the LLM learns its function around them (`llm_pretrain.freeze_embeddings`).
     """
