@@ -185,7 +185,7 @@ def test_composed_glue_adds_to_the_written_sets_on_both_sides_of_the_llm_split()
 def test_composed_glue_errors_name_the_config_key():
     with pytest.raises(ValueError, match=r"data\.demo\.composed_glue: no composed items for task 'qqp'"):
         composed_glue("qqp", 4, seed=0)
-    with pytest.raises(ValueError, match=r"data\.demo\.composed_glue\.sst2=100000: too many"):
+    with pytest.raises(ValueError, match=r"data\.demo\.composed_glue: taught \+ held_out = 100000 sst2 items, more than"):
         composed_glue("sst2", 100_000, seed=0)
 
 

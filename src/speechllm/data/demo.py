@@ -51,6 +51,16 @@ COMPOSED_FIRST_ID = 1001  # composed sentence ids start here, after the written 
 SPLITS = ("train", "dev", "test")
 
 
+def phrases_by_slot() -> dict[str, list[dict[str, str]]]:
+    """The rows of `phrases.tsv` per slot of COMPOSED_SLOTS, in file order; every row in one slot, none empty."""
+    path = demo_file("phrases.tsv")
+    phrases = read_tsv(path)
+    by_slot = {slot: [row for row in phrases if row["slot"] == slot] for slot in COMPOSED_SLOTS}
+    if any(not rows for rows in by_slot.values()) or len(phrases) != sum(map(len, by_slot.values())):
+        raise ValueError(f"{path}: every row's slot must be one of {COMPOSED_SLOTS}, each slot non-empty")
+    return by_slot
+
+
 def composed_sentences(counts: dict[str, int], seed: int) -> list[dict[str, str]]:
     """Parallel sentences composed from `phrases.tsv` (subject verb object adverbial, one phrase per slot).
 
@@ -60,10 +70,7 @@ def composed_sentences(counts: dict[str, int], seed: int) -> list[dict[str, str]
     same seeded draw serves the TTS corpus and the demo LLM's text.
     """
     path = demo_file("phrases.tsv")
-    phrases = read_tsv(path)
-    by_slot = {slot: [row for row in phrases if row["slot"] == slot] for slot in COMPOSED_SLOTS}
-    if any(not rows for rows in by_slot.values()) or len(phrases) != sum(map(len, by_slot.values())):
-        raise ValueError(f"{path}: every row's slot must be one of {COMPOSED_SLOTS}, each slot non-empty")
+    by_slot = phrases_by_slot()
     sizes = [len(by_slot[slot]) for slot in COMPOSED_SLOTS]
     rng = random.Random(seed)
     # The first training sentences walk a shuffled order of every slot at once, so each phrase occurs in training.
@@ -77,7 +84,7 @@ def composed_sentences(counts: dict[str, int], seed: int) -> list[dict[str, str]
     if wanted > len(cover) + len(rest):
         raise ValueError(f"data.demo.composed asks for {wanted} sentences; {path} makes {len(cover) + len(rest)}")
     drawn = cover + rng.sample(rest, wanted - len(cover))
-    columns = [c for c in phrases[0] if c != "slot"]
+    columns = [c for c in by_slot[COMPOSED_SLOTS[0]][0] if c != "slot"]
     rows, start = [], 0
     for split in SPLITS:
         for combo in drawn[start: start + counts.get(split, 0)]:
@@ -102,29 +109,25 @@ COMPOSED_GLUE_TASKS = ("sst2", "cola", "rte")
 ARTICLES = ("The", "A", "An", "My", "Our")  # lower-cased when their phrase does not open the sentence
 
 
-def _english_phrases() -> dict[str, list[str]]:
-    phrases = read_tsv(demo_file("phrases.tsv"))
-    return {slot: [row["en"] for row in phrases if row["slot"] == slot] for slot in COMPOSED_SLOTS}
-
-
 def _sentence(parts: list[str]) -> str:
     """Phrases joined into a sentence: capitalised first, lower-case article/pronoun elsewhere."""
     words = [part[0].lower() + part[1:] if part.split()[0] in ARTICLES else part for part in parts]
     return words[0][0].upper() + " ".join(words)[1:] + "."
 
 
-
 def composed_glue(task: str, count: int, seed: int) -> list[dict[str, str]]:
     """`count` balanced rows of a GLUE-shaped task (columns as the written `{task}.tsv`), composed as above."""
     if task not in COMPOSED_GLUE_TASKS:
         raise ValueError(f"data.demo.composed_glue: no composed items for task {task!r} ({COMPOSED_GLUE_TASKS})")
-    slots = _english_phrases()
+    slots = {slot: [row["en"] for row in rows] for slot, rows in phrases_by_slot().items()}
     path = demo_file("sentiment.tsv")
     polarity = {row["verb"]: row["label"] for row in read_tsv(path)}
     unknown = sorted(set(polarity) - set(slots["verb"]))
     if unknown or set(polarity.values()) != {"0", "1"}:
         raise ValueError(f"{path}: verbs {unknown} are not English verbs of phrases.tsv, or labels are not 0 and 1")
-    verbs = {"sst2": list(polarity)}.get(task, [v for v in slots["verb"] if v not in polarity])
+    # sst2 draws a verb of the label's polarity; cola and rte the neutral verbs
+    polar = {label: [v for v in polarity if polarity[v] == label] for label in ("0", "1")}
+    neutral = [v for v in slots["verb"] if v not in polarity]
     rng = random.Random(f"{seed}-{task}")
     labels = [str(i % 2) for i in range(count)]
     rng.shuffle(labels)
@@ -132,17 +135,15 @@ def composed_glue(task: str, count: int, seed: int) -> list[dict[str, str]]:
     seen: set[tuple[str, ...]] = set()
     for label in labels:
         for _ in range(1000):  # a fresh combination (the sets are small next to the combinations)
-            if task == "sst2":
-                verb = rng.choice([v for v in verbs if polarity[v] == label])
-            else:
-                verb = rng.choice(verbs)
+            verb = rng.choice(polar[label] if task == "sst2" else neutral)
             s, o, a = (rng.choice(slots[slot]) for slot in ("subject", "object", "adverbial"))
             order = "SVOA" if task != "cola" or label == "1" else rng.choice(COLA_BAD_ORDERS)
             key = (s, verb, o, a, order)
             if key not in seen:
                 break
         else:
-            raise ValueError(f"data.demo.composed_glue.{task}={count}: too many for the phrases of phrases.tsv")
+            raise ValueError(f"data.demo.composed_glue: taught + held_out = {count} {task} items, more than the "
+                             f"phrases of phrases.tsv make")
         seen.add(key)
         by_slot = dict(zip("SVOA", (s, verb, o, a), strict=True))
         row = {"id": str(COMPOSED_FIRST_ID + len(rows))}
