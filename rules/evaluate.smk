@@ -16,7 +16,7 @@ rule evaluate:
         launcher=launcher,
     log:
         "logs/eval/{benchmark}/{system}.log",
-    threads: config["resources"]["cpu_threads"]
+    threads: rule_resources("evaluate")["cpu_threads"]
     resources:
         **job_resources("evaluate"),
     conda:

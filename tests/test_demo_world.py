@@ -19,7 +19,13 @@ from speechllm.data.demo import (
     split_for_llm,
 )
 from speechllm.evaluate.prompts import TASK_PROMPTS, render_text
-from speechllm.models.demo_build import _batches, build_llm, instruction_examples, rescale_embeddings
+from speechllm.models.demo_build import (
+    _batches,
+    build_llm,
+    instruction_examples,
+    pretraining_batch,
+    rescale_embeddings,
+)
 
 COUNTS = {"train": 60, "dev": 6, "test": 6}
 LANGUAGES = ("en", "de", "fr", "es", "it", "pt")
@@ -192,14 +198,31 @@ def test_composed_glue_errors_name_the_config_key():
 def test_demo_llm_batches_group_similar_lengths_and_cover_every_sequence():
     """Sorted pools: each pass yields every sequence once, with far less padding than random batches."""
     rng = random.Random(0)
-    seqs = [[7] * rng.randint(5, 120) for _ in range(640)]
+    seqs = [([7] * rng.randint(5, 120), 3) for _ in range(640)]
     batches = _batches(seqs, 8, 10, random.Random(1))
     one_pass = [next(batches) for _ in range(80)]
-    assert sorted(map(len, (s for b in one_pass for s in b))) == sorted(map(len, seqs))
+    assert sorted(len(ids) for b in one_pass for ids, _ in b) == sorted(len(ids) for ids, _ in seqs)
 
-    def padded(bs: list[list[list[int]]]) -> int:
-        return sum(len(b) * max(map(len, b)) for b in bs)
+    def padded(bs: list[list[tuple[list[int], int]]]) -> int:
+        return sum(len(b) * max(len(ids) for ids, _ in b) for b in bs)
 
     unsorted = [seqs[i: i + 8] for i in range(0, 640, 8)]
     assert padded(one_pass) < 0.75 * padded(unsorted)
-    assert [len(b[0]) for b in one_pass] != sorted(len(b[0]) for b in one_pass)  # batches still shuffled
+    firsts = [len(b[0][0]) for b in one_pass]
+    assert firsts != sorted(firsts)  # batches still shuffled
+
+
+def test_demo_llm_pretraining_scores_only_the_completion():
+    """Prompt and padding positions are -100; completion and eos carry their ids, at their own positions
+    (the model shifts labels itself)."""
+    batch = pretraining_batch([([10, 11, 12, 20, 21, 2], 3), ([13, 22, 2], 1)], pad_id=3)
+    assert batch["input_ids"].tolist() == [[10, 11, 12, 20, 21, 2], [13, 22, 2, 3, 3, 3]]
+    assert batch["attention_mask"].tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, -100, 20, 21, 2], [-100, 22, 2, -100, -100, -100]]
+    model = BloomForCausalLM(BloomConfig(vocab_size=32, hidden_size=16, n_layer=1, n_head=2))
+    logits = model(**batch).logits
+    # The loss is the mean NLL of exactly the 5 completion tokens, each predicted from the position before it.
+    nll = torch.nn.functional.cross_entropy(
+        torch.stack([logits[0, 2], logits[0, 3], logits[0, 4], logits[1, 0], logits[1, 1]]),
+        torch.tensor([20, 21, 2, 22, 2]))
+    assert torch.allclose(model(**batch).loss, nll)

@@ -24,7 +24,8 @@ MULTI_NODE = {"resources": {"rules": {"train_ce": {"nodes": 2}}}}
 
 def dry_run(workdir: Path, *configs: Path | str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WANDB_MODE": "offline"}
-    return subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-n", "-p", "-d", str(workdir),
+    return subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-n", "-p", "-c", "64",
+                           "-d", str(workdir),
                            "--configfile", str(REPO / "config/config.yaml"), *map(str, configs), *extra,
                            "--", *TARGETS], capture_output=True, text=True, env=env, timeout=300)
 
@@ -75,6 +76,21 @@ def test_cpu_steps_keep_the_plain_call(demo_jobs):
         assert job["resources"]["gpu"] == 0 and "cpus_per_gpu" not in job["resources"]
         # First attempt: the config's memory and runtime as they are.
         assert (job["resources"]["mem_mb"], job["resources"]["runtime"]) == (8000, 60)
+
+
+def test_rule_overrides_set_a_steps_threads(demo_jobs, paper_jobs):
+    """`resources.rules.<rule>.cpu_threads` reaches the job's --threads; without it, `resources.cpu_threads`."""
+    def threads(job: dict) -> int:
+        return int(re.search(r"--threads (\d+)", job["shell"]).group(1))
+
+    demo = yaml.safe_load((REPO / "config/config.yaml").read_text())["resources"]
+    paper = yaml.safe_load((REPO / "config/experiments/bloomzmms.yaml").read_text())["resources"]
+    assert demo["rules"]["evaluate"]["cpu_threads"] != demo["cpu_threads"]   # the override is what is tested
+    assert threads(demo_jobs["evaluate"]) == demo["rules"]["evaluate"]["cpu_threads"]
+    assert threads(demo_jobs["train_ctc"]) == demo["cpu_threads"]
+    # The paper config sets its own: config.yaml's demo override must not leak into it through the merge.
+    assert threads(paper_jobs["evaluate"]) == paper["rules"]["evaluate"]["cpu_threads"] == paper["cpu_threads"]
+    assert threads(paper_jobs["train_ctc"]) == paper["cpu_threads"]
 
 
 def test_gpu_steps_launch_one_process_per_gpu(paper_jobs):

@@ -103,7 +103,21 @@ def prompt_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _batches(ids: list[list[int]], batch_size: int, pool_batches: int, rng: random.Random):
+def pretraining_batch(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(token ids, prompt length) pairs → right-padded `input_ids`/`attention_mask` (B, T) and `labels` (B, T)
+    that score only the completion and its eos, as in BLOOMZ's instruction tuning: prompt and padding are -100."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100)
+    for i, (ids, prompt_len) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+        labels[i, prompt_len: len(ids)] = input_ids[i, prompt_len: len(ids)]
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _batches(ids: list[tuple[list[int], int]], batch_size: int, pool_batches: int, rng: random.Random):
     """Endless shuffled batches of similar lengths: each pool of `pool_batches` batches' worth of shuffled
     sequences is sorted by length and cut into batches, which are shuffled again (padding costs compute)."""
     if len(ids) < batch_size:
@@ -114,7 +128,7 @@ def _batches(ids: list[list[int]], batch_size: int, pool_batches: int, rng: rand
         rng.shuffle(order)
         batches = []
         for start in range(0, len(order) - batch_size + 1, pool):
-            chunk = sorted(order[start: start + pool], key=lambda j: len(ids[j]))
+            chunk = sorted(order[start: start + pool], key=lambda j: len(ids[j][0]))
             batches += [chunk[i: i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
         rng.shuffle(batches)
         for batch in batches:
@@ -144,16 +158,18 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
     max_len = train["max_length"]
     # Prompt and completion are tokenised apart, as at inference (the prompt alone, then generated tokens):
     # tokenising them joined lets BPE merge across the boundary (". " + "The" → " The"), and a model trained
-    # that way cannot continue a prompt that ends in a space.
-    seqs = [prompt_ids(tokenizer, e.prompt) + prompt_ids(tokenizer, e.completion) + [tokenizer.eos_token_id]
-            for e in examples]
-    longest = max(range(len(seqs)), key=lambda i: len(seqs[i]))
-    if len(seqs[longest]) > max_len:
+    # that way cannot continue a prompt that ends in a space. Only the completion is scored (pretraining_batch):
+    # with the prompt scored too, most updates went into modelling the templates' wording, and the demo LLM's
+    # MI answers were mostly another corpus sentence (README, "What the demo shows").
+    seqs = [(prompt_ids(tokenizer, e.prompt) + prompt_ids(tokenizer, e.completion) + [tokenizer.eos_token_id],
+             len(prompt_ids(tokenizer, e.prompt))) for e in examples]
+    longest = max(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    if len(seqs[longest][0]) > max_len:
         # Cutting the end would drop the answer of exactly the longest (task) prompts: an error, not a truncation.
         raise ValueError(
             f"models.demo_build.llm_pretrain.max_length={max_len} is shorter than the longest instruction example "
-            f"({len(seqs[longest])} tokens with eos; tokenizer_vocab_size={cfg['tokenizer_vocab_size']}): "
-            f"{examples[longest].prompt!r}; raise max_length to at least {len(seqs[longest])}"
+            f"({len(seqs[longest][0])} tokens with eos; tokenizer_vocab_size={cfg['tokenizer_vocab_size']}): "
+            f"{examples[longest].prompt!r}; raise max_length to at least {len(seqs[longest][0])}"
         )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
@@ -164,15 +180,7 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
     losses = []
     batches = _batches(seqs, train["batch_size"], train["sort_pool_batches"], rng)
     for _ in tqdm(range(steps), desc="demo LLM pretraining", mininterval=10):
-        batch = next(batches)
-        width = max(len(s) for s in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, s in enumerate(batch):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        labels = input_ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        loss = model(**pretraining_batch(next(batches), tokenizer.pad_token_id)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
