@@ -45,7 +45,7 @@ rule train_ctc:
         launcher=launcher,
     log:
         "logs/train/ctc.log",
-    threads: config["resources"]["cpu_threads"]
+    threads: rule_resources("train_ctc")["cpu_threads"]
     resources:
         **job_resources("train_ctc"),
     conda:
@@ -77,7 +77,7 @@ rule train_ce:
         launcher=launcher,
     log:
         "logs/train/ce_{variant}.log",
-    threads: config["resources"]["cpu_threads"]
+    threads: rule_resources("train_ce")["cpu_threads"]
     resources:
         **job_resources("train_ce"),
     conda:
@@ -108,7 +108,7 @@ rule train_kd:
         launcher=launcher,
     log:
         "logs/train/kd.log",
-    threads: config["resources"]["cpu_threads"]
+    threads: rule_resources("train_kd")["cpu_threads"]
     resources:
         **job_resources("train_kd"),
     conda:

@@ -93,6 +93,17 @@ def test_rule_overrides_set_a_steps_threads(demo_jobs, paper_jobs):
     assert threads(paper_jobs["train_ctc"]) == paper["cpu_threads"]
 
 
+def test_every_step_rule_honours_its_thread_override(tmp_path):
+    """Each rule the schema lets `resources.rules.<rule>.cpu_threads` name takes it (none validates and is ignored)."""
+    overrides = {"train_ctc": 3, "train_ce": 5, "evaluate": 7}
+    res = dry_run(tmp_path, write_yaml(tmp_path / "threads.yaml", {"resources": {"rules": {
+        rule: {"cpu_threads": n} for rule, n in overrides.items()}}}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = parse_jobs(res.stdout)
+    for rule, n in overrides.items():
+        assert f"--threads {n} " in jobs[rule]["shell"], (rule, jobs[rule]["shell"][-200:])
+
+
 def test_gpu_steps_launch_one_process_per_gpu(paper_jobs):
     ctc, evaluate = paper_jobs["train_ctc"], paper_jobs["evaluate"]
     assert ctc["shell"].startswith("accelerate launch --num_processes 2 --num_machines 1 --multi_gpu ")

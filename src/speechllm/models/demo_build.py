@@ -161,8 +161,9 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
     # that way cannot continue a prompt that ends in a space. Only the completion is scored (pretraining_batch):
     # with the prompt scored too, most updates went into modelling the templates' wording, and the demo LLM's
     # MI answers were mostly another corpus sentence (README, "What the demo shows").
-    seqs = [(prompt_ids(tokenizer, e.prompt) + prompt_ids(tokenizer, e.completion) + [tokenizer.eos_token_id],
-             len(prompt_ids(tokenizer, e.prompt))) for e in examples]
+    prompts = [prompt_ids(tokenizer, e.prompt) for e in examples]
+    seqs = [(p + prompt_ids(tokenizer, e.completion) + [tokenizer.eos_token_id], len(p))
+            for p, e in zip(prompts, examples, strict=True)]
     longest = max(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     if len(seqs[longest][0]) > max_len:
         # Cutting the end would drop the answer of exactly the longest (task) prompts: an error, not a truncation.
