@@ -3,6 +3,7 @@
 
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
+ORACLE := $(abspath $(VENV))/oracle
 SYSTEM_TOOLS := espeak-ng sox ffmpeg
 CORES ?= 2
 export PATH := $(BIN):$(PATH)
@@ -14,9 +15,9 @@ demo: setup
 	snakemake --cores $(CORES)
 	@echo; echo "Result tables:"; ls results/tables/*.md
 
-test: setup
+test: setup $(ORACLE)/.installed
 	ruff check src tests benchmarks
-	python -m pytest
+	PYTHONPATH=$(ORACLE)$${PYTHONPATH:+:$$PYTHONPATH} python -m pytest
 
 setup: system-deps $(VENV)/.installed slurm-profile
 
@@ -46,6 +47,12 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# Test-only reference implementations (see tests/oracle-requirements.txt), outside the venv's site-packages.
+$(ORACLE)/.installed: tests/oracle-requirements.txt $(VENV)/.installed
+	rm -rf $(ORACLE)
+	$(BIN)/pip install --quiet --no-deps --target $(ORACLE) -r tests/oracle-requirements.txt
 	touch $@
 
 lint: setup
