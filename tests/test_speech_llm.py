@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from speechllm.models.ctc_head import CTCHead
-from speechllm.models.frontend import SpeechFrontend, lengths_to_mask, normalize_waveform
+from speechllm.models.frontend import SpeechFrontend, conv_frame_lengths, lengths_to_mask, normalize_waveform
 from speechllm.models.speech_llm import IGNORE_INDEX, SpeechLLM
 
 VOCAB = 120
@@ -339,6 +339,19 @@ def test_frontend_init_and_modes() -> None:
     assert not frontend.training
 
 
+def test_conv_frame_lengths_follow_the_feature_extractor() -> None:
+    """Config arithmetic = frames the conv stack really outputs, and fairseq's 49 frames per second of 16 kHz."""
+    config = Wav2Vec2Config()  # MMS / wav2vec 2.0 feature extractor: 7 layers, 20 ms hop, 25 ms receptive field
+    assert conv_frame_lengths(config, torch.tensor([16_000, 400, 399, 0])).tolist() == [49, 1, 0, 0]
+    encoder = make_wav2vec2()
+    lengths = torch.tensor([1600, 1100, 700, 401])
+    with torch.no_grad():
+        for n, frames in zip(lengths.tolist(), conv_frame_lengths(encoder.config, lengths).tolist(), strict=True):
+            assert encoder.feature_extractor(torch.randn(1, n)).shape[-1] == frames
+    with pytest.raises(ValueError, match="add_adapter"):
+        conv_frame_lengths(Wav2Vec2Config(add_adapter=True), lengths)
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 def test_frontend_padding_invariance(normalize: bool) -> None:
     frontend = SpeechFrontend(make_wav2vec2(), out_dim=16, normalize_waveform=normalize).train()
@@ -350,7 +363,7 @@ def test_frontend_padding_invariance(normalize: bool) -> None:
     wav[1, 1100:] = 5.0  # garbage in the padding must not matter
     wav[2, 700:] = -3.0
     feats, feat_lengths = frontend(wav, wav_lengths)
-    assert feat_lengths.tolist() == frontend.encoder._get_feat_extract_output_lengths(wav_lengths).tolist()
+    assert feat_lengths.tolist() == conv_frame_lengths(frontend.encoder.config, wav_lengths).tolist()
     assert feats.shape == (3, int(feat_lengths.max()), 16)
     for b, (n, t) in enumerate(zip(wav_lengths.tolist(), feat_lengths.tolist(), strict=True)):
         single, single_lengths = frontend(wav[b : b + 1, :n], wav_lengths[b : b + 1])

@@ -27,7 +27,12 @@ from transformers import Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2ForCTC
 from speechllm.data.batches import SpeechDataset, pad_waveforms
 from speechllm.data.bucketing import DurationBucketSampler, sorted_batches
 from speechllm.data.manifest import ManifestError, read_manifest
-from speechllm.models.frontend import WAVEFORM_NORM_EPS, lengths_to_mask, normalize_waveform
+from speechllm.models.frontend import (
+    WAVEFORM_NORM_EPS,
+    conv_frame_lengths,
+    lengths_to_mask,
+    normalize_waveform,
+)
 from speechllm.train.schedule import warmup_lr
 
 log = logging.getLogger("speechllm")
@@ -126,7 +131,7 @@ def greedy_transcripts(model: Wav2Vec2ForCTC, tokenizer: Wav2Vec2CTCTokenizer, u
     for batch in sorted_batches(utterances.seconds, max_padded_seconds):
         wav, mask = pad_batch([utterances.waves[i] for i in batch])
         ids = model(wav, attention_mask=mask).logits.argmax(dim=-1)
-        frames = model._get_feat_extract_output_lengths(mask.sum(dim=1))
+        frames = conv_frame_lengths(model.config, mask.sum(dim=1))
         for i, row, n in zip(batch, ids, frames, strict=True):
             texts[i] = tokenizer.decode(row[: int(n)].tolist())
     return texts

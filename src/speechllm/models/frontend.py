@@ -10,10 +10,31 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 # `torch.nn.functional.layer_norm`'s default epsilon, which fairseq/s3prl use for MMS waveform normalisation.
 WAVEFORM_NORM_EPS = 1e-5
+
+
+def conv_frame_lengths(config: PretrainedConfig, wav_lengths: torch.Tensor) -> torch.Tensor:
+    """Frames a wav2vec2-family convolutional feature extractor (Wav2Vec2, HuBERT, MMS) makes of each waveform.
+
+    Each layer `i` (no padding) maps L samples to floor((L - conv_kernel[i]) / conv_stride[i]) + 1, as in fairseq;
+    computed from the public config rather than HF's private `_get_feat_extract_output_lengths`.
+
+    Args:
+        config: the encoder's config (`conv_kernel`, `conv_stride`; `add_adapter` must be off).
+        wav_lengths: (B,) valid samples per utterance.
+
+    Returns:
+        (B,) long, valid frames per utterance (0 for a waveform shorter than the receptive field).
+    """
+    if getattr(config, "add_adapter", False):
+        raise ValueError(f"{type(config).__name__} has add_adapter=True: its adapter frames are not counted here")
+    lengths = wav_lengths.to(torch.long)
+    for kernel, stride in zip(config.conv_kernel, config.conv_stride, strict=True):
+        lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+    return lengths.clamp(min=0)
 
 
 def lengths_to_mask(lengths: torch.Tensor, max_length: int) -> torch.Tensor:
@@ -112,7 +133,7 @@ class SpeechFrontend(nn.Module):
         Returns:
             (B,) long, valid frames per utterance.
         """
-        return self.encoder._get_feat_extract_output_lengths(wav_lengths).to(torch.long)
+        return conv_frame_lengths(self.encoder.config, wav_lengths)
 
     @torch.no_grad()
     def encode_hidden_states(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> torch.Tensor:

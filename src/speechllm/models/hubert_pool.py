@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from speechllm.models.frontend import lengths_to_mask
+from speechllm.models.frontend import conv_frame_lengths, lengths_to_mask
 
 
 @dataclass
@@ -59,7 +59,7 @@ class HubertPoolEncoder(nn.Module):
 
     def frame_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
         """(B,) valid samples -> (B,) long valid encoder frames (conv feature extractor arithmetic)."""
-        return self.encoder._get_feat_extract_output_lengths(wav_lengths).to(torch.long)
+        return conv_frame_lengths(self.encoder.config, wav_lengths)
 
     def output_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
         """(B,) valid samples -> (B,) long number of speech embeddings per utterance."""
