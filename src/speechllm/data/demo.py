@@ -107,6 +107,9 @@ def composed_sentences(counts: dict[str, int], seed: int) -> list[dict[str, str]
 COLA_BAD_ORDERS = ("VSOA", "SOVA", "OVSA", "VOSA", "SOAV")  # S V O A slots; "A S V O" is acceptable English
 COMPOSED_GLUE_TASKS = ("sst2", "cola", "rte")
 ARTICLES = ("The", "A", "An", "My", "Our")  # lower-cased when their phrase does not open the sentence
+# Draws per item before giving up on a fresh combination: the sets are small next to the combinations, so only
+# a request close to the number of combinations exhausts them (and gets a clear error).
+COMPOSED_GLUE_DRAWS = 1000
 
 
 def _sentence(parts: list[str]) -> str:
@@ -134,7 +137,7 @@ def composed_glue(task: str, count: int, seed: int) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
     seen: set[tuple[str, ...]] = set()
     for label in labels:
-        for _ in range(1000):  # a fresh combination (the sets are small next to the combinations)
+        for _ in range(COMPOSED_GLUE_DRAWS):  # a fresh combination
             verb = rng.choice(polar[label] if task == "sst2" else neutral)
             s, o, a = (rng.choice(slots[slot]) for slot in ("subject", "object", "adverbial"))
             order = "SVOA" if task != "cola" or label == "1" else rng.choice(COLA_BAD_ORDERS)
