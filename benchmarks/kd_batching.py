@@ -1,6 +1,6 @@
-"""Training throughput of the Kang & Roy KD objective: batched (left padding) vs the reference's batch-1 loop.
+"""Training throughput of the Kang & Roy KD objective: batched (right padding) vs the reference's batch-1 loop.
 
-Usage: python benchmarks/kd_batching.py [--batch-size 16] [--rounds 5] [--threads 1] [--seed 0]
+Usage: python benchmarks/kd_batching.py [--batch-size 16] [--rounds 5] [--threads 1] [--device cpu] [--seed 0]
 
 Both modes run the same tiny HuBERT + pooling + LLaMA model (built here, no downloads) on the same 16
 utterances per update: "batched" is one forward/backward over all of them, "batch-1" 16 forward/backward
@@ -11,6 +11,10 @@ passes with gradient accumulation (the reference: batch size 1, accumulation 16)
 - full update: the same plus the HuBERT encoder forward/backward on the raw audio and an Adam step. On a CPU
   the encoder's convolutions over raw samples cost the same per second of audio in both modes, which caps this
   ratio.
+
+Each LLM call costs a fixed overhead plus a cost per sample, and batching saves only the overhead; the
+benchmark fits both from a forward at batch 1 and at the batch size, which bounds the ratio on this device.
+`--device cuda` runs the same comparison on a GPU.
 
 The last line printed is the KD objective's `batched/batch-1 samples per second: <ratio>`.
 """
@@ -39,6 +43,7 @@ AUDIO_SECONDS = (1.0, 2.0)  # utterance durations (a duration bucket keeps them 
 TRANSCRIPT_TOKENS = (6, 16)
 RESPONSE_TOKENS = (8, 24)
 WARMUP_ROUNDS = 1
+PROBE_LENGTH = 48  # positions of the forward-cost probe: about the padded length of a batch here
 CONFIG = DistillationConfig(
     ntp_weight=0.5, ld_weight=0.5, fd_weight=1.0, fd_layers=list(range(LLM_LAYERS + 1))
 )
@@ -106,9 +111,9 @@ def kd_loss(model: KangRoy, speech: Sequence[torch.Tensor], samples: Sequence[di
 
 
 def encode(model: KangRoy, samples: Sequence[dict]) -> list[torch.Tensor]:
-    """Right-padded audio through HuBERT + pooling: one (T_b, H) speech segment per utterance."""
+    """Right-padded audio (collated on the CPU) through HuBERT + pooling: one (T_b, H) speech segment each."""
     wav, lengths = pad_waveforms([s["wav"] for s in samples])
-    return model.encode(wav, lengths)
+    return model.encode(wav.to(model.llm.lm.device), lengths)
 
 
 def kd_objective_round(
@@ -131,28 +136,64 @@ def full_update_round(
     optimizer.zero_grad(set_to_none=True)
 
 
-def samples_per_second(run_round: Callable[[], None], num_samples: int, rounds: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_round(run_round: Callable[[], None], rounds: int, device: torch.device) -> float:
     for _ in range(WARMUP_ROUNDS):
         run_round()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(rounds):
         run_round()
-    return rounds * num_samples / (time.perf_counter() - start)
+    synchronize(device)
+    return (time.perf_counter() - start) / rounds
 
 
-def measure(samples: list[dict], micro_batch: int, rounds: int, seed: int) -> tuple[float, float]:
+def samples_per_second(
+    run_round: Callable[[], None], num_samples: int, rounds: int, device: torch.device
+) -> float:
+    return num_samples / seconds_per_round(run_round, rounds, device)
+
+
+def forward_cost(batch_size: int, length: int, rounds: int, seed: int, device: torch.device) -> tuple[float, float]:
+    """(fixed ms per call, ms per sample) of a no-grad LLM forward over `length` positions, fitted through
+    batch 1 and `batch_size`."""
+    lm = tiny_model(seed).llm.lm.to(device)
+
+    def forward(batch: int) -> float:
+        embeds = torch.randn(batch, length, LLM_HIDDEN, device=device)
+
+        def run() -> None:
+            with torch.no_grad():
+                lm(inputs_embeds=embeds, output_hidden_states=True, use_cache=False)
+
+        return 1e3 * seconds_per_round(run, rounds, device)
+
+    one, many = forward(1), forward(batch_size)
+    per_sample = (many - one) / (batch_size - 1)
+    return one - per_sample, per_sample
+
+
+def measure(
+    samples: list[dict], micro_batch: int, rounds: int, seed: int, device: torch.device
+) -> tuple[float, float]:
     """(KD objective, full update) samples per second with the given micro-batch size."""
-    model = tiny_model(seed)
+    model = tiny_model(seed).to(device)
     with torch.no_grad():
         lengths = model.encoder.output_lengths(torch.tensor([s["wav"].shape[0] for s in samples]))
     generator = torch.Generator().manual_seed(seed)
-    speech = [torch.randn(int(n), LLM_HIDDEN, generator=generator).requires_grad_() for n in lengths]
+    speech = [
+        torch.randn(int(n), LLM_HIDDEN, generator=generator).to(device).requires_grad_() for n in lengths
+    ]
     kd = samples_per_second(
-        lambda: kd_objective_round(model, samples, speech, micro_batch), len(samples), rounds
+        lambda: kd_objective_round(model, samples, speech, micro_batch), len(samples), rounds, device
     )
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     full = samples_per_second(
-        lambda: full_update_round(model, optimizer, samples, micro_batch), len(samples), rounds
+        lambda: full_update_round(model, optimizer, samples, micro_batch), len(samples), rounds, device
     )
     return kd, full
 
@@ -164,6 +205,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="samples per update (reference: 16)")
     parser.add_argument("--rounds", type=int, default=5, help="timed updates per mode")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -171,11 +213,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     samples = make_samples(args.batch_size, args.seed)
-    kd_batched, full_batched = measure(samples, args.batch_size, args.rounds, args.seed)
-    kd_single, full_single = measure(samples, 1, args.rounds, args.seed)
+    kd_batched, full_batched = measure(samples, args.batch_size, args.rounds, args.seed, device)
+    kd_single, full_single = measure(samples, 1, args.rounds, args.seed, device)
+    fixed, per_sample = forward_cost(args.batch_size, PROBE_LENGTH, 10 * args.rounds, args.seed, device)
     print(
-        f"tiny HuBERT (2 layers) + pooling + LLaMA ({LLM_LAYERS} layers, hidden {LLM_HIDDEN}), CPU, "
+        f"tiny HuBERT (2 layers) + pooling + LLaMA ({LLM_LAYERS} layers, hidden {LLM_HIDDEN}), {device}, "
         f"{args.threads} thread(s); {args.batch_size} utterances of "
         f"{AUDIO_SECONDS[0]:g}-{AUDIO_SECONDS[1]:g} s, "
         f"responses of {RESPONSE_TOKENS[0]}-{RESPONSE_TOKENS[1]} tokens per update"
@@ -188,6 +232,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"{'KD objective (student + teacher LLM + backward)':<48} {kd_batched:>9.1f} {kd_single:>9.1f} "
         f"{kd_batched / kd_single:>7.2f}"
+    )
+    bound = args.batch_size * (fixed + per_sample) / (fixed + args.batch_size * per_sample)
+    print(
+        f"LLM forward over {PROBE_LENGTH} positions: {fixed:.3f} ms per call + {per_sample:.3f} ms per sample, "
+        f"so batching {args.batch_size} makes a forward {bound:.1f}x cheaper per sample"
     )
     print(f"batched/batch-1 samples per second: {kd_batched / kd_single:.2f}")
 
