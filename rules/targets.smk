@@ -44,11 +44,9 @@ rule generate_targets:
         num_shards=config["targets"]["shards"],
     log:
         "logs/targets/generate_shard{shard}.log",
-    threads: config["resources"]["cpu_threads"]
+    threads: rule_resources("generate_targets")["cpu_threads"]
     resources:
-        gpu=config["resources"]["gpu"],
-        mem_mb=config["resources"]["mem_mb"],
-        runtime=config["resources"]["runtime"],
+        **job_resources("generate_targets"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -153,11 +151,9 @@ rule generate_responses:
         num_shards=config["targets"]["responses"]["shards"],
     log:
         "logs/targets/responses_{response_set}_shard{shard}.log",
-    threads: config["resources"]["cpu_threads"]
+    threads: rule_resources("generate_responses")["cpu_threads"]
     resources:
-        gpu=config["resources"]["gpu"],
-        mem_mb=config["resources"]["mem_mb"],
-        runtime=config["resources"]["runtime"],
+        **job_resources("generate_responses"),
     conda:
         "../envs/speechllm.yaml"
     shell:

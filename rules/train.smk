@@ -15,10 +15,9 @@ rule init_model:
         settings=lambda wc: train_settings("ctc"),
     log:
         "logs/train/init.log",
-    threads: 1
+    threads: rule_resources("init_model")["cpu_threads"]
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **job_resources("init_model"),  # loads the whole LLM (its embeddings become the CTC head)
     conda:
         "../envs/speechllm.yaml"
     shell:

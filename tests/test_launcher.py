@@ -18,7 +18,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TARGETS = ["results/models/ctc", "results/models/tmi", "results/eval/fleurs_asr/t.parquet"]
+TARGETS = ["results/models/ctc_init", "results/models/ctc", "results/models/tmi", "results/eval/fleurs_asr/t.parquet"]
 MULTI_NODE = {"resources": {"rules": {"train_ce": {"nodes": 2}}}}
 
 
@@ -95,13 +95,31 @@ def test_rule_overrides_set_a_steps_threads(demo_jobs, paper_jobs):
 
 def test_every_step_rule_honours_its_thread_override(tmp_path):
     """Each rule the schema lets `resources.rules.<rule>.cpu_threads` name takes it (none validates and is ignored)."""
-    overrides = {"train_ctc": 3, "train_ce": 5, "evaluate": 7}
+    overrides = {"train_ctc": 3, "train_ce": 5, "evaluate": 7, "generate_targets": 4}
     res = dry_run(tmp_path, write_yaml(tmp_path / "threads.yaml", {"resources": {"rules": {
         rule: {"cpu_threads": n} for rule, n in overrides.items()}}}))
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = parse_jobs(res.stdout)
     for rule, n in overrides.items():
         assert f"--threads {n} " in jobs[rule]["shell"], (rule, jobs[rule]["shell"][-200:])
+
+
+def test_one_process_steps_take_rule_overrides_and_retry_scaling(tmp_path, paper_jobs):
+    """init_model (which loads the whole LLM) and the generation shards size their jobs from `resources` and
+    `resources.rules.<rule>` as the training steps do, growing on retries."""
+    overrides = {"init_model": {"mem_mb": 1111, "runtime": 7}, "generate_targets": {"cpu_threads": 3, "mem_mb": 2222}}
+    res = dry_run(tmp_path, write_yaml(tmp_path / "rules.yaml", {"resources": {"rules": overrides}}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = parse_jobs(res.stdout)
+    assert (jobs["init_model"]["resources"]["mem_mb"], jobs["init_model"]["resources"]["runtime"]) == (1111, 7)
+    assert jobs["generate_targets"]["resources"]["mem_mb"] == 2222
+    assert "--threads 3 " in jobs["generate_targets"]["shell"]
+    # Paper scale, third attempt: the base 64 GB × 1.5², and init_model asks for no GPU (config rules.init_model).
+    paper = yaml.safe_load((REPO / "config/experiments/bloomzmms.yaml").read_text())["resources"]
+    scale = yaml.safe_load((REPO / "config/config.yaml").read_text())["resources"]["retry_scale"]
+    init = paper_jobs["init_model"]["resources"]
+    assert init["mem_mb"] == round(paper["mem_mb"] * scale**2) and init["gpu"] == 0
+    assert paper_jobs["generate_targets"]["resources"]["gpu"] == paper["gpu"]
 
 
 def test_gpu_steps_launch_one_process_per_gpu(paper_jobs):
