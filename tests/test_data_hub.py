@@ -382,6 +382,10 @@ def test_speechglue_released_layouts(tmp_path):
     (root / "rte/validation/sentence1/0/2.flac").unlink()
     with pytest.raises(AudioError, match=r"data.csv line 3"):
         build_speechglue_released(tmp_path / "out", root, ["rte"], SR)
+    speechglue_release(root, "cola/validation", ("sentence",), [
+        {"sentence": "a b.", "label": 1, "idx": 0}, {"sentence": "b a.", "label": "unacceptable", "idx": 1}])
+    with pytest.raises(SourceError, match=r"cola/validation/data.csv line 3: label 'unacceptable'"):
+        build_speechglue_released(tmp_path / "out", root, ["cola"], SR)
 
 
 def test_speechglue_tts_fallback_through_load_dataset(tmp_path):

@@ -12,7 +12,7 @@ from speechllm.data.languages import (
     cv_language_name,
     language_name,
 )
-from speechllm.data.manifest import write_manifest
+from speechllm.data.manifest import ManifestError, write_manifest
 from speechllm.data.prepare import language_ids
 
 # Common Voice 11.0's 100 locales (the subsets of the hub's mozilla-foundation/common_voice_11_0). With FLEURS'
@@ -86,3 +86,7 @@ def test_lid_labels_are_one_plus_sorted_index(tmp_path):
     expected = sorted({"Cantonese Chinese", "Afrikaans", "Sorbian, Upper", "Norwegian", "Mandarin Chinese", "English"})
     assert labels == {name: i + 1 for i, name in enumerate(expected)}
     assert 0 not in labels.values()
+    write_manifest(tmp_path / "bad.jsonl", [{"id": "u0", "language": "en_us"}, {"id": "u1"}])
+    with pytest.raises(ManifestError, match=r"bad\.jsonl:2: missing field\(s\) language"):
+        language_ids(tmp_path / "bad.jsonl", tmp_path / "lid2.json")
+    assert not (tmp_path / "lid2.json").exists()

@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from speechllm.io import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text
+from speechllm.io import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text, read_json
 from speechllm.report.tables import build_table, order_models, table_footer, write_table
 
 ORDER = ["init", "ctc", "t", "mi", "tmi"]
@@ -294,3 +294,14 @@ def test_covost2_table_and_malformed_metrics_name_the_file(tmp_path: Path) -> No
     bad = _score_file(tmp_path / "bad", "speechxnli", "t", {"per_language": {"en": {"accuracy": "n/a"}}})
     with pytest.raises(ValueError, match=f"{bad}: malformed speechxnli metrics"):
         build_table("speechxnli", [bad])
+
+
+def test_read_json_errors_name_the_file(tmp_path):
+    good = tmp_path / "scores.json"
+    good.write_text('{"a": 1}')
+    assert read_json(good) == {"a": 1}
+    (tmp_path / "torn.json").write_text('{"benchmark": "fleurs_asr", "metr')
+    with pytest.raises(ValueError, match=r"torn\.json: not valid JSON"):
+        read_json(tmp_path / "torn.json")
+    with pytest.raises(FileNotFoundError, match=r"absent\.json: no such file"):
+        read_json(tmp_path / "absent.json")

@@ -153,6 +153,32 @@ def test_t_mi_tmi_assembly():
         assemble(train, generated, "", "", "other", 2)
 
 
+def test_assemble_cli_names_the_bad_shard_line(tmp_path):
+    """`speechllm targets assemble` on a broken shard or manifest: the error names file and line, nothing written."""
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text(json.dumps({"id": "u0", "raw_transcription": "Hi.", "transcription": "hi"}) + "\n")
+    good = {"index": 0, "text": "Hi.", "prefix": "P: ", "postfix": "", "output": " out"}
+    shard = tmp_path / "shard0.jsonl"
+    settings = json.dumps({"prompt": {"prefix": "Repeat: ", "postfix": ". "}, "mi_reading": "synthetic_only",
+                           "templates_per_occurrence": 2})
+
+    def run(shard_text: str, manifest_text: str | None = None) -> subprocess.CompletedProcess:
+        shard.write_text(shard_text)
+        if manifest_text is not None:
+            manifest.write_text(manifest_text)
+        return subprocess.run([sys.executable, "-m", "speechllm.cli", "targets", "assemble", "--settings", settings,
+                               "--manifest", str(manifest), "--shards", str(shard), "--out-dir",
+                               str(tmp_path / "out")], capture_output=True, text=True)
+
+    torn = run(json.dumps(good) + "\n" + '{"index": 1, "te\n')
+    assert torn.returncode != 0 and f"{shard}:2: not JSON" in torn.stderr
+    short = run(json.dumps({k: v for k, v in good.items() if k != "output"}) + "\n")
+    assert short.returncode != 0 and f"{shard}:1: a generated item needs output" in short.stderr
+    no_field = run(json.dumps(good) + "\n", json.dumps({"id": "u0", "raw_transcription": "Hi."}) + "\n")
+    assert no_field.returncode != 0 and str(manifest) in no_field.stderr and "transcription" in no_field.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_generation_is_deterministic_under_torch_seed_changes(lm):
     model, tok = lm
     torch.manual_seed(123)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from test_train_resume import CTC_STAGE, run_settings, subprocess_env, train_command, write_corpus
 
 from speechllm.train.tracking import REDACTED, run_id, scrub
@@ -88,3 +89,28 @@ def test_resumed_offline_run_replaces_the_killed_one_with_the_whole_curve(tmp_pa
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].name.endswith(run_id("tests", "train_ctc", "tests-ctc"))
     assert pd.read_csv(tmp_path / "metrics.csv")["step"].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_names_other_bad_lines(tmp_path, monkeypatch):
+    """A job killed mid-append leaves half a row at the end of metrics.jsonl: the resume drops it; a broken
+    line elsewhere is an error naming the file and line, and the file is left as it was."""
+    from speechllm.train.tracking import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    cfg = {"project": "speechllm-tests", "mode": "disabled"}
+    first = Tracker(tmp_path, cfg, "tests", "train_ctc", "tests-ctc", {})
+    for step in range(4):
+        first.log({"loss": 10.0 - step}, step=step)
+    jsonl = tmp_path / "metrics.jsonl"
+    with jsonl.open("a", encoding="utf-8") as fh:
+        fh.write('{"step": 4, "lo')  # the kill
+    resumed = Tracker(tmp_path, cfg, "tests", "train_ctc", "tests-ctc", {}, resume_step=3)
+    assert [r["step"] for r in resumed.rows] == [0, 1, 2, 3]
+    assert jsonl.read_text().endswith('"step": 3, "loss": 7.0}\n')
+
+    lines = jsonl.read_text().splitlines()
+    broken = "\n".join([lines[0], "{not json", *lines[1:]]) + "\n"
+    jsonl.write_text(broken)
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a metrics row"):
+        Tracker(tmp_path, cfg, "tests", "train_ctc", "tests-ctc", {}, resume_step=3)
+    assert jsonl.read_text() == broken

@@ -2,16 +2,19 @@
 
 A reader (or Snakemake) therefore sees either the old file, or the complete new one, never a
 partial file. On any exception the temp file is removed and the target is left untouched.
+Also the one JSON reader whose errors name the file.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def _read_umask() -> int:
@@ -94,3 +97,14 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """A JSON file's content; a missing or malformed file is an error that names it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: no such file") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err

@@ -340,8 +340,12 @@ def build_speechglue_released(out_dir: Path, release_dir: Path, tasks: list[str]
                 where = f"{csv_path} line {lineno}"
                 clips = {f: _field(resolve_released_clip(row[f"file_{f}"], csv_path), row[f], sampling_rate, where)
                          for f in fields}
-                label: float | int = float(row["label"]) if task == "stsb" else int(row["label"])
-                examples.append({"id": f"{task}-{int(row['idx']):06d}", "task": task, "language": "en_us",
+                try:
+                    label: float | int = float(row["label"]) if task == "stsb" else int(row["label"])
+                    idx = int(row["idx"])
+                except ValueError as err:
+                    raise SourceError(f"{where}: label {row['label']!r} / idx {row['idx']!r} ({err})") from err
+                examples.append({"id": f"{task}-{idx:06d}", "task": task, "language": "en_us",
                                  "label": label, "sampling_rate": sampling_rate, "fields": clips})
         counts[task] = write_manifest(out_dir / "speechglue" / f"{task}.jsonl", examples)
     return counts

@@ -84,7 +84,7 @@ def language_ids(train_manifest: Path, out: Path) -> dict[str, int]:
     """LID labels: 1 + index in the sorted list of language names present (0 is the CTC blank)."""
     from speechllm.data.languages import language_name
 
-    langs = sorted({language_name(r["language"]) for r in read_manifest(train_manifest)})
+    langs = sorted({language_name(r["language"]) for r in read_manifest(train_manifest, required=("language",))})
     mapping = {name: i + 1 for i, name in enumerate(langs)}
     atomic_write_text(out, json.dumps(mapping, indent=2, ensure_ascii=False) + "\n")
     return mapping

@@ -44,11 +44,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     system, spec = build_system(args.model, args.decoder, ev, sr, device)
     manifests = [Path(m) for m in args.manifests]
     if args.benchmark == "fleurs_asr":
-        df, metrics = benchmarks.run_asr(
-            system, read_manifest(manifests[0]), spec["prompt"]["prefix"], spec["prompt"]["postfix"], ev
-        )
+        records = read_manifest(manifests[0], required=("audio", "language", "raw_transcription"))
+        df, metrics = benchmarks.run_asr(system, records, spec["prompt"]["prefix"], spec["prompt"]["postfix"], ev)
     elif args.benchmark in ST_TARGETS:
-        records = [r for m in manifests for r in read_manifest(m)]
+        records = [r for m in manifests for r in read_manifest(m, required=("audio", "language"))]
         df, metrics = benchmarks.run_st(
             system,
             records,
@@ -63,10 +62,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     elif args.benchmark == "speechxnli":
         df, metrics = benchmarks.run_speechxnli(system, read_manifest(manifests[0]), ev["option_prefix"], ev)
     elif args.benchmark == "summarization":
-        records = [r for m in manifests for r in read_manifest(m)]
+        fields = ("audio", ev["summarization"]["text_field"], ev["summarization"]["reference_field"])
+        records = [r for m in manifests for r in read_manifest(m, required=fields)]
         df, metrics = summarization.run_summarization(system, records, ev)
     else:
-        records = [{"subset": m.stem, **r} for m in manifests for r in read_manifest(m)]
+        fields = ("audio", ev["response_ppl"]["text_field"], ev["response_ppl"]["response_field"])
+        records = [{"subset": m.stem, **r} for m in manifests for r in read_manifest(m, required=fields)]
         df, metrics = summarization.run_response_ppl(system, records, ev)
     document = score_document(
         args.benchmark, args.name, args.decoder, str(args.model), s, metrics, system.notes

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from speechllm.evaluate import benchmarks, summarization
-from speechllm.io import atomic_path
+from speechllm.io import atomic_path, read_json
 
 SCORERS: dict[str, Callable[[pd.DataFrame, dict[str, Any]], dict[str, Any]]] = {
     "fleurs_asr": benchmarks.score_asr,
@@ -108,7 +108,7 @@ def rescore(
     """
     if not Path(hyps).is_file():
         raise FileNotFoundError(f"per-utterance outputs not found: {hyps}")
-    document = json.loads(Path(scores_path).read_text(encoding="utf-8"))
+    document = read_json(scores_path)
     if document.get("benchmark") != benchmark:
         raise ValueError(f"{scores_path}: benchmark {document.get('benchmark')!r}, not {benchmark!r}")
     document["metrics"] = score_frame(benchmark, pd.read_parquet(hyps), settings["evaluate"])

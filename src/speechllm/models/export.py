@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from speechllm import __version__
-from speechllm.io import atomic_dir
+from speechllm.io import atomic_dir, read_json
 from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
 from speechllm.models.bloomzmms import BloomzMMS
 from speechllm.models.ctc_head import CTCHead
@@ -151,7 +151,7 @@ def read_spec(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / "speechllm.json"
     if not path.is_file():
         raise ModelDirError(f"not a speechllm model directory (no speechllm.json): {model_dir}")
-    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec = read_json(path)
     if spec.get("format") != FORMAT:
         raise ModelDirError(f"{path}: unsupported format {spec.get('format')!r} (expected {FORMAT})")
     if spec.get("kind", "bloomzmms") not in KINDS:

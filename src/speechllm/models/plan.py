@@ -41,7 +41,6 @@ Per optimizer step = per micro-batch * `accum_grad` * GPUs.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from speechllm.io import read_json
 from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
 from speechllm.models.ctc_head import CTCHead
 from speechllm.models.frontend import SpeechFrontend
@@ -87,7 +87,7 @@ def find_arch_file(name_or_path: str, models_dir: Path) -> Path:
 def load_arch_config(name_or_path: str, models_dir: Path) -> tuple[PretrainedConfig, dict[str, Any]]:
     """(HF config, extra facts) from an architecture file; keys starting with `_` are facts, not config."""
     path = find_arch_file(name_or_path, models_dir)
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path)
     facts = {k.lstrip("_"): v for k, v in data.items() if k.startswith("_")}
     settings = {k: v for k, v in data.items() if not k.startswith("_") and k != "transformers_version"}
     if "model_type" not in settings:

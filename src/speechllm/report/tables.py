@@ -9,7 +9,6 @@ A score file is JSON with ``benchmark``, ``model``, ``metrics`` and optionally `
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from speechllm.evaluate.metrics import GLUE_PRIMARY_METRIC, glue_average, primary_asr_metric
-from speechllm.io import atomic_write_text
+from speechllm.io import atomic_write_text, read_json
 
 TABLE_NAMES: tuple[str, ...] = ("fleurs_asr", "fleurs_st", "covost2_st", "speechglue", "speechxnli", "summarization")
 # The benchmarks whose score files a table reads (default: the table's own name). The summarization table adds
@@ -81,7 +80,7 @@ Row = tuple[str, str]
 
 def load_score_file(path: Path) -> dict[str, Any]:
     """Read one score file and check it has ``benchmark``, ``model`` and ``metrics``."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    data = read_json(path)
     missing = [key for key in ("benchmark", "model", "metrics") if key not in data]
     if missing:
         raise ValueError(f"{path}: score file lacks {missing}")

@@ -18,7 +18,6 @@ A separate run in the same group, linked by config, keeps every run append-only 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ from typing import Any
 
 import pandas as pd
 
+from speechllm.io import read_json
 from speechllm.report.tables import ROW_LEVEL, build_table, load_score_file, table_for_benchmark
 from speechllm.train.tracking import Tracker, run_id
 
@@ -83,7 +83,7 @@ def linked_run(experiment: str, model_run: dict[str, str] | None,
     link = {"name": model_run["name"], "job_type": model_run["job_type"],
             "id": run_id(experiment, model_run["job_type"], model_run["name"])}
     if train_summary is not None and Path(train_summary).is_file():
-        recorded = json.loads(Path(train_summary).read_text(encoding="utf-8")).get("wandb_run_id")
+        recorded = read_json(train_summary).get("wandb_run_id")
         if recorded:
             link["id"] = str(recorded)
     return link

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -57,12 +56,11 @@ def cmd_targets_generate(args: argparse.Namespace) -> None:
 
 def cmd_targets_assemble(args: argparse.Namespace) -> None:
     from speechllm.data.manifest import read_manifest, write_manifest
-    from speechllm.targets.assemble import assemble
+    from speechllm.targets.assemble import assemble, read_generated
 
     s = parse_settings(args.settings)
-    train = read_manifest(args.manifest)
-    generated = [json.loads(line) for path in args.shards
-                 for line in Path(path).read_text("utf-8").splitlines()]
+    train = read_manifest(args.manifest, required=("raw_transcription", "transcription"))
+    generated = read_generated([Path(p) for p in args.shards])
     sets = assemble(train, generated, s["prompt"]["prefix"], s["prompt"]["postfix"], s["mi_reading"],
                     s["templates_per_occurrence"])
     out = Path(args.out_dir)

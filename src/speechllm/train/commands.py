@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from speechllm.cliutils import EXAMPLES, parse_settings, set_threads
+from speechllm.io import read_json
 
 log = logging.getLogger("speechllm")
 
@@ -100,7 +101,7 @@ def build_for_stage(
 
     if language_ids is None:
         raise ValueError(f"--language-ids is required for the {stage} stage")
-    lid = json.loads(Path(language_ids).read_text("utf-8"))
+    lid = read_json(language_ids)
     llm_cfg = AutoConfig.from_pretrained(s["models"]["llm"]["name_or_path"])
     adaptor = AdaptorConfig(
         **dict(s["adaptor"], num_lid_classes=len(lid) + 1, llm_hidden_size=llm_cfg.hidden_size)
@@ -115,6 +116,16 @@ def build_for_stage(
         gradient_checkpointing=gradient_checkpointing,
     )
     return model, tokenizer, spec, lid
+
+
+def manifest_fields(stage: str, s: dict[str, Any]) -> tuple[str, ...]:
+    """Fields every training and dev record of a stage needs, checked when its manifest is read (a missing
+    transcription would otherwise train on an empty target)."""
+    if stage == "kd":
+        return ("audio", s.get("responses", {}).get("text_field", "raw_transcription"), "llm_response")
+    if stage == "ctc":
+        return ("audio", "language", "transcription")
+    return ("audio", "transcription")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -143,8 +154,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ValueError(f"the settings have no 'stage' section (config train.{args.stage})")
     stage = StageConfig.from_config(args.stage, s["stage"])
     sr = s["sampling_rate"]
-    train_set = SpeechDataset(read_manifest(args.train), sr, args.train)
-    dev_set = SpeechDataset(read_manifest(args.dev), sr, args.dev)
+    fields = manifest_fields(args.stage, s)
+    train_set = SpeechDataset(read_manifest(args.train, required=fields), sr, args.train)
+    dev_set = SpeechDataset(read_manifest(args.dev, required=fields), sr, args.dev)
     if args.stage == "kd":
         responses = s.get("responses", {})
         collator = DistillationCollator(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from speechllm.io import atomic_path, atomic_write_text
+
+log = logging.getLogger("speechllm")
 
 # Credential-like keys ("api_key", "hf_token", "password", ...), not "max_new_tokens" or "tokenizer_...".
 SECRET_KEY = re.compile(r"(api[_-]?key|secret|passw(or)?d|credential|(^|[_-])token$)", re.IGNORECASE)
@@ -51,6 +54,28 @@ def run_id(group: str, job_type: str, name: str) -> str:
 
 def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def logged_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl a killed job appended to: a last line cut off mid-write is dropped (its step
+    is logged again after the resume); any other unreadable line is an error that names the file and line."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or "step" not in row:
+                raise ValueError("not an object with a step")
+        except ValueError as err:
+            if lineno == len(lines):  # no newline after it: the write was interrupted
+                log.warning("%s:%d: dropping a partly written last line", path, lineno)
+                continue
+            raise ValueError(f"{path}:{lineno}: not a metrics row ({err})") from err
+        rows.append(row)
+    return rows
 
 
 class Tracker:
@@ -86,8 +111,7 @@ class Tracker:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = self.log_dir / "metrics.jsonl"
         if resume_step is not None and self.jsonl.is_file():
-            lines = self.jsonl.read_text(encoding="utf-8").splitlines()
-            self.rows = [row for row in map(json.loads, filter(None, lines)) if row["step"] <= resume_step]
+            self.rows = [row for row in logged_rows(self.jsonl) if row["step"] <= resume_step]
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
         clean = scrub(config)
         atomic_write_text(self.log_dir / "config.json", json.dumps(clean, indent=2, sort_keys=True) + "\n")
