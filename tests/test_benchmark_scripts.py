@@ -1,4 +1,7 @@
-"""The benchmark scripts run end to end on small settings and end with their `<what>: <number>` headline."""
+"""The benchmark scripts run end to end on small settings and end with their `<what>: <number>` headline.
+
+Speed ratios are measured, never asserted (the machines are noisy); the bucketing sampler's padding efficiency
+is deterministic for a seed and is held to a floor."""
 
 from __future__ import annotations
 
@@ -14,18 +17,19 @@ HEADLINE = re.compile(r"^[^:\n]+: \d+(\.\d+)?$")
 
 
 @pytest.mark.parametrize(
-    "script, args",
+    "script, args, floor",
     [
-        ("bucketing.py", ["--num-utterances", "300"]),
-        ("kd_batching.py", ["--batch-size", "4", "--rounds", "1"]),
+        ("bucketing.py", ["--num-utterances", "300"], 0.95),
+        ("kd_batching.py", ["--batch-size", "4", "--rounds", "1"], None),
         ("target_generation.py", ["--num-prompts", "6", "--batch-size", "3", "--max-new-tokens", "4",
-                                  "--repeats", "1"]),
+                                  "--repeats", "1"], None),
     ],
 )
-def test_benchmark_prints_its_headline_last(script: str, args: list[str]) -> None:
+def test_benchmark_prints_its_headline_last(script: str, args: list[str], floor: float | None) -> None:
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     last = done.stdout.strip().splitlines()[-1]
     assert HEADLINE.match(last), f"{script}: last line {last!r} is not `<what>: <number>`"
-    assert float(last.rsplit(": ", 1)[1]) > 0
+    value = float(last.rsplit(": ", 1)[1])
+    assert value > 0 and (floor is None or value >= floor), last

@@ -104,7 +104,7 @@ def tiny_llm_settings(steps: int, freeze: bool) -> dict:
     return {"tokenizer_vocab_size": 300, "llm_vocab_pad_to": 64, "llm_embedding_norm": 5.0,
             "llm": {"hidden_size": 32, "n_layer": 1, "n_head": 2},
             "llm_pretrain": {"steps": steps, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "max_length": 160, "sort_pool_batches": 2,
-                             "weight_decay": 0.0, "templates_per_sentence": 1, "task_repeats": 1,
+                             "weight_decay": 0.0, "grad_clip": 1.0, "templates_per_sentence": 1, "task_repeats": 1,
                              "freeze_embeddings": freeze}}
 
 

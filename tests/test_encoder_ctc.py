@@ -111,13 +111,21 @@ def run_cli(tmp_path: Path, updates: int, *manifest_args: str) -> subprocess.Com
 
 
 def test_cli_builds_the_encoder_atomically(tone_data, tmp_path):
-    """0 updates: the random encoder alone; updates without manifests: a clear error and no directory."""
+    """0 updates: the random encoder alone; updates without manifests: a clear error and no directory; a
+    fine-tuning that fails after the encoder was written leaves neither the directory nor its temp copy."""
     res = run_cli(tmp_path, 0)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (tmp_path / "mms/config.json").is_file() and not (tmp_path / "mms/ctc_finetune.json").exists()
     res = run_cli(tmp_path / "second", 5)
     assert res.returncode != 0 and "needs --train-manifest and --dev-manifest" in res.stderr
     assert not (tmp_path / "second").exists() or not any((tmp_path / "second").iterdir())
+    bad = tmp_path / "bad.jsonl"
+    lines = tone_data["train"].read_text().splitlines()
+    bad.write_text("\n".join([*lines[:-1], "{not json"]) + "\n")  # read after the encoder is built
+    (tmp_path / "failed").mkdir()
+    res = run_cli(tmp_path / "failed", 5, "--train-manifest", str(bad), "--dev-manifest", str(tone_data["dev"]))
+    assert res.returncode != 0 and f"{bad}:{len(lines)}: not valid JSON" in res.stderr
+    assert list((tmp_path / "failed").iterdir()) == []
     res = run_cli(tmp_path / "third", 5, "--train-manifest", str(tone_data["train"]), "--dev-manifest",
                   str(tone_data["dev"]))
     assert res.returncode == 0, res.stderr[-2000:]

@@ -16,6 +16,7 @@ import numpy as np
 import soundfile as sf
 
 from speechllm.audio import load_audio
+from speechllm.io import atomic_path
 
 
 class TTSBackend(Protocol):
@@ -49,9 +50,8 @@ class EspeakNG:
                 raise RuntimeError(f"espeak-ng failed for voice {voice!r} on {text!r}: {proc.stderr.strip()}")
             wav = load_audio(tmp.name, self.sampling_rate)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        part = out_path.with_name(out_path.name + ".part.wav")
-        sf.write(str(part), np.clip(wav, -1.0, 1.0), self.sampling_rate, subtype="PCM_16")
-        part.replace(out_path)
+        with atomic_path(out_path) as part:  # a killed job leaves no clip that looks finished
+            sf.write(str(part), np.clip(wav, -1.0, 1.0), self.sampling_rate, subtype="PCM_16")
 
 
 def make_tts(backend: str, sampling_rate: int, words_per_minute: int) -> TTSBackend:

@@ -183,7 +183,7 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
     for _ in tqdm(range(steps), desc="demo LLM pretraining", mininterval=10):
         loss = model(**pretraining_batch(next(batches), tokenizer.pad_token_id)).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, train["grad_clip"])
         opt.step()
         sched.step()
         opt.zero_grad()

@@ -8,8 +8,10 @@ optionally text, in any order)::
     E(tok(suffix)[1:])      "</s>[|Assistant|]"    the suffix with its leading BOS dropped (PROMPT_SUFFIX)
     E(response)             teacher-forced response tokens (training)
 
-The sequence goes to `SpeechLLM`, which left-pads batches with position ids `cumsum(mask) - 1` so rotary positions
-match running each sample alone (the reference passes no position ids and trains at batch size 1).
+For scoring and generation the sequence goes to `SpeechLLM`, which left-pads batches with position ids
+`cumsum(mask) - 1` so rotary positions match running each sample alone (the reference passes no position ids and
+trains at batch size 1). KD training lays student and teacher sequences out right-padded instead
+(`train.distillation.pack_right_padded`): causal attention then needs neither a mask nor position ids.
 """
 
 from __future__ import annotations

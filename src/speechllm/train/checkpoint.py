@@ -137,7 +137,9 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors file written under a temporary name and renamed."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    fsync_path(tmp)
     os.replace(tmp, path)
+    fsync_path(path.parent)
 
 
 def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -247,12 +249,15 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         sync()
         torch.save(capture_rng(), tmp / f"rng_rank{rank}.pt")
+        fsync_path(tmp / f"rng_rank{rank}.pt")
         sync()
         if self.is_main:
             save_file(
                 {k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors")
             )
             torch.save(trainer, tmp / "trainer.pt")
+            for name in ("model.safetensors", "trainer.pt"):  # on disk before the rename makes the step visible
+                fsync_path(tmp / name)
             atomic_write_text(tmp / "trainer_state.json", state.to_json())
             if final.exists():  # the same step written again (e.g. an evaluation at a checkpoint step)
                 shutil.rmtree(final)
