@@ -32,14 +32,13 @@ rule fleurs_data:
         out_dir=lambda wc, output: parent_dir(output.manifests[0], 1),
     log:
         "logs/data/fleurs_data.log",
-    threads: 4
+    threads: rule_resources("fleurs_data")["cpu_threads"]
     resources:
-        mem_mb=16000,
-        runtime=24 * 60,
+        **job_resources("fleurs_data"),
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm data fleurs --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        "speechllm data fleurs --settings {params.settings:q} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule prepare_split:
@@ -91,10 +90,9 @@ rule speechglue_data:
         out_dir=lambda wc, output: parent_dir(output[0], 2),
     log:
         "logs/data/speechglue_data.log",
-    threads: 4
+    threads: rule_resources("speechglue_data")["cpu_threads"]
     resources:
-        mem_mb=8000,
-        runtime=12 * 60,
+        **job_resources("speechglue_data"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -112,10 +110,9 @@ rule speechxnli_data:
         archive=speechxnli_archive_arg,
     log:
         "logs/data/speechxnli_data.log",
-    threads: 4
+    threads: rule_resources("speechxnli_data")["cpu_threads"]
     resources:
-        mem_mb=8000,
-        runtime=12 * 60,
+        **job_resources("speechxnli_data"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -153,10 +150,9 @@ rule common_voice_data:
         out_dir=lambda wc, output: parent_dir(output.manifest, 1),
     log:
         "logs/data/common_voice_data.log",
-    threads: 4
+    threads: rule_resources("common_voice_data")["cpu_threads"]
     resources:
-        mem_mb=8000,
-        runtime=12 * 60,
+        **job_resources("common_voice_data"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -191,10 +187,9 @@ rule librispeech_data:
         out_dir=lambda wc, output: parent_dir(output.report, 1),
     log:
         "logs/data/librispeech_data.log",
-    threads: 2
+    threads: rule_resources("librispeech_data")["cpu_threads"]
     resources:
-        mem_mb=16000,
-        runtime=24 * 60,
+        **job_resources("librispeech_data"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -209,10 +204,9 @@ rule articles_data:
         out_dir=lambda wc, output: parent_dir(output[0], 2),
     log:
         "logs/data/articles_data.log",
-    threads: 2
+    threads: rule_resources("articles_data")["cpu_threads"]
     resources:
-        mem_mb=4000,
-        runtime=6 * 60,
+        **job_resources("articles_data"),
     conda:
         "../envs/speechllm.yaml"
     shell:

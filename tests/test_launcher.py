@@ -120,6 +120,11 @@ def test_one_process_steps_take_rule_overrides_and_retry_scaling(tmp_path, paper
     init = paper_jobs["init_model"]["resources"]
     assert init["mem_mb"] == round(paper["mem_mb"] * scale**2) and init["gpu"] == 0
     assert paper_jobs["generate_targets"]["resources"]["gpu"] == paper["gpu"]
+    # Source steps take config.yaml's `resources.rules` (no GPU, their own memory) at every scale.
+    demo = yaml.safe_load((REPO / "config/config.yaml").read_text())["resources"]["rules"]["fleurs_data"]
+    fleurs = paper_jobs["fleurs_data"]
+    assert fleurs["resources"]["gpu"] == 0 and fleurs["resources"]["mem_mb"] == round(demo["mem_mb"] * scale**2)
+    assert "--threads" not in fleurs["shell"]  # the FLEURS conversion streams one split at a time
 
 
 def test_gpu_steps_launch_one_process_per_gpu(paper_jobs):

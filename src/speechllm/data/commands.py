@@ -164,19 +164,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out-dir", required=True)
     d.add_argument("--threads", type=int, default=1)
     d.set_defaults(func=cmd_data_demo)
-    sources = (
-        ("fleurs", cmd_data_fleurs, "FLEURS from the hub's parquet conversion (or a local copy of it)"),
-        ("common-voice", cmd_data_common_voice, "Common Voice 12 subsample from a local release directory"),
-        ("librispeech", cmd_data_librispeech, "LibriSpeech 960 h (summarization experiment), long clips dropped"),
-        ("articles", cmd_data_articles, "spoken articles + reference summaries (summarization evaluation)"),
-        ("speechglue", cmd_data_speechglue, "SpeechGLUE sets: released speechGLUE audio or voiced with TTS"),
-        ("speechxnli", cmd_data_speechxnli, "SpeechXNLI set: released zenodo audio or voiced with TTS"),
+    sources = (  # name, function, help, whether it has workers (TTS, audio conversion) to spread over threads
+        ("fleurs", cmd_data_fleurs, "FLEURS from the hub's parquet conversion (or a local copy of it)", False),
+        ("common-voice", cmd_data_common_voice, "Common Voice 12 subsample from a local release directory", True),
+        ("librispeech", cmd_data_librispeech, "LibriSpeech 960 h (summarization experiment), long clips dropped",
+         False),
+        ("articles", cmd_data_articles, "spoken articles + reference summaries (summarization evaluation)", True),
+        ("speechglue", cmd_data_speechglue, "SpeechGLUE sets: released speechGLUE audio or voiced with TTS", True),
+        ("speechxnli", cmd_data_speechxnli, "SpeechXNLI set: released zenodo audio or voiced with TTS", True),
     )
-    for name, func, text in sources:
+    for name, func, text, threaded in sources:
         d = dsub.add_parser(name, help=text)
         d.add_argument("--settings", required=True)
         d.add_argument("--out-dir", required=True)
-        d.add_argument("--threads", type=int, default=1)
+        if threaded:
+            d.add_argument("--threads", type=int, default=1, help="worker threads")
         d.add_argument("--cache-dir", default=None, help="datasets cache (default: the HF_DATASETS_CACHE)")
         if name == "speechxnli":
             d.add_argument("--archive", default=None, help="speech_xnli.tar.gz to unpack (source: released)")
