@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Any
+
+RAW = argparse.RawDescriptionHelpFormatter
+
+
+def example(*commands: str) -> str:
+    """An `example:` epilog, one command per line (as the rules run them)."""
+    return "example:\n" + "\n".join(f"  {c}" for c in commands)
+
 
 EXAMPLES = {
     "transcribe": "example:\n  speechllm transcribe --model results/models/ctc clip1.wav clip2.flac > hyps.tsv",

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from speechllm.cliutils import EXAMPLES, parse_settings
+from speechllm.cliutils import EXAMPLES, RAW, example, parse_settings
 
 log = logging.getLogger("speechllm")
 
@@ -159,7 +159,9 @@ def cmd_data_language_ids(args: argparse.Namespace) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="build and prepare manifests", epilog=EXAMPLES["data"], formatter_class=argparse.RawDescriptionHelpFormatter)
     dsub = data.add_subparsers(dest="action", required=True)
-    d = dsub.add_parser("demo", help="speak the embedded demo corpus and task sets with TTS")
+    d = dsub.add_parser("demo", help="speak the embedded demo corpus and task sets with TTS", formatter_class=RAW,
+                        epilog=example('speechllm data demo --settings "$(cat settings.json)" --out-dir resources/demo '
+                                       '--threads 2'))
     d.add_argument("--settings", required=True)
     d.add_argument("--out-dir", required=True)
     d.add_argument("--threads", type=int, default=1)
@@ -174,7 +176,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("speechxnli", cmd_data_speechxnli, "SpeechXNLI set: released zenodo audio or voiced with TTS", True),
     )
     for name, func, text, threaded in sources:
-        d = dsub.add_parser(name, help=text)
+        out_dir = "resources" if name in ("speechglue", "speechxnli") else f"resources/{name.replace('-', '_')}"
+        d = dsub.add_parser(name, help=text, formatter_class=RAW, epilog=example(
+            f'speechllm data {name} --settings "$(cat settings.json)" --out-dir {out_dir}'
+            + (" --threads 4" if threaded else "")))
         d.add_argument("--settings", required=True)
         d.add_argument("--out-dir", required=True)
         if threaded:
@@ -183,21 +188,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         if name == "speechxnli":
             d.add_argument("--archive", default=None, help="speech_xnli.tar.gz to unpack (source: released)")
         d.set_defaults(func=func)
-    d = dsub.add_parser("combine", help="concatenate utterance manifests (ids must be unique)")
+    d = dsub.add_parser("combine", help="concatenate utterance manifests (ids must be unique)", formatter_class=RAW,
+                        epilog=example("speechllm data combine --manifests resources/fleurs/train.jsonl "
+                                       "resources/common_voice/train.jsonl --out resources/hub/train.jsonl"))
     d.add_argument("--manifests", nargs="+", required=True)
     d.add_argument("--out", required=True)
     d.set_defaults(func=cmd_data_combine)
-    d = dsub.add_parser("fetch", help="download a released file (e.g. from zenodo) atomically")
+    d = dsub.add_parser("fetch", help="download a released file (e.g. from zenodo) atomically", formatter_class=RAW,
+                        epilog=example("speechllm data fetch --url 'https://zenodo.org/records/10900287/files/"
+                                       "speech_xnli.tar.gz?download=1' --out resources/zenodo/speech_xnli.tar.gz"))
     d.add_argument("--url", required=True)
     d.add_argument("--out", required=True)
     d.set_defaults(func=cmd_data_fetch)
-    d = dsub.add_parser("prepare", help="check audio, normalise text, filter durations, speed-perturb")
+    d = dsub.add_parser("prepare", help="check audio, normalise text, filter durations, speed-perturb",
+                        formatter_class=RAW, epilog=EXAMPLES["data"])
     d.add_argument("--settings", required=True)
     d.add_argument("--manifest", required=True)
     d.add_argument("--out", required=True)
     d.add_argument("--report", required=True)
     d.set_defaults(func=cmd_data_prepare)
-    d = dsub.add_parser("language-ids", help="language-ID labels (1..N, 0 = blank) from a training manifest")
+    d = dsub.add_parser("language-ids", help="language-ID labels (1..N, 0 = blank) from a training manifest",
+                        formatter_class=RAW, epilog=example("speechllm data language-ids --manifest "
+                                                            "results/data/train.jsonl --out results/data/language_ids.json"))
     d.add_argument("--manifest", required=True)
     d.add_argument("--out", required=True)
     d.set_defaults(func=cmd_data_language_ids)

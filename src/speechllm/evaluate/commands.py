@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from speechllm.cliutils import parse_settings, pick_device, set_threads
+from speechllm.cliutils import RAW, example, parse_settings, pick_device, set_threads
 
 log = logging.getLogger("speechllm")
 
@@ -132,7 +132,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--scores", required=True, help="score file (JSON)")
         p.add_argument("--threads", type=int, default=1)
         p.set_defaults(func=cmd_evaluate)
-    rs = which.add_parser("rescore", help="recompute a score file from its Parquet outputs, without decoding")
+    rs = which.add_parser("rescore", help="recompute a score file from its Parquet outputs, without decoding",
+                          formatter_class=RAW,
+                          epilog=example('speechllm evaluate rescore fleurs_asr --settings "$(cat settings.json)" '
+                                         "--hyps results/eval/fleurs_asr/t.parquet "
+                                         "--scores results/eval/fleurs_asr/t.scores.json"))
     rs.add_argument("rescore_benchmark", choices=DECODE_BENCHMARKS, metavar="BENCHMARK")
     rs.add_argument("--settings", required=True)
     rs.add_argument("--hyps", required=True)
@@ -141,7 +145,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     rs.set_defaults(
         func=lambda a: cmd_rescore(argparse.Namespace(**{**vars(a), "benchmark": a.rescore_benchmark}))
     )
-    cv = which.add_parser("covost2-manifest", help="CoVoST 2 X->English test manifest from a local release")
+    cv = which.add_parser("covost2-manifest", help="CoVoST 2 X->English test manifest from a local release",
+                          formatter_class=RAW,
+                          epilog=example('speechllm evaluate covost2-manifest --settings "$(cat settings.json)" '
+                                         "--out resources/covost2/test.jsonl"))
     cv.add_argument("--settings", required=True, help="JSON with the evaluate section (evaluate.covost2.*)")
     cv.add_argument("--out", required=True)
     cv.set_defaults(func=cmd_covost2)

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from speechllm.cliutils import parse_settings, set_threads
+from speechllm.cliutils import RAW, example, parse_settings, set_threads
 
 log = logging.getLogger("speechllm")
 
@@ -85,17 +85,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=cmd_plan)
     models = sub.add_parser("models", help="build the local demo models")
     msub = models.add_subparsers(dest="action", required=True)
-    m = msub.add_parser("demo-llm", help="tokenizer + tiny BLOOM pretrained on the demo text")
+    m = msub.add_parser("demo-llm", help="tokenizer + tiny BLOOM pretrained on the demo text", formatter_class=RAW,
+                        epilog=example('speechllm models demo-llm --settings "$(cat settings.json)" '
+                                       "--out-dir resources/models/demo-llm --threads 2"))
     m.add_argument("--settings", required=True)
     m.add_argument("--out-dir", required=True)
     m.add_argument("--threads", type=int, default=1)
     m.set_defaults(func=cmd_models_demo_llm)
-    m = msub.add_parser("fetch", help="download a hub model into the Hugging Face cache")
+    m = msub.add_parser("fetch", help="download a hub model into the Hugging Face cache", formatter_class=RAW,
+                        epilog=example("speechllm models fetch --name bigscience/bloomz-7b1 --revision main"))
     m.add_argument("--name", required=True)
     m.add_argument("--revision", default="main")
     m.set_defaults(func=cmd_models_fetch)
     m = msub.add_parser("demo-speech-encoder",
-                        help="tiny Wav2Vec2 in the MMS architecture, fine-tuned with character CTC as MMS-1B-all")
+                        help="tiny Wav2Vec2 in the MMS architecture, fine-tuned with character CTC as MMS-1B-all",
+                        formatter_class=RAW,
+                        epilog=example('speechllm models demo-speech-encoder --settings "$(cat settings.json)" '
+                                       "--out-dir resources/models/demo-mms --train-manifest results/data/train.jsonl "
+                                       "--dev-manifest results/data/dev.jsonl --threads 2"))
     m.add_argument("--settings", required=True)
     m.add_argument("--out-dir", required=True)
     m.add_argument("--train-manifest", help="speech + transcripts for the character-CTC fine-tuning")
