@@ -9,11 +9,17 @@ CORES ?= 2
 export PATH := $(BIN):$(PATH)
 export WANDB_MODE ?= offline
 
-.PHONY: demo test setup system-deps slurm-profile lint dryrun-paper clean
+.PHONY: demo demo-summarization test setup system-deps slurm-profile lint dryrun-paper clean
 
 demo: setup
 	snakemake --cores $(CORES)
 	@echo; echo "Result tables:"; ls results/tables/*.md
+
+# Kang & Roy's DAG on the English demo world, in its own working directory (README, "What the demo shows").
+SUMMARIZATION_DIR := runs/demo_summarization
+demo-summarization: setup
+	snakemake --cores $(CORES) -d $(SUMMARIZATION_DIR) --configfile $(CURDIR)/config/demo_summarization.yaml
+	@echo; echo "Result tables:"; ls $(SUMMARIZATION_DIR)/results/tables/*.md
 
 test: setup $(ORACLE)/.installed
 	ruff check src tests benchmarks
@@ -63,4 +69,4 @@ dryrun-paper: setup
 	snakemake -n --configfile config/experiments/bloomzmms.yaml
 
 clean:
-	rm -rf results resources logs .snakemake
+	rm -rf results resources logs .snakemake runs

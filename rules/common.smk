@@ -59,13 +59,15 @@ if config["evaluate"]["covost2"]["release_dir"]:
 # evaluate.cascade_asr, lower-cased as theirs) and the text topline, on the spoken articles and the LibriSpeech
 # response perplexity. KANG_ROY_MODEL_DIR is where the KD training exports the model.
 KANG_ROY_MODEL_DIR = "results/models/kang_roy"
+KANG_ROY_INIT_DIR = "results/models/kang_roy_init"
 ARTICLES_MANIFEST = "resources/articles/test.jsonl"
 KANG_ROY = config.get("system", "bloomzmms") == "kang_roy"
 if KANG_ROY:
     # The summarization experiment is its own DAG: responses → KD training → summarization / perplexity.
-    SYSTEMS = {"kang_roy": (KANG_ROY_MODEL_DIR, "llm"), "kang_roy_cascade": (KANG_ROY_MODEL_DIR, "cascade"),
-               "kang_roy_text": (KANG_ROY_MODEL_DIR, "text")}
-    BENCHMARK_SYSTEMS = {b: ["kang_roy", "kang_roy_cascade", "kang_roy_text"]
+    # kang_roy_init: the untrained start (pretrained HuBERT, fresh projection), as ce_init for BLOOMZMMS.
+    SYSTEMS = {"kang_roy_init": (KANG_ROY_INIT_DIR, "llm"), "kang_roy": (KANG_ROY_MODEL_DIR, "llm"),
+               "kang_roy_cascade": (KANG_ROY_MODEL_DIR, "cascade"), "kang_roy_text": (KANG_ROY_MODEL_DIR, "text")}
+    BENCHMARK_SYSTEMS = {b: ["kang_roy_init", "kang_roy", "kang_roy_cascade", "kang_roy_text"]
                          for b in ("summarization", "response_ppl")}
 DEMO_LLM_DIR = "resources/models/demo-llm"
 DEMO_ENCODER_DIR = "resources/models/demo-mms"
@@ -214,6 +216,11 @@ def train_settings(stage):
     if stage == "kd":  # the teacher's prompt is the transcript the responses were generated from
         settings["responses"] = {k: config["targets"]["responses"][k] for k in ("text_field", "lowercase")}
     return as_json(settings)
+
+
+def kang_roy_init_settings(wildcards=None):
+    """`speechllm train init` settings for the untrained Kang & Roy model: the KD stage's, marked kang_roy."""
+    return as_json({**json.loads(train_settings("kd")), "system": "kang_roy"})
 
 
 def kd_manifest(which):

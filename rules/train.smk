@@ -25,6 +25,24 @@ rule init_model:
         "--out-dir {output} > {log} 2>&1"
 
 
+rule init_kang_roy:
+    input:
+        unpack(model_inputs),
+    output:
+        directory(KANG_ROY_INIT_DIR),
+    params:
+        settings=kang_roy_init_settings,
+    log:
+        "logs/train/init_kang_roy.log",
+    threads: rule_resources("init_model")["cpu_threads"]
+    resources:
+        **job_resources("init_model"),
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm train init --settings {params.settings:q} --out-dir {output} > {log} 2>&1"
+
+
 rule train_ctc:
     input:
         unpack(model_inputs),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -113,3 +114,39 @@ def test_reduced_demo_end_to_end(tmp_path):
                     str(REPO / "config/config.yaml"), str(override(tmp_path, REDUCED)))
     out = one.stdout + one.stderr
     assert one.returncode == 0 and "table" in out and "train_ce" not in out and "evaluate" not in out.split("Job stats")[1]
+
+
+REDUCED_SUMMARIZATION = {
+    "data": {"demo": {"composed": {"train": 12, "dev": 2, "test": 2, "seed": 0}}},
+    "models": {"demo_build": {"llm_pretrain": {"steps": 100, "batch_size": 16, "warmup_steps": 10,
+                                               "templates_per_sentence": 1, "task_repeats": 1},
+                              "speech_encoder": {"ctc_finetune": {"updates": 10, "warmup_steps": 2}}}},
+    "train": {"kd": {"max_steps": 12, "eval_every": 6, "warmup_steps": 2, "checkpoint_every": 6}},
+    "evaluate": {"summarization": {"max_new_tokens": 8}},
+}
+
+
+@pytest.mark.slow
+def test_reduced_summarization_demo_end_to_end(tmp_path):
+    """Kang & Roy's DAG offline (config/demo_summarization.yaml, reduced): responses from the demo LLM, the
+    untrained and the KD-trained model, summarization and response perplexity in one table."""
+    configs = ("--configfile", str(REPO / "config/config.yaml"), str(REPO / "config/demo_summarization.yaml"),
+               str(override(tmp_path, REDUCED_SUMMARIZATION)))
+    res = snakemake("-c2", "-d", str(tmp_path), *configs)
+    assert res.returncode == 0, res.stderr[-5000:]
+    table = pd.read_csv(tmp_path / "results/tables/summarization.csv")
+    systems = ["kang_roy_init", "kang_roy", "kang_roy_cascade", "kang_roy_text"]
+    assert set(systems) <= set(table.columns)
+    ppl = table[table["metric"] == "perplexity"]
+    assert (ppl[systems] >= 1).all().all()  # exp of a mean NLL: real numbers for every system
+    assert "ROUGE-1" in set(table["metric"])
+    responses = [json.loads(line) for line in (tmp_path / "results/responses/demo_train.jsonl").open()]
+    assert responses and all(isinstance(r["llm_response"], str) for r in responses)
+    summary = json.loads((tmp_path / "results/train/kang_roy/summary.json").read_text())
+    assert summary["objective"] == "kd" and summary["stopped"] == "max_steps"
+    assert summary["final_step"] == REDUCED_SUMMARIZATION["train"]["kd"]["max_steps"] and summary["history"]
+    for model in ("kang_roy_init", "kang_roy"):
+        spec = json.loads((tmp_path / f"results/models/{model}/speechllm.json").read_text())
+        assert spec["kind"] == "kang_roy" and (tmp_path / f"results/models/{model}/model.safetensors").is_file()
+    rerun = snakemake("-n", "-d", str(tmp_path), *configs)
+    assert rerun.returncode == 0 and "Nothing to be done" in rerun.stdout + rerun.stderr

@@ -85,14 +85,15 @@ class SelectedWeights:
 def build_for_stage(
     s: dict[str, Any], stage: str, language_ids: Path | None, device: Any
 ) -> tuple[Any, Any, Any, dict]:
-    """(model, tokenizer, spec, language ids): BLOOMZMMS for init / ctc / ce, Kang & Roy for kd."""
+    """(model, tokenizer, spec, language ids): BLOOMZMMS for init / ctc / ce, Kang & Roy for kd (and for init
+    when the settings say `system: kang_roy`: the pretrained HuBERT with a freshly initialised projection)."""
     from speechllm.models.export import build_model, kang_roy_spec, model_spec
 
     gradient_checkpointing = s["models"]["llm"].get("gradient_checkpointing", False)
-    if stage == "kd":
-        spec = kang_roy_spec(s["models"], stage="kd")
+    if stage == "kd" or (stage == "init" and s.get("system") == "kang_roy"):
+        spec = kang_roy_spec(s["models"], stage=stage)
         model, tokenizer = build_model(
-            spec, with_ctc=False, with_llm=True, device=device, gradient_checkpointing=gradient_checkpointing
+            spec, with_ctc=False, with_llm=stage == "kd", device=device, gradient_checkpointing=gradient_checkpointing
         )
         return model, tokenizer, spec, {}
     from transformers import AutoConfig
