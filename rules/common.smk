@@ -218,9 +218,11 @@ def train_settings(stage):
     return as_json(settings)
 
 
-def kang_roy_init_settings(wildcards=None):
-    """`speechllm train init` settings for the untrained Kang & Roy model: the KD stage's, marked kang_roy."""
-    return as_json({**json.loads(train_settings("kd")), "system": "kang_roy"})
+def init_settings(system):
+    """`speechllm train init` settings of an untrained model: the models without any stage's training knobs, so
+    editing train.<stage> does not rebuild (and re-score) the untrained start."""
+    settings = json.loads(train_settings("init"))  # no train.init section: models, seed, adaptor, ... only
+    return as_json({**settings, "system": system} if system == "kang_roy" else settings)
 
 
 def kd_manifest(which):

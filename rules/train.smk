@@ -12,7 +12,7 @@ rule init_model:
     output:
         directory("results/models/ctc_init"),
     params:
-        settings=lambda wc: train_settings("ctc"),
+        settings=lambda wc: init_settings("bloomzmms"),
     log:
         "logs/train/init.log",
     threads: rule_resources("init_model")["cpu_threads"]
@@ -22,7 +22,7 @@ rule init_model:
         "../envs/speechllm.yaml"
     shell:
         "speechllm train init --settings {params.settings:q} --language-ids {input.language_ids} "
-        "--out-dir {output} > {log} 2>&1"
+        "--out-dir {output} --threads {threads} > {log} 2>&1"
 
 
 rule init_kang_roy:
@@ -31,7 +31,7 @@ rule init_kang_roy:
     output:
         directory(KANG_ROY_INIT_DIR),
     params:
-        settings=kang_roy_init_settings,
+        settings=lambda wc: init_settings("kang_roy"),
     log:
         "logs/train/init_kang_roy.log",
     threads: rule_resources("init_model")["cpu_threads"]
@@ -40,7 +40,7 @@ rule init_kang_roy:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm train init --settings {params.settings:q} --out-dir {output} > {log} 2>&1"
+        "speechllm train init --settings {params.settings:q} --out-dir {output} --threads {threads} > {log} 2>&1"
 
 
 rule train_ctc:

@@ -269,3 +269,16 @@ def test_8bit_without_bitsandbytes_or_cuda_is_a_clear_error(spec, monkeypatch) -
 def test_8bit_off_loads_in_the_configured_dtype(spec) -> None:
     lm, _ = load_llm(dict(spec["llm"], dtype="bfloat16"))
     assert lm.get_input_embeddings().weight.dtype == torch.bfloat16
+
+
+def test_encoder_only_build_reads_no_llm_weights(spec, monkeypatch) -> None:
+    """The untrained model's export builds the encoder without the LLM: its width comes from the config, so
+    an 8-bit LLM setting (which needs a GPU) does not stop a CPU job, and the projection matches the LLM."""
+    from speechllm.models.export import build_model
+
+    monkeypatch.setattr(export, "load_llm", lambda *a, **k: pytest.fail("the LLM weights were loaded"))
+    model, tokenizer = build_model(dict(spec, llm=dict(spec["llm"], load_in_8bit=True)), with_ctc=False,
+                                   with_llm=False)
+    assert model.llm is None and tokenizer.bos_token_id is not None
+    lm = export.AutoModelForCausalLM.from_pretrained(spec["llm"]["name_or_path"])
+    assert model.encoder.embed_projection.out_features == lm.get_input_embeddings().weight.shape[1]

@@ -94,8 +94,9 @@ def test_rule_overrides_set_a_steps_threads(demo_jobs, paper_jobs):
 
 
 def test_every_step_rule_honours_its_thread_override(tmp_path):
-    """Each rule the schema lets `resources.rules.<rule>.cpu_threads` name takes it (none validates and is ignored)."""
-    overrides = {"train_ctc": 3, "train_ce": 5, "evaluate": 7, "generate_targets": 4}
+    """Each step rule of the BLOOMZMMS DAG that `resources.rules.<rule>.cpu_threads` can name takes it (none
+    validates and is then ignored)."""
+    overrides = {"train_ctc": 3, "train_ce": 5, "evaluate": 7, "generate_targets": 4, "init_model": 6}
     res = dry_run(tmp_path, write_yaml(tmp_path / "threads.yaml", {"resources": {"rules": {
         rule: {"cpu_threads": n} for rule, n in overrides.items()}}}))
     assert res.returncode == 0, res.stderr[-3000:]

@@ -142,6 +142,18 @@ def test_reduced_summarization_demo_end_to_end(tmp_path):
     assert "ROUGE-1" in set(table["metric"])
     responses = [json.loads(line) for line in (tmp_path / "results/responses/demo_train.jsonl").open()]
     assert responses and all(isinstance(r["llm_response"], str) for r in responses)
+    # The responses were generated from the very token ids the KD teacher's chat turn is built from.
+    from transformers import AutoTokenizer
+
+    from speechllm.models.kang_roy import ChatTemplate, chat_ids, text_ids
+
+    demo = yaml.safe_load((REPO / "config/demo_summarization.yaml").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "resources/models/demo-llm")
+    chat = demo["models"]["chat"]
+    prefix, suffix = chat_ids(tokenizer, ChatTemplate(chat["prefix"], chat["suffix"]))
+    text = responses[0]["raw_transcription"].lower()
+    template = demo["targets"]["responses"]["prompt_template"]
+    assert tokenizer(template.format(text=text)).input_ids == prefix + text_ids(tokenizer, text) + suffix
     summary = json.loads((tmp_path / "results/train/kang_roy/summary.json").read_text())
     assert summary["objective"] == "kd" and summary["stopped"] == "max_steps"
     assert summary["final_step"] == REDUCED_SUMMARIZATION["train"]["kd"]["max_steps"] and summary["history"]

@@ -176,7 +176,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("speechxnli", cmd_data_speechxnli, "SpeechXNLI set: released zenodo audio or voiced with TTS", True),
     )
     for name, func, text, threaded in sources:
-        out_dir = "resources" if name in ("speechglue", "speechxnli") else f"resources/{name.replace('-', '_')}"
+        out_dir = "resources" if name in ("speechglue", "speechxnli", "articles") else f"resources/{name.replace('-', '_')}"
         d = dsub.add_parser(name, help=text, formatter_class=RAW, epilog=example(
             f'speechllm data {name} --settings "$(cat settings.json)" --out-dir {out_dir}'
             + (" --threads 4" if threaded else "")))

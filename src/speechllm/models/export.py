@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from speechllm import __version__
 from speechllm.io import atomic_dir, read_json
@@ -73,12 +73,25 @@ def check_8bit_support() -> None:
             "models.llm.dtype (bfloat16 at paper scale)")
 
 
+def _hub_kwargs(llm_cfg: dict[str, Any]) -> dict[str, Any]:
+    return {"revision": llm_cfg.get("revision")} if _is_hub(llm_cfg["name_or_path"]) else {}
+
+
+def load_tokenizer(llm_cfg: dict[str, Any]):
+    return AutoTokenizer.from_pretrained(llm_cfg["name_or_path"], **_hub_kwargs(llm_cfg))
+
+
+def llm_hidden_size(llm_cfg: dict[str, Any]) -> int:
+    """The LLM's embedding width from its config alone (no weights loaded)."""
+    return int(AutoConfig.from_pretrained(llm_cfg["name_or_path"], **_hub_kwargs(llm_cfg)).hidden_size)
+
+
 def load_llm(llm_cfg: dict[str, Any], device: torch.device | str = "cpu"):
     """The frozen causal LM and its tokenizer through the hub-style `from_pretrained` calls."""
     if llm_cfg.get("load_in_8bit"):
         check_8bit_support()
-    kwargs: dict[str, Any] = {"revision": llm_cfg.get("revision")} if _is_hub(llm_cfg["name_or_path"]) else {}
-    tokenizer = AutoTokenizer.from_pretrained(llm_cfg["name_or_path"], **kwargs)
+    kwargs = _hub_kwargs(llm_cfg)
+    tokenizer = load_tokenizer(llm_cfg)
     if llm_cfg.get("load_in_8bit"):
         from transformers import BitsAndBytesConfig  # optional: needs bitsandbytes and a GPU
 
@@ -102,8 +115,12 @@ def build_kang_roy(spec: dict[str, Any], with_llm: bool, device: torch.device | 
                             "normalize_waveform must be false")
     kwargs = {"revision": enc_cfg.get("revision")} if _is_hub(enc_cfg["name_or_path"]) else {}
     hubert = AutoModel.from_pretrained(enc_cfg["name_or_path"], **kwargs)
-    lm, tokenizer = load_llm(spec["llm"], device)
-    encoder = HubertPoolEncoder(hubert, lm.get_input_embeddings().weight.shape[1], PoolConfig(**spec["pooling"]))
+    if with_llm:
+        lm, tokenizer = load_llm(spec["llm"], device)
+        hidden_size = lm.get_input_embeddings().weight.shape[1]
+    else:  # the encoder alone (e.g. the untrained model's export): the LLM's width and tokenizer suffice
+        tokenizer, hidden_size = load_tokenizer(spec["llm"]), llm_hidden_size(spec["llm"])
+    encoder = HubertPoolEncoder(hubert, hidden_size, PoolConfig(**spec["pooling"]))
     llm = None
     if with_llm:
         # The reference sets pad = eos (MiniChat's tokenizer has no pad token).
@@ -131,7 +148,9 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     adaptor_cfg = AdaptorConfig(**spec["adaptor"])
     frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"])
     adaptor = SpeechAdaptor(adaptor_cfg)
-    lm, tokenizer = load_llm(spec["llm"], device)
+    # Without the LLM in the model, only its input embeddings (the CTC head) are read: 8-bit loading would not
+    # change them (LLM.int8() quantises linear layers) and needs a GPU, so the init / CTC steps load it plainly.
+    lm, tokenizer = load_llm(spec["llm"] if with_llm else {**spec["llm"], "load_in_8bit": False}, device)
     ctc_head = CTCHead.from_embeddings(lm.get_input_embeddings().weight, len(tokenizer)) if with_ctc else None
     llm = SpeechLLM(lm, tokenizer.pad_token_id, tokenizer.eos_token_id, gradient_checkpointing) if with_llm else None
     model = BloomzMMS(frontend, adaptor, ctc_head, llm, ctc_blank_id=tokenizer.pad_token_id)

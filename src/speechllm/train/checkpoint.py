@@ -259,6 +259,7 @@ class CheckpointManager:
             for name in ("model.safetensors", "trainer.pt"):  # on disk before the rename makes the step visible
                 fsync_path(tmp / name)
             atomic_write_text(tmp / "trainer_state.json", state.to_json())
+            fsync_path(tmp)  # the step directory's own entries, before the rename publishes it
             if final.exists():  # the same step written again (e.g. an evaluation at a checkpoint step)
                 shutil.rmtree(final)
             os.replace(tmp, final)

@@ -124,9 +124,7 @@ def manifest_fields(stage: str, s: dict[str, Any]) -> tuple[str, ...]:
     transcription would otherwise train on an empty target)."""
     if stage == "kd":
         return ("audio", s.get("responses", {}).get("text_field", "raw_transcription"), "llm_response")
-    if stage == "ctc":
-        return ("audio", "language", "transcription")
-    return ("audio", "transcription")
+    return ("audio", "language", "transcription")  # the CE batches carry LID labels too
 
 
 def cmd_train(args: argparse.Namespace) -> None:
