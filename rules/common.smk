@@ -206,11 +206,17 @@ def demo_build_settings(*keys):
     return {k: build[k] for k in keys if k in build}
 
 
-def train_settings(stage):
+def model_settings():
+    """What every training or init step reads: the models (without the demo-build knobs), seed, W&B."""
     settings = {k: config[k] for k in ("models", "seed", "wandb", "experiment")}
     settings["models"] = {k: v for k, v in config["models"].items() if k != "demo_build"}
     settings["adaptor"] = config["models"]["adaptor"]
     settings["sampling_rate"] = config["data"]["sampling_rate"]
+    return settings
+
+
+def train_settings(stage):
+    settings = model_settings()
     if stage in config["train"]:
         settings["stage"] = config["train"][stage]
     if stage == "kd":  # the teacher's prompt is the transcript the responses were generated from
@@ -221,7 +227,7 @@ def train_settings(stage):
 def init_settings(system):
     """`speechllm train init` settings of an untrained model: the models without any stage's training knobs, so
     editing train.<stage> does not rebuild (and re-score) the untrained start."""
-    settings = json.loads(train_settings("init"))  # no train.init section: models, seed, adaptor, ... only
+    settings = model_settings()
     return as_json({**settings, "system": system} if system == "kang_roy" else settings)
 
 

@@ -171,9 +171,9 @@ def test_assemble_cli_names_the_bad_shard_line(tmp_path):
                                str(tmp_path / "out")], capture_output=True, text=True)
 
     torn = run(json.dumps(good) + "\n" + '{"index": 1, "te\n')
-    assert torn.returncode != 0 and f"{shard}:2: not JSON" in torn.stderr
+    assert torn.returncode != 0 and f"{shard}:2: not valid JSON" in torn.stderr
     short = run(json.dumps({k: v for k, v in good.items() if k != "output"}) + "\n")
-    assert short.returncode != 0 and f"{shard}:1: a generated item needs output" in short.stderr
+    assert short.returncode != 0 and f"{shard}:1: missing field(s) output" in short.stderr
     no_field = run(json.dumps(good) + "\n", json.dumps({"id": "u0", "raw_transcription": "Hi."}) + "\n")
     assert no_field.returncode != 0 and str(manifest) in no_field.stderr and "transcription" in no_field.stderr
     assert not (tmp_path / "out").exists()

@@ -157,7 +157,7 @@ def cmd_data_language_ids(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="build and prepare manifests", epilog=EXAMPLES["data"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = sub.add_parser("data", help="build and prepare manifests", epilog=EXAMPLES["data"], formatter_class=RAW)
     dsub = data.add_subparsers(dest="action", required=True)
     d = dsub.add_parser("demo", help="speak the embedded demo corpus and task sets with TTS", formatter_class=RAW,
                         epilog=example('speechllm data demo --settings "$(cat settings.json)" --out-dir resources/demo '

@@ -73,8 +73,9 @@ def check_8bit_support() -> None:
             "models.llm.dtype (bfloat16 at paper scale)")
 
 
-def _hub_kwargs(llm_cfg: dict[str, Any]) -> dict[str, Any]:
-    return {"revision": llm_cfg.get("revision")} if _is_hub(llm_cfg["name_or_path"]) else {}
+def _hub_kwargs(part_cfg: dict[str, Any]) -> dict[str, Any]:
+    """`from_pretrained` keywords of a model part: its revision when `name_or_path` is a hub id."""
+    return {"revision": part_cfg.get("revision")} if _is_hub(part_cfg["name_or_path"]) else {}
 
 
 def load_tokenizer(llm_cfg: dict[str, Any]):
@@ -113,19 +114,16 @@ def build_kang_roy(spec: dict[str, Any], with_llm: bool, device: torch.device | 
     if enc_cfg.get("normalize_waveform"):
         raise ModelDirError("kang_roy reads the raw waveform, as the reference: models.speech_encoder."
                             "normalize_waveform must be false")
-    kwargs = {"revision": enc_cfg.get("revision")} if _is_hub(enc_cfg["name_or_path"]) else {}
-    hubert = AutoModel.from_pretrained(enc_cfg["name_or_path"], **kwargs)
+    hubert = AutoModel.from_pretrained(enc_cfg["name_or_path"], **_hub_kwargs(enc_cfg))
     if with_llm:
         lm, tokenizer = load_llm(spec["llm"], device)
         hidden_size = lm.get_input_embeddings().weight.shape[1]
-    else:  # the encoder alone (e.g. the untrained model's export): the LLM's width and tokenizer suffice
-        tokenizer, hidden_size = load_tokenizer(spec["llm"]), llm_hidden_size(spec["llm"])
-    encoder = HubertPoolEncoder(hubert, hidden_size, PoolConfig(**spec["pooling"]))
-    llm = None
-    if with_llm:
         # The reference sets pad = eos (MiniChat's tokenizer has no pad token).
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         llm = SpeechLLM(lm, pad_id, tokenizer.eos_token_id, gradient_checkpointing)
+    else:  # the encoder alone (e.g. the untrained model's export): the LLM's width and tokenizer suffice
+        tokenizer, hidden_size, llm = load_tokenizer(spec["llm"]), llm_hidden_size(spec["llm"]), None
+    encoder = HubertPoolEncoder(hubert, hidden_size, PoolConfig(**spec["pooling"]))
     chat = dict(spec["chat"])
     label_eos = bool(chat.pop("label_eos", False))
     model = KangRoy.from_tokenizer(encoder, llm, tokenizer, ChatTemplate(**chat), label_eos)
@@ -143,8 +141,7 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
             raise ModelDirError("a kang_roy model has no CTC head (with_ctc=True)")
         return build_kang_roy(spec, with_llm, device, gradient_checkpointing)
     enc_cfg = spec["speech_encoder"]
-    kwargs = {"revision": enc_cfg.get("revision")} if _is_hub(enc_cfg["name_or_path"]) else {}
-    encoder = AutoModel.from_pretrained(enc_cfg["name_or_path"], **kwargs)
+    encoder = AutoModel.from_pretrained(enc_cfg["name_or_path"], **_hub_kwargs(enc_cfg))
     adaptor_cfg = AdaptorConfig(**spec["adaptor"])
     frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"])
     adaptor = SpeechAdaptor(adaptor_cfg)

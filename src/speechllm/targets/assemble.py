@@ -10,30 +10,20 @@ MI  = `mi_reading: synthetic_only` (our default): `-1`, `-2` two synthetic items
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from speechllm.data.manifest import read_manifest
 
 MI_READINGS = ("synthetic_only", "reference_pop")
 GENERATED_FIELDS = ("index", "text", "prefix", "postfix", "output")
 
 
 def read_generated(paths: list[Path]) -> list[dict[str, Any]]:
-    """The items of finished generation shards; a line that is not an item is an error naming file and line."""
-    items = []
-    for path in paths:
-        with Path(path).open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno}: not JSON ({err})") from err
-                missing = [k for k in GENERATED_FIELDS if not isinstance(item, dict) or k not in item]
-                if missing:
-                    raise ValueError(f"{path}:{lineno}: a generated item needs {', '.join(missing)}")
-                items.append(item)
-    return items
+    """The items of finished generation shards (JSON Lines); a line that is not an item is an error naming file
+    and line."""
+    return [item for path in paths for item in read_manifest(path, required=GENERATED_FIELDS)]
 
 
 def synthetic_pools(generated: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
