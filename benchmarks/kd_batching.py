@@ -1,10 +1,12 @@
 """Training throughput of the Kang & Roy KD objective: batched (right padding) vs the reference's batch-1 loop.
 
-Usage: python benchmarks/kd_batching.py [--batch-size 16] [--rounds 5] [--threads 1] [--device cpu] [--seed 0]
+Usage: python benchmarks/kd_batching.py [--batch-size 16] [--rounds 20] [--threads 1] [--device cpu] [--seed 0]
 
 Both modes run the same tiny HuBERT + pooling + LLaMA model (built here, no downloads) on the same 16
 utterances per update: "batched" is one forward/backward over all of them, "batch-1" 16 forward/backward
-passes with gradient accumulation (the reference: batch size 1, accumulation 16). Two measurements:
+passes with gradient accumulation (the reference: batch size 1, accumulation 16). The two modes run in
+alternating rounds, each on its own copy of the model, and each reports its median round, so a noisy machine's
+drifts hit both alike. Two measurements:
 
 - KD objective: student and teacher LLM forwards, NTP + logit + feature distillation, backward into the speech
   embeddings (given, with the lengths the encoder produces) — the part `train/distillation.py` batches;
@@ -22,6 +24,7 @@ The last line printed is the KD objective's `batched/batch-1 samples per second:
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -142,21 +145,36 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(run_round: Callable[[], None], device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    run_round()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def seconds_per_round(run_round: Callable[[], None], rounds: int, device: torch.device) -> float:
     for _ in range(WARMUP_ROUNDS):
         run_round()
-    synchronize(device)
-    start = time.perf_counter()
+    return statistics.median(timed(run_round, device) for _ in range(rounds))
+
+
+def paired_samples_per_second(
+    batched: Callable[[], None],
+    single: Callable[[], None],
+    num_samples: int,
+    rounds: int,
+    device: torch.device,
+) -> tuple[float, float]:
+    """Samples/s of two modes timed in alternating rounds (median round), so drifts of a noisy machine hit both."""
+    for _ in range(WARMUP_ROUNDS):
+        batched()
+        single()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(rounds):
-        run_round()
-    synchronize(device)
-    return (time.perf_counter() - start) / rounds
-
-
-def samples_per_second(
-    run_round: Callable[[], None], num_samples: int, rounds: int, device: torch.device
-) -> float:
-    return num_samples / seconds_per_round(run_round, rounds, device)
+        times[0].append(timed(batched, device))
+        times[1].append(timed(single, device))
+    return num_samples / statistics.median(times[0]), num_samples / statistics.median(times[1])
 
 
 def forward_cost(
@@ -180,25 +198,43 @@ def forward_cost(
     return one - per_sample, per_sample
 
 
-def measure(
-    samples: list[dict], micro_batch: int, rounds: int, seed: int, device: torch.device
-) -> tuple[float, float]:
-    """(KD objective, full update) samples per second with the given micro-batch size."""
-    model = tiny_model(seed).to(device)
+def speech_inputs(
+    model: KangRoy, samples: Sequence[dict], seed: int, device: torch.device
+) -> list[torch.Tensor]:
+    """Random speech embeddings (T_b, H) with the lengths the encoder gives each utterance, as gradient leaves."""
     with torch.no_grad():
         lengths = model.encoder.output_lengths(torch.tensor([s["wav"].shape[0] for s in samples]))
     generator = torch.Generator().manual_seed(seed)
-    speech = [
-        torch.randn(int(n), LLM_HIDDEN, generator=generator).to(device).requires_grad_() for n in lengths
+    return [torch.randn(int(n), LLM_HIDDEN, generator=generator).to(device).requires_grad_() for n in lengths]
+
+
+def measure(
+    samples: list[dict], batch_size: int, rounds: int, seed: int, device: torch.device
+) -> dict[str, tuple[float, float]]:
+    """Samples per second (batched, batch-1) of the KD objective and of the full update.
+
+    Each mode has its own copy of the same model (the full update steps its optimizer).
+    """
+    models = [tiny_model(seed).to(device) for _ in range(2)]
+    speech = speech_inputs(models[0], samples, seed, device)
+    kd = paired_samples_per_second(
+        lambda: kd_objective_round(models[0], samples, speech, batch_size),
+        lambda: kd_objective_round(models[1], samples, speech, 1),
+        len(samples),
+        rounds,
+        device,
+    )
+    optimizers = [
+        torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4) for model in models
     ]
-    kd = samples_per_second(
-        lambda: kd_objective_round(model, samples, speech, micro_batch), len(samples), rounds, device
+    full = paired_samples_per_second(
+        lambda: full_update_round(models[0], optimizers[0], samples, batch_size),
+        lambda: full_update_round(models[1], optimizers[1], samples, 1),
+        len(samples),
+        rounds,
+        device,
     )
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    full = samples_per_second(
-        lambda: full_update_round(model, optimizer, samples, micro_batch), len(samples), rounds, device
-    )
-    return kd, full
+    return {"kd": kd, "full": full}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -206,7 +242,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--batch-size", type=int, default=16, help="samples per update (reference: 16)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed updates per mode")
+    parser.add_argument("--rounds", type=int, default=20, help="timed updates per mode (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
@@ -218,8 +254,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     samples = make_samples(args.batch_size, args.seed)
-    kd_batched, full_batched = measure(samples, args.batch_size, args.rounds, args.seed, device)
-    kd_single, full_single = measure(samples, 1, args.rounds, args.seed, device)
+    measured = measure(samples, args.batch_size, args.rounds, args.seed, device)
+    (kd_batched, kd_single), (full_batched, full_single) = measured["kd"], measured["full"]
     print(
         f"tiny HuBERT (2 layers) + pooling + LLaMA ({LLM_LAYERS} layers, hidden {LLM_HIDDEN}), {device}, "
         f"{args.threads} thread(s); {args.batch_size} utterances of "
