@@ -170,11 +170,11 @@ def paired_samples_per_second(
     for _ in range(WARMUP_ROUNDS):
         batched()
         single()
-    times: tuple[list[float], list[float]] = ([], [])
+    batched_times, single_times = [], []
     for _ in range(rounds):
-        times[0].append(timed(batched, device))
-        times[1].append(timed(single, device))
-    return num_samples / statistics.median(times[0]), num_samples / statistics.median(times[1])
+        batched_times.append(timed(batched, device))
+        single_times.append(timed(single, device))
+    return num_samples / statistics.median(batched_times), num_samples / statistics.median(single_times)
 
 
 def forward_cost(
@@ -210,8 +210,8 @@ def speech_inputs(
 
 def measure(
     samples: list[dict], batch_size: int, rounds: int, seed: int, device: torch.device
-) -> dict[str, tuple[float, float]]:
-    """Samples per second (batched, batch-1) of the KD objective and of the full update.
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Samples per second (batched, batch-1) of the KD objective, then of the full update.
 
     Each mode has its own copy of the same model (the full update steps its optimizer).
     """
@@ -234,7 +234,7 @@ def measure(
         rounds,
         device,
     )
-    return {"kd": kd, "full": full}
+    return kd, full
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -254,8 +254,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     samples = make_samples(args.batch_size, args.seed)
-    measured = measure(samples, args.batch_size, args.rounds, args.seed, device)
-    (kd_batched, kd_single), (full_batched, full_single) = measured["kd"], measured["full"]
+    (kd_batched, kd_single), (full_batched, full_single) = measure(
+        samples, args.batch_size, args.rounds, args.seed, device
+    )
     print(
         f"tiny HuBERT (2 layers) + pooling + LLaMA ({LLM_LAYERS} layers, hidden {LLM_HIDDEN}), {device}, "
         f"{args.threads} thread(s); {args.batch_size} utterances of "
