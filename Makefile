@@ -1,23 +1,27 @@
 # Two commands do everything on a fresh Debian machine: `make demo` and `make test`.
-# Set-up: a virtual environment in .venv with the pinned project; espeak-ng, sox and ffmpeg from apt.
+# Set-up: a virtual environment in .venv with the project at the exact versions of requirements/constraints.txt;
+# espeak-ng (the demo's and SpeechGLUE's text-to-speech) from apt where we are root. Nothing is written outside
+# this directory unless asked (`make slurm-profile`).
 
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 ORACLE := $(abspath $(VENV))/oracle
-SYSTEM_TOOLS := espeak-ng sox ffmpeg
+CONSTRAINTS := requirements/constraints.txt
+EXTRAS ?= dev,summarization
 CORES ?= 2
+ESPEAK_NG ?= espeak-ng
 export PATH := $(BIN):$(PATH)
 export WANDB_MODE ?= offline
 
-.PHONY: demo demo-summarization test setup system-deps slurm-profile lint dryrun-paper clean
+.PHONY: demo demo-summarization test setup system-deps demo-deps slurm-profile constraints lint dryrun-paper clean
 
-demo: setup
+demo: setup demo-deps
 	snakemake --cores $(CORES)
 	@echo; echo "Result tables:"; ls results/tables/*.md
 
 # Kang & Roy's DAG on the English demo world, in its own working directory (README, "What the demo shows").
 SUMMARIZATION_DIR := runs/demo_summarization
-demo-summarization: setup
+demo-summarization: setup demo-deps
 	snakemake --cores $(CORES) -d $(SUMMARIZATION_DIR) --configfile $(CURDIR)/config/demo_summarization.yaml
 	@echo; echo "Result tables:"; ls $(SUMMARIZATION_DIR)/results/tables/*.md
 
@@ -25,35 +29,47 @@ test: setup $(ORACLE)/.installed
 	ruff check src tests benchmarks
 	PYTHONPATH=$(ORACLE)$${PYTHONPATH:+:$$PYTHONPATH} python -m pytest
 
-setup: system-deps $(VENV)/.installed slurm-profile
+setup: system-deps $(VENV)/.installed
 
+# espeak-ng speaks the demo corpus and SpeechGLUE. As root it is installed; otherwise set-up goes on and says
+# what is missing (the package itself installs without it; `make demo` stops at demo-deps).
 system-deps:
-	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "Installing$$missing with apt-get"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq$$missing >/dev/null; \
+	@if ! command -v $(ESPEAK_NG) >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing espeak-ng with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; \
 	  else \
-	    echo "Missing system tools:$$missing. Run: sudo apt-get install -y$$missing"; exit 1; \
+	    echo "Note: espeak-ng is not installed; the demo and SpeechGLUE voicing need it" \
+	      "(Debian/Ubuntu: sudo apt-get install -y espeak-ng; conda: conda install -c conda-forge espeak-ng)."; \
 	  fi; \
 	fi
 
-# `snakemake --profile slurm` looks for ./slurm, ~/.config/snakemake/slurm and /etc/xdg/snakemake/slurm: link the
-# user's entry to workflow/profiles/slurm (a profile of that name that is not a link is left alone).
+demo-deps:
+	@command -v $(ESPEAK_NG) >/dev/null 2>&1 || { echo "make demo needs espeak-ng on PATH" \
+	  "(Debian/Ubuntu: sudo apt-get install -y espeak-ng; conda: conda install -c conda-forge espeak-ng)."; exit 1; }
+
+# Optional: `snakemake --profile slurm` looks for ./slurm, ~/.config/snakemake/slurm and /etc/xdg/snakemake/slurm;
+# this links the user's entry to profiles/slurm (a profile of that name that is not a link is left alone).
+# Without it: `snakemake --profile profiles/slurm`.
 SNAKEMAKE_USER_PROFILES ?= $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake
 slurm-profile:
 	@link="$(SNAKEMAKE_USER_PROFILES)/slurm"; \
 	if [ -e "$$link" ] && [ ! -L "$$link" ]; then \
-	  echo "$$link exists and is not a link; use: snakemake --profile workflow/profiles/slurm"; \
+	  echo "$$link exists and is not a link; use: snakemake --profile profiles/slurm"; \
 	else \
-	  mkdir -p "$(SNAKEMAKE_USER_PROFILES)" && ln -sfn "$(CURDIR)/workflow/profiles/slurm" "$$link"; \
+	  mkdir -p "$(SNAKEMAKE_USER_PROFILES)" && ln -sfn "$(CURDIR)/profiles/slurm" "$$link"; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	python3 -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	touch $@
+
+# After a deliberate upgrade of the environment: record its exact versions for everyone's `make`.
+constraints: $(VENV)/.installed
+	{ sed -n '1,2p' $(CONSTRAINTS); $(BIN)/pip freeze --exclude-editable | grep -iv '^speechllm'; } > $(CONSTRAINTS).tmp
+	mv $(CONSTRAINTS).tmp $(CONSTRAINTS)
 
 # Test-only reference implementations (see tests/oracle-requirements.txt), outside the venv's site-packages.
 $(ORACLE)/.installed: tests/oracle-requirements.txt $(VENV)/.installed

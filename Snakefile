@@ -13,6 +13,10 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
+# envs/speechllm.post-deploy.sh installs the package from here into a `--sdm conda` environment.
+os.environ["SPEECHLLM_REPO"] = workflow.basedir
+
+
 # Front page of `snakemake --report results/report.html`.
 report: "workflow/report/workflow.rst"
 

@@ -337,7 +337,7 @@ def wandb_sync_inputs(wildcards):
     return wandb_results() + [f"results/train/{m}/summary.json" for m in TRAINED_MODELS]
 
 
-# Compute of the model steps, locally or on Slurm (workflow/profiles/slurm): config `resources`, with
+# Compute of the model steps, locally or on Slurm (profiles/slurm): config `resources`, with
 # `resources.rules.<rule>` merged over it.
 # accelerate training: may span nodes (resources.rules.<rule>.nodes)
 MULTI_NODE_RULES = ("train_ctc", "train_ce", "train_kd")

@@ -76,7 +76,7 @@ def test_reduced_demo_runs_as_slurm_jobs(local_slurm, tmp_path):
     override.write_text(yaml.safe_dump({**REDUCED, "targets": {
         "source": "released", "released": {"url": str(fake_release), "sha256": sha256, "on_unmatched": "error"}}}))
     slurm_conf = str(local_slurm / "etc/slurm.conf")
-    # `--profile slurm` is found where `make setup` links it: the user's Snakemake config directory.
+    # `--profile slurm` is found where `make slurm-profile` links it: the user's Snakemake config directory.
     env = clean_env(SLURM_CONF=slurm_conf, SLURM_PARTITION="debug", XDG_CONFIG_HOME=str(tmp_path / "xdg"))
     link = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "slurm-profile"], env=env,
                           capture_output=True, text=True, timeout=60)
