@@ -13,6 +13,11 @@ import torch
 from safetensors.torch import load_file
 from test_train_resume import ADAPTOR, CTC_STAGE, run_settings, subprocess_env, train_command, write_corpus
 
+from speechllm.data.batches import SpeechDataset
+from speechllm.data.bucketing import DurationBucketSampler, split_batch
+from speechllm.data.manifest import read_manifest
+from speechllm.train.loop import chain_digest
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -41,45 +46,13 @@ def launch(args: list[str], num_processes: int) -> list[str]:
     ]
 
 
-def test_two_gloo_processes_share_batches_and_end_with_identical_weights(tiny_models, tmp_path):
-    corpus = write_corpus(tmp_path / "data", num_train=16)
-    stage = {**CTC_STAGE, "max_epochs": 2, "num_iters_per_epoch": 6, "checkpoint_every": 100}
-    run_dir = tmp_path / "run"
-    command = launch(train_command("ctc", run_settings(tiny_models, stage), corpus, run_dir), 2)
-    res = subprocess.run(
-        command, capture_output=True, text=True, timeout=300, env=subprocess_env(ACCELERATE_USE_CPU="true")
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
-
-    summary = json.loads((run_dir / "train/summary.json").read_text())
-    assert summary["num_processes"] == 2
-    final_step = stage["max_epochs"] * stage["num_iters_per_epoch"] // stage["accum_grad"]
-    assert summary["final_step"] == final_step
-    # Same number of batches on both ranks, different batches (each rank its share of the plan) ...
-    assert summary["batches_per_process"] == [final_step * stage["accum_grad"]] * 2
-    assert len(set(summary["data_sha256_per_process"])) == 2
-    # ... and, with the gradients all-reduced, bit-identical weights on both ranks.
-    digests = summary["final_weights_sha256_per_process"]
-    assert len(digests) == 2 and digests[0] == digests[1]
-    # Rank 0 wrote the shared checkpoint files, each rank its own RNG states.
-    last = run_dir / "train/checkpoints" / f"step_{final_step:08d}"
-    assert sorted(p.name for p in last.iterdir()) == [
-        "model.safetensors",
-        "rng_rank0.pt",
-        "rng_rank1.pt",
-        "trainer.pt",
-        "trainer_state.json",
-    ]
-    assert (run_dir / "model/model.safetensors").is_file()
-
-
-# ------------------------------------------------------------------------------------------------------ FSDP
+# ------------------------------------------------------------------------------------------------------ helpers
 
 CE_STAGE = {
     **CTC_STAGE,
     "best_metric": "dev_acc",
     "keep_best": 2,
-    "max_batch_size": 2,
+    "max_batch_size": 3,  # of the micro-batch over both processes: shares of 2 + 1 or 1 + 1
     "checkpoint_every": 100,
     "grad_clip": 0.02,
 }
@@ -101,13 +74,15 @@ def run(command: list[str], log_file: Path) -> str:
     return res.stdout + res.stderr
 
 
-def assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+def assert_close(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str, atol: float = 1e-6
+) -> None:
     """Equal up to rounding: FSDP sums the squared gradient norm over shards, so the clipping factor (and the
     clipped update) may differ in the last bit. A wrong norm (e.g. a shard's own) would be far off."""
     assert got.keys() == want.keys(), what
     for name in got:
         error = float((got[name] - want[name]).abs().max())
-        assert torch.allclose(got[name], want[name], rtol=0, atol=1e-6), f"{what}: {name} differs by {error}"
+        assert torch.allclose(got[name], want[name], rtol=0, atol=atol), f"{what}: {name} differs by {error}"
 
 
 def assert_rows_close(got: list[dict], want: list[dict]) -> None:
@@ -121,17 +96,96 @@ def train_rows(run_dir: Path) -> list[dict]:
     return [{k: r[k] for k in ("step", "loss", "grad_norm", "lr")} for r in rows if "loss" in r]
 
 
-def test_fsdp_on_two_gloo_processes_equals_one_process_and_resumes(tiny_models, tmp_path):
-    """FSDP (2 processes, accum 1) and one plain process (accum 2) see the same micro-batches per update.
+# ------------------------------------------------------------------------------------------------------ DDP
 
-    The sampler gives rank r the global batches r, r + 2, ...; one process takes them all in order, so with
-    twice the accumulation each update averages the gradients of the same two batches. Without dropout the runs
-    agree up to rounding (bit for bit without clipping). The FSDP run stops after one epoch; a second launch
-    with two epochs resumes from its checkpoint (full optimizer state) and continues.
+
+def expected_digests(corpus: dict[str, Path], stage: dict, num_processes: int) -> list[str]:
+    """Each process's data digest (as the loop chains it) when process r takes its share of every batch of the
+    one-process plan: the batches of the one-process run, split longest first (ESPnet `batch[rank::W]`)."""
+    records = read_manifest(corpus["train"])
+    durations = SpeechDataset(records, 16000).durations()
+    single = DurationBucketSampler(
+        durations,
+        stage["batch_seconds"],
+        stage["num_buckets"],
+        seed=0,
+        max_batch_size=stage.get("max_batch_size"),
+    )
+    batches: list[list[int]] = []
+    for data_pass in range(3):
+        single.set_epoch(data_pass)
+        batches += list(single)
+    batches = batches[: stage["max_epochs"] * stage["num_iters_per_epoch"]]
+    assert min(map(len, batches)) >= num_processes  # so the split plan is the one-process plan
+    digests = [""] * num_processes
+    for batch in batches:
+        for rank in range(num_processes):
+            ids = [str(records[i]["id"]) for i in split_batch(batch, durations, num_processes, rank)]
+            digests[rank] = chain_digest(digests[rank], ids)
+    return digests
+
+
+def test_two_gloo_processes_split_every_batch_of_one_process(tiny_models, tmp_path):
+    """The batch budget is global (ESPnet): at every step the two ranks' sub-batches together are the batch of a
+    one-process run, an epoch counts those global batches, and with ESPnet's loss weights (B_r * W / B, the
+    shares are uneven: 3 = 2 + 1) the two runs take the same updates. Without dropout they agree up to rounding.
     """
-    corpus = write_corpus(tmp_path / "data", num_train=28)  # 14 batches of <= 2: both runs stay in pass 0
+    corpus = write_corpus(tmp_path / "data", num_train=24)
+    stage = {**CTC_STAGE, "max_epochs": 2, "num_iters_per_epoch": 6, "checkpoint_every": 100}
+    settings = run_settings(tiny_models, stage)
+    settings["adaptor"] = settings["models"]["adaptor"] = NO_DROPOUT
+    single, pair = tmp_path / "single", tmp_path / "pair"
+    run([sys.executable, *train_command("ctc", settings, corpus, single)], tmp_path / "single.log")
+    run(launch(train_command("ctc", settings, corpus, pair), 2), tmp_path / "pair.log")
+
+    summary = json.loads((pair / "train/summary.json").read_text())
+    expected = json.loads((single / "train/summary.json").read_text())
+    assert summary["num_processes"] == 2
+    final_step = stage["max_epochs"] * stage["num_iters_per_epoch"] // stage["accum_grad"]
+    assert summary["final_step"] == expected["final_step"] == final_step
+    assert summary["epochs"] == expected["epochs"] == stage["max_epochs"]
+    # Every rank one share per global batch: as many micro-batches as the one process ...
+    micro_batches = stage["max_epochs"] * stage["num_iters_per_epoch"]
+    assert summary["batches_per_process"] == [micro_batches] * 2
+    assert expected["batches_per_process"] == [micro_batches]
+    # ... and exactly its share of the one-process batch at every step (the ranks' digests chain their ids).
+    assert expected["data_sha256_per_process"] == expected_digests(corpus, stage, 1)
+    assert summary["data_sha256_per_process"] == expected_digests(corpus, stage, 2)
+    assert len(set(summary["data_sha256_per_process"])) == 2
+    # Same losses, gradient norms and dev evaluations as the one process, and its weights. Sub-batches sum in
+    # another order than the whole batch; Adam's normalised steps (lr 2e-3) carry that rounding to a few 1e-5 where a gradient is nearly 0.
+    assert_rows_close(train_rows(pair), train_rows(single))
+    assert_rows_close(summary["history"], expected["history"])
+    last = f"train/checkpoints/step_{final_step:08d}/model.safetensors"
+    for name in (last, "model/model.safetensors"):
+        assert_close(load_file(str(pair / name)), load_file(str(single / name)), name, atol=1e-4)
+    # With the gradients all-reduced, bit-identical weights on both ranks.
+    digests = summary["final_weights_sha256_per_process"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    # Rank 0 wrote the shared checkpoint files, each rank its own RNG states.
+    assert sorted(p.name for p in (pair / last).parent.iterdir()) == [
+        "model.safetensors",
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+        "trainer.pt",
+        "trainer_state.json",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------ FSDP
+
+
+def test_fsdp_on_two_gloo_processes_equals_one_process_and_resumes(tiny_models, tmp_path):
+    """FSDP on 2 processes and one plain process take the same updates (the same settings, accum 1).
+
+    Each rank takes its share of every global batch (ESPnet's split), and ESPnet's loss weights make the
+    reduce-scattered gradient that of the whole batch. Without dropout the runs agree up to rounding. The FSDP
+    run stops after one epoch; a second launch with two epochs resumes from its checkpoint (full optimizer
+    state) and continues.
+    """
+    corpus = write_corpus(tmp_path / "data", num_train=28)  # 12 batches of 2 or 3: both runs stay in pass 0
     reference, sharded = tmp_path / "reference", tmp_path / "fsdp"
-    plain = ce_settings(tiny_models, accum_grad=2, num_iters_per_epoch=6, max_epochs=2)
+    plain = ce_settings(tiny_models, accum_grad=1, num_iters_per_epoch=3, max_epochs=2)
     run([sys.executable, *train_command("ce", plain, corpus, reference)], tmp_path / "reference.log")
     logs = []
     for epochs in (1, 2):
@@ -148,7 +202,7 @@ def test_fsdp_on_two_gloo_processes_equals_one_process_and_resumes(tiny_models, 
     summary = json.loads((sharded / "train/summary.json").read_text())
     expected = json.loads((reference / "train/summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["final_step"] == expected["final_step"] == 6
-    assert summary["batches_per_process"] == [6, 6] and expected["batches_per_process"] == [12]
+    assert summary["batches_per_process"] == [6, 6] and expected["batches_per_process"] == [6]
     assert summary["selected_steps"] == expected["selected_steps"] and len(expected["selected_steps"]) == 2
     # Losses, global gradient norms (clipped at 0.02 in the first updates) and dev evaluations ...
     assert_rows_close(train_rows(sharded), train_rows(reference))

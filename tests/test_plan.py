@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from speechllm.cli import main
+from speechllm.data.bucketing import DurationBucketSampler
 from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
 from speechllm.models.plan import (
     PlanError,
@@ -33,6 +34,7 @@ from speechllm.models.plan import (
     num_params,
     plan_experiment,
     speech_encoder_flops,
+    workload_for,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,13 +134,59 @@ def test_8bit_and_checkpointing_change_the_llm_plan() -> None:
     assert int8.weight_bytes == base.weight_bytes / 2 == lm.num_parameters()
 
 
-def test_batch_budget_is_split_over_gpus(bloomzmms_plans) -> None:
-    ctc = bloomzmms_plans["ctc"]
-    assert ctc.gpus == 2
-    # 437.5 s over 2 GPUs = 218.75 s per GPU: 18 utterances of 12 s.
-    assert ctc.workload.utterances == 18
+def sampler_shares(cfg: dict, stage: str) -> list[int]:
+    """Each GPU's largest batch from the training sampler when every utterance lasts plan.utterance_seconds."""
+    stage_cfg, plan_cfg = cfg["train"][stage], cfg["plan"]
+    gpus = plan_cfg["gpus"].get(stage, 1)
+    durations = [plan_cfg["utterance_seconds"]] * (100 * stage_cfg["num_buckets"])  # buckets of several batches
+    samplers = [
+        DurationBucketSampler(
+            durations, stage_cfg["batch_seconds"], stage_cfg["num_buckets"], seed=0, num_replicas=gpus, rank=rank,
+            max_batch_size=stage_cfg.get("max_batch_size"), batch_budget=stage_cfg.get("batch_budget", "global"),
+        )
+        for rank in range(gpus)
+    ]
+    return [max(len(batch) for batch in sampler) for sampler in samplers]
+
+
+def test_plan_per_gpu_batch_is_the_samplers(bloomzmms_plans, summarization_plans) -> None:
+    """The memory plan sizes the batch the training loop really gets: the paper's budgets over 2 / 4 GPUs."""
+    for cfg, plans in ((load_experiment(BLOOMZMMS), bloomzmms_plans), (load_experiment(SUMMARIZATION),
+                                                                       summarization_plans)):
+        for stage, plan in plans.items():
+            shares = sampler_shares(cfg, stage)
+            assert plan.workload.utterances == max(shares), stage
+            assert plan.workload.step_utterances == sum(shares), stage
+    ctc, ce = bloomzmms_plans["ctc"], bloomzmms_plans["ce"]
+    # 437.5 s for both GPUs: 36 utterances of 12 s, 18 each (ESPnet's batch_bins is the whole mini-batch's).
+    assert (ctc.gpus, ctc.workload.utterances, ctc.workload.step_utterances) == (2, 18, 36)
+    # 37.5 s holds 3, but each of the 4 GPUs needs one.
+    assert (ce.gpus, ce.workload.utterances, ce.workload.step_utterances) == (4, 1, 4)
     totals = ctc.totals()
     assert totals["flops_per_optimizer_step"] == pytest.approx(totals["flops_per_micro_batch"] * 2 * 1)
+
+
+@pytest.mark.parametrize(
+    ("train", "gpus", "expected"),
+    [
+        ({"batch_seconds": 450.0}, 2, 19),  # 37 utterances: 19 + 18
+        ({"batch_budget": "per_rank"}, 2, 36),  # every GPU the full 437.5 s
+        ({"max_batch_size": 8}, 3, 3),  # the cap holds for the whole micro-batch: 3 + 3 + 2
+    ],
+)
+def test_plan_batch_geometry_follows_the_sampler(train: dict, gpus: int, expected: int) -> None:
+    cfg = load_experiment(BLOOMZMMS)
+    cfg["train"]["ctc"].update(train)
+    cfg["plan"]["gpus"]["ctc"] = gpus
+    workload, _ = workload_for(cfg, "ctc", lambda n: (0, 0), 0, teacher=False)
+    assert workload.utterances == max(sampler_shares(cfg, "ctc")) == expected
+
+
+def test_plan_refuses_a_cap_below_the_gpus() -> None:
+    cfg = load_experiment(SUMMARIZATION)
+    cfg["plan"]["gpus"]["kd"] = 2
+    with pytest.raises(PlanError, match=r"'train.kd'.*max_batch_size \(1\) is smaller than the 2 processes"):
+        workload_for(cfg, "kd", lambda n: (0, 0), 0, teacher=False)
 
 
 def test_config_errors_name_the_key(tmp_path) -> None:

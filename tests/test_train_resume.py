@@ -318,6 +318,9 @@ def test_selection_values_and_averaging():
     assert torch.allclose(avg["w"], torch.tensor([2.0, 3.0]))
     with pytest.raises(ValueError, match="dev_cer is only measured"):
         StageConfig.from_config("ce", {**CTC_STAGE, "best_metric": "dev_cer"})
+    assert StageConfig.from_config("ctc", CTC_STAGE).batch_budget == "global"  # ESPnet's semantics
+    with pytest.raises(ValueError, match="batch_budget must be one of"):
+        StageConfig.from_config("ctc", {**CTC_STAGE, "batch_budget": "per_gpu"})
 
 
 def test_k_best_bookkeeping_and_patience_follow_espnet():

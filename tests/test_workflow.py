@@ -37,6 +37,7 @@ def override(tmp_path: Path, data: dict) -> Path:
     [
         ({"train": {"ctc": {"learning_rate": 0.1}}}, "train.ctc"),
         ({"train": {"ce": {"lr": "fast"}}}, "train.ce.lr"),
+        ({"train": {"ce": {"batch_budget": "per_gpu"}}}, "train.ce.batch_budget"),
         ({"data": {"on_bad_audio": "ignore"}}, "data.on_bad_audio"),
         ({"evaluate": {"num_beams": 0}}, "evaluate.num_beams"),
         ({"models": {"demo_build": {"llm_pretrain": {"freeze_embeddings": "yes"}}}},

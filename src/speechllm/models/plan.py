@@ -2,7 +2,10 @@
 
 Every model is built on the `meta` device (shapes only, no weights, nothing downloaded) from the architecture
 configs in `config/models/<hub name>.json`, so parameter counts are exact. Memory and FLOPs follow these formulas
-(one micro-batch on one GPU; B utterances of U seconds each, the stage's `batch_seconds` split over `plan.gpus`):
+for one micro-batch on one GPU: B utterances of U seconds each (`plan.utterance_seconds`), B the busiest GPU's
+share as the training sampler hands it out (`speechllm.data.bucketing.rank_batch_sizes`: with `batch_budget:
+global` the stage's `batch_seconds` and `max_batch_size` hold for the micro-batch of all `plan.gpus` GPUs,
+at least one utterance each, split longest first; with `per_rank` each GPU packs the full budget):
 
 Memory
     weights       trainable: 4 B/param (fp32 master weights, also under bf16 autocast); frozen: the loaded dtype
@@ -36,7 +39,7 @@ FLOPs (multiply-add = 2 FLOPs; matmuls and convolutions only, as `torch.utils.fl
                   gradient is counted at its multiply-adds (= forward); `torch.utils.flop_counter` counts it at
                   the input resolution (zero-stuffed), which is more.
     teacher       Kang & Roy's distillation runs the frozen LLM once more on the transcript prompt (forward only).
-Per optimizer step = per micro-batch * `accum_grad` * GPUs.
+Per optimizer step = per micro-batch * `accum_grad` * GPUs (an upper bound when the shares are uneven).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from speechllm.data.bucketing import rank_batch_sizes
 from speechllm.io import read_json
 from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
 from speechllm.models.ctc_head import CTCHead
@@ -160,7 +164,7 @@ class PartPlan:
 class Workload:
     """One micro-batch on one GPU."""
 
-    utterances: int
+    utterances: int  # on the busiest GPU
     utterance_seconds: float
     samples: int  # per utterance
     encoder_frames: int
@@ -168,6 +172,7 @@ class Workload:
     llm_tokens: int  # prompt + speech + target, per utterance
     label_positions: int  # K positions whose logits the loss reads
     teacher_tokens: int = 0
+    step_utterances: int = 0  # of one micro-batch over all GPUs
 
 
 @dataclass
@@ -396,14 +401,19 @@ def workload_for(cfg: dict[str, Any], stage: str, frames_fn: Callable[[int], tup
     stage_cfg = cfg["train"][stage]
     gpus = int(plan_cfg["gpus"].get(stage, 1))
     seconds = float(plan_cfg["utterance_seconds"])
-    utterances = max(1, math.floor(stage_cfg["batch_seconds"] / gpus / seconds + 1e-9))
+    try:
+        shares = rank_batch_sizes(seconds, float(stage_cfg["batch_seconds"]), gpus,
+                                  stage_cfg.get("batch_budget", "global"), stage_cfg.get("max_batch_size"))
+    except ValueError as error:
+        raise PlanError(f"config keys 'train.{stage}' / 'plan.gpus.{stage}': {error}") from None
     frames, speech = frames_fn(samples)
     targets = math.ceil(plan_cfg["target_tokens_per_second"] * seconds)
     prompt = int(plan_cfg["prompt_tokens"])
     teacher_tokens = prompt + math.ceil(plan_cfg.get("transcript_tokens_per_second", 0) * seconds) + targets
-    workload = Workload(utterances=utterances, utterance_seconds=seconds, samples=samples, encoder_frames=frames,
+    workload = Workload(utterances=max(shares), utterance_seconds=seconds, samples=samples, encoder_frames=frames,
                         speech_embeddings=speech, llm_tokens=prompt + speech + targets,
-                        label_positions=targets + 1, teacher_tokens=teacher_tokens if teacher else 0)
+                        label_positions=targets + 1, teacher_tokens=teacher_tokens if teacher else 0,
+                        step_utterances=sum(shares))
     return workload, gpus
 
 
@@ -567,7 +577,8 @@ def format_plan(plans: list[StagePlan]) -> str:
         w = plan.workload
         lines += [f"## {plan.system} / {plan.stage}: {plan.gpus} GPU(s), {plan.precision}, accum_grad "
                   f"{plan.accum_grad}",
-                  f"per GPU micro-batch: {w.utterances} x {w.utterance_seconds:g} s utterances; "
+                  f"per GPU micro-batch: {w.utterances} x {w.utterance_seconds:g} s utterances "
+                  f"({w.step_utterances} over {plan.gpus} GPU(s)); "
                   f"{w.encoder_frames} encoder frames, {w.speech_embeddings} speech embeddings"
                   + (f", {w.llm_tokens} LLM positions ({w.label_positions} labelled)"
                      if any(p.name == "llm" for p in plan.parts) else "")

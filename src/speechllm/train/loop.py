@@ -5,7 +5,8 @@ Recipe (spec bloomzmms.md §3, ESPnet semantics):
   an update whose gradient norm is not finite is skipped (ESPnet), the schedule still advances.
 - Batches by padded seconds (`DurationBucketSampler`); an "epoch" is `num_iters_per_epoch` micro-batches drawn
   from a stream of passes over the data (null: the number of batches of the first pass). It ends at the first
-  optimizer update at or after that count.
+  optimizer update at or after that count. With several processes a micro-batch is a global one (below), so
+  these counts are global iterations as in ESPnet.
 - Dev evaluation at each epoch end (and every `eval_every` updates when set); early stopping when the
   early-stopping metric (ESPnet: dev loss) has not improved for more than `patience` evaluations.
 - Selection: the best evaluation by `best_metric` (CTC: dev CER), or the parameter average of the `keep_best`
@@ -19,10 +20,20 @@ directory with the same fingerprint continues from the latest one; RNG states ar
 first resumed batch, and the DataLoaders draw from their own generators, so dropout masks after the resume
 equal those of an uninterrupted run.
 
-Several processes (DDP, or FSDP with `fsdp: true`, see `parallel.py`): every rank draws its own batches (same
-count per rank), gradients are all-reduced (FSDP: reduce-scattered), all ranks evaluate the whole dev set and
-follow rank 0's metrics, rank 0 writes checkpoints (each rank its RNG file). Under FSDP the checkpoints hold the
-gathered (full) trainable weights and optimizer state, so they do not depend on the sharding.
+Several processes (DDP, or FSDP with `fsdp: true`, see `parallel.py`): with `batch_budget: global` (ESPnet)
+`batch_seconds` is the budget of the whole micro-batch, which every rank builds alike and splits (each rank
+takes its share, see `bucketing.py`); with `per_rank` every rank packs whole batches of the full budget.
+Gradients are all-reduced (FSDP: reduce-scattered), all ranks evaluate the whole dev set and follow rank 0's
+metrics, rank 0 writes checkpoints (each rank its RNG file). Under FSDP the checkpoints hold the gathered (full)
+trainable weights and optimizer state, so they do not depend on the sharding.
+
+Loss normalisation over ranks, as the ESPnet trainer (v.202304 `espnet2/train/trainer.py` `train_one_epoch`,
+also DigitalPhonetics/bloomzmms@77dc192 `espnet-bloomzmms-files/espnet2/train/trainer.py`): every objective is
+a mean over the B_r utterances of this rank's sub-batch (ESPnet: sum / batch size, `weight` = batch size);
+the loss is scaled by B_r * W / B (B: the utterances of all W ranks, all-reduced) before DDP / FSDP average
+the gradients over the W ranks. The gradient is then the mean over all B utterances of the micro-batch, the
+same as one process taking the whole batch, also when the shares are uneven (5 utterances: 3 + 2); the
+logged statistics carry the same weights. One process: the factor is exactly 1.
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from speechllm.data.batches import Collator, SpeechDataset
-from speechllm.data.bucketing import DurationBucketSampler
+from speechllm.data.bucketing import BATCH_BUDGETS, DurationBucketSampler
 from speechllm.train.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -103,6 +114,7 @@ class StageConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     schedule: str = "warmup_inverse_sqrt"  # | linear_decay
     max_batch_size: int | None = None  # cap on utterances per micro-batch besides the seconds budget
+    batch_budget: str = "global"  # global: batch_seconds / max_batch_size per micro-batch over all processes
     find_unused_parameters: bool = True
     fsdp: bool = False  # shard the frozen LLM's decoder blocks over the processes (FSDP2; several processes)
     num_workers: int = 0
@@ -119,6 +131,8 @@ class StageConfig:
     def __post_init__(self) -> None:
         if self.max_epochs is None and self.max_steps is None:
             raise ValueError("a stage needs max_epochs or max_steps")
+        if self.batch_budget not in BATCH_BUDGETS:
+            raise ValueError(f"batch_budget must be one of {BATCH_BUDGETS}, got {self.batch_budget!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be adam or adamw, got {self.optimizer!r}")
         for name in ("early_stopping_metric", "best_metric"):
@@ -324,15 +338,19 @@ class Trainer:
             self.core, stage.objective, stage.ctc_weight, stage.interctc_weight, stage.distillation
         )
         self.wrapped = self._shard(objective) if self.sharded else acc.prepare(objective)  # prepare: DDP
-        self.sampler = DurationBucketSampler(
-            self.train_set.durations(),
-            stage.batch_seconds,
-            stage.num_buckets,
-            seed=self.seed,
-            num_replicas=acc.num_processes,
-            rank=acc.process_index,
-            max_batch_size=stage.max_batch_size,
-        )
+        try:  # e.g. a global batch cannot give each process an utterance (max_batch_size below the processes)
+            self.sampler = DurationBucketSampler(
+                self.train_set.durations(),
+                stage.batch_seconds,
+                stage.num_buckets,
+                seed=self.seed,
+                num_replicas=acc.num_processes,
+                rank=acc.process_index,
+                max_batch_size=stage.max_batch_size,
+                batch_budget=stage.batch_budget,
+            )
+        except ValueError as error:
+            raise ValueError(f"train.{stage.objective} on {self.train_set.manifest}: {error}") from None
         self.loader = self._loader(self.sampler, self.train_set, stage.num_workers)
         dev_sampler = DurationBucketSampler(
             self.dev_set.durations(),
@@ -343,7 +361,7 @@ class Trainer:
             max_batch_size=stage.max_batch_size,
         )
         self.dev_loader = self._loader(dev_sampler, self.dev_set, 0)
-        # Without num_iters_per_epoch an epoch is this rank's number of batches in the first pass.
+        # Without num_iters_per_epoch an epoch is the first pass's number of batches (global: of global batches).
         self.iters_per_epoch = stage.num_iters_per_epoch or len(self.sampler)
         params = [p for p in self.wrapped.parameters() if p.requires_grad]
         optimizer_cls = torch.optim.AdamW if stage.optimizer == "adamw" else torch.optim.Adam
@@ -440,6 +458,15 @@ class Trainer:
         )
         return int(min(by_epochs, stage.max_steps or math.inf))
 
+    def rank_weight(self, utterances: int) -> float:
+        """ESPnet's factor B_r * W / B for this rank's mean loss (see the module docstring); 1 on one process."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return 1.0
+        local = torch.tensor(float(utterances), dtype=torch.float64, device=acc.device)
+        total = float(acc.reduce(local, reduction="sum"))
+        return utterances * acc.num_processes / total
+
     def _step_due(self, every: int | None) -> bool:
         return every is not None and self.state.step % every == 0
 
@@ -478,12 +505,13 @@ class Trainer:
                 state.data_digest = chain_digest(state.data_digest, [str(r.get("id")) for r in batch.records])
                 sync = state.batches_seen % stage.accum_grad == 0
                 batch = batch.to(acc.device)
+                weight = self.rank_weight(len(batch.records))
                 context = contextlib.nullcontext() if sync else self.accumulating()
                 with context, acc.autocast():  # the prepared (DDP) forward autocasts too; FSDP's does not
                     loss, stats = self.wrapped(batch)
-                    acc.backward(loss / stage.accum_grad)
+                    acc.backward(loss * weight / stage.accum_grad)
                 for key, value in {"loss": loss.detach(), **stats}.items():
-                    window[key] = window.get(key, 0.0) + float(value)
+                    window[key] = window.get(key, 0.0) + float(value) * weight
                 window["micro_batches"] = window.get("micro_batches", 0.0) + 1
                 window["audio_seconds"] = (
                     window.get("audio_seconds", 0.0)
