@@ -176,6 +176,9 @@ def test_model_spec_builds_and_exports(spec, tmp_path) -> None:
     raw_only = dict(spec, speech_encoder=dict(spec["speech_encoder"], normalize_waveform=True))
     with pytest.raises(export.ModelDirError, match="normalize_waveform must be false"):
         build_model(raw_only, with_ctc=False, with_llm=True)
+    s3prl_frames = dict(spec, speech_encoder=dict(spec["speech_encoder"], frame_count="s3prl"))
+    with pytest.raises(export.ModelDirError, match="frame_count must be conv"):
+        build_model(s3prl_frames, with_ctc=False, with_llm=True)
 
     with torch.no_grad():
         for p in model.encoder.embed_projection.parameters():

@@ -68,12 +68,26 @@ def test_bloomzmms_parameter_counts(bloomzmms_plans) -> None:
     assert ce["llm"].frozen_params == pytest.approx(7.07e9, rel=0.01)
     # Exact meta-device builds.
     assert ctc["adaptor"].trainable_params == 535_975_052
-    assert ctc["speech_encoder"].frozen_params == 964_648_576
+    assert ctc["speech_encoder"].frozen_params == 962_497_408  # MMS-1B-all without its language adapters
     assert ce["llm"].frozen_params == 7_069_016_064
     assert ctc["ctc_head"].frozen_params == 250_680 * 4096 == 1_026_785_280
     assert ctc["featurizer+preencoder"].trainable_params == 49 + 1280 * 128 + 128
     for part in ctc.values():
         assert part.role == ("trainable" if part.name in ("adaptor", "featurizer+preencoder") else "frozen")
+
+
+def test_mms_language_adapters_and_frame_count_follow_the_config() -> None:
+    """models.speech_encoder.language_adapters adds HF's 48 English adapters (the hub config's
+    adapter_attn_dim 16); frame_count s3prl feeds the adaptor ceil(L / 320) frames."""
+    cfg = load_experiment(BLOOMZMMS)
+    assert cfg["models"]["speech_encoder"]["language_adapters"] is False
+    cfg["models"]["speech_encoder"].update(language_adapters=True, frame_count="s3prl")
+    ctc = {p.stage: p for p in plan_experiment(cfg, MODELS_DIR)}["ctc"]
+    adapter = 2 * 1280 + (1280 * 16 + 16) + (16 * 1280 + 1280)  # LayerNorm, linear_1, linear_2
+    assert parts_by_name(ctc)["speech_encoder"].frozen_params == 962_497_408 + 48 * adapter == 964_648_576
+    samples = ctc.workload.samples
+    conv_frames = (samples - 400) // 320 + 1
+    assert ctc.workload.encoder_frames == (samples - 1) // 320 + 1 == conv_frames + 1
 
 
 def test_summarization_parameter_counts(summarization_plans) -> None:

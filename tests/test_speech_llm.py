@@ -47,7 +47,8 @@ def make_lm(family: str, seed: int = 0) -> PreTrainedModel:
     return lm.float().eval()
 
 
-def make_wav2vec2(seed: int = 0) -> Wav2Vec2Model:
+def make_wav2vec2(seed: int = 0, **extra: object) -> Wav2Vec2Model:
+    """MMS's stable-layer-norm layout at toy size (20-sample hop, 25-sample receptive field); `extra` config."""
     torch.manual_seed(seed)
     config = Wav2Vec2Config(
         feat_extract_norm="layer",
@@ -61,6 +62,7 @@ def make_wav2vec2(seed: int = 0) -> Wav2Vec2Model:
         conv_kernel=(10, 4),
         num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=2,
+        **extra,
     )
     return Wav2Vec2Model(config)
 

@@ -44,6 +44,9 @@ def override(tmp_path: Path, data: dict) -> Path:
          "models.demo_build.llm_pretrain.freeze_embeddings"),
         ({"models": {"demo_build": {"speech_encoder": {"ctc_finetune": {"updates": -1}}}}},
          "models.demo_build.speech_encoder.ctc_finetune.updates"),
+        ({"models": {"speech_encoder": {"frame_count": "ceil"}}}, "models.speech_encoder.frame_count"),
+        ({"models": {"ctc_head": {"blank_id": -1}}}, "models.ctc_head.blank_id"),
+        ({"train": {"ctc": {"lid_ctc_lengths": "quartered"}}}, "train.ctc.lid_ctc_lengths"),
         ({"surprise": 1}, "<top level>"),
     ],
 )

@@ -13,19 +13,31 @@ from speechllm.models.frontend import SpeechFrontend
 from speechllm.models.speech_llm import Segment, SpeechLLM
 
 LID_BLANK = 0
+# How many LID frames the LID inter-CTC loss reads (config train.ctc.lid_ctc_lengths): `frames`, every LID frame of
+# the utterance (floor(T1 / 2)); `halved`, the reference's floor(T1 / 4): its espnet_model.py hands the LID CTC the
+# post-encoder lengths (already halved), which the LID CTC's forward halves again by its own length-adaptor ratio
+# (DigitalPhonetics/bloomzmms@77dc192:espnet-bloomzmms-files/espnet2/asr/{espnet_model.py,ctc.py}).
+LID_CTC_LENGTHS = ("frames", "halved")
+
+
+def check_lid_ctc_lengths(value: str) -> str:
+    if value not in LID_CTC_LENGTHS:
+        raise ValueError(f"unknown LID CTC lengths {value!r} (config key train.ctc.lid_ctc_lengths: "
+                         f"{' | '.join(LID_CTC_LENGTHS)})")
+    return value
 
 
 class BloomzMMS(nn.Module):
     """The speech side (frontend + adaptor) with an optional CTC head (stage 1) and/or LLM (stage 2)."""
 
-    def __init__(self, frontend: SpeechFrontend, adaptor: SpeechAdaptor, ctc_head: CTCHead | None = None,
-                 llm: SpeechLLM | None = None, ctc_blank_id: int = 3) -> None:
+    def __init__(self, frontend: SpeechFrontend, adaptor: SpeechAdaptor, ctc_head: CTCHead | None,
+                 llm: SpeechLLM | None, ctc_blank_id: int) -> None:
         super().__init__()
         self.frontend = frontend
         self.adaptor = adaptor
         self.ctc_head = ctc_head
         self.llm = llm
-        self.ctc_blank_id = ctc_blank_id
+        self.ctc_blank_id = ctc_blank_id  # config models.ctc_head.blank_id: loss, greedy / beam search, dev CER
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes: the frozen encoder, CTC head and LLM are referenced, not copied."""
@@ -37,11 +49,12 @@ class BloomzMMS(nn.Module):
         feats, feat_lengths = self.frontend(wav, wav_lengths)
         return self.adaptor(feats, feat_lengths)
 
-    def ctc_losses(self, out: AdaptorOutput, targets: Sequence[Sequence[int]],
-                   lid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def ctc_losses(self, out: AdaptorOutput, targets: Sequence[Sequence[int]], lid: torch.Tensor,
+                   lid_ctc_lengths: str = "frames") -> tuple[torch.Tensor, torch.Tensor]:
         """(CTC over LLM tokens, LID inter-CTC), each summed over the batch / B, zero_infinity.
 
-        As the reference, the LID target is the utterance's label repeated to the length of its token target.
+        As the reference, the LID target is the utterance's label repeated to the length of its token target;
+        `lid_ctc_lengths` says how many of the utterance's LID frames its loss reads (see LID_CTC_LENGTHS).
         """
         assert self.ctc_head is not None, "this model has no CTC head"
         ctc = self.ctc_head.loss(out.speech, out.speech_lengths, targets, blank_id=self.ctc_blank_id)
@@ -49,9 +62,16 @@ class BloomzMMS(nn.Module):
         log_probs = out.lid_logits.float().log_softmax(-1).transpose(0, 1)
         flat = torch.tensor([x for t in lid_targets for x in t], device=log_probs.device)
         lengths = torch.tensor([len(t) for t in lid_targets], device=log_probs.device)
-        lid_loss = nn.functional.ctc_loss(log_probs, flat, out.lid_lengths, lengths, blank=LID_BLANK,
-                                          reduction="sum", zero_infinity=True) / len(lid_targets)
+        lid_loss = nn.functional.ctc_loss(log_probs, flat, self.lid_loss_lengths(out, lid_ctc_lengths), lengths,
+                                          blank=LID_BLANK, reduction="sum", zero_infinity=True) / len(lid_targets)
         return ctc, lid_loss
+
+    def lid_loss_lengths(self, out: AdaptorOutput, lid_ctc_lengths: str) -> torch.Tensor:
+        """(B,) LID frames the LID loss reads: all of them, or the reference's post-encoder lengths divided again by
+        the LID head's length-adaptor ratio."""
+        if check_lid_ctc_lengths(lid_ctc_lengths) == "halved":
+            return torch.div(out.speech_lengths, self.adaptor.lid_ctc.length_adaptor.ratio, rounding_mode="floor")
+        return out.lid_lengths
 
     def ctc_decode(self, out: AdaptorOutput) -> list[list[int]]:
         assert self.ctc_head is not None, "this model has no CTC head"

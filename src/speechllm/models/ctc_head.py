@@ -81,6 +81,9 @@ class CTCHead(nn.Module):
 
         Returns:
             () float32 loss; infeasible utterances (targets longer than the frames allow) contribute 0.
+
+        Raises:
+            ValueError: a target token is the blank (CTC cannot emit it as a label).
         """
         batch_size = x.shape[0]
         if isinstance(targets, torch.Tensor):
@@ -90,8 +93,14 @@ class CTCHead(nn.Module):
                 targets.to(x.device, torch.long),
                 target_lengths.to(x.device, torch.long),
             )
+            valid = torch.arange(flat_targets.shape[-1], device=x.device) < flat_lengths.unsqueeze(-1)
+            labels = flat_targets[valid]
         else:
             flat_targets, flat_lengths = flatten_targets(targets, x.device)
+            labels = flat_targets
+        if bool((labels == blank_id).any()):
+            raise ValueError(f"a CTC target contains the blank id {blank_id} (config models.ctc_head.blank_id); "
+                             "the tokenizer must never produce it for a transcript")
         log_probs = self(x).float().log_softmax(dim=-1).transpose(0, 1)  # (T, B, V)
         total = F.ctc_loss(
             log_probs,

@@ -32,7 +32,7 @@ from speechllm.data.languages import language_name
 from speechllm.evaluate.prompts import TASK_PROMPTS, render_text
 from speechllm.text.normalize import basic_normalize
 
-# BLOOM's special tokens and ids: <unk>=0, <s>=1, </s>=2, <pad>=3 (the CTC blank).
+# BLOOM's special tokens and ids: <unk>=0 (the CTC blank, models.ctc_head.blank_id), <s>=1, </s>=2, <pad>=3.
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 DEMO_COLUMNS = ("en", "de", "fr", "es", "it", "pt")
 

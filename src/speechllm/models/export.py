@@ -18,7 +18,7 @@ from speechllm.io import atomic_dir, read_json
 from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
 from speechllm.models.bloomzmms import BloomzMMS
 from speechllm.models.ctc_head import CTCHead
-from speechllm.models.frontend import SpeechFrontend
+from speechllm.models.frontend import SpeechFrontend, without_language_adapters
 from speechllm.models.hubert_pool import HubertPoolEncoder, PoolConfig
 from speechllm.models.kang_roy import ChatTemplate, KangRoy
 from speechllm.models.speech_llm import SpeechLLM
@@ -41,6 +41,7 @@ def model_spec(models_cfg: dict[str, Any], adaptor: AdaptorConfig, language_ids:
         "llm": {k: models_cfg["llm"][k] for k in ("name_or_path", "revision", "dtype", "load_in_8bit")},
         "adaptor": asdict(adaptor), "language_ids": language_ids,
         "prompt": dict(models_cfg["prompt"]),
+        **({"ctc_head": dict(models_cfg["ctc_head"])} if "ctc_head" in models_cfg else {}),
     }
 
 
@@ -114,6 +115,9 @@ def build_kang_roy(spec: dict[str, Any], with_llm: bool, device: torch.device | 
     if enc_cfg.get("normalize_waveform"):
         raise ModelDirError("kang_roy reads the raw waveform, as the reference: models.speech_encoder."
                             "normalize_waveform must be false")
+    if enc_cfg.get("frame_count", "conv") != "conv":
+        raise ModelDirError("kang_roy pools HuBERT's own frames, as the reference: models.speech_encoder."
+                            "frame_count must be conv")
     hubert = AutoModel.from_pretrained(enc_cfg["name_or_path"], **_hub_kwargs(enc_cfg))
     if with_llm:
         lm, tokenizer = load_llm(spec["llm"], device)
@@ -130,6 +134,28 @@ def build_kang_roy(spec: dict[str, Any], with_llm: bool, device: torch.device | 
     return model.to(device), tokenizer
 
 
+def load_speech_encoder(enc_cfg: dict[str, Any]):
+    """The frozen speech encoder of a BLOOMZMMS spec, without MMS language adapters unless
+    `language_adapters` is true (specs written before the key existed loaded the hub config as it is)."""
+    kwargs = _hub_kwargs(enc_cfg)
+    config = AutoConfig.from_pretrained(enc_cfg["name_or_path"], **kwargs)
+    if not enc_cfg.get("language_adapters", True):
+        config = without_language_adapters(config)
+    return AutoModel.from_pretrained(enc_cfg["name_or_path"], config=config, **kwargs)
+
+
+def ctc_blank_id(spec: dict[str, Any], tokenizer: Any) -> int:
+    """The CTC blank of a spec (`ctc_head.blank_id`, config models.ctc_head.blank_id), checked against the
+    tokenizer. Specs written before the key existed trained with the tokenizer's pad token as the blank."""
+    blank = spec.get("ctc_head", {}).get("blank_id")
+    if blank is None:
+        return int(tokenizer.pad_token_id)
+    if not 0 <= int(blank) < len(tokenizer):
+        raise ModelDirError(f"models.ctc_head.blank_id {blank} is not a token id of the {len(tokenizer)}-token "
+                            f"tokenizer of {spec['llm']['name_or_path']}")
+    return int(blank)
+
+
 def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: torch.device | str = "cpu",
                 gradient_checkpointing: bool = False) -> tuple[BloomzMMS | KangRoy, Any]:
     """A BloomzMMS from a spec; the CTC head is cut from the LLM's input embeddings. Returns (model, tokenizer).
@@ -141,16 +167,17 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
             raise ModelDirError("a kang_roy model has no CTC head (with_ctc=True)")
         return build_kang_roy(spec, with_llm, device, gradient_checkpointing)
     enc_cfg = spec["speech_encoder"]
-    encoder = AutoModel.from_pretrained(enc_cfg["name_or_path"], **_hub_kwargs(enc_cfg))
+    encoder = load_speech_encoder(enc_cfg)
     adaptor_cfg = AdaptorConfig(**spec["adaptor"])
-    frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"])
+    frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"],
+                              frame_count=enc_cfg.get("frame_count", "conv"))
     adaptor = SpeechAdaptor(adaptor_cfg)
     # Without the LLM in the model, only its input embeddings (the CTC head) are read: 8-bit loading would not
     # change them (LLM.int8() quantises linear layers) and needs a GPU, so the init / CTC steps load it plainly.
     lm, tokenizer = load_llm(spec["llm"] if with_llm else {**spec["llm"], "load_in_8bit": False}, device)
     ctc_head = CTCHead.from_embeddings(lm.get_input_embeddings().weight, len(tokenizer)) if with_ctc else None
     llm = SpeechLLM(lm, tokenizer.pad_token_id, tokenizer.eos_token_id, gradient_checkpointing) if with_llm else None
-    model = BloomzMMS(frontend, adaptor, ctc_head, llm, ctc_blank_id=tokenizer.pad_token_id)
+    model = BloomzMMS(frontend, adaptor, ctc_head, llm, ctc_blank_id=ctc_blank_id(spec, tokenizer))
     return model.to(device), tokenizer
 
 

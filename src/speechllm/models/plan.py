@@ -60,7 +60,7 @@ from speechllm.data.bucketing import rank_batch_sizes
 from speechllm.io import read_json
 from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
 from speechllm.models.ctc_head import CTCHead
-from speechllm.models.frontend import SpeechFrontend
+from speechllm.models.frontend import SpeechFrontend, without_language_adapters
 from speechllm.models.hubert_pool import HubertPoolEncoder, PoolConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
@@ -419,13 +419,17 @@ def workload_for(cfg: dict[str, Any], stage: str, frames_fn: Callable[[int], tup
 
 def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
     models_cfg = cfg["models"]
-    enc_config, _ = load_arch_config(models_cfg["speech_encoder"]["name_or_path"], models_dir)
+    enc_cfg = models_cfg["speech_encoder"]
+    enc_config, _ = load_arch_config(enc_cfg["name_or_path"], models_dir)
+    if not enc_cfg["language_adapters"]:  # built as `speechllm.models.export.load_speech_encoder` builds it
+        enc_config = without_language_adapters(enc_config)
     llm_config, llm_facts = load_arch_config(models_cfg["llm"]["name_or_path"], models_dir)
     adaptor_cfg = AdaptorConfig(**models_cfg["adaptor"], llm_hidden_size=llm_hidden_size(llm_config))
     encoder = meta_model(enc_config, causal_lm=False)
     lm = meta_model(llm_config, causal_lm=True)
     with torch.device("meta"):
-        frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, models_cfg["speech_encoder"]["normalize_waveform"])
+        frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"],
+                                  frame_count=enc_cfg["frame_count"])
         adaptor = SpeechAdaptor(adaptor_cfg)
         vocab = int(llm_facts.get("tokenizer_vocab_size", lm.get_input_embeddings().weight.shape[0]))
         ctc_head = CTCHead(llm_hidden_size(llm_config), vocab)
@@ -433,7 +437,7 @@ def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
     samples = round(cfg["plan"]["utterance_seconds"] * cfg["data"]["sampling_rate"])
 
     def frames_fn(n: int) -> tuple[int, int]:
-        frames = conv_stack_lengths(n, list(enc_config.conv_kernel), list(enc_config.conv_stride))[-1]
+        frames = int(frontend.output_lengths(torch.tensor([n]))[0])  # the frontend's frame count, not the conv's
         return frames, adaptor_frames(frames, adaptor_cfg)[1]
 
     plans = []

@@ -120,6 +120,7 @@ class StageConfig:
     num_workers: int = 0
     ctc_weight: float = 1.0
     interctc_weight: float = 0.0
+    lid_ctc_lengths: str = "frames"  # LID frames the LID inter-CTC reads: frames | halved (the reference's)
     ntp_weight: float = 0.5
     ld_weight: float = 0.5
     fd_weight: float = 1.0
@@ -335,7 +336,8 @@ class Trainer:
             load_weights(self.core, weights, str(resume))
             log.info("resuming from %s (step %d, epoch %d)", resume, self.state.step, self.state.epoch)
         objective = ObjectiveModule(
-            self.core, stage.objective, stage.ctc_weight, stage.interctc_weight, stage.distillation
+            self.core, stage.objective, stage.ctc_weight, stage.interctc_weight, stage.distillation,
+            stage.lid_ctc_lengths,
         )
         self.wrapped = self._shard(objective) if self.sharded else acc.prepare(objective)  # prepare: DDP
         try:  # e.g. a global batch cannot give each process an utterance (max_batch_size below the processes)

@@ -1,6 +1,7 @@
 """The three training objectives behind one `nn.Module`, so DDP / FSDP see every forward.
 
-- "ctc" (BLOOMZMMS stage 1): `ctc_weight` × CTC over the LLM vocabulary + `interctc_weight` × LID inter-CTC.
+- "ctc" (BLOOMZMMS stage 1): `ctc_weight` × CTC over the LLM vocabulary + `interctc_weight` × LID inter-CTC
+  (over the LID frames `lid_ctc_lengths` names).
 - "ce"  (BLOOMZMMS stage 2, T / MI / TMI): token-summed cross-entropy on target + eos / B.
 - "kd"  (Kang & Roy): next-token + logit + feature distillation against the transcript-prompted LLM.
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from speechllm.data.batches import Batch, Collator
+from speechllm.models.bloomzmms import check_lid_ctc_lengths
 from speechllm.train.distillation import DistillationConfig, distillation_loss
 
 OBJECTIVES = ("ctc", "ce", "kd")
@@ -68,6 +70,8 @@ class ObjectiveModule(nn.Module):
         model: the model being trained (its frozen parts stay frozen).
         objective: "ctc", "ce" or "kd".
         ctc_weight, interctc_weight: CTC-stage weights (reference 0.8 / 0.2).
+        lid_ctc_lengths: LID frames the LID inter-CTC reads, "frames" or the reference's "halved"
+            (config train.ctc.lid_ctc_lengths; `speechllm.models.bloomzmms.LID_CTC_LENGTHS`).
         distillation: KD weights and layers (batches from `DistillationCollator`).
     """
 
@@ -78,6 +82,7 @@ class ObjectiveModule(nn.Module):
         ctc_weight: float = 1.0,
         interctc_weight: float = 0.0,
         distillation: DistillationConfig | None = None,
+        lid_ctc_lengths: str = "frames",
     ) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
@@ -86,6 +91,7 @@ class ObjectiveModule(nn.Module):
         self.objective = objective
         self.ctc_weight = ctc_weight
         self.interctc_weight = interctc_weight
+        self.lid_ctc_lengths = check_lid_ctc_lengths(lid_ctc_lengths)
         self.distillation = distillation or DistillationConfig()
 
     def forward(self, batch: Batch, evaluate: bool = False) -> Any:
@@ -99,7 +105,7 @@ class ObjectiveModule(nn.Module):
 
     def _ctc(self, batch: Batch, evaluate: bool) -> Any:
         out = self.model.encode(batch.wav, batch.wav_lengths)
-        ctc, lid = self.model.ctc_losses(out, batch.ctc_targets, batch.lid)
+        ctc, lid = self.model.ctc_losses(out, batch.ctc_targets, batch.lid, self.lid_ctc_lengths)
         loss = self.ctc_weight * ctc + self.interctc_weight * lid
         size = len(batch.records)
         if evaluate:
