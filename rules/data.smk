@@ -51,6 +51,8 @@ rule prepare_split:
         settings=lambda wc: as_json({
             **json.loads(data_settings()),
             "speed_perturb": config["data"]["speed_perturb"] if wc.split == "train" else [1.0],
+            # ESPnet's stage 4 filters the training and dev sets only
+            "filter_durations": wc.split != "test" or config["data"]["filter_test_durations"],
         }),
     log:
         "logs/data/prepare_{split}.log",

@@ -207,7 +207,7 @@ def test_subsample_goes_through_split_preparation(release, tmp_path):
 
     build_common_voice(tmp_path / "cv", release, 1.5 / 3600, seed=1)
     report = prepare_split(tmp_path / "cv" / "train.jsonl", tmp_path / "train.jsonl", tmp_path / "report.json",
-                           16000, 0.1, 30.0, [0.9, 1.0], "error")
+                           16000, 0.1, 30.0, [0.9, 1.0], "error", filter_durations=True)
     kept = report["counts"]["kept"]
     assert kept == len(read_manifest(tmp_path / "cv" / "train.jsonl")) and report["counts"]["output"] == 2 * kept
     out = read_manifest(tmp_path / "train.jsonl")

@@ -146,7 +146,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
     s = parse_settings(args.settings)
     report = prepare_split(Path(args.manifest), Path(args.out), Path(args.report), s["sampling_rate"],
-                           s["min_duration"], s["max_duration"], s["speed_perturb"], s["on_bad_audio"])
+                           s["min_duration"], s["max_duration"], s["speed_perturb"], s["on_bad_audio"],
+                           filter_durations=s["filter_durations"])
     log.info("%s: %s", args.out, report["counts"])
 
 
