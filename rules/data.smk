@@ -69,7 +69,9 @@ rule prepare_split:
 
 rule language_ids:
     input:
+        # the names of both sets, as the reference's gen_lang_id.py (train_t_sp and dev_fleurs)
         "results/data/train.jsonl",
+        "results/data/dev.jsonl",
     output:
         "results/data/language_ids.json",
     log:
@@ -81,7 +83,7 @@ rule language_ids:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm data language-ids --manifest {input} --out {output} > {log} 2>&1"
+        "speechllm data language-ids --manifests {input} --out {output} > {log} 2>&1"
 
 
 rule speechglue_data:

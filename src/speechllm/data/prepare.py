@@ -121,11 +121,13 @@ def filter_by_duration(copies: list[dict[str, Any]], sampling_rate: int, min_dur
     return kept, dropped
 
 
-def language_ids(train_manifest: Path, out: Path) -> dict[str, int]:
-    """LID labels: 1 + index in the sorted list of language names present (0 is the CTC blank)."""
-    from speechllm.data.languages import language_name
+def language_ids(manifests: list[Path], out: Path) -> dict[str, int]:
+    """LID labels: 1 + index in the sorted list of language names present in `manifests` (the training and
+    dev sets, as the reference's gen_lang_id.py); 0 is the CTC blank. An unknown code names its manifest line."""
+    from speechllm.data.languages import language_name_at, record_location
 
-    langs = sorted({language_name(r["language"]) for r in read_manifest(train_manifest, required=("language",))})
-    mapping = {name: i + 1 for i, name in enumerate(langs)}
+    names = {language_name_at(r["language"], record_location(r, str(path)))
+             for path in manifests for r in read_manifest(path, required=("language",))}
+    mapping = {name: i + 1 for i, name in enumerate(sorted(names))}
     atomic_write_text(out, json.dumps(mapping, indent=2, ensure_ascii=False) + "\n")
     return mapping
