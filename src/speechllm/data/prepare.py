@@ -71,7 +71,7 @@ def prepare_split(
         "min_duration": min_duration, "max_duration": max_duration, "speed_factors": speed_factors,
         "filter_durations": filter_durations,
         "dropped_per_speed": {factor: dict(reasons) for factor, reasons in dropped.items()},
-        "hours": sum(r.get("num_samples_perturbed", r["num_samples"]) for r in out_records) / sampling_rate / 3600,
+        "hours": sum(perturbed_samples(r) for r in out_records) / sampling_rate / 3600,
         "normalizer": normalizer_version(),
     }
     atomic_write_text(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -95,9 +95,14 @@ def speed_perturbed_copies(records: list[dict[str, Any]], speed_factors: list[fl
     return copies
 
 
+def perturbed_samples(record: dict[str, Any]) -> int:
+    """A prepared record's length in samples after its speed perturbation."""
+    return record.get("num_samples_perturbed", record["num_samples"])
+
+
 def duration_verdict(num_samples: int, sampling_rate: int, min_duration: float, max_duration: float) -> str | None:
-    """Why a clip of `num_samples` is dropped ("too_short" / "too_long"), or None if kept. As ESPnet asr.sh stage 4: a clip is kept when
-    int(min_duration * fs) < samples < int(max_duration * fs), both bounds exclusive."""
+    """Why a clip of `num_samples` is dropped ("too_short" / "too_long"), or None if kept. As ESPnet asr.sh
+    stage 4, a clip is kept when int(min_duration * fs) < samples < int(max_duration * fs) (both exclusive)."""
     if num_samples <= int(min_duration * sampling_rate):
         return "too_short"
     if num_samples >= int(max_duration * sampling_rate):
@@ -112,8 +117,7 @@ def filter_by_duration(copies: list[dict[str, Any]], sampling_rate: int, min_dur
     kept: list[dict[str, Any]] = []
     dropped: dict[str, Counter[str]] = {}
     for rec in copies:
-        length = rec.get("num_samples_perturbed", rec["num_samples"])
-        verdict = duration_verdict(length, sampling_rate, min_duration, max_duration)
+        verdict = duration_verdict(perturbed_samples(rec), sampling_rate, min_duration, max_duration)
         if verdict is None:
             kept.append(rec)
         else:
