@@ -51,6 +51,8 @@ rule prepare_split:
         settings=lambda wc: as_json({
             **json.loads(data_settings()),
             "speed_perturb": config["data"]["speed_perturb"] if wc.split == "train" else [1.0],
+            # ESPnet's stage 4 filters the training and dev sets only
+            "filter_durations": wc.split != "test" or config["data"]["filter_test_durations"],
         }),
     log:
         "logs/data/prepare_{split}.log",
@@ -67,7 +69,9 @@ rule prepare_split:
 
 rule language_ids:
     input:
+        # the names of both sets, as the reference's gen_lang_id.py (train_t_sp and dev_fleurs)
         "results/data/train.jsonl",
+        "results/data/dev.jsonl",
     output:
         "results/data/language_ids.json",
     log:
@@ -79,7 +83,7 @@ rule language_ids:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm data language-ids --manifest {input} --out {output} > {log} 2>&1"
+        "speechllm data language-ids --manifests {input} --out {output} > {log} 2>&1"
 
 
 rule speechglue_data:

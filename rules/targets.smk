@@ -117,6 +117,7 @@ else:
                 "prompt": config["models"]["prompt"],
                 "mi_reading": config["targets"]["mi_reading"],
                 "templates_per_occurrence": config["targets"]["templates_per_occurrence"],
+                "drop_blank_outputs": config["targets"]["drop_blank_outputs"],
             }),
             out_dir=lambda wc, output: parent_dir(output[0], 1),
         log:

@@ -79,7 +79,8 @@ def test_bad_audio_is_named_with_its_manifest_line(tmp_path, kind):
     manifest = tmp_path / "raw.jsonl"
     write_manifest(manifest, [record(good, uid="ok"), record(files[kind], uid="bad", num_samples=16000)])
     with pytest.raises(AudioError) as err:
-        prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "report.json", SR, 0.1, 30.0, [1.0], "error")
+        prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "report.json", SR, 0.1, 30.0, [1.0], "error",
+                      filter_durations=True)
     message = str(err.value)
     assert str(files[kind]) in message and "line 2" in message
     assert not (tmp_path / "out.jsonl").exists()
@@ -93,7 +94,7 @@ def test_skip_mode_counts_every_bad_file(tmp_path):
     recs.append(record(tmp_path / "good.wav", text="  ", uid="no-text"))
     write_manifest(manifest, recs)
     report = prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "report.json", SR, 0.1, 30.0,
-                           [0.9, 1.0, 1.1], "skip")
+                           [0.9, 1.0, 1.1], "skip", filter_durations=True)
     assert report["counts"]["bad"] == len(files) + 1
     assert {s["id"] for s in report["skipped"]} == set(files) | {"no-text"}
     out = read_manifest(tmp_path / "out.jsonl")
@@ -110,8 +111,49 @@ def test_duration_filter_is_counted(tmp_path):
     sf.write(str(long_), tone(3.0, SR), SR)
     manifest = tmp_path / "raw.jsonl"
     write_manifest(manifest, [record(short, uid="s"), record(long_, uid="l")])
-    report = prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "r.json", SR, 0.1, 2.0, [1.0], "error")
+    report = prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "r.json", SR, 0.1, 2.0, [1.0], "error",
+                           filter_durations=True)
     assert report["counts"] == {"input": 2, "too_short": 1, "too_long": 1, "kept": 0, "output": 0}
+
+
+def test_duration_filter_runs_on_each_speed_perturbed_copy(tmp_path):
+    """As ESPnet's stage 4 on `train_*_sp`: a copy goes when its own (perturbed) length is out of bounds, so a
+    1.9 s clip with a 2 s limit loses only its 0.9 copy (2.11 s) and a 0.105 s clip only its 1.1 copy (0.095 s)."""
+    clips = {"long": 1.9, "short": 0.105, "mid": 1.0}
+    for uid, seconds in clips.items():
+        sf.write(str(tmp_path / f"{uid}.wav"), tone(seconds, SR), SR)
+    manifest = tmp_path / "raw.jsonl"
+    write_manifest(manifest, [record(tmp_path / f"{uid}.wav", uid=uid) for uid in clips])
+    report = prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "r.json", SR, 0.1, 2.0, [0.9, 1.0, 1.1],
+                           "error", filter_durations=True)
+    ids = [r["id"] for r in read_manifest(tmp_path / "out.jsonl")]
+    assert ids == ["sp0.9-short", "sp0.9-mid", "long", "short", "mid", "sp1.1-long", "sp1.1-mid"]
+    assert report["counts"] == {"input": 3, "too_short": 1, "too_long": 1, "kept": 3, "output": 7}
+    assert report["dropped_per_speed"] == {"0.9": {"too_long": 1}, "1.1": {"too_short": 1}}
+    assert json.loads((tmp_path / "r.json").read_text())["dropped_per_speed"] == report["dropped_per_speed"]
+
+
+@pytest.mark.parametrize(("seconds", "kept"), [(0.1, False), (0.1 + 1 / SR, True), (2.0 - 1 / SR, True), (2.0, False)])
+def test_duration_bounds_are_exclusive_as_espnet(tmp_path, seconds, kept):
+    """ESPnet keeps a clip when int(min * fs) < samples < int(max * fs): exactly 0.1 s or 2 s is dropped."""
+    path = tmp_path / "clip.wav"
+    sf.write(str(path), tone(seconds, SR), SR)
+    manifest = tmp_path / "raw.jsonl"
+    write_manifest(manifest, [record(path, num_samples=round(seconds * SR))])
+    report = prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "r.json", SR, 0.1, 2.0, [1.0], "error",
+                           filter_durations=True)
+    assert report["counts"]["output"] == int(kept)
+
+
+def test_test_split_may_keep_every_duration(tmp_path):
+    """filter_durations=False (the test split under data.filter_test_durations: false, as ESPnet) keeps all."""
+    path = tmp_path / "long.wav"
+    sf.write(str(path), tone(3.0, SR), SR)
+    manifest = tmp_path / "raw.jsonl"
+    write_manifest(manifest, [record(path)])
+    report = prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "r.json", SR, 0.1, 2.0, [1.0], "error",
+                           filter_durations=False)
+    assert report["counts"] == {"input": 1, "kept": 1, "output": 1} and report["dropped_per_speed"] == {}
 
 
 def test_malformed_manifest_names_file_and_line(tmp_path):

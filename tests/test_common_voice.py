@@ -182,7 +182,7 @@ def test_language_ids_over_fleurs_and_common_voice(release, tmp_path):
     write_manifest(tmp_path / "fleurs_train.jsonl", fleurs)
     n = combine_manifests([tmp_path / "fleurs_train.jsonl", tmp_path / "cv" / "train.jsonl"], tmp_path / "train.jsonl")
     assert n == 3 + sum(len(s) for s in CORPUS.values())
-    labels = language_ids(tmp_path / "train.jsonl", tmp_path / "lid.json")
+    labels = language_ids([tmp_path / "train.jsonl"], tmp_path / "lid.json")
     # CV fr and FLEURS fr_fr share "French"; nn-NO joins FLEURS nb_no as "Norwegian"; zh-CN is Mandarin.
     assert labels == {"French": 1, "German": 2, "Mandarin Chinese": 3, "Norwegian": 4}
     assert json.loads((tmp_path / "lid.json").read_text()) == labels
@@ -207,7 +207,7 @@ def test_subsample_goes_through_split_preparation(release, tmp_path):
 
     build_common_voice(tmp_path / "cv", release, 1.5 / 3600, seed=1)
     report = prepare_split(tmp_path / "cv" / "train.jsonl", tmp_path / "train.jsonl", tmp_path / "report.json",
-                           16000, 0.1, 30.0, [0.9, 1.0], "error")
+                           16000, 0.1, 30.0, [0.9, 1.0], "error", filter_durations=True)
     kept = report["counts"]["kept"]
     assert kept == len(read_manifest(tmp_path / "cv" / "train.jsonl")) and report["counts"]["output"] == 2 * kept
     out = read_manifest(tmp_path / "train.jsonl")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from speechllm.data.languages import (
@@ -9,10 +11,12 @@ from speechllm.data.languages import (
     CV_TO_FLEURS_NAME,
     FLEURS_NAMES,
     SHORT_TO_FLEURS,
+    UnknownLanguageError,
+    check_lid_labels,
     cv_language_name,
     language_name,
 )
-from speechllm.data.manifest import ManifestError, write_manifest
+from speechllm.data.manifest import ManifestError, read_manifest, write_manifest
 from speechllm.data.prepare import language_ids
 
 # Common Voice 11.0's 100 locales (the subsets of the hub's mozilla-foundation/common_voice_11_0). With FLEURS'
@@ -82,11 +86,54 @@ def test_lid_labels_are_one_plus_sorted_index(tmp_path):
     write_manifest(tmp_path / "train.jsonl", [
         {"id": f"u{i}", "language": lang, "audio": "a.wav", "num_samples": 1, "sampling_rate": 16000,
          "raw_transcription": "x"} for i, lang in enumerate(langs)])
-    labels = language_ids(tmp_path / "train.jsonl", tmp_path / "lid.json")
+    labels = language_ids([tmp_path / "train.jsonl"], tmp_path / "lid.json")
     expected = sorted({"Cantonese Chinese", "Afrikaans", "Sorbian, Upper", "Norwegian", "Mandarin Chinese", "English"})
     assert labels == {name: i + 1 for i, name in enumerate(expected)}
     assert 0 not in labels.values()
     write_manifest(tmp_path / "bad.jsonl", [{"id": "u0", "language": "en_us"}, {"id": "u1"}])
     with pytest.raises(ManifestError, match=r"bad\.jsonl:2: missing field\(s\) language"):
-        language_ids(tmp_path / "bad.jsonl", tmp_path / "lid2.json")
+        language_ids([tmp_path / "bad.jsonl"], tmp_path / "lid2.json")
     assert not (tmp_path / "lid2.json").exists()
+
+
+def utterances(langs: list[str]) -> list[dict]:
+    return [{"id": f"u{i}", "language": lang, "audio": "a.wav", "num_samples": 1, "sampling_rate": 16000,
+             "raw_transcription": "x"} for i, lang in enumerate(langs)]
+
+
+def test_lid_labels_cover_train_and_dev_and_unknown_codes_name_the_line(tmp_path):
+    """As gen_lang_id.py: the names of the training and the dev set are labelled together; a code without a
+    name stops with the manifest and line."""
+    write_manifest(tmp_path / "train.jsonl", utterances(["de_de", "en_us"]))
+    write_manifest(tmp_path / "dev.jsonl", utterances(["en_us", "fr_fr"]))
+    labels = language_ids([tmp_path / "train.jsonl", tmp_path / "dev.jsonl"], tmp_path / "lid.json")
+    assert labels == {"English": 1, "French": 2, "German": 3}
+    write_manifest(tmp_path / "odd.jsonl", utterances(["en_us", "en_us", "xx_yy"]))
+    with pytest.raises(UnknownLanguageError, match=rf"^{tmp_path / 'odd.jsonl'}:3: unknown language code 'xx_yy'"):
+        language_ids([tmp_path / "train.jsonl", tmp_path / "odd.jsonl"], tmp_path / "lid2.json")
+    assert not (tmp_path / "lid2.json").exists()
+
+
+@pytest.mark.parametrize(("lang", "message"), [
+    ("fr_fr", r"language 'fr_fr' \(French\) has no language-ID label"),
+    ("xx_yy", "unknown language code 'xx_yy'"),
+])
+def test_a_language_without_a_label_is_an_error_naming_manifest_and_line(tmp_path, lang, message):
+    """Never label 0, the LID-CTC blank: the check before training and the collator both stop."""
+    import numpy as np
+    import soundfile as sf
+
+    from speechllm.data.batches import Collator, SpeechDataset
+
+    sf.write(str(tmp_path / "a.wav"), np.zeros(1600, dtype=np.float32), 16000)
+    manifest = tmp_path / "dev.jsonl"
+    write_manifest(manifest, [{**r, "audio": str(tmp_path / "a.wav")} for r in utterances(["en_us", lang])])
+    records = read_manifest(manifest)
+    labels = {"English": 1, "German": 2}
+    with pytest.raises(UnknownLanguageError, match=rf"^{manifest}:2: {message}"):
+        check_lid_labels(records, labels, str(manifest))
+    dataset = SpeechDataset(records, 16000, str(manifest))
+    collator = Collator(lambda text, add_special_tokens: SimpleNamespace(input_ids=[ord(c) for c in text]), labels)
+    assert collator([dataset[0]]).lid.tolist() == [1]
+    with pytest.raises(UnknownLanguageError, match=rf"^{manifest}:2: {message}"):
+        collator([dataset[0], dataset[1]])

@@ -141,16 +141,28 @@ def test_t_mi_tmi_assembly():
     generated = [{"index": i, "text": "Hello, World.", "prefix": f"P{i}: ", "postfix": "",
                   "output": f" out{i}"} for i in range(4)]
     generated.append({"index": 9, "text": "Hello, World.", "prefix": "", "postfix": "", "output": "dropped"})
-    sets = assemble(train, generated, "Repeat the sentence: ", ". ", "synthetic_only", 2)
+    sets = assemble(train, generated, "Repeat the sentence: ", ". ", "synthetic_only", 2, True)
     assert [r["target"] for r in sets["t"]] == ["hello world", "hello world"]
     assert [r["id"] for r in sets["tmi"]] == ["u0-1", "u0-2", "u0-3", "u1-1", "u1-2", "u1-3"]
     assert sets["tmi"][0]["target"] == "Hello, World." and sets["tmi"][0]["prefix"] == "Repeat the sentence: "
-    assert [r["target"] for r in sets["mi"]] == ["out0", "out1", "out2", "out3"]
+    assert [r["target"] for r in sets["mi"]] == [" out0", " out1", " out2", " out3"]  # the LLM's leading space
     assert all(r["prefix"] != "Repeat the sentence: " for r in sets["mi"])
-    pop = assemble(train, generated, "Repeat the sentence: ", ". ", "reference_pop", 2)
-    assert [r["target"] for r in pop["mi"]] == ["Hello, World.", "out0", "Hello, World.", "out2"]
+    pop = assemble(train, generated, "Repeat the sentence: ", ". ", "reference_pop", 2, True)
+    assert [r["target"] for r in pop["mi"]] == ["Hello, World.", " out0", "Hello, World.", " out2"]
     with pytest.raises(ValueError, match="mi_reading"):
-        assemble(train, generated, "", "", "other", 2)
+        assemble(train, generated, "", "", "other", 2, True)
+
+
+@pytest.mark.parametrize(("drop_blank", "kept"), [(True, [" a", "b\n"]), (False, [" a", " \n", "b\n"])])
+def test_only_empty_outputs_are_dropped_unless_blank_ones_are_too(drop_blank, kept):
+    """The reference drops an output only when it tokenises to nothing (an empty string);
+    targets.drop_blank_outputs also drops whitespace-only ones. Kept outputs are not stripped."""
+    train = [{"id": "u0", "raw_transcription": "Hi.", "transcription": "hi"}]
+    outputs = ["", " a", " \n", "b\n"]
+    generated = [{"index": i, "text": "Hi.", "prefix": "P: ", "postfix": "", "output": o}
+                 for i, o in enumerate(outputs)]
+    sets = assemble(train, generated, "Repeat: ", ". ", "synthetic_only", len(kept), drop_blank)
+    assert [r["target"] for r in sets["mi"]] == kept
 
 
 def test_assemble_cli_names_the_bad_shard_line(tmp_path):
@@ -160,7 +172,7 @@ def test_assemble_cli_names_the_bad_shard_line(tmp_path):
     good = {"index": 0, "text": "Hi.", "prefix": "P: ", "postfix": "", "output": " out"}
     shard = tmp_path / "shard0.jsonl"
     settings = json.dumps({"prompt": {"prefix": "Repeat: ", "postfix": ". "}, "mi_reading": "synthetic_only",
-                           "templates_per_occurrence": 2})
+                           "templates_per_occurrence": 2, "drop_blank_outputs": True})
 
     def run(shard_text: str, manifest_text: str | None = None) -> subprocess.CompletedProcess:
         shard.write_text(shard_text)

@@ -9,10 +9,13 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from speechllm.cli import main
+from speechllm.data.batches import Collator
 from speechllm.data.manifest import read_manifest
+from speechllm.targets.assemble import assemble
 from speechllm.targets.released import ReleasedTargetsError, import_released, read_released_archive
 
 REPEAT = "Repeat the sentence: "
@@ -82,6 +85,35 @@ def test_import_decodes_joins_and_reports(tok, tiny_models, tmp_path, caplog):
     assert f"suffix -2: 1 of 2 decoder_prefix lines are the token ids of {REPEAT!r}" in log
     assert f"suffix -3: 0 of 2 decoder_prefix lines are the token ids of {REPEAT!r}" in log
     assert "1 training utterances have no item" in log
+
+
+def test_generated_and_released_targets_give_the_same_token_ids(tok, tmp_path):
+    """The same continuations reach training as the same token ids whether assembled from generation shards
+    or imported from the released tar, whose ids are the reference's tokenisation of each output string as
+    generated (prepare_data.py), leading space included."""
+    raw = {"u1": "Hello, World.", "u2": "Der Hund schläft."}
+    train = [{**rec, "raw_transcription": raw[rec["id"]]} for rec in TRAIN if rec["id"] in raw]
+    synthetic = {"u1": [ITEMS[1], ITEMS[2]], "u2": [ITEMS[3], ITEMS[5]]}  # (id, prefix, postfix, output)
+    pairs = [(rec, item) for rec in train for item in synthetic[rec["id"]]]
+    generated = [{"index": i, "text": rec["raw_transcription"], "prefix": item[1], "postfix": item[2],
+                  "output": item[3]} for i, (rec, item) in enumerate(pairs)]
+    made = assemble(train, generated, REPEAT, ". ", "synthetic_only", 2, True)
+    released = [(f"{rec['id']}-{k}", *item) for rec in train for k, item in enumerate(
+        [(REPEAT, ". ", rec["raw_transcription"]), *(s[1:] for s in synthetic[rec["id"]])], start=1)]
+    fields = read_released_archive(build_tar(tmp_path / "t.tar.gz", released_files(tok, released)))
+    imported, _ = import_released(train, fields, tok, REPEAT, ". ", "synthetic_only", 2, "error")
+    collator = Collator(tok)
+
+    def token_ids(records: list[dict]) -> dict[str, tuple[list[int], list[int], list[int]]]:
+        batch = collator([{"record": r, "wav": torch.zeros(4)} for r in records])
+        return {r["id"]: (p, q, t) for r, p, q, t in zip(records, batch.prefix, batch.postfix, batch.target,
+                                                          strict=True)}
+
+    for name in ("mi", "tmi"):
+        assert token_ids(made[name]) == token_ids(imported[name])
+    assert {i: ids[2] for i, ids in token_ids(made["tmi"]).items()} == fields["target"]
+    first = tok.convert_ids_to_tokens(token_ids(made["tmi"])["u1-2"][2])[0]
+    assert first.startswith("Ġ")  # " Hello world.": the continuation's leading space is its first token's
 
 
 def test_reference_pop_reading_keeps_the_first_suffixes(tok, tmp_path):

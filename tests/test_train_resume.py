@@ -364,17 +364,24 @@ def test_fingerprint_ignores_run_length_but_not_the_recipe(tmp_path):
     assert fingerprint() != before  # other training data
 
 
-def test_a_manifest_without_transcripts_is_refused_before_training(tiny_models, tmp_path):
-    """A training manifest missing `transcription` would train CTC on empty targets: the job stops at once with
-    the file and line, and writes no model."""
+def without_transcription(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "transcription"}
+
+
+@pytest.mark.parametrize(("split", "edit", "message"), [
+    ("train", without_transcription, "{path}:2: missing field(s) transcription"),
+    ("dev", lambda r: {**r, "language": "fr_fr"}, "{path}:2: language 'fr_fr' (French) has no language-ID label"),
+])
+def test_a_bad_manifest_line_is_refused_before_training(tiny_models, tmp_path, split, edit, message):
+    """A training manifest missing `transcription` would train CTC on empty targets, and an utterance in a
+    language the LID labels do not cover would get label 0, the LID-CTC blank: the job stops at once with the
+    file and line, and writes no model."""
     corpus = write_corpus(tmp_path / "data", num_train=3, num_dev=2)
-    lines = corpus["train"].read_text().splitlines()
-    broken = json.loads(lines[1])
-    del broken["transcription"]
-    corpus["train"].write_text("\n".join([lines[0], json.dumps(broken), *lines[2:]]) + "\n")
+    lines = corpus[split].read_text().splitlines()
+    corpus[split].write_text("\n".join([lines[0], json.dumps(edit(json.loads(lines[1]))), *lines[2:]]) + "\n")
     run = tmp_path / "run"
     done = subprocess.run([sys.executable, *train_command("ctc", run_settings(tiny_models, CTC_STAGE), corpus, run)],
                           capture_output=True, text=True, env=subprocess_env(), timeout=240)
     assert done.returncode != 0
-    assert f"{corpus['train']}:2: missing field(s) transcription" in done.stderr
+    assert message.format(path=corpus[split]) in done.stderr
     assert not (run / "model").exists()

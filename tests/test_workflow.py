@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,22 @@ def test_paper_scale_dry_run_lists_every_stage(tmp_path):
             and not line.startswith("total")}
     assert jobs >= STAGE_RULES, STAGE_RULES - jobs
     assert "generate_targets" in out and "61" in out.split("generate_targets")[1].splitlines()[0]
+
+
+def test_test_split_duration_filter_follows_the_config(tmp_path):
+    """rule prepare_split filters train and dev always and test only under data.filter_test_durations."""
+    for flag in (True, False):
+        res = snakemake("-n", "-p", "-d", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"),
+                        str(override(tmp_path, {"data": {"filter_test_durations": flag}})), "--",
+                        "results/data/test.jsonl", "results/data/dev.jsonl")
+        assert res.returncode == 0, res.stderr[-3000:]
+        filtered = {}
+        for line in res.stdout.splitlines():
+            if line.startswith("Shell command: speechllm data prepare"):
+                args = shlex.split(line.removeprefix("Shell command: "))
+                out = args[args.index("--out") + 1]
+                filtered[out] = json.loads(args[args.index("--settings") + 1])["filter_durations"]
+        assert filtered == {"results/data/test.jsonl": flag, "results/data/dev.jsonl": True}
 
 
 REDUCED = {

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from speechllm.audio import load_audio, speed_perturb
-from speechllm.data.languages import language_name
+from speechllm.data.languages import lid_label, record_location
 from speechllm.data.manifest import duration_seconds
 
 
@@ -31,7 +31,7 @@ class SpeechDataset(Dataset):
         record = self.records[index]
         wav = load_audio(record["audio"], self.sampling_rate, line=record.get("_line"))
         wav = speed_perturb(wav, record.get("speed", 1.0), self.sampling_rate)
-        return {"record": record, "wav": torch.from_numpy(wav)}
+        return {"record": record, "wav": torch.from_numpy(wav), "manifest": self.manifest}
 
 
 @dataclass
@@ -80,8 +80,11 @@ class Collator:
         records = [item["record"] for item in items]
         batch = Batch(wav=wav, wav_lengths=lengths, records=records)
         batch.ctc_targets = [self.ids(r.get("transcription", "")) for r in records]
-        if self.language_ids:
-            batch.lid = torch.tensor([self.language_ids.get(language_name(r["language"]), 0) for r in records])
+        if self.language_ids:  # an unknown language is an error, never label 0 (the LID-CTC blank)
+            batch.lid = torch.tensor([
+                lid_label(item["record"]["language"], self.language_ids,
+                          record_location(item["record"], item.get("manifest", "")))
+                for item in items])
         batch.prefix = [self.ids(r.get("prefix", self.default_prefix)) for r in records]
         batch.postfix = [self.ids(r.get("postfix", self.default_postfix)) for r in records]
         batch.target = [self.ids(r.get("target", r.get("transcription", ""))) for r in records]

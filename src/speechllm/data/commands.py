@@ -146,14 +146,15 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
     s = parse_settings(args.settings)
     report = prepare_split(Path(args.manifest), Path(args.out), Path(args.report), s["sampling_rate"],
-                           s["min_duration"], s["max_duration"], s["speed_perturb"], s["on_bad_audio"])
+                           s["min_duration"], s["max_duration"], s["speed_perturb"], s["on_bad_audio"],
+                           filter_durations=s["filter_durations"])
     log.info("%s: %s", args.out, report["counts"])
 
 
 def cmd_data_language_ids(args: argparse.Namespace) -> None:
     from speechllm.data.prepare import language_ids
 
-    log.info("language ids: %s", language_ids(Path(args.manifest), Path(args.out)))
+    log.info("language ids: %s", language_ids([Path(m) for m in args.manifests], Path(args.out)))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -207,9 +208,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", required=True)
     d.add_argument("--report", required=True)
     d.set_defaults(func=cmd_data_prepare)
-    d = dsub.add_parser("language-ids", help="language-ID labels (1..N, 0 = blank) from a training manifest",
-                        formatter_class=RAW, epilog=example("speechllm data language-ids --manifest "
-                                                            "results/data/train.jsonl --out results/data/language_ids.json"))
-    d.add_argument("--manifest", required=True)
+    d = dsub.add_parser("language-ids", help="language-ID labels (1..N, 0 = blank) from the training and dev "
+                        "manifests", formatter_class=RAW, epilog=example(
+                            "speechllm data language-ids --manifests results/data/train.jsonl results/data/dev.jsonl "
+                            "--out results/data/language_ids.json"))
+    d.add_argument("--manifests", nargs="+", required=True)
     d.add_argument("--out", required=True)
     d.set_defaults(func=cmd_data_language_ids)

@@ -4,11 +4,15 @@ prompts and as language-ID (LID) labels.
 LID labels follow the reference's `local/gen_lang_id.py` (spec bloomzmms.md §2.3): every utterance gets an
 English language name (FLEURS names for FLEURS, Common Voice's own English names for CV locales, with a few
 CV names patched to the FLEURS spelling), and the label is 1 + the index of that name in the sorted list of
-names present in the training data (0 is the CTC blank). The union of FLEURS' 102 names and the CV 12
+names present in the training and dev data (gen_lang_id.py reads train_t_sp and dev_fleurs; 0 is the CTC
+blank). A language without a label stops with the manifest and line named; it never gets the blank. The union of FLEURS' 102 names and the CV 12
 locales' names is the paper's "139 languages".
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
 
 # FLEURS code -> English name (the names of xtreme_s's FLEURS table, which gen_lang_id.py uses).
 FLEURS_NAMES: dict[str, str] = {
@@ -115,3 +119,38 @@ def language_name(code: str) -> str:
     if code in SHORT_TO_FLEURS:
         return FLEURS_NAMES[SHORT_TO_FLEURS[code]]
     raise KeyError(f"unknown language code {code!r}")
+
+
+class UnknownLanguageError(ValueError):
+    """A manifest language without an English name or without a language-ID label; the message names the
+    manifest and line."""
+
+
+def record_location(record: dict[str, Any], manifest: str) -> str:
+    """`manifest:line` of a record read by `read_manifest` (which sets `_line`)."""
+    return f"{manifest or '<manifest>'}:{record.get('_line', '?')}"
+
+
+def language_name_at(code: str, where: str) -> str:
+    """`language_name(code)`, or UnknownLanguageError naming `where` (manifest:line)."""
+    try:
+        return language_name(code)
+    except KeyError:
+        raise UnknownLanguageError(f"{where}: unknown language code {code!r} (not a FLEURS code, Common Voice "
+                                   "locale or short code of speechllm/data/languages.py)") from None
+
+
+def lid_label(code: str, language_ids: dict[str, int], where: str) -> int:
+    """The language-ID label (1..N) of language `code`. A code without a name or a name without a label is an
+    UnknownLanguageError naming `where` (manifest:line): it never becomes 0, the LID-CTC blank."""
+    name = language_name_at(code, where)
+    if name not in language_ids:
+        raise UnknownLanguageError(f"{where}: language {code!r} ({name}) has no language-ID label; the labels "
+                                   f"cover the languages of the training and dev manifests: {sorted(language_ids)}")
+    return language_ids[name]
+
+
+def check_lid_labels(records: Iterable[dict[str, Any]], language_ids: dict[str, int], manifest: str) -> None:
+    """Every record's language has a label (UnknownLanguageError naming the first that has not)."""
+    for record in records:
+        lid_label(record["language"], language_ids, record_location(record, manifest))

@@ -1,7 +1,11 @@
-"""Prepare a split: check every clip, normalise text, drop by duration, add speed-perturbed copies.
+"""Prepare a split: check every clip, normalise text, add speed-perturbed copies, drop copies by duration.
 
 Bad audio or an empty transcript stops with the file and manifest line named, or, with
 `on_bad_audio: skip`, is dropped and counted in the data report. Nothing is dropped silently.
+
+The duration filter runs after speed perturbation, on each copy's own length, as ESPnet's asr.sh stage 4
+filters `train_*_sp` (espnet v.202304 egs2/TEMPLATE/asr1/asr.sh, run by the reference with
+`--max_wav_duration 30`): a clip of 28 s keeps its 1.0 and 1.1 copies and loses its 0.9 copy (31.1 s).
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ def check_record(record: dict[str, Any], manifest: Path, sampling_rate: int) -> 
 
 def prepare_split(
     manifest: Path, out: Path, report_path: Path, sampling_rate: int, min_duration: float, max_duration: float,
-    speed_factors: list[float], on_bad_audio: str,
+    speed_factors: list[float], on_bad_audio: str, *, filter_durations: bool,
 ) -> dict[str, Any]:
+    """Write the prepared manifest `out` and the data report `report_path`; returns the report.
+    `filter_durations: false` keeps every copy (config data.filter_test_durations for the test split)."""
     records = read_manifest(manifest, required=UTTERANCE_FIELDS)
     counts: Counter[str] = Counter(input=len(records))
     skipped: list[dict[str, Any]] = []
@@ -46,45 +52,86 @@ def prepare_split(
             counts["bad"] += 1
             skipped.append({"id": record["id"], "line": record["_line"], "reason": str(err)})
             continue
-        seconds = record["num_samples"] / record["sampling_rate"]
-        if seconds < min_duration:
-            counts["too_short"] += 1
-            continue
-        if seconds > max_duration:
-            counts["too_long"] += 1
-            continue
         record["transcription"] = basic_normalize(record["raw_transcription"])
         # Clips are resampled on load; num_samples is stated at the pipeline rate.
         record["num_samples"] = round(record["num_samples"] * sampling_rate / record["sampling_rate"])
         record["sampling_rate"] = sampling_rate
         kept.append(record)
-    out_records = []
-    for factor in speed_factors:
-        for record in kept:
-            rec = dict(record)
-            if factor != 1.0:
-                rec["id"] = f"sp{factor}-{record['id']}"
-                rec["speed"] = factor
-                rec["num_samples_perturbed"] = perturbed_length(record["num_samples"], factor, sampling_rate)
-            out_records.append(rec)
-    counts["kept"] = len(kept)
+    out_records = speed_perturbed_copies(kept, speed_factors, sampling_rate)
+    dropped: dict[str, Counter[str]] = {}
+    if filter_durations:
+        out_records, dropped = filter_by_duration(out_records, sampling_rate, min_duration, max_duration)
+        for reasons in dropped.values():
+            counts.update(reasons)
+    counts["kept"] = len({r.get("_source", r["id"]) for r in out_records})  # utterances with a copy left
     counts["output"] = len(out_records)
     write_manifest(out, out_records)
     report = {
         "manifest": str(manifest), "counts": dict(counts), "skipped": skipped,
         "min_duration": min_duration, "max_duration": max_duration, "speed_factors": speed_factors,
-        "hours": sum(r["num_samples"] / sampling_rate / r.get("speed", 1.0) for r in out_records) / 3600,
+        "filter_durations": filter_durations,
+        "dropped_per_speed": {factor: dict(reasons) for factor, reasons in dropped.items()},
+        "hours": sum(perturbed_samples(r) for r in out_records) / sampling_rate / 3600,
         "normalizer": normalizer_version(),
     }
     atomic_write_text(report_path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
 
-def language_ids(train_manifest: Path, out: Path) -> dict[str, int]:
-    """LID labels: 1 + index in the sorted list of language names present (0 is the CTC blank)."""
-    from speechllm.data.languages import language_name
+def speed_perturbed_copies(records: list[dict[str, Any]], speed_factors: list[float],
+                           sampling_rate: int) -> list[dict[str, Any]]:
+    """One copy of every record per factor, factor by factor; a copy other than 1.0 is `sp<f>-<id>` (ESPnet's
+    naming) with its `speed` and perturbed length; `_source` (not written) is the utterance it was made from."""
+    copies = []
+    for factor in speed_factors:
+        for record in records:
+            rec = dict(record)
+            if factor != 1.0:
+                rec["id"] = f"sp{factor}-{record['id']}"
+                rec["_source"] = record["id"]
+                rec["speed"] = factor
+                rec["num_samples_perturbed"] = perturbed_length(record["num_samples"], factor, sampling_rate)
+            copies.append(rec)
+    return copies
 
-    langs = sorted({language_name(r["language"]) for r in read_manifest(train_manifest, required=("language",))})
-    mapping = {name: i + 1 for i, name in enumerate(langs)}
+
+def perturbed_samples(record: dict[str, Any]) -> int:
+    """A prepared record's length in samples after its speed perturbation."""
+    return record.get("num_samples_perturbed", record["num_samples"])
+
+
+def duration_verdict(num_samples: int, sampling_rate: int, min_duration: float, max_duration: float) -> str | None:
+    """Why a clip of `num_samples` is dropped ("too_short" / "too_long"), or None if kept. As ESPnet asr.sh
+    stage 4, a clip is kept when int(min_duration * fs) < samples < int(max_duration * fs) (both exclusive)."""
+    if num_samples <= int(min_duration * sampling_rate):
+        return "too_short"
+    if num_samples >= int(max_duration * sampling_rate):
+        return "too_long"
+    return None
+
+
+def filter_by_duration(copies: list[dict[str, Any]], sampling_rate: int, min_duration: float,
+                       max_duration: float) -> tuple[list[dict[str, Any]], dict[str, Counter[str]]]:
+    """The copies whose own (perturbed) length passes `duration_verdict`, and per speed factor how many were
+    dropped as too short / too long."""
+    kept: list[dict[str, Any]] = []
+    dropped: dict[str, Counter[str]] = {}
+    for rec in copies:
+        verdict = duration_verdict(perturbed_samples(rec), sampling_rate, min_duration, max_duration)
+        if verdict is None:
+            kept.append(rec)
+        else:
+            dropped.setdefault(str(rec.get("speed", 1.0)), Counter())[verdict] += 1
+    return kept, dropped
+
+
+def language_ids(manifests: list[Path], out: Path) -> dict[str, int]:
+    """LID labels: 1 + index in the sorted list of language names present in `manifests` (the training and
+    dev sets, as the reference's gen_lang_id.py); 0 is the CTC blank. An unknown code names its manifest line."""
+    from speechllm.data.languages import language_name_at, record_location
+
+    names = {language_name_at(r["language"], record_location(r, str(path)))
+             for path in manifests for r in read_manifest(path, required=("language",))}
+    mapping = {name: i + 1 for i, name in enumerate(sorted(names))}
     atomic_write_text(out, json.dumps(mapping, indent=2, ensure_ascii=False) + "\n")
     return mapping

@@ -26,12 +26,19 @@ def read_generated(paths: list[Path]) -> list[dict[str, Any]]:
     return [item for path in paths for item in read_manifest(path, required=GENERATED_FIELDS)]
 
 
-def synthetic_pools(generated: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Usable items per transcript, in generation order. As the reference: a non-empty output and a
-    non-empty prefix or postfix (which drops an empty template)."""
+def usable_output(output: str, drop_blank: bool) -> bool:
+    """Whether a continuation can be a target. The reference keeps every output that tokenises to at least
+    one id, i.e. any non-empty string (DigitalPhonetics/bloomzmms@77dc192:data/synthetic-targets/
+    prepare_data.py); `drop_blank` (config targets.drop_blank_outputs) also drops whitespace-only ones."""
+    return bool(output.strip()) if drop_blank else bool(output)
+
+
+def synthetic_pools(generated: list[dict[str, Any]], drop_blank: bool) -> dict[str, list[dict[str, Any]]]:
+    """Usable items per transcript, in generation order. As the reference: a usable output and a non-empty
+    prefix or postfix (which drops an empty template)."""
     pools: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for item in sorted(generated, key=lambda x: x["index"]):
-        if item["output"].strip() and (item["prefix"] or item["postfix"]):
+        if usable_output(item["output"], drop_blank) and (item["prefix"] or item["postfix"]):
             pools[item["text"]].append(item)
     return pools
 
@@ -48,11 +55,13 @@ def t_records(train: list[dict[str, Any]], prefix: str, postfix: str) -> list[di
 
 
 def assemble(train: list[dict[str, Any]], generated: list[dict[str, Any]], prefix: str, postfix: str,
-             mi_reading: str, per_utterance: int) -> dict[str, list[dict[str, Any]]]:
-    """Returns {"t": [...], "mi": [...], "tmi": [...]} manifest records."""
+             mi_reading: str, per_utterance: int, drop_blank: bool) -> dict[str, list[dict[str, Any]]]:
+    """Returns {"t": [...], "mi": [...], "tmi": [...]} manifest records. A synthetic target is the LLM's
+    continuation as generated: BLOOMZ's continuations mostly begin with a space, which the reference keeps
+    (it tokenises the output string itself), so the first target token is a `Ġ...` piece."""
     if mi_reading not in MI_READINGS:
         raise ValueError(f"targets.mi_reading must be one of {MI_READINGS}, got {mi_reading!r}")
-    pools = synthetic_pools(generated)
+    pools = synthetic_pools(generated, drop_blank)
     cursor: dict[str, int] = defaultdict(int)
     t_set, mi_set, tmi_set = t_records(train, prefix, postfix), [], []
     for rec in train:
@@ -67,7 +76,7 @@ def assemble(train: list[dict[str, Any]], generated: list[dict[str, Any]], prefi
             item = pool[cursor[text] % len(pool)]  # hand items out in passes over the utterances of a text
             cursor[text] += 1
             synthetic.append({**base, "prefix": item["prefix"], "postfix": item["postfix"],
-                              "target": item["output"].strip()})
+                              "target": item["output"]})
         tmi_items = [transcription, *synthetic]
         for k, item in enumerate(tmi_items, start=1):
             tmi_set.append({**item, "id": f"{rec['id']}-{k}"})

@@ -62,7 +62,7 @@ def cmd_targets_assemble(args: argparse.Namespace) -> None:
     train = read_manifest(args.manifest, required=("raw_transcription", "transcription"))
     generated = read_generated([Path(p) for p in args.shards])
     sets = assemble(train, generated, s["prompt"]["prefix"], s["prompt"]["postfix"], s["mi_reading"],
-                    s["templates_per_occurrence"])
+                    s["templates_per_occurrence"], s["drop_blank_outputs"])
     out = Path(args.out_dir)
     for name, records in sets.items():
         write_manifest(out / f"train_{name}.jsonl", records)

@@ -162,6 +162,10 @@ def cmd_train(args: argparse.Namespace) -> None:
             tokenizer, responses.get("text_field", "raw_transcription"), responses.get("lowercase", True)
         )
     else:
+        from speechllm.data.languages import check_lid_labels
+
+        for dataset in (train_set, dev_set):  # before the first step; the collator checks again
+            check_lid_labels(dataset.records, lid, dataset.manifest)
         collator = Collator(tokenizer, lid, s["models"]["prompt"]["prefix"], s["models"]["prompt"]["postfix"])
     log_dir = Path(args.log_dir)
     job_type = args.job_type or f"train_{args.stage}"
