@@ -44,6 +44,42 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {"llm": root / "llm", "encoder": root / "mms"}
 
 
+@pytest.fixture(scope="session")
+def tiny_bertscore_model(tmp_path_factory) -> Path:
+    """A 3-layer RoBERTa with a byte-level BPE tokenizer (the kind of bert-score's English roberta-large),
+    saved with save_pretrained: a local BERTScore scoring model."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+
+    root = tmp_path_factory.mktemp("tiny_roberta")
+    texts = [
+        "The council approved a new park on Monday.",
+        "Heavy rain closed two roads.",
+        "A local team won the cup after a late goal.",
+        "the cat sat on the mat",
+    ] * 10
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        texts, vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False
+    )
+    bpe.save_model(str(root))
+    tokenizer = RobertaTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=128)
+    tokenizer.save_pretrained(root)
+    torch.manual_seed(0)
+    config = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    RobertaModel(config).save_pretrained(root)
+    return root
+
+
 @pytest.fixture()
 def tiny_spec(tiny_models) -> dict:
     """A speechllm.json-style spec over the tiny models."""

@@ -19,6 +19,7 @@ from speechllm.train.distillation import (
     DistillationConfig,
     distillation_loss,
     pack_right_padded,
+    reference_encoder_training,
     response_rows,
     response_targets,
 )
@@ -210,8 +211,8 @@ def test_eos_label_and_input_errors():
         distillation_loss(llm, student, teacher, responses, DistillationConfig(fd_layers=[0, 9]))
 
 
-def test_kd_objective_trains_a_kang_roy_model(tmp_path):
-    """The loop's "kd" objective on a tiny HuBERT + LLaMA Kang & Roy model: losses finite, weights move."""
+def _tiny_kang_roy(tmp_path: Path):
+    """A tiny HuBERT + LLaMA Kang & Roy model (built and saved locally), its tokenizer and train / dev sets."""
     from test_train_resume import write_corpus
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -219,9 +220,6 @@ def test_kd_objective_trains_a_kang_roy_model(tmp_path):
     from speechllm.data.batches import SpeechDataset
     from speechllm.data.manifest import read_manifest
     from speechllm.models.export import build_model, kang_roy_spec
-    from speechllm.train.loop import StageConfig, train
-    from speechllm.train.objectives import DistillationCollator
-    from speechllm.train.tracking import Tracker
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -284,33 +282,40 @@ def test_kd_objective_trains_a_kang_roy_model(tmp_path):
         stage="kd",
     )
     model, tokenizer = build_model(spec, with_ctc=False, with_llm=True)
-    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     corpus = write_corpus(tmp_path / "data", num_train=6, num_dev=2)
-    stage = StageConfig.from_config(
-        "kd",
-        {
-            "lr": 1e-3,
-            "weight_decay": 0.0,
-            "warmup_steps": 0,
-            "accum_grad": 1,
-            "batch_seconds": 2.5,
-            "num_buckets": 1,
-            "max_epochs": 1,
-            "num_iters_per_epoch": 3,
-            "best_metric": "last",
-            "log_every": 1,
-            "checkpoint_every": 10,
-            "optimizer": "adamw",
-            "betas": [0.9, 0.999],
-            "schedule": "linear_decay",
-            "grad_clip": None,
-            "ntp_weight": 0.5,
-            "ld_weight": 0.5,
-            "fd_weight": 1.0,
-            "fd_layers": [0, 1, 2],
-        },
-    )
     datasets = [SpeechDataset(read_manifest(corpus[s]), 16000, str(corpus[s])) for s in ("train", "dev")]
+    return model, tokenizer, datasets
+
+
+KD_STAGE = {
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "warmup_steps": 0,
+    "accum_grad": 1,
+    "batch_seconds": 2.5,
+    "num_buckets": 1,
+    "max_epochs": 1,
+    "num_iters_per_epoch": 3,
+    "best_metric": "last",
+    "log_every": 1,
+    "checkpoint_every": 10,
+    "optimizer": "adamw",
+    "betas": [0.9, 0.999],
+    "schedule": "linear_decay",
+    "grad_clip": None,
+    "ntp_weight": 0.5,
+    "ld_weight": 0.5,
+    "fd_weight": 1.0,
+    "fd_layers": [0, 1, 2],
+}
+
+
+def _train_kd(tmp_path: Path, model, tokenizer, datasets, **overrides):
+    from speechllm.train.loop import StageConfig, train
+    from speechllm.train.objectives import DistillationCollator
+    from speechllm.train.tracking import Tracker
+
+    stage = StageConfig.from_config("kd", {**KD_STAGE, **overrides})
 
     def tracker(step, enabled):
         return Tracker(
@@ -325,7 +330,14 @@ def test_kd_objective_trains_a_kang_roy_model(tmp_path):
         )
 
     collator = DistillationCollator(tokenizer, text_field="raw_transcription", lowercase=True)
-    result = train(model, tokenizer, stage, *datasets, collator, tracker, 0, tmp_path / "ckpt")
+    return train(model, tokenizer, stage, *datasets, collator, tracker, 0, tmp_path / "ckpt")
+
+
+def test_kd_objective_trains_a_kang_roy_model(tmp_path):
+    """The loop's "kd" objective on a tiny HuBERT + LLaMA Kang & Roy model: losses finite, weights move."""
+    model, tokenizer, datasets = _tiny_kang_roy(tmp_path)
+    before = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    result = _train_kd(tmp_path, model, tokenizer, datasets)
     rows = [json.loads(line) for line in Path(tmp_path / "log/metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "loss" in r]
     assert len(trained) == 3 and all(r["loss_fd"] >= 0 and r["loss_ld"] > 0 for r in trained)
@@ -336,3 +348,78 @@ def test_kd_objective_trains_a_kang_roy_model(tmp_path):
     )  # linear decay over 3 updates
     after = model.trainable_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def reference_trainer_modes(num_epochs: int, batches_per_epoch: int, validation_interval: int) -> list[bool]:
+    """The encoder's mode at each batch, following the control flow of the reference's `Trainer.train`
+    (wonjune-kang/llm-speech-summarization@0a3d8e6:trainer.py): `.train()` at each epoch's start, `step += 1`
+    after each batch, `validate()` (which calls `.eval()`) when `step % validation_interval == 0` and at the
+    epoch's end."""
+    modes, step, training = [], 0, True
+    for _ in range(num_epochs):
+        training = True
+        for _ in range(batches_per_epoch):
+            modes.append(training)
+            step += 1
+            if step % validation_interval == 0:
+                training = False
+        training = False
+    return modes
+
+
+@pytest.mark.parametrize(("epochs", "per_epoch", "interval"), [(3, 7, 3), (4, 5, 5), (3, 4, 10), (2, 6, 1)])
+def test_reference_encoder_schedule_follows_the_reference_trainer(epochs, per_epoch, interval):
+    expected = reference_trainer_modes(epochs, per_epoch, interval)
+    got = [
+        reference_encoder_training(e * per_epoch + i, e * per_epoch, interval)
+        for e in range(epochs)
+        for i in range(per_epoch)
+    ]
+    assert got == expected
+
+
+@pytest.mark.parametrize("mode", ["reference", "train"])
+def test_the_loop_sets_the_encoder_mode_per_micro_batch(tmp_path, mode):
+    """Two epochs of 3 micro-batches, validation interval 2: the reference trains batches 0, 1 of epoch 0 and
+    batch 3 (the first) of epoch 1; `train` keeps the encoder in train mode at every training forward."""
+    model, tokenizer, datasets = _tiny_kang_roy(tmp_path)
+    seen: list[bool] = []
+    model.encoder.register_forward_pre_hook(
+        lambda module, args: seen.append(module.training) if torch.is_grad_enabled() else None
+    )
+    overrides = {"max_epochs": 2, "encoder_mode": mode}
+    if mode == "reference":
+        overrides["reference_validation_interval"] = 2
+    result = _train_kd(tmp_path, model, tokenizer, datasets, **overrides)
+    assert result.summary["final_step"] == 6
+    expected = [True, True, False, True, False, False] if mode == "reference" else [True] * 6
+    assert seen == expected
+    if mode == "reference":
+        assert expected == reference_trainer_modes(2, 3, 2)
+
+
+def test_reference_encoder_mode_survives_a_resume(tmp_path):
+    """A run stopped after epoch 0 resumes with the epoch's first micro-batch (3) in train mode: the epoch start
+    comes back from the checkpoint (from 0 instead, 3 // 2 != 0 // 2 would put it in eval mode)."""
+    model, tokenizer, datasets = _tiny_kang_roy(tmp_path)
+    settings = {"max_epochs": 2, "encoder_mode": "reference", "reference_validation_interval": 2}
+    assert _train_kd(tmp_path, model, tokenizer, datasets, max_steps=3, **settings).summary["final_step"] == 3
+    seen: list[bool] = []
+    model.encoder.register_forward_pre_hook(
+        lambda module, args: seen.append(module.training) if torch.is_grad_enabled() else None
+    )
+    assert _train_kd(tmp_path, model, tokenizer, datasets, max_steps=6, **settings).summary["final_step"] == 6
+    assert seen == reference_trainer_modes(2, 3, 2)[3:] == [True, False, False]
+
+
+def test_reference_encoder_mode_needs_the_kd_objective_and_an_interval():
+    from speechllm.train.loop import StageConfig
+
+    with pytest.raises(ValueError, match="reference_validation_interval"):
+        StageConfig.from_config("kd", {**KD_STAGE, "encoder_mode": "reference"})
+    with pytest.raises(ValueError, match="kd objective"):
+        StageConfig.from_config(
+            "ce", {**KD_STAGE, "encoder_mode": "reference", "reference_validation_interval": 2}
+        )
+    with pytest.raises(ValueError, match="encoder_mode must be"):
+        StageConfig.from_config("kd", {**KD_STAGE, "encoder_mode": "eval"})

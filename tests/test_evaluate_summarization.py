@@ -45,6 +45,17 @@ SETTINGS: dict[str, Any] = {
         "reference_field": "summary",
         "lowercase_text": False,
         "rouge_stemmer": False,
+        "meteor_tokenize": "word_tokenize",
+        "text_turn": "reference",
+        "bertscore": {
+            "model": None,
+            "num_layers": None,
+            "lang": "en",
+            "idf": False,
+            "rescale_with_baseline": False,
+            "baseline_path": None,
+            "batch_size": 4,
+        },
     },
     "response_ppl": {
         "text_field": "raw_transcription",
@@ -199,8 +210,8 @@ def _system(kr_world, decoder: str):
     return build_system(kr_world["model_dir"], decoder, settings, SR, CPU)[0]
 
 
-def _recompute(tmp_path: Path, benchmark: str, df, metrics) -> dict[str, Any]:
-    full = {"evaluate": SETTINGS, "experiment": "test", "sampling_rate": SR}
+def _recompute(tmp_path: Path, benchmark: str, df, metrics, settings=SETTINGS) -> dict[str, Any]:
+    full = {"evaluate": settings, "experiment": "test", "sampling_rate": SR}
     write_outputs(
         df,
         score_document(benchmark, "kr", "llm", "dir", full, metrics, {}),
@@ -214,9 +225,11 @@ def _recompute(tmp_path: Path, benchmark: str, df, metrics) -> dict[str, Any]:
     return again["metrics"]
 
 
-def test_summarization_speech_text_and_cascade(kr_world, tmp_path) -> None:
+def test_summarization_speech_text_and_cascade(kr_world, tmp_path, tiny_bertscore_model) -> None:
     speech = _system(kr_world, "llm")
-    df, metrics = summarization.run_summarization(speech, kr_world["articles"], SETTINGS)
+    bert = {**SETTINGS["summarization"]["bertscore"], "model": str(tiny_bertscore_model), "num_layers": 2}
+    settings = {**SETTINGS, "summarization": {**SETTINGS["summarization"], "bertscore": bert}}
+    df, metrics = summarization.run_summarization(speech, kr_world["articles"], settings)
     assert list(df.prompt) == [PROMPT + "<speech>"] * 3 and df.input_text.isna().all()
     scores = metrics["all"]
     assert scores["num_docs"] == 3 and all(
@@ -226,7 +239,10 @@ def test_summarization_speech_text_and_cascade(kr_world, tmp_path) -> None:
         assert 0.0 <= scores["meteor"] <= 1.0
     else:  # never downloaded at run time: skipped with the reason recorded
         assert scores["meteor"] is None and "WordNet" in scores["meteor_skipped"]
-    _recompute(tmp_path, "summarization", df, metrics)
+    assert all(-1.0 <= scores[f"bertscore_{k}"] <= 1.0 for k in ("precision", "recall", "f1"))
+    assert scores["bertscore_model"] == str(tiny_bertscore_model) and scores["bertscore_num_layers"] == 2
+    _recompute(tmp_path, "summarization", df, metrics, settings)
+    assert summarization.score_summarization(df, SETTINGS)["all"]["bertscore_f1"] is None  # no model: skipped
 
     text = _system(kr_world, "text")
     # the instruction and the article are one user-turn string inside the chat template
@@ -242,6 +258,38 @@ def test_summarization_speech_text_and_cascade(kr_world, tmp_path) -> None:
     transcripts = list(casc_df.input_text)
     assert all(t and t == t.lower() for t in transcripts)  # lower-cased, as the reference's cascade
     assert casc_df.prompt.iloc[0] == PROMPT + transcripts[0]
+
+
+def _generate_text_response_ids(tokenizer, text: str) -> list[int]:
+    """The reference's `generate_text_response` prompt (inference.py @0a3d8e6), tokenised with BOS first."""
+    ids = list(tokenizer(f"[|User|] {text}</s>[|Assistant|] ").input_ids)
+    return ids if ids[0] == tokenizer.bos_token_id else [tokenizer.bos_token_id, *ids]
+
+
+def test_text_and_cascade_turns_are_written_as_generate_text_response(kr_world) -> None:
+    text = _system(kr_world, "text")
+    article = ARTICLES[0][0]
+    expected = _generate_text_response_ids(text.tokenizer, PROMPT + article)
+    assert text.prompts([[PROMPT, article]], "reference") == [[expected]]
+    # the spaced one-string turn is not the segment layout of the speech prompt
+    assert [t for seg in text.prompts([[PROMPT, article]])[0] for t in seg] != expected
+    direct = text.generate([[expected]], 1, SETTINGS["summarization"]["max_new_tokens"])
+    text_df, _ = summarization.run_summarization(text, kr_world["articles"][:1], SETTINGS)
+    assert list(text_df.hypothesis) == direct
+
+    cascade = _system(kr_world, "cascade")
+    casc_df, _ = summarization.run_summarization(cascade, kr_world["articles"][:1], SETTINGS)
+    transcript = casc_df.input_text.iloc[0]
+    turn = _generate_text_response_ids(cascade.tokenizer, PROMPT + transcript)
+    assert cascade.prompts([[PROMPT, transcript]], "reference") == [[turn]]
+    max_new_tokens = SETTINGS["summarization"]["max_new_tokens"]
+    assert list(casc_df.hypothesis) == cascade.generate([[turn]], 1, max_new_tokens)
+
+    speech = _system(kr_world, "llm")  # speech prompts keep the segment layout (the reference's as well)
+    vectors = torch.zeros(3, speech.llm.lm.config.hidden_size)
+    assert speech.prompts([[PROMPT, vectors]], "reference") == speech.prompts([[PROMPT, vectors]])
+    with pytest.raises(ValueError, match="text_turn"):
+        text.prompts([[PROMPT]], "one_string")
 
 
 def test_response_perplexity_matches_teacher_forced_loss(kr_world, tmp_path) -> None:

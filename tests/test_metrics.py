@@ -13,6 +13,7 @@ import pytest
 from speechllm.evaluate import metrics
 from speechllm.evaluate.metrics import (
     asr_scores,
+    bertscore,
     bleu_tokenizer,
     classification_scores,
     glue_average,
@@ -248,6 +249,131 @@ def test_meteor_is_skipped_with_a_reason_without_wordnet(monkeypatch) -> None:
     monkeypatch.setattr(metrics, "wordnet_available", lambda: False)
     result = meteor(["the cat sat"], ["the cat sat"])
     assert result["meteor"] is None and "never downloaded" in result["meteor_skipped"]
+
+
+class NoSynonyms:
+    """A WordNet stand-in without synsets: METEOR's exact and stem stages only (no WordNet data offline)."""
+
+    @staticmethod
+    def synsets(word: str) -> list:
+        return []
+
+
+@pytest.fixture()
+def punkt_english(tmp_path, monkeypatch) -> Path:
+    """A locally written English `punkt_tab` model with no learnt abbreviations or collocations (nltk's
+    sentence splitter then breaks at every sentence-final period), on nltk's data path."""
+    import nltk
+    from nltk.tokenize import _get_punkt_tokenizer
+
+    model = tmp_path / "nltk_data" / "tokenizers" / "punkt_tab" / "english"
+    model.mkdir(parents=True)
+    for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
+        (model / name).write_text("")
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")])
+    _get_punkt_tokenizer.cache_clear()
+    yield model
+    _get_punkt_tokenizer.cache_clear()
+
+
+def test_meteor_tokenises_with_word_tokenize_as_hf_evaluate(punkt_english) -> None:
+    from nltk.tokenize import word_tokenize
+    from nltk.translate.meteor_score import single_meteor_score
+
+    refs = ["It rained. Two roads closed.", "The council approved a park."]
+    hyps = ["It rained . Two roads closed .", "The council approved a new park."]
+    # sentence splitting (the Punkt data) separates the period from "rained"
+    assert word_tokenize(refs[0]) == ["It", "rained", ".", "Two", "roads", "closed", "."]
+    # HF evaluate's meteor: single_meteor_score(word_tokenize(ref), word_tokenize(pred), 0.9, 3, 0.5), then a mean
+    expected = fmean(
+        single_meteor_score(
+            word_tokenize(r), word_tokenize(h), wordnet=NoSynonyms(), alpha=0.9, beta=3, gamma=0.5
+        )
+        for r, h in zip(refs, hyps, strict=True)
+    )
+    tokenised = meteor(refs, hyps, "word_tokenize", wordnet=NoSynonyms())
+    assert tokenised["meteor"] == pytest.approx(expected) and tokenised["meteor_tokenize"] == "word_tokenize"
+    by_space = meteor(refs, hyps, "whitespace", wordnet=NoSynonyms())
+    assert by_space["meteor"] < tokenised["meteor"] - 0.05  # "rained." / "closed." do not match "rained", "."
+
+
+def test_meteor_without_punkt_data_is_skipped_with_a_reason(tmp_path, monkeypatch) -> None:
+    import nltk
+
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
+    result = meteor(["the cat sat."], ["the cat sat."], "word_tokenize", wordnet=NoSynonyms())
+    assert result["meteor"] is None and "punkt_tab" in result["meteor_skipped"]
+    assert "meteor_tokenize: whitespace" in result["meteor_skipped"]
+    assert meteor(["the cat sat."], ["the cat sat."], "whitespace", wordnet=NoSynonyms())["meteor"] > 0.9
+    with pytest.raises(ValueError, match="evaluate.summarization.meteor_tokenize"):
+        meteor(["a"], ["a"], "spacy")
+
+
+BERTSCORE = {
+    "model": None,
+    "num_layers": 2,
+    "lang": "en",
+    "idf": False,
+    "rescale_with_baseline": False,
+    "baseline_path": None,
+    "batch_size": 2,
+}
+
+
+def _hand_bertscore(model_dir: Path, layer: int, ref: str, hyp: str) -> tuple[float, float, float]:
+    """BERTScore as bert-score defines it: each token's best cosine match among the other text's token
+    embeddings at the layer (<s> and </s> included as candidates), averaged over the text's own tokens without
+    <s> and </s>: precision over the hypothesis, recall over the reference, F1 their harmonic mean."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).eval()
+
+    def embed(text: str) -> torch.Tensor:
+        ids = tokenizer.encode(text, add_special_tokens=True, add_prefix_space=True)
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[layer][0]
+        return torch.nn.functional.normalize(hidden, dim=-1)
+
+    sim = embed(hyp) @ embed(ref).T
+    precision = float(sim.max(dim=1).values[1:-1].mean())
+    recall = float(sim.max(dim=0).values[1:-1].mean())
+    return precision, recall, 2 * precision * recall / (precision + recall)
+
+
+def test_bertscore_matches_its_definition_on_a_local_model(tiny_bertscore_model) -> None:
+    refs = ["The council approved a new park on Monday.", "Heavy rain closed two roads."]
+    hyps = ["The council approved a park.", "A local team won the cup."]
+    cfg = {**BERTSCORE, "model": str(tiny_bertscore_model)}
+    scores = bertscore(refs, hyps, cfg)
+    hand = [_hand_bertscore(tiny_bertscore_model, 2, r, h) for r, h in zip(refs, hyps, strict=True)]
+    for i, part in enumerate(("precision", "recall", "f1")):
+        assert scores[f"bertscore_{part}"] == pytest.approx(fmean(h[i] for h in hand), abs=1e-5)
+    assert scores["bertscore_num_layers"] == 2 and scores["bertscore_rescaled"] is False
+    assert "_L2_no-idf" in scores["bertscore_signature"]
+    layer1 = bertscore(refs, hyps, {**cfg, "num_layers": 1})
+    assert layer1["bertscore_f1"] != pytest.approx(scores["bertscore_f1"])
+
+
+def test_bertscore_rescales_only_when_configured(tiny_bertscore_model, tmp_path) -> None:
+    refs, hyps = ["Heavy rain closed two roads."], ["Rain closed roads."]
+    cfg = {**BERTSCORE, "model": str(tiny_bertscore_model)}
+    raw = bertscore(refs, hyps, cfg)
+    baseline = tmp_path / "baseline.tsv"  # bert-score's format: one row per layer, columns LAYER,P,R,F
+    baseline.write_text("LAYER,P,R,F\n0,0.1,0.1,0.1\n1,0.2,0.2,0.2\n2,0.5,0.4,0.3\n3,0.1,0.1,0.1\n")
+    rescaled = bertscore(refs, hyps, {**cfg, "rescale_with_baseline": True, "baseline_path": str(baseline)})
+    for part, b in (("precision", 0.5), ("recall", 0.4), ("f1", 0.3)):
+        expected = (raw[f"bertscore_{part}"] - b) / (1 - b)
+        assert rescaled[f"bertscore_{part}"] == pytest.approx(expected, abs=1e-6)
+    assert rescaled["bertscore_rescaled"] is True
+
+
+def test_bertscore_without_a_model_is_skipped_and_a_bad_model_names_the_key(tmp_path) -> None:
+    skipped = bertscore(["a"], ["a"], BERTSCORE)
+    assert skipped["bertscore_f1"] is None and "bertscore.model" in skipped["bertscore_skipped"]
+    with pytest.raises(ValueError, match="evaluate.summarization.bertscore.model"):
+        bertscore(["a"], ["a"], {**BERTSCORE, "model": str(tmp_path / "missing")})
 
 
 def test_perplexity_per_utterance_mean_and_token_level() -> None:

@@ -245,21 +245,28 @@ def test_atomic_dir_replaces_a_directory_whole_or_not_at_all(tmp_path: Path) -> 
 
 
 def test_summarization_table_reads_summary_and_perplexity_files(tmp_path: Path) -> None:
-    """The evaluation writes ROUGE/METEOR (`summarization`) and perplexity (`response_ppl`) to two score files."""
+    """The evaluation writes ROUGE/METEOR/BERTScore (`summarization`) and perplexity (`response_ppl`) to two score
+    files."""
     files = []
     for model, rouge, meteor in (("text", 0.40, 0.30), ("cascade", 0.30, None)):
         skipped = {"meteor_skipped": "nltk WordNet data not found"} if meteor is None else {}
+        bert = {"bertscore_precision": 0.8, "bertscore_recall": 0.7, "bertscore_f1": 0.75,
+                "bertscore_signature": "roberta-large_L17_no-idf"} if meteor else {
+                "bertscore_f1": None, "bertscore_skipped": "no scoring model"}
         files.append(_score_file(tmp_path, "summarization", model, {"all": {
             "rouge1": rouge, "rouge2": rouge / 2, "rougeL": rouge - 0.1, "rougeLsum": rouge, "meteor": meteor,
-            "num_docs": 3, **skipped}}))
+            "num_docs": 3, **skipped, **bert}}))
         files.append(_score_file(tmp_path / "ppl", "response_ppl", model, {
             "per_subset": {"test.clean": {"ppl": 3.5, "num_utts": 4}, "test.other": {"ppl": 5.0, "num_utts": 4}},
             "all": {"ppl": 4.2, "ppl_token": 4.0}}))
     table = build_table("summarization", files, ["text", "cascade"])
     assert list(table.columns) == ["text", "cascade"]
     assert list(table.index) == [("articles", "ROUGE-1"), ("articles", "ROUGE-2"), ("articles", "ROUGE-L"),
-                                 ("articles", "METEOR"), ("test.clean", "perplexity"), ("test.other", "perplexity"),
-                                 ("all", "perplexity")]
+                                 ("articles", "METEOR"), ("articles", "BERTScore-P"), ("articles", "BERTScore-R"),
+                                 ("articles", "BERTScore-F1"), ("test.clean", "perplexity"),
+                                 ("test.other", "perplexity"), ("all", "perplexity")]
+    assert table.loc[("articles", "BERTScore-F1"), "text"] == pytest.approx(75.0)
+    assert pd.isna(table.loc[("articles", "BERTScore-F1"), "cascade"])
     assert table.loc[("articles", "ROUGE-1"), "text"] == pytest.approx(40.0)
     assert table.loc[("articles", "ROUGE-L"), "cascade"] == pytest.approx(20.0)
     assert pd.isna(table.loc[("articles", "METEOR"), "cascade"])
@@ -268,6 +275,7 @@ def test_summarization_table_reads_summary_and_perplexity_files(tmp_path: Path) 
     assert footer.index("- text (summarization):") < footer.index("- text (response_ppl):") < footer.index(
         "- cascade (summarization):")
     assert "meteor_skipped: nltk WordNet data not found" in footer
+    assert "bertscore_signature: roberta-large_L17_no-idf" in footer and "bertscore_skipped" in footer
     md, _, _ = write_table(table, tmp_path / "tables" / "summarization", footer)
     assert "| articles | METEOR" in md.read_text(encoding="utf-8").replace("  ", " ").replace("  ", " ")
     with pytest.raises(ValueError, match="model 'text' in both"):

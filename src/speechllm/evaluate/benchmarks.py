@@ -164,10 +164,11 @@ def generate_for_records(
     max_new_tokens: int,
     batch_size: int,
     desc: str,
+    text_turn: str = "segments",
 ) -> tuple[list[str], list[str], list[str | None]]:
     """Generate one answer per record from the prompt `pieces(record, fill)`, where `fill` is the system's
-    speech vectors or text for `clip(record)`; batched by length. Returns (hypotheses, prompts as written,
-    input texts — None when speech was the input)."""
+    speech vectors or text for `clip(record)`; batched by length (`text_turn`: see `EvalSystem.prompts`).
+    Returns (hypotheses, prompts as written, input texts — None when speech was the input)."""
     hyps: list[str] = [""] * len(records)
     prompts: list[str] = [""] * len(records)
     inputs: list[str | None] = [None] * len(records)
@@ -175,7 +176,7 @@ def generate_for_records(
     for idx in tqdm(batches, desc=desc, mininterval=10):
         fills, _ = system.fills([clip(records[i]) for i in idx])
         built = [pieces(records[i], fill) for i, fill in zip(idx, fills, strict=True)]
-        out = system.generate(system.prompts(built), num_beams, max_new_tokens)
+        out = system.generate(system.prompts(built, text_turn), num_beams, max_new_tokens)
         for j, i in enumerate(idx):
             hyps[i], prompts[i] = out[j], system.describe(built[j])
             inputs[i] = None if system.decoder == "llm" else str(fills[j])

@@ -215,11 +215,11 @@ def rouge_scores(refs: list[str], hyps: list[str], use_stemmer: bool) -> dict[st
     return scores
 
 
-def wordnet_available() -> bool:
-    """Whether nltk's WordNet data (needed by METEOR) is installed locally; nothing is downloaded."""
+def _nltk_data_found(*resources: str) -> bool:
+    """Whether any of nltk's data `resources` is installed locally; nothing is downloaded."""
     import nltk
 
-    for resource in ("corpora/wordnet", "corpora/wordnet.zip"):
+    for resource in resources:
         try:
             nltk.data.find(resource)
             return True
@@ -228,18 +228,121 @@ def wordnet_available() -> bool:
     return False
 
 
-def meteor(refs: list[str], hyps: list[str]) -> dict[str, Any]:
-    """Mean METEOR (nltk, whitespace tokens) when WordNet is available offline; else None with the reason."""
+def wordnet_available() -> bool:
+    """Whether nltk's WordNet data (needed by METEOR) is installed locally; nothing is downloaded."""
+    return _nltk_data_found("corpora/wordnet", "corpora/wordnet.zip")
+
+
+def punkt_available() -> bool:
+    """Whether nltk's English Punkt model (`word_tokenize` splits sentences with it) is installed locally."""
+    return _nltk_data_found("tokenizers/punkt_tab/english/")
+
+
+# METEOR's tokenisation: nltk `word_tokenize` (HF evaluate's "meteor", which Kang & Roy's evaluation used) or
+# whitespace splitting. Config key evaluate.summarization.meteor_tokenize.
+METEOR_TOKENIZERS: tuple[str, ...] = ("word_tokenize", "whitespace")
+
+
+def meteor(
+    refs: list[str], hyps: list[str], tokenize: str = "word_tokenize", wordnet: Any = None
+) -> dict[str, Any]:
+    """Mean METEOR over documents (nltk `single_meteor_score`, alpha 0.9, beta 3, gamma 0.5, as HF `evaluate`).
+
+    Args:
+        refs, hyps: one reference per hypothesis.
+        tokenize: "word_tokenize" (needs nltk's Punkt data) or "whitespace" (`str.split`).
+        wordnet: a WordNet reader for the synonym stage; None: nltk's WordNet data, which must be installed.
+
+    Returns:
+        {"meteor": mean, ...}, or {"meteor": None, "meteor_skipped": reason} when nltk data is missing (it is
+        never downloaded at run time).
+    """
     _check_lengths(refs, hyps)
+    if tokenize not in METEOR_TOKENIZERS:
+        raise ValueError(
+            f"config key evaluate.summarization.meteor_tokenize must be one of {METEOR_TOKENIZERS}, got {tokenize!r}"
+        )
     import nltk
 
-    if not wordnet_available():
+    if wordnet is None and not wordnet_available():
         return {"meteor": None, "meteor_skipped": "nltk WordNet data not found (run nltk.download('wordnet') "
                 "ahead of time to score METEOR; it is never downloaded at run time)"}
-    from nltk.translate.meteor_score import meteor_score
+    if tokenize == "word_tokenize" and not punkt_available():
+        return {"meteor": None, "meteor_skipped": "nltk Punkt data for word_tokenize not found (run "
+                "nltk.download('punkt_tab') ahead of time; it is never downloaded at run time), or set "
+                "evaluate.summarization.meteor_tokenize: whitespace"}
+    from nltk.tokenize import word_tokenize
+    from nltk.translate.meteor_score import single_meteor_score
 
-    values = [meteor_score([ref.split()], hyp.split()) for ref, hyp in zip(refs, hyps, strict=True)]
-    return {"meteor": fmean(values) if values else None, "meteor_version": f"nltk=={nltk.__version__}"}
+    split = word_tokenize if tokenize == "word_tokenize" else str.split
+    kwargs = {} if wordnet is None else {"wordnet": wordnet}
+    values = [
+        single_meteor_score(split(ref), split(hyp), **kwargs) for ref, hyp in zip(refs, hyps, strict=True)
+    ]
+    return {
+        "meteor": fmean(values) if values else None,
+        "meteor_tokenize": tokenize,
+        "meteor_version": f"nltk=={nltk.__version__}",
+    }
+
+
+BERTSCORE_PARTS: tuple[str, ...] = ("precision", "recall", "f1")
+
+
+def bertscore(refs: list[str], hyps: list[str], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Mean BERTScore precision, recall and F1 over documents (`bert-score`'s `BERTScorer`, which HF `evaluate`'s
+    "bertscore" wraps; Kang & Roy's evaluation called it with lang="en": roberta-large, layer 17, no idf, no
+    baseline rescaling).
+
+    Args:
+        refs, hyps: one reference per hypothesis.
+        cfg: config `evaluate.summarization.bertscore`: `model` (hub id or local directory; null: not scored),
+            `num_layers` (the layer whose embeddings are matched; null: bert-score's table for known hub ids),
+            `lang`, `idf` (idf weights from the references, as `evaluate`), `rescale_with_baseline`,
+            `baseline_path` (null: the baseline bert-score ships for `lang` and `model`), `batch_size`.
+
+    Returns:
+        {"bertscore_precision", "bertscore_recall", "bertscore_f1": means (fractions), the model, layer and
+        bert-score's hash of the settings}, or {"bertscore_f1": None, "bertscore_skipped": reason}.
+    """
+    _check_lengths(refs, hyps)
+    model = cfg.get("model")
+    if not model:
+        reason = "no scoring model: config key evaluate.summarization.bertscore.model is null"
+        return {"bertscore_f1": None, "bertscore_skipped": reason}
+    if not refs:
+        return {f"bertscore_{part}": None for part in BERTSCORE_PARTS}
+    try:
+        import bert_score
+    except ImportError as err:  # an optional extra: pip install 'speechllm[summarization]'
+        raise ValueError(
+            f"BERTScore needs the bert-score package (pip install 'speechllm[summarization]'), or set config key "
+            f"evaluate.summarization.bertscore.model to null to skip it: {err}"
+        ) from err
+
+    where = "config keys evaluate.summarization.bertscore.model / num_layers / baseline_path"
+    try:
+        scorer = bert_score.BERTScorer(
+            model_type=str(model),
+            num_layers=cfg.get("num_layers"),
+            batch_size=int(cfg["batch_size"]),
+            idf=bool(cfg["idf"]),
+            idf_sents=list(refs) if cfg["idf"] else None,
+            lang=cfg.get("lang"),
+            rescale_with_baseline=bool(cfg["rescale_with_baseline"]),
+            baseline_path=cfg.get("baseline_path"),
+        )
+        precision, recall, f1 = scorer.score(list(hyps), list(refs), batch_size=int(cfg["batch_size"]))
+    except (OSError, KeyError, ValueError, AssertionError) as err:
+        raise ValueError(f"BERTScore with model {model!r} failed ({where}): {err!r}") from err
+    parts = zip(BERTSCORE_PARTS, (precision, recall, f1), strict=True)
+    return {
+        **{f"bertscore_{part}": float(values.mean()) for part, values in parts},
+        "bertscore_model": str(model),
+        "bertscore_num_layers": scorer.num_layers,
+        "bertscore_rescaled": bool(cfg["rescale_with_baseline"]),
+        "bertscore_signature": scorer.hash,
+    }
 
 
 def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> dict[str, Any]:

@@ -3,8 +3,10 @@ perplexity.
 
 * Summarization: the user turn is the instruction text followed by the article's speech (the reference puts
   the text prompt before the audio), e.g. "Summarize the following article in 3 sentences or less: " +
-  <speech>; greedy decoding as the reference; ROUGE-1/2/L/Lsum (rouge-score) and METEOR (nltk, only when
-  WordNet is installed locally) against the reference summaries.
+  <speech>; greedy decoding as the reference; ROUGE-1/2/L/Lsum (rouge-score), METEOR (nltk, only when its
+  WordNet and Punkt data are installed locally) and BERTScore P/R/F1 (bert-score, when a scoring model is
+  configured) against the reference summaries. The text and cascade baselines write the chat turn as the
+  reference's `generate_text_response` (`evaluate.summarization.text_turn: reference`).
 * Response perplexity on LibriSpeech test-clean / test-other: the frozen LLM's text-prompted response to each
   utterance (`llm_response`, made by `speechllm targets responses`) scored teacher-forced after the speech
   (decoder llm), the CTC transcript (cascade) or the gold transcript (text).
@@ -22,7 +24,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from speechllm.evaluate.benchmarks import chunks_by_length, generate_for_records
-from speechllm.evaluate.metrics import meteor, perplexity, rouge_scores
+from speechllm.evaluate.metrics import bertscore, meteor, perplexity, rouge_scores
 from speechllm.evaluate.system import Clip, EvalSystem
 
 
@@ -37,11 +39,13 @@ def _require(records: list[dict[str, Any]], keys: tuple[str, ...], config_key: s
 
 
 def score_summarization(df: pd.DataFrame, settings: dict[str, Any]) -> dict[str, Any]:
+    cfg = settings["summarization"]
     refs, hyps = list(df.reference), list(df.hypothesis)
     return {
         "all": {
-            **rouge_scores(refs, hyps, settings["summarization"]["rouge_stemmer"]),
-            **meteor(refs, hyps),
+            **rouge_scores(refs, hyps, cfg["rouge_stemmer"]),
+            **meteor(refs, hyps, cfg["meteor_tokenize"]),
+            **bertscore(refs, hyps, cfg["bertscore"]),
             "num_docs": len(df),
         }
     }
@@ -60,7 +64,7 @@ def run_summarization(
     hyps, prompts, inputs = generate_for_records(
         system, records, lambda r: Clip(r["audio"], _article_text(r, cfg), r.get("_line")),
         lambda _r, fill: [cfg["prompt"], fill], cfg["num_beams"], cfg["max_new_tokens"],
-        settings["batch_size"], f"summarization ({system.decoder})",
+        settings["batch_size"], f"summarization ({system.decoder})", cfg["text_turn"],
     )
     df = pd.DataFrame(
         {

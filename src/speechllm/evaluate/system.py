@@ -23,9 +23,13 @@ import torch
 
 from speechllm.evaluate.ctc_search import CTCSearch, ctc_decode
 from speechllm.evaluate.decode import load_wavs, postprocess
+from speechllm.models.kang_roy import ChatTemplate, reference_text_turn_ids
 from speechllm.models.speech_llm import Segment, SpeechLLM, token_logprobs
 
 DECODERS = ("ctc", "llm", "cascade", "text")
+# How a text-only chat turn (Kang & Roy's text and cascade baselines) is tokenised: "segments" as the speech
+# prompt (chat prefix ids + user text ids + chat suffix ids), "reference" as `generate_text_response` (one string).
+TEXT_TURNS = ("segments", "reference")
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class EvalSystem:
         read_speech: clips -> speech vectors (and the CTC branch's text), for decoder ``llm``.
         transcribe: clips -> CTC transcripts, for decoders ``ctc`` and ``cascade``.
         notes: facts recorded in the score file (e.g. why there is no CTC-branch score).
+        chat: the chat turn's strings of a Kang & Roy system (None: the prompts are used as they are).
     """
 
     decoder: str
@@ -88,6 +93,7 @@ class EvalSystem:
     read_speech: Callable[[Sequence[Clip]], SpeechReadout] | None = None
     transcribe: Callable[[Sequence[Clip]], list[str]] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    chat: ChatTemplate | None = None
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -107,8 +113,21 @@ class EvalSystem:
         out = self.read_speech(clips)
         return list(out.speech), out.ctc_text
 
-    def prompts(self, pieces: Sequence[Sequence[Fill]]) -> list[list[Segment]]:
-        """Full LLM input segments for prompts given as text pieces and fills."""
+    def prompts(self, pieces: Sequence[Sequence[Fill]], text_turn: str = "segments") -> list[list[Segment]]:
+        """Full LLM input segments for prompts given as text pieces and fills.
+
+        With `text_turn` "reference", a chat system's all-text prompts become the one string the reference's
+        `generate_text_response` tokenises (`reference_text_turn_ids`); speech prompts are never affected.
+        """
+        if text_turn not in TEXT_TURNS:
+            raise ValueError(f"text_turn must be one of {TEXT_TURNS}, got {text_turn!r}")
+        if text_turn == "reference" and self.chat is not None:
+            return [
+                [reference_text_turn_ids(self.tokenizer, self.chat, "".join(p))]
+                if all(isinstance(piece, str) for piece in p)
+                else self.wrap([assemble(p, self.text_ids)])[0]
+                for p in pieces
+            ]
         return self.wrap([assemble(p, self.text_ids) for p in pieces])
 
     @staticmethod
@@ -259,10 +278,13 @@ def build_system(
     from pathlib import Path
 
     from speechllm.models.export import load_llm, load_model_dir, read_spec
-    from speechllm.models.kang_roy import ChatTemplate, chat_ids
+    from speechllm.models.kang_roy import chat_ids
 
     spec = read_spec(Path(model_dir))
     kind = spec.get("kind", "bloomzmms")
+    chat = None
+    if kind == "kang_roy":
+        chat = ChatTemplate(**{k: v for k, v in spec["chat"].items() if k != "label_eos"})
     search = CTCSearch.from_settings(settings.get("ctc"))
     cascade_cfg = settings.get("cascade_asr") or {}
     cascade_asr = cascade_cfg.get("name_or_path")
@@ -276,13 +298,9 @@ def build_system(
         lm, tokenizer = load_llm(spec["llm"], device)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         llm = SpeechLLM(lm, pad, tokenizer.eos_token_id)
-        wrap = None
-        if kind == "kang_roy":
-            chat = {k: v for k, v in spec["chat"].items() if k != "label_eos"}
-            wrap = chat_wrapper(*chat_ids(tokenizer, ChatTemplate(**chat)))
-        system = EvalSystem("text", tokenizer, llm, bloom_text_ids(tokenizer), notes=notes)
-        if wrap is not None:
-            system.wrap = wrap
+        system = EvalSystem("text", tokenizer, llm, bloom_text_ids(tokenizer), notes=notes, chat=chat)
+        if chat is not None:
+            system.wrap = chat_wrapper(*chat_ids(tokenizer, chat))
         return system, spec
 
     with_ctc = kind == "bloomzmms" and (
@@ -295,7 +313,7 @@ def build_system(
     )
     model.eval()
     llm = getattr(model, "llm", None)
-    system = EvalSystem(decoder, tokenizer, llm, bloom_text_ids(tokenizer), notes=notes)
+    system = EvalSystem(decoder, tokenizer, llm, bloom_text_ids(tokenizer), notes=notes, chat=chat)
     if kind == "kang_roy":
         system.wrap = model.chat_segments
         system.read_speech = kang_roy_speech_reader(model, sampling_rate, device)

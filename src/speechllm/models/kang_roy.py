@@ -52,6 +52,18 @@ def chat_ids(tokenizer: Any, template: ChatTemplate) -> tuple[list[int], list[in
     return prefix, text_ids(tokenizer, template.suffix)
 
 
+def reference_text_turn_ids(tokenizer: Any, template: ChatTemplate, text: str) -> list[int]:
+    """Token ids of a text-only chat turn as the reference's `generate_text_response` writes it
+    (wonjune-kang/llm-speech-summarization@0a3d8e6:inference.py): the one string
+    `f"{prefix} {text}{suffix} "` (a space after `[|User|]` and one after `[|Assistant|]`) tokenised at once,
+    starting with BOS."""
+    ids = list(tokenizer(f"{template.prefix} {text}{template.suffix} ").input_ids)
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]  # as chat_ids: the turn starts with <s> as with MiniChat's tokenizer
+    return ids
+
+
 class KangRoy(nn.Module):
     """Speech encoder (trainable) with an optional frozen chat LLM.
 

@@ -33,7 +33,7 @@ BAR_TITLES: dict[str, str] = {
     "covost2_st": "CoVoST 2 X→English speech translation: BLEU per language",
     "speechglue": "SpeechGLUE: primary metric per task",
     "speechxnli": "SpeechXNLI: accuracy per language",
-    "summarization": "Spoken-article summarization: ROUGE and METEOR",
+    "summarization": "Spoken-article summarization: ROUGE, METEOR and BERTScore",
 }
 GROUPS_PER_PANEL = 24  # paper scale has 102 languages: wrap them over several panels
 

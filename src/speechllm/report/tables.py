@@ -60,8 +60,8 @@ VALUE_NOTES: dict[str, str] = {
     "speechglue": "Primary metric per task in % (CoLA Matthews, STS-B Pearson, accuracy otherwise); "
     "averages are means of the primary metrics.",
     "speechxnli": "Accuracy in %; 'mean' = mean over languages.",
-    "summarization": "ROUGE-1/2/L F-measures and METEOR in % against the reference summaries (mean over "
-    "articles; METEOR where measured); perplexity of the text-prompted LLM's responses per test set "
+    "summarization": "ROUGE-1/2/L F-measures, METEOR and BERTScore P/R/F1 in % against the reference summaries "
+    "(mean over articles; METEOR and BERTScore where measured); perplexity of the text-prompted LLM's responses per test set "
     "(exp of the mean over utterances of the mean token NLL).",
 }
 METRIC_ORDER: tuple[str, ...] = ("cer", "wer", "bleu", "chrf")
@@ -71,6 +71,9 @@ SUMMARY_METRICS: tuple[tuple[str, str], ...] = (
     ("rouge2", "ROUGE-2"),
     ("rougeL", "ROUGE-L"),
     ("meteor", "METEOR"),
+    ("bertscore_precision", "BERTScore-P"),
+    ("bertscore_recall", "BERTScore-R"),
+    ("bertscore_f1", "BERTScore-F1"),
 )
 SUMMARY_LABELS: tuple[str, ...] = tuple(label for _, label in SUMMARY_METRICS)
 SUMMARY_DATA = "articles"  # row label of the summary-quality metrics (the spoken articles)
@@ -155,9 +158,10 @@ def _score_value(raw: Any, keys: Sequence[str]) -> Any:
 
 
 def _summarization_rows(metrics: Mapping[str, Any]) -> dict[Row, float]:
-    """ROUGE-1/2/L and METEOR (x 100) as rows of the 'articles', then the perplexity of each test set (unscaled).
+    """ROUGE-1/2/L, METEOR and BERTScore (x 100) as rows of the 'articles', then the perplexity of each test set
+    (unscaled).
 
-    Reads a `summarization` score file (ROUGE/METEOR fractions at the top level or under ``all``; optionally
+    Reads a `summarization` score file (ROUGE/METEOR/BERTScore fractions at the top level or under ``all``; optionally
     ``perplexity``: a number, or test set -> number) and a `response_ppl` one (``per_subset``: test set ->
     {"ppl": ...}, and ``all``: {"ppl": ...}).
     """

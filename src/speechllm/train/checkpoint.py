@@ -61,6 +61,7 @@ class TrainerState:
         data_pass: index of the current pass over the training data (the sampler's epoch).
         pass_position: micro-batches consumed in the current pass (the sampler's resume position).
         epoch: completed "epochs" (`num_iters_per_epoch` micro-batches each).
+        epoch_start_batch: `batches_seen` when the current epoch began.
         kept: evaluations whose weights are kept for the final selection, best first.
         best_early_stop: best value of the early-stopping metric so far (lower is better).
         evals_since_best: dev evaluations since it last improved.
@@ -77,6 +78,7 @@ class TrainerState:
     data_pass: int = 0
     pass_position: int = 0
     epoch: int = 0
+    epoch_start_batch: int = 0
     kept: list[KeptState] = field(default_factory=list)
     best_early_stop: float | None = None
     evals_since_best: int = 0

@@ -41,6 +41,29 @@ class DistillationConfig:
     )  # indices into HF `hidden_states`
 
 
+ENCODER_MODES = ("train", "reference")
+
+
+def reference_encoder_training(batch_index: int, epoch_start: int, validation_interval: int) -> bool:
+    """Whether Kang & Roy's trainer has its audio encoder in train mode for micro-batch `batch_index` (0-based,
+    counted over the whole run) of an epoch that began at micro-batch `epoch_start`.
+
+    The reference (wonjune-kang/llm-speech-summarization@0a3d8e6:trainer.py) calls `audio_encoder.train()` only
+    at the start of each epoch; after every `validation_interval` batches of its global count (`self.step`,
+    batches of one utterance) `validate()` puts the encoder in eval mode and leaves it there. So the encoder
+    trains (dropout, SpecAugment, LayerDrop) until the first multiple of the interval inside the epoch and runs
+    in eval mode for the rest of it.
+    """
+    return batch_index // validation_interval == epoch_start // validation_interval
+
+
+def set_reference_encoder_mode(
+    model: torch.nn.Module, batch_index: int, epoch_start: int, validation_interval: int
+) -> None:
+    """Put `model.encoder` (the Kang & Roy speech encoder) in the reference's mode for this micro-batch."""
+    model.encoder.train(reference_encoder_training(batch_index, epoch_start, validation_interval))
+
+
 @dataclass
 class DistillationOutput:
     """Batched KD loss and its parts, each the mean over samples of the per-sample value.

@@ -66,7 +66,7 @@ from speechllm.train.checkpoint import (
     restore_rng,
     weights_digest,
 )
-from speechllm.train.distillation import DistillationConfig
+from speechllm.train.distillation import ENCODER_MODES, DistillationConfig, set_reference_encoder_mode
 from speechllm.train.objectives import ObjectiveModule, batch_tokens, evaluate_dev
 from speechllm.train.parallel import (
     full_optimizer_state,
@@ -125,6 +125,10 @@ class StageConfig:
     ld_weight: float = 0.5
     fd_weight: float = 1.0
     fd_layers: list[int] = field(default_factory=lambda: [0, 5, 11, 17, 23])
+    # kd: "train" keeps the speech encoder in train mode throughout; "reference" switches it as Kang & Roy's
+    # trainer does (eval mode from the epoch's first validation, every `reference_validation_interval` batches).
+    encoder_mode: str = "train"
+    reference_validation_interval: int | None = None
 
     # Keys of `train.<stage>` that choose data (read by the rules), not the loop.
     DATA_KEYS = ("train_set", "dev_set")
@@ -145,6 +149,15 @@ class StageConfig:
             raise ValueError(f"dev_cer is only measured by the ctc objective, not {self.objective!r}")
         if self.objective == "ctc" and "dev_acc" in (self.best_metric, self.early_stopping_metric):
             raise ValueError("dev_acc is not measured by the ctc objective")
+        if self.encoder_mode not in ENCODER_MODES:
+            raise ValueError(f"encoder_mode must be one of {ENCODER_MODES}, got {self.encoder_mode!r}")
+        if self.encoder_mode == "reference" and (
+            self.objective != "kd" or not self.reference_validation_interval
+        ):
+            raise ValueError(
+                "encoder_mode 'reference' is for the kd objective and needs reference_validation_interval "
+                f"(objective {self.objective!r}, interval {self.reference_validation_interval!r})"
+            )
 
     @property
     def distillation(self) -> DistillationConfig:
@@ -508,6 +521,10 @@ class Trainer:
                 sync = state.batches_seen % stage.accum_grad == 0
                 batch = batch.to(acc.device)
                 weight = self.rank_weight(len(batch.records))
+                # Kang & Roy: the encoder in eval mode from the epoch's first validation on (see distillation.py)
+                if stage.encoder_mode == "reference":
+                    first, interval = state.epoch_start_batch, stage.reference_validation_interval
+                    set_reference_encoder_mode(self.core, state.batches_seen - 1, first, interval)
                 context = contextlib.nullcontext() if sync else self.accumulating()
                 with context, acc.autocast():  # the prepared (DDP) forward autocasts too; FSDP's does not
                     loss, stats = self.wrapped(batch)
@@ -562,6 +579,7 @@ class Trainer:
             row.update(metrics)
         if epoch_end:
             state.epoch += 1
+            state.epoch_start_batch = state.batches_seen
         state.stopped = self.stop_reason()
         if row:
             self.tracker.log(row, step=state.step)
