@@ -30,11 +30,11 @@ DECODERS = ("ctc", "llm", "cascade", "text")
 
 @dataclass(frozen=True)
 class Clip:
-    """One spoken text: its audio file (manifest line for errors) and its gold text."""
+    """One spoken text: its audio file (its manifest location `<manifest>:<line>`, for errors) and its gold text."""
 
     audio: str
     text: str = ""
-    line: int | None = None
+    line: int | str | None = None
 
 
 Fill = torch.Tensor | str  # what takes a clip's place in a prompt: speech vectors (T, H) or text
@@ -177,7 +177,9 @@ def own_ctc_transcriber(
 
     @torch.no_grad()
     def transcribe(clips: Sequence[Clip]) -> list[str]:
-        wav, lengths = load_wavs([c.audio for c in clips], sampling_rate, [c.line for c in clips], device)
+        wav, lengths = load_wavs(
+            [c.audio for c in clips], sampling_rate, [c.line for c in clips], device, model.min_input_samples()
+        )
         out = model.encode(wav, lengths)
         ids = ctc_decode(model.ctc_head(out.speech), out.speech_lengths, model.ctc_blank_id, search)
         return [postprocess(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -218,7 +220,9 @@ def bloomzmms_speech_reader(
 ) -> Callable[[Sequence[Clip]], SpeechReadout]:
     @torch.no_grad()
     def read(clips: Sequence[Clip]) -> SpeechReadout:
-        wav, lengths = load_wavs([c.audio for c in clips], sampling_rate, [c.line for c in clips], device)
+        wav, lengths = load_wavs(
+            [c.audio for c in clips], sampling_rate, [c.line for c in clips], device, model.min_input_samples()
+        )
         out = model.encode(wav, lengths)
         ctc_text = None
         if model.ctc_head is not None:  # the CTC branch scored from the same encoder output, at no extra cost
@@ -234,7 +238,9 @@ def kang_roy_speech_reader(
 ) -> Callable[[Sequence[Clip]], SpeechReadout]:
     @torch.no_grad()
     def read(clips: Sequence[Clip]) -> SpeechReadout:
-        wav, lengths = load_wavs([c.audio for c in clips], sampling_rate, [c.line for c in clips], device)
+        wav, lengths = load_wavs(
+            [c.audio for c in clips], sampling_rate, [c.line for c in clips], device, model.min_input_samples()
+        )
         return SpeechReadout(model.encode(wav, lengths))
 
     return read
