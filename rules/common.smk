@@ -146,6 +146,46 @@ def resolve_min_duration():
 DATA_MIN_DURATION = resolve_min_duration()
 
 
+def looks_local(name_or_path):
+    """A model named by a filesystem path rather than a hub id (`org/name`)."""
+    return bool(name_or_path) and (os.path.isabs(name_or_path) or str(name_or_path).startswith(("./", "../", "~")))
+
+
+def config_paths():
+    """(config key, path, "file" | "directory") of every path the config names that no job makes (the jobs that
+    read them would otherwise find them missing only when they run, possibly hours in)."""
+    data, paths = config["data"], []
+    if config["targets"]["source"] == "generate" and not KANG_ROY and config["targets"]["templates"] != "builtin" \
+            and not FETCHED_TEMPLATES:
+        paths.append(("targets.templates", config["targets"]["templates"], "file"))
+    for key in ("release_dir", "tsv_dir"):
+        if config["evaluate"]["covost2"].get(key):
+            paths.append((f"evaluate.covost2.{key}", config["evaluate"]["covost2"][key], "directory"))
+    if common_voice_enabled():
+        paths.append(("data.common_voice.release_dir", data["common_voice"]["release_dir"], "directory"))
+    if data["source"] == "hub":
+        for source in ("speechglue", "speechxnli"):
+            if data.get(source, {}).get("source") == "released" and data[source].get("release_dir"):
+                paths.append((f"data.{source}.release_dir", data[source]["release_dir"], "directory"))
+    for part in ("llm", "speech_encoder"):
+        if looks_local(config["models"][part]["name_or_path"]):
+            paths.append((f"models.{part}.name_or_path", config["models"][part]["name_or_path"], "directory"))
+    if looks_local(config["evaluate"].get("cascade_asr", {}).get("name_or_path")):
+        paths.append(("evaluate.cascade_asr.name_or_path", config["evaluate"]["cascade_asr"]["name_or_path"],
+                      "directory"))
+    return paths
+
+
+def check_config_paths():
+    """Stop with one line naming the key of the first configured path that does not exist."""
+    for key, path, kind in config_paths():
+        found = os.path.isfile if kind == "file" else os.path.isdir
+        if not found(os.path.expanduser(path)):
+            config_error(key, f"no such {kind}: {path} (relative paths are read from the working directory "
+                              f"{os.getcwd()})")
+
+
+
 wildcard_constraints:
     split="train|dev|test",
     system="|".join(SYSTEMS),
