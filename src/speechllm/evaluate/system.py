@@ -23,6 +23,7 @@ import torch
 
 from speechllm.evaluate.ctc_search import CTCSearch, ctc_decode
 from speechllm.evaluate.decode import load_wavs, postprocess
+from speechllm.models.frames import conv_stack_length, smallest_input
 from speechllm.models.speech_llm import Segment, SpeechLLM, token_logprobs
 
 DECODERS = ("ctc", "llm", "cascade", "text")
@@ -201,12 +202,15 @@ def hf_ctc_transcriber(
     kwargs = {} if Path(name_or_path).exists() else {"revision": revision}
     asr = AutoModelForCTC.from_pretrained(name_or_path, **kwargs).to(device).eval()
     asr_tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    # Shortest clip that gives a wav2vec2-family checkpoint's conv feature extractor one frame.
+    kernels, strides = getattr(asr.config, "conv_kernel", None), getattr(asr.config, "conv_stride", None)
+    shortest = smallest_input(lambda n: conv_stack_length(n, kernels, strides)) if kernels and strides else 0
 
     @torch.no_grad()
     def transcribe(clips: Sequence[Clip]) -> list[str]:
         texts = []
         for clip in clips:  # one at a time: these checkpoints take no attention mask (as the reference)
-            wav, _ = load_wavs([clip.audio], sampling_rate, [clip.line], device)
+            wav, _ = load_wavs([clip.audio], sampling_rate, [clip.line], device, shortest)
             ids = asr(wav).logits.argmax(dim=-1)
             text = asr_tokenizer.batch_decode(ids)[0]
             texts.append(postprocess(text.lower() if lowercase else text))
