@@ -177,28 +177,21 @@ def test_rerun_after_kill_refuses_while_a_run_still_works_there(tmp_path):
     fake = tmp_path / "snakemake"  # a stand-in that records how it was called
     fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\n')
     fake.chmod(0o755)
+
+    def rerun(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "SNAKEMAKE": str(fake)}
+        return subprocess.run([str(RERUN), *args], env=env, capture_output=True, text=True, timeout=60)
+
     live = subprocess.Popen(["bash", "-c", "exec -a 'speechllm train ctc' sleep 60"], cwd=workdir)
     try:
         time.sleep(0.3)
-        busy = subprocess.run(
-            [str(RERUN), "-c1", "-d", str(workdir)],
-            env={**os.environ, "SNAKEMAKE": str(fake)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        busy = rerun("-c1", "-d", str(workdir))
         assert busy.returncode == 3 and f"{live.pid} speechllm train ctc" in busy.stderr, busy.stderr
         assert not (tmp_path / "calls").exists()  # neither unlocked nor rerun
     finally:
         live.kill()
         live.wait()
-    done = subprocess.run(
-        [str(RERUN), "-c1", "--directory", str(workdir)],
-        env={**os.environ, "SNAKEMAKE": str(fake)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = rerun("-c1", "--directory", str(workdir))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "calls").read_text().splitlines() == [
         f"--unlock -c1 --directory {workdir}",
