@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file
 from test_train_resume import ADAPTOR, CTC_STAGE, run_settings, subprocess_env, train_command, write_corpus
 
+from speechllm.train.checkpoint import verify_checkpoint
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -61,15 +63,19 @@ def test_two_gloo_processes_share_batches_and_end_with_identical_weights(tiny_mo
     # ... and, with the gradients all-reduced, bit-identical weights on both ranks.
     digests = summary["final_weights_sha256_per_process"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    # Rank 0 wrote the shared checkpoint files, each rank its own RNG states.
+    # Rank 0 wrote the shared checkpoint files and their checksums (every rank's RNG file among them), each rank
+    # its own RNG states.
     last = run_dir / "train/checkpoints" / f"step_{final_step:08d}"
     assert sorted(p.name for p in last.iterdir()) == [
+        "checksums.sha256",
         "model.safetensors",
         "rng_rank0.pt",
         "rng_rank1.pt",
         "trainer.pt",
         "trainer_state.json",
     ]
+    verify_checkpoint(last)
+    assert "rng_rank1.pt" in (last / "checksums.sha256").read_text()
     assert (run_dir / "model/model.safetensors").is_file()
 
 
