@@ -30,6 +30,11 @@ include: "rules/evaluate.smk"
 include: "rules/report.smk"
 
 
+# Paths named in the config are checked before the first job of a run (a dry run lists the jobs without them).
+onstart:
+    check_config_paths()
+
+
 rule all:
     input:
         all_tables(),

@@ -88,6 +88,104 @@ if config["data"]["source"] == "demo":
             config_error(key, f"the demo world builds its model at {path}")
 
 
+def encoder_conv_layers():
+    """(kernels, strides) of the speech encoder's convolutional feature extractor, read from the config: the demo
+    encoder's build settings, else config/models/<name>.json or <name_or_path>/config.json; None if neither."""
+    if config["data"]["source"] == "demo":
+        encoder = config["models"]["demo_build"]["speech_encoder"]
+        return encoder["conv_kernel"], encoder["conv_stride"]
+    name = config["models"]["speech_encoder"]["name_or_path"]
+    for path in (os.path.join(workflow.basedir, "config", "models", f"{os.path.basename(name)}.json"),
+                 os.path.join(name, "config.json")):
+        if os.path.isfile(path):
+            with open(path) as fh:
+                encoder = json.load(fh)
+            if "conv_kernel" in encoder and "conv_stride" in encoder:
+                return encoder["conv_kernel"], encoder["conv_stride"]
+    return None
+
+
+def model_min_samples():
+    """The shortest clip (samples) the configured model turns into at least one speech vector: the encoder's frame
+    arithmetic, then the BLOOMZMMS adaptor's (or Kang & Roy's pooling); None when the encoder is unknown."""
+    from speechllm.models.frames import adaptor_frames_from_config, conv_output_length, conv_stack_length, \
+        min_input_samples
+
+    layers = encoder_conv_layers()
+    if layers is None:
+        return None
+    if KANG_ROY:
+        pooling = {"kernel_size": 8, "stride": 4, **config["models"].get("pooling", {})}
+        downstream = lambda frames: conv_output_length(frames, pooling["kernel_size"], pooling["stride"])
+    else:
+        downstream = adaptor_frames_from_config(config["models"]["adaptor"])
+    return min_input_samples(lambda samples: conv_stack_length(samples, *layers), downstream)
+
+
+def resolve_min_duration():
+    """data.min_duration in seconds: `auto` is the model's shortest input; a number below it is refused here,
+    before any job runs (such clips would stop training or evaluation when their batch comes)."""
+    from speechllm.models.frames import describe_min
+
+    value, rate = config["data"]["min_duration"], config["data"]["sampling_rate"]
+    shortest = model_min_samples()
+    if shortest is None:
+        if value == "auto":
+            config_error("data.min_duration", "auto needs the speech encoder's architecture (config/models/"
+                                              "<name>.json or <name_or_path>/config.json, neither found): give a "
+                                              "number of seconds")
+        return value
+    if value == "auto":
+        return shortest / rate
+    if value * rate < shortest:
+        config_error("data.min_duration", f"{value} s is shorter than the model's shortest input, "
+                                          f"{describe_min(shortest, rate)}: use auto or at least that")
+    return value
+
+
+DATA_MIN_DURATION = resolve_min_duration()
+
+
+def looks_local(name_or_path):
+    """A model named by a filesystem path rather than a hub id (`org/name`)."""
+    return bool(name_or_path) and (os.path.isabs(name_or_path) or str(name_or_path).startswith(("./", "../", "~")))
+
+
+def config_paths():
+    """(config key, path, "file" | "directory") of every path the config names that no job makes (the jobs that
+    read them would otherwise find them missing only when they run, possibly hours in)."""
+    data, paths = config["data"], []
+    if config["targets"]["source"] == "generate" and not KANG_ROY and config["targets"]["templates"] != "builtin" \
+            and not FETCHED_TEMPLATES:
+        paths.append(("targets.templates", config["targets"]["templates"], "file"))
+    for key in ("release_dir", "tsv_dir"):
+        if config["evaluate"]["covost2"].get(key):
+            paths.append((f"evaluate.covost2.{key}", config["evaluate"]["covost2"][key], "directory"))
+    if common_voice_enabled():
+        paths.append(("data.common_voice.release_dir", data["common_voice"]["release_dir"], "directory"))
+    if data["source"] == "hub":
+        for source in ("speechglue", "speechxnli"):
+            if data.get(source, {}).get("source") == "released" and data[source].get("release_dir"):
+                paths.append((f"data.{source}.release_dir", data[source]["release_dir"], "directory"))
+    for part in ("llm", "speech_encoder"):
+        if looks_local(config["models"][part]["name_or_path"]):
+            paths.append((f"models.{part}.name_or_path", config["models"][part]["name_or_path"], "directory"))
+    if looks_local(config["evaluate"].get("cascade_asr", {}).get("name_or_path")):
+        paths.append(("evaluate.cascade_asr.name_or_path", config["evaluate"]["cascade_asr"]["name_or_path"],
+                      "directory"))
+    return paths
+
+
+def check_config_paths():
+    """Stop with one line naming the key of the first configured path that does not exist."""
+    for key, path, kind in config_paths():
+        found = os.path.isfile if kind == "file" else os.path.isdir
+        if not found(os.path.expanduser(path)):
+            config_error(key, f"no such {kind}: {path} (relative paths are read from the working directory "
+                              f"{os.getcwd()})")
+
+
+
 wildcard_constraints:
     split="train|dev|test",
     system="|".join(SYSTEMS),

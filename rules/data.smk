@@ -50,6 +50,7 @@ rule prepare_split:
     params:
         settings=lambda wc: as_json({
             **json.loads(data_settings()),
+            "min_duration": DATA_MIN_DURATION,  # `auto` resolved to the model's shortest input (common.smk)
             "speed_perturb": config["data"]["speed_perturb"] if wc.split == "train" else [1.0],
             # ESPnet's stage 4 filters the training and dev sets only
             "filter_durations": wc.split != "test" or config["data"]["filter_test_durations"],

@@ -3,12 +3,38 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPEECHLLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+# Caches that Python and the tools write into the checkout by design.
+TOOL_CACHES = ("__pycache__", ".pytest_cache", ".ruff_cache")
+
+
+def checkout_state() -> set[str] | None:
+    """`git status --porcelain --ignored` of the checkout (ignored outputs such as results/ included), tool caches
+    aside; None outside a git checkout."""
+    try:
+        res = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--ignored"], capture_output=True,
+                             text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if res.returncode != 0:
+        return None
+    return {line for line in res.stdout.splitlines() if not any(cache in line for cache in TOOL_CACHES)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_untouched():
+    """The tests write only under tmp: the checkout (with its ignored files) is as it was before them."""
+    before = checkout_state()
+    yield
+    after = checkout_state()
+    if before is not None and after is not None:
+        assert after == before, f"the tests changed the checkout {REPO}: {sorted(after ^ before)}"
 
 
 @pytest.fixture(scope="session")

@@ -82,8 +82,21 @@ def test_bad_audio_is_named_with_its_manifest_line(tmp_path, kind):
         prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "report.json", SR, 0.1, 30.0, [1.0], "error",
                       filter_durations=True)
     message = str(err.value)
-    assert str(files[kind]) in message and "line 2" in message
+    assert str(files[kind]) in message and f"{manifest}:2" in message  # the file, the manifest and its line
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_bad_audio_while_training_names_the_manifest_and_line(tmp_path):
+    """The training / evaluation loaders name the manifest too, not just "manifest line N"."""
+    from speechllm.data.batches import SpeechDataset
+
+    good = tmp_path / "good.wav"
+    sf.write(str(good), tone(1.0, SR), SR)
+    manifest = tmp_path / "train.jsonl"
+    write_manifest(manifest, [record(good, uid="ok"), record(tmp_path / "gone.wav", uid="gone")])
+    dataset = SpeechDataset(read_manifest(manifest), SR, str(manifest))
+    with pytest.raises(AudioError, match=f"audio file not found: {tmp_path / 'gone.wav'} \\({manifest}:2\\)"):
+        dataset[1]
 
 
 def test_skip_mode_counts_every_bad_file(tmp_path):

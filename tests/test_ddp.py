@@ -17,6 +17,7 @@ from speechllm.data.batches import SpeechDataset
 from speechllm.data.bucketing import DurationBucketSampler, split_batch
 from speechllm.data.manifest import read_manifest
 from speechllm.train.loop import chain_digest
+from speechllm.train.checkpoint import verify_checkpoint
 
 
 def free_port() -> int:
@@ -162,14 +163,19 @@ def test_two_gloo_processes_split_every_batch_of_one_process(tiny_models, tmp_pa
     # With the gradients all-reduced, bit-identical weights on both ranks.
     digests = summary["final_weights_sha256_per_process"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    # Rank 0 wrote the shared checkpoint files, each rank its own RNG states.
-    assert sorted(p.name for p in (pair / last).parent.iterdir()) == [
+    # Rank 0 wrote the shared checkpoint files and their checksums (every rank's RNG file among them), each rank
+    # its own RNG states.
+    checkpoint = (pair / last).parent
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "checksums.sha256",
         "model.safetensors",
         "rng_rank0.pt",
         "rng_rank1.pt",
         "trainer.pt",
         "trainer_state.json",
     ]
+    verify_checkpoint(checkpoint)
+    assert "rng_rank1.pt" in (checkpoint / "checksums.sha256").read_text()
 
 
 # ------------------------------------------------------------------------------------------------------ FSDP

@@ -217,6 +217,24 @@ def test_atomic_failure_keeps_previous_content(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [target]
 
 
+def test_no_space_left_names_the_file_and_directory_being_written(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    def full_disk(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "results" / "scores.json"
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError, match=f"No space left on device while writing {target}; free space there") as err:
+        atomic_write_text(target, "{}")
+    assert err.value.errno == errno.ENOSPC and list(target.parent.iterdir()) == []
+    monkeypatch.undo()
+    with pytest.raises(OSError, match=f"while writing {tmp_path / 'model'}"), atomic_dir(tmp_path / "model"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(FileNotFoundError, match="missing.txt"), atomic_path(target):  # errors that name a file
+        (tmp_path / "missing.txt").read_text()
+
+
 def test_atomic_writes_replace_and_set_mode(tmp_path: Path) -> None:
     target = tmp_path / "data.bin"
     atomic_write_bytes(target, b"\x00\x01")

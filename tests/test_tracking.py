@@ -114,3 +114,37 @@ def test_resume_drops_a_torn_last_metrics_line_and_names_other_bad_lines(tmp_pat
     with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a metrics row"):
         Tracker(tmp_path, cfg, "tests", "train_ctc", "tests-ctc", {}, resume_step=3)
     assert jsonl.read_text() == broken
+
+
+CHILD_JOB = """
+from pathlib import Path
+from speechllm.train.tracking import Tracker
+Tracker(Path("results/train/job"), {"project": "speechllm-tests", "mode": "offline"}, "tests", "train_kd", "job",
+        {}).close()
+"""
+PARENT_WITH_SERVICE = """
+import subprocess, sys
+from pathlib import Path
+from speechllm.train.tracking import Tracker
+Tracker(Path("parent"), {"project": "speechllm-tests", "mode": "offline"}, "tests", "train_ctc", "parent", {}).close()
+subprocess.run([sys.executable, "-c", sys.argv[2]], cwd=sys.argv[1], check=True)  # inherits WANDB_SERVICE
+"""
+
+
+def test_a_job_started_under_a_running_wandb_service_writes_into_its_own_directory(tmp_path):
+    """A process that has used W&B (pytest, a notebook) hands its service to the jobs it starts (WANDB_SERVICE);
+    the service resolves paths in its own working directory, so the run of a job given a relative directory went
+    there (for the test suite: the repository checkout) or was lost."""
+    import os
+    import subprocess
+    import sys
+
+    parent, job = tmp_path / "parent_cwd", tmp_path / "job_cwd"
+    parent.mkdir()
+    job.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_MODE": "offline"}
+    subprocess.run([sys.executable, "-c", PARENT_WITH_SERVICE, str(job), CHILD_JOB], cwd=parent, env=env,
+                   check=True, timeout=300)
+    # The run's transaction log (written by the service) is in the job's own run directory.
+    assert list((job / "results/train/job/wandb").glob("offline-run-*/run-*.wandb"))
+    assert sorted(p.name for p in parent.iterdir()) == ["parent"]

@@ -193,6 +193,7 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 
 def test_sigkill_and_resume_gives_the_same_weights(tiny_models, tmp_path):
+    """Also: the newest checkpoint damaged after the kill is skipped, the one before resumed from."""
     corpus = write_corpus(tmp_path / "data")
     settings = run_settings(tiny_models, CTC_STAGE)
     env = subprocess_env()
@@ -201,22 +202,32 @@ def test_sigkill_and_resume_gives_the_same_weights(tiny_models, tmp_path):
     reference = start(train_command("ctc", settings, corpus, straight), env, tmp_path / "straight.log")
     victim = start(train_command("ctc", settings, corpus, killed), env, tmp_path / "killed.log")
     deadline = time.monotonic() + 240
-    while not checkpoint_steps(killed) and victim.poll() is None and time.monotonic() < deadline:
+    while len(checkpoint_steps(killed)) < 2 and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=30) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-4000:]
     stopped_at = checkpoint_steps(killed)
     final_step = CTC_STAGE["max_epochs"] * CTC_STAGE["num_iters_per_epoch"] // CTC_STAGE["accum_grad"]
-    assert stopped_at and stopped_at[-1] < final_step, "the run was not killed midway"
+    assert len(stopped_at) == 2 and stopped_at[-1] < final_step, "the run was not killed midway"
     assert not (killed / "model").exists()
+    # Silent damage to the newest checkpoint (zeros inside its tensor data; the file still loads): the resumed
+    # run sets it aside and continues from the one before, ending with the same weights all the same.
+    checkpoints = killed / "train" / "checkpoints"
+    damaged = checkpoints / f"step_{stopped_at[-1]:08d}"
+    weights_file = damaged / "model.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    start_of_data = 8 + int.from_bytes(data[:8], "little")
+    length = min(65536, (len(data) - start_of_data) // 2)
+    data[start_of_data + length // 2 : start_of_data + length // 2 + length] = bytes(length)
+    weights_file.write_bytes(bytes(data))
+    assert load_file(str(weights_file))
 
     resumed = start(train_command("ctc", settings, corpus, killed), env, tmp_path / "resumed.log")
     wait(reference, tmp_path / "straight.log")
     wait(resumed, tmp_path / "resumed.log")
-    assert (
-        f"resuming from {killed / 'train' / 'checkpoints' / f'step_{stopped_at[-1]:08d}'}"
-        in (tmp_path / "resumed.log").read_text()
-    )
+    resumed_log = (tmp_path / "resumed.log").read_text()
+    assert f"skipping damaged checkpoint {damaged}" in resumed_log
+    assert f"resuming from {checkpoints / f'step_{stopped_at[-2]:08d}'}" in resumed_log
 
     # Final weights (the last checkpoint) and the exported, selected weights are bit-identical.
     last = f"step_{final_step:08d}"
@@ -288,7 +299,7 @@ def test_checkpoints_are_atomic_pruned_and_reloadable(tmp_path):
     _save(manager, 3, [KeptState(0.4, 2, b)])
     # Only the newest two remain; kept weights nobody references any more are gone.
     assert manager.steps() == [2, 3]
-    assert sorted(p.name for p in manager.kept_dir.iterdir()) == [b]
+    assert sorted(p.name for p in manager.kept_dir.iterdir()) == [b, f"{b}.sha256"]  # the weights and their digest
     # A write interrupted by a kill leaves a temporary directory, never a step directory; it is cleaned.
     (tmp_path / ".tmp-step_00000004").mkdir()
     (tmp_path / ".tmp-step_00000004" / "model.safetensors").write_bytes(b"partial")

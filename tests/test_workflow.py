@@ -49,6 +49,8 @@ def override(tmp_path: Path, data: dict) -> Path:
         ({"models": {"ctc_head": {"blank_id": -1}}}, "models.ctc_head.blank_id"),
         ({"train": {"ctc": {"lid_ctc_lengths": "quartered"}}}, "train.ctc.lid_ctc_lengths"),
         ({"surprise": 1}, "<top level>"),
+        ({"data": {"min_duration": 0.05}}, "data.min_duration"),  # below the demo model's shortest input
+        ({"data": {"min_duration": "short"}}, "data.min_duration"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, data, key):
@@ -57,6 +59,36 @@ def test_config_errors_name_the_key(tmp_path, data, key):
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if "config error at key" in line]
     assert len(lines) == 1 and f"'{key}'" in lines[0], res.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("configfile", "data", "key"),
+    [
+        ("config/config.yaml", {"targets": {"templates": "my_templates.json"}}, "targets.templates"),
+        ("config/config.yaml", {"evaluate": {"covost2": {"release_dir": "covost2"}}}, "evaluate.covost2.release_dir"),
+        ("config/experiments/bloomzmms.yaml", {}, "data.common_voice.release_dir"),
+    ],
+)
+def test_missing_config_paths_stop_the_run_before_any_job(tmp_path, configfile, data, key):
+    """A path the config names (and no rule makes) is checked before the first job, in one line naming the key;
+    a dry run still lists the jobs."""
+    configs = ("--configfile", str(REPO / configfile), str(override(tmp_path, data)))
+    assert snakemake("-n", "-d", str(tmp_path), *configs).returncode == 0
+    res = snakemake("-c1", "-d", str(tmp_path), *configs)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if "config error at key" in line]
+    assert len(lines) == 1 and f"'{key}': no such" in lines[0], res.stderr[-2000:]
+    assert not (tmp_path / "results").exists() and not (tmp_path / "resources").exists()
+
+
+@pytest.mark.parametrize(("configfile", "seconds"), [("config/config.yaml", 0.115),
+                                                      ("config/experiments/bloomzmms.yaml", 0.225)])
+def test_min_duration_auto_is_the_models_shortest_input(tmp_path, configfile, seconds):
+    """`data.min_duration: auto` becomes the shortest clip the encoder + adaptor turn into a speech vector (demo
+    encoder 10 ms frames: 1840 samples; MMS-1B 20 ms frames: 3600), which data preparation then drops below."""
+    res = snakemake("results/data/dev.jsonl", "-n", "-p", "-d", str(tmp_path), "--configfile", str(REPO / configfile))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f'"min_duration": {seconds}' in res.stdout + res.stderr
 
 
 def test_lint_is_clean(tmp_path):

@@ -14,13 +14,17 @@ class AudioError(ValueError):
     """A file that cannot be used as speech input; the message names the file (and manifest line)."""
 
 
-def _where(path: str | Path, line: int | None) -> str:
-    return f"{path}" + (f" (manifest line {line})" if line is not None else "")
+def _where(path: str | Path, line: int | str | None) -> str:
+    if line is None:
+        return f"{path}"
+    return f"{path} ({line})" if isinstance(line, str) else f"{path} (manifest line {line})"
 
 
-def load_audio(path: str | Path, sampling_rate: int, line: int | None = None) -> np.ndarray:
+def load_audio(path: str | Path, sampling_rate: int, line: int | str | None = None) -> np.ndarray:
     """Read `path` as mono float32 at `sampling_rate`. Shape (N,).
 
+    `line` says where the file was listed, for errors: a manifest location `<manifest>:<line>` (see
+    `speechllm.data.manifest.location`), or a bare line number.
     Raises AudioError for a missing, unreadable, empty, truncated or non-finite file.
     """
     where = _where(path, line)
@@ -38,6 +42,18 @@ def load_audio(path: str | Path, sampling_rate: int, line: int | None = None) ->
     if sr != sampling_rate:
         mono = AF.resample(torch.from_numpy(mono), sr, sampling_rate).numpy()
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def check_min_length(
+    num_samples: int, min_samples: int, sampling_rate: int, path: str | Path, line: int | str | None = None
+) -> None:
+    """AudioError naming the file if it is shorter than the `min_samples` a model needs."""
+    if num_samples < min_samples:
+        raise AudioError(
+            f"{_where(path, line)}: {num_samples / sampling_rate:.4f} s ({num_samples} samples at {sampling_rate} Hz) "
+            f"is too short for this model, which needs at least {min_samples / sampling_rate:.4f} s "
+            f"({min_samples} samples)"
+        )
 
 
 def speed_perturb(wav: np.ndarray, factor: float, sampling_rate: int) -> np.ndarray:

@@ -106,7 +106,7 @@ def encode_clip(model: Any, kind: str, path: str, sampling_rate: int, device: An
     from speechllm.evaluate.decode import encode_speech, load_wavs
 
     if kind == "kang_roy":
-        wav, lengths = load_wavs([path], sampling_rate, [None], device)
+        wav, lengths = load_wavs([path], sampling_rate, [None], device, model.min_input_samples())
         return model.encode(wav, lengths)[0]
     return encode_speech(model, [path], sampling_rate, [None], device)[0][0]
 

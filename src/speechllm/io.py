@@ -7,6 +7,7 @@ Also the one JSON reader whose errors name the file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -36,6 +37,14 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _name_target(err: BaseException, target: Path) -> BaseException:
+    """An OS error that does not name a file (ENOSPC from a write, a failed fsync) restated with the target."""
+    if isinstance(err, OSError) and err.filename is None:
+        hint = "; free space there" if err.errno == errno.ENOSPC else ""
+        return OSError(err.errno, f"{err.strerror or err} while writing {target}{hint}")
+    return err
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[Path]:
     """Yield a temp path next to ``path``; move it onto ``path`` on success, delete it on error.
@@ -58,9 +67,12 @@ def atomic_path(path: str | os.PathLike[str], fsync: bool = True) -> Iterator[Pa
         if fsync:
             fsync_path(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise
+        named = _name_target(err, target)
+        if named is err:
+            raise
+        raise named from err
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -94,9 +106,12 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        named = _name_target(err, target)
+        if named is err:
+            raise
+        raise named from err
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

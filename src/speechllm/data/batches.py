@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from speechllm.audio import load_audio, speed_perturb
 from speechllm.data.languages import lid_label, record_location
-from speechllm.data.manifest import duration_seconds
+from speechllm.data.manifest import duration_seconds, location
 
 
 class SpeechDataset(Dataset):
@@ -29,7 +29,7 @@ class SpeechDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        wav = load_audio(record["audio"], self.sampling_rate, line=record.get("_line"))
+        wav = load_audio(record["audio"], self.sampling_rate, line=location(record))
         wav = speed_perturb(wav, record.get("speed", 1.0), self.sampling_rate)
         return {"record": record, "wav": torch.from_numpy(wav), "manifest": self.manifest}
 

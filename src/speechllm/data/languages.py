@@ -127,8 +127,8 @@ class UnknownLanguageError(ValueError):
 
 
 def record_location(record: dict[str, Any], manifest: str) -> str:
-    """`manifest:line` of a record read by `read_manifest` (which sets `_line`)."""
-    return f"{manifest or '<manifest>'}:{record.get('_line', '?')}"
+    """`manifest:line` of a record read by `read_manifest` (which sets `_line` and `_manifest`)."""
+    return f"{record.get('_manifest') or manifest or '<manifest>'}:{record.get('_line', '?')}"
 
 
 def language_name_at(code: str, where: str) -> str:

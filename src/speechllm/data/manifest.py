@@ -41,7 +41,7 @@ def iter_manifest(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def read_manifest(path: str | Path, required: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Read all records, checking `required` keys; records get `_line` for later error messages."""
+    """Read all records, checking `required` keys; records get `_line` and `_manifest` for error messages."""
     records = []
     required = tuple(required)
     for lineno, record in iter_manifest(path):
@@ -49,8 +49,19 @@ def read_manifest(path: str | Path, required: Iterable[str] = ()) -> list[dict[s
         if missing:
             raise ManifestError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
         record["_line"] = lineno
+        record["_manifest"] = str(path)
         records.append(record)
     return records
+
+
+def location(record: dict[str, Any]) -> str | None:
+    """`<manifest>:<line>` of a record read by `read_manifest` (errors name it); `manifest line N` for a record
+    that knows only its line, None for others."""
+    if record.get("_line") is None:
+        return None
+    if record.get("_manifest") is None:
+        return f"manifest line {record['_line']}"
+    return f"{record['_manifest']}:{record['_line']}"
 
 
 def write_manifest(path: str | Path, records: Iterable[dict[str, Any]]) -> int:

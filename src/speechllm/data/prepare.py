@@ -23,14 +23,14 @@ from speechllm.text.normalize import basic_normalize, normalizer_version
 
 def check_record(record: dict[str, Any], manifest: Path, sampling_rate: int) -> None:
     """Raise AudioError naming the file and line if the audio or transcript is unusable."""
-    line = record.get("_line")
+    where = f"{manifest}:{record.get('_line')}"
     if not str(record.get("raw_transcription", "")).strip():
-        raise AudioError(f"empty transcript for {record['id']} in {manifest} (manifest line {line})")
-    wav = load_audio(record["audio"], sampling_rate, line=line)
+        raise AudioError(f"empty transcript for {record['id']} ({where})")
+    wav = load_audio(record["audio"], sampling_rate, line=where)
     if wav.shape[0] != record["num_samples"] and record.get("sampling_rate") == sampling_rate:
         # A truncated file: the header or the manifest promised more samples than are there.
         raise AudioError(f"audio has {wav.shape[0]} samples, manifest says {record['num_samples']}: "
-                         f"{record['audio']} ({manifest} line {line})")
+                         f"{record['audio']} ({where})")
 
 
 def prepare_split(

@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from speechllm.data.languages import language_name
+from speechllm.data.manifest import location
 from speechllm.evaluate.constrained import constrained_beam_search, match_option
 from speechllm.evaluate.metrics import (
     asr_scores,
@@ -45,7 +46,7 @@ def chunks_by_length(lengths: Sequence[int], batch_size: int) -> Iterator[list[i
 
 
 def _utterance_clip(record: dict[str, Any]) -> Clip:
-    return Clip(record["audio"], record.get("raw_transcription", ""), record.get("_line"))
+    return Clip(record["audio"], record.get("raw_transcription", ""), location(record))
 
 
 def _text_input(system: EvalSystem, fills: Sequence[Fill]) -> str | None:
@@ -197,7 +198,7 @@ def run_st(
     missing = [r for r in sources if not isinstance(r.get("translation"), str)]
     if missing:
         raise ValueError(
-            f"manifest line {missing[0].get('_line')}: utterance {missing[0]['id']} has no "
+            f"{location(missing[0])}: utterance {missing[0]['id']} has no "
             f"translation into {target_language}"
         )
     target_name = language_name(target_language)
@@ -280,14 +281,14 @@ def classify_records(
         absent = [f for f in fields if f not in rec.get("fields", {})]
         if absent:
             raise ValueError(
-                f"manifest line {rec.get('_line')}: {task} example {rec.get('id')} lacks field(s) {absent}"
+                f"{location(rec)}: {task} example {rec.get('id')} lacks field(s) {absent}"
             )
     rows = []
     batches = list(chunks_by_length([_example_length(r) for r in records], settings["batch_size"]))
     for idx in tqdm(batches, desc=f"{task} ({system.decoder}, {scoring})", mininterval=10):
         chunk = [records[i] for i in idx]
         clips = [
-            Clip(r["fields"][f]["audio"], r["fields"][f].get("text", ""), r.get("_line"))
+            Clip(r["fields"][f]["audio"], r["fields"][f].get("text", ""), location(r))
             for r in chunk
             for f in fields
         ]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from speechllm.audio import load_audio
+from speechllm.audio import check_min_length, load_audio
 from speechllm.evaluate.ctc_search import CTCSearch, ctc_decode
 from speechllm.models.bloomzmms import BloomzMMS
 from speechllm.models.speech_llm import Segment
@@ -32,13 +32,21 @@ def length_sorted_chunks(records: Sequence[dict[str, Any]], key: str, batch_size
 
 
 def load_wavs(
-    paths: Sequence[str], sampling_rate: int, lines: Sequence[int | None], device: torch.device
+    paths: Sequence[str],
+    sampling_rate: int,
+    lines: Sequence[int | str | None],
+    device: torch.device,
+    min_samples: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded (B, N) waveforms and (B,) lengths."""
-    wavs = [
-        torch.from_numpy(load_audio(p, sampling_rate, line=line))
-        for p, line in zip(paths, lines, strict=True)
-    ]
+    """Padded (B, N) waveforms and (B,) lengths; `lines` locate each file for errors (`manifest.location`).
+
+    A clip shorter than `min_samples` (the model's shortest input) is an AudioError naming it.
+    """
+    wavs = []
+    for path, line in zip(paths, lines, strict=True):
+        wav = load_audio(path, sampling_rate, line=line)
+        check_min_length(wav.shape[0], min_samples, sampling_rate, path, line)
+        wavs.append(torch.from_numpy(wav))
     lengths = torch.tensor([w.shape[0] for w in wavs])
     batch = torch.zeros(len(wavs), int(lengths.max()))
     for i, w in enumerate(wavs):
@@ -51,11 +59,11 @@ def encode_speech(
     model: BloomzMMS,
     paths: Sequence[str],
     sampling_rate: int,
-    lines: Sequence[int | None],
+    lines: Sequence[int | str | None],
     device: torch.device,
 ) -> tuple[list[torch.Tensor], Any]:
     """Speech vectors per clip [(T2_i, H)] and the raw adaptor output."""
-    wav, lengths = load_wavs(paths, sampling_rate, lines, device)
+    wav, lengths = load_wavs(paths, sampling_rate, lines, device, model.min_input_samples())
     out = model.encode(wav, lengths)
     return model.speech_segments(out), out
 
@@ -66,7 +74,7 @@ def ctc_transcribe(
     tokenizer: Any,
     paths: Sequence[str],
     sampling_rate: int,
-    lines: Sequence[int | None],
+    lines: Sequence[int | str | None],
     device: torch.device,
     search: CTCSearch | None = None,
 ) -> list[str]:

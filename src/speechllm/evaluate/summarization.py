@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
+from speechllm.data.manifest import location
 from speechllm.evaluate.benchmarks import chunks_by_length, generate_for_records
 from speechllm.evaluate.metrics import bertscore, meteor, perplexity, rouge_scores
 from speechllm.evaluate.system import Clip, EvalSystem
@@ -33,7 +34,7 @@ def _require(records: list[dict[str, Any]], keys: tuple[str, ...], config_key: s
         missing = [k for k in keys if not isinstance(rec.get(k), str)]
         if missing:
             raise ValueError(
-                f"manifest line {rec.get('_line')}: record {rec.get('id')} has no text field(s) "
+                f"{location(rec)}: record {rec.get('id')} has no text field(s) "
                 f"{missing} (config key {config_key})"
             )
 
@@ -62,7 +63,7 @@ def run_summarization(
         "evaluate.summarization.text_field/reference_field",
     )
     hyps, prompts, inputs = generate_for_records(
-        system, records, lambda r: Clip(r["audio"], _article_text(r, cfg), r.get("_line")),
+        system, records, lambda r: Clip(r["audio"], _article_text(r, cfg), location(r)),
         lambda _r, fill: [cfg["prompt"], fill], cfg["num_beams"], cfg["max_new_tokens"],
         settings["batch_size"], f"summarization ({system.decoder})", cfg["text_turn"],
     )
@@ -108,7 +109,7 @@ def run_response_ppl(
     batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], settings["batch_size"]))
     for idx in tqdm(batches, desc=f"response ppl ({system.decoder})", mininterval=10):
         chunk = [records[i] for i in idx]
-        fills, _ = system.fills([Clip(r["audio"], _article_text(r, cfg), r.get("_line")) for r in chunk])
+        fills, _ = system.fills([Clip(r["audio"], _article_text(r, cfg), location(r)) for r in chunk])
         targets = [system.text_ids(r[cfg["response_field"]]) for r in chunk]
         nll, counts = system.response_nll(system.prompts([[f] for f in fills]), targets, cfg["append_eos"])
         for i, rec, fill, loss, count in zip(idx, chunk, fills, nll, counts, strict=True):

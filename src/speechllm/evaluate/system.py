@@ -23,6 +23,7 @@ import torch
 
 from speechllm.evaluate.ctc_search import CTCSearch, ctc_decode
 from speechllm.evaluate.decode import load_wavs, postprocess
+from speechllm.models.frames import conv_stack_length, smallest_input
 from speechllm.models.kang_roy import ChatTemplate, reference_text_turn_ids
 from speechllm.models.speech_llm import Segment, SpeechLLM, token_logprobs
 
@@ -34,11 +35,11 @@ TEXT_TURNS = ("segments", "reference")
 
 @dataclass(frozen=True)
 class Clip:
-    """One spoken text: its audio file (manifest line for errors) and its gold text."""
+    """One spoken text: its audio file (its manifest location `<manifest>:<line>`, for errors) and its gold text."""
 
     audio: str
     text: str = ""
-    line: int | None = None
+    line: int | str | None = None
 
 
 Fill = torch.Tensor | str  # what takes a clip's place in a prompt: speech vectors (T, H) or text
@@ -196,7 +197,9 @@ def own_ctc_transcriber(
 
     @torch.no_grad()
     def transcribe(clips: Sequence[Clip]) -> list[str]:
-        wav, lengths = load_wavs([c.audio for c in clips], sampling_rate, [c.line for c in clips], device)
+        wav, lengths = load_wavs(
+            [c.audio for c in clips], sampling_rate, [c.line for c in clips], device, model.min_input_samples()
+        )
         out = model.encode(wav, lengths)
         ids = ctc_decode(model.ctc_head(out.speech), out.speech_lengths, model.ctc_blank_id, search)
         return [postprocess(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
@@ -218,12 +221,15 @@ def hf_ctc_transcriber(
     kwargs = {} if Path(name_or_path).exists() else {"revision": revision}
     asr = AutoModelForCTC.from_pretrained(name_or_path, **kwargs).to(device).eval()
     asr_tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    # Shortest clip that gives a wav2vec2-family checkpoint's conv feature extractor one frame.
+    kernels, strides = getattr(asr.config, "conv_kernel", None), getattr(asr.config, "conv_stride", None)
+    shortest = smallest_input(lambda n: conv_stack_length(n, kernels, strides)) if kernels and strides else 0
 
     @torch.no_grad()
     def transcribe(clips: Sequence[Clip]) -> list[str]:
         texts = []
         for clip in clips:  # one at a time: these checkpoints take no attention mask (as the reference)
-            wav, _ = load_wavs([clip.audio], sampling_rate, [clip.line], device)
+            wav, _ = load_wavs([clip.audio], sampling_rate, [clip.line], device, shortest)
             ids = asr(wav).logits.argmax(dim=-1)
             text = asr_tokenizer.batch_decode(ids)[0]
             texts.append(postprocess(text.lower() if lowercase else text))
@@ -237,7 +243,9 @@ def bloomzmms_speech_reader(
 ) -> Callable[[Sequence[Clip]], SpeechReadout]:
     @torch.no_grad()
     def read(clips: Sequence[Clip]) -> SpeechReadout:
-        wav, lengths = load_wavs([c.audio for c in clips], sampling_rate, [c.line for c in clips], device)
+        wav, lengths = load_wavs(
+            [c.audio for c in clips], sampling_rate, [c.line for c in clips], device, model.min_input_samples()
+        )
         out = model.encode(wav, lengths)
         ctc_text = None
         if model.ctc_head is not None:  # the CTC branch scored from the same encoder output, at no extra cost
@@ -253,7 +261,9 @@ def kang_roy_speech_reader(
 ) -> Callable[[Sequence[Clip]], SpeechReadout]:
     @torch.no_grad()
     def read(clips: Sequence[Clip]) -> SpeechReadout:
-        wav, lengths = load_wavs([c.audio for c in clips], sampling_rate, [c.line for c in clips], device)
+        wav, lengths = load_wavs(
+            [c.audio for c in clips], sampling_rate, [c.line for c in clips], device, model.min_input_samples()
+        )
         return SpeechReadout(model.encode(wav, lengths))
 
     return read

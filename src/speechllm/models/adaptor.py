@@ -30,6 +30,15 @@ import torch
 from torch import nn
 
 from speechllm.models.ebranchformer import EBranchformerLayer
+from speechllm.models.frames import (
+    DEFAULT_LENGTH_ADAPTOR_KERNEL,
+    DEFAULT_LENGTH_ADAPTOR_LAYERS,
+    DEFAULT_SUBSAMPLING_KERNEL,
+    DEFAULT_SUBSAMPLING_STRIDE,
+    InputTooShortError,
+    adaptor_output_frames,
+    smallest_input,
+)
 from speechllm.models.positional import RelPositionalEncoding
 from speechllm.models.subsampling import Conv2dSubsampling
 
@@ -52,10 +61,10 @@ class AdaptorConfig:
     interctc_layer: int = 3  # 1-based: LID-CTC + self-conditioning after this block
     num_lid_classes: int = 140  # 139 languages + CTC blank 0
     llm_hidden_size: int = 4096
-    subsampling_kernel: int = 3
-    subsampling_stride: int = 2
-    length_adaptor_kernel: int = 2  # kernel == stride of each length-adaptor Conv1d
-    length_adaptor_layers: int = 1  # same for the post-encoder and the LID-CTC head
+    subsampling_kernel: int = DEFAULT_SUBSAMPLING_KERNEL
+    subsampling_stride: int = DEFAULT_SUBSAMPLING_STRIDE
+    length_adaptor_kernel: int = DEFAULT_LENGTH_ADAPTOR_KERNEL  # kernel == stride of each length-adaptor Conv1d
+    length_adaptor_layers: int = DEFAULT_LENGTH_ADAPTOR_LAYERS  # same for the post-encoder and the LID-CTC head
     layer_norm_eps: float = 1e-12  # ESPnet's LayerNorm default
 
     def __post_init__(self) -> None:
@@ -64,6 +73,16 @@ class AdaptorConfig:
                 f"interctc_layer must be in [1, {self.num_blocks}) (1-based, not the last block), "
                 f"got {self.interctc_layer}"
             )
+
+    def output_frames(self, frames: int) -> int:
+        """Speech vectors (and LID-CTC frames) made of `frames` input frames."""
+        return adaptor_output_frames(
+            frames,
+            self.subsampling_kernel,
+            self.subsampling_stride,
+            self.length_adaptor_kernel,
+            self.length_adaptor_layers,
+        )
 
     @property
     def length_adaptor_ratio(self) -> int:
@@ -190,10 +209,7 @@ class SpeechAdaptor(nn.Module):
 
     def min_input_frames(self) -> int:
         """Shortest input (in frames) whose subsampled length survives the length adaptors."""
-        frames = 1
-        while self.embed.output_length(frames) < self.config.length_adaptor_ratio:
-            frames += 1
-        return frames
+        return smallest_input(self.config.output_frames)
 
     def lid_conditioning(
         self, lid_logits: torch.Tensor, lid_lengths: torch.Tensor, lengths: torch.Tensor, max_length: int
@@ -208,12 +224,15 @@ class SpeechAdaptor(nn.Module):
         T1 = ((T0 - 1) // 2 - 1) // 2 (80 ms frames), T2 = T1 // 2 (160 ms); lengths follow the same
         formulas per utterance. Frames past an utterance's length are padding and carry no meaning.
         """
-        x, lengths = self.embed(feats, feat_lengths)
-        if x.size(1) < self.config.length_adaptor_ratio:
-            raise ValueError(
-                f"input of {feats.size(1)} frames is too short: the adaptor needs at least "
-                f"{self.min_input_frames()} frames"
+        shortest = self.min_input_frames()
+        too_short = (feat_lengths < shortest).nonzero().flatten().tolist()
+        if too_short:  # checked before the subsampling convolutions, which fail on too few frames
+            raise InputTooShortError(
+                f"input of {int(feat_lengths.min())} frames is too short: the adaptor needs at least "
+                f"{shortest} frames",
+                too_short,
             )
+        x, lengths = self.embed(feats, feat_lengths)
         mask = lengths_to_mask(lengths, x.size(1))
         x, pos_emb = self.pos_enc(x)
 

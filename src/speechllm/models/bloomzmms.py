@@ -9,6 +9,7 @@ from torch import nn
 
 from speechllm.models.adaptor import AdaptorOutput, SpeechAdaptor
 from speechllm.models.ctc_head import CTCHead
+from speechllm.models.frames import min_input_samples
 from speechllm.models.frontend import SpeechFrontend
 from speechllm.models.speech_llm import Segment, SpeechLLM
 
@@ -43,6 +44,14 @@ class BloomzMMS(nn.Module):
         """Only what training changes: the frozen encoder, CTC head and LLM are referenced, not copied."""
         names = {name for name, p in self.named_parameters() if p.requires_grad}
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k in names}
+
+    def min_input_samples(self) -> int:
+        """Shortest waveform (samples) that yields one speech vector: the encoder's frame count, then the
+        adaptor's subsampling and length adaptor."""
+        def frames(samples: int) -> int:
+            return int(self.frontend.output_lengths(torch.tensor([samples]))[0])
+
+        return min_input_samples(frames, self.adaptor.config.output_frames)
 
     def encode(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> AdaptorOutput:
         """wav (B, N) → speech vectors (B, T2, H_llm) and LID logits."""

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from speechllm.models.frames import InputTooShortError
+
 # `torch.nn.functional.layer_norm`'s default epsilon, which fairseq/s3prl use for MMS waveform normalisation.
 WAVEFORM_NORM_EPS = 1e-5
 # s3prl's S3PRLUpstream zero-pads waveforms shorter than MIN_SECOND (0.05 s) x 16 kHz before the upstream
@@ -267,8 +269,10 @@ class SpeechFrontend(nn.Module):
             feat_lengths: (B,) long, valid frames per utterance.
         """
         feat_lengths = self.output_lengths(wav_lengths)
-        if bool((feat_lengths < 1).any()):
-            raise ValueError(f"utterance too short for the encoder: wav_lengths={wav_lengths.tolist()}")
+        too_short = (feat_lengths < 1).nonzero().flatten().tolist()
+        if too_short:
+            raise InputTooShortError(f"utterance too short for the encoder: wav_lengths={wav_lengths.tolist()}",
+                                     too_short)
         wav, encoder_lengths = self.encoder_input(wav, wav_lengths)
         hidden_states = self.encode_hidden_states(wav, encoder_lengths).to(self.proj.weight.dtype)
         weights = torch.softmax(self.layer_weights, dim=0)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from speechllm.models.frames import InputTooShortError, smallest_input
 from speechllm.models.frontend import conv_frame_lengths, lengths_to_mask
 
 
@@ -67,16 +68,7 @@ class HubertPoolEncoder(nn.Module):
 
     def min_samples(self) -> int:
         """Shortest waveform (samples) that yields one speech embedding."""
-        low, high = 1, 1
-        while int(self.output_lengths(torch.tensor([high]))[0]) < 1:
-            low, high = high, high * 2
-        while low < high:
-            mid = (low + high) // 2
-            if int(self.output_lengths(torch.tensor([mid]))[0]) >= 1:
-                high = mid
-            else:
-                low = mid + 1
-        return high
+        return smallest_input(lambda samples: int(self.output_lengths(torch.tensor([samples]))[0]))
 
     def forward(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode a right-padded raw waveform batch.
@@ -90,10 +82,12 @@ class HubertPoolEncoder(nn.Module):
             speech_lengths: (B,) long valid speech embeddings per utterance.
         """
         speech_lengths = self.output_lengths(wav_lengths)
-        if bool((speech_lengths < 1).any()):
-            raise ValueError(
+        too_short = (speech_lengths < 1).nonzero().flatten().tolist()
+        if too_short:
+            raise InputTooShortError(
                 f"utterance too short for the encoder + pooling: wav_lengths={wav_lengths.tolist()} "
-                f"(need >= {self.min_samples()} samples)"
+                f"(need >= {self.min_samples()} samples)",
+                too_short,
             )
         sample_mask = lengths_to_mask(wav_lengths, wav.shape[1])
         encoder_dtype = next(self.encoder.parameters()).dtype

@@ -96,6 +96,10 @@ class KangRoy(nn.Module):
         names = {name for name, p in self.named_parameters() if p.requires_grad}
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k in names}
 
+    def min_input_samples(self) -> int:
+        """Shortest waveform (samples) that yields one speech embedding."""
+        return self.encoder.min_samples()
+
     def encode(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> list[torch.Tensor]:
         """wav (B, N), wav_lengths (B,) -> B speech segments (T_i, H_llm) cut to their valid length."""
         speech, lengths = self.encoder(wav, wav_lengths)

@@ -18,15 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-DEFAULT_KERNEL = 3
-DEFAULT_STRIDE = 2
+from speechllm.models.frames import DEFAULT_SUBSAMPLING_KERNEL, DEFAULT_SUBSAMPLING_STRIDE, conv_output_length
 
-
-def conv_output_length(length: torch.Tensor | int, kernel_size: int, stride: int) -> torch.Tensor | int:
-    """Length after one unpadded convolution: ``(length - kernel_size) // stride + 1`` (>= 0)."""
-    if isinstance(length, torch.Tensor):
-        return torch.clamp(torch.div(length - kernel_size, stride, rounding_mode="floor") + 1, min=0)
-    return max((length - kernel_size) // stride + 1, 0)
+DEFAULT_KERNEL = DEFAULT_SUBSAMPLING_KERNEL
+DEFAULT_STRIDE = DEFAULT_SUBSAMPLING_STRIDE
 
 
 class Conv2dSubsampling(nn.Module):

@@ -7,15 +7,24 @@ A checkpoint is a directory `step_<8 digits>/` in the run's checkpoint dir:
     rng_rank<r>.pt        python / numpy / torch CPU / CUDA RNG states of each process
     trainer_state.json    counters (step, batches, epoch, data pass), best / k-best and early-stopping
                           bookkeeping, dev history, the run fingerprint and the number of processes
+    checksums.sha256      SHA-256 of each file above (`sha256sum -c checksums.sha256` checks it by hand)
 
 The weights of the evaluations kept for the final selection (best, or k-best for averaging) are written once
-to `kept/step_<8 digits>.safetensors` and referenced by name. Every directory and file appears complete or not
-at all: it is written under a temporary name and renamed. A SIGKILL at any moment leaves the previous
-checkpoints intact; leftovers of an interrupted write are removed on the next start.
+to `kept/step_<8 digits>.safetensors` (with its digest beside it, `.safetensors.sha256`) and referenced by name.
+Every directory and file appears complete or not at all: it is written under a temporary name and renamed. A
+SIGKILL at any moment leaves the previous checkpoints intact; leftovers of an interrupted write are removed on
+the next start.
+
+A checkpoint damaged afterwards (a truncated or overwritten file, a full disk, bit rot) fails its digests: the
+resuming run moves it aside to `damaged-step_<8 digits>/` with a warning and resumes from the newest intact one,
+or starts from the beginning when none is left. A write that fails (e.g. no space left on the device) names
+the checkpoint directory and leaves the earlier checkpoints as they were.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -36,10 +45,17 @@ log = logging.getLogger("speechllm")
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
+DAMAGED_PREFIX = "damaged-"
+CHECKSUMS = "checksums.sha256"
+DIGEST_SUFFIX = ".sha256"  # a kept weights file's digest, beside it
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from; the message names the directory."""
+    """A checkpoint that cannot be resumed from; the message names the directory or file."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed (e.g. no space left on the device); the message names the directory."""
 
 
 @dataclass
@@ -93,10 +109,14 @@ class TrainerState:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str) -> TrainerState:
-        data = json.loads(text)
-        data["kept"] = [KeptState(**k) for k in data.get("kept", [])]
-        return cls(**data)
+    def from_json(cls, text: str, source: str = "trainer state") -> TrainerState:
+        """Parse `to_json`'s output; `source` (the file) is named in the error for anything else."""
+        try:
+            data = json.loads(text)
+            data["kept"] = [KeptState(**k) for k in data.get("kept", [])]
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError, AttributeError, KeyError) as err:
+            raise CheckpointError(f"{source}: not a valid trainer state ({err})") from err
 
 
 # ---------------------------------------------------------------------------------------------------- RNG
@@ -144,10 +164,61 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     fsync_path(path.parent)
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """`checksums.sha256` (sha256sum format) over every file of a checkpoint directory being written."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS)
+    atomic_write_text(folder / CHECKSUMS, "".join(f"{file_sha256(folder / n)}  {n}\n" for n in names))
+
+
+def read_checksums(file: Path) -> dict[str, str]:
+    """name -> digest of a `checksums.sha256`; a malformed line is an error naming the file."""
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: unreadable ({err})") from err
+    digests = {}
+    for number, line in enumerate(lines, start=1):
+        digest, sep, name = line.partition("  ")
+        if not sep or not re.fullmatch(r"[0-9a-f]{64}", digest) or not name:
+            raise CheckpointError(f"{file}:{number}: not a `<sha256>  <file>` line")
+        digests[name] = digest
+    return digests
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError naming the file if any file of checkpoint `path` is missing or not as written.
+
+    A checkpoint written before checksums existed is accepted if every file parses (with a warning).
+    """
+    path = Path(path)
+    listed = path / CHECKSUMS
+    if not listed.is_file():
+        log.warning("%s has no %s (written by an older version): checking that its files load", path, CHECKSUMS)
+        CheckpointManager.load(path, rank=0)
+        return
+    digests = read_checksums(listed)
+    for required in ("trainer_state.json", "model.safetensors", "trainer.pt"):
+        if required not in digests:
+            raise CheckpointError(f"{listed}: {required} is not listed")
+    for name, expected in digests.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        if file_sha256(file) != expected:
+            raise CheckpointError(f"{file}: content differs from the SHA-256 recorded when it was written")
+
+
 def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes: equal digests mean bit-identical weights."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name in sorted(tensors):
         value = tensors[name].detach().cpu().contiguous()
@@ -199,6 +270,36 @@ class CheckpointManager:
                     if p.name.startswith(TMP_PREFIX):
                         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
+    def newest_intact(self) -> Path | None:
+        """The newest checkpoint whose files match their digests (main process; others get `latest()`).
+
+        Damaged ones are moved aside to `damaged-step_<8 digits>` with a warning naming them, so that every
+        process then sees the intact one as the latest.
+        """
+        if not self.is_main:
+            return self.latest()
+        damaged = False
+        for step in reversed(self.steps()):
+            path = self.path(step)
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as err:
+                damaged = True
+                aside = self.root / f"{DAMAGED_PREFIX}{path.name}"
+                if aside.exists():
+                    shutil.rmtree(aside)
+                os.replace(path, aside)
+                fsync_path(self.root)
+                log.warning("skipping damaged checkpoint %s (moved to %s; delete it when no longer needed): %s",
+                            path, aside, err)
+                continue
+            if damaged:
+                log.warning("resuming from %s, the newest intact checkpoint", path)
+            return path
+        if damaged:
+            log.warning("no intact checkpoint left in %s: training starts from the beginning", self.root)
+        return None
+
     def discard_all(self, reason: str) -> None:
         """Delete every checkpoint of this directory (they belong to another configuration)."""
         if self.is_main and self.root.is_dir() and (self.steps() or self.kept_dir.is_dir()):
@@ -213,15 +314,26 @@ class CheckpointManager:
         """Store the weights of an evaluation that enters the k-best set; returns the file name."""
         name = f"step_{step:08d}.safetensors"
         if self.is_main:
-            self.kept_dir.mkdir(parents=True, exist_ok=True)
-            _save_tensors(weights, self.kept_dir / name)
+            path = self.kept_dir / name
+            try:
+                self.kept_dir.mkdir(parents=True, exist_ok=True)
+                _save_tensors(weights, path)
+                atomic_write_text(path.with_name(name + DIGEST_SUFFIX), f"{file_sha256(path)}  {name}\n")
+            except OSError as err:
+                raise _write_error(err, self.kept_dir) from err
         return name
 
     def load_kept(self, name: str) -> dict[str, torch.Tensor]:
+        """Kept weights, checked against the digest recorded when they were written."""
         path = self.kept_dir / name
         if not path.is_file():
             raise CheckpointError(f"kept weights missing: {path}")
-        return load_file(str(path))
+        digest_file = path.with_name(name + DIGEST_SUFFIX)
+        if digest_file.is_file():
+            expected = read_checksums(digest_file).get(name)
+            if expected != file_sha256(path):
+                raise CheckpointError(f"{path}: content differs from the SHA-256 recorded when it was written")
+        return _load_tensors(path)
 
     # ------------------------------------------------------------------ save / load
 
@@ -245,30 +357,40 @@ class CheckpointManager:
         final = self.path(state.step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
         sync = barrier or (lambda: None)
-        if self.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        sync()
-        torch.save(capture_rng(), tmp / f"rng_rank{rank}.pt")
-        fsync_path(tmp / f"rng_rank{rank}.pt")
-        sync()
-        if self.is_main:
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors")
-            )
-            torch.save(trainer, tmp / "trainer.pt")
-            for name in ("model.safetensors", "trainer.pt"):  # on disk before the rename makes the step visible
-                fsync_path(tmp / name)
-            atomic_write_text(tmp / "trainer_state.json", state.to_json())
-            fsync_path(tmp)  # the step directory's own entries, before the rename publishes it
-            if final.exists():  # the same step written again (e.g. an evaluation at a checkpoint step)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_path(self.root)
-            self._prune(state)
+        try:
+            if self.is_main:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            sync()
+            torch.save(capture_rng(), tmp / f"rng_rank{rank}.pt")
+            fsync_path(tmp / f"rng_rank{rank}.pt")
+            sync()
+            if self.is_main:
+                self._write_main_files(tmp, final, state, weights, trainer)
+        except OSError as err:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error(err, final) from err
         sync()
         return final
+
+    def _write_main_files(
+        self, tmp: Path, final: Path, state: TrainerState, weights: dict[str, torch.Tensor], trainer: dict[str, Any]
+    ) -> None:
+        """Weights, trainer state, counters and checksums into `tmp`, then publish it as `final` and prune."""
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        torch.save(trainer, tmp / "trainer.pt")
+        for name in ("model.safetensors", "trainer.pt"):  # on disk before the rename makes the step visible
+            fsync_path(tmp / name)
+        atomic_write_text(tmp / "trainer_state.json", state.to_json())
+        write_checksums(tmp)  # after every rank's RNG file is in place (the caller's barrier)
+        fsync_path(tmp)  # the step directory's own entries, before the rename publishes it
+        if final.exists():  # the same step written again (e.g. an evaluation at a checkpoint step)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_path(self.root)
+        self._prune(state)
 
     def _prune(self, state: TrainerState) -> None:
         """Keep the newest `keep` checkpoints, and the kept weights that they or `state` still reference."""
@@ -277,10 +399,14 @@ class CheckpointManager:
             shutil.rmtree(self.path(step))
         referenced = {k.file for k in state.kept}
         for step in self.steps():
-            referenced |= {k.file for k in self.load_state(self.path(step)).kept}
+            try:
+                referenced |= {k.file for k in self.load_state(self.path(step)).kept}
+            except CheckpointError as err:  # damaged since written: the next start sets it aside
+                log.warning("%s", err)
         if self.kept_dir.is_dir():
             for p in self.kept_dir.iterdir():
-                if p.suffix == ".safetensors" and p.name not in referenced:
+                weights_name = p.name.removesuffix(DIGEST_SUFFIX)
+                if weights_name.endswith(".safetensors") and weights_name not in referenced:
                     p.unlink()
 
     @staticmethod
@@ -288,7 +414,11 @@ class CheckpointManager:
         file = Path(path) / "trainer_state.json"
         if not file.is_file():
             raise CheckpointError(f"not a checkpoint (no trainer_state.json): {path}")
-        return TrainerState.from_json(file.read_text(encoding="utf-8"))
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{file}: unreadable ({err})") from err
+        return TrainerState.from_json(text, str(file))
 
     @staticmethod
     def load(
@@ -302,7 +432,28 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{path}: no RNG state for process {rank} (written by {state.num_processes} processes)"
             )
-        weights = load_file(str(path / "model.safetensors"))
-        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-        rng = torch.load(rng_file, map_location="cpu", weights_only=True)
+        weights = _load_tensors(path / "model.safetensors")
+        trainer = _load_pickle(path / "trainer.pt")
+        rng = _load_pickle(rng_file)
         return state, weights, trainer, rng
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own error type for a truncated or garbled file
+        raise CheckpointError(f"{file}: unreadable ({type(err).__name__}: {err})") from err
+
+
+def _load_pickle(file: Path) -> Any:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated zip archive or an unpickling error
+        raise CheckpointError(f"{file}: unreadable ({type(err).__name__}: {err})") from err
+
+
+def _write_error(err: OSError, where: Path) -> CheckpointWriteError:
+    """The OS error of a failed checkpoint write, restated with the directory it was writing."""
+    hint = " (free space there, or lower keep_checkpoints)" if err.errno == errno.ENOSPC else ""
+    detail = err.strerror or str(err)
+    return CheckpointWriteError(err.errno, f"cannot write checkpoint {where}: {detail}{hint}")

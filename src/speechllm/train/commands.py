@@ -127,6 +127,24 @@ def manifest_fields(stage: str, s: dict[str, Any]) -> tuple[str, ...]:
     return ("audio", "language", "transcription")  # the CE batches carry LID labels too
 
 
+def check_min_durations(records: list[dict[str, Any]], min_samples: int, sampling_rate: int) -> None:
+    """Every record (after its speed perturbation) at least as long as the model's shortest input: a shorter clip
+    would stop training at its first batch, possibly hours in. The error names the first such record."""
+    from speechllm.audio import perturbed_length
+    from speechllm.data.manifest import location
+
+    for record in records:
+        samples = round(record["num_samples"] * sampling_rate / record.get("sampling_rate", sampling_rate))
+        samples = perturbed_length(samples, record.get("speed", 1.0), sampling_rate)
+        if samples < min_samples:
+            raise ValueError(
+                f"{location(record)}: utterance {record.get('id')} has {samples / sampling_rate:.4f} s of audio"
+                f"{' after speed perturbation' if record.get('speed', 1.0) != 1.0 else ''}, shorter than the "
+                f"model's shortest input {min_samples / sampling_rate:.4f} s ({min_samples} samples); "
+                "data preparation drops such clips (config key data.min_duration)"
+            )
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from accelerate.utils import set_seed
 
@@ -153,9 +171,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ValueError(f"the settings have no 'stage' section (config train.{args.stage})")
     stage = StageConfig.from_config(args.stage, s["stage"])
     sr = s["sampling_rate"]
-    fields = manifest_fields(args.stage, s)
+    fields = (*manifest_fields(args.stage, s), "num_samples")
     train_set = SpeechDataset(read_manifest(args.train, required=fields), sr, args.train)
     dev_set = SpeechDataset(read_manifest(args.dev, required=fields), sr, args.dev)
+    for dataset in (train_set, dev_set):
+        check_min_durations(dataset.records, model.min_input_samples(), sr)
     if args.stage == "kd":
         responses = s.get("responses", {})
         collator = DistillationCollator(

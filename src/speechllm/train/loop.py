@@ -319,9 +319,10 @@ class Trainer:
         return sharded
 
     def _find_resume(self) -> Path | None:
-        """Latest checkpoint of this run, after removing partial writes and stale (other settings) ones."""
+        """Latest checkpoint of this run, after removing partial writes and setting aside damaged and stale
+        (other settings) ones."""
         self.checkpoints.clean_partial()
-        latest = self.checkpoints.latest()
+        latest = self.checkpoints.newest_intact()
         if latest is not None and self.accelerator.is_main_process:
             saved = CheckpointManager.load_state(latest)
             if saved.fingerprint != self.fingerprint:

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from speechllm.data.batches import Batch, Collator
+from speechllm.data.manifest import location
 from speechllm.models.bloomzmms import check_lid_ctc_lengths
+from speechllm.models.frames import InputTooShortError
 from speechllm.train.distillation import DistillationConfig, distillation_loss
 
 OBJECTIVES = ("ctc", "ce", "kd")
@@ -50,7 +52,7 @@ class DistillationCollator(Collator):
         batch = super().__call__(items)
         for field in (self.text_field, self.response_field):
             missing = [
-                f"line {r.get('_line', '?')} ({r.get('id', '?')})" for r in batch.records if not r.get(field)
+                f"{location(r) or 'line ?'} ({r.get('id', '?')})" for r in batch.records if not r.get(field)
             ]
             if missing:
                 raise ValueError(
@@ -101,10 +103,18 @@ class ObjectiveModule(nn.Module):
             return self._ce(batch, evaluate)
         return self._kd(batch, evaluate)
 
+    def _encode(self, batch: Batch) -> Any:
+        """The model's speech encoding; a clip too short for it is named by its manifest location."""
+        try:
+            return self.model.encode(batch.wav, batch.wav_lengths)
+        except InputTooShortError as err:
+            clips = [f"{batch.records[i].get('audio')} ({location(batch.records[i])})" for i in err.indices]
+            raise InputTooShortError(f"{', '.join(clips[:5])}: {err}", err.indices) from err
+
     # ------------------------------------------------------------------ objectives
 
     def _ctc(self, batch: Batch, evaluate: bool) -> Any:
-        out = self.model.encode(batch.wav, batch.wav_lengths)
+        out = self._encode(batch)
         ctc, lid = self.model.ctc_losses(out, batch.ctc_targets, batch.lid, self.lid_ctc_lengths)
         loss = self.ctc_weight * ctc + self.interctc_weight * lid
         size = len(batch.records)
@@ -114,7 +124,7 @@ class ObjectiveModule(nn.Module):
         return loss, stats
 
     def _ce(self, batch: Batch, evaluate: bool) -> Any:
-        out = self.model.encode(batch.wav, batch.wav_lengths)
+        out = self._encode(batch)
         segments = self.model.prompt_segments(batch.prefix, self.model.speech_segments(out), batch.postfix)
         res = self.model.llm(segments, batch.target)
         if evaluate:
@@ -127,7 +137,7 @@ class ObjectiveModule(nn.Module):
         return res.loss, {"acc": res.num_correct.float() / res.num_tokens.clamp(min=1)}
 
     def _kd(self, batch: Batch, evaluate: bool) -> Any:
-        speech = self.model.encode(batch.wav, batch.wav_lengths)
+        speech = self._encode(batch)
         student = self.model.chat_segments([[s] for s in speech])
         teacher = self.model.chat_segments([[t] for t in batch.ctc_targets])  # see DistillationCollator
         out = distillation_loss(

@@ -133,7 +133,9 @@ class Tracker:
             job_type=job_type,
             name=name,
             config=clean,
-            dir=str(self.log_dir),
+            # Absolute: a W&B service inherited from a parent process (WANDB_SERVICE) resolves a relative
+            # directory in its own working directory, not this job's.
+            dir=str(self.log_dir.resolve()),
             mode=mode,
             id=self.wandb_id,
             resume="allow",
