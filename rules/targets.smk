@@ -50,7 +50,7 @@ rule generate_targets:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm targets generate --settings {params.settings:q} --manifest {input.manifest} "
+        "exec speechllm targets generate --settings {params.settings:q} --manifest {input.manifest} "
         "--shard {wildcards.shard} --num-shards {params.num_shards} --out {output} --threads {threads} "
         "> {log} 2>&1"
 
@@ -157,7 +157,7 @@ rule generate_responses:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm targets responses --settings {params.settings:q} --manifest {input.manifest} "
+        "exec speechllm targets responses --settings {params.settings:q} --manifest {input.manifest} "
         "--shard {wildcards.shard} --num-shards {params.num_shards} --out {output} --threads {threads} "
         "> {log} 2>&1"
 
