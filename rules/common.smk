@@ -72,6 +72,7 @@ if KANG_ROY:
 DEMO_LLM_DIR = "resources/models/demo-llm"
 DEMO_ENCODER_DIR = "resources/models/demo-mms"
 TARGET_SHARDS = list(range(config["targets"]["shards"]))
+EVAL_SHARDS = config["evaluate"]["shards"]  # jobs per (benchmark, system) evaluation (rules/evaluate.smk)
 RESPONSE_SETS = config["targets"]["responses"]["manifests"]
 RESPONSE_SHARDS = list(range(config["targets"]["responses"]["shards"]))
 RELEASED_TARGETS_ARCHIVE = "resources/bloomzmms/tmi_training_targets.tar.gz"
@@ -242,12 +243,19 @@ def kd_manifest(which):
 
 
 def eval_settings():
-    return as_json({"evaluate": config["evaluate"], "sampling_rate": config["data"]["sampling_rate"],
+    # `shards` says which job decodes which batches, not what is decoded: the score files do not record it.
+    evaluate = {k: v for k, v in config["evaluate"].items() if k != "shards"}
+    return as_json({"evaluate": evaluate, "sampling_rate": config["data"]["sampling_rate"],
                     "experiment": config["experiment"]})
 
 
 def system_model(wildcards):
     return SYSTEMS[wildcards.system][0]
+
+
+def eval_shard_rows(wildcards):
+    """The outputs of every evaluation shard of one system on one benchmark (evaluate.shards > 1)."""
+    return [f"results/eval/{wildcards.benchmark}/{wildcards.system}.shards/shard{k}.json" for k in range(EVAL_SHARDS)]
 
 
 def system_decoder(wildcards):

@@ -165,6 +165,19 @@ def test_the_slurm_profile_retries_every_signalled_step_often(paper_jobs):
     assert profile["preemptible-retries"] > profile["retries"] and profile["slurm-efficiency-report"] is True
 
 
+def test_sharded_evaluation_is_one_job_per_shard_and_a_gather(tmp_path):
+    """evaluate.shards: 3 -> three decoding jobs (each its share of the batches, resumable) and one gather job that
+    writes the Parquet and the score file; with 1 (the default) one job does all of it."""
+    res = dry_run(tmp_path, write_yaml(tmp_path / "shards.yaml", {"evaluate": {"shards": 3}}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    shards = re.findall(r"--shard (\d) --num-shards 3 --rows results/eval/fleurs_asr/t\.shards/shard(\d)\.json",
+                        res.stdout)
+    assert sorted(shards) == [("0", "0"), ("1", "1"), ("2", "2")]
+    gather = parse_jobs(res.stdout)["evaluate_gather"]
+    assert gather["shell"].startswith("speechllm evaluate gather fleurs_asr ")
+    assert " --rows " + " ".join(f"results/eval/fleurs_asr/t.shards/shard{k}.json" for k in range(3)) in gather["shell"]
+
+
 def test_many_preemptions_keep_the_memory_request_bounded(tmp_path):
     """A resumable step retried for the 8th time (preemptible retries) asks for the memory of the third attempt
     (retry_scale_attempts: 2), not 1.5^7 times it, which no node has."""
