@@ -483,3 +483,24 @@ def launcher(wildcards, resources):
     return (f"exec {resources.get('mpi') or 'srun'} --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 "
             f"--cpus-per-task={gpus * int(resources.get('cpus_per_gpu'))} --mem=0 --kill-on-bad-exit=1 "
             f"bash -c '{per_node} \"$@\"' accelerate-node")
+
+
+def rule_requests():
+    """Each rule's first-attempt request, for the resource view: mem_mb, runtime (minutes) and threads, where the
+    rule states them as numbers or as functions of (wildcards, attempt) that ignore the wildcards (job_resources)."""
+
+    def first_attempt(resource):
+        if resource is None:
+            return None
+        if not resource.is_evaluable():
+            return resource.value if isinstance(resource.value, int) else None
+        try:
+            value = resource.evaluate(None, attempt=1).value
+        except Exception:  # depends on the wildcards: no single number for the rule
+            return None
+        return value if isinstance(value, int) else None
+
+    return {rule.name: {"mem_mb": first_attempt(rule.resources.get("mem_mb")),
+                        "runtime": first_attempt(rule.resources.get("runtime")),
+                        "threads": first_attempt(rule.resources.get("_cores"))}
+            for rule in workflow.rules if rule.name != "all"}

@@ -96,6 +96,8 @@ rule covost2_data:
         settings=lambda wc: as_json({"evaluate": {"covost2": config["evaluate"]["covost2"]}}),
     log:
         "logs/eval/covost2_data.log",
+    benchmark:
+        "logs/benchmark/covost2_data.tsv"
     threads: 1
     resources:
         mem_mb=2000,
