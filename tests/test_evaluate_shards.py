@@ -34,50 +34,30 @@ def write_manifests(world: dict[str, Any], root: Path, benchmark: str) -> list[s
     return paths
 
 
-def evaluate(world: dict[str, Any], tmp_path: Path, benchmark: str, *extra: str) -> None:
+def job_args(world: dict[str, Any], tmp_path: Path, benchmark: str) -> list[str]:
+    """The arguments every `speechllm evaluate` call of a benchmark's system shares (as rules/evaluate.smk)."""
     stage, decoder = CASES[benchmark]
-    main(
-        [
-            "evaluate",
-            benchmark,
-            "--settings",
-            json.dumps({"evaluate": EVAL, "sampling_rate": SR, "experiment": "t"}),
-            "--model",
-            world["dirs"][stage],
-            "--name",
-            stage,
-            "--decoder",
-            decoder,
-            "--manifests",
-            *write_manifests(world, tmp_path / "manifests", benchmark),
-            *extra,
-        ]
-    )
+    settings = json.dumps({"evaluate": EVAL, "sampling_rate": SR, "experiment": "t"})
+    manifests = write_manifests(world, tmp_path / "manifests", benchmark)
+    return ["--settings", settings, "--model", world["dirs"][stage], "--name", stage, "--decoder", decoder,
+            "--manifests", *manifests]  # fmt: skip
+
+
+def evaluate(world: dict[str, Any], tmp_path: Path, benchmark: str, *extra: str) -> None:
+    main(["evaluate", benchmark, *job_args(world, tmp_path, benchmark), *extra])
 
 
 def gather(world: dict[str, Any], tmp_path: Path, benchmark: str, rows: list[Path], out: Path) -> None:
-    stage, decoder = CASES[benchmark]
+    outputs = ["--hyps", str(out / "hyps.parquet"), "--scores", str(out / "scores.json")]
     main(
         [
             "evaluate",
             "gather",
             benchmark,
-            "--settings",
-            json.dumps({"evaluate": EVAL, "sampling_rate": SR, "experiment": "t"}),
-            "--model",
-            world["dirs"][stage],
-            "--name",
-            stage,
-            "--decoder",
-            decoder,
-            "--manifests",
-            *write_manifests(world, tmp_path / "manifests", benchmark),
+            *job_args(world, tmp_path, benchmark),
             "--rows",
             *map(str, rows),
-            "--hyps",
-            str(out / "hyps.parquet"),
-            "--scores",
-            str(out / "scores.json"),
+            *outputs,
         ]
     )
 
