@@ -40,4 +40,5 @@ rule all:
         all_tables(),
         report_plots(),
         wandb_results(),
+        rules.resource_usage.output,
     default_target: True

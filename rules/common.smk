@@ -72,6 +72,7 @@ if KANG_ROY:
 DEMO_LLM_DIR = "resources/models/demo-llm"
 DEMO_ENCODER_DIR = "resources/models/demo-mms"
 TARGET_SHARDS = list(range(config["targets"]["shards"]))
+EVAL_SHARDS = config["evaluate"]["shards"]  # jobs per (benchmark, system) evaluation (rules/evaluate.smk)
 RESPONSE_SETS = config["targets"]["responses"]["manifests"]
 RESPONSE_SHARDS = list(range(config["targets"]["responses"]["shards"]))
 RELEASED_TARGETS_ARCHIVE = "resources/bloomzmms/tmi_training_targets.tar.gz"
@@ -340,12 +341,19 @@ def kd_manifest(which):
 
 
 def eval_settings():
-    return as_json({"evaluate": config["evaluate"], "sampling_rate": config["data"]["sampling_rate"],
+    # `shards` says which job decodes which batches, not what is decoded: the score files do not record it.
+    evaluate = {k: v for k, v in config["evaluate"].items() if k != "shards"}
+    return as_json({"evaluate": evaluate, "sampling_rate": config["data"]["sampling_rate"],
                     "experiment": config["experiment"]})
 
 
 def system_model(wildcards):
     return SYSTEMS[wildcards.system][0]
+
+
+def eval_shard_rows(wildcards):
+    """The outputs of every evaluation shard of one system on one benchmark (evaluate.shards > 1)."""
+    return [f"results/eval/{wildcards.benchmark}/{wildcards.system}.shards/shard{k}.json" for k in range(EVAL_SHARDS)]
 
 
 def system_decoder(wildcards):
@@ -470,23 +478,47 @@ def rule_resources(rule_name):
     return {**base, **config["resources"].get("rules", {}).get(rule_name, {})}
 
 
-def retry_scaled(value, scale):
-    """A resource that grows with each attempt, value × scale^(attempt-1): a job killed for memory or time
-    asks for more when it is retried."""
-    return lambda wildcards, attempt: round(value * scale ** (attempt - 1))
+# Steps that save their progress as they go and resume from it (training checkpoints, the partial files of the
+# generation and evaluation shards). On SIGTERM they save and exit with status 75 (speechllm/stopping.py), so
+# a job stopped by its time limit or preempted is retried (the Slurm profile lists them as preemptible) and
+# goes on where it stopped: a retry needs no more time than the first attempt.
+RESUMABLE_RULES = ("train_ctc", "train_ce", "train_kd", "generate_targets", "generate_responses", "evaluate")
+
+
+def retry_scaled(value, scale, attempts):
+    """A resource that grows with each retry, value × scale^(retry), for the first `attempts` retries: a job
+    killed for memory (or, if it cannot resume, for time) asks for more when it is retried."""
+    return lambda wildcards, attempt: round(value * scale ** min(attempt - 1, attempts))
+
+
+def stop_signal(rule_name, res, key):
+    """sbatch --signal for a resumable step: SIGTERM `stop_signal_seconds` before the time limit (to every
+    process of the job's steps, not the batch shell; Slurm may send it up to a minute earlier)."""
+    seconds = res.get("stop_signal_seconds")
+    if rule_name not in RESUMABLE_RULES or not seconds:
+        return {}
+    if seconds >= res["runtime"] * 60:
+        config_error(f"{key}.stop_signal_seconds", f"{seconds} s is not shorter than {rule_name}'s runtime of "
+                                                   f"{res['runtime']} min")
+    return {"slurm_extra": f"--signal=TERM@{seconds}"}
 
 
 def job_resources(rule_name):
     """A model step's resources, as `resources: **job_resources("<rule>")`.
 
+    mem_mb grows on retries (`retry_scale`, for `retry_scale_attempts` retries); runtime too, except for the
+    resumable steps, which also ask Slurm for SIGTERM ahead of their time limit (`stop_signal`).
     gpu > 0: `gpu` and `cpus_per_gpu` (sbatch --gpus, --cpus-per-gpu). nodes > 1: GPUs per node as `gres`
     (sbatch --gres counts per node) and the `mpi` resource, so the Slurm plugin runs the shell command as the
     batch step itself and the command's own srun (see `launcher`) starts one task per node.
     """
     res = rule_resources(rule_name)
     key = f"resources.rules.{rule_name}" if rule_name in config["resources"].get("rules", {}) else "resources"
-    out = {"mem_mb": retry_scaled(res["mem_mb"], res["retry_scale"]),
-           "runtime": retry_scaled(res["runtime"], res["retry_scale"])}
+    scale, attempts = res["retry_scale"], res["retry_scale_attempts"]
+    out = {"mem_mb": retry_scaled(res["mem_mb"], scale, attempts),
+           "runtime": res["runtime"] if rule_name in RESUMABLE_RULES
+           else retry_scaled(res["runtime"], scale, attempts),
+           **stop_signal(rule_name, res, key)}
     for name in ("slurm_partition", "slurm_account"):  # unset: the profile's default (environment or cluster)
         if res.get(name):
             out[name] = res[name]
@@ -516,27 +548,57 @@ def gpus_per_node(resources):
     return int(gres.rsplit(":", 1)[1]) if gres.startswith("gpu:") else 0
 
 
+# Slurm signals every process of a job step, and a stop signal must reach `speechllm` while its launchers still
+# wait for it (once they exit, the step ends and what is left is killed). So the launcher replaces the rule's
+# shell (`exec`) and ignores SIGTERM / SIGUSR1 (inherited; `speechllm` installs its own handlers), and torch's
+# elastic agent (several processes) is told not to handle SIGTERM (torchrun --signals_to_handle, read from
+# PET_SIGNALS_TO_HANDLE): it would pass it on and kill the processes 30 s later, checkpoint written or not.
+SIGNAL_TRANSPARENT = 'trap "" TERM USR1; exec env PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT'
+
+
 def launcher(wildcards, resources):
     """What starts a model step's `speechllm` call (params.launcher, in front of it in the shell line).
 
-    No GPU: nothing (the plain call). GPUs on one node: `accelerate launch` with one process per GPU. Several
-    nodes: `srun` starts one task per node, and each runs `accelerate launch` with its machine rank
-    ($SLURM_NODEID) and the main node's address (the first host of $SLURM_JOB_NODELIST); the port is offset by
-    the job id so jobs sharing a node do not collide. The `speechllm ...` words that follow reach the
-    per-node shell as its arguments ("$@"), so their quoting is kept.
+    No GPU: `exec` (the plain call replaces the shell). GPUs on one node: `accelerate launch` with one process
+    per GPU, behind `SIGNAL_TRANSPARENT`. Several nodes: `srun` starts one task per node, and each runs
+    `accelerate launch` with its machine rank ($SLURM_NODEID) and the main node's address (the first host of
+    $SLURM_JOB_NODELIST); the port is offset by the job id so jobs sharing a node do not collide. The
+    `speechllm ...` words that follow reach the per-node shell as its arguments ("$@"), so their quoting is kept.
     """
     gpus, nodes = gpus_per_node(resources), int(resources.get("nodes") or 1)
     if gpus == 0:
-        return ""
+        return "exec"
     defaults = "--mixed_precision no --dynamo_backend no --no_python"  # precision comes from config (stage)
     if nodes == 1:
         multi = " --multi_gpu" if gpus > 1 else ""
-        return f"accelerate launch --num_processes {gpus} --num_machines 1{multi} {defaults}"
+        return f"{SIGNAL_TRANSPARENT} accelerate launch --num_processes {gpus} --num_machines 1{multi} {defaults}"
     port = config["resources"]["main_process_port"]
-    per_node = (f"exec accelerate launch --multi_gpu --num_processes {gpus * nodes} --num_machines {nodes} "
+    per_node = (f"{SIGNAL_TRANSPARENT} accelerate launch --multi_gpu --num_processes {gpus * nodes} "
+                f"--num_machines {nodes} "
                 '--machine_rank "$SLURM_NODEID" '
                 '--main_process_ip "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)" '
                 f"--main_process_port $(({port} + SLURM_JOB_ID % 1000)) {defaults}")
-    return (f"{resources.get('mpi') or 'srun'} --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 "
+    return (f"exec {resources.get('mpi') or 'srun'} --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 "
             f"--cpus-per-task={gpus * int(resources.get('cpus_per_gpu'))} --mem=0 --kill-on-bad-exit=1 "
             f"bash -c '{per_node} \"$@\"' accelerate-node")
+
+
+def rule_requests():
+    """Each rule's first-attempt request, for the resource view: mem_mb, runtime (minutes) and threads, where the
+    rule states them as numbers or as functions of (wildcards, attempt) that ignore the wildcards (job_resources)."""
+
+    def first_attempt(resource):
+        if resource is None:
+            return None
+        if not resource.is_evaluable():
+            return resource.value if isinstance(resource.value, int) else None
+        try:
+            value = resource.evaluate(None, attempt=1).value
+        except Exception:  # depends on the wildcards: no single number for the rule
+            return None
+        return value if isinstance(value, int) else None
+
+    return {rule.name: {"mem_mb": first_attempt(rule.resources.get("mem_mb")),
+                        "runtime": first_attempt(rule.resources.get("runtime")),
+                        "threads": first_attempt(rule.resources.get("_cores"))}
+            for rule in workflow.rules if rule.name != "all"}

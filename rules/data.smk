@@ -13,6 +13,8 @@ rule demo_data:
         out_dir=lambda wc, output: parent_dir(output.manifests[0], 2),
     log:
         "logs/data/demo_data.log",
+    benchmark:
+        "logs/benchmark/demo_data.tsv"
     threads: 2
     resources:
         mem_mb=2000,
@@ -32,6 +34,8 @@ rule fleurs_data:
         out_dir=lambda wc, output: parent_dir(output.manifests[0], 1),
     log:
         "logs/data/fleurs_data.log",
+    benchmark:
+        "logs/benchmark/fleurs_data.tsv"
     threads: rule_resources("fleurs_data")["cpu_threads"]
     resources:
         **job_resources("fleurs_data"),
@@ -57,6 +61,8 @@ rule prepare_split:
         }),
     log:
         "logs/data/prepare_{split}.log",
+    benchmark:
+        "logs/benchmark/prepare_split/{split}.tsv"
     threads: 1
     resources:
         mem_mb=4000,
@@ -77,6 +83,8 @@ rule language_ids:
         "results/data/language_ids.json",
     log:
         "logs/data/language_ids.log",
+    benchmark:
+        "logs/benchmark/language_ids.tsv"
     threads: 1
     resources:
         mem_mb=1000,
@@ -95,6 +103,8 @@ rule speechglue_data:
         out_dir=lambda wc, output: parent_dir(output[0], 2),
     log:
         "logs/data/speechglue_data.log",
+    benchmark:
+        "logs/benchmark/speechglue_data.tsv"
     threads: rule_resources("speechglue_data")["cpu_threads"]
     resources:
         **job_resources("speechglue_data"),
@@ -115,6 +125,8 @@ rule speechxnli_data:
         archive=speechxnli_archive_arg,
     log:
         "logs/data/speechxnli_data.log",
+    benchmark:
+        "logs/benchmark/speechxnli_data.tsv"
     threads: rule_resources("speechxnli_data")["cpu_threads"]
     resources:
         **job_resources("speechxnli_data"),
@@ -134,6 +146,8 @@ rule zenodo_file:
         url=lambda wc: zenodo_url(wc.name),
     log:
         "logs/data/zenodo_{name}.log",
+    benchmark:
+        "logs/benchmark/zenodo_file/{name}.tsv"
     threads: 1
     resources:
         mem_mb=1000,
@@ -155,6 +169,8 @@ rule common_voice_data:
         out_dir=lambda wc, output: parent_dir(output.manifest, 1),
     log:
         "logs/data/common_voice_data.log",
+    benchmark:
+        "logs/benchmark/common_voice_data.tsv"
     threads: rule_resources("common_voice_data")["cpu_threads"]
     resources:
         **job_resources("common_voice_data"),
@@ -173,6 +189,8 @@ rule hub_train_manifest:
         "resources/hub/train.jsonl",
     log:
         "logs/data/hub_train_manifest.log",
+    benchmark:
+        "logs/benchmark/hub_train_manifest.tsv"
     threads: 1
     resources:
         mem_mb=4000,
@@ -192,6 +210,8 @@ rule librispeech_data:
         out_dir=lambda wc, output: parent_dir(output.report, 1),
     log:
         "logs/data/librispeech_data.log",
+    benchmark:
+        "logs/benchmark/librispeech_data.tsv"
     threads: rule_resources("librispeech_data")["cpu_threads"]
     resources:
         **job_resources("librispeech_data"),
@@ -209,6 +229,8 @@ rule articles_data:
         out_dir=lambda wc, output: parent_dir(output[0], 2),
     log:
         "logs/data/articles_data.log",
+    benchmark:
+        "logs/benchmark/articles_data.tsv"
     threads: rule_resources("articles_data")["cpu_threads"]
     resources:
         **job_resources("articles_data"),

@@ -21,6 +21,8 @@ rule demo_llm:
         }),
     log:
         "logs/models/demo_llm.log",
+    benchmark:
+        "logs/benchmark/demo_llm.tsv"
     threads: 2
     resources:
         mem_mb=4000,
@@ -45,6 +47,8 @@ rule demo_speech_encoder:
         }),
     log:
         "logs/models/demo_speech_encoder.log",
+    benchmark:
+        "logs/benchmark/demo_speech_encoder.tsv"
     threads: 2
     resources:
         mem_mb=3000,
@@ -66,6 +70,8 @@ rule fetch_model:
         part="llm|speech_encoder",
     log:
         "logs/models/fetch_{part}.log",
+    benchmark:
+        "logs/benchmark/fetch_model/{part}.tsv"
     threads: 1
     resources:
         mem_mb=2000,

@@ -15,6 +15,8 @@ rule table:
         stem=lambda wc, output: os.path.splitext(output.md)[0],
     log:
         "logs/report/table_{name}.log",
+    benchmark:
+        "logs/benchmark/table/{name}.tsv"
     threads: 1
     resources:
         mem_mb=1000,
@@ -36,6 +38,8 @@ rule benchmark_plot:
         systems=lambda wc: BENCHMARK_SYSTEMS[wc.name],
     log:
         "logs/report/plot_{name}.log",
+    benchmark:
+        "logs/benchmark/benchmark_plot/{name}.tsv"
     threads: 1
     resources:
         mem_mb=1000,
@@ -57,6 +61,8 @@ rule learning_curves:
         model="|".join(TRAINED_MODELS),
     log:
         "logs/report/learning_curves_{model}.log",
+    benchmark:
+        "logs/benchmark/learning_curves/{model}.tsv"
     threads: 1
     resources:
         mem_mb=1000,
@@ -81,6 +87,8 @@ rule wandb_results:
         else "",
     log:
         "logs/report/wandb_{system}.log",
+    benchmark:
+        "logs/benchmark/wandb_results/{system}.tsv"
     threads: 1
     resources:
         mem_mb=2000,
@@ -102,6 +110,8 @@ rule wandb_sync:
         roots=["results", "logs"],
     log:
         "logs/report/wandb_sync.log",
+    benchmark:
+        "logs/benchmark/wandb_sync.tsv"
     localrule: True
     threads: 1
     resources:
@@ -111,3 +121,37 @@ rule wandb_sync:
         "../envs/speechllm.yaml"
     shell:
         "speechllm report wandb-sync --roots {params.roots} --out {output} > {log} 2>&1"
+
+
+# The jobs' measured wall time, memory and CPU (every rule's `benchmark:` file) against what they asked for; runs
+# after everything else of the run, and reads whatever benchmark files exist then (docs: sizing jobs).
+rule resource_usage:
+    input:
+        all_tables(),
+        report_plots(),
+        wandb_results(),
+    output:
+        summary=report("results/resources/usage.csv", caption="../workflow/report/resources.rst", category="Resources",
+                       labels={"figure": "table per rule"}),
+        jobs=report("results/resources/usage.jobs.csv", caption="../workflow/report/resources.rst",
+                    category="Resources", labels={"figure": "table per job"}),
+        md="results/resources/usage.md",
+        plot=report("results/plots/resources.png", caption="../workflow/report/resources.rst", category="Resources",
+                    labels={"figure": "bars"}),
+    params:
+        requests=lambda wc: as_json(rule_requests()),
+        root="logs/benchmark",
+        stem=lambda wc, output: os.path.splitext(output.summary)[0],
+    log:
+        "logs/report/resource_usage.log",
+    benchmark:
+        "logs/benchmark/resource_usage.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm report resources --root {params.root} --requests {params.requests:q} --out-stem {params.stem} "
+        "--plot {output.plot} > {log} 2>&1"

@@ -15,6 +15,8 @@ if FETCHED_TEMPLATES:
             sha256=config["targets"]["templates_download"]["sha256"],
         log:
             "logs/targets/fetch_templates.log",
+        benchmark:
+            "logs/benchmark/fetch_templates.tsv"
         threads: 1
         resources:
             mem_mb=1000,
@@ -44,13 +46,15 @@ rule generate_targets:
         num_shards=config["targets"]["shards"],
     log:
         "logs/targets/generate_shard{shard}.log",
+    benchmark:
+        "logs/benchmark/generate_targets/{shard}.tsv"
     threads: rule_resources("generate_targets")["cpu_threads"]
     resources:
         **job_resources("generate_targets"),
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm targets generate --settings {params.settings:q} --manifest {input.manifest} "
+        "exec speechllm targets generate --settings {params.settings:q} --manifest {input.manifest} "
         "--shard {wildcards.shard} --num-shards {params.num_shards} --out {output} --threads {threads} "
         "> {log} 2>&1"
 
@@ -66,6 +70,8 @@ if config["targets"]["source"] == "released":
             sha256_arg=optional_arg("--sha256", config["targets"]["released"]["sha256"]),
         log:
             "logs/targets/fetch_released.log",
+        benchmark:
+            "logs/benchmark/fetch_released_targets.tsv"
         threads: 1
         resources:
             mem_mb=1000,
@@ -94,6 +100,8 @@ if config["targets"]["source"] == "released":
             out_dir=lambda wc, output: parent_dir(output[0], 1),
         log:
             "logs/targets/import_released.log",
+        benchmark:
+            "logs/benchmark/import_released_targets.tsv"
         threads: 1
         resources:
             mem_mb=16000,
@@ -122,6 +130,8 @@ else:
             out_dir=lambda wc, output: parent_dir(output[0], 1),
         log:
             "logs/targets/assemble.log",
+        benchmark:
+            "logs/benchmark/assemble_targets.tsv"
         threads: 1
         resources:
             mem_mb=4000,
@@ -152,13 +162,15 @@ rule generate_responses:
         num_shards=config["targets"]["responses"]["shards"],
     log:
         "logs/targets/responses_{response_set}_shard{shard}.log",
+    benchmark:
+        "logs/benchmark/generate_responses/{response_set}/{shard}.tsv"
     threads: rule_resources("generate_responses")["cpu_threads"]
     resources:
         **job_resources("generate_responses"),
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm targets responses --settings {params.settings:q} --manifest {input.manifest} "
+        "exec speechllm targets responses --settings {params.settings:q} --manifest {input.manifest} "
         "--shard {wildcards.shard} --num-shards {params.num_shards} --out {output} --threads {threads} "
         "> {log} 2>&1"
 
@@ -170,6 +182,8 @@ rule gather_responses:
         "results/responses/{response_set}.jsonl",
     log:
         "logs/targets/gather_responses_{response_set}.log",
+    benchmark:
+        "logs/benchmark/gather_responses/{response_set}.tsv"
     threads: 1
     resources:
         mem_mb=4000,

@@ -15,6 +15,8 @@ rule init_model:
         settings=lambda wc: init_settings("bloomzmms"),
     log:
         "logs/train/init.log",
+    benchmark:
+        "logs/benchmark/init_model.tsv"
     threads: rule_resources("init_model")["cpu_threads"]
     resources:
         **job_resources("init_model"),  # loads the whole LLM (its embeddings become the CTC head)
@@ -34,6 +36,8 @@ rule init_kang_roy:
         settings=lambda wc: init_settings("kang_roy"),
     log:
         "logs/train/init_kang_roy.log",
+    benchmark:
+        "logs/benchmark/init_kang_roy.tsv"
     threads: rule_resources("init_model")["cpu_threads"]
     resources:
         **job_resources("init_model"),
@@ -62,6 +66,8 @@ rule train_ctc:
         launcher=launcher,
     log:
         "logs/train/ctc.log",
+    benchmark:
+        "logs/benchmark/train_ctc.tsv"
     threads: rule_resources("train_ctc")["cpu_threads"]
     resources:
         **job_resources("train_ctc"),
@@ -94,6 +100,8 @@ rule train_ce:
         launcher=launcher,
     log:
         "logs/train/ce_{variant}.log",
+    benchmark:
+        "logs/benchmark/train_ce/{variant}.tsv"
     threads: rule_resources("train_ce")["cpu_threads"]
     resources:
         **job_resources("train_ce"),
@@ -125,6 +133,8 @@ rule train_kd:
         launcher=launcher,
     log:
         "logs/train/kd.log",
+    benchmark:
+        "logs/benchmark/train_kd.tsv"
     threads: rule_resources("train_kd")["cpu_threads"]
     resources:
         **job_resources("train_kd"),

@@ -122,3 +122,22 @@ def tiny_spec(tiny_models) -> dict:
     adaptor = AdaptorConfig(input_dim=16, d_model=32, heads=2, linear_units=64, cgmlp_units=64, cgmlp_kernel=5,
                             merge_kernel=5, num_blocks=2, interctc_layer=1, num_lid_classes=3, llm_hidden_size=32)
     return model_spec(models_cfg, adaptor, {"English": 1, "German": 2}, stage="ctc")
+
+
+@pytest.fixture()
+def stop_signals():
+    """`speechllm.stopping` installed in this (pytest) process for one test: SIGTERM / SIGUSR1 only record a stop
+    request. Yields a function that sends SIGTERM to this process; the handlers are restored afterwards."""
+    import signal
+
+    from speechllm import stopping
+
+    saved = {sig: signal.getsignal(sig) for sig in stopping.STOP_SIGNALS}
+    stopping.reset()
+    stopping.install()
+    try:
+        yield lambda: os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        stopping.reset()

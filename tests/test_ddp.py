@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -11,13 +13,26 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_resume import ADAPTOR, CTC_STAGE, run_settings, subprocess_env, train_command, write_corpus
+from test_train_resume import (
+    ADAPTOR,
+    CTC_STAGE,
+    assert_same_end,
+    checkpoint_steps,
+    logged_steps,
+    run_settings,
+    start,
+    subprocess_env,
+    train_command,
+    wait,
+    wait_for,
+    write_corpus,
+)
 
 from speechllm.data.batches import SpeechDataset
 from speechllm.data.bucketing import DurationBucketSampler, split_batch
 from speechllm.data.manifest import read_manifest
-from speechllm.train.loop import chain_digest
 from speechllm.train.checkpoint import verify_checkpoint
+from speechllm.train.loop import chain_digest
 
 
 def free_port() -> int:
@@ -176,6 +191,39 @@ def test_two_gloo_processes_split_every_batch_of_one_process(tiny_models, tmp_pa
     ]
     verify_checkpoint(checkpoint)
     assert "rng_rank1.pt" in (checkpoint / "checksums.sha256").read_text()
+
+
+def test_a_signal_to_one_rank_stops_both_after_the_same_update(tiny_models, tmp_path):
+    """SIGTERM reaching one rank only (signals may arrive at slightly different times): both ranks stop after the
+    same update (one shared checkpoint with both RNG files, no rank left waiting in a collective), and the
+    relaunch ends with the weights of an uninterrupted two-process run."""
+    import psutil
+
+    corpus = write_corpus(tmp_path / "data", num_train=16)
+    stage = {**CTC_STAGE, "checkpoint_every": 1000, "keep_checkpoints": 5}  # periodic only at epoch ends (5)
+    settings = run_settings(tiny_models, stage)
+    env = subprocess_env(ACCELERATE_USE_CPU="true")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    reference = start(launch(train_command("ctc", settings, corpus, straight), 2)[1:], env, tmp_path / "a.log")
+    launcher = start(launch(train_command("ctc", settings, corpus, stopped), 2)[1:], env, tmp_path / "b.log")
+    wait_for(lambda: logged_steps(stopped), launcher)
+    ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "RANK" in p.environ()]
+    next(p for p in ranks if p.environ()["RANK"] == "1").send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=120) != 0
+    log = (tmp_path / "b.log").read_text()
+    stop_step = int(re.search(r"stopping after update (\d+)", log).group(1))
+    assert stop_step % 5 != 0 and checkpoint_steps(stopped)[-1] == stop_step, log[-3000:]
+    written = stopped / "train/checkpoints" / f"step_{stop_step:08d}"
+    assert {"rng_rank0.pt", "rng_rank1.pt"} <= {p.name for p in written.iterdir()}
+
+    relaunch = start(launch(train_command("ctc", settings, corpus, stopped), 2)[1:], env, tmp_path / "c.log")
+    wait(reference, tmp_path / "a.log")
+    wait(relaunch, tmp_path / "c.log")
+    assert f"resuming from {written}" in (tmp_path / "c.log").read_text()
+    # (data_sha256_per_process is not compared: the checkpoint keeps rank 0's chain of batch ids only.)
+    final_step = stage["max_epochs"] * stage["num_iters_per_epoch"] // stage["accum_grad"]
+    same = ("history", "final_weights_sha256_per_process", "batches_per_process")
+    assert_same_end(straight, stopped, final_step, same)
 
 
 # ------------------------------------------------------------------------------------------------------ FSDP

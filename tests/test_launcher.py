@@ -8,8 +8,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -72,7 +74,8 @@ def paper_jobs(tmp_path_factory) -> dict[str, dict]:
 def test_cpu_steps_keep_the_plain_call(demo_jobs):
     for rule in ("train_ctc", "train_ce", "evaluate"):
         job = demo_jobs[rule]
-        assert job["shell"].split()[0] == "speechllm", job["shell"][:200]
+        # `exec`: the step replaces the rule's shell, so a stop signal finds it with Snakemake still waiting.
+        assert job["shell"].split()[:2] == ["exec", "speechllm"], job["shell"][:200]
         assert job["resources"]["gpu"] == 0 and "cpus_per_gpu" not in job["resources"]
         # First attempt: the config's memory and runtime as they are.
         assert (job["resources"]["mem_mb"], job["resources"]["runtime"]) == (8000, 60)
@@ -128,20 +131,68 @@ def test_one_process_steps_take_rule_overrides_and_retry_scaling(tmp_path, paper
     assert "--threads" not in fleurs["shell"]  # the FLEURS conversion streams one split at a time
 
 
+LAUNCH = 'trap "" TERM USR1; exec env PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT accelerate launch '
+
+
 def test_gpu_steps_launch_one_process_per_gpu(paper_jobs):
     ctc, evaluate = paper_jobs["train_ctc"], paper_jobs["evaluate"]
-    assert ctc["shell"].startswith("accelerate launch --num_processes 2 --num_machines 1 --multi_gpu ")
+    assert ctc["shell"].startswith(LAUNCH + "--num_processes 2 --num_machines 1 --multi_gpu ")
     assert ctc["shell"].split(" --no_python ", 1)[1].startswith("speechllm train ctc ")
     assert (ctc["resources"]["gpu"], ctc["resources"]["cpus_per_gpu"]) == (2, 8)
-    assert evaluate["shell"].startswith("accelerate launch --num_processes 1 --num_machines 1 --mixed_precision")
+    assert evaluate["shell"].startswith(LAUNCH + "--num_processes 1 --num_machines 1 --mixed_precision")
     assert evaluate["resources"]["gpu"] == 1
 
 
 def test_retries_ask_for_more_memory_and_time(paper_jobs):
-    # Attempt 3 = two retries at retry_scale 1.5: 2.25 × (mem_mb, runtime) of config/experiments/bloomzmms.yaml.
+    # Attempt 3 = two retries at retry_scale 1.5: 2.25 × mem_mb of config/experiments/bloomzmms.yaml; the runtime
+    # of steps that resume stays (the retry goes on where the stopped job was), that of the others grows.
     assert paper_jobs["train_ce"]["resources"]["mem_mb"] == 432000
     assert paper_jobs["train_ctc"]["resources"]["mem_mb"] == 288000
-    assert paper_jobs["evaluate"]["resources"]["runtime"] == 6480
+    for rule in ("train_ctc", "train_ce", "evaluate", "generate_targets"):
+        assert paper_jobs[rule]["resources"]["runtime"] == 2880, rule
+        assert paper_jobs[rule]["resources"]["slurm_extra"] == "--signal=TERM@600", rule
+    assert paper_jobs["init_model"]["resources"]["runtime"] == 6480
+    assert "slurm_extra" not in paper_jobs["init_model"]["resources"]
+
+
+def test_the_slurm_profile_retries_every_signalled_step_often(paper_jobs):
+    """The steps that ask for SIGTERM before their limit stop for a retry each time: the Slurm profile marks them
+    preemptible (more retries than `retries`, for them only)."""
+    profile = yaml.safe_load((REPO / "workflow/profiles/slurm/profile.yaml").read_text())
+    signalled = {rule for rule, job in paper_jobs.items() if "slurm_extra" in job["resources"]}
+    assert {"train_ctc", "train_ce", "generate_targets", "evaluate"} <= signalled
+    assert signalled <= set(profile["preemptible-rules"])
+    assert profile["preemptible-retries"] > profile["retries"] and profile["slurm-efficiency-report"] is True
+
+
+def test_sharded_evaluation_is_one_job_per_shard_and_a_gather(tmp_path):
+    """evaluate.shards: 3 -> three decoding jobs (each its share of the batches, resumable) and one gather job that
+    writes the Parquet and the score file; with 1 (the default) one job does all of it."""
+    res = dry_run(tmp_path, write_yaml(tmp_path / "shards.yaml", {"evaluate": {"shards": 3}}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    shards = re.findall(r"--shard (\d) --num-shards 3 --rows results/eval/fleurs_asr/t\.shards/shard(\d)\.json",
+                        res.stdout)
+    assert sorted(shards) == [("0", "0"), ("1", "1"), ("2", "2")]
+    gather = parse_jobs(res.stdout)["evaluate_gather"]
+    assert gather["shell"].startswith("speechllm evaluate gather fleurs_asr ")
+    assert " --rows " + " ".join(f"results/eval/fleurs_asr/t.shards/shard{k}.json" for k in range(3)) in gather["shell"]
+
+
+def test_many_preemptions_keep_the_memory_request_bounded(tmp_path):
+    """A resumable step retried for the 8th time (preemptible retries) asks for the memory of the third attempt
+    (retry_scale_attempts: 2), not 1.5^7 times it, which no node has."""
+    res = dry_run(tmp_path, REPO / "config/experiments/bloomzmms.yaml", extra=("--attempt", "8"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = parse_jobs(res.stdout)
+    assert jobs["train_ce"]["resources"]["mem_mb"] == 432000
+    assert jobs["train_ce"]["resources"]["runtime"] == 2880
+
+
+def test_stop_signal_must_leave_time_to_run(tmp_path):
+    override = write_yaml(tmp_path / "o.yaml", {"resources": {"rules": {"train_ctc": {"runtime": 5}}}})
+    res = dry_run(tmp_path, override)
+    assert res.returncode != 0
+    assert "config error at key 'resources.rules.train_ctc.stop_signal_seconds'" in res.stderr, res.stderr[-2000:]
 
 
 def test_multi_node_ce_asks_slurm_for_gpus_per_node(paper_jobs):
@@ -161,7 +212,8 @@ def test_multi_node_ce_asks_slurm_for_gpus_per_node(paper_jobs):
     params = {"run_uuid": "run", "slurm_logfile": "x.log", "comment_str": "train_ce", "account": "",
               "partition": "", "workdir": "/tmp"}
     sbatch = get_submit_command(job, params) + set_gres_string(job)
-    for flag in ("--nodes=2", "--ntasks=2", "--cpus-per-gpu=8", "--gres=gpu:4", "--mem 432000", "-t 6480"):
+    for flag in ("--nodes=2", "--ntasks=2", "--cpus-per-gpu=8", "--gres=gpu:4", "--mem 432000", "-t 2880",
+                 "--signal=TERM@600"):
         assert re.search(rf"(^| ){re.escape(flag)}( |$)", sbatch), (flag, sbatch)
     assert "--ntasks-per-gpu" not in sbatch and "--gpus" not in sbatch, sbatch
 
@@ -222,6 +274,51 @@ def test_single_node_launcher_starts_one_process_per_gpu(paper_jobs, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("rank*.json")) == ["rank0.json", "rank1.json"], res.stdout
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == ["2", ["--settings", '{"a": 1}']]
+
+
+STOPPABLE_PROBE = """
+import os, pathlib, time
+from speechllm import stopping
+stopping.install()
+rank = os.environ.get("RANK", "0")
+pathlib.Path(f"ready{rank}").touch()
+while stopping.requested() is None:
+    time.sleep(0.05)
+time.sleep(1)
+signals = len(stopping._received)  # a launcher passing the signal on has done so by now
+time.sleep(2)  # writing a checkpoint
+pathlib.Path(f"saved{rank}").write_text(str(signals))
+stopping.check("the probe's checkpoint")
+"""
+
+
+@pytest.mark.parametrize(("rule", "ranks"), [("evaluate", 1), ("train_ctc", 2)])
+def test_launchers_wait_for_a_signalled_step_to_save(paper_jobs, tmp_path, rule, ranks):
+    """Slurm sends SIGTERM to every process of a job step. The launcher (accelerate's, torch's elastic agent)
+    must outlive `speechllm` saving its progress: when it exits, Snakemake's wrapper ends the step and Slurm
+    kills what is left. accelerate's one-process launcher would die at once, the agent would kill after 30 s."""
+    import psutil
+
+    launcher = paper_jobs[rule]["shell"].split(" speechllm ", 1)[0]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "ACCELERATE_USE_CPU": "true",
+           "PYTHONPATH": str(REPO / "src")}
+    log = tmp_path / "step.log"
+    with log.open("w") as fh:
+        command = f"{launcher} {shlex.quote(sys.executable)} -c {shlex.quote(STOPPABLE_PROBE)}"
+        step = subprocess.Popen(["bash", "-c", command], cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready*"))) < ranks and step.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(list(tmp_path.glob("ready*"))) == ranks, log.read_text()[-2000:]
+    for process in [psutil.Process(step.pid), *psutil.Process(step.pid).children(recursive=True)]:
+        process.send_signal(signal.SIGTERM)
+    step.wait(timeout=120)
+    # Only now (the launcher is gone) may the step end: every rank had saved, and it failed (Snakemake retries).
+    saved = sorted(tmp_path.glob("saved*"))
+    assert len(saved) == ranks, log.read_text()[-2000:]
+    assert step.returncode != 0 and "SIGTERM received: the probe's checkpoint" in log.read_text()
+    # No launcher passed the signal on (the elastic agent would, then kill 30 s later).
+    assert all(path.read_text() == "1" for path in saved)
 
 
 @pytest.mark.parametrize(

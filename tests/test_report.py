@@ -308,7 +308,8 @@ def test_current_table_does_nothing_and_a_changed_score_reruns_only_its_consumer
         assert job_counts(one.stdout + one.stderr) == {"table": 1}
         everything = snakemake("-n", cwd=prepared_tree)
         assert job_counts(everything.stdout + everything.stderr) == {"benchmark_plot": 1, "table": 1,
-                                                                      "wandb_results": 1, "all": 1}
+                                                                      "wandb_results": 1, "resource_usage": 1,
+                                                                      "all": 1}
     finally:
         score.write_text(original)
 
@@ -322,8 +323,9 @@ def test_report_renders_offline_with_a_caption_per_output(prepared_tree) -> None
                    "Result table <strong>fleurs_asr</strong>", "Training curve of model <strong>ctc</strong>",
                    "Data report of split <strong>dev</strong>", "experiment <tt class=\\\"docutils literal\\\">demo"):
         assert needle in html, needle
-    for name in ("speechglue.png", "fleurs_st.png", "speechxnli.csv", "t.png"):
+    for name in ("speechglue.png", "fleurs_st.png", "speechxnli.csv", "t.png", "resources.png", "usage.csv"):
         assert name in html
+    assert "Resources each rule's jobs used in this run" in html
 
 
 def test_wandb_sync_is_a_target_for_offline_runs_only(prepared_tree, tmp_path) -> None:

@@ -1,5 +1,6 @@
 """`snakemake --profile slurm` on a real single-node Slurm (scripts/slurm/local_slurm.sh, fake GPUs): a reduced
-demo target runs as Slurm jobs, one of them with a GPU, and a download runs on the submit host.
+demo target runs as Slurm jobs, one of them with a GPU, and a download runs on the submit host; a training job
+stopped at its time limit is retried and resumes to the end.
 
 Needs root and Debian's slurm-wlm + munge (installed with apt-get when missing); skips with the reason where
 Slurm cannot be set up. Every daemon it starts is stopped by its pid file, whatever happens."""
@@ -7,11 +8,13 @@ Slurm cannot be set up. Every daemon it starts is stopped by its pid file, whate
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,59 @@ def test_reduced_demo_runs_as_slurm_jobs(local_slurm, tmp_path):
     completion_log = (local_slurm / "log/jobcomp.log").read_text()
     for rule in ("demo_data", "language_ids"):
         assert re.search(rf"JobId={submitted[rule]} .*JobState=COMPLETED", completion_log), rule
+
+
+@pytest.mark.slow
+def test_a_training_job_stopped_at_its_time_limit_is_retried_and_resumes(local_slurm, tmp_path, tiny_models):
+    """train_ctc with a 1-minute limit and 3,000 updates (100 s on an idle core, more on a busy one): Slurm sends SIGTERM at the limit (to every
+    process of the job step, W&B's service too), the job saves a checkpoint at its current update and exits for
+    a retry, which gets the same runtime and resumes there until the training ends."""
+    from test_train_resume import ADAPTOR, CTC_STAGE, write_corpus
+
+    work = tmp_path / "run"
+    for part, name in (("llm", "demo-llm"), ("encoder", "demo-mms")):
+        shutil.copytree(tiny_models[part], work / "resources/models" / name)
+    corpus = write_corpus(tmp_path / "corpus")
+    (work / "results/data").mkdir(parents=True)
+    for key in ("train", "dev", "language_ids"):
+        shutil.copy(corpus[key], work / "results/data" / corpus[key].name)
+    stage = {k: v for k, v in CTC_STAGE.items() if k != "fsdp"}
+    override = tmp_path / "override.yaml"
+    override.write_text(yaml.safe_dump({
+        "models": {"adaptor": ADAPTOR},
+        "train": {"ctc": {**stage, "num_iters_per_epoch": 50, "max_epochs": 120, "checkpoint_every": 1000,
+                          "log_every": 25, "patience": None}},
+        # No early SIGTERM (sbatch --signal): Slurm checks limits every ~30 s, a warning could come before any
+        # update; the limit's own SIGTERM leaves KillWait (30 s) to save.
+        "resources": {"rules": {"train_ctc": {"runtime": 1, "mem_mb": 2000, "cpu_threads": 1,
+                                              "stop_signal_seconds": None}}},
+    }))
+    env = clean_env(SLURM_CONF=str(local_slurm / "etc/slurm.conf"), SLURM_PARTITION="debug")
+    started = time.monotonic()
+    res = subprocess.run(
+        [str(BIN / "snakemake"), "--profile", str(REPO / "workflow/profiles/slurm"), "-d", str(work),
+         "--configfile", str(REPO / "config/config.yaml"), str(override),
+         "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
+         "--allowed-rules", "train_ctc", "--", "results/models/ctc"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    minutes = (time.monotonic() - started) / 60
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-5000:]
+    assert (work / "results/models/ctc/model.safetensors").is_file()
+    summary = json.loads((work / "results/train/ctc/summary.json").read_text())
+    assert summary["final_step"] == 120 * 50 // CTC_STAGE["accum_grad"] and summary["stopped"] == "max_epochs"
+
+    jobs = re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/rule_train_ctc/", out)
+    assert len(jobs) >= 2 and "Trying to restart job" in out, out[-5000:]
+    # Slurm's record of each attempt (job completion log: kept however long the run took).
+    completion = (local_slurm / "log/jobcomp.log").read_text()
+    states = {job: re.search(rf"JobId={job} .*?JobState=(\w+) .*?TimeLimit=(\S+)", completion).groups()
+              for job in jobs}
+    assert states[jobs[-1]][0] == "COMPLETED" and {states[j][0] for j in jobs[:-1]} == {"TIMEOUT"}, states
+    assert {states[j][1] for j in jobs} == {"1"}, states  # the retries asked for no more time
+    # The last attempt resumed from a checkpoint in the middle of an epoch (50 micro-batches, 25 updates): the
+    # scheduled ones are at epoch ends, so this one was written when the previous attempt was stopped.
+    train_log = (work / "logs/train/ctc.log").read_text()
+    resumed = re.search(r"resuming from \S*step_(\d{8})", train_log)
+    assert resumed and int(resumed.group(1)) % 25 != 0, train_log[-3000:]
+    print(f"\nslurm time-limit test: {len(jobs)} attempts, {minutes:.1f} min")

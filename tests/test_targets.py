@@ -26,7 +26,9 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+from speechllm import stopping
 from speechllm.cli import main
+from speechllm.stopping import PREEMPTED_EXIT, Preempted
 from speechllm.targets.assemble import assemble
 from speechllm.targets.backends import load_generator
 from speechllm.targets.download import DownloadError
@@ -90,12 +92,22 @@ def test_batched_generation_equals_one_at_a_time(lm):
     assert batched == single
 
 
-def test_killed_shard_resumes_without_redoing_or_duplicating(lm, tmp_path):
+SHARD_ITEMS = [(f"text {i} the cat", "Repeat the sentence: ", ". ") for i in range(7)]
+SHARD_SETTINGS = {"llm": "tiny", "max_new_tokens": 4, "num_beams": 1}
+
+
+@pytest.fixture()
+def full_shard(lm, tmp_path) -> Path:
+    """SHARD_ITEMS generated in one uninterrupted go, 3 at a time."""
     model, tok = lm
-    items = [(f"text {i} the cat", "Repeat the sentence: ", ". ") for i in range(7)]
-    settings = {"llm": "tiny", "max_new_tokens": 4, "num_beams": 1}
     full = tmp_path / "full.jsonl"
-    generate_shard(items, 0, 1, HFGenerator(model, tok, 3), settings, full)
+    generate_shard(SHARD_ITEMS, 0, 1, HFGenerator(model, tok, 3), SHARD_SETTINGS, full)
+    return full
+
+
+def test_killed_shard_resumes_without_redoing_or_duplicating(lm, tmp_path, full_shard):
+    model, tok = lm
+    items, settings, full = SHARD_ITEMS, SHARD_SETTINGS, full_shard
     # Simulate a kill after the first batch: keep 3 finished items and a torn line in the partial file.
     out = tmp_path / "resumed.jsonl"
     partial = out.with_name(out.name + ".partial.jsonl")
@@ -122,6 +134,29 @@ def test_killed_shard_resumes_without_redoing_or_duplicating(lm, tmp_path):
     assert out.read_text() == full.read_text()
     assert not partial.exists()
     assert read_partial(partial) == {}
+
+
+def test_stop_signal_keeps_the_finished_batch_and_the_rerun_completes_it(lm, tmp_path, full_shard, stop_signals):
+    """SIGTERM during a shard (Slurm's warning before the time limit): the batch being generated is finished and
+    appended, the shard exits for a retry (status 75), and the retry generates only the rest."""
+    model, tok = lm
+    items, settings = SHARD_ITEMS, SHARD_SETTINGS
+    out = tmp_path / "stopped.jsonl"
+    generator = HFGenerator(model, tok, 3)
+    original = generator.generate
+
+    def signalled_generate(prompts, max_new_tokens, on_batch=None):
+        stop_signals()  # arrives while the first batch is being generated
+        return original(prompts, max_new_tokens, on_batch)
+
+    generator.generate = signalled_generate
+    with pytest.raises(Preempted) as stopped:
+        generate_shard(items, 0, 1, generator, settings, out)
+    assert stopped.value.code == PREEMPTED_EXIT and not out.exists()
+    assert len(read_partial(out.with_name(out.name + ".partial.jsonl"))) == 3  # the first batch, complete
+    stopping.reset()  # the retry is a new process
+    stats = generate_shard(items, 0, 1, HFGenerator(model, tok, 3), settings, out)
+    assert stats == {"items": 7, "generated": 4, "reused": 3} and out.read_text() == full_shard.read_text()
 
 
 def test_shards_partition_the_items(lm, tmp_path):

@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -189,7 +192,36 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return CheckpointManager(run_dir / "train" / "checkpoints", keep=1).steps()
 
 
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "train" / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def wait_for(ready: Callable[[], Any], proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Poll until `ready()` holds (or `proc` ended, or time is up): the moment to interrupt a run."""
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def assert_same_end(straight: Path, resumed: Path, final_step: int, summary_keys: tuple[str, ...]) -> None:
+    """An interrupted and resumed run ended as the uninterrupted one: bit-identical final checkpoint and
+    exported weights, and the same summary values under `summary_keys`."""
+    for name in (f"train/checkpoints/step_{final_step:08d}/model.safetensors", "model/model.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(resumed / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    summary_a = json.loads((straight / "train/summary.json").read_text())
+    summary_b = json.loads((resumed / "train/summary.json").read_text())
+    assert summary_a["final_step"] == final_step
+    for key in summary_keys:
+        assert summary_a[key] == summary_b[key], key
+
+
 # ------------------------------------------------------------------------------------------ the SIGKILL test
+
+SAME_SUMMARY = ("history", "final_weights_sha256_per_process", "data_sha256_per_process", "batches_per_process")
 
 
 def test_sigkill_and_resume_gives_the_same_weights(tiny_models, tmp_path):
@@ -201,9 +233,7 @@ def test_sigkill_and_resume_gives_the_same_weights(tiny_models, tmp_path):
     # The uninterrupted run and the run to be killed go side by side (2 cores).
     reference = start(train_command("ctc", settings, corpus, straight), env, tmp_path / "straight.log")
     victim = start(train_command("ctc", settings, corpus, killed), env, tmp_path / "killed.log")
-    deadline = time.monotonic() + 240
-    while len(checkpoint_steps(killed)) < 2 and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: len(checkpoint_steps(killed)) >= 2, victim)
     victim.send_signal(signal.SIGKILL)
     assert victim.wait(timeout=30) == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-4000:]
     stopped_at = checkpoint_steps(killed)
@@ -230,15 +260,7 @@ def test_sigkill_and_resume_gives_the_same_weights(tiny_models, tmp_path):
     assert f"resuming from {checkpoints / f'step_{stopped_at[-2]:08d}'}" in resumed_log
 
     # Final weights (the last checkpoint) and the exported, selected weights are bit-identical.
-    last = f"step_{final_step:08d}"
-    for name in (f"train/checkpoints/{last}/model.safetensors", "model/model.safetensors"):
-        a, b = load_file(str(straight / name)), load_file(str(killed / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    summary_a = json.loads((straight / "train/summary.json").read_text())
-    summary_b = json.loads((killed / "train/summary.json").read_text())
-    assert summary_a["history"] == summary_b["history"] and summary_a["final_step"] == final_step
-    for key in ("final_weights_sha256_per_process", "data_sha256_per_process", "batches_per_process"):
-        assert summary_a[key] == summary_b[key], key
+    assert_same_end(straight, killed, final_step, SAME_SUMMARY)
     # The metrics written before the kill were kept, those after the checkpoint rewritten: same rows.
     rows_a = (straight / "train/metrics.jsonl").read_text().splitlines()
     rows_b = (killed / "train/metrics.jsonl").read_text().splitlines()
@@ -247,6 +269,45 @@ def test_sigkill_and_resume_gives_the_same_weights(tiny_models, tmp_path):
         {k: v for k, v in json.loads(r).items() if not k.endswith("_per_second")} for r in rows_b
     ]
     assert len(checkpoint_steps(killed)) == CTC_STAGE["keep_checkpoints"]
+
+
+# ------------------------------------------------------------------------------------------ the SIGTERM test
+
+# Periodic checkpoints only at epoch ends (every 5 updates): the one written on SIGTERM is told apart.
+SIGTERM_STAGE = {**CTC_STAGE, "checkpoint_every": 1000, "keep_checkpoints": 5}
+
+
+def test_sigterm_checkpoints_the_current_update_and_the_retry_ends_identical(tiny_models, tmp_path):
+    """Slurm's warning before the time limit (sbatch --signal=TERM@...) or the limit itself: the job finishes
+    its update, checkpoints exactly there, exits 75 (a retry), and the retry ends with an uninterrupted run's
+    weights."""
+    import psutil
+
+    corpus = write_corpus(tmp_path / "data")
+    settings = run_settings(tiny_models, SIGTERM_STAGE)
+    # The stopped run logs to W&B offline: its service process gets the signal too (Slurm signals every
+    # process of the job step) and must not turn the stop into a crash.
+    env, tracked = subprocess_env(), subprocess_env(WANDB_MODE="offline")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    reference = start(train_command("ctc", settings, corpus, straight), env, tmp_path / "straight.log")
+    victim = start(train_command("ctc", settings, corpus, stopped), tracked, tmp_path / "stopped.log")
+    wait_for(lambda: logged_steps(stopped), victim)
+    for process in [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]:
+        process.send_signal(signal.SIGTERM)
+    assert victim.wait(timeout=120) == 75, (tmp_path / "stopped.log").read_text()[-4000:]
+    log = (tmp_path / "stopped.log").read_text()
+    stop_step = int(re.search(r"stopping after update (\d+)", log).group(1))
+    final_step = CTC_STAGE["max_epochs"] * CTC_STAGE["num_iters_per_epoch"] // CTC_STAGE["accum_grad"]
+    assert 0 < stop_step < final_step and stop_step % 5 != 0, f"stopped at {stop_step}, not mid-epoch"
+    assert checkpoint_steps(stopped)[-1] == stop_step  # written on the signal, not by the schedule
+    assert logged_steps(stopped)[-1] == stop_step and not (stopped / "model").exists()
+
+    resumed = start(train_command("ctc", settings, corpus, stopped), tracked, tmp_path / "resumed.log")
+    wait(reference, tmp_path / "straight.log")
+    wait(resumed, tmp_path / "resumed.log")
+    checkpoint = stopped / "train" / "checkpoints" / f"step_{stop_step:08d}"
+    assert f"resuming from {checkpoint}" in (tmp_path / "resumed.log").read_text()
+    assert_same_end(straight, stopped, final_step, SAME_SUMMARY)
 
 
 # ------------------------------------------------------------------------------------------ checkpoint files

@@ -159,6 +159,11 @@ def test_reduced_demo_end_to_end(tmp_path):
     # Per-utterance outputs make every score recomputable.
     hyps = pd.read_parquet(tmp_path / "results/eval/fleurs_asr/ctc.parquet")
     assert {"id", "language", "reference", "hypothesis", "reference_normalized"} <= set(hyps.columns)
+    # Every job was measured (its benchmark file); the resource view sets each rule against its request.
+    usage = pd.read_csv(tmp_path / "results/resources/usage.csv").set_index("rule")
+    assert {"demo_data", "train_ctc", "train_ce", "evaluate", "table"} <= set(usage.index)
+    assert usage.loc["train_ctc", "max_rss_mb"] > 100 and usage.loc["train_ctc", "mem_mb"] == 8000
+    assert usage.loc["evaluate", "jobs"] == len(list(tmp_path.glob("results/eval/*/*.parquet")))
     rerun = snakemake("-n", "-d", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"),
                       str(override(tmp_path, REDUCED)))
     assert rerun.returncode == 0 and "Nothing to be done" in rerun.stdout + rerun.stderr

@@ -12,8 +12,11 @@
 # srun inside a job finds it through a link at /run/slurm/conf (where Slurm clients look when SLURM_CONF is
 # unset and /etc/slurm has none), because the Snakemake jobstep plugin clears SLURM_* variables, SLURM_CONF too.
 #
-# Knobs (environment): LOCAL_SLURM_FAKE_GPUS (2; plain files stand in for devices), LOCAL_SLURM_CPUS (nproc),
-# LOCAL_SLURM_MEM_MB (90 % of MemTotal), LOCAL_SLURM_CTLD_PORT / LOCAL_SLURM_SLURMD_PORT (free ports).
+# Knobs (environment): LOCAL_SLURM_FAKE_GPUS (2; plain files stand in for devices), LOCAL_SLURM_CPUS (all processors),
+# LOCAL_SLURM_MEM_MB (90 % of MemTotal), LOCAL_SLURM_CTLD_PORT / LOCAL_SLURM_SLURMD_PORT (free ports),
+# LOCAL_SLURM_KILL_WAIT (30: seconds between SIGTERM and SIGKILL at a time limit, Slurm's default),
+# LOCAL_SLURM_OVER_TIME_LIMIT (0: minutes a job may run past its limit). slurmctld checks limits (and sends
+# `sbatch --signal` warnings) about every 30 s, so a 1-minute job gets SIGTERM 60-90 s after it starts.
 # Exit status 2: Slurm cannot be set up here (not root, no apt-get, install failed); the reason is on stderr.
 set -euo pipefail
 
@@ -48,7 +51,7 @@ install_packages() {
 
 write_configs() {
     local cpus mem_mb ctld_port slurmd_port gpu_files i
-    cpus=${LOCAL_SLURM_CPUS:-$(nproc)}
+    cpus=${LOCAL_SLURM_CPUS:-$(nproc --all)}  # --all: not limited by OMP_NUM_THREADS, as plain nproc is
     mem_mb=${LOCAL_SLURM_MEM_MB:-$(awk '/^MemTotal:/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)}
     ctld_port=${LOCAL_SLURM_CTLD_PORT:-$(free_port)}
     slurmd_port=${LOCAL_SLURM_SLURMD_PORT:-$(free_port)}
@@ -72,6 +75,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 SchedulerType=sched/backfill
 ReturnToService=2
+KillWait=${LOCAL_SLURM_KILL_WAIT:-30}
+OverTimeLimit=${LOCAL_SLURM_OVER_TIME_LIMIT:-0}
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from speechllm.data.languages import language_name
 from speechllm.data.manifest import location
@@ -29,6 +28,7 @@ from speechllm.evaluate.metrics import (
     translation_scores,
 )
 from speechllm.evaluate.prompts import TASK_PROMPTS, Field
+from speechllm.evaluate.shards import BatchRunner, take
 from speechllm.evaluate.system import Clip, EvalSystem, Fill
 from speechllm.text.normalize import basic_normalize
 
@@ -86,16 +86,14 @@ def score_asr(df: pd.DataFrame, settings: dict[str, Any] | None = None) -> dict[
     return metrics
 
 
-def run_asr(
-    system: EvalSystem, records: list[dict[str, Any]], prefix: str, postfix: str, settings: dict[str, Any]
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Transcribe every utterance: CTC output (decoder ctc) or `prefix + <clip> + postfix` to the LLM."""
-    hyps: list[str] = [""] * len(records)
-    prompts: list[str] = [""] * len(records)
-    inputs: list[str | None] = [None] * len(records)
-    ctc_hyps: list[str | None] = [None] * len(records)
-    batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], settings["batch_size"]))
-    for idx in tqdm(batches, desc=f"ASR ({system.decoder})", mininterval=10):
+def decode_asr(
+    system: EvalSystem, records: list[dict[str, Any]], prefix: str, postfix: str, settings: dict[str, Any],
+    runner: BatchRunner,
+) -> None:
+    """Transcribe (this shard's batches of) every utterance: CTC output (decoder ctc) or `prefix + <clip> +
+    postfix` to the LLM."""
+
+    def decode(idx: list[int]) -> list[dict[str, Any]]:
         fills, ctc = system.fills([_utterance_clip(records[i]) for i in idx])
         if system.decoder == "ctc":
             out = [str(f) for f in fills]
@@ -104,25 +102,50 @@ def run_asr(
             pieces = [[prefix, fill, postfix] for fill in fills]
             out = system.generate(system.prompts(pieces), settings["num_beams"], settings["max_new_tokens"])
             described = [system.describe(p) for p in pieces]
-        for j, i in enumerate(idx):
-            hyps[i], prompts[i] = out[j], described[j]
-            if system.decoder in ("cascade", "text"):
-                inputs[i] = str(fills[j])
-            if ctc is not None and system.decoder == "llm":
-                ctc_hyps[i] = ctc[j]
-    df = pd.DataFrame(
+        return [
+            {
+                "hypothesis": out[j],
+                "prompt": described[j],
+                "input_text": str(fills[j]) if system.decoder in ("cascade", "text") else None,
+                "ctc_hypothesis": ctc[j] if ctc is not None and system.decoder == "llm" else None,
+            }
+            for j in range(len(idx))
+        ]
+
+    batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], settings["batch_size"]))
+    runner.run("", records, batches, decode, f"ASR ({system.decoder})")
+
+
+def asr_frame(records: list[dict[str, Any]], rows: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
+    got = take(rows, "", len(records))
+    hyps = [r["hypothesis"] for r in got]
+    return pd.DataFrame(
         {
             "id": [r["id"] for r in records],
             "language": [r["language"] for r in records],
-            "prompt": prompts,
-            "input_text": inputs,
+            "prompt": [r["prompt"] for r in got],
+            "input_text": [r["input_text"] for r in got],
             "reference": [r["raw_transcription"] for r in records],
             "hypothesis": hyps,
             "reference_normalized": [basic_normalize(r["raw_transcription"]) for r in records],
             "hypothesis_normalized": [basic_normalize(h) for h in hyps],
-            "ctc_hypothesis": ctc_hyps,
+            "ctc_hypothesis": [r["ctc_hypothesis"] for r in got],
         }
     )
+
+
+def run_asr(
+    system: EvalSystem,
+    records: list[dict[str, Any]],
+    prefix: str,
+    postfix: str,
+    settings: dict[str, Any],
+    runner: BatchRunner | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Transcribe every utterance (see `decode_asr`); the per-utterance frame and its scores."""
+    runner = runner or BatchRunner()
+    decode_asr(system, records, prefix, postfix, settings, runner)
+    df = asr_frame(records, runner.rows)
     return df, score_asr(df)
 
 
@@ -165,23 +188,86 @@ def generate_for_records(
     max_new_tokens: int,
     batch_size: int,
     desc: str,
+    runner: BatchRunner,
     text_turn: str = "segments",
-) -> tuple[list[str], list[str], list[str | None]]:
-    """Generate one answer per record from the prompt `pieces(record, fill)`, where `fill` is the system's
-    speech vectors or text for `clip(record)`; batched by length (`text_turn`: see `EvalSystem.prompts`).
-    Returns (hypotheses, prompts as written, input texts — None when speech was the input)."""
-    hyps: list[str] = [""] * len(records)
-    prompts: list[str] = [""] * len(records)
-    inputs: list[str | None] = [None] * len(records)
-    batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], batch_size))
-    for idx in tqdm(batches, desc=desc, mininterval=10):
+) -> None:
+    """Generate one answer per record (this shard's batches) from the prompt `pieces(record, fill)`, where `fill`
+    is the system's speech vectors or text for `clip(record)`; batched by length. Rows: `hypothesis`, `prompt`
+    as written, `input_text` (None when speech was the input). `text_turn`: see `EvalSystem.prompts`."""
+
+    def decode(idx: list[int]) -> list[dict[str, Any]]:
         fills, _ = system.fills([clip(records[i]) for i in idx])
         built = [pieces(records[i], fill) for i, fill in zip(idx, fills, strict=True)]
         out = system.generate(system.prompts(built, text_turn), num_beams, max_new_tokens)
-        for j, i in enumerate(idx):
-            hyps[i], prompts[i] = out[j], system.describe(built[j])
-            inputs[i] = None if system.decoder == "llm" else str(fills[j])
-    return hyps, prompts, inputs
+        return [
+            {
+                "hypothesis": out[j],
+                "prompt": system.describe(built[j]),
+                "input_text": None if system.decoder == "llm" else str(fills[j]),
+            }
+            for j in range(len(idx))
+        ]
+
+    batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], batch_size))
+    runner.run("", records, batches, decode, desc)
+
+
+def st_sources(records: list[dict[str, Any]], target_language: str) -> list[dict[str, Any]]:
+    """The utterances to translate: every one not in the target language, each with its `translation`."""
+    sources = [r for r in records if r["language"] != target_language]
+    missing = [r for r in sources if not isinstance(r.get("translation"), str)]
+    if missing:
+        raise ValueError(
+            f"{location(missing[0])}: utterance {missing[0]['id']} has no "
+            f"translation into {target_language}"
+        )
+    return sources
+
+
+def decode_st(
+    system: EvalSystem,
+    records: list[dict[str, Any]],
+    prefix_template: str,
+    postfix: str,
+    target_language: str,
+    settings: dict[str, Any],
+    runner: BatchRunner,
+) -> None:
+    """X→target: every utterance not in the target language (this shard's batches)."""
+    sources = st_sources(records, target_language)
+    target_name = language_name(target_language)
+
+    def pieces(record: dict[str, Any], fill: Any) -> list[Any]:
+        language = language_name(record["language"])
+        return [prefix_template.format(language=language, target=target_name), fill, postfix]
+
+    generate_for_records(
+        system, sources, _utterance_clip, pieces, settings["num_beams"], settings["max_new_tokens"],
+        settings["batch_size"], f"ST ({system.decoder})", runner,
+    )
+
+
+def st_frame(
+    records: list[dict[str, Any]], target_language: str, rows: Mapping[str, dict[str, Any]]
+) -> pd.DataFrame:
+    """Reference = each source's `translation` (FLEURS joins the English sentence with the same sentence id;
+    CoVoST 2 ships it)."""
+    sources = st_sources(records, target_language)
+    got = take(rows, "", len(sources))
+    hyps = [r["hypothesis"] for r in got]
+    return pd.DataFrame(
+        {
+            "id": [r["id"] for r in sources],
+            "language": [r["language"] for r in sources],
+            "target_language": [target_language] * len(sources),
+            "prompt": [r["prompt"] for r in got],
+            "input_text": [r["input_text"] for r in got],
+            "reference": [r["translation"] for r in sources],
+            "hypothesis": hyps,
+            "reference_normalized": [basic_normalize(r["translation"]) for r in sources],
+            "hypothesis_normalized": [basic_normalize(h) for h in hyps],
+        }
+    )
 
 
 def run_st(
@@ -191,39 +277,12 @@ def run_st(
     postfix: str,
     target_language: str,
     settings: dict[str, Any],
+    runner: BatchRunner | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """X→target: every utterance not in the target language; reference = its `translation` (FLEURS joins the
-    English sentence with the same sentence id; CoVoST 2 ships it)."""
-    sources = [r for r in records if r["language"] != target_language]
-    missing = [r for r in sources if not isinstance(r.get("translation"), str)]
-    if missing:
-        raise ValueError(
-            f"{location(missing[0])}: utterance {missing[0]['id']} has no "
-            f"translation into {target_language}"
-        )
-    target_name = language_name(target_language)
-
-    def pieces(record: dict[str, Any], fill: Any) -> list[Any]:
-        language = language_name(record["language"])
-        return [prefix_template.format(language=language, target=target_name), fill, postfix]
-
-    hyps, prompts, inputs = generate_for_records(
-        system, sources, _utterance_clip, pieces, settings["num_beams"], settings["max_new_tokens"],
-        settings["batch_size"], f"ST ({system.decoder})",
-    )
-    df = pd.DataFrame(
-        {
-            "id": [r["id"] for r in sources],
-            "language": [r["language"] for r in sources],
-            "target_language": [target_language] * len(sources),
-            "prompt": prompts,
-            "input_text": inputs,
-            "reference": [r["translation"] for r in sources],
-            "hypothesis": hyps,
-            "reference_normalized": [basic_normalize(r["translation"]) for r in sources],
-            "hypothesis_normalized": [basic_normalize(h) for h in hyps],
-        }
-    )
+    """X→target translation of every utterance not in the target language, and its scores."""
+    runner = runner or BatchRunner()
+    decode_st(system, records, prefix_template, postfix, target_language, settings, runner)
+    df = st_frame(records, target_language, runner.rows)
     return df, score_st(df, settings)
 
 
@@ -255,10 +314,16 @@ def _example_length(record: dict[str, Any]) -> int:
     return sum(int(f.get("num_samples", 0)) for f in record["fields"].values())
 
 
-def classify_records(
-    system: EvalSystem, records: list[dict[str, Any]], task: str, option_prefix: str, settings: dict[str, Any]
-) -> pd.DataFrame:
-    """Answer every example of one task with the reference's prompt (each text field replaced by its clip).
+def decode_task(
+    system: EvalSystem,
+    records: list[dict[str, Any]],
+    task: str,
+    option_prefix: str,
+    settings: dict[str, Any],
+    runner: BatchRunner,
+) -> None:
+    """Answer (this shard's batches of) every example of one task with the reference's prompt (each text field
+    replaced by its clip); one row per example, in the group named by the task.
 
     `evaluate.glue_scoring`: ``rank`` picks the option with the highest log-likelihood (STS-B: the 26 values
     0.0..5.0 ranked, then `evaluate.stsb_rank`); ``constrained`` runs the reference's constrained beam search
@@ -283,9 +348,8 @@ def classify_records(
             raise ValueError(
                 f"{location(rec)}: {task} example {rec.get('id')} lacks field(s) {absent}"
             )
-    rows = []
-    batches = list(chunks_by_length([_example_length(r) for r in records], settings["batch_size"]))
-    for idx in tqdm(batches, desc=f"{task} ({system.decoder}, {scoring})", mininterval=10):
+
+    def decode(idx: list[int]) -> list[dict[str, Any]]:
         chunk = [records[i] for i in idx]
         clips = [
             Clip(r["fields"][f]["audio"], r["fields"][f].get("text", ""), location(r))
@@ -324,25 +388,45 @@ def classify_records(
             predictions = [float(match_option(a, option_texts)) for a in answers]
             matched = [a.strip() in [o.strip() for o in option_texts] for a in answers]
             option_scores = [[] for _ in chunk]
-        for k, rec in enumerate(chunk):
-            rows.append(
-                {
-                    "id": rec["id"],
-                    "language": rec.get("language", "en_us"),
-                    "task": task,
-                    "prompt": system.describe(pieces[k], fields),
-                    "input_text": _text_input(system, list(per_example[k].values())),
-                    "reference": float(rec["label"]),
-                    "prediction": predictions[k],
-                    "hypothesis": answers[k],
-                    "matched": matched[k],
-                    "option_scores": option_scores[k],
-                    "options": option_texts,
-                    "scoring": scoring,
-                }
-            )
-    order = {rec["id"]: n for n, rec in enumerate(records)}
-    return pd.DataFrame(sorted(rows, key=lambda row: order[row["id"]]))
+        return [
+            {
+                "id": rec["id"],
+                "language": rec.get("language", "en_us"),
+                "task": task,
+                "prompt": system.describe(pieces[k], fields),
+                "input_text": _text_input(system, list(per_example[k].values())),
+                "reference": float(rec["label"]),
+                "prediction": predictions[k],
+                "hypothesis": answers[k],
+                "matched": matched[k],
+                "option_scores": option_scores[k],
+                "options": option_texts,
+                "scoring": scoring,
+            }
+            for k, rec in enumerate(chunk)
+        ]
+
+    batches = list(chunks_by_length([_example_length(r) for r in records], settings["batch_size"]))
+    runner.run(task, records, batches, decode, f"{task} ({system.decoder}, {scoring})")
+
+
+def task_frame(records: list[dict[str, Any]], task: str, rows: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
+    """One task's rows in record order."""
+    return pd.DataFrame(take(rows, task, len(records)))
+
+
+def classify_records(
+    system: EvalSystem,
+    records: list[dict[str, Any]],
+    task: str,
+    option_prefix: str,
+    settings: dict[str, Any],
+    runner: BatchRunner | None = None,
+) -> pd.DataFrame:
+    """Every example of one task answered (see `decode_task`), as a frame."""
+    runner = runner or BatchRunner()
+    decode_task(system, records, task, option_prefix, settings, runner)
+    return task_frame(records, task, runner.rows)
 
 
 def _task_scores(task: str, g: pd.DataFrame) -> dict[str, Any]:
@@ -367,17 +451,34 @@ def score_speechglue(df: pd.DataFrame, settings: dict[str, Any] | None = None) -
     }
 
 
+def decode_speechglue(
+    system: EvalSystem,
+    task_records: dict[str, list[dict[str, Any]]],
+    option_prefix: str,
+    settings: dict[str, Any],
+    runner: BatchRunner,
+) -> None:
+    for task, records in task_records.items():
+        decode_task(system, records, task, option_prefix, settings, runner)
+
+
+def speechglue_frame(
+    task_records: dict[str, list[dict[str, Any]]], rows: Mapping[str, dict[str, Any]]
+) -> pd.DataFrame:
+    frames = [task_frame(records, task, rows) for task, records in task_records.items()]
+    return pd.concat(frames, ignore_index=True)
+
+
 def run_speechglue(
     system: EvalSystem,
     task_records: dict[str, list[dict[str, Any]]],
     option_prefix: str,
     settings: dict[str, Any],
+    runner: BatchRunner | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    frames = [
-        classify_records(system, records, task, option_prefix, settings)
-        for task, records in task_records.items()
-    ]
-    df = pd.concat(frames, ignore_index=True)
+    runner = runner or BatchRunner()
+    decode_speechglue(system, task_records, option_prefix, settings, runner)
+    df = speechglue_frame(task_records, runner.rows)
     return df, score_speechglue(df)
 
 
@@ -392,9 +493,13 @@ def score_speechxnli(df: pd.DataFrame, settings: dict[str, Any] | None = None) -
 
 
 def run_speechxnli(
-    system: EvalSystem, records: list[dict[str, Any]], option_prefix: str, settings: dict[str, Any]
+    system: EvalSystem,
+    records: list[dict[str, Any]],
+    option_prefix: str,
+    settings: dict[str, Any],
+    runner: BatchRunner | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The MNLI prompt and Yes/Maybe/No (labels 0 entailment, 1 neutral, 2 contradiction) in every language.
     """
-    df = classify_records(system, records, "xnli", option_prefix, settings)
+    df = classify_records(system, records, "xnli", option_prefix, settings, runner)
     return df, score_speechxnli(df)

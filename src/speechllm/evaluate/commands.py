@@ -1,4 +1,5 @@
-"""`speechllm evaluate` subcommands: decode and score a benchmark, rescore from Parquet, build CoVoST 2
+"""`speechllm evaluate` subcommands: decode and score a benchmark (whole, or one shard of it, resumable, see
+evaluate/shards.py), score a benchmark from its shards (`gather`), rescore from Parquet, build CoVoST 2
 manifests."""
 
 from __future__ import annotations
@@ -7,7 +8,9 @@ import argparse
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
+from speechllm import stopping
 from speechllm.cliutils import RAW, example, parse_settings, pick_device, set_threads
 
 log = logging.getLogger("speechllm")
@@ -29,51 +32,113 @@ EXAMPLE = """example:
       --scores t.scores.json"""
 
 
-def cmd_evaluate(args: argparse.Namespace) -> None:
+def read_inputs(benchmark: str, manifests: list[Path], ev: dict[str, Any]) -> Any:
+    """A benchmark's records from its manifests (SpeechGLUE: task name -> records)."""
     from speechllm.data.manifest import read_manifest
-    from speechllm.evaluate import benchmarks, summarization
-    from speechllm.evaluate.rescore import score_document, write_outputs
-    from speechllm.evaluate.system import build_system
 
-    s = parse_settings(args.settings)
-    set_threads(args.threads)
-    device = pick_device()
-    ev, sr = s["evaluate"], s["sampling_rate"]
-    if args.decoder == "ctc" and args.benchmark != "fleurs_asr":
-        raise ValueError(f"decoder 'ctc' only transcribes; {args.benchmark} needs an LLM decoder")
-    system, spec = build_system(args.model, args.decoder, ev, sr, device)
-    manifests = [Path(m) for m in args.manifests]
-    if args.benchmark == "fleurs_asr":
-        records = read_manifest(manifests[0], required=("audio", "language", "raw_transcription"))
-        df, metrics = benchmarks.run_asr(system, records, spec["prompt"]["prefix"], spec["prompt"]["postfix"], ev)
-    elif args.benchmark in ST_TARGETS:
-        records = [r for m in manifests for r in read_manifest(m, required=("audio", "language"))]
-        df, metrics = benchmarks.run_st(
-            system,
-            records,
-            ev["st_prompt"]["prefix"],
-            ev["st_prompt"]["postfix"],
-            ST_TARGETS[args.benchmark],
-            ev,
-        )
-    elif args.benchmark == "speechglue":
-        tasks = {m.stem: read_manifest(m) for m in manifests}
-        df, metrics = benchmarks.run_speechglue(system, tasks, ev["option_prefix"], ev)
-    elif args.benchmark == "speechxnli":
-        df, metrics = benchmarks.run_speechxnli(system, read_manifest(manifests[0]), ev["option_prefix"], ev)
-    elif args.benchmark == "summarization":
+    if benchmark == "fleurs_asr":
+        return read_manifest(manifests[0], required=("audio", "language", "raw_transcription"))
+    if benchmark in ST_TARGETS:
+        return [r for m in manifests for r in read_manifest(m, required=("audio", "language"))]
+    if benchmark == "speechglue":
+        return {m.stem: read_manifest(m) for m in manifests}
+    if benchmark == "speechxnli":
+        return read_manifest(manifests[0])
+    if benchmark == "summarization":
         fields = ("audio", ev["summarization"]["text_field"], ev["summarization"]["reference_field"])
-        records = [r for m in manifests for r in read_manifest(m, required=fields)]
-        df, metrics = summarization.run_summarization(system, records, ev)
+        return [r for m in manifests for r in read_manifest(m, required=fields)]
+    fields = ("audio", ev["response_ppl"]["text_field"], ev["response_ppl"]["response_field"])
+    return [{"subset": m.stem, **r} for m in manifests for r in read_manifest(m, required=fields)]
+
+
+def decode_inputs(benchmark: str, system: Any, spec: dict[str, Any], inputs: Any, ev: dict[str, Any],
+                  runner: Any) -> None:
+    """Decode (the runner's shard of) a benchmark's inputs; rows land in `runner.rows`."""
+    from speechllm.evaluate import benchmarks, summarization
+
+    if benchmark == "fleurs_asr":
+        benchmarks.decode_asr(system, inputs, spec["prompt"]["prefix"], spec["prompt"]["postfix"], ev, runner)
+    elif benchmark in ST_TARGETS:
+        benchmarks.decode_st(system, inputs, ev["st_prompt"]["prefix"], ev["st_prompt"]["postfix"],
+                             ST_TARGETS[benchmark], ev, runner)
+    elif benchmark == "speechglue":
+        benchmarks.decode_speechglue(system, inputs, ev["option_prefix"], ev, runner)
+    elif benchmark == "speechxnli":
+        benchmarks.decode_task(system, inputs, "xnli", ev["option_prefix"], ev, runner)
+    elif benchmark == "summarization":
+        summarization.decode_summarization(system, inputs, ev, runner)
     else:
-        fields = ("audio", ev["response_ppl"]["text_field"], ev["response_ppl"]["response_field"])
-        records = [{"subset": m.stem, **r} for m in manifests for r in read_manifest(m, required=fields)]
-        df, metrics = summarization.run_response_ppl(system, records, ev)
-    document = score_document(
-        args.benchmark, args.name, args.decoder, str(args.model), s, metrics, system.notes
-    )
+        summarization.decode_response_ppl(system, inputs, ev, runner)
+
+
+def frame_inputs(benchmark: str, inputs: Any, rows: dict[str, Any], ev: dict[str, Any]) -> Any:
+    """The per-utterance frame of a benchmark from its inputs and every record's decoded row."""
+    from speechllm.evaluate import benchmarks, summarization
+
+    if benchmark == "fleurs_asr":
+        return benchmarks.asr_frame(inputs, rows)
+    if benchmark in ST_TARGETS:
+        return benchmarks.st_frame(inputs, ST_TARGETS[benchmark], rows)
+    if benchmark == "speechglue":
+        return benchmarks.speechglue_frame(inputs, rows)
+    if benchmark == "speechxnli":
+        return benchmarks.task_frame(inputs, "xnli", rows)
+    if benchmark == "summarization":
+        return summarization.summarization_frame(inputs, rows, ev)
+    return summarization.response_ppl_frame(inputs, rows)
+
+
+def write_scored(args: argparse.Namespace, s: dict[str, Any], df: Any, notes: dict[str, Any]) -> None:
+    """Score the frame and write the Parquet and the score file."""
+    from speechllm.evaluate.rescore import score_document, score_frame, write_outputs
+
+    metrics = score_frame(args.benchmark, df, s["evaluate"])
+    document = score_document(args.benchmark, args.name, args.decoder, str(args.model), s, metrics, notes)
     write_outputs(df, document, Path(args.hyps), Path(args.scores))
     log.info("%s %s (%s): %s", args.benchmark, args.name, args.decoder, json.dumps(metrics)[:400])
+
+
+def shard_header(args: argparse.Namespace) -> dict[str, Any]:
+    """What a shard file records of its job, for the gather step to check."""
+    return {"benchmark": args.benchmark, "decoder": args.decoder, "model": str(args.model)}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from speechllm.evaluate.shards import BatchRunner, partial_path, run_fingerprint, write_shard
+    from speechllm.evaluate.system import build_system
+
+    stopping.install()  # SIGTERM / SIGUSR1: finish the batch, keep it in the partial file, exit for a retry
+    s = parse_settings(args.settings)
+    set_threads(args.threads)
+    ev = s["evaluate"]
+    if args.decoder == "ctc" and args.benchmark != "fleurs_asr":
+        raise ValueError(f"decoder 'ctc' only transcribes; {args.benchmark} needs an LLM decoder")
+    if not (args.rows or (args.hyps and args.scores)):
+        raise ValueError("give --rows (one shard's outputs) or --hyps and --scores (the whole benchmark)")
+    if not args.rows and args.num_shards != 1:
+        raise ValueError("--num-shards > 1 writes one shard's --rows; `evaluate gather` scores the shards")
+    inputs = read_inputs(args.benchmark, [Path(m) for m in args.manifests], ev)
+    system, spec = build_system(args.model, args.decoder, ev, s["sampling_rate"], pick_device())
+    fingerprint = run_fingerprint(args.benchmark, args.decoder, Path(args.model), spec, s)
+    out = Path(args.rows or args.hyps)
+    runner = BatchRunner(fingerprint, partial_path(out), args.shard, args.num_shards)
+    decode_inputs(args.benchmark, system, spec, inputs, ev, runner)
+    if args.rows:
+        write_shard(out, runner, {**shard_header(args), "notes": system.notes})
+    else:
+        write_scored(args, s, frame_inputs(args.benchmark, inputs, runner.rows, ev), system.notes)
+    runner.finish()
+    log.info("%s shard %d/%d: %d batches decoded, %d reused from %s", args.benchmark, args.shard,
+             args.num_shards, runner.decoded, runner.reused, partial_path(out))
+
+
+def cmd_gather(args: argparse.Namespace) -> None:
+    from speechllm.evaluate.shards import read_shards
+
+    s = parse_settings(args.settings)
+    inputs = read_inputs(args.benchmark, [Path(m) for m in args.manifests], s["evaluate"])
+    rows, first = read_shards([Path(r) for r in args.rows], shard_header(args))
+    write_scored(args, s, frame_inputs(args.benchmark, inputs, rows, s["evaluate"]), first["notes"])
 
 
 def cmd_rescore(args: argparse.Namespace) -> None:
@@ -109,7 +174,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    which = ev.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK|rescore|covost2-manifest")
+    which = ev.add_subparsers(dest="benchmark", required=True,
+                              metavar="BENCHMARK|gather|rescore|covost2-manifest")
     for name in DECODE_BENCHMARKS:
         p = which.add_parser(
             name,
@@ -128,10 +194,31 @@ def register(sub: argparse._SubParsersAction) -> None:
             "text: gold text into the LLM",
         )
         p.add_argument("--manifests", nargs="+", required=True)
-        p.add_argument("--hyps", required=True, help="per-utterance outputs (Parquet)")
-        p.add_argument("--scores", required=True, help="score file (JSON)")
+        p.add_argument("--hyps", help="per-utterance outputs (Parquet) of the whole benchmark")
+        p.add_argument("--scores", help="score file (JSON) of the whole benchmark")
+        p.add_argument("--shard", type=int, default=0, help="decode this shard's batches (with --rows)")
+        p.add_argument("--num-shards", type=int, default=1)
+        p.add_argument("--rows", help="write this shard's outputs here instead (JSON; `evaluate gather` scores)")
         p.add_argument("--threads", type=int, default=1)
         p.set_defaults(func=cmd_evaluate)
+    ga = which.add_parser("gather", help="score a benchmark from its shards' outputs, without decoding",
+                          formatter_class=RAW,
+                          epilog=example('speechllm evaluate gather fleurs_asr --settings "$(cat settings.json)" '
+                                         "--model results/models/t --name t --decoder llm --manifests "
+                                         "results/data/test.jsonl --rows shard0.json shard1.json "
+                                         "--hyps t.parquet --scores t.scores.json"))
+    ga.add_argument("gather_benchmark", choices=DECODE_BENCHMARKS, metavar="BENCHMARK")
+    ga.add_argument("--settings", required=True)
+    ga.add_argument("--model", required=True, help="the model directory the shards decoded with (not loaded)")
+    ga.add_argument("--name", required=True)
+    ga.add_argument("--decoder", choices=["ctc", "llm", "cascade", "text"], required=True)
+    ga.add_argument("--manifests", nargs="+", required=True)
+    ga.add_argument("--rows", nargs="+", required=True, help="every shard's outputs (`evaluate ... --rows`)")
+    ga.add_argument("--hyps", required=True)
+    ga.add_argument("--scores", required=True)
+    ga.set_defaults(
+        func=lambda a: cmd_gather(argparse.Namespace(**{**vars(a), "benchmark": a.gather_benchmark}))
+    )
     rs = which.add_parser("rescore", help="recompute a score file from its Parquet outputs, without decoding",
                           formatter_class=RAW,
                           epilog=example('speechllm evaluate rescore fleurs_asr --settings "$(cat settings.json)" '

@@ -18,14 +18,15 @@ Manifests: one JSON object per line with `id`, `audio`, `num_samples` and the co
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
-from tqdm import tqdm
 
 from speechllm.data.manifest import location
 from speechllm.evaluate.benchmarks import chunks_by_length, generate_for_records
 from speechllm.evaluate.metrics import bertscore, meteor, perplexity, rouge_scores
+from speechllm.evaluate.shards import BatchRunner, take
 from speechllm.evaluate.system import Clip, EvalSystem
 
 
@@ -52,30 +53,45 @@ def score_summarization(df: pd.DataFrame, settings: dict[str, Any]) -> dict[str,
     }
 
 
-def run_summarization(
-    system: EvalSystem, records: list[dict[str, Any]], settings: dict[str, Any]
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Summarize every spoken article with the configured instruction."""
+def decode_summarization(
+    system: EvalSystem, records: list[dict[str, Any]], settings: dict[str, Any], runner: BatchRunner
+) -> None:
+    """Summarize (this shard's batches of) every spoken article with the configured instruction."""
     cfg = settings["summarization"]
     _require(
         records,
         (cfg["reference_field"],) + ((cfg["text_field"],) if system.decoder == "text" else ()),
         "evaluate.summarization.text_field/reference_field",
     )
-    hyps, prompts, inputs = generate_for_records(
+    generate_for_records(
         system, records, lambda r: Clip(r["audio"], _article_text(r, cfg), location(r)),
         lambda _r, fill: [cfg["prompt"], fill], cfg["num_beams"], cfg["max_new_tokens"],
-        settings["batch_size"], f"summarization ({system.decoder})", cfg["text_turn"],
+        settings["batch_size"], f"summarization ({system.decoder})", runner, cfg["text_turn"],
     )
-    df = pd.DataFrame(
+
+
+def summarization_frame(
+    records: list[dict[str, Any]], rows: Mapping[str, dict[str, Any]], settings: dict[str, Any]
+) -> pd.DataFrame:
+    got = take(rows, "", len(records))
+    return pd.DataFrame(
         {
             "id": [r["id"] for r in records],
-            "prompt": prompts,
-            "input_text": inputs,
-            "reference": [r[cfg["reference_field"]] for r in records],
-            "hypothesis": hyps,
+            "prompt": [r["prompt"] for r in got],
+            "input_text": [r["input_text"] for r in got],
+            "reference": [r[settings["summarization"]["reference_field"]] for r in records],
+            "hypothesis": [r["hypothesis"] for r in got],
         }
     )
+
+
+def run_summarization(
+    system: EvalSystem, records: list[dict[str, Any]], settings: dict[str, Any], runner: BatchRunner | None = None
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Summarize every spoken article; the per-article frame and its scores."""
+    runner = runner or BatchRunner()
+    decode_summarization(system, records, settings, runner)
+    df = summarization_frame(records, runner.rows, settings)
     return df, score_summarization(df, settings)
 
 
@@ -92,28 +108,26 @@ def score_response_ppl(df: pd.DataFrame, settings: dict[str, Any] | None = None)
     return {"per_subset": per_subset, "all": perplexity(list(df.nll), list(df.num_tokens))}
 
 
-def run_response_ppl(
-    system: EvalSystem, records: list[dict[str, Any]], settings: dict[str, Any]
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Teacher-forced NLL of each utterance's LLM response after its speech / transcript in the chat turn.
-
-    Utterances are grouped by their `subset` (LibriSpeech `test.clean` / `test.other`).
-    """
+def decode_response_ppl(
+    system: EvalSystem, records: list[dict[str, Any]], settings: dict[str, Any], runner: BatchRunner
+) -> None:
+    """Teacher-forced NLL of each utterance's LLM response after its speech / transcript in the chat turn
+    (this shard's batches). Utterances are grouped by their `subset` (LibriSpeech `test.clean` /
+    `test.other`)."""
     cfg = settings["response_ppl"]
     _require(
         records,
         (cfg["response_field"],) + ((cfg["text_field"],) if system.decoder == "text" else ()),
         "evaluate.response_ppl.text_field/response_field",
     )
-    rows: list[dict[str, Any] | None] = [None] * len(records)
-    batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], settings["batch_size"]))
-    for idx in tqdm(batches, desc=f"response ppl ({system.decoder})", mininterval=10):
+
+    def decode(idx: list[int]) -> list[dict[str, Any]]:
         chunk = [records[i] for i in idx]
         fills, _ = system.fills([Clip(r["audio"], _article_text(r, cfg), location(r)) for r in chunk])
         targets = [system.text_ids(r[cfg["response_field"]]) for r in chunk]
         nll, counts = system.response_nll(system.prompts([[f] for f in fills]), targets, cfg["append_eos"])
-        for i, rec, fill, loss, count in zip(idx, chunk, fills, nll, counts, strict=True):
-            rows[i] = {
+        return [
+            {
                 "id": rec["id"],
                 "subset": rec.get("subset", "all"),
                 "prompt": system.describe([fill]),
@@ -122,5 +136,22 @@ def run_response_ppl(
                 "nll": loss,
                 "num_tokens": count,
             }
-    df = pd.DataFrame(rows)
+            for rec, fill, loss, count in zip(chunk, fills, nll, counts, strict=True)
+        ]
+
+    batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], settings["batch_size"]))
+    runner.run("", records, batches, decode, f"response ppl ({system.decoder})")
+
+
+def response_ppl_frame(records: list[dict[str, Any]], rows: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(take(rows, "", len(records)))
+
+
+def run_response_ppl(
+    system: EvalSystem, records: list[dict[str, Any]], settings: dict[str, Any], runner: BatchRunner | None = None
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Response perplexity of every utterance (see `decode_response_ppl`); the frame and its scores."""
+    runner = runner or BatchRunner()
+    decode_response_ppl(system, records, settings, runner)
+    df = response_ppl_frame(records, runner.rows)
     return df, score_response_ppl(df)

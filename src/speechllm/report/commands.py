@@ -1,4 +1,5 @@
-"""`speechllm report` subcommands: result tables, report figures, W&B results runs and `wandb sync`"""
+"""`speechllm report` subcommands: result tables, report figures, the jobs' resource use, W&B results runs and
+`wandb sync`"""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ WANDB_EPILOG = """example:
   speechllm report wandb --settings '{"experiment": "demo", "wandb": {"project": "speechllm", "mode": "offline"},
       "model_run": {"name": "demo-ce-t", "job_type": "train_ce"}}' --system t \\
       --scores results/eval/*/t.scores.json --log-dir results/wandb/t --out results/wandb/t.json"""
+RESOURCES_EPILOG = """example:
+  speechllm report resources --root logs/benchmark --requests '{"train_ctc": {"mem_mb": 8000, "runtime": 60,
+      "threads": 2}}' --out-stem results/resources/usage --plot results/plots/resources.png"""
 SYNC_EPILOG = """example (on a node with internet access and WANDB_API_KEY set):
   speechllm report wandb-sync --roots results --out results/wandb/sync.json"""
 
@@ -50,6 +54,17 @@ def cmd_plot_bars(args: argparse.Namespace) -> None:
 
     out = plot_benchmark(args.name, [Path(p) for p in args.scores], Path(args.out), model_order=args.models)
     log.info("%s bars -> %s", args.name, out)
+
+
+def cmd_report_resources(args: argparse.Namespace) -> None:
+    from speechllm.report.resources import write_usage
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no benchmark directory (the rules' `benchmark:` files)")
+    summary = write_usage(root, parse_settings(args.requests), Path(args.out_stem), Path(args.plot))
+    log.info("resource use of %d rules (%d jobs) -> %s.{csv,md,jobs.csv}, %s", len(summary),
+             int(summary.jobs.sum()), args.out_stem, args.plot)
 
 
 def cmd_report_wandb(args: argparse.Namespace) -> None:
@@ -107,6 +122,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", help="bar order (systems)")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_plot_bars)
+
+    u = rsub.add_parser("resources", help="wall time, memory and CPU of every rule's jobs against their request",
+                        epilog=RESOURCES_EPILOG, formatter_class=raw)
+    u.add_argument("--root", required=True, help="the benchmark files: <root>/<rule>/<job>.tsv")
+    u.add_argument("--requests", required=True, help="JSON: rule -> {mem_mb, runtime (minutes), threads}")
+    u.add_argument("--out-stem", required=True, help="writes <stem>.csv, <stem>.md (per rule), <stem>.jobs.csv")
+    u.add_argument("--plot", required=True, help="the figure (PNG)")
+    u.set_defaults(func=cmd_report_resources)
 
     w = rsub.add_parser("wandb", help="log a system's tables and summary metrics to its W&B results run",
                         epilog=WANDB_EPILOG, formatter_class=raw)

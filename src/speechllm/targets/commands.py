@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from speechllm import stopping
 from speechllm.cliutils import parse_settings, set_threads
 
 log = logging.getLogger("speechllm")
@@ -41,6 +42,7 @@ def cmd_targets_generate(args: argparse.Namespace) -> None:
     from speechllm.targets.generate import generate_shard, target_settings
     from speechllm.targets.templates import bank_hash, draw_items, load_templates
 
+    stopping.install()  # SIGTERM / SIGUSR1: finish the batch, keep it in the partial file, exit for a retry
     s = parse_settings(args.settings)
     set_threads(args.threads)
     templates = load_templates(s["templates"])
@@ -104,6 +106,7 @@ def cmd_targets_responses(args: argparse.Namespace) -> None:
     from speechllm.targets.backends import load_generator
     from speechllm.targets.responses import generate_responses_shard, response_settings
 
+    stopping.install()  # as `targets generate`
     s = parse_settings(args.settings)
     set_threads(args.threads)
     r = s["responses"]

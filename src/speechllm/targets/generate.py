@@ -5,7 +5,8 @@ Batched with a per-prompt `max_new_tokens`: greedy decoding runs a continuous-ba
 batch; a greedy output equals generating that prompt alone. Resumable: every finished item is appended to
 `<out>.partial.jsonl` under a cache key that covers everything that changes an output (LLM id + revision,
 dtype, quantisation, backend, decoding, and the caller's extras such as the template-bank hash and seed), so
-a killed shard redoes nothing and a changed setting reuses nothing.
+a killed shard redoes nothing and a changed setting reuses nothing. After a stop signal (speechllm.stopping) a
+shard finishes its current batch, appends it, and exits for a retry.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from speechllm import stopping
 from speechllm.io import atomic_write_text
 from speechllm.models.speech_llm import position_ids_from_mask
 
@@ -466,6 +468,7 @@ def cached_generate(prompts: list[str], max_new_tokens: list[int], generator: Te
                 fh.write(json.dumps(item, ensure_ascii=False) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+            stopping.check(f"{len(done)} finished items in {partial}")  # a stop signal: exit for a retry
 
         if todo:
             generator.generate([prompts[i] for i in todo], [max_new_tokens[i] for i in todo], on_batch=save)

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from speechllm import stopping
 from speechllm.cliutils import EXAMPLES, parse_settings, set_threads
 from speechllm.io import read_json
 
@@ -155,6 +156,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from speechllm.train.objectives import DistillationCollator
     from speechllm.train.tracking import Tracker
 
+    if args.stage != "init":  # from here SIGTERM / SIGUSR1 mean: checkpoint after the current update, then exit
+        stopping.install()
     s = parse_settings(args.settings)
     set_threads(args.threads)
     set_seed(s["seed"])  # the untrained adaptor's initialisation is part of the run
@@ -203,6 +206,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
 
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else log_dir / "checkpoints"
+    stopping.check("nothing trained in this job yet")  # a signal while the models were loading
     result = train(
         model,
         tokenizer,

@@ -56,6 +56,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from speechllm import stopping
 from speechllm.data.batches import Collator, SpeechDataset
 from speechllm.data.bucketing import BATCH_BUDGETS, DurationBucketSampler
 from speechllm.train.checkpoint import (
@@ -262,6 +263,7 @@ class Trainer:
             Path(checkpoint_dir), stage.keep_checkpoints, acc.is_main_process
         )
         self.state = TrainerState(fingerprint=fingerprint, num_processes=acc.num_processes)
+        self.saved_step: int | None = None  # the step of the latest checkpoint this run wrote
 
     # ------------------------------------------------------------------ helpers
 
@@ -437,6 +439,7 @@ class Trainer:
             self.accelerator.process_index,
             self.barrier if self.accelerator.num_processes > 1 else None,
         )
+        self.saved_step = self.state.step
 
     def stop_reason(self) -> str:
         stage, state = self.stage, self.state
@@ -555,6 +558,8 @@ class Trainer:
                     window, window_start = {}, time.perf_counter()
                 if state.stopped:
                     break
+                if self._stop_signalled():
+                    self._save_and_stop()
             else:
                 state.data_pass += 1
                 state.pass_position = 0
@@ -587,6 +592,26 @@ class Trainer:
         if epoch_end or state.stopped or self._step_due(stage.checkpoint_every):
             self.save_checkpoint()
         return bool(row)
+
+    def _stop_signalled(self) -> bool:
+        """Whether a process got a stop signal (speechllm.stopping); every rank gets the same answer, so all stop
+        after the same update."""
+        signalled = stopping.requested() is not None
+        if self.accelerator.num_processes == 1:
+            return signalled
+        flag = torch.tensor([float(signalled)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _save_and_stop(self) -> None:
+        """After a stop signal: checkpoint this update (unless just written) and exit for a resuming retry."""
+        if self.saved_step != self.state.step:
+            self.save_checkpoint()
+        if self.accelerator.is_main_process:
+            log.warning("stop signal (%s): stopping after update %d, checkpoint in %s",
+                        stopping.requested() or "on another process", self.state.step, self.checkpoints.root)
+        self.tracker.close()
+        self.barrier()
+        raise stopping.Preempted(f"checkpoint of update {self.state.step} in {self.checkpoints.root}")
 
     # ------------------------------------------------------------------ end
 

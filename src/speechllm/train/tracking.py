@@ -11,6 +11,7 @@ WANDB_API_KEY is redacted before a config is logged or dumped; W&B reads the key
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -19,9 +20,11 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from speechllm import stopping
 from speechllm.io import atomic_path, atomic_write_text
 
 log = logging.getLogger("speechllm")
@@ -155,11 +158,29 @@ class Tracker:
 
     def _to_wandb(self, row: dict[str, Any]) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in row.items() if k != "step" and v is not None}, step=row["step"])
+            values = {k: v for k, v in row.items() if k != "step" and v is not None}
+            self._wandb(lambda run: run.log(values, step=row["step"]))
+
+    def _wandb(self, call: Callable[[Any], Any]) -> None:
+        """`call(run)`; after a stop signal (speechllm.stopping) a failure ends W&B logging instead of the job:
+        Slurm signals every process of the job step, W&B's service process too, and the job is about to save
+        and exit for a retry, which logs to the run again."""
+        try:
+            call(self.run)
+        except Exception as err:
+            if stopping.requested() is None:
+                raise
+            import wandb
+
+            log.warning("W&B service gone after %s (%s: %s); metrics.jsonl goes on, the resumed job logs to "
+                        "W&B again", stopping.requested(), type(err).__name__, err)
+            self.run = None
+            with contextlib.suppress(Exception):  # the connection is known to be broken
+                wandb.teardown()  # marks it closed: no second failure when the process exits
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.run is not None:
-            self.run.summary.update(scrub(values))
+            self._wandb(lambda run: run.summary.update(scrub(values)))
 
     def write_csv(self, path: Path) -> None:
         """All rows as one CSV (columns: step first, then sorted names), written atomically."""
@@ -175,5 +196,5 @@ class Tracker:
             return
         self.write_csv(self.log_dir / "metrics.csv")
         if self.run is not None:
-            self.run.finish()
+            self._wandb(lambda run: run.finish())
             self.run = None
