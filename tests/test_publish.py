@@ -18,6 +18,7 @@ import speechllm
 from speechllm.api import resolve_model_dir
 from speechllm.cli import main
 from speechllm.models.export import ModelDirError, read_spec
+from speechllm.publish import languages_of, load_config
 from speechllm.report.tables import build_table, table_footer, write_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,3 +281,14 @@ def test_a_bundled_part_must_stay_inside_the_model_directory(demo_run) -> None:
     (model_dir / "speechllm.json").write_text(json.dumps(spec))
     with pytest.raises(ModelDirError, match=r"llm\.bundled must name a folder inside the model directory"):
         read_spec(model_dir)
+
+
+def test_config_files_merge_as_snakemake_configfile(tmp_path) -> None:
+    override = tmp_path / "reduced.yaml"
+    override.write_text("data:\n  languages: [fr_fr, cmn_hans_cn]\n")
+    config = load_config([str(REPO / "config" / "config.yaml"), str(override)])
+    assert config["data"]["languages"] == ["fr_fr", "cmn_hans_cn"]
+    assert config["data"]["sampling_rate"] == 16000 and config["experiment"] == "demo"  # the rest kept
+    assert languages_of({"language_ids": {"English": 1, "French": 2}}, config) == ["cmn", "en", "fr"]
+    with pytest.raises(FileNotFoundError, match="no-such.yaml"):
+        load_config([str(REPO / "config" / "config.yaml"), str(tmp_path / "no-such.yaml")])

@@ -369,15 +369,25 @@ def upload(folder: Path, repo_id: str, private: bool, revision: str | None, comm
     return str(getattr(info, "commit_url", info))
 
 
-def load_config(path: str | None) -> dict[str, Any]:
-    """The experiment config (merged over config/config.yaml, as `snakemake --configfile`); without one,
-    config/config.yaml of the working directory if there is one."""
-    from speechllm.models.plan import load_experiment
+def load_config(paths: list[str] | None) -> dict[str, Any]:
+    """The run's config as `snakemake --configfile A B` builds it: A merged over the config/config.yaml beside
+    it, then B over that; without files, config/config.yaml of the working directory if there is one."""
+    import yaml
 
-    if path is None:
+    from speechllm.models.plan import deep_merge, load_experiment
+
+    if not paths:
         default = Path("config/config.yaml")
         return load_experiment(default) if default.is_file() else {}
-    return load_experiment(Path(path))
+    config = load_experiment(Path(paths[0]))
+    for path in paths[1:]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--config {path}: no such file")
+        override = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        if not isinstance(override, dict):
+            raise ValueError(f"--config {path}: not a mapping")
+        config = deep_merge(config, override)
+    return config
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -433,7 +443,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--tables", help="result tables directory (default: results/tables beside results/models)"
     )
     push.add_argument(
-        "--config", help="experiment config, merged over config/config.yaml (default: that file)"
+        "--config",
+        nargs="+",
+        metavar="FILE",
+        help="the run's config files, merged as snakemake --configfile (default: config/config.yaml)",
     )
     push.add_argument(
         "--name", help="the model's column in the result tables (default: the directory's name)"
