@@ -153,28 +153,38 @@ def chat_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
     return fast
 
 
-@pytest.fixture()
-def kang_roy_dir(tmp_path) -> Path:
+def kang_roy_model_dir(root: Path, initializer_range: float = 0.02, projection_scale: float = 1.0) -> Path:
+    """A tiny Kang & Roy model directory `root/kd` over a LLaMA chat LLM and a HuBERT saved under `root`.
+
+    `initializer_range` sets the LLaMA's weight spread; `projection_scale` scales the speech projection."""
     torch.manual_seed(0)
-    tokenizer = chat_tokenizer(tmp_path / "llm")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=4, num_key_value_heads=4, bos_token_id=1, eos_token_id=2,
-                                 pad_token_id=0)).save_pretrained(tmp_path / "llm")
+    tokenizer = chat_tokenizer(root / "llm")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, bos_token_id=1,
+                                 eos_token_id=2, pad_token_id=0, initializer_range=initializer_range)
+                     ).save_pretrained(root / "llm")
     HubertModel(HubertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                              conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), conv_bias=True,
                              feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
-                             num_conv_pos_embedding_groups=2)).save_pretrained(tmp_path / "hubert")
+                             num_conv_pos_embedding_groups=2)).save_pretrained(root / "hubert")
     models_cfg = {
-        "llm": {"name_or_path": str(tmp_path / "llm"), "revision": "main", "dtype": "float32", "load_in_8bit": False},
-        "speech_encoder": {"name_or_path": str(tmp_path / "hubert"), "revision": "main", "normalize_waveform": False},
+        "llm": {"name_or_path": str(root / "llm"), "revision": "main", "dtype": "float32", "load_in_8bit": False},
+        "speech_encoder": {"name_or_path": str(root / "hubert"), "revision": "main", "normalize_waveform": False},
         "pooling": {"kernel_size": 8, "stride": 4},
         "chat": {"prefix": "[|User|]", "suffix": "</s>[|Assistant|]", "label_eos": False},
         "prompt": {"prefix": "", "postfix": ""},
     }
     spec = kang_roy_spec(models_cfg, stage="kd")
     model, _ = build_model(spec, with_ctc=False, with_llm=True)
-    save_model_dir(model, spec, tmp_path / "kd")
-    return tmp_path / "kd"
+    with torch.no_grad():
+        model.encoder.embed_projection.weight.mul_(projection_scale)
+    save_model_dir(model, spec, root / "kd")
+    return root / "kd"
+
+
+@pytest.fixture()
+def kang_roy_dir(tmp_path) -> Path:
+    return kang_roy_model_dir(tmp_path)
 
 
 def test_kang_roy_prompt_goes_inside_the_chat_template(kang_roy_dir, clips) -> None:

@@ -23,6 +23,8 @@ HEADLINE = re.compile(r"^[^:\n]+: \d+(\.\d+)?$")
         ("kd_batching.py", ["--batch-size", "4", "--rounds", "1"], None),
         ("target_generation.py", ["--num-prompts", "6", "--batch-size", "3", "--max-new-tokens", "4",
                                   "--repeats", "1"], None),
+        ("transcribe_batching.py", ["--num-utterances", "4", "--batch-size", "2", "--rounds", "1",
+                                    "--max-new-tokens", "4"], None),
     ],
 )
 def test_benchmark_prints_its_headline_last(script: str, args: list[str], floor: float | None) -> None:

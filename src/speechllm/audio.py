@@ -34,13 +34,21 @@ def load_audio(path: str | Path, sampling_rate: int, line: int | str | None = No
         wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises several types for broken/non-audio files
         raise AudioError(f"cannot read audio {where}: {err}") from err
-    if wav.shape[0] == 0:
+    return mono_at_rate(wav, sr, sampling_rate, where)
+
+
+def mono_at_rate(frames: np.ndarray, rate: int, sampling_rate: int, where: str) -> np.ndarray:
+    """(N, C) samples at `rate` -> (N',) mono float32 at `sampling_rate` (channels averaged, resampled).
+
+    Raises AudioError naming `where` for empty or non-finite audio.
+    """
+    if frames.shape[0] == 0:
         raise AudioError(f"empty audio (0 samples): {where}")
-    if not np.isfinite(wav).all():
+    if not np.isfinite(frames).all():
         raise AudioError(f"audio contains NaN or Inf samples: {where}")
-    mono = wav.mean(axis=1)
-    if sr != sampling_rate:
-        mono = AF.resample(torch.from_numpy(mono), sr, sampling_rate).numpy()
+    mono = frames.astype(np.float32, copy=False).mean(axis=1)
+    if rate != sampling_rate:
+        mono = AF.resample(torch.from_numpy(mono), rate, sampling_rate).numpy()
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
@@ -54,6 +62,28 @@ def check_min_length(
             f"is too short for this model, which needs at least {min_samples / sampling_rate:.4f} s "
             f"({min_samples} samples)"
         )
+
+
+def array_to_mono(samples: np.ndarray, rate: int, sampling_rate: int, where: str) -> np.ndarray:
+    """An in-memory waveform at `rate` -> (N',) mono float32 at `sampling_rate`.
+
+    `samples` is (N,) mono or 2-D with channels on its shorter axis: (N, C) as soundfile reads it or (C, N) as
+    torchaudio does; float samples in [-1, 1] or signed PCM integers. Raises AudioError naming `where` for
+    other shapes, empty or non-finite audio.
+    """
+    if rate <= 0:
+        raise AudioError(f"sampling rate must be positive, got {rate}: {where}")
+    if samples.ndim == 1:
+        frames = samples[:, None]
+    elif samples.ndim == 2:
+        frames = samples if samples.shape[0] >= samples.shape[1] else samples.T
+    else:
+        raise AudioError(f"audio array of shape {samples.shape} is neither (N,) nor (N, C) / (C, N): {where}")
+    if np.issubdtype(frames.dtype, np.signedinteger):  # PCM integers (e.g. int16) scaled to [-1, 1)
+        frames = frames / np.float32(-np.iinfo(frames.dtype).min)
+    elif not np.issubdtype(frames.dtype, np.floating):
+        raise AudioError(f"audio array of dtype {frames.dtype} is neither float nor signed PCM: {where}")
+    return mono_at_rate(frames, rate, sampling_rate, where)
 
 
 def speed_perturb(wav: np.ndarray, factor: float, sampling_rate: int) -> np.ndarray:

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from speechllm import infer
+from speechllm import infer, publish
 from speechllm.data import commands as data_commands
 from speechllm.evaluate import commands as evaluate_commands
 from speechllm.models import commands as models_commands
@@ -21,7 +21,7 @@ from speechllm.train import commands as train_commands
 
 log = logging.getLogger("speechllm")
 STAGES = (data_commands, models_commands, targets_commands, train_commands, evaluate_commands, report_commands,
-          infer)
+          infer, publish)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,25 +4,37 @@
 speech vectors of that file, the text around them by its token embeddings, in the order written. A BLOOMZMMS model
 gets exactly that sequence (as its training prompts `[E(prefix); speech; E(postfix)]`); a Kang & Roy model gets it
 as the user turn of its chat template (`<s>[|User|]` ... `</s>[|Assistant|]`, speech-summarization.md §1.4).
+
+Both commands load the model once (a directory or hub id) and decode their inputs in padded batches through
+`speechllm.api.SpeechModel`; the prompt parsing and checks here run before anything is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from speechllm.cliutils import EXAMPLES, pick_device, set_threads
+from speechllm.cliutils import EXAMPLES, set_threads
 
 log = logging.getLogger("speechllm")
 
 AUDIO_PART = re.compile(r"\{audio:([^{}]*)\}")
 # Decoding defaults per model kind, as each reference decodes: BLOOMZMMS beam 5, Kang & Roy greedy.
 DEFAULT_BEAMS = {"bloomzmms": 5, "kang_roy": 1}
+# Transcription as the BLOOMZMMS reference decodes (beam 5, 192 new tokens); prompts get Kang & Roy's 256.
+TRANSCRIBE_BEAMS = 5
+TRANSCRIBE_MAX_NEW_TOKENS = 192
+ASK_MAX_NEW_TOKENS = 256
+SAMPLING_RATE = 16_000  # what MMS and HuBERT (the speech encoders of both systems) expect
+DEFAULT_BATCH_SIZE = 8
+PRINT_BATCHES = 16  # the CLI prints every this many batches (inputs are length-sorted within them)
 ASK_EXAMPLE = """examples:
   speechllm ask --model results/models/tmi --prompt "Repeat the sentence: {audio:clip.wav}. "
   speechllm ask --model results/models/tmi \\
@@ -130,7 +142,10 @@ def prompt_segments(model: Any, tokenizer: Any, kind: str, parts: Sequence[Promp
 
 def answer(model: Any, tokenizer: Any, kind: str, parts: Sequence[PromptPart], sampling_rate: int, device: Any,
            num_beams: int, max_new_tokens: int) -> str:
-    """Decode the LLM's answer to a mixed text/speech prompt (the chat template around it for Kang & Roy)."""
+    """Decode the LLM's answer to a mixed text/speech prompt (the chat template around it for Kang & Roy).
+
+    One prompt, one file at a time: the unbatched path. The CLI and `speechllm.api.SpeechModel.ask` batch
+    prompts; tests hold their answers equal to this function's."""
     segments = prompt_segments(model, tokenizer, kind, parts, sampling_rate, device)
     log.info("prompt: %s", " | ".join(f"speech {tuple(s.shape)}" if hasattr(s, "shape") else f"text {len(s)} tokens"
                                       for s in segments))
@@ -143,67 +158,131 @@ def answer(model: Any, tokenizer: Any, kind: str, parts: Sequence[PromptPart], s
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-def cmd_ask(args: argparse.Namespace) -> None:
-    parts = parse_prompt(args.prompt)
-    check_audio_files(parts)  # before the (slow) imports and model loading
-    from speechllm.models.export import load_model_dir, read_spec
+def read_prompts(source: str) -> list[tuple[str, str]]:
+    """(where, prompt) per non-blank line of a file, or of standard input for "-", spaces kept. A line written
+    as a JSON string ("...\\n...") is decoded, so a prompt can hold newlines."""
+    if source == "-":
+        lines, name = sys.stdin.read().splitlines(), "<stdin>"
+    else:
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"--prompts {source}: no such file")
+        lines, name = Path(source).read_text(encoding="utf-8").splitlines(), source
+    prompts = []
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        quoted = text.strip()  # the prompt itself keeps its spaces: they are part of what the LLM reads
+        if len(quoted) >= 2 and quoted[0] == quoted[-1] == '"':
+            try:
+                text = json.loads(quoted)
+            except json.JSONDecodeError as err:
+                raise PromptError(f"{name}:{number}: not a valid JSON string: {err.msg}") from err
+        prompts.append((f"{name}:{number}", text))
+    return prompts
 
-    model_dir = Path(args.model)
-    kind = check_askable(read_spec(model_dir), model_dir)
+
+def gather_prompts(args: argparse.Namespace) -> list[tuple[str, list[PromptPart], str]]:
+    """Every prompt of `--prompt` and `--prompts`, parsed and with its audio files checked: (where, parts,
+    text). Errors name the prompt (`--prompt #i` or file:line)."""
+    given = [(f"--prompt #{i}", p) for i, p in enumerate(args.prompt or [], start=1)]
+    if args.prompts:
+        given += read_prompts(args.prompts)
+    if not given:
+        raise PromptError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE (one per line, "
+                          "- = standard input)")
+    parsed = []
+    for where, text in given:
+        try:
+            parts = parse_prompt(text)
+            check_audio_files(parts)
+        except (PromptError, FileNotFoundError) as err:
+            raise type(err)(f"{where}: {err}") from err
+        parsed.append((where, parts, text))
+    return parsed
+
+
+def windows(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of `size` items: the CLI decodes one window at a time and prints it."""
+    for start in range(0, len(items), size):
+        yield items[start: start + size]
+
+
+def load_for_cli(args: argparse.Namespace, decoder: str,
+                 check: Callable[[dict[str, Any], Path], object]) -> Any:
+    """The `SpeechModel` of `--model` (a directory or hub id); `check` sees its spec before anything loads."""
+    from speechllm.api import SpeechModel, resolve_model_dir
+    from speechllm.models.export import read_spec
+
+    model_dir = resolve_model_dir(args.model)
+    check(read_spec(model_dir), model_dir)
     set_threads(args.threads)
-    device = pick_device()
-    model, tokenizer, _ = load_model_dir(model_dir, with_ctc=False, with_llm=True, device=device)
-    model.eval()
-    beams = args.num_beams or DEFAULT_BEAMS[kind]
-    print(answer(model, tokenizer, kind, parts, args.sampling_rate, device, beams, args.max_new_tokens), flush=True)
+    device = None if args.device == "auto" else args.device
+    return SpeechModel.from_pretrained(model_dir, device=device, dtype=args.dtype, decoder=decoder,
+                                       sampling_rate=args.sampling_rate)
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    prompts = gather_prompts(args)  # before the (slow) imports and model loading
+    model = load_for_cli(args, "llm", check_askable)
+    for window in windows(prompts, args.batch_size * PRINT_BATCHES):
+        answers = model.ask([parts for _, parts, _ in window], args.batch_size, num_beams=args.num_beams,
+                            max_new_tokens=args.max_new_tokens)
+        for (_, _, text), answer_text in zip(window, answers, strict=True):
+            if args.json:
+                print(json.dumps({"prompt": text, "answer": answer_text}, ensure_ascii=False), flush=True)
+            else:  # one line per prompt when there are several (--json keeps an answer's newlines)
+                print(answer_text if len(prompts) == 1 else " ".join(answer_text.splitlines()), flush=True)
+
+
+def check_transcribable(spec: dict[str, Any], model_dir: Path) -> None:
+    if spec.get("kind") == "kang_roy":
+        raise ValueError(f"{model_dir} is a Kang & Roy model: it answers prompts rather than transcribing; "
+                         f"use `speechllm ask --model {model_dir} --prompt \"... {{audio:clip.wav}}\"`")
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
-    from speechllm.audio import AudioError
-    from speechllm.evaluate.decode import ctc_transcribe, encode_speech, llm_generate
-    from speechllm.models.export import load_model_dir, read_spec
+    model = load_for_cli(args, args.decoder, check_transcribable)
+    for window in windows(args.audio, args.batch_size * PRINT_BATCHES):
+        texts = model.transcribe(list(window), args.batch_size, num_beams=args.num_beams,
+                                 max_new_tokens=args.max_new_tokens)
+        for path, text in zip(window, texts, strict=True):
+            row = json.dumps({"audio": path, "text": text}, ensure_ascii=False)
+            print(row if args.json else f"{path}\t{text}", flush=True)
 
-    device = pick_device()
-    spec = read_spec(Path(args.model))
-    if spec.get("kind") == "kang_roy":
-        raise ValueError(f"{args.model} is a Kang & Roy model: it answers prompts rather than transcribing; use "
-                         f"`speechllm ask --model {args.model} --prompt \"... {{audio:clip.wav}}\"`")
-    use_ctc = args.decoder == "ctc" or (args.decoder == "auto" and spec["stage"] == "ctc")
-    model, tokenizer, spec = load_model_dir(Path(args.model), with_ctc=use_ctc, with_llm=not use_ctc, device=device)
-    model.eval()
-    for path in args.audio:
-        try:
-            if use_ctc:
-                text = ctc_transcribe(model, tokenizer, [path], args.sampling_rate, [None], device)[0]
-            else:
-                speech, _ = encode_speech(model, [path], args.sampling_rate, [None], device)
-                ids = lambda t: tokenizer(t, add_special_tokens=False).input_ids  # noqa: E731
-                segs = [[ids(spec["prompt"]["prefix"]), speech[0], ids(spec["prompt"]["postfix"])]]
-                text = llm_generate(model, tokenizer, segs, args.num_beams, args.max_new_tokens)[0]
-        except AudioError as err:
-            raise SystemExit(f"speechllm transcribe: {err}") from err
-        print(f"{path}\t{text}", flush=True)
+
+def add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """Options of `transcribe` and `ask`: where and how the model runs, how inputs are batched and printed."""
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="inputs per padded batch (1 = one at a time; the text is the same)")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1")
+    parser.add_argument("--dtype", help="float32, bfloat16 or float16 for the whole model (default: the "
+                                        "LLM's own from speechllm.json, float32 elsewhere)")
+    parser.add_argument("--sampling-rate", type=int, default=SAMPLING_RATE,
+                        help="rate the speech encoder expects")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (when no GPU is used)")
+    parser.add_argument("--json", action="store_true", help="print JSON Lines instead of plain text")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     raw = argparse.RawDescriptionHelpFormatter
-    tx = sub.add_parser("transcribe", help="transcribe audio files (TSV: path<TAB>text)",
+    tx = sub.add_parser("transcribe", help="transcribe audio files (TSV: path<TAB>text, or --json)",
                         epilog=EXAMPLES["transcribe"], formatter_class=raw)
-    tx.add_argument("--model", required=True, help="an exported model directory (speechllm.json + safetensors)")
+    tx.add_argument("--model", required=True, help="a model directory (speechllm.json + weights) or hub id")
     tx.add_argument("audio", nargs="+")
     tx.add_argument("--decoder", choices=["auto", "ctc", "llm"], default="auto",
                     help="auto: CTC for a CTC-stage model, else the LLM with the model's transcription prompt")
-    tx.add_argument("--sampling-rate", type=int, default=16000)
-    tx.add_argument("--num-beams", type=int, default=5)
-    tx.add_argument("--max-new-tokens", type=int, default=192)
+    tx.add_argument("--num-beams", type=int, default=TRANSCRIBE_BEAMS)
+    tx.add_argument("--max-new-tokens", type=int, default=TRANSCRIBE_MAX_NEW_TOKENS)
+    add_runtime_options(tx)
     tx.set_defaults(func=cmd_transcribe)
 
     ask = sub.add_parser("ask", help="prompt a model's LLM with text and {audio:PATH} parts mixed; prints the answer",
                          description=ASK_DESCRIPTION, epilog=ASK_EXAMPLE, formatter_class=raw)
-    ask.add_argument("--model", required=True, help="an exported model directory (speechllm.json + safetensors)")
-    ask.add_argument("--prompt", required=True, help="text with one or more {audio:PATH} parts")
-    ask.add_argument("--sampling-rate", type=int, default=16000, help="rate the speech encoder expects")
+    ask.add_argument("--model", required=True, help="a model directory (speechllm.json + weights) or hub id")
+    ask.add_argument("--prompt", action="append", help="text with {audio:PATH} parts (repeatable)")
+    ask.add_argument("--prompts", metavar="FILE",
+                     help="prompts, one per line (- = standard input; a line in quotes is a JSON string)")
     ask.add_argument("--num-beams", type=int, help="beam size (default: 5 for BLOOMZMMS, 1 = greedy for Kang & Roy)")
-    ask.add_argument("--max-new-tokens", type=int, default=256)
-    ask.add_argument("--threads", type=int, default=2, help="CPU threads (when no GPU is used)")
+    ask.add_argument("--max-new-tokens", type=int, default=ASK_MAX_NEW_TOKENS)
+    add_runtime_options(ask)
     ask.set_defaults(func=cmd_ask)

@@ -26,6 +26,10 @@ from speechllm.models.speech_llm import SpeechLLM
 FORMAT = "speechllm-model/1"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 KINDS = ("bloomzmms", "kang_roy")
+# The frozen parts a spec references by `name_or_path` (a hub id or a local path). A model directory packaged
+# for the hub (`speechllm push`) carries local parts inside itself; `"bundled": "<folder>"` names where.
+MODEL_PARTS = ("speech_encoder", "llm")
+BUNDLED_KEY = "bundled"
 
 
 class ModelDirError(ValueError):
@@ -191,6 +195,23 @@ def save_model_dir(model: BloomzMMS | KangRoy, spec: dict[str, Any], out_dir: Pa
 
 
 def read_spec(model_dir: Path) -> dict[str, Any]:
+    """A model directory's `speechllm.json`, parts stored inside the directory resolved to their paths."""
+    spec = read_raw_spec(model_dir)
+    for part in MODEL_PARTS:
+        folder = spec.get(part, {}).get(BUNDLED_KEY)
+        if folder is None:
+            continue
+        location = Path(model_dir) / folder
+        if not isinstance(folder, str) or Path(folder).is_absolute() or ".." in Path(folder).parts \
+                or not location.is_dir():
+            raise ModelDirError(f"{Path(model_dir) / 'speechllm.json'}: {part}.{BUNDLED_KEY} must name a "
+                                f"folder inside the model directory; {folder!r} does not")
+        spec[part] = {**spec[part], "name_or_path": str(location)}
+    return spec
+
+
+def read_raw_spec(model_dir: Path) -> dict[str, Any]:
+    """A model directory's `speechllm.json` as written (checked for format and kind)."""
     path = Path(model_dir) / "speechllm.json"
     if not path.is_file():
         raise ModelDirError(f"not a speechllm model directory (no speechllm.json): {model_dir}")
@@ -203,11 +224,22 @@ def read_spec(model_dir: Path) -> dict[str, Any]:
 
 
 def load_model_dir(model_dir: Path, with_ctc: bool, with_llm: bool, device: torch.device | str = "cpu",
-                   gradient_checkpointing: bool = False) -> tuple[BloomzMMS | KangRoy, Any, dict[str, Any]]:
-    """Load an exported model: (model, tokenizer, spec)."""
+                   gradient_checkpointing: bool = False,
+                   dtype: str | None = None) -> tuple[BloomzMMS | KangRoy, Any, dict[str, Any]]:
+    """Load an exported model: (model, tokenizer, spec).
+
+    `dtype` (a DTYPES key) loads the LLM in it instead of its spec's `llm.dtype` and casts the rest of the
+    model to it after the trained weights are in; None keeps the spec's LLM dtype and float32 elsewhere.
+    """
     spec = read_spec(model_dir)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ModelDirError(f"unknown dtype {dtype!r} (expected one of {sorted(DTYPES)})")
+        spec = {**spec, "llm": {**spec["llm"], "dtype": dtype}}
     model, tokenizer = build_model(spec, with_ctc, with_llm, device, gradient_checkpointing)
     load_trained_weights(model, Path(model_dir) / "model.safetensors")
+    if dtype is not None:
+        model.to(DTYPES[dtype])
     return model, tokenizer, spec
 
 
