@@ -11,7 +11,11 @@ BLOOMZMMS overlay's LID softmax and the post-encoder (the overlay's modules, run
 `SpeechAdaptor`. ESPnet's default initialisation is copied into ours.
 
 First a parity round in eval mode: the outputs (speech embeddings and LID logits) must equal ESPnet's to
-1e-5, or the script exits non-zero; the largest gradient difference is printed. Then, in training mode
+1e-5, or the script exits non-zero. The gradients' relative error against ESPnet's and, for both sides,
+against ESPnet run in float64 is printed: it is largest for the subsampling convolutions (1e-4 to 1e-3),
+whose ReLUs switch wherever a float32 rounding error moves an input of about 1e-7 across zero; any float32
+implementation does that at some of the 6 M positions (ESPnet's own oneDNN convolutions as often as the
+im2col ones here), so there it measures chance, not a difference in the arithmetic. Then, in training mode
 (dropout on), forward + backward of three parts, each in alternating rounds (reference, ours, reference, ...)
 with the median round reported: the Conv2dSubsampling, one E-Branchformer block, and the whole adaptor. Times
 are this process's CPU seconds (which other load on a shared machine inflates far less than wall time; the
@@ -147,12 +151,12 @@ def forward_backward(side: Side, seed: int) -> tuple[list[torch.Tensor], dict[st
 
 
 def gradient_error(grads: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> float:
-    """Largest |grads - exact| of a parameter relative to that parameter's largest exact gradient. Gradients
-    that vanish in exact arithmetic (the key projection's bias: softmax ignores a constant per query) are
-    measured against `GRADIENT_FLOOR` times the largest gradient of all."""
-    floor = GRADIENT_FLOOR * max(float(grad.abs().max()) for grad in exact.values())
+    """The largest relative error ||grad - exact|| / ||exact|| over parameters. Gradients that vanish in exact
+    arithmetic (the key projection's bias: softmax ignores a constant per query) are measured against
+    `GRADIENT_FLOOR` times the largest gradient norm of all."""
+    floor = GRADIENT_FLOOR * max(float(grad.norm()) for grad in exact.values())
     return max(
-        float((grad - exact[name]).abs().max()) / max(float(exact[name].abs().max()), floor)
+        float((grad.double() - exact[name].double()).norm()) / max(float(exact[name].norm()), floor)
         for name, grad in grads.items()
     )
 
@@ -269,8 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     equal = output_diff <= ATOL
     print(
         f"eval-mode parity: max |output diff| {output_diff:.2e} ({'<=' if equal else '>'} {ATOL:g}); "
-        f"max gradient diff {grad_diff:.2e}; gradient error vs ESPnet in float64: ESPnet {ref_error:.2e}, "
-        f"ours {our_error:.2e} (each relative to the parameter's largest gradient)"
+        f"gradient error vs ESPnet {grad_diff:.2e}, vs ESPnet in float64: ESPnet {ref_error:.2e}, "
+        f"ours {our_error:.2e} (largest relative L2 error of a parameter)"
     )
     reference.train(), ours.train()
 
