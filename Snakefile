@@ -14,7 +14,7 @@ configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 # envs/speechllm.post-deploy.sh installs the package from here into a `--sdm conda` environment.
-os.environ["SPEECHLLM_REPO"] = workflow.basedir
+os.environ.update(SPEECHLLM_REPO=workflow.basedir)
 
 
 # Front page of `snakemake --report results/report.html`.

@@ -311,7 +311,7 @@ KD_STAGE = {
 
 
 def _train_kd(tmp_path: Path, model, tokenizer, datasets, **overrides):
-    from speechllm.train.loop import StageConfig, train
+    from speechllm.train.loop import StageConfig, Trainer
     from speechllm.train.objectives import DistillationCollator
     from speechllm.train.tracking import Tracker
 
@@ -330,7 +330,7 @@ def _train_kd(tmp_path: Path, model, tokenizer, datasets, **overrides):
         )
 
     collator = DistillationCollator(tokenizer, text_field="raw_transcription", lowercase=True)
-    return train(model, tokenizer, stage, *datasets, collator, tracker, 0, tmp_path / "ckpt")
+    return Trainer(model, tokenizer, stage, *datasets, collator, tracker, 0, tmp_path / "ckpt").run()
 
 
 def test_kd_objective_trains_a_kang_roy_model(tmp_path):

@@ -105,7 +105,7 @@ def test_conda_post_deploy_installs_this_repository(tmp_path):
 
 
 def test_snakefile_exports_the_repository_for_the_conda_env():
-    assert 'os.environ["SPEECHLLM_REPO"] = workflow.basedir' in (REPO / "Snakefile").read_text()
+    assert "os.environ.update(SPEECHLLM_REPO=workflow.basedir)" in (REPO / "Snakefile").read_text()
     env_file = yaml.safe_load((REPO / "envs/speechllm.yaml").read_text())
     assert not [dep for dep in env_file["dependencies"] if isinstance(dep, dict)], "pip installs go post-deploy"
 

@@ -158,7 +158,7 @@ def test_retries_ask_for_more_memory_and_time(paper_jobs):
 def test_the_slurm_profile_retries_every_signalled_step_often(paper_jobs):
     """The steps that ask for SIGTERM before their limit stop for a retry each time: the Slurm profile marks them
     preemptible (more retries than `retries`, for them only)."""
-    profile = yaml.safe_load((REPO / "workflow/profiles/slurm/profile.yaml").read_text())
+    profile = yaml.safe_load((REPO / "profiles/slurm/profile.yaml").read_text())
     signalled = {rule for rule, job in paper_jobs.items() if "slurm_extra" in job["resources"]}
     assert {"train_ctc", "train_ce", "generate_targets", "evaluate"} <= signalled
     assert signalled <= set(profile["preemptible-rules"])

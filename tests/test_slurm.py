@@ -160,7 +160,7 @@ def test_a_training_job_stopped_at_its_time_limit_is_retried_and_resumes(local_s
     env = clean_env(SLURM_CONF=str(local_slurm / "etc/slurm.conf"), SLURM_PARTITION="debug")
     started = time.monotonic()
     res = subprocess.run(
-        [str(BIN / "snakemake"), "--profile", str(REPO / "workflow/profiles/slurm"), "-d", str(work),
+        [str(BIN / "snakemake"), "--profile", str(REPO / "profiles/slurm"), "-d", str(work),
          "--configfile", str(REPO / "config/config.yaml"), str(override),
          "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
          "--allowed-rules", "train_ctc", "--", "results/models/ctc"],

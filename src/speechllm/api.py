@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from speechllm.audio import AudioError, array_to_mono, load_audio
+from speechllm.audio import AudioError, array_to_mono, check_min_length, load_audio
 from speechllm.cliutils import pick_device
 from speechllm.data.batches import pad_waveforms
 from speechllm.evaluate.decode import postprocess
@@ -304,13 +304,7 @@ class SpeechModel:
                 os.fspath(clip.source) if isinstance(clip.source, str | os.PathLike) else f"audio #{index}"
             )
             wave = read_waveform(clip, self.sampling_rate, where)
-            if wave.shape[0] < self.min_samples():
-                raise AudioError(
-                    f"{where}: clip too short ({wave.shape[0]} samples = "
-                    f"{wave.shape[0] / self.sampling_rate:.3f} s"
-                    f" at {self.sampling_rate} Hz); this model needs at least {self.min_samples()} samples "
-                    f"({self.min_samples() / self.sampling_rate:.3f} s)"
-                )
+            check_min_length(wave.shape[0], self.min_samples(), self.sampling_rate, where)
             waves.append(wave)
         return waves
 

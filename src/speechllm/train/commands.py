@@ -152,7 +152,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from speechllm.data.batches import Collator, SpeechDataset
     from speechllm.data.manifest import read_manifest
     from speechllm.models.export import load_trained_weights, save_model_dir
-    from speechllm.train.loop import StageConfig, train, write_json
+    from speechllm.train.loop import StageConfig, Trainer, write_json
     from speechllm.train.objectives import DistillationCollator
     from speechllm.train.tracking import Tracker
 
@@ -207,7 +207,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else log_dir / "checkpoints"
     stopping.check("nothing trained in this job yet")  # a signal while the models were loading
-    result = train(
+    result = Trainer(
         model,
         tokenizer,
         stage,
@@ -218,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         s["seed"],
         checkpoint_dir,
         run_fingerprint(s, args),
-    )
+    ).run()
     summary = result.summary
     if result.weights is None:  # not the main process: rank 0 writes the outputs
         return

@@ -658,28 +658,6 @@ class Trainer:
         return TrainResult(summary, selected if acc.is_main_process else None)
 
 
-def train(
-    model: nn.Module,
-    tokenizer: Any,
-    stage: StageConfig,
-    train_set: SpeechDataset,
-    dev_set: SpeechDataset,
-    collator: Collator,
-    make_tracker: Callable[[int | None, bool], Tracker],
-    seed: int,
-    checkpoint_dir: Path,
-    fingerprint: str = "",
-) -> TrainResult:
-    """Train `model` in place (resuming from `checkpoint_dir` when it holds this run's checkpoints).
-
-    On return (unless sharded by FSDP) the model holds the selected weights: the best evaluation, the average
-    of the k best, or the last weights. `make_tracker(resume_step, enabled)` opens the job's tracker.
-    """
-    return Trainer(
-        model, tokenizer, stage, train_set, dev_set, collator, make_tracker, seed, checkpoint_dir, fingerprint
-    ).run()
-
-
 def write_json(path: Path, data: dict[str, Any]) -> None:
     from speechllm.io import atomic_write_text
 
