@@ -40,6 +40,16 @@ FLOPs (multiply-add = 2 FLOPs; matmuls and convolutions only, as `torch.utils.fl
                   the input resolution (zero-stuffed), which is more.
     teacher       Kang & Roy's distillation runs the frozen LLM once more on the transcript prompt (forward only).
 Per optimizer step = per micro-batch * `accum_grad` * GPUs (an upper bound when the shares are uneven).
+
+Time (with `plan.mfu` and `plan.gpu`, a key of `plan.gpu_peak_tflops`)
+    micro-batch   sum over parts of FLOPs / (mfu * the GPU's peak at the part's compute precision): the stage's
+                  `train.<stage>.precision` (bf16 autocast, tf32 or fp32 matmuls), except the LLM, whose weights
+                  in `models.llm.dtype` bfloat16/float16 (or 8-bit) run 16-bit matmuls. The busiest GPU's share.
+    epoch         `num_iters_per_epoch` micro-batches (ESPnet's iterations); GPU-hours = hours * `plan.gpus`.
+    run           `max_epochs` epochs (an upper bound under early stopping), or `max_steps` * `accum_grad`
+                  micro-batches when that comes first.
+    reference     `plan.reference.<stage>`: the reference's own statement (GPUs, GPU type, hours per epoch), and
+                  the MFU it implies for these FLOPs when the GPU types match.
 """
 
 from __future__ import annotations
@@ -184,6 +194,7 @@ class StagePlan:
     precision: str
     workload: Workload
     parts: list[PartPlan] = field(default_factory=list)
+    estimate: TimeEstimate | None = None
 
     def totals(self) -> dict[str, float]:
         keys = ("trainable_params", "frozen_params", "weight_bytes", "grad_bytes", "optimizer_bytes",
@@ -198,7 +209,7 @@ class StagePlan:
         parts = [dict(asdict(p), memory_bytes=p.memory_bytes) for p in self.parts]
         return {"system": self.system, "stage": self.stage, "gpus": self.gpus, "accum_grad": self.accum_grad,
                 "precision": self.precision, "workload": asdict(self.workload), "parts": parts,
-                "totals": self.totals()}
+                "totals": self.totals(), "estimate": asdict(self.estimate) if self.estimate else None}
 
 
 def part_plan(name: str, module_params: tuple[int, int], frozen_dtype_bytes: float, activation: float,
@@ -504,6 +515,90 @@ def plan_kang_roy(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
                       parts)]
 
 
+# --------------------------------------------------------------------------- time at a stated MFU
+
+
+@dataclass
+class TimeEstimate:
+    """Predicted time of one stage on `gpus` GPUs of type `gpu` at model FLOPs utilisation `mfu`."""
+
+    gpu: str
+    mfu: float
+    micro_batch_seconds: float
+    optimizer_step_seconds: float
+    epoch_micro_batches: int | None
+    epoch_hours: float | None  # wall clock
+    epoch_gpu_hours: float | None
+    run_micro_batches: int | None
+    run_hours: float | None
+    run_gpu_hours: float | None
+    reference: dict[str, Any] | None = None  # the reference's statement + the MFU it implies
+
+
+def gpu_peak_flops(plan_cfg: dict[str, Any], gpu: str, precision: str) -> float:
+    """Peak FLOP/s of `gpu` (a key of `plan.gpu_peak_tflops`) at `precision` (bf16 | tf32 | fp32)."""
+    table = plan_cfg.get("gpu_peak_tflops") or {}
+    if gpu not in table:
+        raise PlanError(f"config key 'plan.gpu_peak_tflops': no entry for GPU {gpu!r} (have {sorted(table)})")
+    if precision not in table[gpu]:
+        raise PlanError(f"config key 'plan.gpu_peak_tflops.{gpu}': no {precision!r} peak")
+    return float(table[gpu][precision]) * 1e12
+
+
+def part_compute_precision(part: PartPlan, stage_precision: str, llm_cfg: dict[str, Any]) -> str:
+    """The precision a part's matmuls run at: the LLM's own 16-bit (or 8-bit) weights, else the stage's."""
+    if part.name == "llm" and (llm_cfg.get("load_in_8bit") or llm_cfg.get("dtype") in ("bfloat16", "float16")):
+        return "bf16"
+    return stage_precision
+
+
+def micro_batch_seconds(plan: StagePlan, cfg: dict[str, Any], gpu: str, mfu: float) -> float:
+    """FLOPs of one micro-batch on the busiest GPU over (mfu * peak), part by part at its compute precision."""
+    llm_cfg = cfg["models"].get("llm", {})
+    seconds = 0.0
+    for part in plan.parts:
+        peak = gpu_peak_flops(cfg["plan"], gpu, part_compute_precision(part, plan.precision, llm_cfg))
+        seconds += (part.forward_flops + part.backward_flops) / (mfu * peak)
+    return seconds
+
+
+def run_micro_batches(stage_cfg: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(micro-batches per epoch, micro-batches of the whole run) from `train.<stage>`; None where not fixed."""
+    epoch = stage_cfg.get("num_iters_per_epoch")
+    caps = []
+    if stage_cfg.get("max_epochs") and epoch:
+        caps.append(int(stage_cfg["max_epochs"]) * int(epoch))
+    if stage_cfg.get("max_steps"):
+        caps.append(int(stage_cfg["max_steps"]) * int(stage_cfg["accum_grad"]))
+    return (int(epoch) if epoch else None), (min(caps) if caps else None)
+
+
+def time_estimate(plan: StagePlan, cfg: dict[str, Any]) -> TimeEstimate | None:
+    """The stage's predicted times, None without `plan.mfu` / `plan.gpu`."""
+    plan_cfg = cfg["plan"]
+    if plan_cfg.get("mfu") is None or plan_cfg.get("gpu") is None:
+        return None
+    gpu, mfu = str(plan_cfg["gpu"]), float(plan_cfg["mfu"])
+    step = micro_batch_seconds(plan, cfg, gpu, mfu)
+    epoch, run = run_micro_batches(cfg["train"][plan.stage])
+
+    def hours(micro_batches: int | None) -> float | None:
+        return None if micro_batches is None else micro_batches * step / 3600
+
+    reference = None
+    stated = (plan_cfg.get("reference") or {}).get(plan.stage)
+    if stated:
+        reference = dict(stated, gpu_hours_per_epoch=stated["gpus"] * stated["hours_per_epoch"])
+        if stated["gpu"] == gpu and epoch:  # the MFU at which this plan's FLOPs take the stated time
+            stated_step = stated["hours_per_epoch"] * 3600 / epoch
+            reference["implied_mfu"] = mfu * step / stated_step
+    return TimeEstimate(gpu=gpu, mfu=mfu, micro_batch_seconds=step, optimizer_step_seconds=step * plan.accum_grad,
+                        epoch_micro_batches=epoch, epoch_hours=hours(epoch),
+                        epoch_gpu_hours=None if epoch is None else hours(epoch) * plan.gpus,
+                        run_micro_batches=run, run_hours=hours(run),
+                        run_gpu_hours=None if run is None else hours(run) * plan.gpus, reference=reference)
+
+
 SYSTEMS = {"bloomzmms": plan_bloomzmms, "kang_roy": plan_kang_roy}
 REQUIRED_KEYS = {"bloomzmms": ("models.adaptor", "train.ctc", "train.ce"),
                  "kang_roy": ("models.pooling", "train.kd")}
@@ -520,7 +615,10 @@ def plan_experiment(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
         section, name = key.split(".")
         if name not in cfg.get(section, {}):
             raise PlanError(f"config key '{key}' is missing (the {system} system needs it)")
-    return SYSTEMS[system](cfg, models_dir)
+    plans = SYSTEMS[system](cfg, models_dir)
+    for plan in plans:
+        plan.estimate = time_estimate(plan, cfg)
+    return plans
 
 
 # --------------------------------------------------------------------------- config files and output
@@ -603,4 +701,28 @@ def format_plan(plans: list[StagePlan]) -> str:
         lines += ["", f"memory per GPU: {_gib(t['memory_bytes'])} GiB; FLOPs per micro-batch "
                       f"{_human(t['flops_per_micro_batch'], 'FLOP')}, per optimizer step "
                       f"{_human(t['flops_per_optimizer_step'], 'FLOP')}", ""]
+        if plan.estimate:
+            lines += format_estimate(plan.estimate, plan.gpus) + [""]
     return "\n".join(lines)
+
+
+def _hours(value: float | None, unit: str = "h") -> str:
+    return "n/a" if value is None else f"{value:,.1f} {unit}"
+
+
+def format_estimate(e: TimeEstimate, gpus: int) -> list[str]:
+    """The predicted times, and the reference's own statement beside them."""
+    lines = [f"predicted at MFU {e.mfu:g} on {e.gpu}: {e.micro_batch_seconds:.3g} s per micro-batch, "
+             f"{e.optimizer_step_seconds:.3g} s per optimizer step; one epoch "
+             + (f"({e.epoch_micro_batches:,} micro-batches) {_hours(e.epoch_hours)} on {gpus} x {e.gpu} = "
+                f"{_hours(e.epoch_gpu_hours, 'GPU-h')}" if e.epoch_micro_batches else "n/a (one data pass)")
+             + "; whole run "
+             + (f"({e.run_micro_batches:,} micro-batches) {_hours(e.run_hours)} = {_hours(e.run_gpu_hours, 'GPU-h')}"
+                if e.run_micro_batches else "n/a")]
+    if e.reference:
+        r = e.reference
+        implied = (f"; these FLOPs in that time are MFU {r['implied_mfu']:.3g}" if "implied_mfu" in r
+                   else f" (not {e.gpu}: not comparable)")
+        lines.append(f"reference: {r['hours_per_epoch']:g} h per epoch on {r['gpus']} x {r['gpu']} = "
+                     f"{r['gpu_hours_per_epoch']:g} GPU-h{implied} [{r['source']}]")
+    return lines
