@@ -110,11 +110,18 @@ def load_arch_config(name_or_path: str, models_dir: Path) -> tuple[PretrainedCon
     return AutoConfig.for_model(model_type, **settings), facts
 
 
+def model_from_config(config: PretrainedConfig, causal_lm: bool, device: torch.device | str = "meta",
+                      dtype: torch.dtype | None = None) -> nn.Module:
+    """The HF model (`AutoModelForCausalLM` or the bare `AutoModel`) built on `device`: shapes only on the meta
+    device, random weights elsewhere (the GPU benchmark); nothing is downloaded."""
+    factory = AutoModelForCausalLM if causal_lm else AutoModel
+    with torch.device(device):
+        return factory.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+
+
 def meta_model(config: PretrainedConfig, causal_lm: bool) -> nn.Module:
-    """The HF model (`AutoModelForCausalLM` or the bare `AutoModel`) with parameters on the meta device."""
-    with torch.device("meta"):
-        factory = AutoModelForCausalLM if causal_lm else AutoModel
-        return factory.from_config(config)
+    """The HF model with parameters on the meta device."""
+    return model_from_config(config, causal_lm)
 
 
 def num_params(module: nn.Module) -> int:
@@ -428,7 +435,23 @@ def workload_for(cfg: dict[str, Any], stage: str, frames_fn: Callable[[int], tup
     return workload, gpus
 
 
-def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
+@dataclass
+class BloomzmmsParts:
+    """The BLOOMZMMS modules built from the architecture configs (the LLM apart: see `frozen_llm`)."""
+
+    enc_config: PretrainedConfig
+    llm_config: PretrainedConfig
+    adaptor_config: AdaptorConfig
+    vocab: int  # the tokenizer's size: the CTC head's rows
+    encoder: nn.Module
+    frontend: SpeechFrontend
+    adaptor: SpeechAdaptor
+    ctc_head: CTCHead
+
+
+def bloomzmms_parts(cfg: dict[str, Any], models_dir: Path, device: torch.device | str = "meta") -> BloomzmmsParts:
+    """Frozen speech encoder, frontend, adaptor and (random, frozen) CTC head on `device`, as
+    `speechllm.models.export.build_model` assembles them from the hub."""
     models_cfg = cfg["models"]
     enc_cfg = models_cfg["speech_encoder"]
     enc_config, _ = load_arch_config(enc_cfg["name_or_path"], models_dir)
@@ -436,15 +459,40 @@ def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
         enc_config = without_language_adapters(enc_config)
     llm_config, llm_facts = load_arch_config(models_cfg["llm"]["name_or_path"], models_dir)
     adaptor_cfg = AdaptorConfig(**models_cfg["adaptor"], llm_hidden_size=llm_hidden_size(llm_config))
-    encoder = meta_model(enc_config, causal_lm=False)
-    lm = meta_model(llm_config, causal_lm=True)
-    with torch.device("meta"):
+    encoder = model_from_config(enc_config, causal_lm=False, device=device)
+    vocab = int(llm_facts.get("tokenizer_vocab_size", llm_config.vocab_size))
+    with torch.device(device):
         frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"],
                                   frame_count=enc_cfg["frame_count"])
         adaptor = SpeechAdaptor(adaptor_cfg)
-        vocab = int(llm_facts.get("tokenizer_vocab_size", lm.get_input_embeddings().weight.shape[0]))
         ctc_head = CTCHead(llm_hidden_size(llm_config), vocab)
-    lm.requires_grad_(False)
+    return BloomzmmsParts(enc_config, llm_config, adaptor_cfg, vocab, encoder, frontend, adaptor, ctc_head)
+
+
+def frozen_llm(cfg: dict[str, Any], models_dir: Path, device: torch.device | str = "meta",
+               dtype: torch.dtype | None = None) -> nn.Module:
+    """The experiment's causal LM (`models.llm`) from its architecture config, frozen."""
+    config, _ = load_arch_config(cfg["models"]["llm"]["name_or_path"], models_dir)
+    lm = model_from_config(config, causal_lm=True, device=device, dtype=dtype)
+    return lm.requires_grad_(False)
+
+
+def kang_roy_encoder(cfg: dict[str, Any], models_dir: Path, device: torch.device | str = "meta") -> HubertPoolEncoder:
+    """Kang & Roy's trainable HuBERT + pooling + projection to the LLM's width."""
+    models_cfg = cfg["models"]
+    enc_config, _ = load_arch_config(models_cfg["speech_encoder"]["name_or_path"], models_dir)
+    llm_config, _ = load_arch_config(models_cfg["llm"]["name_or_path"], models_dir)
+    hubert = model_from_config(enc_config, causal_lm=False, device=device)
+    with torch.device(device):
+        return HubertPoolEncoder(hubert, llm_hidden_size(llm_config), PoolConfig(**models_cfg["pooling"]))
+
+
+def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
+    models_cfg = cfg["models"]
+    built = bloomzmms_parts(cfg, models_dir)
+    enc_config, adaptor_cfg, vocab = built.enc_config, built.adaptor_config, built.vocab
+    encoder, frontend, adaptor, ctc_head = built.encoder, built.frontend, built.adaptor, built.ctc_head
+    lm = frozen_llm(cfg, models_dir)
     samples = round(cfg["plan"]["utterance_seconds"] * cfg["data"]["sampling_rate"])
 
     def frames_fn(n: int) -> tuple[int, int]:
@@ -481,14 +529,9 @@ def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
 
 def plan_kang_roy(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
     models_cfg = cfg["models"]
-    enc_config, _ = load_arch_config(models_cfg["speech_encoder"]["name_or_path"], models_dir)
-    llm_config, _ = load_arch_config(models_cfg["llm"]["name_or_path"], models_dir)
-    hubert = meta_model(enc_config, causal_lm=False)
-    lm = meta_model(llm_config, causal_lm=True)
-    lm.requires_grad_(False)
-    pool = PoolConfig(**models_cfg["pooling"])
-    with torch.device("meta"):
-        encoder = HubertPoolEncoder(hubert, llm_hidden_size(llm_config), pool)
+    encoder = kang_roy_encoder(cfg, models_dir)
+    hubert, enc_config, pool = encoder.encoder, encoder.encoder.config, encoder.pool
+    lm = frozen_llm(cfg, models_dir)
     samples = round(cfg["plan"]["utterance_seconds"] * cfg["data"]["sampling_rate"])
 
     def frames_fn(n: int) -> tuple[int, int]:
@@ -543,6 +586,13 @@ def gpu_peak_flops(plan_cfg: dict[str, Any], gpu: str, precision: str) -> float:
     if precision not in table[gpu]:
         raise PlanError(f"config key 'plan.gpu_peak_tflops.{gpu}': no {precision!r} peak")
     return float(table[gpu][precision]) * 1e12
+
+
+def gpu_for_device(plan_cfg: dict[str, Any], device_name: str) -> str | None:
+    """The `plan.gpu_peak_tflops` key found in a CUDA device name (the longest, so "H100 PCIe" beats "H100"),
+    or None."""
+    found = [key for key in plan_cfg.get("gpu_peak_tflops") or {} if key.lower() in device_name.lower()]
+    return max(found, key=len) if found else None
 
 
 def part_compute_precision(part: PartPlan, stage_precision: str, llm_cfg: dict[str, Any]) -> str:
