@@ -27,6 +27,7 @@ from speechllm.models.plan import (
     PlanError,
     Workload,
     adaptor_flops,
+    gpu_for_device,
     llm_part,
     load_arch_config,
     load_experiment,
@@ -371,3 +372,10 @@ def test_plan_section_validates_against_the_schema(path: Path) -> None:
     bad = dict(cfg, plan=dict(cfg["plan"], gpu_peak_tflops={"A6000": {"bf16": 1.0}}))
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.Draft202012Validator(schema).validate(bad)
+
+
+@pytest.mark.parametrize(("device_name", "key"), [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100 PCIe"),
+                                                  ("NVIDIA RTX A6000", "A6000"), ("NVIDIA A100-SXM4-80GB", "A100"),
+                                                  ("Tesla T4", None)])
+def test_gpu_peaks_are_found_by_cuda_device_name(device_name: str, key: str | None) -> None:
+    assert gpu_for_device(load_experiment(BLOOMZMMS)["plan"], device_name) == key
