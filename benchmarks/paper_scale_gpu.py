@@ -18,10 +18,12 @@ and precision `train.<stage>`. Parts, each timed for up to `--steps` steps after
   at `evaluate.batch_size` per call vs one utterance per call;
 - targets: synthetic-target generation with BLOOMZ, tokens per second of the project's batched greedy decoder
   (`GreedyDecoder`, `targets.batch_size` rows) vs HF `generate` one prompt at a time;
-- kd: Kang & Roy's KD update over `train.kd.accum_grad` utterances, batched (the largest batch whose planned
-  memory fits the GPU) vs the reference's batch 1, samples per second.
+- kd: Kang & Roy's KD update (`train.kd.accum_grad` x the sampler's per-GPU batch: 16 utterances in the paper
+  config), batched (the largest micro-batch whose planned memory fits the GPU) vs the reference's batch 1,
+  samples per second.
 
-Random weights never emit end of sequence, so every decoded row runs its full budget: `targets.max_new_tokens`
+Decoding runs the adaptor in fp32 with TF32 matmuls and the LLM in `models.llm.dtype`. Random weights never
+emit end of sequence, so every decoded row runs its full budget: `targets.max_new_tokens`
 for the targets and, for ASR, the transcript length the plan assumes (`plan.target_tokens_per_second` x
 `plan.utterance_seconds`), not `evaluate.max_new_tokens`. The whole run keeps to `--budget` seconds (default:
 within 6 minutes on one H100, start-up included): each part has a share; a part whose warm-up leaves no time
@@ -596,9 +598,13 @@ def sub_batch(batch: Batch, rows: slice) -> Batch:
 # --------------------------------------------------------------------------- the run
 
 
-def guarded(part: str, device: torch.device, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """A part's result; out of memory skips it (and frees what it held)."""
+def guarded(
+    part: str, device: torch.device, clock: Clock, fn: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """A part's result; a spent budget or running out of memory skips it (freeing what it held)."""
     print(f"{part} ...", flush=True)
+    if clock.elapsed() >= clock.budget:
+        return skipped(f"the run's budget ({clock.budget:g} s) is spent")
     try:
         return fn()
     except torch.OutOfMemoryError as error:
@@ -617,6 +623,8 @@ def run_bloomzmms(
 ) -> dict[str, dict[str, Any]]:
     """CTC parts with the speech side alone (no LLM resident), then the LLM joins for CE, ASR and targets."""
     results: dict[str, dict[str, Any]] = {}
+    if not wanted & {"ctc_bf16", "ctc_tf32", "ce_bf16", "ce_tf32", "asr", "targets"}:
+        return results
     parts = bloomzmms_parts(cfg, models_dir, device)
     vocab = parts.vocab
     model = BloomzMMS(
@@ -632,6 +640,7 @@ def run_bloomzmms(
             results[part] = guarded(
                 part,
                 device,
+                clock,
                 lambda p=part: training_part(p, objective, cfg, models_dir, device, gpu, args, clock, vocab),
             )
     if not wanted & {"ce_bf16", "ce_tf32", "asr", "targets"}:
@@ -648,15 +657,18 @@ def run_bloomzmms(
             results[part] = guarded(
                 part,
                 device,
+                clock,
                 lambda p=part: training_part(p, objective, cfg, models_dir, device, gpu, args, clock, vocab),
             )
     if "asr" in wanted:
-        results["asr"] = guarded("asr", device, lambda: asr_part(model, cfg, device, args, clock, vocab))
+        results["asr"] = guarded(
+            "asr", device, clock, lambda: asr_part(model, cfg, device, args, clock, vocab)
+        )
     if "targets" in wanted:
         del model.frontend, model.adaptor
         free_memory(device)
         results["targets"] = guarded(
-            "targets", device, lambda: targets_part(lm, cfg, device, args, clock, vocab)
+            "targets", device, clock, lambda: targets_part(lm, cfg, device, args, clock, vocab)
         )
     return results
 
@@ -755,7 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         free_memory(device)
         if "kd" in wanted:
             results["kd"] = guarded(
-                "kd", device, lambda: kd_part(configs["kang_roy"], models_dir, device, args, clock)
+                "kd", device, clock, lambda: kd_part(configs["kang_roy"], models_dir, device, args, clock)
             )
     ctc = results.get("ctc_bf16", {})
     headline = ctc.get("audio_seconds_per_second", 0.0)

@@ -5,13 +5,16 @@ is deterministic for a seed and is held to a floor."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from speechllm.data.bucketing import rank_batch_sizes
 from speechllm.models.plan import load_experiment
@@ -92,6 +95,27 @@ def test_paper_scale_gpu_skips_what_does_not_fit_and_says_so(tmp_path: Path) -> 
                                        "--only", "ctc_bf16", "asr")
     assert set(report["parts"]) == {"ctc_bf16", "asr"}
     for result in report["parts"].values():
-        assert result["status"] == "skipped" and "share" in result["reason"]
+        assert result["status"] == "skipped" and "budget (0.001 s) is spent" in result["reason"]
     assert report["gpu"] is None  # the CPU has no entry in plan.gpu_peak_tflops: no MFU
     assert last.endswith(": 0.00") and HEADLINE.match(last)
+
+
+def test_paper_scale_gpu_parts_stop_at_their_share() -> None:
+    spec = importlib.util.spec_from_file_location("paper_scale_gpu", PAPER_SCALE_GPU)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cpu, clock = torch.device("cpu"), bench.Clock(100.0)
+
+    def step(seconds: float, units: int = 1) -> int:
+        time.sleep(seconds)
+        return units
+
+    reason = bench.run_steps(lambda: step(0.02), cpu, 1, 30, clock, clock.elapsed() + 0.03)
+    assert isinstance(reason, str) and reason.startswith("warm-up (1 steps")
+    times = bench.run_steps(lambda: step(0.02), cpu, 1, 30, clock, clock.elapsed() + 0.3)
+    assert 1 <= len(times) < 30 and min(times) >= 0.02
+    modes = {"fast": lambda: step(0.01, 3), "slow": lambda: step(0.03, 3)}
+    rates = bench.paired_rates(modes, cpu, clock, clock.elapsed() + 10, rounds=2)
+    assert rates["fast"]["rounds"] == rates["slow"]["rounds"] == 2 and rates["fast"]["units"] == 3
+    assert rates["slow"]["seconds"] >= 0.03 and rates["slow"]["per_second"] == 3 / rates["slow"]["seconds"]
+    assert "used up the part's share" in bench.paired_rates(modes, cpu, clock, clock.elapsed() + 0.01, rounds=2)
