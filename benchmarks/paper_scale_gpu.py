@@ -201,9 +201,8 @@ def stage_plan(cfg: dict[str, Any], models_dir: Path, stage: str) -> StagePlan:
 
 
 def llm_dtype(cfg: dict[str, Any]) -> torch.dtype:
-    return DTYPES[
-        cfg["models"]["llm"]["dtype"]
-    ]  # 8-bit loading is not benchmarked: the config's dtype is used
+    """`models.llm.dtype` (8-bit loading, `load_in_8bit`, is not benchmarked: bitsandbytes is optional)."""
+    return DTYPES[cfg["models"]["llm"]["dtype"]]
 
 
 def special_ids(lm: torch.nn.Module) -> tuple[int, int]:
