@@ -27,6 +27,7 @@ from speechllm.models.plan import (
     PlanError,
     Workload,
     adaptor_flops,
+    gpu_for_device,
     llm_part,
     load_arch_config,
     load_experiment,
@@ -302,3 +303,79 @@ def test_frozen_llm_flops_match_the_counter(family: str, checkpointing: bool) ->
     assert plan.forward_flops == pytest.approx(fwd, rel=0.01)
     assert plan.backward_flops == pytest.approx(bwd, rel=0.01)
     assert embeds.grad is not None
+
+
+# --------------------------------------------------------------------------- time at a stated MFU
+
+
+def test_predicted_times_follow_flops_mfu_and_peaks(bloomzmms_plans) -> None:
+    cfg = load_experiment(BLOOMZMMS)
+    peaks, mfu = cfg["plan"]["gpu_peak_tflops"]["A6000"], cfg["plan"]["mfu"]
+    ctc, ce = bloomzmms_plans["ctc"], bloomzmms_plans["ce"]
+    # CTC: every part at the stage's TF32 matmuls.
+    step = ctc.totals()["flops_per_micro_batch"] / (mfu * peaks["tf32"] * 1e12)
+    e = ctc.estimate
+    assert (e.gpu, e.mfu) == ("A6000", mfu) and e.micro_batch_seconds == pytest.approx(step)
+    assert e.epoch_micro_batches == 23364 and e.epoch_hours == pytest.approx(23364 * step / 3600)
+    assert e.epoch_gpu_hours == pytest.approx(2 * e.epoch_hours)
+    assert e.run_micro_batches == 70 * 23364 and e.run_gpu_hours == pytest.approx(70 * e.epoch_gpu_hours)
+    # The reference's own statement, and the MFU these FLOPs would have had in 13 h per epoch.
+    assert e.reference["gpu_hours_per_epoch"] == 26 and "train_asr_e_branchformer" in e.reference["source"]
+    assert e.reference["implied_mfu"] == pytest.approx(step * mfu / (13 * 3600 / 23364))
+    # CE: BLOOMZ in bfloat16 runs bf16 matmuls, the rest TF32; two micro-batches per optimizer step.
+    llm = parts_by_name(ce)["llm"]
+    rest = ce.totals()["flops_per_micro_batch"] - llm.forward_flops - llm.backward_flops
+    step = (llm.forward_flops + llm.backward_flops) / (mfu * peaks["bf16"] * 1e12) + rest / (mfu * peaks["tf32"] * 1e12)
+    assert ce.estimate.micro_batch_seconds == pytest.approx(step)
+    assert ce.estimate.optimizer_step_seconds == pytest.approx(2 * step)
+    assert ce.estimate.epoch_gpu_hours == pytest.approx(4 * 54381 * step / 3600)
+    assert ce.estimate.reference["gpu_hours_per_epoch"] == 48
+
+
+def test_predicted_times_config_switches(bloomzmms_plans, summarization_plans) -> None:
+    kd = summarization_plans["kd"].estimate  # max_steps sets the run; an epoch is one data pass (not fixed)
+    assert kd.epoch_micro_batches is None and kd.epoch_gpu_hours is None and kd.reference is None
+    assert kd.run_micro_batches == 175776 * 16
+    cfg = load_experiment(BLOOMZMMS)
+    peaks, mfu = cfg["plan"]["gpu_peak_tflops"], cfg["plan"]["mfu"]
+    cfg["plan"].update(gpu="H100", mfu=0.5)
+    faster = {p.stage: p.estimate for p in plan_experiment(cfg, MODELS_DIR)}["ctc"]
+    assert "implied_mfu" not in faster.reference  # another GPU type: the statement is shown, not compared
+    speedup = (0.5 * peaks["H100"]["tf32"]) / (mfu * peaks["A6000"]["tf32"])
+    assert bloomzmms_plans["ctc"].estimate.micro_batch_seconds / faster.micro_batch_seconds == pytest.approx(speedup)
+    cfg["plan"]["gpu"] = "B200"
+    with pytest.raises(PlanError, match=r"'plan.gpu_peak_tflops': no entry for GPU 'B200'"):
+        plan_experiment(cfg, MODELS_DIR)
+    cfg["plan"].pop("gpu")
+    assert all(p.estimate is None for p in plan_experiment(cfg, MODELS_DIR))
+
+
+def test_plan_cli_prints_estimates_beside_the_reference(capsys) -> None:
+    main(["plan", "--config", str(BLOOMZMMS)])
+    out = capsys.readouterr().out
+    assert out.count("predicted at MFU 0.35 on A6000") == 2
+    assert "reference: 13 h per epoch on 2 x A6000 = 26 GPU-h" in out
+    assert "reference: 12 h per epoch on 4 x A6000 = 48 GPU-h" in out
+    main(["plan", "--config", str(BLOOMZMMS), "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert [d["estimate"]["reference"]["hours_per_epoch"] for d in data] == [13, 12]
+    assert all(d["estimate"]["epoch_gpu_hours"] > 0 for d in data)
+
+
+@pytest.mark.parametrize("path", [BLOOMZMMS, SUMMARIZATION, REPO / "config" / "config.yaml"])
+def test_plan_section_validates_against_the_schema(path: Path) -> None:
+    import jsonschema
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    cfg = load_experiment(path)
+    jsonschema.Draft202012Validator(schema).validate(cfg)
+    bad = dict(cfg, plan=dict(cfg["plan"], gpu_peak_tflops={"A6000": {"bf16": 1.0}}))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(schema).validate(bad)
+
+
+@pytest.mark.parametrize(("device_name", "key"), [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100 PCIe"),
+                                                  ("NVIDIA RTX A6000", "A6000"), ("NVIDIA A100-SXM4-80GB", "A100"),
+                                                  ("Tesla T4", None)])
+def test_gpu_peaks_are_found_by_cuda_device_name(device_name: str, key: str | None) -> None:
+    assert gpu_for_device(load_experiment(BLOOMZMMS)["plan"], device_name) == key

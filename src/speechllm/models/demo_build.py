@@ -135,6 +135,15 @@ def _batches(ids: list[tuple[list[int], int]], batch_size: int, pool_batches: in
             yield [ids[j] for j in batch]
 
 
+def demo_llm_config(cfg: dict[str, Any], tokenizer_size: int) -> BloomConfig:
+    """The demo BLOOM's architecture (`models.demo_build`) for a tokenizer of `tokenizer_size` entries."""
+    pad_to = cfg["llm_vocab_pad_to"]
+    vocab = int(math.ceil(tokenizer_size / pad_to) * pad_to)
+    if vocab == tokenizer_size:
+        vocab += pad_to  # keep BLOOM's property: more embedding rows than tokenizer entries
+    return BloomConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3, **cfg["llm"])
+
+
 def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st_prompt: dict[str, str],
               llm_fraction: float, option_prefix: str, seed: int,
               composed: dict[str, int] | None = None,
@@ -147,12 +156,7 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
                                     st_prompt["prefix"], st_prompt["postfix"], train["templates_per_sentence"],
                                     train["task_repeats"], option_prefix, seed, composed, composed_glue)
     tokenizer = build_tokenizer([e.prompt + e.completion for e in examples], cfg["tokenizer_vocab_size"], out_dir)
-    pad_to = cfg["llm_vocab_pad_to"]
-    vocab = int(math.ceil(len(tokenizer) / pad_to) * pad_to)
-    if vocab == len(tokenizer):
-        vocab += pad_to  # keep BLOOM's property: more embedding rows than tokenizer entries
-    config = BloomConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3, **cfg["llm"])
-    model = BloomForCausalLM(config)
+    model = BloomForCausalLM(demo_llm_config(cfg, len(tokenizer)))
     if train["freeze_embeddings"]:
         freeze_random_embeddings(model, cfg["llm_embedding_norm"])
     max_len = train["max_length"]
@@ -194,7 +198,7 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
     model.save_pretrained(out_dir)
     window = max(1, len(losses) // 20)
     return {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
-            "examples": len(examples), "vocab_size": vocab, "tokenizer_size": len(tokenizer),
+            "examples": len(examples), "vocab_size": model.config.vocab_size, "tokenizer_size": len(tokenizer),
             "embedding_scale": scale}
 
 
@@ -233,8 +237,17 @@ def rescale_embeddings(model: BloomForCausalLM, mean_norm: float) -> float:
 def build_speech_encoder(out_dir: Path, cfg: dict[str, Any], sampling_rate: int, seed: int) -> int:
     """A randomly initialised Wav2Vec2 in MMS's stable-layer-norm architecture. Returns its parameter count."""
     torch.manual_seed(seed)
+    model = Wav2Vec2Model(demo_speech_encoder_config(cfg))
+    model.save_pretrained(out_dir)
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=sampling_rate, padding_value=0.0, do_normalize=True,
+                             return_attention_mask=True).save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+def demo_speech_encoder_config(cfg: dict[str, Any]) -> Wav2Vec2Config:
+    """The demo encoder's architecture (`models.demo_build.speech_encoder`): MMS's stable-layer-norm Wav2Vec2."""
     enc = cfg["speech_encoder"]
-    config = Wav2Vec2Config(
+    return Wav2Vec2Config(
         do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True,
         hidden_size=enc["hidden_size"], num_hidden_layers=enc["num_hidden_layers"],
         num_attention_heads=enc["num_attention_heads"], intermediate_size=enc["intermediate_size"],
@@ -243,8 +256,3 @@ def build_speech_encoder(out_dir: Path, cfg: dict[str, Any], sampling_rate: int,
         num_conv_pos_embedding_groups=enc["num_conv_pos_embedding_groups"],
         layerdrop=0.0, mask_time_prob=0.0,
     )
-    model = Wav2Vec2Model(config)
-    model.save_pretrained(out_dir)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=sampling_rate, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=True).save_pretrained(out_dir)
-    return sum(p.numel() for p in model.parameters())

@@ -40,6 +40,16 @@ FLOPs (multiply-add = 2 FLOPs; matmuls and convolutions only, as `torch.utils.fl
                   the input resolution (zero-stuffed), which is more.
     teacher       Kang & Roy's distillation runs the frozen LLM once more on the transcript prompt (forward only).
 Per optimizer step = per micro-batch * `accum_grad` * GPUs (an upper bound when the shares are uneven).
+
+Time (with `plan.mfu` and `plan.gpu`, a key of `plan.gpu_peak_tflops`)
+    micro-batch   sum over parts of FLOPs / (mfu * the GPU's peak at the part's compute precision): the stage's
+                  `train.<stage>.precision` (bf16 autocast, tf32 or fp32 matmuls), except the LLM, whose weights
+                  in `models.llm.dtype` bfloat16/float16 (or 8-bit) run 16-bit matmuls. The busiest GPU's share.
+    epoch         `num_iters_per_epoch` micro-batches (ESPnet's iterations); GPU-hours = hours * `plan.gpus`.
+    run           `max_epochs` epochs (an upper bound under early stopping), or `max_steps` * `accum_grad`
+                  micro-batches when that comes first.
+    reference     `plan.reference.<stage>`: the reference's own statement (GPUs, GPU type, hours per epoch), and
+                  the MFU it implies for these FLOPs when the GPU types match.
 """
 
 from __future__ import annotations
@@ -100,11 +110,18 @@ def load_arch_config(name_or_path: str, models_dir: Path) -> tuple[PretrainedCon
     return AutoConfig.for_model(model_type, **settings), facts
 
 
+def model_from_config(config: PretrainedConfig, causal_lm: bool, device: torch.device | str = "meta",
+                      dtype: torch.dtype | None = None) -> nn.Module:
+    """The HF model (`AutoModelForCausalLM` or the bare `AutoModel`) built on `device`: shapes only on the meta
+    device, random weights elsewhere (the GPU benchmark); nothing is downloaded."""
+    factory = AutoModelForCausalLM if causal_lm else AutoModel
+    with torch.device(device):
+        return factory.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+
+
 def meta_model(config: PretrainedConfig, causal_lm: bool) -> nn.Module:
-    """The HF model (`AutoModelForCausalLM` or the bare `AutoModel`) with parameters on the meta device."""
-    with torch.device("meta"):
-        factory = AutoModelForCausalLM if causal_lm else AutoModel
-        return factory.from_config(config)
+    """The HF model with parameters on the meta device."""
+    return model_from_config(config, causal_lm)
 
 
 def num_params(module: nn.Module) -> int:
@@ -184,6 +201,7 @@ class StagePlan:
     precision: str
     workload: Workload
     parts: list[PartPlan] = field(default_factory=list)
+    estimate: TimeEstimate | None = None
 
     def totals(self) -> dict[str, float]:
         keys = ("trainable_params", "frozen_params", "weight_bytes", "grad_bytes", "optimizer_bytes",
@@ -198,7 +216,7 @@ class StagePlan:
         parts = [dict(asdict(p), memory_bytes=p.memory_bytes) for p in self.parts]
         return {"system": self.system, "stage": self.stage, "gpus": self.gpus, "accum_grad": self.accum_grad,
                 "precision": self.precision, "workload": asdict(self.workload), "parts": parts,
-                "totals": self.totals()}
+                "totals": self.totals(), "estimate": asdict(self.estimate) if self.estimate else None}
 
 
 def part_plan(name: str, module_params: tuple[int, int], frozen_dtype_bytes: float, activation: float,
@@ -417,7 +435,23 @@ def workload_for(cfg: dict[str, Any], stage: str, frames_fn: Callable[[int], tup
     return workload, gpus
 
 
-def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
+@dataclass
+class BloomzmmsParts:
+    """The BLOOMZMMS modules built from the architecture configs (the LLM apart: see `frozen_llm`)."""
+
+    enc_config: PretrainedConfig
+    llm_config: PretrainedConfig
+    adaptor_config: AdaptorConfig
+    vocab: int  # the tokenizer's size: the CTC head's rows
+    encoder: nn.Module
+    frontend: SpeechFrontend
+    adaptor: SpeechAdaptor
+    ctc_head: CTCHead
+
+
+def bloomzmms_parts(cfg: dict[str, Any], models_dir: Path, device: torch.device | str = "meta") -> BloomzmmsParts:
+    """Frozen speech encoder, frontend, adaptor and (random, frozen) CTC head on `device`, as
+    `speechllm.models.export.build_model` assembles them from the hub."""
     models_cfg = cfg["models"]
     enc_cfg = models_cfg["speech_encoder"]
     enc_config, _ = load_arch_config(enc_cfg["name_or_path"], models_dir)
@@ -425,15 +459,40 @@ def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
         enc_config = without_language_adapters(enc_config)
     llm_config, llm_facts = load_arch_config(models_cfg["llm"]["name_or_path"], models_dir)
     adaptor_cfg = AdaptorConfig(**models_cfg["adaptor"], llm_hidden_size=llm_hidden_size(llm_config))
-    encoder = meta_model(enc_config, causal_lm=False)
-    lm = meta_model(llm_config, causal_lm=True)
-    with torch.device("meta"):
+    encoder = model_from_config(enc_config, causal_lm=False, device=device)
+    vocab = int(llm_facts.get("tokenizer_vocab_size", llm_config.vocab_size))
+    with torch.device(device):
         frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"],
                                   frame_count=enc_cfg["frame_count"])
         adaptor = SpeechAdaptor(adaptor_cfg)
-        vocab = int(llm_facts.get("tokenizer_vocab_size", lm.get_input_embeddings().weight.shape[0]))
         ctc_head = CTCHead(llm_hidden_size(llm_config), vocab)
-    lm.requires_grad_(False)
+    return BloomzmmsParts(enc_config, llm_config, adaptor_cfg, vocab, encoder, frontend, adaptor, ctc_head)
+
+
+def frozen_llm(cfg: dict[str, Any], models_dir: Path, device: torch.device | str = "meta",
+               dtype: torch.dtype | None = None) -> nn.Module:
+    """The experiment's causal LM (`models.llm`) from its architecture config, frozen."""
+    config, _ = load_arch_config(cfg["models"]["llm"]["name_or_path"], models_dir)
+    lm = model_from_config(config, causal_lm=True, device=device, dtype=dtype)
+    return lm.requires_grad_(False)
+
+
+def kang_roy_encoder(cfg: dict[str, Any], models_dir: Path, device: torch.device | str = "meta") -> HubertPoolEncoder:
+    """Kang & Roy's trainable HuBERT + pooling + projection to the LLM's width."""
+    models_cfg = cfg["models"]
+    enc_config, _ = load_arch_config(models_cfg["speech_encoder"]["name_or_path"], models_dir)
+    llm_config, _ = load_arch_config(models_cfg["llm"]["name_or_path"], models_dir)
+    hubert = model_from_config(enc_config, causal_lm=False, device=device)
+    with torch.device(device):
+        return HubertPoolEncoder(hubert, llm_hidden_size(llm_config), PoolConfig(**models_cfg["pooling"]))
+
+
+def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
+    models_cfg = cfg["models"]
+    built = bloomzmms_parts(cfg, models_dir)
+    enc_config, adaptor_cfg, vocab = built.enc_config, built.adaptor_config, built.vocab
+    encoder, frontend, adaptor, ctc_head = built.encoder, built.frontend, built.adaptor, built.ctc_head
+    lm = frozen_llm(cfg, models_dir)
     samples = round(cfg["plan"]["utterance_seconds"] * cfg["data"]["sampling_rate"])
 
     def frames_fn(n: int) -> tuple[int, int]:
@@ -470,14 +529,9 @@ def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
 
 def plan_kang_roy(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
     models_cfg = cfg["models"]
-    enc_config, _ = load_arch_config(models_cfg["speech_encoder"]["name_or_path"], models_dir)
-    llm_config, _ = load_arch_config(models_cfg["llm"]["name_or_path"], models_dir)
-    hubert = meta_model(enc_config, causal_lm=False)
-    lm = meta_model(llm_config, causal_lm=True)
-    lm.requires_grad_(False)
-    pool = PoolConfig(**models_cfg["pooling"])
-    with torch.device("meta"):
-        encoder = HubertPoolEncoder(hubert, llm_hidden_size(llm_config), pool)
+    encoder = kang_roy_encoder(cfg, models_dir)
+    hubert, enc_config, pool = encoder.encoder, encoder.encoder.config, encoder.pool
+    lm = frozen_llm(cfg, models_dir)
     samples = round(cfg["plan"]["utterance_seconds"] * cfg["data"]["sampling_rate"])
 
     def frames_fn(n: int) -> tuple[int, int]:
@@ -504,6 +558,97 @@ def plan_kang_roy(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
                       parts)]
 
 
+# --------------------------------------------------------------------------- time at a stated MFU
+
+
+@dataclass
+class TimeEstimate:
+    """Predicted time of one stage on `gpus` GPUs of type `gpu` at model FLOPs utilisation `mfu`."""
+
+    gpu: str
+    mfu: float
+    micro_batch_seconds: float
+    optimizer_step_seconds: float
+    epoch_micro_batches: int | None
+    epoch_hours: float | None  # wall clock
+    epoch_gpu_hours: float | None
+    run_micro_batches: int | None
+    run_hours: float | None
+    run_gpu_hours: float | None
+    reference: dict[str, Any] | None = None  # the reference's statement + the MFU it implies
+
+
+def gpu_peak_flops(plan_cfg: dict[str, Any], gpu: str, precision: str) -> float:
+    """Peak FLOP/s of `gpu` (a key of `plan.gpu_peak_tflops`) at `precision` (bf16 | tf32 | fp32)."""
+    table = plan_cfg.get("gpu_peak_tflops") or {}
+    if gpu not in table:
+        raise PlanError(f"config key 'plan.gpu_peak_tflops': no entry for GPU {gpu!r} (have {sorted(table)})")
+    if precision not in table[gpu]:
+        raise PlanError(f"config key 'plan.gpu_peak_tflops.{gpu}': no {precision!r} peak")
+    return float(table[gpu][precision]) * 1e12
+
+
+def gpu_for_device(plan_cfg: dict[str, Any], device_name: str) -> str | None:
+    """The `plan.gpu_peak_tflops` key found in a CUDA device name (the longest, so "H100 PCIe" beats "H100"),
+    or None."""
+    found = [key for key in plan_cfg.get("gpu_peak_tflops") or {} if key.lower() in device_name.lower()]
+    return max(found, key=len) if found else None
+
+
+def part_compute_precision(part: PartPlan, stage_precision: str, llm_cfg: dict[str, Any]) -> str:
+    """The precision a part's matmuls run at: the LLM's own 16-bit (or 8-bit) weights, else the stage's."""
+    if part.name == "llm" and (llm_cfg.get("load_in_8bit") or llm_cfg.get("dtype") in ("bfloat16", "float16")):
+        return "bf16"
+    return stage_precision
+
+
+def micro_batch_seconds(plan: StagePlan, cfg: dict[str, Any], gpu: str, mfu: float) -> float:
+    """FLOPs of one micro-batch on the busiest GPU over (mfu * peak), part by part at its compute precision."""
+    llm_cfg = cfg["models"].get("llm", {})
+    seconds = 0.0
+    for part in plan.parts:
+        peak = gpu_peak_flops(cfg["plan"], gpu, part_compute_precision(part, plan.precision, llm_cfg))
+        seconds += (part.forward_flops + part.backward_flops) / (mfu * peak)
+    return seconds
+
+
+def run_micro_batches(stage_cfg: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(micro-batches per epoch, micro-batches of the whole run) from `train.<stage>`; None where not fixed."""
+    epoch = stage_cfg.get("num_iters_per_epoch")
+    caps = []
+    if stage_cfg.get("max_epochs") and epoch:
+        caps.append(int(stage_cfg["max_epochs"]) * int(epoch))
+    if stage_cfg.get("max_steps"):
+        caps.append(int(stage_cfg["max_steps"]) * int(stage_cfg["accum_grad"]))
+    return (int(epoch) if epoch else None), (min(caps) if caps else None)
+
+
+def time_estimate(plan: StagePlan, cfg: dict[str, Any]) -> TimeEstimate | None:
+    """The stage's predicted times, None without `plan.mfu` / `plan.gpu`."""
+    plan_cfg = cfg["plan"]
+    if plan_cfg.get("mfu") is None or plan_cfg.get("gpu") is None:
+        return None
+    gpu, mfu = str(plan_cfg["gpu"]), float(plan_cfg["mfu"])
+    step = micro_batch_seconds(plan, cfg, gpu, mfu)
+    epoch, run = run_micro_batches(cfg["train"][plan.stage])
+
+    def hours(micro_batches: int | None) -> float | None:
+        return None if micro_batches is None else micro_batches * step / 3600
+
+    reference = None
+    stated = (plan_cfg.get("reference") or {}).get(plan.stage)
+    if stated:
+        reference = dict(stated, gpu_hours_per_epoch=stated["gpus"] * stated["hours_per_epoch"])
+        if stated["gpu"] == gpu and epoch:  # the MFU at which this plan's FLOPs take the stated time
+            stated_step = stated["hours_per_epoch"] * 3600 / epoch
+            reference["implied_mfu"] = mfu * step / stated_step
+    return TimeEstimate(gpu=gpu, mfu=mfu, micro_batch_seconds=step, optimizer_step_seconds=step * plan.accum_grad,
+                        epoch_micro_batches=epoch, epoch_hours=hours(epoch),
+                        epoch_gpu_hours=None if epoch is None else hours(epoch) * plan.gpus,
+                        run_micro_batches=run, run_hours=hours(run),
+                        run_gpu_hours=None if run is None else hours(run) * plan.gpus, reference=reference)
+
+
 SYSTEMS = {"bloomzmms": plan_bloomzmms, "kang_roy": plan_kang_roy}
 REQUIRED_KEYS = {"bloomzmms": ("models.adaptor", "train.ctc", "train.ce"),
                  "kang_roy": ("models.pooling", "train.kd")}
@@ -520,7 +665,10 @@ def plan_experiment(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
         section, name = key.split(".")
         if name not in cfg.get(section, {}):
             raise PlanError(f"config key '{key}' is missing (the {system} system needs it)")
-    return SYSTEMS[system](cfg, models_dir)
+    plans = SYSTEMS[system](cfg, models_dir)
+    for plan in plans:
+        plan.estimate = time_estimate(plan, cfg)
+    return plans
 
 
 # --------------------------------------------------------------------------- config files and output
@@ -605,4 +753,28 @@ def format_plan(plans: list[StagePlan]) -> str:
         lines += ["", f"memory per GPU: {_gib(t['memory_bytes'])} GiB; FLOPs per micro-batch "
                       f"{_human(t['flops_per_micro_batch'], 'FLOP')}, per optimizer step "
                       f"{_human(t['flops_per_optimizer_step'], 'FLOP')}", ""]
+        if plan.estimate:
+            lines += format_estimate(plan.estimate, plan.gpus) + [""]
     return "\n".join(lines)
+
+
+def _hours(value: float | None, unit: str = "h") -> str:
+    return "n/a" if value is None else f"{value:,.1f} {unit}"
+
+
+def format_estimate(e: TimeEstimate, gpus: int) -> list[str]:
+    """The predicted times, and the reference's own statement beside them."""
+    lines = [f"predicted at MFU {e.mfu:g} on {e.gpu}: {e.micro_batch_seconds:.3g} s per micro-batch, "
+             f"{e.optimizer_step_seconds:.3g} s per optimizer step; one epoch "
+             + (f"({e.epoch_micro_batches:,} micro-batches) {_hours(e.epoch_hours)} on {gpus} x {e.gpu} = "
+                f"{_hours(e.epoch_gpu_hours, 'GPU-h')}" if e.epoch_micro_batches else "n/a (one data pass)")
+             + "; whole run "
+             + (f"({e.run_micro_batches:,} micro-batches) {_hours(e.run_hours)} = {_hours(e.run_gpu_hours, 'GPU-h')}"
+                if e.run_micro_batches else "n/a")]
+    if e.reference:
+        r = e.reference
+        implied = (f"; these FLOPs in that time are MFU {r['implied_mfu']:.3g}" if "implied_mfu" in r
+                   else f" (not {e.gpu}: not comparable)")
+        lines.append(f"reference: {r['hours_per_epoch']:g} h per epoch on {r['gpus']} x {r['gpu']} = "
+                     f"{r['gpu_hours_per_epoch']:g} GPU-h{implied} [{r['source']}]")
+    return lines
