@@ -335,3 +335,38 @@ def test_kang_roy_names_a_missing_key(hubert_encoder, tmp_path):
     torch.save(state, tmp_path / "bad.pt")
     with pytest.raises(CheckpointImportError, match=r"embed_projection\.bias"):
         import_kang_roy(tmp_path / "bad.pt", tmp_path / "out", models_cfg)
+
+
+def test_compare_with_sources_reports_equality(released, imported, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    state = dict(released["state"])
+    embeddings = AutoModelForCausalLM.from_pretrained(released["llm"]).get_input_embeddings().weight.detach()
+    state["ctc.ctc_lo.weight"] = embeddings[: state["ctc.ctc_lo.weight"].shape[0]].clone()
+    repo = write_repo(tmp_path / "repo", "ctc", state, released["config"])
+    # the upstream as a hub model would hold it: the bundled copy of an earlier import
+    same = ImportOptions(speech_encoder=str(imported / "speech_encoder"), compare_with_sources=True)
+    checks = import_espnet(repo, tmp_path / "same", same)["imported_from"]["equal_to_sources"]
+    assert checks == {
+        f"speech_encoder == {imported / 'speech_encoder'}": True,
+        "speech_encoder tensors differing": 0,
+        f"ctc_head == {released['llm']} input embeddings[:{embeddings.shape[0] - 8}]": True,
+    }
+    other = ImportOptions(speech_encoder=str(imported / "speech_encoder"), compare_with_sources=True)
+    state["ctc.ctc_lo.weight"] = state["ctc.ctc_lo.weight"] + 1.0
+    state["frontend.upstream.upstream.model.encoder.layer_norm.bias"] += 1.0
+    repo = write_repo(tmp_path / "repo2", "ctc", state, released["config"])
+    checks = import_espnet(repo, tmp_path / "other", other)["imported_from"]["equal_to_sources"]
+    assert list(checks.values()) == [False, 1, False]
+
+
+def test_packaged_imported_model_keeps_its_parts(imported, tmp_path):
+    from speechllm.publish import CardFacts, package_model
+
+    spec = read_raw_spec(imported)
+    facts = CardFacts("someone/released-ctc", "released_ctc", spec, bundled={"speech_encoder": "facebook/mms-1b-all"})
+    out = package_model(imported, tmp_path / "hub", facts)
+    assert (out / "ctc_head.safetensors").is_file() and (out / "speech_encoder" / "config.json").is_file()
+    model, _, _ = load_model_dir(out, with_ctc=True, with_llm=False)
+    original, _, _ = load_model_dir(imported, with_ctc=True, with_llm=False)
+    assert torch.equal(model.ctc_head.ctc_lo.weight, original.ctc_head.ctc_lo.weight)

@@ -69,7 +69,8 @@ def cmd_import_espnet(args: argparse.Namespace) -> None:
     repo_dir, source = repo_directory(args.repo, args.revision)
     options = ImportOptions(speech_encoder=args.speech_encoder, speech_encoder_revision=args.speech_encoder_revision,
                             llm=args.llm, llm_revision=args.llm_revision, llm_dtype=args.llm_dtype,
-                            load_in_8bit=args.load_in_8bit, normalize_waveform=not args.no_waveform_normalization)
+                            load_in_8bit=args.load_in_8bit, normalize_waveform=not args.no_waveform_normalization,
+                            compare_with_sources=args.compare_with_sources)
     spec = import_espnet(repo_dir, Path(args.out_dir), options, source)
     log.info("wrote %s: %s stage, LLM %s, prompt %r ... %r", args.out_dir, spec["stage"], spec["llm"]["name_or_path"],
              spec["prompt"]["prefix"], spec["prompt"]["postfix"])
@@ -137,6 +138,9 @@ def register_import(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--load-in-8bit", action="store_true", help="LLM.int8() as the reference (needs a GPU)")
     m.add_argument("--no-waveform-normalization", action="store_true",
                    help="skip the per-utterance waveform normalisation (s3prl task_cfg.normalize: true for MMS)")
+    m.add_argument("--compare-with-sources", action="store_true",
+                   help="also load --speech-encoder's weights and the LLM and record (speechllm.json "
+                        "imported_from.equal_to_sources) whether the file's upstream and CTC head equal them")
     m.add_argument("--threads", type=int, default=1)
     m.set_defaults(func=cmd_import_espnet)
     m = isub.add_parser("kang-roy", help="Kang & Roy's audio-encoder state dict (flat or {'audio_encoder': ...})",

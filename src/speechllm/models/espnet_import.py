@@ -469,9 +469,10 @@ class ImportOptions:
     llm_revision: str = "main"
     llm_dtype: str = "bfloat16"
     load_in_8bit: bool = False
-    normalize_waveform: bool = (
-        True  # s3prl's task_cfg.normalize, true for MMS (its converted file is unpublished)
-    )
+    # s3prl's task_cfg.normalize, true for MMS (its converted file is unpublished)
+    normalize_waveform: bool = True
+    # load the hub upstream and LLM and record whether the file's copies equal them
+    compare_with_sources: bool = False
 
 
 def import_espnet(
@@ -501,6 +502,8 @@ def import_espnet(
     model.load_state_dict(mapped.speech, strict=False)  # the encoder's weights are in already
     ctc_head = check_ctc_head(mapped.ctc_head, arch, adaptor_cfg, repo.model_path)
 
+    llm = options.llm or arch.llm
+    checks = source_equality(encoder, ctc_head, options, llm) if options.compare_with_sources else {}
     spec = {
         "format": FORMAT,
         "kind": "bloomzmms",
@@ -515,7 +518,7 @@ def import_espnet(
             "frame_count": "s3prl",
         },
         "llm": {
-            "name_or_path": options.llm or arch.llm,
+            "name_or_path": llm,
             "revision": options.llm_revision,
             "dtype": options.llm_dtype,
             "load_in_8bit": options.load_in_8bit,
@@ -531,6 +534,7 @@ def import_espnet(
             "config": str(repo.config_path.relative_to(repo.root)),
             "model_file": str(repo.model_path.relative_to(repo.root)),
             "dropped": mapped.dropped,
+            **({"equal_to_sources": checks} if checks else {}),
         },
     }
 
@@ -559,6 +563,38 @@ ESPNET_PREFIXES = (
     ("adaptor.postencoder.", "postencoder."),
     ("adaptor.", "encoder."),
 )
+
+
+def source_equality(
+    encoder: PreTrainedModel, ctc_head: Mapping[str, torch.Tensor], options: ImportOptions, llm: str
+) -> dict[str, Any]:
+    """Whether the file's frozen parts equal their sources: the upstream vs. `options.speech_encoder`'s weights
+    (adapters aside) and the CTC head vs. the LLM's input embeddings cut to the vocabulary (the reference's
+    embedding initialisation was skipped on a size mismatch, so its CTC head may be a random init)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {} if Path(options.speech_encoder).exists() else {"revision": options.speech_encoder_revision}
+    config = speech_encoder_config(options.speech_encoder, options.speech_encoder_revision)
+    source = AutoModel.from_pretrained(options.speech_encoder, config=config, **kwargs).state_dict()
+    differing = [
+        k for k, v in encoder.state_dict().items() if k not in source or not torch.equal(v, source[k])
+    ]
+    checks: dict[str, Any] = {
+        f"speech_encoder == {options.speech_encoder}": not differing,
+        "speech_encoder tensors differing": len(differing),
+    }
+    del source
+    if ctc_head:
+        llm_kwargs = {} if Path(llm).exists() else {"revision": options.llm_revision}
+        lm = AutoModelForCausalLM.from_pretrained(llm, **llm_kwargs)
+        weight = ctc_head["ctc_lo.weight"]
+        rows = lm.get_input_embeddings().weight[: weight.shape[0]]
+        checks[f"ctc_head == {llm} input embeddings[:{weight.shape[0]}]"] = bool(
+            rows.shape == weight.shape and torch.equal(rows.to(weight.dtype), weight)
+        )
+    for what, value in checks.items():
+        log.info("check: %s: %s", what, value)
+    return checks
 
 
 def espnet_name(key: str) -> str:
