@@ -364,7 +364,9 @@ def test_packaged_imported_model_keeps_its_parts(imported, tmp_path):
     from speechllm.publish import CardFacts, package_model
 
     spec = read_raw_spec(imported)
-    facts = CardFacts("someone/released-ctc", "released_ctc", spec, bundled={"speech_encoder": "facebook/mms-1b-all"})
+    facts = CardFacts(
+        "someone/released-ctc", "released_ctc", spec, bundled={"speech_encoder": "facebook/mms-1b-all"}
+    )
     out = package_model(imported, tmp_path / "hub", facts)
     assert (out / "ctc_head.safetensors").is_file() and (out / "speech_encoder" / "config.json").is_file()
     model, _, _ = load_model_dir(out, with_ctc=True, with_llm=False)
