@@ -372,3 +372,14 @@ def test_packaged_imported_model_keeps_its_parts(imported, tmp_path):
     model, _, _ = load_model_dir(out, with_ctc=True, with_llm=False)
     original, _, _ = load_model_dir(imported, with_ctc=True, with_llm=False)
     assert torch.equal(model.ctc_head.ctc_lo.weight, original.ctc_head.ctc_lo.weight)
+
+
+def test_ctc_decoding_of_an_imported_model_does_not_load_the_llm(imported, monkeypatch):
+    import speechllm.models.export as export
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("the LLM was loaded")
+
+    monkeypatch.setattr(export, "load_llm", no_llm)
+    model, _, _ = load_model_dir(imported, with_ctc=True, with_llm=False)
+    assert model.llm is None and model.ctc_head is not None

@@ -180,6 +180,12 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"],
                               frame_count=enc_cfg.get("frame_count", "conv"))
     adaptor = SpeechAdaptor(adaptor_cfg)
+    if with_ctc and not with_llm and spec.get("ctc_head", {}).get("weights"):
+        # The head is stored in the model directory (load_model_dir fills it in): the LLM is not loaded at all.
+        tokenizer = load_tokenizer(spec["llm"])
+        ctc_head = CTCHead(llm_hidden_size(spec["llm"]), len(tokenizer))
+        model = BloomzMMS(frontend, adaptor, ctc_head, None, ctc_blank_id=ctc_blank_id(spec, tokenizer))
+        return model.to(device), tokenizer
     # Without the LLM in the model, only its input embeddings (the CTC head) are read: 8-bit loading would not
     # change them (LLM.int8() quantises linear layers) and needs a GPU, so the init / CTC steps load it plainly.
     lm, tokenizer = load_llm(spec["llm"] if with_llm else {**spec["llm"], "load_in_8bit": False}, device)
