@@ -175,6 +175,9 @@ def test_a_missing_extra_or_misnamed_key_is_named(released, tmp_path, change, na
         ("frontend_conf", "multilayer_feature", False),
         ("ctc_conf", "bias", True),
         ("model_conf", "ctc_weight", 0.3),
+        ("model_conf", "lang_token_id", 5),
+        ("model_conf", "aux_ctc", {"1": "text"}),
+        ("postencoder_conf", "output_size", 0),
     ],
 )
 def test_an_unsupported_config_key_or_value_is_named(released, tmp_path, section, key, value):

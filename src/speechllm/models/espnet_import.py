@@ -150,6 +150,12 @@ MODEL_CONF_TRAINING = {
     "transducer_multi_blank_sigma",
 }
 CTC_CONF_TRAINING = {"dropout_rate", "ctc_type", "reduce", "ignore_nan_grad", "zero_infinity"}
+# The overlay decoder's prefix tuning from a template (unused by the paper's runs).
+PREFIX_TUNING_KEYS = (
+    "prefix_tuning_template_path",
+    "prefix_tuning_template_plm",
+    "prefix_tuning_template_text",
+)
 FRONTEND_CONF_KEYS = {"frontend_conf", "download_dir", "multilayer_feature", "fs", "layer"}
 
 
@@ -255,10 +261,10 @@ def encoder_adaptor_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
             "importer supports one LID inter-CTC layer, e.g. [3])"
         )
     aux = _section(cfg, "model_conf", where).get("aux_ctc") or {}
-    if set(map(str, aux)) != {str(interctc[0])}:
+    if set(map(str, aux)) != {str(interctc[0])} or set(aux.values()) != {"utt2lid_token"}:
         raise CheckpointImportError(
             f"{where}: model_conf.aux_ctc {aux!r} must name the LID head's layer "
-            f"{interctc[0]} (encoder_conf.interctc_layer_idx) and only it"
+            f"{interctc[0]} (encoder_conf.interctc_layer_idx) and only it, with utt2lid_token (the LID head)"
         )
     fields["interctc_layer"] = interctc[0]  # ESPnet's index is 1-based, as AdaptorConfig's
     return fields
@@ -276,6 +282,16 @@ def check_frontend(cfg: dict[str, Any], where: Path) -> None:
         "wav2vec2_custom",
     )
     _require(where, "frontend_conf.multilayer_feature", conf.get("multilayer_feature", False), True)
+    inner = conf.get("frontend_conf") or {}
+    _unknown_keys(
+        where,
+        "frontend_conf.frontend_conf",
+        set(inner),
+        {"upstream", "path_or_url", "normalize", "extra_conf", "tile_factor"},
+    )
+    _require(where, "frontend_conf.frontend_conf.normalize", inner.get("normalize", False), False)
+    _require(where, "frontend_conf.frontend_conf.extra_conf", inner.get("extra_conf") or None, None)
+    _require(where, "frontend_conf.frontend_conf.tile_factor", inner.get("tile_factor", 1), 1)
     if conf.get("fs", 16000) not in (16000, "16k"):
         raise CheckpointImportError(f"{where}: unsupported frontend_conf.fs {conf['fs']!r} (16000)")
     _require(where, "frontend_conf.layer", conf.get("layer", -1), -1)
@@ -300,8 +316,17 @@ def espnet_architecture(cfg: dict[str, Any], where: Path) -> EspnetArchitecture:
     _require(where, "postencoder", cfg.get("postencoder"), "hugging_face_transformers")
     post = _section(cfg, "postencoder_conf", where)
     _unknown_keys(
-        where, "postencoder_conf", set(post), {"model_name_or_path", "length_adaptor_n_layers", "output_size"}
+        where,
+        "postencoder_conf",
+        set(post),
+        {"model_name_or_path", "length_adaptor_n_layers", "output_size", "lang_token_id"},
     )
+    _require(where, "postencoder_conf.lang_token_id", post.get("lang_token_id", -1), -1)
+    if not isinstance(post.get("output_size"), int) or post["output_size"] <= 0:
+        raise CheckpointImportError(
+            f"{where}: unsupported postencoder_conf.output_size {post.get('output_size')!r} "
+            "(the importer supports a linear_in to the LLM's width: a positive size)"
+        )
     _require(where, "postencoder_conf.model_name_or_path", post.get("model_name_or_path"), "dummy")
     # The overlay's LID head has one length-adaptor layer; AdaptorConfig uses one count for both heads.
     _require(
@@ -311,7 +336,8 @@ def espnet_architecture(cfg: dict[str, Any], where: Path) -> EspnetArchitecture:
         DEFAULT_LENGTH_ADAPTOR_LAYERS,
     )
     model_conf = _section(cfg, "model_conf", where)
-    _unknown_keys(where, "model_conf", set(model_conf), MODEL_CONF_TRAINING)
+    _unknown_keys(where, "model_conf", set(model_conf), MODEL_CONF_TRAINING | {"lang_token_id"})
+    _require(where, "model_conf.lang_token_id", model_conf.get("lang_token_id", -1), -1)
     _require(where, "model", cfg.get("model", "espnet"), "espnet")
     _require(where, "token_type", cfg.get("token_type"), "hugging_face")
     token_list = cfg.get("token_list")
@@ -333,8 +359,11 @@ def espnet_architecture(cfg: dict[str, Any], where: Path) -> EspnetArchitecture:
             where,
             "decoder_conf",
             set(dec),
-            {"model_name_or_path", "load_in_8bit", "causal_lm", "prefix", "postfix"},
+            {"model_name_or_path", "load_in_8bit", "causal_lm", "prefix", "postfix", "torch_compile"}
+            | set(PREFIX_TUNING_KEYS),
         )
+        for key in PREFIX_TUNING_KEYS:
+            _require(where, f"decoder_conf.{key}", dec.get(key, ""), "")
         _require(where, "decoder_conf.causal_lm", dec.get("causal_lm"), True)
         stage, llm = "ce", dec.get("model_name_or_path")
         prefix, postfix = dec.get("prefix", ""), dec.get("postfix", "")
