@@ -386,3 +386,74 @@ def test_ctc_decoding_of_an_imported_model_does_not_load_the_llm(imported, monke
     monkeypatch.setattr(export, "load_llm", no_llm)
     model, _, _ = load_model_dir(imported, with_ctc=True, with_llm=False)
     assert model.llm is None and model.ctc_head is not None
+
+
+@pytest.fixture(scope="module")
+def imported_ce(released, tmp_path_factory):
+    root = tmp_path_factory.mktemp("imported_ce")
+    state = {k: v for k, v in released["state"].items() if not k.startswith("ctc.")}
+    state.update(int8_decoder_entries())
+    config = training_config("ce", str(released["llm"]), released["config"]["token_list"])
+    repo = write_repo(root / "bloomzmms-ce-t", "ce", state, config)
+    import_espnet(repo, root / "released_t", options(released))
+    return root / "released_t"
+
+
+@pytest.mark.parametrize("which, decoder", [("ctc", "ctc"), ("t", "llm"), ("ctc", "cascade")])
+def test_cli_evaluate_scores_imported_models(imported, imported_ce, tmp_path, which, decoder):
+    """What the workflow's evaluate jobs run on released_ctc / released_t (and the cascade baseline)."""
+    import soundfile as sf
+    from test_evaluate_benchmarks import SETTINGS, SR, _wav
+
+    records = []
+    for i, text in enumerate(["the cat sits on the mat", "hello world"]):
+        path = _wav(tmp_path / f"{i}.wav", 0.6 + 0.2 * i, seed=i)
+        records.append(
+            {
+                "id": f"en_us-{i}",
+                "sentence_id": i,
+                "language": "en_us",
+                "audio": str(path),
+                "num_samples": sf.info(str(path)).frames,
+                "sampling_rate": SR,
+                "raw_transcription": text,
+                "translation": text,
+            }
+        )
+    manifest = tmp_path / "test.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    model = imported if which == "ctc" else imported_ce
+    scores = tmp_path / "scores.json"
+    cli_main(
+        [
+            "evaluate",
+            "fleurs_asr",
+            "--settings",
+            json.dumps({"evaluate": SETTINGS, "sampling_rate": SR, "experiment": "test"}),
+            "--model",
+            str(model),
+            "--name",
+            f"released_{which}",
+            "--decoder",
+            decoder,
+            "--manifests",
+            str(manifest),
+            "--hyps",
+            str(tmp_path / "hyps.parquet"),
+            "--scores",
+            str(scores),
+        ]
+    )
+    written = json.loads(scores.read_text())
+    assert written["model"] == f"released_{which}" and written["decoder"] == decoder
+
+
+def test_ask_an_imported_ce_model(imported_ce, tmp_path):
+    import numpy as np
+
+    import speechllm
+
+    model = speechllm.load(str(imported_ce), device="cpu")
+    samples = (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32)
+    answers = model.ask([["Repeat the sentence: ", (samples, 16000), ". "]], max_new_tokens=4)
+    assert len(answers) == 1 and isinstance(answers[0], str)
