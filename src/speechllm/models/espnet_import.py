@@ -482,9 +482,26 @@ def speech_encoder_config(name_or_path: str, revision: str | None = None) -> Pre
 def build_upstream(
     config: PretrainedConfig, weights: Mapping[str, torch.Tensor], where: Path
 ) -> PreTrainedModel:
-    """The HF speech encoder of `config` holding the checkpoint's upstream weights."""
-    encoder = AutoModel.from_config(config)
-    load_exactly(encoder, weights, where, "speech encoder (upstream)", lambda k: f"{UPSTREAM_PREFIX}<{k}>")
+    """The HF speech encoder of `config` holding the checkpoint's upstream weights.
+
+    Built on the meta device and given the (memory-mapped) tensors themselves: MMS-1B is neither initialised
+    randomly nor copied in memory. Wav2Vec2-family models have no buffers that would stay on `meta`.
+    """
+    with torch.device("meta"):
+        encoder = AutoModel.from_config(config)
+    check_exact_keys(
+        encoder.state_dict(),
+        weights,
+        where,
+        "speech encoder (upstream)",
+        lambda k: f"{k} (the HF name of a {UPSTREAM_PREFIX}* tensor)",
+    )
+    encoder.load_state_dict(weights, strict=True, assign=True)
+    on_meta = [name for name, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise CheckpointImportError(
+            f"{where}: the speech encoder's {on_meta[:5]} were not filled from the checkpoint"
+        )
     return encoder.eval()
 
 
