@@ -473,6 +473,13 @@ def load_exactly(
     module.load_state_dict(state, strict=True)
 
 
+def check_filled(module: torch.nn.Module, where: Path) -> None:
+    """Nothing of a module built on the meta device was left without a tensor from the checkpoint."""
+    on_meta = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if on_meta:
+        raise CheckpointImportError(f"{where}: {on_meta[:5]} were not filled from the checkpoint")
+
+
 def speech_encoder_config(name_or_path: str, revision: str | None = None) -> PretrainedConfig:
     """The HF architecture of the frozen upstream, without MMS language adapters (s3prl's model has none)."""
     kwargs = {} if Path(name_or_path).exists() else {"revision": revision}
@@ -497,11 +504,7 @@ def build_upstream(
         lambda k: f"{k} (the HF name of a {UPSTREAM_PREFIX}* tensor)",
     )
     encoder.load_state_dict(weights, strict=True, assign=True)
-    on_meta = [name for name, t in [*encoder.named_parameters(), *encoder.named_buffers()] if t.is_meta]
-    if on_meta:
-        raise CheckpointImportError(
-            f"{where}: the speech encoder's {on_meta[:5]} were not filled from the checkpoint"
-        )
+    check_filled(encoder, where)
     return encoder.eval()
 
 
@@ -541,11 +544,15 @@ def import_espnet(
             f"the hidden size {config.hidden_size} of {options.speech_encoder}"
         )
     encoder = build_upstream(config, mapped.upstream, repo.model_path)
-    frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, options.normalize_waveform, frame_count="s3prl")
-    model = BloomzMMS(frontend, SpeechAdaptor(adaptor_cfg), None, None, ctc_blank_id=ESPNET_CTC_BLANK)
+    with torch.device("meta"):  # the new parts are filled from the file below (the encoder is already real)
+        frontend = SpeechFrontend(
+            encoder, adaptor_cfg.input_dim, options.normalize_waveform, frame_count="s3prl"
+        )
+        model = BloomzMMS(frontend, SpeechAdaptor(adaptor_cfg), None, None, ctc_blank_id=ESPNET_CTC_BLANK)
     speech_side = {k: v for k, v in model.state_dict().items() if not k.startswith("frontend.encoder.")}
     check_exact_keys(speech_side, mapped.speech, repo.model_path, "speech adaptor", espnet_name)
-    model.load_state_dict(mapped.speech, strict=False)  # the encoder's weights are in already
+    model.load_state_dict(mapped.speech, strict=False, assign=True)  # the encoder's weights are in already
+    check_filled(model, repo.model_path)
     ctc_head = check_ctc_head(mapped.ctc_head, arch, adaptor_cfg, repo.model_path)
 
     llm = options.llm or arch.llm
