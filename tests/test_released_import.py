@@ -29,6 +29,7 @@ from speechllm.models.espnet_import import (
 )
 from speechllm.models.export import load_model_dir, read_raw_spec
 
+REPO = Path(__file__).resolve().parents[1]
 SAMPLES = 12_037  # not a multiple of the 320-sample hop: s3prl repeats the last frame
 
 
@@ -457,3 +458,127 @@ def test_ask_an_imported_ce_model(imported_ce, tmp_path):
     samples = (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32)
     answers = model.ask([["Repeat the sentence: ", (samples, 16000), ". "]], max_new_tokens=4)
     assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+# ------------------------------------------------------------------------------------------------ paper scale
+
+
+def paper_scale_released_state(token_count: int) -> dict[str, torch.Tensor]:
+    """The key layout of `bloomzmms-ctc/exp/.../10epoch.pth` on the meta device: s3prl's MMS-1B (a pretraining
+    config, as the strict load of the converted file needs), ESPnet's paper E-Branchformer, the overlay's heads."""
+    from released_layout import OverlayCtc, OverlayPostencoder, oracle_modules
+
+    o = oracle_modules()
+    with torch.device("meta"):
+        upstream = o.Wav2Vec2Model(
+            o.Wav2Vec2Config(
+                extractor_mode="layer_norm",
+                layer_norm_first=True,
+                conv_bias=True,
+                encoder_layers=48,
+                encoder_embed_dim=1280,
+                encoder_ffn_embed_dim=5120,
+                encoder_attention_heads=16,
+                conv_pos=128,
+                conv_pos_groups=16,
+                quantize_targets=True,
+                latent_vars=320,
+                latent_groups=2,
+                final_dim=1024,
+            )
+        )
+        conf = yaml.safe_load(PAPER_ENCODER_CONF)
+        encoder = o.EBranchformerEncoder(input_size=128, **conf)
+        encoder.conditioning_layer = torch.nn.Linear(140, 1024)
+        heads = torch.nn.ModuleDict(
+            {
+                "lid_ctc": OverlayCtc(140, 1024, bias=True, length_adaptor_layers=1),
+                "postencoder": OverlayPostencoder(1024, 4096),
+                "ctc": OverlayCtc(token_count, 4096, bias=False, length_adaptor_layers=0),
+            }
+        )
+        state = {f"frontend.upstream.upstream.model.{k}": v for k, v in upstream.state_dict().items()}
+        state["frontend.featurizer.weights"] = torch.zeros(49)
+        state.update(
+            {f"preencoder.linear_out.{k}": v for k, v in torch.nn.Linear(1280, 128).state_dict().items()}
+        )
+        state.update({f"encoder.{k}": v for k, v in encoder.state_dict().items()})
+        state.update(heads.state_dict())
+    return state
+
+
+# encoder_conf of DigitalPhonetics/bloomzmms@77dc192:espnet-bloomzmms-files/egs2/fleurs/asr1/conf/tuning/
+# train_asr_e_branchformer_mms1b-asr_bloomz7b_ctc.yaml
+PAPER_ENCODER_CONF = """
+output_size: 1024
+attention_heads: 8
+attention_layer_type: rel_selfattn
+pos_enc_layer_type: rel_pos
+rel_pos_type: latest
+cgmlp_linear_units: 8192
+cgmlp_conv_kernel: 31
+use_linear_after_conv: false
+gate_activation: identity
+num_blocks: 17
+dropout_rate: 0.1
+positional_dropout_rate: 0.1
+attention_dropout_rate: 0.1
+input_layer: conv2d
+layer_drop_rate: 0.1
+linear_units: 2048
+positionwise_layer_type: linear
+macaron_ffn: true
+use_ffn: true
+merge_conv_kernel: 31
+interctc_layer_idx: [3]
+interctc_use_conditioning: true
+"""
+
+
+def test_paper_scale_layout_maps_onto_the_project_model(tmp_path):
+    """Every tensor of the released CTC file's layout (1532, rebuilt on meta) is placed or dropped on purpose, and
+    the project's paper-scale model (config/models/mms-1b-all.json without adapters, the paper adaptor) has
+    exactly the mapped keys and shapes."""
+    from transformers import AutoModel, Wav2Vec2Config
+
+    from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
+    from speechllm.models.espnet_import import (
+        check_ctc_head,
+        check_exact_keys,
+        espnet_architecture,
+        map_espnet_state,
+    )
+    from speechllm.models.frontend import without_language_adapters
+
+    tokens = [f"t{i}" for i in range(250_680)]
+    state = paper_scale_released_state(len(tokens))
+    assert len(state) == 1532
+    config = training_config("ctc", "bigscience/bloomz-7b1", tokens)
+    config["encoder_conf"] = yaml.safe_load(PAPER_ENCODER_CONF)
+    config["model_conf"]["aux_ctc"] = {"3": "utt2lid_token"}
+    config["preencoder_conf"] = {"input_size": 1280, "output_size": 128}
+    config["postencoder_conf"]["output_size"] = 4096
+    arch = espnet_architecture(config, tmp_path / "config.yaml")
+    mapped = map_espnet_state(state, tmp_path / "10epoch.pth")
+    assert mapped.dropped == {"decoder (int8 BLOOMZ)": 0, "wav2vec2 pretraining heads": 7}
+    assert len(mapped.upstream) + len(mapped.speech) + len(mapped.ctc_head) == 1525
+    adaptor_cfg = AdaptorConfig(**arch.adaptor, num_lid_classes=140)
+    assert adaptor_cfg == AdaptorConfig()  # the paper's sizes are the project's defaults
+    mms = without_language_adapters(
+        Wav2Vec2Config.from_json_file(REPO / "config" / "models" / "mms-1b-all.json")
+    )
+    with torch.device("meta"):
+        encoder = AutoModel.from_config(mms)
+        adaptor = SpeechAdaptor(adaptor_cfg)
+        proj = torch.nn.Linear(1280, 128)
+    check_exact_keys(encoder.state_dict(), mapped.upstream, tmp_path, "speech encoder")
+    speech = {
+        "frontend.layer_weights": torch.zeros(49, device="meta"),
+        **{f"frontend.proj.{k}": v for k, v in proj.state_dict().items()},
+        **{f"adaptor.{k}": v for k, v in adaptor.state_dict().items()},
+    }
+    check_exact_keys(speech, mapped.speech, tmp_path, "speech adaptor")
+    assert check_ctc_head(mapped.ctc_head, arch, adaptor_cfg, tmp_path)["ctc_lo.weight"].shape == (
+        250_680,
+        4096,
+    )
