@@ -118,7 +118,7 @@ IMPORT_EPILOG = """examples:
   speechllm import kang-roy --checkpoint speech_llm_audio_encoder.pt --out-dir results/models/released_kang_roy \\
       --config config/experiments/speech_summarization.yaml
 
-The result is a model directory as `speechllm export` writes it: transcribe, ask, evaluate and plan use it."""
+The result is a model directory as `speechllm export` writes it: transcribe, ask, evaluate and push use it."""
 
 
 def register_import(sub: argparse._SubParsersAction) -> None:
