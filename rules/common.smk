@@ -69,6 +69,35 @@ if KANG_ROY:
                "kang_roy_cascade": (KANG_ROY_MODEL_DIR, "cascade"), "kang_roy_text": (KANG_ROY_MODEL_DIR, "text")}
     BENCHMARK_SYSTEMS = {b: ["kang_roy_init", "kang_roy", "kang_roy_cascade", "kang_roy_text"]
                          for b in ("summarization", "response_ppl")}
+# Published checkpoints (config `released`, rules/models.smk): system released_<name> = the model imported into
+# results/models/released_<name>, decoded as configured (ctc: the CTC head on FLEURS ASR only; llm: every
+# benchmark). With released.only the trained systems give way to them, and the baselines use released_ctc.
+RELEASED = config["released"]
+RELEASED_BLOOMZMMS = {f"released_{name}": entry for name, entry in RELEASED["bloomzmms"].items()}
+RELEASED_KANG_ROY = "released_kang_roy" if RELEASED["kang_roy"]["checkpoint"] else None
+if KANG_ROY and RELEASED_KANG_ROY:
+    SYSTEMS[RELEASED_KANG_ROY] = (f"results/models/{RELEASED_KANG_ROY}", "llm")
+    if RELEASED["only"]:
+        for _system in ("kang_roy_cascade", "kang_roy_text"):
+            SYSTEMS[_system] = (SYSTEMS[RELEASED_KANG_ROY][0], SYSTEMS[_system][1])
+        del SYSTEMS["kang_roy_init"], SYSTEMS["kang_roy"]
+    for _systems in BENCHMARK_SYSTEMS.values():
+        _own = [s for s in _systems if s in SYSTEMS and s not in ("kang_roy_cascade", "kang_roy_text")]
+        _systems[:] = _own + [RELEASED_KANG_ROY, "kang_roy_cascade", "kang_roy_text"]
+elif not KANG_ROY and RELEASED_BLOOMZMMS:
+    for _system, _entry in RELEASED_BLOOMZMMS.items():
+        SYSTEMS[_system] = (f"results/models/{_system}", _entry["decoder"])
+    if RELEASED["only"]:
+        if "released_ctc" not in RELEASED_BLOOMZMMS:
+            config_error("released.only", "the cascade and text baselines need released.bloomzmms.ctc")
+        SYSTEMS["cascade"] = (SYSTEMS["released_ctc"][0], "cascade")
+        SYSTEMS["text"] = (SYSTEMS["released_ctc"][0], "text")
+        for _system in [s for s in SYSTEMS if s not in RELEASED_BLOOMZMMS and s not in BASELINES]:
+            del SYSTEMS[_system]
+    for _benchmark, _systems in BENCHMARK_SYSTEMS.items():
+        _own = [] if RELEASED["only"] else [s for s in _systems if s not in BASELINES]
+        _released = [s for s, e in RELEASED_BLOOMZMMS.items() if e["decoder"] == "llm" or _benchmark == "fleurs_asr"]
+        _systems[:] = _own + _released + BASELINES
 DEMO_LLM_DIR = "resources/models/demo-llm"
 DEMO_ENCODER_DIR = "resources/models/demo-mms"
 TARGET_SHARDS = list(range(config["targets"]["shards"]))
@@ -171,6 +200,11 @@ def config_paths():
     for part in ("llm", "speech_encoder"):
         if looks_local(config["models"][part]["name_or_path"]):
             paths.append((f"models.{part}.name_or_path", config["models"][part]["name_or_path"], "directory"))
+    if config["released"]["kang_roy"]["checkpoint"]:
+        paths.append(("released.kang_roy.checkpoint", config["released"]["kang_roy"]["checkpoint"], "file"))
+    for name, entry in config["released"]["bloomzmms"].items():
+        if looks_local(entry["repo"]):
+            paths.append((f"released.bloomzmms.{name}.repo", entry["repo"], "directory"))
     if looks_local(config["evaluate"].get("cascade_asr", {}).get("name_or_path")):
         paths.append(("evaluate.cascade_asr.name_or_path", config["evaluate"]["cascade_asr"]["name_or_path"],
                       "directory"))
@@ -195,6 +229,21 @@ wildcard_constraints:
     shard=r"\d+",
     name="|".join(BENCHMARK_SYSTEMS),
     response_set="|".join(re.escape(n) for n in RESPONSE_SETS) or r"[A-Za-z0-9_.-]+",
+    released="|".join(re.escape(n) for n in RELEASED["bloomzmms"]) or "$^",
+
+
+def released_entry(wildcards):
+    return config["released"]["bloomzmms"][wildcards.released]
+
+
+def released_repo_inputs(wildcards):
+    """The fetched flag of a hub repository (a local directory is read in place), and the cached speech encoder
+    whose architecture the upstream is built with when it is the one models.speech_encoder fetches."""
+    repo = released_entry(wildcards)["repo"]
+    inputs = {} if looks_local(repo) else {"fetched": f"resources/released/{wildcards.released}.fetched"}
+    if config["released"]["speech_encoder"]["name_or_path"] == config["models"]["speech_encoder"]["name_or_path"]:
+        inputs["encoder"] = model_inputs()["encoder"]
+    return inputs
 
 
 def parent_dir(path, levels):
@@ -382,6 +431,8 @@ TRAINED_MODELS = {"ctc": ("train_ctc", f"{config['experiment']}-ctc"),
                   **{v: ("train_ce", f"{config['experiment']}-ce-{v}") for v in CE_VARIANTS}}
 if KANG_ROY:
     TRAINED_MODELS = {"kang_roy": ("train_kd", f"{config['experiment']}-kd")}
+if RELEASED["only"]:  # nothing is trained
+    TRAINED_MODELS = {}
 for _table in config["report"]["tables"]:
     if _table not in BENCHMARK_SYSTEMS:
         config_error("report.tables", f"table '{_table}' has no evaluation in this configuration "
@@ -454,6 +505,7 @@ if config["resources"]["offline_compute_nodes"]:
 
     localrules:
         fetch_model,
+        fetch_released,
         fleurs_data,
         speechglue_data,
         speechxnli_data,

@@ -80,3 +80,76 @@ rule fetch_model:
         "../envs/speechllm.yaml"
     shell:
         "speechllm models fetch --name {params.name} --revision {params.revision} > {log} 2>&1"
+
+
+# The published models (config `released`): the ESPnet model-zoo repositories are fetched once into the Hugging
+# Face cache (resumable; on the submit host when compute nodes are offline) and imported as model directories
+# (speechllm import espnet), which `evaluate` then scores as system released_<name>.
+rule fetch_released:
+    output:
+        touch("resources/released/{released}.fetched"),
+    params:
+        repo=lambda wc: released_entry(wc)["repo"],
+        revision=lambda wc: released_entry(wc).get("revision", "main"),
+    log:
+        "logs/models/fetch_released_{released}.log",
+    benchmark:
+        "logs/benchmark/fetch_released/{released}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=240,
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm models fetch --name {params.repo} --revision {params.revision} > {log} 2>&1"
+
+
+rule import_released:
+    input:
+        unpack(released_repo_inputs),
+    output:
+        directory("results/models/released_{released}"),
+    params:
+        repo=lambda wc: released_entry(wc)["repo"],
+        revision=lambda wc: released_entry(wc).get("revision", "main"),
+        speech_encoder=config["released"]["speech_encoder"]["name_or_path"],
+        speech_encoder_revision=config["released"]["speech_encoder"]["revision"],
+        llm_dtype=config["released"]["llm"]["dtype"],
+        int8="--load-in-8bit" if config["released"]["llm"]["load_in_8bit"] else "",
+    log:
+        "logs/models/import_released_{released}.log",
+    benchmark:
+        "logs/benchmark/import_released/{released}.tsv"
+    threads: rule_resources("import_released")["cpu_threads"]
+    resources:
+        **job_resources("import_released"),
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm import espnet --repo {params.repo} --revision {params.revision} --out-dir {output} "
+        "--speech-encoder {params.speech_encoder} --speech-encoder-revision {params.speech_encoder_revision} "
+        "--llm-dtype {params.llm_dtype} {params.int8} --threads {threads} > {log} 2>&1"
+
+
+rule import_released_kang_roy:
+    input:
+        unpack(model_inputs),
+        checkpoint=config["released"]["kang_roy"]["checkpoint"] or [],
+    output:
+        directory("results/models/released_kang_roy"),
+    params:
+        settings=lambda wc: as_json({"models": {k: config["models"][k] for k in
+                                                ("llm", "speech_encoder", "pooling", "chat", "prompt")}}),
+    log:
+        "logs/models/import_released_kang_roy.log",
+    benchmark:
+        "logs/benchmark/import_released_kang_roy.tsv"
+    threads: rule_resources("import_released")["cpu_threads"]
+    resources:
+        **job_resources("import_released"),
+    conda:
+        "../envs/speechllm.yaml"
+    shell:
+        "speechllm import kang-roy --checkpoint {input.checkpoint} --settings {params.settings:q} "
+        "--out-dir {output} --threads {threads} > {log} 2>&1"

@@ -220,3 +220,59 @@ def test_reduced_summarization_demo_end_to_end(tmp_path):
         assert spec["kind"] == "kang_roy" and (tmp_path / f"results/models/{model}/model.safetensors").is_file()
     rerun = snakemake("-n", "-d", str(tmp_path), *configs)
     assert rerun.returncode == 0 and "Nothing to be done" in rerun.stdout + rerun.stderr
+
+
+def dry_run_jobs(out: str) -> dict[str, int]:
+    """rule -> job count from a dry run's "Job stats" table."""
+    rows = out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]
+    return {line.split()[0]: int(line.split()[1]) for line in rows if line.strip() and not line.startswith("total")}
+
+
+def test_released_models_dry_run_plans_download_import_evaluate_tables(tmp_path):
+    """The published BLOOMZMMS repositories: fetched (on the submit host when compute nodes are offline),
+    imported, evaluated on every benchmark and tabulated, with nothing trained."""
+    res = snakemake("-n", "-p", "-d", str(tmp_path), "--configfile",
+                    str(REPO / "config/experiments/bloomzmms_released.yaml"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    jobs = dry_run_jobs(out)
+    assert jobs["fetch_released"] == 4 and jobs["import_released"] == 4 and jobs["table"] == 4
+    assert not {"train_ctc", "train_ce", "init_model", "generate_targets", "learning_curves"} & set(jobs)
+    for variant, repo in (("ctc", "akreal/bloomzmms-ctc"), ("tmi", "akreal/bloomzmms-ce-tmi")):
+        assert f"speechllm models fetch --name {repo} --revision main" in out
+        assert f"--out-dir results/models/released_{variant} --speech-encoder facebook/mms-1b-all" in out
+    evaluated = {line.split("--name ")[1].split()[0] + "@" + line.split("speechllm evaluate ")[1].split()[0]
+                 for line in out.splitlines() if "speechllm evaluate " in line and "--name " in line}
+    assert {"released_ctc@fleurs_asr", "released_t@fleurs_st", "released_mi@speechglue",
+            "released_tmi@speechxnli", "cascade@fleurs_st", "text@speechxnli"} <= evaluated
+    assert "released_ctc@fleurs_st" not in evaluated and not any(s.startswith("ce_init@") for s in evaluated)
+    assert "--models released_ctc released_t released_mi released_tmi cascade text" in out
+
+
+def test_released_models_beside_own_runs(tmp_path):
+    """A `released` section in a training experiment adds the released columns next to the trained systems."""
+    extra = override(tmp_path, {"released": {"bloomzmms": {
+        "t": {"repo": "akreal/bloomzmms-ce-t", "decoder": "llm"}, "ctc": {"repo": "akreal/bloomzmms-ctc",
+                                                                            "decoder": "ctc"}}}})
+    res = snakemake("-n", "-p", "-d", str(tmp_path), "--configfile",
+                    str(REPO / "config/experiments/bloomzmms.yaml"), str(extra))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "--models ctc_init ctc ce_init t mi tmi released_ctc released_t cascade text" in out
+    assert "--models ce_init t mi tmi released_t cascade text" in out
+    assert {"train_ce", "import_released"} <= set(dry_run_jobs(out))
+
+
+def test_released_kang_roy_dry_run_imports_and_evaluates(tmp_path):
+    """Kang & Roy's published encoder (a local file): imported and scored, nothing trained."""
+    checkpoint = tmp_path / "resources" / "released" / "speech_llm_audio_encoder.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"")
+    res = snakemake("-n", "-p", "-d", str(tmp_path), "--configfile",
+                    str(REPO / "config/experiments/speech_summarization_released.yaml"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    jobs = dry_run_jobs(out)
+    assert jobs["import_released_kang_roy"] == 1 and "train_kd" not in jobs and "init_kang_roy" not in jobs
+    assert "speechllm import kang-roy --checkpoint resources/released/speech_llm_audio_encoder.pt" in out
+    assert "--models released_kang_roy kang_roy_cascade kang_roy_text" in out

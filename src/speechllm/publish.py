@@ -339,12 +339,14 @@ def package_model(model_dir: Path, out_dir: Path, facts: CardFacts) -> Path:
     import json
 
     from speechllm.io import atomic_dir
-    from speechllm.models.export import BUNDLED_KEY, read_spec
+    from speechllm.models.export import BUNDLED_KEY, CTC_HEAD_FILE, read_spec
 
     spec = dict(facts.spec)
     resolved = read_spec(model_dir)
     with atomic_dir(out_dir) as tmp:
         shutil.copy2(model_dir / "model.safetensors", tmp / "model.safetensors")
+        if (model_dir / CTC_HEAD_FILE).is_file():  # an imported model's frozen CTC head
+            shutil.copy2(model_dir / CTC_HEAD_FILE, tmp / CTC_HEAD_FILE)
         for part in facts.bundled:
             shutil.copytree(resolved[part]["name_or_path"], tmp / part, ignore=shutil.ignore_patterns(".*"))
             spec[part] = {**spec[part], BUNDLED_KEY: part}

@@ -52,6 +52,42 @@ def cmd_models_demo_speech_encoder(args: argparse.Namespace) -> None:
             log.info("character-CTC fine-tuning: %s", report)
 
 
+def repo_directory(repo: str, revision: str) -> tuple[Path, str]:
+    """A model-zoo repository as a local directory: itself when it is one, else its hub snapshot (downloaded into
+    the Hugging Face cache, resumable; offline runs use the cache). Returns (directory, source description)."""
+    if Path(repo).is_dir():
+        return Path(repo), str(repo)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo, revision=revision)), f"{repo}@{revision}"
+
+
+def cmd_import_espnet(args: argparse.Namespace) -> None:
+    from speechllm.models.espnet_import import ImportOptions, import_espnet
+
+    set_threads(args.threads)
+    repo_dir, source = repo_directory(args.repo, args.revision)
+    options = ImportOptions(speech_encoder=args.speech_encoder, speech_encoder_revision=args.speech_encoder_revision,
+                            llm=args.llm, llm_revision=args.llm_revision, llm_dtype=args.llm_dtype,
+                            load_in_8bit=args.load_in_8bit, normalize_waveform=not args.no_waveform_normalization,
+                            compare_with_sources=args.compare_with_sources)
+    spec = import_espnet(repo_dir, Path(args.out_dir), options, source)
+    log.info("wrote %s: %s stage, LLM %s, prompt %r ... %r", args.out_dir, spec["stage"], spec["llm"]["name_or_path"],
+             spec["prompt"]["prefix"], spec["prompt"]["postfix"])
+
+
+def cmd_import_kang_roy(args: argparse.Namespace) -> None:
+    from speechllm.models.espnet_import import import_kang_roy
+    from speechllm.models.plan import load_experiment
+
+    set_threads(args.threads)
+    if args.settings:
+        models_cfg = parse_settings(args.settings)["models"]
+    else:
+        models_cfg = load_experiment(Path(args.config), Path(args.base) if args.base else None)["models"]
+    import_kang_roy(Path(args.checkpoint), Path(args.out_dir), models_cfg)
+
+
 def cmd_plan(args: argparse.Namespace) -> None:
     from speechllm.models.plan import PlanError, config_root, format_plan, load_experiment, plan_experiment
 
@@ -76,7 +112,53 @@ Models are built on the meta device from config/models/<hub name>.json (no downl
 docstring of speechllm.models.plan."""
 
 
+IMPORT_EPILOG = """examples:
+  speechllm import espnet --repo akreal/bloomzmms-ce-t --out-dir results/models/released_t
+  speechllm import espnet --repo ./bloomzmms-ctc --out-dir results/models/released_ctc --llm-dtype float32
+  speechllm import kang-roy --checkpoint speech_llm_audio_encoder.pt --out-dir results/models/released_kang_roy \\
+      --config config/experiments/speech_summarization.yaml
+
+The result is a model directory as `speechllm export` writes it: transcribe, ask, evaluate and push use it."""
+
+
+def register_import(sub: argparse._SubParsersAction) -> None:
+    imp = sub.add_parser("import", help="the published BLOOMZMMS / Kang & Roy checkpoints as model directories",
+                         epilog=IMPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    isub = imp.add_subparsers(dest="action", required=True)
+    m = isub.add_parser("espnet", help="an ESPnet model-zoo repository of BLOOMZMMS (meta.yaml, exp/*/config.yaml)",
+                        epilog=IMPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("--repo", required=True, help="hub id (downloaded into the Hugging Face cache) or local directory")
+    m.add_argument("--revision", default="main", help="hub revision of --repo")
+    m.add_argument("--out-dir", required=True)
+    m.add_argument("--speech-encoder", default="facebook/mms-1b-all",
+                   help="HF architecture (config) of the s3prl upstream; its weights come from the checkpoint")
+    m.add_argument("--speech-encoder-revision", default="main")
+    m.add_argument("--llm", help="LLM to load at run time (default: the config's decoder / bpemodel)")
+    m.add_argument("--llm-revision", default="main")
+    m.add_argument("--llm-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    m.add_argument("--load-in-8bit", action="store_true", help="LLM.int8() as the reference (needs a GPU)")
+    m.add_argument("--no-waveform-normalization", action="store_true",
+                   help="skip the per-utterance waveform normalisation (s3prl task_cfg.normalize: true for MMS)")
+    m.add_argument("--compare-with-sources", action="store_true",
+                   help="also load --speech-encoder's weights and the LLM and record (speechllm.json "
+                        "imported_from.equal_to_sources) whether the file's upstream and CTC head equal them")
+    m.add_argument("--threads", type=int, default=1)
+    m.set_defaults(func=cmd_import_espnet)
+    m = isub.add_parser("kang-roy", help="Kang & Roy's audio-encoder state dict (flat or {'audio_encoder': ...})",
+                        epilog=IMPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("--checkpoint", required=True)
+    m.add_argument("--out-dir", required=True)
+    source = m.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="experiment config whose `models` section (HuBERT, LLM, pooling, chat) "
+                                         "the checkpoint belongs to")
+    source.add_argument("--settings", help='JSON {"models": ...} (what the workflow passes)')
+    m.add_argument("--base", help="base config under --config (default: config.yaml beside experiments/)")
+    m.add_argument("--threads", type=int, default=1)
+    m.set_defaults(func=cmd_import_kang_roy)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    register_import(sub)
     m = sub.add_parser("plan", help="parameters, memory per GPU and FLOPs per step of an experiment's models",
                        epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("--config", required=True, nargs="+",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ KINDS = ("bloomzmms", "kang_roy")
 # for the hub (`speechllm push`) carries local parts inside itself; `"bundled": "<folder>"` names where.
 MODEL_PARTS = ("speech_encoder", "llm")
 BUNDLED_KEY = "bundled"
+# A CTC head kept apart from the trained weights (`ctc_head.weights` in the spec): an imported model's frozen head,
+# which comes from its checkpoint instead of being cut from the LLM's embeddings (speechllm.models.espnet_import).
+CTC_HEAD_FILE = "ctc_head.safetensors"
 
 
 class ModelDirError(ValueError):
@@ -176,6 +180,12 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"],
                               frame_count=enc_cfg.get("frame_count", "conv"))
     adaptor = SpeechAdaptor(adaptor_cfg)
+    if with_ctc and not with_llm and spec.get("ctc_head", {}).get("weights"):
+        # The head is stored in the model directory (load_model_dir fills it in): the LLM is not loaded at all.
+        tokenizer = load_tokenizer(spec["llm"])
+        ctc_head = CTCHead(llm_hidden_size(spec["llm"]), len(tokenizer))
+        model = BloomzMMS(frontend, adaptor, ctc_head, None, ctc_blank_id=ctc_blank_id(spec, tokenizer))
+        return model.to(device), tokenizer
     # Without the LLM in the model, only its input embeddings (the CTC head) are read: 8-bit loading would not
     # change them (LLM.int8() quantises linear layers) and needs a GPU, so the init / CTC steps load it plainly.
     lm, tokenizer = load_llm(spec["llm"] if with_llm else {**spec["llm"], "load_in_8bit": False}, device)
@@ -186,9 +196,13 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
 
 
 def save_model_dir(model: BloomzMMS | KangRoy, spec: dict[str, Any], out_dir: Path,
-                   extra: dict[str, Any] | None = None) -> None:
-    """Write weights and spec; the directory appears complete or not at all (temp dir + rename)."""
+                   extra: dict[str, Any] | None = None,
+                   write_parts: Callable[[Path], None] | None = None) -> None:
+    """Write weights and spec; the directory appears complete or not at all (temp dir + rename).
+    `write_parts` writes further files (bundled parts) into the directory before it appears."""
     with atomic_dir(out_dir) as tmp:
+        if write_parts is not None:
+            write_parts(tmp)
         save_file(model.trainable_state_dict(), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
         (tmp / "speechllm.json").write_text(json.dumps({**spec, **(extra or {})}, indent=2, ensure_ascii=False)
                                             + "\n", encoding="utf-8")
@@ -238,9 +252,30 @@ def load_model_dir(model_dir: Path, with_ctc: bool, with_llm: bool, device: torc
         spec = {**spec, "llm": {**spec["llm"], "dtype": dtype}}
     model, tokenizer = build_model(spec, with_ctc, with_llm, device, gradient_checkpointing)
     load_trained_weights(model, Path(model_dir) / "model.safetensors")
+    if with_ctc:
+        load_ctc_head_file(model, spec, Path(model_dir))
     if dtype is not None:
         model.to(DTYPES[dtype])
     return model, tokenizer, spec
+
+
+def load_ctc_head_file(model: BloomzMMS | KangRoy, spec: dict[str, Any], model_dir: Path) -> None:
+    """Replace the CTC head cut from the LLM's embeddings by the one the spec names (`ctc_head.weights`)."""
+    name = spec.get("ctc_head", {}).get("weights")
+    if name is None:
+        return
+    if name != CTC_HEAD_FILE:
+        raise ModelDirError(f"{model_dir / 'speechllm.json'}: ctc_head.weights must be {CTC_HEAD_FILE!r}, not {name!r}")
+    path = model_dir / name
+    if not path.is_file():
+        raise ModelDirError(f"{path}: missing (named by ctc_head.weights)")
+    assert isinstance(model, BloomzMMS) and model.ctc_head is not None
+    state = load_file(str(path))
+    own = model.ctc_head.state_dict()
+    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+        raise ModelDirError(f"{path}: holds {[(k, tuple(v.shape)) for k, v in state.items()]}, the CTC head has "
+                            f"{[(k, tuple(v.shape)) for k, v in own.items()]} (vocabulary of the tokenizer)")
+    model.ctc_head.load_state_dict(state)
 
 
 def load_trained_weights(model: BloomzMMS | KangRoy, path: Path) -> None:
