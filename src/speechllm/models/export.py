@@ -11,13 +11,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from speechllm import __version__
 from speechllm.io import atomic_dir, read_json
 from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
 from speechllm.models.bloomzmms import BloomzMMS
 from speechllm.models.ctc_head import CTCHead
+from speechllm.models.encoder_inputs import LOG_MEL_FAMILIES, encoder_only, input_family
 from speechllm.models.frontend import SpeechFrontend, without_language_adapters
 from speechllm.models.hubert_pool import HubertPoolEncoder, PoolConfig
 from speechllm.models.kang_roy import ChatTemplate, KangRoy
@@ -122,7 +123,7 @@ def build_kang_roy(spec: dict[str, Any], with_llm: bool, device: torch.device | 
     if enc_cfg.get("frame_count", "conv") != "conv":
         raise ModelDirError("kang_roy pools HuBERT's own frames, as the reference: models.speech_encoder."
                             "frame_count must be conv")
-    hubert = AutoModel.from_pretrained(enc_cfg["name_or_path"], **_hub_kwargs(enc_cfg))
+    hubert = encoder_only(AutoModel.from_pretrained(enc_cfg["name_or_path"], **_hub_kwargs(enc_cfg)))
     if with_llm:
         lm, tokenizer = load_llm(spec["llm"], device)
         hidden_size = lm.get_input_embeddings().weight.shape[1]
@@ -131,7 +132,8 @@ def build_kang_roy(spec: dict[str, Any], with_llm: bool, device: torch.device | 
         llm = SpeechLLM(lm, pad_id, tokenizer.eos_token_id, gradient_checkpointing)
     else:  # the encoder alone (e.g. the untrained model's export): the LLM's width and tokenizer suffice
         tokenizer, hidden_size, llm = load_tokenizer(spec["llm"]), llm_hidden_size(spec["llm"]), None
-    encoder = HubertPoolEncoder(hubert, hidden_size, PoolConfig(**spec["pooling"]))
+    encoder = HubertPoolEncoder(hubert, hidden_size, PoolConfig(**spec["pooling"]),
+                                load_feature_extractor(enc_cfg, hubert.config))
     chat = dict(spec["chat"])
     label_eos = bool(chat.pop("label_eos", False))
     model = KangRoy.from_tokenizer(encoder, llm, tokenizer, ChatTemplate(**chat), label_eos)
@@ -145,7 +147,15 @@ def load_speech_encoder(enc_cfg: dict[str, Any]):
     config = AutoConfig.from_pretrained(enc_cfg["name_or_path"], **kwargs)
     if not enc_cfg.get("language_adapters", True):
         config = without_language_adapters(config)
-    return AutoModel.from_pretrained(enc_cfg["name_or_path"], config=config, **kwargs)
+    return encoder_only(AutoModel.from_pretrained(enc_cfg["name_or_path"], config=config, **kwargs))
+
+
+def load_feature_extractor(enc_cfg: dict[str, Any], config: Any) -> Any:
+    """The encoder's own feature extractor for the log-mel families (Whisper, w2v-BERT 2.0); None for waveform
+    encoders, which read the samples (normalised or not by models.speech_encoder.normalize_waveform)."""
+    if input_family(config) not in LOG_MEL_FAMILIES:
+        return None
+    return AutoFeatureExtractor.from_pretrained(enc_cfg["name_or_path"], **_hub_kwargs(enc_cfg))
 
 
 def ctc_blank_id(spec: dict[str, Any], tokenizer: Any) -> int:
@@ -174,7 +184,8 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     encoder = load_speech_encoder(enc_cfg)
     adaptor_cfg = AdaptorConfig(**spec["adaptor"])
     frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"],
-                              frame_count=enc_cfg.get("frame_count", "conv"))
+                              frame_count=enc_cfg.get("frame_count", "conv"),
+                              feature_extractor=load_feature_extractor(enc_cfg, encoder.config))
     adaptor = SpeechAdaptor(adaptor_cfg)
     # Without the LLM in the model, only its input embeddings (the CTC head) are read: 8-bit loading would not
     # change them (LLM.int8() quantises linear layers) and needs a GPU, so the init / CTC steps load it plainly.
