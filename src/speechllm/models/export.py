@@ -21,7 +21,8 @@ from speechllm.models.ctc_head import CTCHead
 from speechllm.models.encoder_inputs import LOG_MEL_FAMILIES, encoder_only, input_family
 from speechllm.models.frontend import SpeechFrontend, without_language_adapters
 from speechllm.models.hubert_pool import HubertPoolEncoder, PoolConfig
-from speechllm.models.kang_roy import ChatTemplate, KangRoy
+from speechllm.models.kang_roy import ChatTemplate, KangRoy, chat_ids
+from speechllm.models.prompt_format import frame_from_spec, prompt_frame
 from speechllm.models.speech_llm import SpeechLLM
 
 FORMAT = "speechllm-model/1"
@@ -128,16 +129,26 @@ def build_kang_roy(spec: dict[str, Any], with_llm: bool, device: torch.device | 
         lm, tokenizer = load_llm(spec["llm"], device)
         hidden_size = lm.get_input_embeddings().weight.shape[1]
         # The reference sets pad = eos (MiniChat's tokenizer has no pad token).
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        llm = SpeechLLM(lm, pad_id, tokenizer.eos_token_id, gradient_checkpointing)
+        eos = kang_roy_frame(spec, tokenizer)[2]
+        llm = SpeechLLM(lm, pad_token_id(tokenizer), eos, gradient_checkpointing)
     else:  # the encoder alone (e.g. the untrained model's export): the LLM's width and tokenizer suffice
         tokenizer, hidden_size, llm = load_tokenizer(spec["llm"]), llm_hidden_size(spec["llm"]), None
     encoder = HubertPoolEncoder(hubert, hidden_size, PoolConfig(**spec["pooling"]),
                                 load_feature_extractor(enc_cfg, hubert.config))
-    chat = dict(spec["chat"])
-    label_eos = bool(chat.pop("label_eos", False))
-    model = KangRoy.from_tokenizer(encoder, llm, tokenizer, ChatTemplate(**chat), label_eos)
+    prefix, suffix, _ = kang_roy_frame(spec, tokenizer)
+    model = KangRoy(encoder, llm, prefix, suffix, bool(spec["chat"].get("label_eos", False)))
     return model.to(device), tokenizer
+
+
+def kang_roy_frame(spec: dict[str, Any], tokenizer: Any) -> tuple[list[int], list[int], int]:
+    """(chat prefix ids, suffix ids, eos) of a Kang & Roy spec: the configured MiniChat-style strings
+    (`chat.format: strings`, the reference), or the tokenizer's own chat template (`chat.format: tokenizer`)."""
+    chat = {k: v for k, v in spec["chat"].items() if k not in ("label_eos", "format", "system")}
+    if spec["chat"].get("format", "strings") == "tokenizer":
+        frame = prompt_frame(tokenizer, "chat", spec["chat"].get("system"))
+        return list(frame.head), list(frame.tail), frame.eos_token_id
+    prefix, suffix = chat_ids(tokenizer, ChatTemplate(**chat))
+    return prefix, suffix, int(tokenizer.eos_token_id)
 
 
 def load_speech_encoder(enc_cfg: dict[str, Any]):
@@ -158,12 +169,24 @@ def load_feature_extractor(enc_cfg: dict[str, Any], config: Any) -> Any:
     return AutoFeatureExtractor.from_pretrained(enc_cfg["name_or_path"], **_hub_kwargs(enc_cfg))
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that fills left padding: the tokenizer's pad token, else its eos (Llama 3, MiniChat have no pad)."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
 def ctc_blank_id(spec: dict[str, Any], tokenizer: Any) -> int:
     """The CTC blank of a spec (`ctc_head.blank_id`, config models.ctc_head.blank_id), checked against the
-    tokenizer. Specs written before the key existed trained with the tokenizer's pad token as the blank."""
+    tokenizer: a token id, or a token string the tokenizer knows (e.g. "<|endoftext|>" for Qwen, whose id 0 is
+    "!", a real transcript token). Specs written before the key existed trained with the pad token as the blank."""
     blank = spec.get("ctc_head", {}).get("blank_id")
     if blank is None:
         return int(tokenizer.pad_token_id)
+    if isinstance(blank, str):
+        token = blank
+        blank = tokenizer.convert_tokens_to_ids(token)
+        if blank is None or blank == tokenizer.unk_token_id and token != tokenizer.unk_token:
+            raise ModelDirError(f"models.ctc_head.blank_id {token!r} is not a token of the tokenizer of "
+                                f"{spec['llm']['name_or_path']}")
     if not 0 <= int(blank) < len(tokenizer):
         raise ModelDirError(f"models.ctc_head.blank_id {blank} is not a token id of the {len(tokenizer)}-token "
                             f"tokenizer of {spec['llm']['name_or_path']}")
@@ -190,9 +213,12 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     # Without the LLM in the model, only its input embeddings (the CTC head) are read: 8-bit loading would not
     # change them (LLM.int8() quantises linear layers) and needs a GPU, so the init / CTC steps load it plainly.
     lm, tokenizer = load_llm(spec["llm"] if with_llm else {**spec["llm"], "load_in_8bit": False}, device)
+    # The input embeddings whether or not the output layer is tied to them, cut to the tokenizer's vocabulary.
     ctc_head = CTCHead.from_embeddings(lm.get_input_embeddings().weight, len(tokenizer)) if with_ctc else None
-    llm = SpeechLLM(lm, tokenizer.pad_token_id, tokenizer.eos_token_id, gradient_checkpointing) if with_llm else None
-    model = BloomzMMS(frontend, adaptor, ctc_head, llm, ctc_blank_id=ctc_blank_id(spec, tokenizer))
+    frame = frame_from_spec(tokenizer, spec["prompt"])
+    llm = SpeechLLM(lm, pad_token_id(tokenizer), frame.eos_token_id, gradient_checkpointing) if with_llm else None
+    model = BloomzMMS(frontend, adaptor, ctc_head, llm, ctc_blank_id=ctc_blank_id(spec, tokenizer),
+                      prompt_head=frame.head, prompt_tail=frame.tail)
     return model.to(device), tokenizer
 
 
