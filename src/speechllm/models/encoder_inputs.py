@@ -37,9 +37,11 @@ def input_family(config: PretrainedConfig) -> str:
         return "w2v-bert"
     if hasattr(config, "conv_kernel") and hasattr(config, "conv_stride"):
         return "waveform"
-    raise ValueError(f"unsupported speech encoder {type(config).__name__} (model_type {model_type!r}): "
-                     "models.speech_encoder must be a wav2vec2-family model (Wav2Vec2, HuBERT, WavLM), the "
-                     "Whisper encoder or Wav2Vec2BertModel")
+    raise ValueError(
+        f"unsupported speech encoder {type(config).__name__} (model_type {model_type!r}): "
+        "models.speech_encoder must be a wav2vec2-family model (Wav2Vec2, HuBERT, WavLM), the "
+        "Whisper encoder or Wav2Vec2BertModel"
+    )
 
 
 def encoder_only(model: PreTrainedModel) -> PreTrainedModel:
@@ -62,8 +64,10 @@ class EncoderInputs:
         if self.family not in LOG_MEL_FAMILIES:
             raise ValueError(f"{self.family} encoders read the waveform itself: no feature extractor is used")
         if feature_extractor is None:
-            raise ValueError(f"a {self.family} encoder needs its feature extractor (preprocessor_config.json "
-                             "beside models.speech_encoder.name_or_path)")
+            raise ValueError(
+                f"a {self.family} encoder needs its feature extractor (preprocessor_config.json "
+                "beside models.speech_encoder.name_or_path)"
+            )
         self.config = config
         self.feature_extractor = feature_extractor
         self.sampling_rate = int(feature_extractor.sampling_rate)
@@ -82,23 +86,33 @@ class EncoderInputs:
 
     def frame_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
         """(B,) valid samples -> (B,) long valid encoder frames."""
-        return torch.tensor([self.frame_count(int(n)) for n in wav_lengths.tolist()], dtype=torch.long,
-                            device=wav_lengths.device)
+        return torch.tensor(
+            [self.frame_count(int(n)) for n in wav_lengths.tolist()],
+            dtype=torch.long,
+            device=wav_lengths.device,
+        )
 
     def check_lengths(self, wav_lengths: torch.Tensor) -> None:
         limit = self.max_samples
         if limit is not None and int(wav_lengths.max()) > limit:
-            raise ValueError(f"a clip of {int(wav_lengths.max())} samples is longer than the Whisper encoder's "
-                             f"{limit}-sample window ({limit / self.sampling_rate:g} s); split it or drop it "
-                             "(data.max_duration)")
+            raise ValueError(
+                f"a clip of {int(wav_lengths.max())} samples is longer than the Whisper encoder's "
+                f"{limit}-sample window ({limit / self.sampling_rate:g} s); split it or drop it "
+                "(data.max_duration)"
+            )
 
-    def __call__(self, wav: torch.Tensor, wav_lengths: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, wav: torch.Tensor, wav_lengths: torch.Tensor, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
         """Keyword inputs of the encoder's forward for a (B, N) right-padded waveform batch."""
         self.check_lengths(wav_lengths)
-        clips = [wav[i, : int(n)].detach().float().cpu().numpy().astype(np.float32)
-                 for i, n in enumerate(wav_lengths.tolist())]
-        features = self.feature_extractor(clips, sampling_rate=self.sampling_rate, return_attention_mask=True,
-                                          return_tensors="pt")
+        clips = [
+            wav[i, : int(n)].detach().float().cpu().numpy().astype(np.float32)
+            for i, n in enumerate(wav_lengths.tolist())
+        ]
+        features = self.feature_extractor(
+            clips, sampling_rate=self.sampling_rate, return_attention_mask=True, return_tensors="pt"
+        )
         inputs = {"input_features": features["input_features"].to(wav.device, dtype)}
         if self.family == "w2v-bert":  # the Whisper encoder reads the whole window, with no mask
             inputs["attention_mask"] = features["attention_mask"].to(wav.device)

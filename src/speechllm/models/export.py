@@ -193,6 +193,19 @@ def ctc_blank_id(spec: dict[str, Any], tokenizer: Any) -> int:
     return int(blank)
 
 
+@torch.no_grad()
+def input_embedding_rows(lm: Any, vocab_size: int) -> torch.Tensor:
+    """(V, H) what the LLM's input-embedding module makes of token ids 0..V-1 (V = the tokenizer's size, cutting
+    the padded rows): its weight rows, times the scale where the module applies one (Gemma 3's
+    `embed_scale`), so the CTC head scores speech vectors in the space the LLM reads token embeddings in.
+    Tied or untied output layers make no difference: the input embeddings are used."""
+    embeddings = lm.get_input_embeddings()
+    rows = embeddings.weight.shape[0]
+    if vocab_size > rows:
+        raise ModelDirError(f"the tokenizer has {vocab_size} tokens but the LLM only {rows} embedding rows")
+    return embeddings(torch.arange(vocab_size, device=embeddings.weight.device))
+
+
 def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: torch.device | str = "cpu",
                 gradient_checkpointing: bool = False) -> tuple[BloomzMMS | KangRoy, Any]:
     """A BloomzMMS from a spec; the CTC head is cut from the LLM's input embeddings. Returns (model, tokenizer).
@@ -213,8 +226,7 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     # Without the LLM in the model, only its input embeddings (the CTC head) are read: 8-bit loading would not
     # change them (LLM.int8() quantises linear layers) and needs a GPU, so the init / CTC steps load it plainly.
     lm, tokenizer = load_llm(spec["llm"] if with_llm else {**spec["llm"], "load_in_8bit": False}, device)
-    # The input embeddings whether or not the output layer is tied to them, cut to the tokenizer's vocabulary.
-    ctc_head = CTCHead.from_embeddings(lm.get_input_embeddings().weight, len(tokenizer)) if with_ctc else None
+    ctc_head = CTCHead.from_embeddings(input_embedding_rows(lm, len(tokenizer)), len(tokenizer)) if with_ctc else None
     frame = frame_from_spec(tokenizer, spec["prompt"])
     llm = SpeechLLM(lm, pad_token_id(tokenizer), frame.eos_token_id, gradient_checkpointing) if with_llm else None
     model = BloomzMMS(frontend, adaptor, ctc_head, llm, ctc_blank_id=ctc_blank_id(spec, tokenizer),

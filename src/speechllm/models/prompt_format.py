@@ -44,8 +44,9 @@ class PromptFrame:
 
 def check_prompt_format(value: str) -> str:
     if value not in PROMPT_FORMATS:
-        raise ValueError(f"unknown prompt format {value!r} (config key models.prompt.format: "
-                         f"{' | '.join(PROMPT_FORMATS)})")
+        raise ValueError(
+            f"unknown prompt format {value!r} (config key models.prompt.format: {' | '.join(PROMPT_FORMATS)})"
+        )
     return value
 
 
@@ -60,7 +61,9 @@ def adds_bos(tokenizer: Any) -> bool:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def prompt_frame(tokenizer: Any, prompt_format: str = "plain", system: str | None = None) -> PromptFrame:
@@ -69,13 +72,17 @@ def prompt_frame(tokenizer: Any, prompt_format: str = "plain", system: str | Non
         head_text = tokenizer.bos_token if adds_bos(tokenizer) else ""
         return PromptFrame(head_text, "", _ids(tokenizer, head_text), (), int(tokenizer.eos_token_id))
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"models.prompt.format is chat but the tokenizer of {tokenizer.name_or_path} has no chat "
-                         "template; use format: plain")
+        raise ValueError(
+            f"models.prompt.format is chat but the tokenizer of {tokenizer.name_or_path} has no chat "
+            "template; use format: plain"
+        )
     turns = [{"role": "system", "content": system}] if system else []
     user = [*turns, {"role": "user", "content": _USER_MARK}]
     rendered = _render(tokenizer, user, add_generation_prompt=True)
     head_text, tail_text = rendered.split(_USER_MARK)
-    full = _render(tokenizer, [*user, {"role": "assistant", "content": _REPLY_MARK}], add_generation_prompt=False)
+    full = _render(
+        tokenizer, [*user, {"role": "assistant", "content": _REPLY_MARK}], add_generation_prompt=False
+    )
     closing = _ids(tokenizer, full.split(_REPLY_MARK, 1)[1].strip())
     eos = closing[0] if closing else int(tokenizer.eos_token_id)
     return PromptFrame(head_text, tail_text, _ids(tokenizer, head_text), _ids(tokenizer, tail_text), int(eos))

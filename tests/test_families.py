@@ -1,0 +1,362 @@
+"""Both systems over other LLM and speech-encoder families: Qwen2 (2.5), Qwen3, Llama 3, Gemma 2 / 3 and
+Mistral causal LMs x WavLM / HuBERT (waveform) and Whisper / w2v-BERT 2.0 (log-mel) encoders, all tiny and random,
+saved and loaded through `from_pretrained` (tests/tiny_families.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_adaptor
+from test_kang_roy import waves
+from tiny_families import ENCODER_FAMILIES, LLM_FAMILIES, SAMPLING_RATE, TOKENIZERS, build_encoder, build_llm
+from transformers import AutoTokenizer
+
+import speechllm
+from speechllm.models.encoder_inputs import EncoderInputs
+from speechllm.models.export import (
+    ModelDirError,
+    build_model,
+    ctc_blank_id,
+    kang_roy_spec,
+    model_spec,
+    save_model_dir,
+)
+from speechllm.models.frames import InputTooShortError, fbank_frame_count, whisper_frame_count
+from speechllm.models.prompt_format import prompt_frame
+from speechllm.targets.generate import HFGenerator, generate_shard
+from speechllm.train.distillation import DistillationConfig, distillation_loss
+
+ATOL = 1e-4
+LLMS = list(LLM_FAMILIES)
+TEXTS = ["the cat", "hello world", "fine"]
+LENGTHS = [28000, 15000, 21000]  # under the tiny Whisper's 2 s window
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    dirs = {name: build_llm(name, root / name) for name in LLMS}
+    dirs.update({name: build_encoder(name, root / name) for name in ENCODER_FAMILIES})
+    return dirs
+
+
+def tokenizer_family(llm: str):
+    return TOKENIZERS[LLM_FAMILIES[llm][0]]
+
+
+def llm_cfg(path: Path) -> dict:
+    return {"name_or_path": str(path), "revision": "main", "dtype": "float32", "load_in_8bit": False}
+
+
+def encoder_cfg(path: Path, encoder: str) -> dict:
+    return {
+        "name_or_path": str(path),
+        "revision": "main",
+        "normalize_waveform": encoder == "wavlm",
+        "language_adapters": False,
+        "frame_count": "conv",
+    }
+
+
+def bloomzmms_spec(
+    dirs: dict[str, Path], llm: str, encoder: str, prompt_format: str, stage: str = "ctc"
+) -> dict:
+    models_cfg = {
+        "llm": llm_cfg(dirs[llm]),
+        "speech_encoder": encoder_cfg(dirs[encoder], encoder),
+        "prompt": {
+            "prefix": "Repeat the sentence: ",
+            "postfix": ". ",
+            "format": prompt_format,
+            "system": None,
+        },
+        "ctc_head": {"blank_id": tokenizer_family(llm).blank},
+    }
+    return model_spec(models_cfg, tiny_adaptor(), {"English": 1, "German": 2}, stage=stage)
+
+
+def ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+# ------------------------------------------------------------------------------------------- speech encoders
+
+
+@pytest.mark.parametrize("encoder", ENCODER_FAMILIES)
+def test_encoder_frames_follow_the_family_and_batching_changes_nothing(family_dirs, encoder) -> None:
+    """Frame counts equal what the encoder really outputs for the valid input; the frontend's layer sum covers
+    every hidden state and its projection the encoder's width; a batch gives each clip its frames alone."""
+    spec = bloomzmms_spec(family_dirs, "qwen2", encoder, "plain")
+    model, _ = build_model(spec, with_ctc=False, with_llm=False)
+    model.eval()
+    frontend = model.frontend
+    assert frontend.layer_weights.shape == (frontend.encoder.config.num_hidden_layers + 1,)
+    assert frontend.proj.in_features == frontend.encoder.config.hidden_size
+    wav, lengths = waves(LENGTHS)
+    with torch.no_grad():
+        feats, feat_lengths = frontend(wav, lengths)
+        for i, n in enumerate(LENGTHS):
+            single, single_lengths = frontend(wav[i : i + 1, :n], lengths[i : i + 1])
+            assert int(single_lengths[0]) == int(feat_lengths[i])
+            torch.testing.assert_close(
+                feats[i, : feat_lengths[i]], single[0, : feat_lengths[i]], atol=ATOL, rtol=0
+            )
+    if frontend.features is not None:
+        fe = frontend.features.feature_extractor
+        masks = fe(
+            [w[:n].numpy() for w, n in zip(wav, LENGTHS, strict=True)],
+            sampling_rate=SAMPLING_RATE,
+            return_attention_mask=True,
+            return_tensors="np",
+        )["attention_mask"].sum(-1)
+        if encoder == "whisper":  # mel frames, then the stride-2 convolution
+            assert [whisper_frame_count(n) for n in LENGTHS] == [(int(m) + 1) // 2 for m in masks]
+        else:
+            assert [fbank_frame_count(n) for n in LENGTHS] == [int(m) for m in masks]
+    expected = {"whisper": whisper_frame_count, "w2v-bert": fbank_frame_count}.get(encoder)
+    if expected is not None:
+        assert feat_lengths.tolist() == [expected(n) for n in LENGTHS]
+
+
+@pytest.mark.parametrize("encoder", ENCODER_FAMILIES)
+def test_min_input_length_is_exact_per_encoder_family(family_dirs, encoder) -> None:
+    spec = bloomzmms_spec(family_dirs, "qwen2", encoder, "plain")
+    model, _ = build_model(spec, with_ctc=False, with_llm=False)
+    model.eval()
+    shortest = model.min_input_samples()
+    with torch.no_grad():
+        out = model.encode(*waves([shortest]))
+        assert int(out.speech_lengths[0]) == 1
+        with pytest.raises(InputTooShortError):
+            model.encode(*waves([shortest - 1]))
+
+
+def test_whisper_clips_longer_than_its_window_are_refused(family_dirs) -> None:
+    model, _ = build_model(
+        bloomzmms_spec(family_dirs, "qwen2", "whisper", "plain"), with_ctc=False, with_llm=False
+    )
+    with pytest.raises(ValueError, match="longer than the Whisper encoder's 32000-sample window"):
+        model.encode(*waves([32001]))
+
+
+def test_log_mel_encoders_need_their_feature_extractor(family_dirs) -> None:
+    from transformers import AutoConfig
+
+    with pytest.raises(ValueError, match="needs its feature extractor"):
+        EncoderInputs(AutoConfig.from_pretrained(family_dirs["w2v-bert"]), None)
+    spec = bloomzmms_spec(family_dirs, "qwen2", "whisper", "plain")
+    spec["speech_encoder"]["normalize_waveform"] = True
+    with pytest.raises(ValueError, match="normalize_waveform must be false"):
+        build_model(spec, with_ctc=False, with_llm=False)
+
+
+# ------------------------------------------------------------------------------------------- prompt formats
+
+
+@pytest.mark.parametrize("llm", LLMS)
+def test_prompt_frames_follow_each_family(family_dirs, llm) -> None:
+    family = tokenizer_family(llm)
+    tokenizer = AutoTokenizer.from_pretrained(family_dirs[llm])
+    plain = prompt_frame(tokenizer, "plain")
+    assert list(plain.head) == ([tokenizer.bos_token_id] if family.adds_bos else [])
+    assert plain.tail == () and plain.eos_token_id == tokenizer.eos_token_id
+    chat = prompt_frame(tokenizer, "chat")
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello world"}], tokenize=False, add_generation_prompt=True
+    )
+    assert chat.wrap_text("hello world") == rendered
+    assert list(chat.head) + ids(tokenizer, "hello world") + list(chat.tail) == ids(tokenizer, rendered)
+    assert chat.eos_token_id == tokenizer.convert_tokens_to_ids(family.turn_end)
+
+
+def test_chat_format_needs_a_chat_template(family_dirs, tmp_path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(family_dirs["llama"])
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template"):
+        prompt_frame(tokenizer, "chat")
+
+
+@pytest.mark.parametrize("llm", LLMS)
+def test_blank_is_chosen_per_tokenizer(family_dirs, llm) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(family_dirs[llm])
+    spec = {"llm": {"name_or_path": "x"}, "ctc_head": {"blank_id": tokenizer_family(llm).blank}}
+    blank = ctc_blank_id(spec, tokenizer)
+    assert tokenizer.convert_ids_to_tokens(blank) == tokenizer_family(llm).blank
+    assert all(blank not in ids(tokenizer, text) for text in TEXTS)
+    with pytest.raises(ModelDirError, match="is not a token"):
+        ctc_blank_id({**spec, "ctc_head": {"blank_id": "<no such token>"}}, tokenizer)
+
+
+# ------------------------------------------------------------------------------------------- BLOOMZMMS recipe
+
+
+@pytest.mark.parametrize("encoder", ["wavlm", "whisper"])
+@pytest.mark.parametrize("llm", LLMS)
+def test_bloomzmms_recipe_steps(family_dirs, llm, encoder, tmp_path) -> None:
+    """CTC step onto the LLM's own input embeddings, CE step in the chat turn (batched = per sample), generation,
+    export -> transcribe / ask."""
+    spec = bloomzmms_spec(family_dirs, llm, encoder, "chat")
+    model, tokenizer = build_model(spec, with_ctc=True, with_llm=True)
+    frame = prompt_frame(tokenizer, "chat")
+    embeddings = model.llm.lm.get_input_embeddings()
+    assert model.ctc_head.ctc_lo.weight.shape[0] == len(tokenizer) < embeddings.weight.shape[0]
+    torch.testing.assert_close(model.ctc_head.ctc_lo.weight, embeddings(torch.arange(len(tokenizer))))
+    assert tokenizer.convert_ids_to_tokens(model.ctc_blank_id) == tokenizer_family(llm).blank
+    assert (model.prompt_head, model.prompt_tail, model.llm.eos_token_id) == (
+        list(frame.head),
+        list(frame.tail),
+        frame.eos_token_id,
+    )
+    wav, lengths = waves(LENGTHS)
+    targets = [ids(tokenizer, t) for t in TEXTS]
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+
+    # CTC step (stage 1) with the LID inter-CTC.
+    model.train()
+    ctc, lid = model.ctc_losses(model.encode(wav, lengths), targets, torch.tensor([1, 2, 1]))
+    assert torch.isfinite(ctc) and torch.isfinite(lid) and ctc > 0
+    (ctc + lid).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adaptor.parameters())
+    assert all(p.grad is None for p in model.llm.parameters()) and all(
+        p.grad is None for p in model.frontend.encoder.parameters()
+    )
+    optimizer.step()
+    optimizer.zero_grad()
+
+    # CE step (stage 2): [head; prefix; speech; postfix; tail] then target + turn end.
+    prefix, postfix = ids(tokenizer, "Repeat the sentence: "), ids(tokenizer, ". ")
+    segments = model.prompt_segments(
+        [prefix] * 3, model.speech_segments(model.encode(wav, lengths)), [postfix] * 3
+    )
+    assert segments[0][0] == list(frame.head) and segments[0][-1] == list(frame.tail)
+    out = model.llm(segments, targets)
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.adaptor.parameters())
+    optimizer.zero_grad()
+    built = model.llm.build_inputs(segments, targets)
+    assert built.labels[0, -1].item() == frame.eos_token_id
+
+    # Batched and per-sample losses agree (left padding, position ids from the mask).
+    model.eval()
+    with torch.no_grad():
+        speech = model.speech_segments(model.encode(wav, lengths))
+        segments = model.prompt_segments([prefix] * 3, speech, [postfix] * 3)
+        batched = model.llm(segments, targets)
+        singles = [model.llm([segments[i]], [targets[i]]).loss for i in range(3)]
+        assert float(batched.loss) * 3 == pytest.approx(float(sum(singles)), rel=1e-4)
+        prompts = [[prefix, s, postfix] for s in speech]
+        generated = model.generate(prompts, max_new_tokens=4, num_beams=1)
+        assert generated == [model.generate([p], max_new_tokens=4, num_beams=1)[0] for p in prompts]
+
+    # Export the CTC stage -> transcribe; the CE stage -> ask.
+    save_model_dir(model, spec, tmp_path / "ctc")
+    save_model_dir(model, {**spec, "stage": "t"}, tmp_path / "t")
+    clips = [(wav[i, :n].numpy().astype(np.float32), SAMPLING_RATE) for i, n in enumerate(LENGTHS)]
+    ctc_model = speechllm.load(tmp_path / "ctc", device="cpu")
+    assert ctc_model.transcribe(clips, batch_size=3) == ctc_model.transcribe(clips, batch_size=1)
+    asked = speechllm.load(tmp_path / "t", device="cpu")
+    answers = asked.ask(
+        [["Repeat the sentence: ", clip, ". "] for clip in clips], batch_size=3, num_beams=1, max_new_tokens=4
+    )
+    assert answers == [tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
+
+
+@pytest.mark.parametrize("llm", LLMS)
+def test_plain_format_starts_with_the_bos_the_family_expects(family_dirs, llm) -> None:
+    model, tokenizer = build_model(
+        bloomzmms_spec(family_dirs, llm, "wavlm", "plain"), with_ctc=False, with_llm=True
+    )
+    bos = [tokenizer.bos_token_id] if tokenizer_family(llm).adds_bos else []
+    assert model.prompt_head == bos and model.prompt_tail == []
+    assert model.llm.eos_token_id == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("prompt_format", ["plain", "chat"])
+@pytest.mark.parametrize("llm", LLMS)
+def test_target_generation_prompts_the_llm_as_training_does(
+    family_dirs, llm, prompt_format, tmp_path
+) -> None:
+    """T/MI/TMI targets: the text prompt in the same frame as the speech prompts; the text equals the model's
+    own generation from the same token ids."""
+    model, tokenizer = build_model(
+        bloomzmms_spec(family_dirs, llm, "wavlm", prompt_format), with_ctc=False, with_llm=True
+    )
+    frame = prompt_frame(tokenizer, prompt_format)
+    items = [(text, "Repeat the sentence: ", ". ") for text in TEXTS]
+    generator = HFGenerator(model.llm.lm, tokenizer, batch_size=2)
+    out = tmp_path / "shard0.jsonl"
+    generate_shard(items, 0, 1, generator, {"max_new_tokens": 5}, out, (frame.head_text, frame.tail_text))
+    import json
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    with torch.no_grad():
+        expected = model.generate([[ids(tokenizer, p + t + q)] for t, p, q in items], max_new_tokens=5)
+    assert [r["output"] for r in rows] == tokenizer.batch_decode(
+        expected, skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
+
+
+# ------------------------------------------------------------------------------------------- Kang & Roy
+
+
+@pytest.mark.parametrize("encoder", ["hubert", "w2v-bert"])
+@pytest.mark.parametrize("llm", LLMS)
+def test_kang_roy_kd_step_in_the_tokenizers_chat_turn(family_dirs, llm, encoder, tmp_path) -> None:
+    models_cfg = {
+        "llm": llm_cfg(family_dirs[llm]),
+        "speech_encoder": {**encoder_cfg(family_dirs[encoder], encoder), "normalize_waveform": False},
+        "pooling": {"kernel_size": 2, "stride": 2},
+        "chat": {"prefix": "", "suffix": "", "label_eos": True, "format": "tokenizer", "system": None},
+        "prompt": {"prefix": "", "postfix": ""},
+    }
+    spec = kang_roy_spec(models_cfg, stage="kd")
+    model, tokenizer = build_model(spec, with_ctc=False, with_llm=True)
+    frame = prompt_frame(tokenizer, "chat")
+    assert (model.prefix_ids, model.suffix_ids, model.llm.eos_token_id) == (
+        list(frame.head),
+        list(frame.tail),
+        frame.eos_token_id,
+    )
+    wav, lengths = waves(LENGTHS)
+    responses = [ids(tokenizer, t) for t in reversed(TEXTS)]
+    model.train()
+    student = model.chat_segments([[s] for s in model.encode(wav, lengths)])
+    teacher = model.chat_segments([[ids(tokenizer, t)] for t in TEXTS])
+    out = distillation_loss(
+        model.llm, student, teacher, responses, DistillationConfig(fd_layers=[0, 1, 2]), append_eos=True
+    )
+    assert torch.isfinite(out.loss) and out.ld > 0
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+    assert all(p.grad is None for p in model.llm.parameters())
+
+    model.eval()
+    with torch.no_grad():
+        speech = model.encode(wav, lengths)
+        student = model.chat_segments([[s] for s in speech])
+        batched = distillation_loss(
+            model.llm, student, teacher, responses, DistillationConfig(fd_layers=[0, 2])
+        )
+        singles = [
+            distillation_loss(
+                model.llm,
+                student[i : i + 1],
+                teacher[i : i + 1],
+                responses[i : i + 1],
+                DistillationConfig(fd_layers=[0, 2]),
+            ).loss
+            for i in range(3)
+        ]
+        assert float(batched.loss) == pytest.approx(float(sum(singles)) / 3, rel=1e-4)
+        turns = [[ids(tokenizer, "Summarize: "), s] for s in speech]
+        generated = model.generate(turns, max_new_tokens=4)
+        assert generated == [model.generate([t], max_new_tokens=4)[0] for t in turns]
+
+    save_model_dir(model, spec, tmp_path / "kd")
+    asked = speechllm.load(tmp_path / "kd", device="cpu")
+    clips = [(wav[i, :n].numpy().astype(np.float32), SAMPLING_RATE) for i, n in enumerate(LENGTHS)]
+    answers = asked.ask([["Summarize: ", clip] for clip in clips], batch_size=3, max_new_tokens=4)
+    assert answers == [tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
