@@ -232,6 +232,42 @@ def build_llm(name: str, out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def tiny_whisper_config(**overrides: object) -> WhisperConfig:
+    """Whisper at width 32 with 16 mel bins and a 100-frame (2 s) window."""
+    kwargs = dict(
+        d_model=HIDDEN,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        num_mel_bins=16,
+        max_source_positions=100,
+        max_target_positions=16,
+        vocab_size=64,
+        pad_token_id=1,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+    )
+    return WhisperConfig(**{**kwargs, **overrides})
+
+
+def tiny_w2v_bert_config(**overrides: object) -> Wav2Vec2BertConfig:
+    """w2v-BERT 2.0's conformer at width 32, reading 2 stacked 16-bin fbanks."""
+    kwargs = dict(
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        feature_projection_input_dim=32,
+        conv_depthwise_kernel_size=5,
+        vocab_size=16,
+    )
+    return Wav2Vec2BertConfig(**{**kwargs, **overrides})
+
+
 def build_encoder(name: str, out_dir: Path, seed: int = 0) -> Path:
     """A 2-layer speech encoder of the family (width 32) with its feature extractor where it reads log-mels."""
     torch.manual_seed(seed)
@@ -255,39 +291,11 @@ def build_encoder(name: str, out_dir: Path, seed: int = 0) -> Path:
             else HubertModel(HubertConfig(**layout))
         )
     elif name == "whisper":
-        model = WhisperModel(
-            WhisperConfig(
-                d_model=HIDDEN,
-                encoder_layers=2,
-                encoder_attention_heads=2,
-                decoder_layers=1,
-                decoder_attention_heads=2,
-                encoder_ffn_dim=64,
-                decoder_ffn_dim=64,
-                num_mel_bins=16,
-                max_source_positions=100,
-                max_target_positions=16,
-                vocab_size=64,
-                pad_token_id=1,
-                bos_token_id=1,
-                eos_token_id=2,
-                decoder_start_token_id=1,
-            )
-        )
+        model = WhisperModel(tiny_whisper_config())
         # A 2 s window (200 mel frames -> 100 encoder frames) instead of Whisper's 30 s.
         WhisperFeatureExtractor(feature_size=16, chunk_length=2).save_pretrained(out_dir)
     elif name == "w2v-bert":
-        model = Wav2Vec2BertModel(
-            Wav2Vec2BertConfig(
-                hidden_size=HIDDEN,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
-                feature_projection_input_dim=32,
-                conv_depthwise_kernel_size=5,
-                vocab_size=16,
-            )
-        )
+        model = Wav2Vec2BertModel(tiny_w2v_bert_config())
         SeamlessM4TFeatureExtractor(feature_size=16, num_mel_bins=16).save_pretrained(out_dir)
     else:
         raise ValueError(name)
