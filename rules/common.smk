@@ -146,6 +146,23 @@ def resolve_min_duration():
 DATA_MIN_DURATION = resolve_min_duration()
 
 
+def check_encoder_window():
+    """A Whisper encoder reads at most its window (`_feature_extractor.chunk_length` of config/models/<name>.json,
+    else 30 s): data.max_duration, stretched by the slowest speed perturbation, must fit in it."""
+    architecture = encoder_architecture() or {}
+    if architecture.get("model_type") != "whisper":
+        return
+    window = architecture.get("_feature_extractor", {}).get("chunk_length", 30)
+    longest = config["data"]["max_duration"] / min(config["data"]["speed_perturb"])
+    if longest > window:
+        config_error("data.max_duration", f"{config['data']['max_duration']} s clips become {longest:.2f} s at "
+                                          f"speed {min(config['data']['speed_perturb'])}, longer than the Whisper "
+                                          f"encoder's {window} s window")
+
+
+check_encoder_window()
+
+
 def looks_local(name_or_path):
     """A model named by a filesystem path rather than a hub id (`org/name`)."""
     return bool(name_or_path) and (os.path.isabs(name_or_path) or str(name_or_path).startswith(("./", "../", "~")))

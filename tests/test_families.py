@@ -138,6 +138,11 @@ def test_whisper_clips_longer_than_its_window_are_refused(family_dirs) -> None:
     model, _ = build_model(
         bloomzmms_spec(family_dirs, "qwen2", "whisper", "plain"), with_ctc=False, with_llm=False
     )
+    assert model.max_input_samples() == 32000
+    wavlm, _ = build_model(
+        bloomzmms_spec(family_dirs, "qwen2", "wavlm", "plain"), with_ctc=False, with_llm=False
+    )
+    assert wavlm.max_input_samples() is None
     with pytest.raises(ValueError, match="longer than the Whisper encoder's 32000-sample window"):
         model.encode(*waves([32001]))
 

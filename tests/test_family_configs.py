@@ -143,3 +143,31 @@ def test_recipe_dry_runs_offline_with_every_stage(tmp_path) -> None:
 )
 def test_family_config_errors_name_the_key(tmp_path, data, key) -> None:
     test_workflow.test_config_errors_name_the_key(tmp_path, data, key)
+
+
+def test_whisper_window_bounds_the_longest_clip(tmp_path) -> None:
+    res = snakemake(
+        "-n",
+        "-d",
+        str(tmp_path),
+        "--configfile",
+        str(RECIPE),
+        str(test_workflow.override(tmp_path, {"data": {"max_duration": 30.0}})),
+    )
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if "config error at key" in line]
+    assert len(lines) == 1 and "'data.max_duration'" in lines[0] and "30 s window" in lines[0], res.stderr[
+        -2000:
+    ]
+
+
+def test_training_refuses_clips_longer_than_the_whisper_window() -> None:
+    from speechllm.train.commands import check_min_durations
+
+    records = [
+        {"id": "long", "num_samples": 30_000, "speed": 1.1, "_line": 3, "_path": "train.jsonl"},
+        {"id": "slow", "num_samples": 30_000, "speed": 0.9, "_line": 4, "_path": "train.jsonl"},
+    ]
+    check_min_durations(records[:1], 100, 16000, max_samples=32_000)
+    with pytest.raises(ValueError, match="utterance slow .* longer than the speech encoder's 2 s window"):
+        check_min_durations(records, 100, 16000, max_samples=32_000)

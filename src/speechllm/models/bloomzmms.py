@@ -57,6 +57,10 @@ class BloomzMMS(nn.Module):
 
         return min_input_samples(frames, self.adaptor.config.output_frames)
 
+    def max_input_samples(self) -> int | None:
+        """Longest waveform (samples) the encoder reads whole (Whisper: its window), None without a limit."""
+        return self.frontend.features.max_samples if self.frontend.features is not None else None
+
     def encode(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> AdaptorOutput:
         """wav (B, N) → speech vectors (B, T2, H_llm) and LID logits."""
         feats, feat_lengths = self.frontend(wav, wav_lengths)
