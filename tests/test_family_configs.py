@@ -25,6 +25,7 @@ from speechllm.models.plan import (
 )
 
 RECIPE = REPO / "config" / "experiments" / "bloomzmms_recipe_qwen2.5-7b_whisper-large-v3.yaml"
+SUMMARIZATION_RECIPE = REPO / "config" / "experiments" / "speech_summarization_llama-3.1-8b_w2v-bert-2.0.yaml"
 QWEN, LLAMA = "Qwen/Qwen2.5-7B-Instruct", "meta-llama/Llama-3.1-8B-Instruct"
 WHISPER, W2V_BERT = "openai/whisper-large-v3", "facebook/w2v-bert-2.0"
 
@@ -122,8 +123,15 @@ def test_log_mel_encoder_flops_match_the_counter(family) -> None:
     assert expected == pytest.approx(fwd, rel=0.02)
 
 
-def test_recipe_dry_runs_offline_with_every_stage(tmp_path) -> None:
-    res = snakemake("-n", "-d", str(tmp_path), "--configfile", str(RECIPE))
+@pytest.mark.parametrize(
+    ("config", "stages"),
+    [
+        (RECIPE, STAGE_RULES),
+        (SUMMARIZATION_RECIPE, {"generate_responses", "init_kang_roy", "train_kd", "evaluate"}),
+    ],
+)
+def test_recipes_dry_run_offline_with_every_stage(tmp_path, config, stages) -> None:
+    res = snakemake("-n", "-d", str(tmp_path), "--configfile", str(config))
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout + res.stderr
     jobs = {
@@ -131,7 +139,18 @@ def test_recipe_dry_runs_offline_with_every_stage(tmp_path) -> None:
         for line in out.split("Job stats:")[1].splitlines()[3:]
         if line.strip() and not line.startswith("total")
     }
-    assert jobs >= STAGE_RULES, STAGE_RULES - jobs
+    assert jobs >= stages, stages - jobs
+
+
+def test_summarization_recipe_plan_counts_llama_and_w2v_bert(capsys) -> None:
+    kd = plan_experiment(load_experiment(SUMMARIZATION_RECIPE), MODELS_DIR)[0]
+    parts = parts_by_name(kd)
+    assert parts["speech_encoder"].trainable_params == 580_493_120
+    assert parts["llm"].frozen_params == 8_030_261_248
+    assert kd.workload.encoder_frames == ((kd.workload.samples - 400) // 160 + 1) // 2 == 999
+    main(["plan", "--config", str(SUMMARIZATION_RECIPE)])
+    out = capsys.readouterr().out
+    assert "8,030,261,248" in out and "580,493,120" in out and "memory per GPU" in out
 
 
 @pytest.mark.parametrize(
