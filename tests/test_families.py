@@ -365,3 +365,61 @@ def test_kang_roy_kd_step_in_the_tokenizers_chat_turn(family_dirs, llm, encoder,
     clips = [(wav[i, :n].numpy().astype(np.float32), SAMPLING_RATE) for i, n in enumerate(LENGTHS)]
     answers = asked.ask([["Summarize: ", clip] for clip in clips], batch_size=3, max_new_tokens=4)
     assert answers == [tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "llama"])
+def test_kang_roy_responses_in_the_tokenizers_chat_turn(family_dirs, llm, tmp_path) -> None:
+    """`targets.responses.prompt_template: chat`: each transcript inside the tokenizer's own chat turn, up to
+    2 x that prompt's length."""
+    import json
+
+    from speechllm.cli import main
+
+    manifest = tmp_path / "dev.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps({"id": f"u{i}", "raw_transcription": t.upper()}) + "\n" for i, t in enumerate(TEXTS)
+        )
+    )
+    settings = {
+        "llm": llm_cfg(family_dirs[llm]),
+        "backend": "hf",
+        "seed": 0,
+        "vllm": None,
+        "responses": {
+            "text_field": "raw_transcription",
+            "prompt_template": "chat",
+            "lowercase": True,
+            "add_special_tokens": False,
+            "length_factor": 2,
+            "num_beams": 1,
+            "clean_up_spaces": False,
+            "batch_size": 2,
+        },
+    }
+    out = tmp_path / "shard0.jsonl"
+    main(
+        [
+            "targets",
+            "responses",
+            "--settings",
+            json.dumps(settings),
+            "--manifest",
+            str(manifest),
+            "--shard",
+            "0",
+            "--num-shards",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    model, tokenizer = build_model(
+        bloomzmms_spec(family_dirs, llm, "wavlm", "chat"), with_ctc=False, with_llm=True
+    )
+    frame = prompt_frame(tokenizer, "chat")
+    prompts = [frame.wrap_text(t) for t in TEXTS]
+    limits = [2 * len(ids(tokenizer, p)) for p in prompts]
+    expected = HFGenerator(model.llm.lm, tokenizer, batch_size=1).generate(prompts, limits)
+    assert [r["llm_response"] for r in rows] == expected
