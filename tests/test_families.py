@@ -423,3 +423,127 @@ def test_kang_roy_responses_in_the_tokenizers_chat_turn(family_dirs, llm, tmp_pa
     limits = [2 * len(ids(tokenizer, p)) for p in prompts]
     expected = HFGenerator(model.llm.lm, tokenizer, batch_size=1).generate(prompts, limits)
     assert [r["llm_response"] for r in rows] == expected
+
+
+# ------------------------------------------------------------------------------------------- LoRA (optional)
+
+LORA = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.trainable_state_dict().items() if ".lora_" in k}
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "gemma3"])
+def test_lora_on_the_llm_trains_exports_and_reloads(family_dirs, llm, tmp_path) -> None:
+    pytest.importorskip("peft")
+    from speechllm.models.export import load_model_dir, load_trained_weights
+
+    spec = bloomzmms_spec(family_dirs, llm, "wavlm", "chat", stage="ce")
+    spec["llm"]["lora"] = LORA
+    model, tokenizer = build_model(spec, with_ctc=False, with_llm=True)
+    plain, _ = build_model(
+        {**spec, "llm": {k: v for k, v in spec["llm"].items() if k != "lora"}}, False, True
+    )
+    plain.load_state_dict(model.state_dict(), strict=False)  # the same adaptor, the LLM without adapters
+    adapters = lora_weights(model)
+    assert adapters and all(p.requires_grad == (".lora_" in n) for n, p in model.llm.named_parameters())
+    wav, lengths = waves(LENGTHS)
+    targets = [ids(tokenizer, t) for t in TEXTS]
+    prefix, postfix = ids(tokenizer, "Repeat the sentence: "), ids(tokenizer, ". ")
+
+    def ce_loss(m):
+        segments = m.prompt_segments([prefix] * 3, m.speech_segments(m.encode(wav, lengths)), [postfix] * 3)
+        return m.llm(segments, targets).loss
+
+    model.eval(), plain.eval()
+    with torch.no_grad():  # B = 0: fresh adapters leave the LLM as it was
+        assert float(ce_loss(model)) == pytest.approx(float(ce_loss(plain)), rel=1e-6)
+    loss = ce_loss(model)
+    loss.backward()
+    assert any(
+        model.llm.lm.get_parameter(k.removeprefix("llm.lm.")).grad.abs().sum() > 0
+        for k in adapters
+        if "lora_B" in k
+    )
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    with torch.no_grad():
+        trained = float(ce_loss(model))
+        assert trained != pytest.approx(float(ce_loss(plain)), rel=1e-6)
+    save_model_dir(model, spec, tmp_path / "ce")
+    reloaded, _, _ = load_model_dir(tmp_path / "ce", with_ctc=False, with_llm=True)
+    reloaded.eval()
+    with torch.no_grad():
+        assert float(ce_loss(reloaded)) == pytest.approx(trained, rel=1e-6)
+    # A CTC-stage model (no adapters) initialises the CE stage: its adapters start fresh, or are required.
+    ctc_spec = {**spec, "stage": "ctc"}
+    ctc_model, _ = build_model(ctc_spec, with_ctc=True, with_llm=True)
+    assert not lora_weights(ctc_model)
+    save_model_dir(ctc_model, ctc_spec, tmp_path / "ctc")
+    fresh, _ = build_model(spec, with_ctc=False, with_llm=True)
+    load_trained_weights(fresh, tmp_path / "ctc" / "model.safetensors", fresh_lora=True)
+    with pytest.raises(ModelDirError, match="trained tensors missing"):
+        load_trained_weights(fresh, tmp_path / "ctc" / "model.safetensors")
+
+
+def test_lora_kd_teacher_is_the_frozen_llm(family_dirs) -> None:
+    pytest.importorskip("peft")
+    from speechllm.models.lora import adapters_disabled
+
+    models_cfg = {
+        "llm": {**llm_cfg(family_dirs["llama"]), "lora": LORA},
+        "speech_encoder": {**encoder_cfg(family_dirs["hubert"], "hubert"), "normalize_waveform": False},
+        "pooling": {"kernel_size": 2, "stride": 2},
+        "chat": {"prefix": "", "suffix": "", "label_eos": False, "format": "tokenizer", "system": None},
+        "prompt": {"prefix": "", "postfix": ""},
+    }
+    model, tokenizer = build_model(kang_roy_spec(models_cfg, stage="kd"), with_ctc=False, with_llm=True)
+    with torch.no_grad():
+        for name, param in model.llm.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # trained-looking adapters
+    model.eval()
+    prompt = model.chat_segments([[ids(tokenizer, t)] for t in TEXTS])
+    responses = [ids(tokenizer, t) for t in reversed(TEXTS)]
+    config = DistillationConfig(ntp_weight=0.0, ld_weight=1.0, fd_weight=1.0, fd_layers=[0, 1, 2])
+    with torch.no_grad():
+        # The teacher's own prompt as the student: zero distillation loss only if the teacher runs without
+        # adapters exactly when the student runs without them.
+        with adapters_disabled(model.llm.lm):
+            assert float(distillation_loss(model.llm, prompt, prompt, responses, config).fd) == 0.0
+        assert float(distillation_loss(model.llm, prompt, prompt, responses, config).fd) > 0.0
+    student = model.chat_segments([[s] for s in model.encode(*waves(LENGTHS))])
+    distillation_loss(model.llm, student, prompt, responses, config).loss.backward()
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0
+        for n, p in model.llm.lm.named_parameters()
+        if "lora_" in n
+    )
+
+
+def test_lora_adapters_resume_exactly(tmp_path) -> None:
+    """A KD run with LoRA stopped after one epoch and resumed from its checkpoint ends with the same adapter
+    (and encoder) weights as an uninterrupted two-epoch run."""
+    pytest.importorskip("peft")
+    import shutil
+
+    from test_distillation import _tiny_kang_roy, _train_kd
+
+    schedule = {"schedule": "warmup_inverse_sqrt", "warmup_steps": 1}
+    straight, tokenizer, datasets = _tiny_kang_roy(tmp_path / "straight", lora=LORA)
+    _train_kd(tmp_path / "straight", straight, tokenizer, datasets, max_epochs=2, **schedule)
+    first, tokenizer, datasets = _tiny_kang_roy(tmp_path / "first", lora=LORA)
+    _train_kd(tmp_path / "first", first, tokenizer, datasets, max_epochs=1, **schedule)
+    assert lora_weights(first) and not all(
+        torch.equal(first.trainable_state_dict()[k], v) for k, v in lora_weights(straight).items()
+    )
+    resumed, tokenizer, datasets = _tiny_kang_roy(tmp_path / "resumed", lora=LORA)
+    shutil.copytree(tmp_path / "first" / "ckpt", tmp_path / "resumed" / "ckpt")
+    with torch.no_grad():  # what a fresh start would train from differs: only the checkpoint can restore it
+        for name, param in resumed.named_parameters():
+            if ".lora_" in name:
+                param.normal_(0, 0.3)
+    _train_kd(tmp_path / "resumed", resumed, tokenizer, datasets, max_epochs=2, **schedule)
+    expected, got = straight.trainable_state_dict(), resumed.trainable_state_dict()
+    assert expected.keys() == got.keys() and any(".lora_" in k for k in got)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -158,6 +158,10 @@ def test_summarization_recipe_plan_counts_llama_and_w2v_bert(capsys) -> None:
     [
         ({"models": {"prompt": {"format": "xml"}}}, "models.prompt.format"),
         ({"models": {"ctc_head": {"blank_id": ""}}}, "models.ctc_head.blank_id"),
+        (
+            {"models": {"llm": {"lora": {"r": 0, "alpha": 8, "target_modules": ["q_proj"]}}}},
+            "models.llm.lora.r",
+        ),
     ],
 )
 def test_family_config_errors_name_the_key(tmp_path, data, key) -> None:

@@ -22,6 +22,7 @@ from speechllm.models.encoder_inputs import LOG_MEL_FAMILIES, encoder_only, inpu
 from speechllm.models.frontend import SpeechFrontend, without_language_adapters
 from speechllm.models.hubert_pool import HubertPoolEncoder, PoolConfig
 from speechllm.models.kang_roy import ChatTemplate, KangRoy, chat_ids
+from speechllm.models.lora import add_lora, is_lora_weight
 from speechllm.models.prompt_format import frame_from_spec, prompt_frame
 from speechllm.models.speech_llm import SpeechLLM
 
@@ -38,13 +39,30 @@ class ModelDirError(ValueError):
     """A model directory that cannot be loaded; the message names the directory and what is wrong."""
 
 
+def llm_spec(llm_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The LLM part of a spec: what loads it, and its LoRA adapters when `models.llm.lora` is set."""
+    spec = {k: llm_cfg[k] for k in ("name_or_path", "revision", "dtype", "load_in_8bit")}
+    if llm_cfg.get("lora"):
+        spec["lora"] = dict(llm_cfg["lora"])
+    return spec
+
+
+def with_lora(llm: SpeechLLM, spec: dict[str, Any]) -> SpeechLLM:
+    """The spec's LoRA adapters on the LLM, in the stages that train through it (not `ctc`: a CTC-stage model
+    in front of the LLM, e.g. `ce_init`, is the frozen LLM, which fresh adapters would equal anyway)."""
+    lora = spec["llm"].get("lora")
+    if lora and spec.get("stage") != "ctc":
+        add_lora(llm.lm, lora)
+    return llm
+
+
 def model_spec(models_cfg: dict[str, Any], adaptor: AdaptorConfig, language_ids: dict[str, int],
                stage: str) -> dict[str, Any]:
     """The `speechllm.json` content for a BLOOMZMMS model built from the `models` config section."""
     return {
         "format": FORMAT, "kind": "bloomzmms", "stage": stage, "speechllm_version": __version__,
         "speech_encoder": dict(models_cfg["speech_encoder"]),
-        "llm": {k: models_cfg["llm"][k] for k in ("name_or_path", "revision", "dtype", "load_in_8bit")},
+        "llm": llm_spec(models_cfg["llm"]),
         "adaptor": asdict(adaptor), "language_ids": language_ids,
         "prompt": dict(models_cfg["prompt"]),
         **({"ctc_head": dict(models_cfg["ctc_head"])} if "ctc_head" in models_cfg else {}),
@@ -56,7 +74,7 @@ def kang_roy_spec(models_cfg: dict[str, Any], stage: str) -> dict[str, Any]:
     return {
         "format": FORMAT, "kind": "kang_roy", "stage": stage, "speechllm_version": __version__,
         "speech_encoder": dict(models_cfg["speech_encoder"]),
-        "llm": {k: models_cfg["llm"][k] for k in ("name_or_path", "revision", "dtype", "load_in_8bit")},
+        "llm": llm_spec(models_cfg["llm"]),
         "pooling": dict(models_cfg["pooling"]), "chat": dict(models_cfg["chat"]),
         "prompt": dict(models_cfg["prompt"]),
     }
@@ -130,7 +148,7 @@ def build_kang_roy(spec: dict[str, Any], with_llm: bool, device: torch.device | 
         hidden_size = lm.get_input_embeddings().weight.shape[1]
         # The reference sets pad = eos (MiniChat's tokenizer has no pad token).
         eos = kang_roy_frame(spec, tokenizer)[2]
-        llm = SpeechLLM(lm, pad_token_id(tokenizer), eos, gradient_checkpointing)
+        llm = with_lora(SpeechLLM(lm, pad_token_id(tokenizer), eos, gradient_checkpointing), spec)
     else:  # the encoder alone (e.g. the untrained model's export): the LLM's width and tokenizer suffice
         tokenizer, hidden_size, llm = load_tokenizer(spec["llm"]), llm_hidden_size(spec["llm"]), None
     encoder = HubertPoolEncoder(hubert, hidden_size, PoolConfig(**spec["pooling"]),
@@ -229,6 +247,8 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     ctc_head = CTCHead.from_embeddings(input_embedding_rows(lm, len(tokenizer)), len(tokenizer)) if with_ctc else None
     frame = frame_from_spec(tokenizer, spec["prompt"])
     llm = SpeechLLM(lm, pad_token_id(tokenizer), frame.eos_token_id, gradient_checkpointing) if with_llm else None
+    if llm is not None:
+        with_lora(llm, spec)
     model = BloomzMMS(frontend, adaptor, ctc_head, llm, ctc_blank_id=ctc_blank_id(spec, tokenizer),
                       prompt_head=frame.head, prompt_tail=frame.tail)
     return model.to(device), tokenizer
@@ -292,14 +312,18 @@ def load_model_dir(model_dir: Path, with_ctc: bool, with_llm: bool, device: torc
     return model, tokenizer, spec
 
 
-def load_trained_weights(model: BloomzMMS | KangRoy, path: Path) -> None:
-    """Load trained weights; every stored tensor must match a parameter (frozen parts may be absent)."""
+def load_trained_weights(model: BloomzMMS | KangRoy, path: Path, fresh_lora: bool = False) -> None:
+    """Load trained weights; every stored tensor must match a parameter (frozen parts may be absent).
+
+    `fresh_lora`: the weights come from an earlier stage without LoRA (`--init-from` a CTC model): the LLM's
+    adapters keep their fresh initialisation instead of being required."""
     state = load_file(str(path))
     own = model.state_dict()
     unknown = [k for k in state if k not in own]
     if unknown:
         raise ModelDirError(f"{path}: tensors not in the model: {unknown[:5]}")
-    missing = [k for k, p in model.named_parameters() if p.requires_grad and k not in state]
+    missing = [k for k, p in model.named_parameters()
+               if p.requires_grad and k not in state and not (fresh_lora and is_lora_weight(k))]
     if missing:
         raise ModelDirError(f"{path}: trained tensors missing: {missing[:5]}")
     model.load_state_dict(state, strict=False)

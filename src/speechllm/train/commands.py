@@ -170,8 +170,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     set_seed(s["seed"])  # the untrained adaptor's initialisation is part of the run
     model, tokenizer, spec, lid = build_for_stage(s, args.stage, args.language_ids, process_device())
-    if args.init_from:
-        load_trained_weights(model, Path(args.init_from) / "model.safetensors")
+    if args.init_from:  # the LLM's LoRA adapters (models.llm.lora) start fresh: the CTC stage has none
+        load_trained_weights(model, Path(args.init_from) / "model.safetensors", fresh_lora=True)
     out_dir = Path(args.out_dir)
     if args.stage == "init":
         save_model_dir(model, spec, out_dir, extra={"training": {"steps": 0}})
@@ -181,6 +181,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     if "stage" not in s:
         raise ValueError(f"the settings have no 'stage' section (config train.{args.stage})")
     stage = StageConfig.from_config(args.stage, s["stage"])
+    if stage.fsdp and s["models"]["llm"].get("lora"):
+        raise ValueError("train.<stage>.fsdp with models.llm.lora is not supported: FSDP2 shards the LLM's "
+                         "decoder blocks as frozen; set fsdp: false or lora: null")
     sr = s["sampling_rate"]
     fields = (*manifest_fields(args.stage, s), "num_samples")
     train_set = SpeechDataset(read_manifest(args.train, required=fields), sr, args.train)
