@@ -194,3 +194,22 @@ def test_training_refuses_clips_longer_than_the_whisper_window() -> None:
     check_min_durations(records[:1], 100, 16000, max_samples=32_000)
     with pytest.raises(ValueError, match="utterance slow .* longer than the speech encoder's 2 s window"):
         check_min_durations(records, 100, 16000, max_samples=32_000)
+
+
+def test_plan_counts_lora_adapters_as_trainable() -> None:
+    pytest.importorskip("peft")
+    cfg = load_experiment(RECIPE)
+    cfg["models"]["llm"]["lora"] = {
+        "r": 16,
+        "alpha": 32,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    }
+    plans = {p.stage: p for p in plan_experiment(cfg, MODELS_DIR)}
+    llm = parts_by_name(plans["ce"])["llm"]
+    adapters = 28 * 16 * ((3584 + 3584) + 2 * (3584 + 512) + (3584 + 3584))  # r x (in + out) per projection
+    assert (llm.trainable_params, llm.frozen_params) == (adapters, 7_615_616_512)
+    assert llm.role == "mixed" and llm.optimizer_bytes == 8 * adapters and llm.grad_bytes == 4 * adapters
+    frozen = parts_by_name({p.stage: p for p in plan_experiment(load_experiment(RECIPE), MODELS_DIR)}["ce"])[
+        "llm"
+    ]
+    assert llm.activation_bytes > frozen.activation_bytes

@@ -71,6 +71,7 @@ from speechllm.models.encoder_inputs import encoder_only, input_family
 from speechllm.models.frames import fbank_frame_count
 from speechllm.models.frontend import SpeechFrontend, without_language_adapters
 from speechllm.models.hubert_pool import HubertPoolEncoder, PoolConfig
+from speechllm.models.lora import add_lora, is_lora_weight
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 TRAINABLE_BYTES = 4  # fp32 master weights
@@ -114,6 +115,16 @@ def meta_model(config: PretrainedConfig, causal_lm: bool) -> nn.Module:
     with torch.device("meta"):
         factory = AutoModelForCausalLM if causal_lm else AutoModel
         return factory.from_config(config)
+
+
+def meta_lm(config: PretrainedConfig, llm_cfg: dict[str, Any]) -> nn.Module:
+    """The frozen causal LM on the meta device, with its LoRA adapters (trainable) when `models.llm.lora` is set
+    (they act in the CE / KD stages, the only ones that plan the LLM)."""
+    lm = meta_model(config, causal_lm=True)
+    lm.requires_grad_(False)
+    if llm_cfg.get("lora"):
+        add_lora(lm, llm_cfg["lora"])
+    return lm
 
 
 def meta_speech_encoder(config: PretrainedConfig) -> nn.Module:
@@ -427,6 +438,8 @@ def llm_part(lm: nn.Module, workload: Workload, llm_cfg: dict[str, Any], act_byt
     checkpointing = bool(llm_cfg.get("gradient_checkpointing"))
     hidden, vocab = llm_hidden_size(config), lm.get_output_embeddings().weight.shape[0]
     per_layer = llm_layer_activation(config, act_bytes)
+    if llm_cfg.get("lora"):  # the adapted projections keep their inputs (attention input and output: ~2h)
+        per_layer += 2 * hidden * act_bytes
     if checkpointing:
         backward += layers_flops - tails + attention  # recomputed forward of the decoder layers
         activation = batch * tokens * (llm_layers(config) * hidden * act_bytes + per_layer)
@@ -439,7 +452,8 @@ def llm_part(lm: nn.Module, workload: Workload, llm_cfg: dict[str, Any], act_byt
         t_layers, t_attention, t_head, _ = llm_flops(lm, batch, workload.teacher_tokens, labels)
         forward += t_layers + t_attention + t_head
     weight_bytes = 1 if llm_cfg.get("load_in_8bit") else DTYPE_BYTES[llm_cfg["dtype"]]
-    return part_plan("llm", (0, num_params(lm)), weight_bytes, activation, forward, backward)
+    adapters = sum(p.numel() for name, p in lm.named_parameters() if is_lora_weight(name))  # the rest is frozen
+    return part_plan("llm", (adapters, num_params(lm) - adapters), weight_bytes, activation, forward, backward)
 
 
 # --------------------------------------------------------------------------- systems
@@ -482,7 +496,7 @@ def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
     adaptor_cfg = AdaptorConfig(**models_cfg["adaptor"], llm_hidden_size=llm_hidden_size(llm_config))
     encoder = meta_speech_encoder(enc_config)
     features = arch_feature_extractor(enc_config, enc_facts)
-    lm = meta_model(llm_config, causal_lm=True)
+    lm = meta_lm(llm_config, models_cfg["llm"])
     with torch.device("meta"):
         try:
             frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"],
@@ -492,7 +506,6 @@ def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
         adaptor = SpeechAdaptor(adaptor_cfg)
         vocab = int(llm_facts.get("tokenizer_vocab_size", lm.get_input_embeddings().weight.shape[0]))
         ctc_head = CTCHead(llm_hidden_size(llm_config), vocab)
-    lm.requires_grad_(False)
     samples = round(cfg["plan"]["utterance_seconds"] * cfg["data"]["sampling_rate"])
 
     def frames_fn(n: int) -> tuple[int, int]:
@@ -534,8 +547,7 @@ def plan_kang_roy(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
     llm_config, _ = load_arch_config(models_cfg["llm"]["name_or_path"], models_dir)
     hubert = meta_speech_encoder(enc_config)
     features = arch_feature_extractor(enc_config, enc_facts)
-    lm = meta_model(llm_config, causal_lm=True)
-    lm.requires_grad_(False)
+    lm = meta_lm(llm_config, models_cfg["llm"])
     pool = PoolConfig(**models_cfg["pooling"])
     with torch.device("meta"):
         encoder = HubertPoolEncoder(hubert, llm_hidden_size(llm_config), pool, features)
