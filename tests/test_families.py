@@ -547,3 +547,28 @@ def test_lora_adapters_resume_exactly(tmp_path) -> None:
     expected, got = straight.trainable_state_dict(), resumed.trainable_state_dict()
     assert expected.keys() == got.keys() and any(".lora_" in k for k in got)
     assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_exported_models_keep_the_prompt_frame_they_were_trained_with(family_dirs, tmp_path) -> None:
+    """A chat template that renders differently later (a new revision, a date in the system turn) does not change
+    an exported model's prompt: speechllm.json records the frame."""
+    import json
+    import shutil
+
+    from speechllm.models.export import load_model_dir, read_spec
+
+    llm_dir = tmp_path / "llm"
+    shutil.copytree(family_dirs["llama"], llm_dir)
+    dirs = {**family_dirs, "llama": llm_dir}
+    spec = bloomzmms_spec(dirs, "llama", "wavlm", "chat", stage="ce")
+    model, tokenizer = build_model(spec, with_ctc=False, with_llm=True)
+    save_model_dir(model, spec, tmp_path / "ce")
+    recorded = read_spec(tmp_path / "ce")["prompt"]["frame"]
+    assert recorded["head"] == model.prompt_head and recorded["eos_token_id"] == model.llm.eos_token_id
+    tokenizer.chat_template = "Today is a new day.\n" + tokenizer.chat_template
+    tokenizer.save_pretrained(llm_dir)
+    rebuilt, _ = build_model(bloomzmms_spec(dirs, "llama", "wavlm", "chat", stage="ce"), False, True)
+    assert rebuilt.prompt_head != model.prompt_head  # the template did change
+    reloaded, _, _ = load_model_dir(tmp_path / "ce", with_ctc=False, with_llm=True)
+    assert (reloaded.prompt_head, reloaded.prompt_tail) == (model.prompt_head, model.prompt_tail)
+    assert json.loads((tmp_path / "ce" / "speechllm.json").read_text())["prompt"]["format"] == "chat"

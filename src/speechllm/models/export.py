@@ -23,7 +23,13 @@ from speechllm.models.frontend import SpeechFrontend, without_language_adapters
 from speechllm.models.hubert_pool import HubertPoolEncoder, PoolConfig
 from speechllm.models.kang_roy import ChatTemplate, KangRoy, chat_ids
 from speechllm.models.lora import add_lora, is_lora_weight
-from speechllm.models.prompt_format import frame_from_spec, prompt_frame
+from speechllm.models.prompt_format import (
+    FRAME_KEY,
+    frame_from_record,
+    frame_from_spec,
+    frame_record,
+    prompt_frame,
+)
 from speechllm.models.speech_llm import SpeechLLM
 
 FORMAT = "speechllm-model/1"
@@ -163,7 +169,11 @@ def kang_roy_frame(spec: dict[str, Any], tokenizer: Any) -> tuple[list[int], lis
     (`chat.format: strings`, the reference), or the tokenizer's own chat template (`chat.format: tokenizer`)."""
     chat = {k: v for k, v in spec["chat"].items() if k not in ("label_eos", "format", "system")}
     if spec["chat"].get("format", "strings") == "tokenizer":
-        frame = prompt_frame(tokenizer, "chat", spec["chat"].get("system"))
+        if FRAME_KEY in spec["chat"]:  # recorded when the model was built (see frame_from_spec)
+            frame = frame_from_record(spec["chat"][FRAME_KEY])
+        else:
+            frame = prompt_frame(tokenizer, "chat", spec["chat"].get("system"))
+            spec["chat"][FRAME_KEY] = frame_record(frame)
         return list(frame.head), list(frame.tail), frame.eos_token_id
     prefix, suffix = chat_ids(tokenizer, ChatTemplate(**chat))
     return prefix, suffix, int(tokenizer.eos_token_id)
@@ -246,6 +256,7 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     lm, tokenizer = load_llm(spec["llm"] if with_llm else {**spec["llm"], "load_in_8bit": False}, device)
     ctc_head = CTCHead.from_embeddings(input_embedding_rows(lm, len(tokenizer)), len(tokenizer)) if with_ctc else None
     frame = frame_from_spec(tokenizer, spec["prompt"])
+    spec["prompt"][FRAME_KEY] = frame_record(frame)  # exported with the model: inference prompts as training did
     llm = SpeechLLM(lm, pad_token_id(tokenizer), frame.eos_token_id, gradient_checkpointing) if with_llm else None
     if llm is not None:
         with_lora(llm, spec)

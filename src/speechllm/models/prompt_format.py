@@ -88,6 +88,34 @@ def prompt_frame(tokenizer: Any, prompt_format: str = "plain", system: str | Non
     return PromptFrame(head_text, tail_text, _ids(tokenizer, head_text), _ids(tokenizer, tail_text), int(eos))
 
 
+FRAME_KEY = "frame"
+
+
+def frame_record(frame: PromptFrame) -> dict[str, Any]:
+    """The frame as written into a model's `speechllm.json` (`prompt.frame` / `chat.frame`)."""
+    return {
+        "head_text": frame.head_text,
+        "tail_text": frame.tail_text,
+        "head": list(frame.head),
+        "tail": list(frame.tail),
+        "eos_token_id": frame.eos_token_id,
+    }
+
+
+def frame_from_record(record: dict[str, Any]) -> PromptFrame:
+    return PromptFrame(
+        record["head_text"],
+        record["tail_text"],
+        tuple(record["head"]),
+        tuple(record["tail"]),
+        int(record["eos_token_id"]),
+    )
+
+
 def frame_from_spec(tokenizer: Any, prompt_cfg: dict[str, Any]) -> PromptFrame:
-    """The frame of a spec's / config's `prompt` section (specs written before `format` existed: plain)."""
+    """The frame of a spec's / config's `prompt` section: the one recorded when the model was built (a chat
+    template may render differently later, e.g. with today's date), else rendered now (specs written before
+    `format` existed: plain)."""
+    if FRAME_KEY in prompt_cfg:
+        return frame_from_record(prompt_cfg[FRAME_KEY])
     return prompt_frame(tokenizer, prompt_cfg.get("format", "plain"), prompt_cfg.get("system"))
