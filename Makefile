@@ -13,13 +13,13 @@ ESPEAK_NG ?= espeak-ng
 export PATH := $(BIN):$(PATH)
 export WANDB_MODE ?= offline
 
-.PHONY: demo demo-summarization test setup system-deps demo-deps slurm-profile constraints lint dryrun-paper clean
+.PHONY: demo demo-summarization test setup system-deps demo-deps slurm-profile constraints lint dryrun-paper rulegraph clean
 
 demo: setup demo-deps
 	snakemake --cores $(CORES)
 	@echo; echo "Result tables:"; ls results/tables/*.md
 
-# Kang & Roy's DAG on the English demo world, in its own working directory (README, "What the demo shows").
+# Kang & Roy's DAG on the English demo world, in its own working directory (docs/demo.md).
 SUMMARIZATION_DIR := runs/demo_summarization
 demo-summarization: setup demo-deps
 	snakemake --cores $(CORES) -d $(SUMMARIZATION_DIR) --configfile $(CURDIR)/config/demo_summarization.yaml
@@ -83,6 +83,16 @@ lint: setup
 
 dryrun-paper: setup
 	snakemake -n --configfile config/experiments/bloomzmms.yaml
+
+# The rule graphs of both paper-scale DAGs (docs/rulegraph-*.svg); needs graphviz's `dot` (apt-get install graphviz).
+RULEGRAPH_DIR := $(shell mktemp -u /tmp/speechllm-rulegraph.XXXXXX)
+rulegraph: setup
+	@command -v dot >/dev/null || { echo "make rulegraph needs graphviz's dot: apt-get install graphviz"; exit 1; }
+	for experiment in bloomzmms speech_summarization; do \
+	  snakemake --rulegraph -d $(RULEGRAPH_DIR)/$$experiment --configfile config/experiments/$$experiment.yaml \
+	    | dot -Tsvg > docs/rulegraph-$$experiment.svg.tmp && mv docs/rulegraph-$$experiment.svg.tmp docs/rulegraph-$$experiment.svg \
+	    || exit 1; \
+	done; rm -rf $(RULEGRAPH_DIR)
 
 clean:
 	rm -rf results resources logs .snakemake runs

@@ -137,6 +137,25 @@ def test_normalising_both_sides_changes_bleu() -> None:
     # The reference script normalised only the refs: a cased, punctuated hyp then loses points.
     refs_only = translation_scores([basic_normalize(r) for r in refs], refs, normalize=False)
     assert refs_only["bleu"] < both["bleu"]
+    # ... which is what normalize_hypotheses=False (evaluate.st_normalize: references) computes.
+    as_reference = translation_scores(refs, refs, normalize=True, normalize_hypotheses=False)
+    assert as_reference["bleu"] == pytest.approx(refs_only["bleu"])
+    assert (as_reference["normalized"], both["normalized"], raw["normalized"]) == ("references", "both", "none")
+
+
+def test_st_normalize_switch_selects_the_reference_scoring() -> None:
+    import pandas as pd
+
+    from speechllm.evaluate.benchmarks import score_st
+
+    df = pd.DataFrame({"language": ["de_de"], "target_language": ["en_us"],
+                       "reference": ["The cat sat on the mat, didn't it?"],
+                       "hypothesis": ["The cat sat on the mat, didn't it?"]})
+    settings = {"bleu_tokenize": {"default": "13a"}}
+    assert score_st(df, {**settings, "st_normalize": "both"})["all"]["bleu"] == pytest.approx(100.0)
+    assert score_st(df, {**settings, "st_normalize": "references"})["all"]["bleu"] < 50.0
+    with pytest.raises(ValueError, match="evaluate.st_normalize"):
+        score_st(df, {**settings, "st_normalize": "hypotheses"})
 
 
 def test_translation_length_mismatch_raises() -> None:

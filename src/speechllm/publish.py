@@ -372,22 +372,18 @@ def upload(folder: Path, repo_id: str, private: bool, revision: str | None, comm
 def load_config(paths: list[str] | None) -> dict[str, Any]:
     """The run's config as `snakemake --configfile A B` builds it: A merged over the config/config.yaml beside
     it, then B over that; without files, config/config.yaml of the working directory if there is one."""
-    import yaml
-
-    from speechllm.models.plan import deep_merge, load_experiment
+    from speechllm.models.plan import PlanError, load_experiment
 
     if not paths:
         default = Path("config/config.yaml")
         return load_experiment(default) if default.is_file() else {}
-    config = load_experiment(Path(paths[0]))
-    for path in paths[1:]:
+    for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"--config {path}: no such file")
-        override = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(override, dict):
-            raise ValueError(f"--config {path}: not a mapping")
-        config = deep_merge(config, override)
-    return config
+    try:
+        return load_experiment([Path(p) for p in paths])
+    except PlanError as err:
+        raise ValueError(f"--config: {err}") from err
 
 
 def cmd_push(args: argparse.Namespace) -> None:

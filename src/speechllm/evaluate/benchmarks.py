@@ -35,6 +35,7 @@ from speechllm.text.normalize import basic_normalize
 STSB_VALUES: tuple[str, ...] = tuple(
     f"{i / 5:.1f}" for i in range(26)
 )  # the reference's round(5·label)/5 targets
+ST_NORMALIZE = ("both", "references")  # config evaluate.st_normalize
 NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 
 
@@ -153,12 +154,17 @@ def run_asr(
 
 
 def score_st(df: pd.DataFrame, settings: dict[str, Any]) -> dict[str, Any]:
-    """sacreBLEU BLEU/chrF per source language and pooled, references and hypotheses normalised alike.
+    """sacreBLEU BLEU/chrF per source language and pooled; references and hypotheses normalised alike
+    (`evaluate.st_normalize: both`) or the references only, as the reference's scoring (`references`).
 
     BLEU's tokeniser follows the target language (`evaluate.bleu_tokenize`: 13a for English, zh/ja-mecab/...
     as configured).
     """
     table = settings["bleu_tokenize"]
+    mode = settings.get("st_normalize", "both")
+    if mode not in ST_NORMALIZE:
+        raise ValueError(f"unknown st_normalize {mode!r} (config key evaluate.st_normalize: {'|'.join(ST_NORMALIZE)})")
+    hyps_too = mode == "both"
     targets = sorted(set(df.target_language)) if len(df) else []
     pooled_tokenize = bleu_tokenizer(targets[0], table) if len(targets) == 1 else table["default"]
     per_language = {}
@@ -166,13 +172,15 @@ def score_st(df: pd.DataFrame, settings: dict[str, Any]) -> dict[str, Any]:
         target = g.target_language.iloc[0]
         per_language[lang] = {
             **translation_scores(
-                list(g.reference), list(g.hypothesis), normalize=True, tokenize=bleu_tokenizer(target, table)
+                list(g.reference), list(g.hypothesis), normalize=True, tokenize=bleu_tokenizer(target, table),
+                normalize_hypotheses=hyps_too,
             ),
             "target_language": target,
         }
     return {
         "all": translation_scores(
-            list(df.reference), list(df.hypothesis), normalize=True, tokenize=pooled_tokenize
+            list(df.reference), list(df.hypothesis), normalize=True, tokenize=pooled_tokenize,
+            normalize_hypotheses=hyps_too,
         ),
         "per_language": per_language,
         "target_languages": targets,

@@ -101,18 +101,24 @@ def asr_scores(refs: list[str], hyps: list[str]) -> dict[str, Any]:
 
 
 def translation_scores(
-    refs: list[str], hyps: list[str], normalize: bool, tokenize: str | None = None
+    refs: list[str],
+    hyps: list[str],
+    normalize: bool,
+    tokenize: str | None = None,
+    normalize_hypotheses: bool = True,
 ) -> dict[str, Any]:
     """sacreBLEU corpus BLEU and chrF (one reference per segment) with their signatures.
 
-    ``normalize`` applies ``basic_normalize`` to references *and* hypotheses (BLOOMZMMS's script
-    normalised only the references). ``tokenize`` overrides BLEU's tokeniser (e.g. ``"zh"``,
-    ``"ja-mecab"`` for CJK targets); None keeps sacreBLEU's default (13a).
+    ``normalize`` applies ``basic_normalize`` to the references and, with ``normalize_hypotheses``, to the
+    hypotheses too (BLOOMZMMS's scoring normalised only the references: config evaluate.st_normalize).
+    ``tokenize`` overrides BLEU's tokeniser (e.g. ``"zh"``, ``"ja-mecab"`` for CJK targets); None keeps
+    sacreBLEU's default (13a).
     """
     _check_lengths(refs, hyps)
     if normalize:
         refs = [basic_normalize(text) for text in refs]
-        hyps = [basic_normalize(text) for text in hyps]
+        if normalize_hypotheses:
+            hyps = [basic_normalize(text) for text in hyps]
     try:
         bleu = sacrebleu.metrics.BLEU(tokenize=tokenize)
     except (ImportError, RuntimeError, KeyError, ValueError) as err:
@@ -127,7 +133,7 @@ def translation_scores(
         "bleu_signature": str(bleu.get_signature()),
         "chrf_signature": str(chrf.get_signature()),
         "num_segments": len(refs),
-        "normalized": normalize,
+        "normalized": ("both" if normalize_hypotheses else "references") if normalize else "none",
         "normalizer": normalizer_version() if normalize else None,
     }
 

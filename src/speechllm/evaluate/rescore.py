@@ -37,6 +37,7 @@ SETTING_KEYS = (
     "option_prefix",
     "ctc",
     "bleu_tokenize",
+    "st_normalize",
     "st_prompt",
     "summarization",
     "response_ppl",

@@ -56,11 +56,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
     from speechllm.models.plan import PlanError, config_root, format_plan, load_experiment, plan_experiment
 
     try:
-        cfg = load_experiment(Path(args.config), Path(args.base) if args.base else None)
-        models_dir = Path(args.models_dir) if args.models_dir else config_root(Path(args.config)) / "models"
+        cfg = load_experiment([Path(c) for c in args.config], Path(args.base) if args.base else None)
+        models_dir = Path(args.models_dir) if args.models_dir else config_root(Path(args.config[0])) / "models"
         plans = plan_experiment(cfg, models_dir)
     except (PlanError, KeyError) as error:
-        sys.exit(f"speechllm plan: {args.config}: {error}")
+        sys.exit(f"speechllm plan: {' '.join(args.config)}: {error}")
     if args.json:
         print(json.dumps([p.to_dict() for p in plans], indent=2))
     else:
@@ -70,6 +70,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 PLAN_EPILOG = """example:
   speechllm plan --config config/experiments/bloomzmms.yaml
   speechllm plan --config config/experiments/speech_summarization.yaml --json
+  speechllm plan --config config/experiments/bloomzmms.yaml config/experiments/bloomzmms_exact.yaml
 
 Models are built on the meta device from config/models/<hub name>.json (no download). The formulas are in the
 docstring of speechllm.models.plan."""
@@ -78,7 +79,8 @@ docstring of speechllm.models.plan."""
 def register(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("plan", help="parameters, memory per GPU and FLOPs per step of an experiment's models",
                        epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    m.add_argument("--config", required=True, help="experiment config (merged over config/config.yaml)")
+    m.add_argument("--config", required=True, nargs="+",
+                   help="experiment config file(s), merged in order over config/config.yaml (as --configfile)")
     m.add_argument("--base", help="base config to merge under it (default: config.yaml beside experiments/)")
     m.add_argument("--models-dir", help="architecture configs (default: config/models beside the config)")
     m.add_argument("--json", action="store_true", help="print JSON instead of Markdown tables")

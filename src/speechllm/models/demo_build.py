@@ -160,7 +160,7 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
     # tokenising them joined lets BPE merge across the boundary (". " + "The" → " The"), and a model trained
     # that way cannot continue a prompt that ends in a space. Only the completion is scored (pretraining_batch):
     # with the prompt scored too, most updates went into modelling the templates' wording, and the demo LLM's
-    # MI answers were mostly another corpus sentence (README, "What the demo shows").
+    # MI answers were mostly another corpus sentence (docs/demo.md).
     prompts = [prompt_ids(tokenizer, e.prompt) for e in examples]
     seqs = [(p + prompt_ids(tokenizer, e.completion) + [tokenizer.eos_token_id], len(p))
             for p, e in zip(prompts, examples, strict=True)]

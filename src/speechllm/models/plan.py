@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -621,18 +621,20 @@ def config_root(path: Path) -> Path:
     return parent.parent if parent.name == "experiments" else parent
 
 
-def load_experiment(path: Path, base: Path | None = None) -> dict[str, Any]:
-    """An experiment config merged over the default `config/config.yaml` (as `snakemake --configfile` does)."""
+def load_experiment(path: Path | Sequence[Path], base: Path | None = None) -> dict[str, Any]:
+    """Experiment config file(s) merged over the default `config/config.yaml`, in order, as
+    `snakemake --configfile A B` does (e.g. `bloomzmms.yaml` then `bloomzmms_exact.yaml`)."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise PlanError(f"config file not found: {path}")
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    for source in paths:
+        if not source.is_file():
+            raise PlanError(f"config file not found: {source}")
     if base is None:
-        candidate = config_root(path) / "config.yaml"
-        base = candidate if candidate.is_file() and candidate != path.resolve() else None
+        candidate = config_root(paths[0]) / "config.yaml"
+        base = candidate if candidate.is_file() and candidate != paths[0].resolve() else None
     merged: dict[str, Any] = {}
-    for source in ([base] if base else []) + [path]:
+    for source in ([base] if base else []) + paths:
         data = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
         if not isinstance(data, dict):
             raise PlanError(f"{source}: not a mapping")
