@@ -118,38 +118,37 @@ if config["data"]["source"] == "demo":
             config_error(key, f"the demo world builds its model at {path}")
 
 
-def encoder_conv_layers():
-    """(kernels, strides) of the speech encoder's convolutional feature extractor, read from the config: the demo
-    encoder's build settings, else config/models/<name>.json or <name_or_path>/config.json; None if neither."""
+def encoder_architecture():
+    """The speech encoder's config.json content as far as its frame arithmetic needs it: the demo encoder's build
+    settings, else config/models/<name>.json or <name_or_path>/config.json; None if neither."""
     if config["data"]["source"] == "demo":
-        encoder = config["models"]["demo_build"]["speech_encoder"]
-        return encoder["conv_kernel"], encoder["conv_stride"]
+        return dict(config["models"]["demo_build"]["speech_encoder"])
     name = config["models"]["speech_encoder"]["name_or_path"]
     for path in (os.path.join(workflow.basedir, "config", "models", f"{os.path.basename(name)}.json"),
                  os.path.join(name, "config.json")):
         if os.path.isfile(path):
             with open(path) as fh:
-                encoder = json.load(fh)
-            if "conv_kernel" in encoder and "conv_stride" in encoder:
-                return encoder["conv_kernel"], encoder["conv_stride"]
+                return json.load(fh)
     return None
 
 
 def model_min_samples():
     """The shortest clip (samples) the configured model turns into at least one speech vector: the encoder's frame
-    arithmetic, then the BLOOMZMMS adaptor's (or Kang & Roy's pooling); None when the encoder is unknown."""
-    from speechllm.models.frames import adaptor_frames_from_config, conv_output_length, conv_stack_length, \
+    arithmetic (wav2vec2-family convolutions, Whisper or w2v-BERT features), then the BLOOMZMMS adaptor's (or Kang
+    & Roy's pooling); None when the encoder is unknown."""
+    from speechllm.models.frames import adaptor_frames_from_config, conv_output_length, encoder_frame_count, \
         min_input_samples
 
-    layers = encoder_conv_layers()
-    if layers is None:
+    architecture = encoder_architecture()
+    frame_count = encoder_frame_count(architecture) if architecture is not None else None
+    if frame_count is None:
         return None
     if KANG_ROY:
         pooling = {"kernel_size": 8, "stride": 4, **config["models"].get("pooling", {})}
         downstream = lambda frames: conv_output_length(frames, pooling["kernel_size"], pooling["stride"])
     else:
         downstream = adaptor_frames_from_config(config["models"]["adaptor"])
-    return min_input_samples(lambda samples: conv_stack_length(samples, *layers), downstream)
+    return min_input_samples(frame_count, downstream)
 
 
 def resolve_min_duration():
@@ -174,6 +173,23 @@ def resolve_min_duration():
 
 
 DATA_MIN_DURATION = resolve_min_duration()
+
+
+def check_encoder_window():
+    """A Whisper encoder reads at most its window (`_feature_extractor.chunk_length` of config/models/<name>.json,
+    else 30 s): data.max_duration, stretched by the slowest speed perturbation, must fit in it."""
+    architecture = encoder_architecture() or {}
+    if architecture.get("model_type") != "whisper":
+        return
+    window = architecture.get("_feature_extractor", {}).get("chunk_length", 30)
+    longest = config["data"]["max_duration"] / min(config["data"]["speed_perturb"])
+    if longest > window:
+        config_error("data.max_duration", f"{config['data']['max_duration']} s clips become {longest:.2f} s at "
+                                          f"speed {min(config['data']['speed_perturb'])}, longer than the Whisper "
+                                          f"encoder's {window} s window")
+
+
+check_encoder_window()
 
 
 def looks_local(name_or_path):

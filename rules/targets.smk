@@ -41,6 +41,7 @@ rule generate_targets:
                                                  "max_new_tokens", "num_beams", "clean_up_spaces", "backend",
                                                  "vllm")},
             "llm": config["models"]["llm"],
+            "prompt": config["models"]["prompt"],
             "seed": config["seed"],
         }),
         num_shards=config["targets"]["shards"],

@@ -211,8 +211,9 @@ def test_eos_label_and_input_errors():
         distillation_loss(llm, student, teacher, responses, DistillationConfig(fd_layers=[0, 9]))
 
 
-def _tiny_kang_roy(tmp_path: Path):
-    """A tiny HuBERT + LLaMA Kang & Roy model (built and saved locally), its tokenizer and train / dev sets."""
+def _tiny_kang_roy(tmp_path: Path, lora: dict | None = None):
+    """A tiny HuBERT + LLaMA Kang & Roy model (built and saved locally), its tokenizer and train / dev sets;
+    `lora`: LoRA adapters on the LLM (models.llm.lora)."""
     from test_train_resume import write_corpus
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -269,6 +270,7 @@ def _tiny_kang_roy(tmp_path: Path):
                 "revision": "main",
                 "dtype": "float32",
                 "load_in_8bit": False,
+                "lora": lora,
             },
             "speech_encoder": {
                 "name_or_path": str(tmp_path / "hubert"),

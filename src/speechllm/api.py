@@ -384,7 +384,7 @@ class SpeechModel:
                 decoded = [postprocess(t) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
             else:
                 segments = [[prefix, speech, postfix] for speech in self.model.speech_segments(encoded)]
-                ids = self.model.llm.generate(segments, max_new_tokens=max_new_tokens, num_beams=num_beams)
+                ids = self.model.generate(segments, max_new_tokens=max_new_tokens, num_beams=num_beams)
                 decoded = [postprocess(t) for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
             for index, text in zip(chunk, decoded, strict=True):
                 texts[index] = text
@@ -525,12 +525,8 @@ class SpeechModel:
                     pieces.append(ids)
             segments.append(pieces)
         beams = num_beams or DEFAULT_BEAMS[self.kind]
-        if self.kind == "kang_roy":  # the chat template goes around each user turn
-            ids = self.model.generate(segments, max_new_tokens, num_beams=beams, **generate_kwargs)
-        else:
-            ids = self.model.llm.generate(
-                segments, max_new_tokens=max_new_tokens, num_beams=beams, **generate_kwargs
-            )
+        # The chat template (Kang & Roy) or the prompt format's frame (BLOOMZMMS) goes around each prompt.
+        ids = self.model.generate(segments, max_new_tokens, num_beams=beams, **generate_kwargs)
         return [self.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in ids]
 
     # ------------------------------------------------------------------ Kang & Roy's names

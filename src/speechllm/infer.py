@@ -149,12 +149,7 @@ def answer(model: Any, tokenizer: Any, kind: str, parts: Sequence[PromptPart], s
     segments = prompt_segments(model, tokenizer, kind, parts, sampling_rate, device)
     log.info("prompt: %s", " | ".join(f"speech {tuple(s.shape)}" if hasattr(s, "shape") else f"text {len(s)} tokens"
                                       for s in segments))
-    if kind == "kang_roy":
-        tokens = model.generate([segments], max_new_tokens, num_beams=num_beams)[0]
-    else:
-        if model.llm is None:
-            raise ValueError("this model was loaded without its LLM")
-        tokens = model.llm.generate([segments], max_new_tokens=max_new_tokens, num_beams=num_beams)[0]
+    tokens = model.generate([segments], max_new_tokens, num_beams=num_beams)[0]
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 

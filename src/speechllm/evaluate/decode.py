@@ -96,5 +96,5 @@ def llm_generate(
     max_new_tokens: int,
 ) -> list[str]:
     assert model.llm is not None, "this model has no LLM"
-    ids = model.llm.generate(segments, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    ids = model.generate(segments, max_new_tokens, num_beams=num_beams)
     return [postprocess(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -272,8 +272,11 @@ def kang_roy_speech_reader(
 def chat_wrapper(
     prefix_ids: Sequence[int], suffix_ids: Sequence[int]
 ) -> Callable[[list[list[Segment]]], list[list[Segment]]]:
-    """Kang & Roy's chat turn: `<s>[|User|]` + the user turn + `</s>[|Assistant|]`."""
-    return lambda turns: [[list(prefix_ids), *turn, list(suffix_ids)] for turn in turns]
+    """The frame around each prompt: Kang & Roy's chat turn (`<s>[|User|]` + the user turn +
+    `</s>[|Assistant|]`), or a BLOOMZMMS prompt format's (nothing for BLOOMZ's plain prompt)."""
+    head = [list(prefix_ids)] if prefix_ids else []
+    tail = [list(suffix_ids)] if suffix_ids else []
+    return lambda turns: [[*head, *turn, *tail] for turn in turns]
 
 
 def build_system(
@@ -287,14 +290,14 @@ def build_system(
     """
     from pathlib import Path
 
-    from speechllm.models.export import load_llm, load_model_dir, read_spec
-    from speechllm.models.kang_roy import chat_ids
+    from speechllm.models.export import kang_roy_frame, load_llm, load_model_dir, pad_token_id, read_spec
+    from speechllm.models.prompt_format import frame_from_spec
 
     spec = read_spec(Path(model_dir))
     kind = spec.get("kind", "bloomzmms")
     chat = None
-    if kind == "kang_roy":
-        chat = ChatTemplate(**{k: v for k, v in spec["chat"].items() if k != "label_eos"})
+    if kind == "kang_roy" and spec["chat"].get("format", "strings") == "strings":
+        chat = ChatTemplate(**{k: v for k, v in spec["chat"].items() if k not in ("label_eos", "format", "system")})
     search = CTCSearch.from_settings(settings.get("ctc"))
     cascade_cfg = settings.get("cascade_asr") or {}
     cascade_asr = cascade_cfg.get("name_or_path")
@@ -306,11 +309,14 @@ def build_system(
 
     if decoder == "text":
         lm, tokenizer = load_llm(spec["llm"], device)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        llm = SpeechLLM(lm, pad, tokenizer.eos_token_id)
+        if kind == "kang_roy":
+            prefix_ids, suffix_ids, eos = kang_roy_frame(spec, tokenizer)
+        else:
+            frame = frame_from_spec(tokenizer, spec["prompt"])
+            prefix_ids, suffix_ids, eos = list(frame.head), list(frame.tail), frame.eos_token_id
+        llm = SpeechLLM(lm, pad_token_id(tokenizer), eos)
         system = EvalSystem("text", tokenizer, llm, bloom_text_ids(tokenizer), notes=notes, chat=chat)
-        if chat is not None:
-            system.wrap = chat_wrapper(*chat_ids(tokenizer, chat))
+        system.wrap = chat_wrapper(prefix_ids, suffix_ids)
         return system, spec
 
     with_ctc = kind == "bloomzmms" and (
@@ -328,6 +334,7 @@ def build_system(
         system.wrap = model.chat_segments
         system.read_speech = kang_roy_speech_reader(model, sampling_rate, device)
     else:
+        system.wrap = model.wrap_prompts
         system.read_speech = bloomzmms_speech_reader(model, tokenizer, sampling_rate, device, search)
         if decoder == "llm" and not with_ctc:
             notes["ctc_branch"] = (

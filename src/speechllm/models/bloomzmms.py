@@ -32,8 +32,12 @@ class BloomzMMS(nn.Module):
     """The speech side (frontend + adaptor) with an optional CTC head (stage 1) and/or LLM (stage 2)."""
 
     def __init__(self, frontend: SpeechFrontend, adaptor: SpeechAdaptor, ctc_head: CTCHead | None,
-                 llm: SpeechLLM | None, ctc_blank_id: int) -> None:
+                 llm: SpeechLLM | None, ctc_blank_id: int, prompt_head: Sequence[int] = (),
+                 prompt_tail: Sequence[int] = ()) -> None:
         super().__init__()
+        # The prompt format's frame around every prompt (models.prompt.format; prompt_format.py): BLOOMZ's plain
+        # prompt has none, a chat LLM's user turn opens and closes here.
+        self.prompt_head, self.prompt_tail = list(prompt_head), list(prompt_tail)
         self.frontend = frontend
         self.adaptor = adaptor
         self.ctc_head = ctc_head
@@ -52,6 +56,10 @@ class BloomzMMS(nn.Module):
             return int(self.frontend.output_lengths(torch.tensor([samples]))[0])
 
         return min_input_samples(frames, self.adaptor.config.output_frames)
+
+    def max_input_samples(self) -> int | None:
+        """Longest waveform (samples) the encoder reads whole (Whisper: its window), None without a limit."""
+        return self.frontend.features.max_samples if self.frontend.features is not None else None
 
     def encode(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> AdaptorOutput:
         """wav (B, N) → speech vectors (B, T2, H_llm) and LID logits."""
@@ -92,8 +100,20 @@ class BloomzMMS(nn.Module):
         """Per-utterance speech vectors cut to their valid length: [(T2_i, H)]."""
         return [out.speech[i, : int(n)] for i, n in enumerate(out.speech_lengths)]
 
-    @staticmethod
-    def prompt_segments(prefix: Sequence[Sequence[int]], speech: Sequence[torch.Tensor],
+    def wrap_prompts(self, prompts: Sequence[Sequence[Segment]]) -> list[list[Segment]]:
+        """Each prompt's segments inside the prompt format's frame: [head; segments...; tail] (empty parts left out)."""
+        head = [self.prompt_head] if self.prompt_head else []
+        tail = [self.prompt_tail] if self.prompt_tail else []
+        return [[*head, *segments, *tail] for segments in prompts]
+
+    def generate(self, prompts: Sequence[Sequence[Segment]], max_new_tokens: int,
+                 **generate_kwargs: object) -> list[list[int]]:
+        """The LLM's continuations of prompts given inside the prompt format's frame (see `wrap_prompts`)."""
+        if self.llm is None:
+            raise ValueError("this model was loaded without its LLM")
+        return self.llm.generate(self.wrap_prompts(prompts), max_new_tokens, **generate_kwargs)
+
+    def prompt_segments(self, prefix: Sequence[Sequence[int]], speech: Sequence[torch.Tensor],
                         postfix: Sequence[Sequence[int]]) -> list[list[Segment]]:
-        """[E(prefix); speech; E(postfix)] per utterance."""
-        return [[list(p), s, list(q)] for p, s, q in zip(prefix, speech, postfix, strict=True)]
+        """[head; E(prefix); speech; E(postfix); tail] per utterance (head and tail: the prompt format's)."""
+        return self.wrap_prompts([[list(p), s, list(q)] for p, s, q in zip(prefix, speech, postfix, strict=True)])

@@ -12,16 +12,25 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from speechllm import __version__
 from speechllm.io import atomic_dir, read_json
 from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
 from speechllm.models.bloomzmms import BloomzMMS
 from speechllm.models.ctc_head import CTCHead
+from speechllm.models.encoder_inputs import LOG_MEL_FAMILIES, encoder_only, input_family
 from speechllm.models.frontend import SpeechFrontend, without_language_adapters
 from speechllm.models.hubert_pool import HubertPoolEncoder, PoolConfig
-from speechllm.models.kang_roy import ChatTemplate, KangRoy
+from speechllm.models.kang_roy import ChatTemplate, KangRoy, chat_ids
+from speechllm.models.lora import add_lora, is_lora_weight
+from speechllm.models.prompt_format import (
+    FRAME_KEY,
+    frame_from_record,
+    frame_from_spec,
+    frame_record,
+    prompt_frame,
+)
 from speechllm.models.speech_llm import SpeechLLM
 
 FORMAT = "speechllm-model/1"
@@ -40,13 +49,30 @@ class ModelDirError(ValueError):
     """A model directory that cannot be loaded; the message names the directory and what is wrong."""
 
 
+def llm_spec(llm_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The LLM part of a spec: what loads it, and its LoRA adapters when `models.llm.lora` is set."""
+    spec = {k: llm_cfg[k] for k in ("name_or_path", "revision", "dtype", "load_in_8bit")}
+    if llm_cfg.get("lora"):
+        spec["lora"] = dict(llm_cfg["lora"])
+    return spec
+
+
+def with_lora(llm: SpeechLLM, spec: dict[str, Any]) -> SpeechLLM:
+    """The spec's LoRA adapters on the LLM, in the stages that train through it (not `ctc`: a CTC-stage model
+    in front of the LLM, e.g. `ce_init`, is the frozen LLM, which fresh adapters would equal anyway)."""
+    lora = spec["llm"].get("lora")
+    if lora and spec.get("stage") != "ctc":
+        add_lora(llm.lm, lora)
+    return llm
+
+
 def model_spec(models_cfg: dict[str, Any], adaptor: AdaptorConfig, language_ids: dict[str, int],
                stage: str) -> dict[str, Any]:
     """The `speechllm.json` content for a BLOOMZMMS model built from the `models` config section."""
     return {
         "format": FORMAT, "kind": "bloomzmms", "stage": stage, "speechllm_version": __version__,
         "speech_encoder": dict(models_cfg["speech_encoder"]),
-        "llm": {k: models_cfg["llm"][k] for k in ("name_or_path", "revision", "dtype", "load_in_8bit")},
+        "llm": llm_spec(models_cfg["llm"]),
         "adaptor": asdict(adaptor), "language_ids": language_ids,
         "prompt": dict(models_cfg["prompt"]),
         **({"ctc_head": dict(models_cfg["ctc_head"])} if "ctc_head" in models_cfg else {}),
@@ -58,7 +84,7 @@ def kang_roy_spec(models_cfg: dict[str, Any], stage: str) -> dict[str, Any]:
     return {
         "format": FORMAT, "kind": "kang_roy", "stage": stage, "speechllm_version": __version__,
         "speech_encoder": dict(models_cfg["speech_encoder"]),
-        "llm": {k: models_cfg["llm"][k] for k in ("name_or_path", "revision", "dtype", "load_in_8bit")},
+        "llm": llm_spec(models_cfg["llm"]),
         "pooling": dict(models_cfg["pooling"]), "chat": dict(models_cfg["chat"]),
         "prompt": dict(models_cfg["prompt"]),
     }
@@ -126,20 +152,35 @@ def build_kang_roy(spec: dict[str, Any], with_llm: bool, device: torch.device | 
     if enc_cfg.get("frame_count", "conv") != "conv":
         raise ModelDirError("kang_roy pools HuBERT's own frames, as the reference: models.speech_encoder."
                             "frame_count must be conv")
-    hubert = AutoModel.from_pretrained(enc_cfg["name_or_path"], **_hub_kwargs(enc_cfg))
+    hubert = encoder_only(AutoModel.from_pretrained(enc_cfg["name_or_path"], **_hub_kwargs(enc_cfg)))
     if with_llm:
         lm, tokenizer = load_llm(spec["llm"], device)
         hidden_size = lm.get_input_embeddings().weight.shape[1]
         # The reference sets pad = eos (MiniChat's tokenizer has no pad token).
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        llm = SpeechLLM(lm, pad_id, tokenizer.eos_token_id, gradient_checkpointing)
+        eos = kang_roy_frame(spec, tokenizer)[2]
+        llm = with_lora(SpeechLLM(lm, pad_token_id(tokenizer), eos, gradient_checkpointing), spec)
     else:  # the encoder alone (e.g. the untrained model's export): the LLM's width and tokenizer suffice
         tokenizer, hidden_size, llm = load_tokenizer(spec["llm"]), llm_hidden_size(spec["llm"]), None
-    encoder = HubertPoolEncoder(hubert, hidden_size, PoolConfig(**spec["pooling"]))
-    chat = dict(spec["chat"])
-    label_eos = bool(chat.pop("label_eos", False))
-    model = KangRoy.from_tokenizer(encoder, llm, tokenizer, ChatTemplate(**chat), label_eos)
+    encoder = HubertPoolEncoder(hubert, hidden_size, PoolConfig(**spec["pooling"]),
+                                load_feature_extractor(enc_cfg, hubert.config))
+    prefix, suffix, _ = kang_roy_frame(spec, tokenizer)
+    model = KangRoy(encoder, llm, prefix, suffix, bool(spec["chat"].get("label_eos", False)))
     return model.to(device), tokenizer
+
+
+def kang_roy_frame(spec: dict[str, Any], tokenizer: Any) -> tuple[list[int], list[int], int]:
+    """(chat prefix ids, suffix ids, eos) of a Kang & Roy spec: the configured MiniChat-style strings
+    (`chat.format: strings`, the reference), or the tokenizer's own chat template (`chat.format: tokenizer`)."""
+    chat = {k: v for k, v in spec["chat"].items() if k not in ("label_eos", "format", "system")}
+    if spec["chat"].get("format", "strings") == "tokenizer":
+        if FRAME_KEY in spec["chat"]:  # recorded when the model was built (see frame_from_spec)
+            frame = frame_from_record(spec["chat"][FRAME_KEY])
+        else:
+            frame = prompt_frame(tokenizer, "chat", spec["chat"].get("system"))
+            spec["chat"][FRAME_KEY] = frame_record(frame)
+        return list(frame.head), list(frame.tail), frame.eos_token_id
+    prefix, suffix = chat_ids(tokenizer, ChatTemplate(**chat))
+    return prefix, suffix, int(tokenizer.eos_token_id)
 
 
 def load_speech_encoder(enc_cfg: dict[str, Any]):
@@ -149,19 +190,52 @@ def load_speech_encoder(enc_cfg: dict[str, Any]):
     config = AutoConfig.from_pretrained(enc_cfg["name_or_path"], **kwargs)
     if not enc_cfg.get("language_adapters", True):
         config = without_language_adapters(config)
-    return AutoModel.from_pretrained(enc_cfg["name_or_path"], config=config, **kwargs)
+    return encoder_only(AutoModel.from_pretrained(enc_cfg["name_or_path"], config=config, **kwargs))
+
+
+def load_feature_extractor(enc_cfg: dict[str, Any], config: Any) -> Any:
+    """The encoder's own feature extractor for the log-mel families (Whisper, w2v-BERT 2.0); None for waveform
+    encoders, which read the samples (normalised or not by models.speech_encoder.normalize_waveform)."""
+    if input_family(config) not in LOG_MEL_FAMILIES:
+        return None
+    return AutoFeatureExtractor.from_pretrained(enc_cfg["name_or_path"], **_hub_kwargs(enc_cfg))
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that fills left padding: the tokenizer's pad token, else its eos (Llama 3, MiniChat have no pad)."""
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
 def ctc_blank_id(spec: dict[str, Any], tokenizer: Any) -> int:
     """The CTC blank of a spec (`ctc_head.blank_id`, config models.ctc_head.blank_id), checked against the
-    tokenizer. Specs written before the key existed trained with the tokenizer's pad token as the blank."""
+    tokenizer: a token id, or a token string the tokenizer knows (e.g. "<|endoftext|>" for Qwen, whose id 0 is
+    "!", a real transcript token). Specs written before the key existed trained with the pad token as the blank."""
     blank = spec.get("ctc_head", {}).get("blank_id")
     if blank is None:
         return int(tokenizer.pad_token_id)
+    if isinstance(blank, str):
+        token = blank
+        blank = tokenizer.convert_tokens_to_ids(token)
+        if blank is None or blank == tokenizer.unk_token_id and token != tokenizer.unk_token:
+            raise ModelDirError(f"models.ctc_head.blank_id {token!r} is not a token of the tokenizer of "
+                                f"{spec['llm']['name_or_path']}")
     if not 0 <= int(blank) < len(tokenizer):
         raise ModelDirError(f"models.ctc_head.blank_id {blank} is not a token id of the {len(tokenizer)}-token "
                             f"tokenizer of {spec['llm']['name_or_path']}")
     return int(blank)
+
+
+@torch.no_grad()
+def input_embedding_rows(lm: Any, vocab_size: int) -> torch.Tensor:
+    """(V, H) what the LLM's input-embedding module makes of token ids 0..V-1 (V = the tokenizer's size, cutting
+    the padded rows): its weight rows, times the scale where the module applies one (Gemma 3's
+    `embed_scale`), so the CTC head scores speech vectors in the space the LLM reads token embeddings in.
+    Tied or untied output layers make no difference: the input embeddings are used."""
+    embeddings = lm.get_input_embeddings()
+    rows = embeddings.weight.shape[0]
+    if vocab_size > rows:
+        raise ModelDirError(f"the tokenizer has {vocab_size} tokens but the LLM only {rows} embedding rows")
+    return embeddings(torch.arange(vocab_size, device=embeddings.weight.device))
 
 
 def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: torch.device | str = "cpu",
@@ -178,7 +252,8 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     encoder = load_speech_encoder(enc_cfg)
     adaptor_cfg = AdaptorConfig(**spec["adaptor"])
     frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"],
-                              frame_count=enc_cfg.get("frame_count", "conv"))
+                              frame_count=enc_cfg.get("frame_count", "conv"),
+                              feature_extractor=load_feature_extractor(enc_cfg, encoder.config))
     adaptor = SpeechAdaptor(adaptor_cfg)
     if with_ctc and not with_llm and spec.get("ctc_head", {}).get("weights"):
         # The head is stored in the model directory (load_model_dir fills it in): the LLM is not loaded at all.
@@ -189,9 +264,14 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     # Without the LLM in the model, only its input embeddings (the CTC head) are read: 8-bit loading would not
     # change them (LLM.int8() quantises linear layers) and needs a GPU, so the init / CTC steps load it plainly.
     lm, tokenizer = load_llm(spec["llm"] if with_llm else {**spec["llm"], "load_in_8bit": False}, device)
-    ctc_head = CTCHead.from_embeddings(lm.get_input_embeddings().weight, len(tokenizer)) if with_ctc else None
-    llm = SpeechLLM(lm, tokenizer.pad_token_id, tokenizer.eos_token_id, gradient_checkpointing) if with_llm else None
-    model = BloomzMMS(frontend, adaptor, ctc_head, llm, ctc_blank_id=ctc_blank_id(spec, tokenizer))
+    ctc_head = CTCHead.from_embeddings(input_embedding_rows(lm, len(tokenizer)), len(tokenizer)) if with_ctc else None
+    frame = frame_from_spec(tokenizer, spec["prompt"])
+    spec["prompt"][FRAME_KEY] = frame_record(frame)  # exported with the model: inference prompts as training did
+    llm = SpeechLLM(lm, pad_token_id(tokenizer), frame.eos_token_id, gradient_checkpointing) if with_llm else None
+    if llm is not None:
+        with_lora(llm, spec)
+    model = BloomzMMS(frontend, adaptor, ctc_head, llm, ctc_blank_id=ctc_blank_id(spec, tokenizer),
+                      prompt_head=frame.head, prompt_tail=frame.tail)
     return model.to(device), tokenizer
 
 
@@ -278,14 +358,18 @@ def load_ctc_head_file(model: BloomzMMS | KangRoy, spec: dict[str, Any], model_d
     model.ctc_head.load_state_dict(state)
 
 
-def load_trained_weights(model: BloomzMMS | KangRoy, path: Path) -> None:
-    """Load trained weights; every stored tensor must match a parameter (frozen parts may be absent)."""
+def load_trained_weights(model: BloomzMMS | KangRoy, path: Path, fresh_lora: bool = False) -> None:
+    """Load trained weights; every stored tensor must match a parameter (frozen parts may be absent).
+
+    `fresh_lora`: the weights come from an earlier stage without LoRA (`--init-from` a CTC model): the LLM's
+    adapters keep their fresh initialisation instead of being required."""
     state = load_file(str(path))
     own = model.state_dict()
     unknown = [k for k in state if k not in own]
     if unknown:
         raise ModelDirError(f"{path}: tensors not in the model: {unknown[:5]}")
-    missing = [k for k, p in model.named_parameters() if p.requires_grad and k not in state]
+    missing = [k for k, p in model.named_parameters()
+               if p.requires_grad and k not in state and not (fresh_lora and is_lora_weight(k))]
     if missing:
         raise ModelDirError(f"{path}: trained tensors missing: {missing[:5]}")
     model.load_state_dict(state, strict=False)

@@ -43,6 +43,44 @@ def conv_stack_length(samples: int, kernels: Sequence[int], strides: Sequence[in
     return samples
 
 
+# Whisper's feature extractor (10 ms hop at 16 kHz) and its encoder's second convolution (kernel 3, stride 2,
+# padding 1): openai/whisper model.py `AudioEncoder`, HF `WhisperEncoder`.
+WHISPER_HOP = 160
+# SeamlessM4T / w2v-BERT 2.0 Kaldi fbanks: 25 ms window, 10 ms hop at 16 kHz, no centring; 2 frames stacked.
+FBANK_WINDOW = 400
+FBANK_HOP = 160
+FBANK_STRIDE = 2
+
+
+def whisper_frame_count(samples: int, hop_length: int = WHISPER_HOP) -> int:
+    """Whisper encoder frames of a clip: ceil(samples / hop) valid mel frames (the feature extractor's attention
+    mask), halved by the stride-2 convolution with padding 1: ceil(mel / 2)."""
+    mel = -(-samples // hop_length) if samples > 0 else 0
+    return (mel - 1) // 2 + 1 if mel > 0 else 0
+
+
+def fbank_frame_count(samples: int, window: int = FBANK_WINDOW, hop: int = FBANK_HOP,
+                      stride: int = FBANK_STRIDE) -> int:
+    """w2v-BERT 2.0 frames of a clip: 1 + (samples - window) // hop fbank frames (none under one window), then
+    `stride` consecutive frames stacked into one (a trailing odd frame dropped)."""
+    fbanks = conv_output_length(samples, window, hop)
+    return fbanks // stride
+
+
+def encoder_frame_count(encoder: dict[str, Any]) -> Length | None:
+    """Samples -> frames of a speech encoder from its config.json content (None when the family is unknown):
+    wav2vec2-family conv stacks, the Whisper encoder, w2v-BERT 2.0 (default hops: their feature extractors')."""
+    model_type = encoder.get("model_type")
+    if model_type == "whisper":
+        return whisper_frame_count
+    if model_type == "wav2vec2-bert":
+        return fbank_frame_count
+    if "conv_kernel" in encoder and "conv_stride" in encoder:
+        kernels, strides = list(encoder["conv_kernel"]), list(encoder["conv_stride"])
+        return lambda samples: conv_stack_length(samples, kernels, strides)
+    return None
+
+
 def adaptor_output_frames(
     frames: int,
     subsampling_kernel: int = DEFAULT_SUBSAMPLING_KERNEL,

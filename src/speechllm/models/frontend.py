@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
+from speechllm.models.encoder_inputs import EncoderInputs, encoder_only, input_family
 from speechllm.models.frames import InputTooShortError
 
 # `torch.nn.functional.layer_norm`'s default epsilon, which fairseq/s3prl use for MMS waveform normalisation.
@@ -175,6 +176,9 @@ class SpeechFrontend(nn.Module):
         waveform_norm_eps: epsilon of that normalisation.
         frame_count: "conv" (the frames the encoder's convolutions make) or "s3prl" (ceil(L / hop) frames, the
             last one repeated, inputs under 0.05 s zero-padded: the reference's s3prl frontend).
+        feature_extractor: the encoder's own feature extractor, required by (and only used for) the log-mel
+            families (Whisper encoder, w2v-BERT 2.0; see encoder_inputs). An encoder-decoder model (WhisperModel)
+            is cut to its encoder. The layer sum and the projection follow the encoder's layer count and width.
     """
 
     def __init__(
@@ -184,10 +188,17 @@ class SpeechFrontend(nn.Module):
         normalize_waveform: bool,
         waveform_norm_eps: float = WAVEFORM_NORM_EPS,
         frame_count: str = "conv",
+        feature_extractor: object | None = None,
     ) -> None:
         super().__init__()
+        encoder = encoder_only(encoder)
         if getattr(encoder.config, "add_adapter", False):
             raise ValueError("encoders with a length-changing `add_adapter` are not supported")
+        self.family = input_family(encoder.config)
+        self.features = None if self.family == "waveform" else EncoderInputs(encoder.config, feature_extractor)
+        if self.features is not None and (normalize_waveform or frame_count != "conv"):
+            raise ValueError(f"a {self.family} encoder reads its feature extractor's normalised log-mel features: "
+                             "models.speech_encoder.normalize_waveform must be false and frame_count conv")
         self.encoder = encoder
         self.encoder.requires_grad_(False)
         self.encoder.eval()
@@ -213,6 +224,8 @@ class SpeechFrontend(nn.Module):
         Returns:
             (B,) long, valid frames per utterance.
         """
+        if self.features is not None:
+            return self.features.frame_lengths(wav_lengths)
         return frame_lengths(self.encoder.config, wav_lengths, self.frame_count)
 
     def encoder_input(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,18 +251,17 @@ class SpeechFrontend(nn.Module):
             (S, B, T0, D) hidden states, S = num_hidden_layers + 1: the input of every transformer layer followed by
             the encoder output (after the final LayerNorm of stable-layer-norm encoders).
         """
-        sample_mask = lengths_to_mask(wav_lengths, wav.shape[1])
-        if self.normalize_waveform:
-            wav = normalize_waveform(wav, sample_mask, self.waveform_norm_eps)
-        else:
-            wav = wav.masked_fill(~sample_mask, 0.0)
         encoder_dtype = next(self.encoder.parameters()).dtype
-        outputs = self.encoder(
-            wav.to(encoder_dtype),
-            attention_mask=sample_mask.long(),
-            output_hidden_states=True,
-            return_dict=True,
-        )
+        if self.features is not None:
+            inputs = self.features(wav, wav_lengths, encoder_dtype)
+        else:
+            sample_mask = lengths_to_mask(wav_lengths, wav.shape[1])
+            if self.normalize_waveform:
+                wav = normalize_waveform(wav, sample_mask, self.waveform_norm_eps)
+            else:
+                wav = wav.masked_fill(~sample_mask, 0.0)
+            inputs = {"input_values": wav.to(encoder_dtype), "attention_mask": sample_mask.long()}
+        outputs = self.encoder(**inputs, output_hidden_states=True, return_dict=True)
         hidden_states = list(outputs.hidden_states)
         # transformers 5 records the last layer's raw output; s3prl/ESPnet use the final (layer-normed) encoder output.
         hidden_states[-1] = outputs.last_hidden_state
@@ -275,6 +287,7 @@ class SpeechFrontend(nn.Module):
                                      too_short)
         wav, encoder_lengths = self.encoder_input(wav, wav_lengths)
         hidden_states = self.encode_hidden_states(wav, encoder_lengths).to(self.proj.weight.dtype)
+        hidden_states = hidden_states[:, :, : int(feat_lengths.max())]  # Whisper: its 30 s window, cut
         weights = torch.softmax(self.layer_weights, dim=0)
         feats = torch.einsum("s,sbtd->btd", weights, hidden_states)
         if self.frame_count == "s3prl":  # repeating a frame commutes with the per-frame layer sum

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from speechllm.models.encoder_inputs import EncoderInputs, encoder_only, input_family
 from speechllm.models.frames import InputTooShortError, smallest_input
 from speechllm.models.frontend import conv_frame_lengths, lengths_to_mask
 
@@ -49,17 +50,25 @@ class HubertPoolEncoder(nn.Module):
             SpecAugment (`apply_spec_augment`, `mask_time_prob`, ...) and `layerdrop` act in train mode as in HF.
         llm_hidden_size: size of the LLM's input embeddings (MiniChat-2-3B: 3072).
         pool: pooling kernel and stride.
+        feature_extractor: the encoder's own feature extractor, for the log-mel families (Whisper encoder,
+            w2v-BERT 2.0; see encoder_inputs); an encoder-decoder model is cut to its encoder.
     """
 
-    def __init__(self, encoder: PreTrainedModel, llm_hidden_size: int, pool: PoolConfig | None = None) -> None:
+    def __init__(self, encoder: PreTrainedModel, llm_hidden_size: int, pool: PoolConfig | None = None,
+                 feature_extractor: object | None = None) -> None:
         super().__init__()
+        encoder = encoder_only(encoder)
+        family = input_family(encoder.config)
+        self.features = None if family == "waveform" else EncoderInputs(encoder.config, feature_extractor)
         self.encoder = encoder
         self.pool = pool or PoolConfig()
         self.pooling_layer = nn.AvgPool1d(self.pool.kernel_size, self.pool.stride)
         self.embed_projection = nn.Linear(encoder.config.hidden_size, llm_hidden_size)
 
     def frame_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
-        """(B,) valid samples -> (B,) long valid encoder frames (conv feature extractor arithmetic)."""
+        """(B,) valid samples -> (B,) long valid encoder frames (conv feature extractor or log-mel arithmetic)."""
+        if self.features is not None:
+            return self.features.frame_lengths(wav_lengths)
         return conv_frame_lengths(self.encoder.config, wav_lengths)
 
     def output_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
@@ -89,10 +98,15 @@ class HubertPoolEncoder(nn.Module):
                 f"(need >= {self.min_samples()} samples)",
                 too_short,
             )
-        sample_mask = lengths_to_mask(wav_lengths, wav.shape[1])
         encoder_dtype = next(self.encoder.parameters()).dtype
-        wav = wav.masked_fill(~sample_mask, 0.0).to(encoder_dtype)
-        hidden = self.encoder(wav, attention_mask=sample_mask.long(), return_dict=True).last_hidden_state
+        if self.features is not None:
+            inputs = self.features(wav, wav_lengths, encoder_dtype)
+        else:
+            sample_mask = lengths_to_mask(wav_lengths, wav.shape[1])
+            wav = wav.masked_fill(~sample_mask, 0.0).to(encoder_dtype)
+            inputs = {"input_values": wav, "attention_mask": sample_mask.long()}
+        hidden = self.encoder(**inputs, return_dict=True).last_hidden_state
+        hidden = hidden[:, : int(self.frame_lengths(wav_lengths).max())]  # Whisper: its 30 s window, cut
         pooled = self.pooling_layer(hidden.transpose(1, 2)).transpose(1, 2)  # (B, T_pool, D)
         speech = self.embed_projection(pooled)
         # Windows that reach into padding are not part of the utterance.

@@ -100,6 +100,11 @@ class KangRoy(nn.Module):
         """Shortest waveform (samples) that yields one speech embedding."""
         return self.encoder.min_samples()
 
+    def max_input_samples(self) -> int | None:
+        """Longest waveform (samples) the encoder reads whole (Whisper: its window), None without a limit."""
+        features = self.encoder.features
+        return features.max_samples if features is not None else None
+
     def encode(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> list[torch.Tensor]:
         """wav (B, N), wav_lengths (B,) -> B speech segments (T_i, H_llm) cut to their valid length."""
         speech, lengths = self.encoder(wav, wav_lengths)

@@ -63,15 +63,25 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    SeamlessM4TFeatureExtractor,
+    WhisperFeatureExtractor,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from speechllm.data.bucketing import rank_batch_sizes
 from speechllm.io import read_json
 from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
 from speechllm.models.ctc_head import CTCHead
+from speechllm.models.encoder_inputs import encoder_only, input_family
+from speechllm.models.frames import fbank_frame_count
 from speechllm.models.frontend import SpeechFrontend, without_language_adapters
 from speechllm.models.hubert_pool import HubertPoolEncoder, PoolConfig
+from speechllm.models.lora import add_lora, is_lora_weight
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 TRAINABLE_BYTES = 4  # fp32 master weights
@@ -122,6 +132,33 @@ def model_from_config(config: PretrainedConfig, causal_lm: bool, device: torch.d
 def meta_model(config: PretrainedConfig, causal_lm: bool) -> nn.Module:
     """The HF model with parameters on the meta device."""
     return model_from_config(config, causal_lm)
+
+
+def lm_from_config(config: PretrainedConfig, llm_cfg: dict[str, Any], device: torch.device | str = "meta",
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """The frozen causal LM on `device`, with its LoRA adapters (trainable) when `models.llm.lora` is set
+    (they act in the CE / KD stages, the only ones that plan the LLM)."""
+    lm = model_from_config(config, causal_lm=True, device=device, dtype=dtype)
+    lm.requires_grad_(False)
+    if llm_cfg.get("lora"):
+        add_lora(lm, llm_cfg["lora"])
+    return lm
+
+
+def speech_encoder_from_config(config: PretrainedConfig, device: torch.device | str = "meta") -> nn.Module:
+    """The speech encoder as the models use it (an encoder-decoder such as Whisper cut to its encoder)."""
+    return encoder_only(model_from_config(config, causal_lm=False, device=device))
+
+
+def arch_feature_extractor(config: PretrainedConfig, facts: dict[str, Any]) -> Any:
+    """A log-mel encoder's feature extractor from the `_feature_extractor` facts of its architecture file (its
+    `preprocessor_config.json` values); None for waveform encoders."""
+    family = input_family(config)
+    if family == "whisper":
+        return WhisperFeatureExtractor(**facts.get("feature_extractor", {}))
+    if family == "w2v-bert":
+        return SeamlessM4TFeatureExtractor(**facts.get("feature_extractor", {}))
+    return None
 
 
 def num_params(module: nn.Module) -> int:
@@ -243,9 +280,29 @@ def _conv_layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def speech_encoder_flops(encoder: nn.Module, batch: int, samples: int) -> tuple[float, int, list[int]]:
-    """Forward FLOPs of a wav2vec2-family encoder on `batch` utterances; also (frames, conv lengths)."""
+def speech_encoder_flops(encoder: nn.Module, batch: int, samples: int,
+                         fbank_stride: int = 2) -> tuple[float, int, list[int]]:
+    """Forward FLOPs of a speech encoder on `batch` utterances; also (frames it computes, conv lengths).
+
+    wav2vec2 family: the conv stack at its strides, then the transformer. Whisper: the whole window
+    (`max_source_positions` frames, 2x that mel frames for the first convolution) whatever the clip's length.
+    w2v-BERT: every layer at the fbank frame rate; relative-key attention adds the query x distance-embedding
+    product (2*B*T^2*h per layer)."""
     cfg = encoder.config
+    family = input_family(cfg)
+    if family == "whisper":
+        window = int(cfg.max_source_positions)
+
+        def at_window(name: str, layer: nn.Module) -> float:
+            return batch * (2 * window if name == "conv1" else window)
+
+        attention = cfg.encoder_layers * 4.0 * batch * window**2 * cfg.d_model
+        return matmul_flops(encoder, at_window) + attention, window, []
+    if family == "w2v-bert":
+        frames = fbank_frame_count(samples, stride=fbank_stride)
+        relative = 2.0 if cfg.position_embeddings_type == "relative_key" else 0.0
+        attention = cfg.num_hidden_layers * (4.0 + relative) * batch * frames**2 * cfg.hidden_size
+        return matmul_flops(encoder, lambda name, layer: batch * frames) + attention, frames, []
     conv_lengths = conv_stack_lengths(samples, list(cfg.conv_kernel), list(cfg.conv_stride))
     frames = conv_lengths[-1]
 
@@ -263,9 +320,16 @@ def transformer_layer_activation(hidden: int, ffn: int, dropout: bool, act_bytes
 
 
 def trainable_speech_encoder_activation(encoder: nn.Module, batch: int, samples: int, conv_lengths: list[int],
-                                        act_bytes: int) -> float:
-    """Bytes kept for backward by a trainable wav2vec2-family encoder in train mode (HuBERT in Kang & Roy)."""
+                                        act_bytes: int, computed_frames: int = 0) -> float:
+    """Bytes kept for backward by a trainable speech encoder in train mode (HuBERT in Kang & Roy). Log-mel
+    encoders (no conv stack lengths): their transformer layers at the `computed_frames` they run on."""
     cfg = encoder.config
+    if not conv_lengths:
+        frames = computed_frames
+        ffn = int(getattr(cfg, "encoder_ffn_dim", None) or cfg.intermediate_size)
+        dropout = any(getattr(cfg, k, 0) > 0 for k in ("dropout", "hidden_dropout", "attention_dropout"))
+        return batch * frames * cfg.num_hidden_layers * transformer_layer_activation(
+            cfg.hidden_size, ffn, dropout, act_bytes)
     channels = list(cfg.conv_dim)
     conv = 0.0
     previous_length, previous_channels = samples, 1
@@ -336,11 +400,14 @@ def adaptor_activation(adaptor: SpeechAdaptor, batch: int, frames: int, act_byte
 
 # --------------------------------------------------------------------------- LLM
 
+# Decoder families whose FFN is gated (SwiGLU / GeGLU: gate, up and down projections).
+GATED_FFN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+
 
 def llm_layer_activation(config: PretrainedConfig, act_bytes: int) -> float:
     """Bytes per position kept by one frozen decoder layer on the gradient path (fused attention)."""
     hidden, ffn = llm_hidden_size(config), llm_ffn_size(config)
-    gated = config.model_type in ("llama", "mistral", "qwen2")
+    gated = config.model_type in GATED_FFN_FAMILIES
     return (6 * hidden + (3 if gated else 1) * ffn) * act_bytes
 
 
@@ -390,6 +457,8 @@ def llm_part(lm: nn.Module, workload: Workload, llm_cfg: dict[str, Any], act_byt
     checkpointing = bool(llm_cfg.get("gradient_checkpointing"))
     hidden, vocab = llm_hidden_size(config), lm.get_output_embeddings().weight.shape[0]
     per_layer = llm_layer_activation(config, act_bytes)
+    if llm_cfg.get("lora"):  # the adapted projections keep their inputs (attention input and output: ~2h)
+        per_layer += 2 * hidden * act_bytes
     if checkpointing:
         backward += layers_flops - tails + attention  # recomputed forward of the decoder layers
         activation = batch * tokens * (llm_layers(config) * hidden * act_bytes + per_layer)
@@ -402,7 +471,8 @@ def llm_part(lm: nn.Module, workload: Workload, llm_cfg: dict[str, Any], act_byt
         t_layers, t_attention, t_head, _ = llm_flops(lm, batch, workload.teacher_tokens, labels)
         forward += t_layers + t_attention + t_head
     weight_bytes = 1 if llm_cfg.get("load_in_8bit") else DTYPE_BYTES[llm_cfg["dtype"]]
-    return part_plan("llm", (0, num_params(lm)), weight_bytes, activation, forward, backward)
+    adapters = sum(p.numel() for name, p in lm.named_parameters() if is_lora_weight(name))  # the rest is frozen
+    return part_plan("llm", (adapters, num_params(lm) - adapters), weight_bytes, activation, forward, backward)
 
 
 # --------------------------------------------------------------------------- systems
@@ -444,6 +514,7 @@ class BloomzmmsParts:
     adaptor_config: AdaptorConfig
     vocab: int  # the tokenizer's size: the CTC head's rows
     encoder: nn.Module
+    features: Any  # a log-mel encoder's feature extractor; None for waveform encoders
     frontend: SpeechFrontend
     adaptor: SpeechAdaptor
     ctc_head: CTCHead
@@ -454,37 +525,42 @@ def bloomzmms_parts(cfg: dict[str, Any], models_dir: Path, device: torch.device 
     `speechllm.models.export.build_model` assembles them from the hub."""
     models_cfg = cfg["models"]
     enc_cfg = models_cfg["speech_encoder"]
-    enc_config, _ = load_arch_config(enc_cfg["name_or_path"], models_dir)
+    enc_config, enc_facts = load_arch_config(enc_cfg["name_or_path"], models_dir)
     if not enc_cfg["language_adapters"]:  # built as `speechllm.models.export.load_speech_encoder` builds it
         enc_config = without_language_adapters(enc_config)
     llm_config, llm_facts = load_arch_config(models_cfg["llm"]["name_or_path"], models_dir)
     adaptor_cfg = AdaptorConfig(**models_cfg["adaptor"], llm_hidden_size=llm_hidden_size(llm_config))
-    encoder = model_from_config(enc_config, causal_lm=False, device=device)
+    encoder = speech_encoder_from_config(enc_config, device)
+    features = arch_feature_extractor(enc_config, enc_facts)
     vocab = int(llm_facts.get("tokenizer_vocab_size", llm_config.vocab_size))
     with torch.device(device):
-        frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"],
-                                  frame_count=enc_cfg["frame_count"])
+        try:
+            frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"],
+                                      frame_count=enc_cfg["frame_count"], feature_extractor=features)
+        except ValueError as error:
+            raise PlanError(f"config key 'models.speech_encoder': {error}") from None
         adaptor = SpeechAdaptor(adaptor_cfg)
         ctc_head = CTCHead(llm_hidden_size(llm_config), vocab)
-    return BloomzmmsParts(enc_config, llm_config, adaptor_cfg, vocab, encoder, frontend, adaptor, ctc_head)
+    return BloomzmmsParts(enc_config, llm_config, adaptor_cfg, vocab, encoder, features, frontend, adaptor,
+                          ctc_head)
 
 
 def frozen_llm(cfg: dict[str, Any], models_dir: Path, device: torch.device | str = "meta",
                dtype: torch.dtype | None = None) -> nn.Module:
     """The experiment's causal LM (`models.llm`) from its architecture config, frozen."""
     config, _ = load_arch_config(cfg["models"]["llm"]["name_or_path"], models_dir)
-    lm = model_from_config(config, causal_lm=True, device=device, dtype=dtype)
-    return lm.requires_grad_(False)
+    return lm_from_config(config, cfg["models"]["llm"], device, dtype)
 
 
 def kang_roy_encoder(cfg: dict[str, Any], models_dir: Path, device: torch.device | str = "meta") -> HubertPoolEncoder:
     """Kang & Roy's trainable HuBERT + pooling + projection to the LLM's width."""
     models_cfg = cfg["models"]
-    enc_config, _ = load_arch_config(models_cfg["speech_encoder"]["name_or_path"], models_dir)
+    enc_config, enc_facts = load_arch_config(models_cfg["speech_encoder"]["name_or_path"], models_dir)
     llm_config, _ = load_arch_config(models_cfg["llm"]["name_or_path"], models_dir)
-    hubert = model_from_config(enc_config, causal_lm=False, device=device)
+    hubert = speech_encoder_from_config(enc_config, device)
+    features = arch_feature_extractor(enc_config, enc_facts)
     with torch.device(device):
-        return HubertPoolEncoder(hubert, llm_hidden_size(llm_config), PoolConfig(**models_cfg["pooling"]))
+        return HubertPoolEncoder(hubert, llm_hidden_size(llm_config), PoolConfig(**models_cfg["pooling"]), features)
 
 
 def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
@@ -492,6 +568,7 @@ def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
     built = bloomzmms_parts(cfg, models_dir)
     enc_config, adaptor_cfg, vocab = built.enc_config, built.adaptor_config, built.vocab
     encoder, frontend, adaptor, ctc_head = built.encoder, built.frontend, built.adaptor, built.ctc_head
+    features = built.features
     lm = frozen_llm(cfg, models_dir)
     samples = round(cfg["plan"]["utterance_seconds"] * cfg["data"]["sampling_rate"])
 
@@ -505,11 +582,12 @@ def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
         stage_cfg = cfg["train"][stage]
         act = _activation_bytes(stage_cfg["precision"])
         batch, frames = workload.utterances, workload.encoder_frames
-        enc_flops, _, _ = speech_encoder_flops(encoder, batch, samples)
+        enc_flops, computed, _ = speech_encoder_flops(encoder, batch, samples, fbank_stride(features))
         parts = [part_plan("speech_encoder", (0, num_params(encoder)), 4, 0.0, enc_flops, 0.0)]
         head_params = split_params(frontend)[0]
         head_flops = 2.0 * frontend.proj.weight.numel() * batch * frames
-        stacked = frontend.num_hidden_states * batch * frames * enc_config.hidden_size * 4
+        # The frontend stacks every hidden state at the frames the encoder computes (Whisper: its window).
+        stacked = frontend.num_hidden_states * batch * max(frames, computed) * enc_config.hidden_size * 4
         parts.append(part_plan("featurizer+preencoder", (head_params, 0), 4,
                                stacked + batch * frames * enc_config.hidden_size * act,
                                head_flops, 2 * head_flops))
@@ -532,10 +610,12 @@ def plan_kang_roy(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
     encoder = kang_roy_encoder(cfg, models_dir)
     hubert, enc_config, pool = encoder.encoder, encoder.encoder.config, encoder.pool
     lm = frozen_llm(cfg, models_dir)
+    features = arch_feature_extractor(enc_config, load_arch_config(
+        models_cfg["speech_encoder"]["name_or_path"], models_dir)[1])
     samples = round(cfg["plan"]["utterance_seconds"] * cfg["data"]["sampling_rate"])
 
     def frames_fn(n: int) -> tuple[int, int]:
-        frames = conv_stack_lengths(n, list(enc_config.conv_kernel), list(enc_config.conv_stride))[-1]
+        frames = int(encoder.frame_lengths(torch.tensor([n]))[0])
         return frames, int(pool.output_length(torch.tensor([frames]))[0])
 
     stage = "kd"
@@ -544,9 +624,9 @@ def plan_kang_roy(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
     workload, gpus = workload_for(cfg, stage, frames_fn, samples, teacher=distill)
     act = _activation_bytes(stage_cfg["precision"])
     batch = workload.utterances
-    enc_flops, frames, conv_lengths = speech_encoder_flops(hubert, batch, samples)
+    enc_flops, frames, conv_lengths = speech_encoder_flops(hubert, batch, samples, fbank_stride(features))
     parts = [part_plan("speech_encoder", split_params(hubert), 4,
-                       trainable_speech_encoder_activation(hubert, batch, samples, conv_lengths, act),
+                       trainable_speech_encoder_activation(hubert, batch, samples, conv_lengths, act, frames),
                        enc_flops, 2 * enc_flops)]
     proj = 2.0 * encoder.embed_projection.weight.numel() * batch * workload.speech_embeddings
     parts.append(part_plan("pool+projection", split_params(encoder.embed_projection), 4,
@@ -647,6 +727,11 @@ def time_estimate(plan: StagePlan, cfg: dict[str, Any]) -> TimeEstimate | None:
                         epoch_gpu_hours=None if epoch is None else hours(epoch) * plan.gpus,
                         run_micro_batches=run, run_hours=hours(run),
                         run_gpu_hours=None if run is None else hours(run) * plan.gpus, reference=reference)
+
+
+def fbank_stride(features: Any) -> int:
+    """Frames stacked by a w2v-BERT feature extractor (2 when there is none)."""
+    return int(getattr(features, "stride", 2))
 
 
 SYSTEMS = {"bloomzmms": plan_bloomzmms, "kang_roy": plan_kang_roy}

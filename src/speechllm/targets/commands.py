@@ -38,6 +38,7 @@ def cmd_targets_generate(args: argparse.Namespace) -> None:
     from collections import Counter
 
     from speechllm.data.manifest import read_manifest
+    from speechllm.models.prompt_format import frame_from_spec
     from speechllm.targets.backends import load_generator
     from speechllm.targets.generate import generate_shard, target_settings
     from speechllm.targets.templates import bank_hash, draw_items, load_templates
@@ -52,7 +53,9 @@ def cmd_targets_generate(args: argparse.Namespace) -> None:
     settings = target_settings(s, bank_hash(templates))
     generator = load_generator(s["llm"], s["backend"], s["batch_size"], s["num_beams"], s["seed"],
                                s.get("vllm"), clean_up_spaces=s["clean_up_spaces"])
-    stats = generate_shard(items, args.shard, args.num_shards, generator, settings, Path(args.out))
+    frame = frame_from_spec(generator.tokenizer, s.get("prompt", {}))
+    stats = generate_shard(items, args.shard, args.num_shards, generator, settings, Path(args.out),
+                           (frame.head_text, frame.tail_text))
     log.info("shard %d/%d: %s", args.shard, args.num_shards, stats)
 
 
@@ -103,8 +106,9 @@ def cmd_targets_import_released(args: argparse.Namespace) -> None:
 
 
 def cmd_targets_responses(args: argparse.Namespace) -> None:
+    from speechllm.models.prompt_format import prompt_frame
     from speechllm.targets.backends import load_generator
-    from speechllm.targets.responses import generate_responses_shard, response_settings
+    from speechllm.targets.responses import CHAT_TEMPLATE, generate_responses_shard, response_settings
 
     stopping.install()  # as `targets generate`
     s = parse_settings(args.settings)
@@ -113,8 +117,11 @@ def cmd_targets_responses(args: argparse.Namespace) -> None:
     generator = load_generator(s["llm"], s["backend"], r["batch_size"], r["num_beams"], s["seed"],
                                s.get("vllm"), add_special_tokens=r["add_special_tokens"],
                                clean_up_spaces=r["clean_up_spaces"])
+    template = r["prompt_template"]
+    if template == CHAT_TEMPLATE:  # the tokenizer's own chat turn around the text
+        template = prompt_frame(generator.tokenizer, "chat").wrap_text("{text}")
     stats = generate_responses_shard(Path(args.manifest), args.shard, args.num_shards, generator,
-                                     response_settings(s), r["text_field"], r["prompt_template"],
+                                     response_settings(s), r["text_field"], template,
                                      r["lowercase"], r["length_factor"], Path(args.out))
     log.info("responses shard %d/%d: %s", args.shard, args.num_shards, stats)
 

@@ -487,11 +487,13 @@ def write_jsonl(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def generate_shard(items: list[tuple[str, str, str]], shard: int, num_shards: int, generator: TextGenerator,
-                   settings: dict[str, Any], out: Path) -> dict[str, int]:
+                   settings: dict[str, Any], out: Path, frame: tuple[str, str] = ("", "")) -> dict[str, int]:
     """Generate this shard's (text, prefix, postfix) items with `settings["max_new_tokens"]`; write `out`
-    (JSONL: index, text, prefix, postfix, output) atomically and drop the partial file."""
+    (JSONL: index, text, prefix, postfix, output) atomically and drop the partial file. `frame` is the prompt
+    format's (head, tail) text around each prompt (models.prompt.format; empty for BLOOMZ)."""
     mine = shard_indices(len(items), shard, num_shards)
-    prompts = [items[i][1] + items[i][0] + items[i][2] for i in mine]
+    head, tail = frame
+    prompts = [head + items[i][1] + items[i][0] + items[i][2] + tail for i in mine]
     partial = partial_path(out)
     outputs, generated = cached_generate(prompts, [settings["max_new_tokens"]] * len(prompts), generator,
                                          settings, partial)

@@ -24,6 +24,8 @@ from speechllm.targets.generate import (
 )
 
 RESPONSE_FIELD = "llm_response"  # the reference's dataset column
+# targets.responses.prompt_template value that puts the text in the tokenizer's own chat turn (prompt_format.py).
+CHAT_TEMPLATE = "chat"
 
 
 def response_prompt(text: str, template: str, lowercase: bool) -> str:

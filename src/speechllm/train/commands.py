@@ -128,9 +128,11 @@ def manifest_fields(stage: str, s: dict[str, Any]) -> tuple[str, ...]:
     return ("audio", "language", "transcription")  # the CE batches carry LID labels too
 
 
-def check_min_durations(records: list[dict[str, Any]], min_samples: int, sampling_rate: int) -> None:
-    """Every record (after its speed perturbation) at least as long as the model's shortest input: a shorter clip
-    would stop training at its first batch, possibly hours in. The error names the first such record."""
+def check_min_durations(records: list[dict[str, Any]], min_samples: int, sampling_rate: int,
+                        max_samples: int | None = None) -> None:
+    """Every record (after its speed perturbation) at least as long as the model's shortest input and, for an
+    encoder with a fixed window (Whisper), no longer than it: such a clip would stop training at its first batch,
+    possibly hours in. The error names the first such record."""
     from speechllm.audio import perturbed_length
     from speechllm.data.manifest import location
 
@@ -143,6 +145,12 @@ def check_min_durations(records: list[dict[str, Any]], min_samples: int, samplin
                 f"{' after speed perturbation' if record.get('speed', 1.0) != 1.0 else ''}, shorter than the "
                 f"model's shortest input {min_samples / sampling_rate:.4f} s ({min_samples} samples); "
                 "data preparation drops such clips (config key data.min_duration)"
+            )
+        if max_samples is not None and samples > max_samples:
+            raise ValueError(
+                f"{location(record)}: utterance {record.get('id')} has {samples / sampling_rate:.4f} s of audio"
+                f"{' after speed perturbation' if record.get('speed', 1.0) != 1.0 else ''}, longer than the "
+                f"speech encoder's {max_samples / sampling_rate:g} s window; lower data.max_duration"
             )
 
 
@@ -162,8 +170,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     set_seed(s["seed"])  # the untrained adaptor's initialisation is part of the run
     model, tokenizer, spec, lid = build_for_stage(s, args.stage, args.language_ids, process_device())
-    if args.init_from:
-        load_trained_weights(model, Path(args.init_from) / "model.safetensors")
+    if args.init_from:  # the LLM's LoRA adapters (models.llm.lora) start fresh: the CTC stage has none
+        load_trained_weights(model, Path(args.init_from) / "model.safetensors", fresh_lora=True)
     out_dir = Path(args.out_dir)
     if args.stage == "init":
         save_model_dir(model, spec, out_dir, extra={"training": {"steps": 0}})
@@ -173,12 +181,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     if "stage" not in s:
         raise ValueError(f"the settings have no 'stage' section (config train.{args.stage})")
     stage = StageConfig.from_config(args.stage, s["stage"])
+    if stage.fsdp and s["models"]["llm"].get("lora"):
+        raise ValueError("train.<stage>.fsdp with models.llm.lora is not supported: FSDP2 shards the LLM's "
+                         "decoder blocks as frozen; set fsdp: false or lora: null")
     sr = s["sampling_rate"]
     fields = (*manifest_fields(args.stage, s), "num_samples")
     train_set = SpeechDataset(read_manifest(args.train, required=fields), sr, args.train)
     dev_set = SpeechDataset(read_manifest(args.dev, required=fields), sr, args.dev)
     for dataset in (train_set, dev_set):
-        check_min_durations(dataset.records, model.min_input_samples(), sr)
+        check_min_durations(dataset.records, model.min_input_samples(), sr, model.max_input_samples())
     if args.stage == "kd":
         responses = s.get("responses", {})
         collator = DistillationCollator(

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from speechllm.models.lora import adapters_disabled
 from speechllm.models.speech_llm import IGNORE_INDEX, Segment, SpeechLLM, is_speech_segment, token_list
 
 
@@ -298,7 +299,7 @@ def distillation_loss(
     if empty:
         raise ValueError(f"empty responses at batch positions {empty}: nothing to distil")
     s_logits, s_hidden = run_llm(llm, pack_right_padded(llm, student_prompts, responses), config.fd_layers)
-    with torch.no_grad():
+    with torch.no_grad(), adapters_disabled(llm.lm):  # the teacher is the frozen LLM (no LoRA)
         t_logits, t_hidden = run_llm(
             llm, pack_right_padded(llm, teacher_prompts, responses), config.fd_layers
         )
