@@ -376,6 +376,15 @@ def paired_rates(
     }
 
 
+def compared(rates: dict[str, dict[str, float]] | str, unit: str, **facts: Any) -> dict[str, Any]:
+    """A part's result from `paired_rates`: skipped with its reason, or the facts, the rates under `unit` and the
+    ratio of the first mode's rate to the second's."""
+    if isinstance(rates, str):
+        return skipped(rates)
+    first, second = rates
+    return {"status": "measured", **facts, unit: rates, "ratio": rates[first]["per_second"] / rates[second]["per_second"]}
+
+
 def asr_part(
     model: BloomzMMS,
     cfg: dict[str, Any],
@@ -413,17 +422,14 @@ def asr_part(
         deadline,
         args.rounds,
     )
-    if isinstance(rates, str):
-        return skipped(rates)
-    return {
-        "status": "measured",
-        "batch_size": batch_size,
-        "num_beams": beams,
-        "max_new_tokens": max_new,
-        "utterance_seconds": plan_cfg["utterance_seconds"],
-        "utterances_per_second": rates,
-        "ratio": rates["batched"]["per_second"] / rates["batch_1"]["per_second"],
-    }
+    return compared(
+        rates,
+        "utterances_per_second",
+        batch_size=batch_size,
+        num_beams=beams,
+        max_new_tokens=max_new,
+        utterance_seconds=plan_cfg["utterance_seconds"],
+    )
 
 
 def targets_part(
@@ -486,17 +492,14 @@ def targets_part(
         args.rounds,
         warmup=False,
     )
-    if isinstance(rates, str):
-        return skipped(rates)
-    return {
-        "status": "measured",
-        "batch_size": batch_size,
-        "prompts": {"batched": len(prompts), "one_at_a_time": count},
-        "prompt_tokens": [min(map(len, prompts)), max(map(len, prompts))],
-        "max_new_tokens": max_new,
-        "tokens_per_second": rates,
-        "ratio": rates["batched"]["per_second"] / rates["one_at_a_time"]["per_second"],
-    }
+    return compared(
+        rates,
+        "tokens_per_second",
+        batch_size=batch_size,
+        prompts={"batched": len(prompts), "one_at_a_time": count},
+        prompt_tokens=[min(map(len, prompts)), max(map(len, prompts))],
+        max_new_tokens=max_new,
+    )
 
 
 def kd_batch_size(
@@ -566,19 +569,17 @@ def kd_part(
         deadline,
         args.rounds,
     )
-    if isinstance(rates, str):
-        return skipped(rates)
-    return {
-        "status": "measured",
-        "precision": stage.precision,
-        "utterances_per_update": utterances,
-        "batch_size": size,
-        "utterance_seconds": cfg["plan"]["utterance_seconds"],
-        "plan_memory_gib": planned / GIB,
-        "peak_memory_gib": None if (peak := peak_bytes(device)) is None else peak / GIB,
-        "samples_per_second": rates,
-        "ratio": rates["batched"]["per_second"] / rates["batch_1"]["per_second"],
-    }
+    peak = peak_bytes(device)
+    return compared(
+        rates,
+        "samples_per_second",
+        precision=stage.precision,
+        utterances_per_update=utterances,
+        batch_size=size,
+        utterance_seconds=cfg["plan"]["utterance_seconds"],
+        plan_memory_gib=planned / GIB,
+        peak_memory_gib=None if peak is None else peak / GIB,
+    )
 
 
 def sub_batch(batch: Batch, rows: slice) -> Batch:
