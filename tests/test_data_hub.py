@@ -71,10 +71,19 @@ def speak(tmp_path_factory):
 
 
 def write_parquet(rows: dict[str, list], features, path: Path) -> None:
-    from datasets import Dataset
+    """The hub's parquet with its `datasets` feature metadata. Audio cells are already encoded ({bytes, path}), so
+    they go in as a plain struct and are cast to `Audio` at the Arrow level: `Dataset.from_dict` with an `Audio`
+    feature would re-encode them through torchcodec (and FFmpeg), which the pipeline itself never needs."""
+    from datasets import Audio, Dataset, Features, Value
 
+    audio = [name for name, feature in features.items() if isinstance(feature, Audio)]
+    plain = Features({name: {"bytes": Value("binary"), "path": Value("string")} if name in audio else feature
+                      for name, feature in features.items()})
+    ds = Dataset.from_dict(rows, features=plain)
+    for name in audio:
+        ds = ds.cast_column(name, features[name])
     path.parent.mkdir(parents=True, exist_ok=True)
-    Dataset.from_dict(rows, features=features).to_parquet(str(path))
+    ds.to_parquet(str(path))
 
 
 def fleurs_features():
