@@ -56,12 +56,13 @@ from typing import Any
 import torch
 
 from speechllm.data.batches import Batch
+from speechllm.demo.build import demo_llm_config, demo_speech_encoder_config
 from speechllm.io import atomic_write_text
 from speechllm.models.bloomzmms import BloomzMMS
-from speechllm.models.demo_build import demo_llm_config, demo_speech_encoder_config
 from speechllm.models.export import DTYPES
 from speechllm.models.kang_roy import KangRoy
-from speechllm.models.plan import (
+from speechllm.models.speech_llm import SpeechLLM
+from speechllm.plan.planner import (
     StagePlan,
     bloomzmms_parts,
     frozen_llm,
@@ -71,7 +72,6 @@ from speechllm.models.plan import (
     micro_batch_seconds,
     plan_experiment,
 )
-from speechllm.models.speech_llm import SpeechLLM
 from speechllm.targets.generate import GreedyDecoder, greedy_loop_supported, row_tokens
 from speechllm.train.loop import StageConfig
 from speechllm.train.objectives import ObjectiveModule

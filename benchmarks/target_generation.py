@@ -39,9 +39,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, BloomConfig, BloomForCausalLM
 
-from speechllm.data.demo import demo_templates, parallel_sentences
-from speechllm.models.demo_build import DEMO_COLUMNS, build_tokenizer
+from speechllm.demo.build import DEMO_COLUMNS, build_tokenizer
+from speechllm.demo.corpus import parallel_sentences
 from speechllm.targets.generate import generate_batched, row_tokens
+from speechllm.targets.templates import builtin_templates
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_NUM_PROMPTS = 64
@@ -58,7 +59,7 @@ def demo_prompts(n: int, seed: int) -> list[str]:
     postfix."""
     rng = random.Random(seed)
     texts = [row[c] for row in parallel_sentences() for c in DEMO_COLUMNS if row.get(c)]
-    templates = demo_templates()
+    templates = builtin_templates()
     prompts = []
     for _ in range(n):
         prefix, postfix = rng.choice(templates)
@@ -71,7 +72,7 @@ def build_tiny_bloom(out_dir: Path, seed: int) -> Path:
     """A randomly initialised BLOOM of the demo config's size with a demo-trained tokenizer, saved to disk."""
     build = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["models"]["demo_build"]
     texts = [row[c] for row in parallel_sentences() for c in DEMO_COLUMNS if row.get(c)]
-    texts += [p + s for p, s in demo_templates()]
+    texts += [p + s for p, s in builtin_templates()]
     tokenizer = build_tokenizer(texts, build["tokenizer_vocab_size"], out_dir)
     torch.manual_seed(seed)
     vocab = len(tokenizer) + build["llm_vocab_pad_to"]

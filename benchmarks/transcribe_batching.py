@@ -35,9 +35,9 @@ import yaml
 from kd_batching import paired_samples_per_second  # the alternating-rounds timer
 
 import speechllm
-from speechllm.data.demo import parallel_sentences
+from speechllm.demo.build import build_speech_encoder, build_tokenizer
+from speechllm.demo.corpus import parallel_sentences
 from speechllm.models.adaptor import AdaptorConfig
-from speechllm.models.demo_build import build_speech_encoder, build_tokenizer
 from speechllm.models.export import build_model, model_spec, save_model_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -48,7 +48,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """A tokenizer + tiny BLOOM and a tiny MMS-architecture Wav2Vec2, saved with save_pretrained."""
-    from speechllm.models.demo_build import build_speech_encoder, build_tokenizer
+    from speechllm.demo.build import build_speech_encoder, build_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_models")
     texts = ["Repeat the sentence: the cat sits on the mat. ", "Der Hund schläft im Garten.",

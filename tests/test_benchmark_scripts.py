@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from speechllm.data.bucketing import rank_batch_sizes
-from speechllm.models.plan import load_experiment
+from speechllm.plan.planner import load_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 HEADLINE = re.compile(r"^[^:\n]+: \d+(\.\d+)?$")

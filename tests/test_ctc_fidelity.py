@@ -34,7 +34,7 @@ from speechllm.models.frontend import (
     s3prl_frame_lengths,
     subtract_utterance_mean,
 )
-from speechllm.models.plan import load_experiment
+from speechllm.plan.planner import load_experiment
 from speechllm.train.loop import StageConfig
 from speechllm.train.objectives import ObjectiveModule
 

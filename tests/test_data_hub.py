@@ -249,8 +249,9 @@ def test_split_sentences():
 
 
 def test_spoken_demo_articles(tmp_path):
-    from speechllm.data.articles import build_articles, demo_articles
+    from speechllm.data.articles import build_articles
     from speechllm.data.tts import EspeakNG
+    from speechllm.demo.corpus import demo_articles
 
     try:
         tts = EspeakNG(SR, 220)

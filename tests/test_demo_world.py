@@ -8,7 +8,14 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
-from speechllm.data.demo import (
+from speechllm.demo.build import (
+    _batches,
+    build_llm,
+    instruction_examples,
+    pretraining_batch,
+    rescale_embeddings,
+)
+from speechllm.demo.corpus import (
     COMPOSED_SLOTS,
     composed_glue,
     composed_sentences,
@@ -19,13 +26,6 @@ from speechllm.data.demo import (
     split_for_llm,
 )
 from speechllm.evaluate.prompts import TASK_PROMPTS, render_text
-from speechllm.models.demo_build import (
-    _batches,
-    build_llm,
-    instruction_examples,
-    pretraining_batch,
-    rescale_embeddings,
-)
 
 COUNTS = {"train": 60, "dev": 6, "test": 6}
 LANGUAGES = ("en", "de", "fr", "es", "it", "pt")

@@ -1,4 +1,4 @@
-"""Character-CTC fine-tuning of the demo speech encoder (models/encoder_ctc.py, `speechllm models demo-speech-encoder`)."""
+"""Character-CTC fine-tuning of the demo speech encoder (demo/encoder_ctc.py, `speechllm models demo-speech-encoder`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from transformers import Wav2Vec2ForCTC, Wav2Vec2Model, Wav2Vec2Processor
 
 from speechllm.data.manifest import ManifestError, write_manifest
-from speechllm.models.demo_build import build_speech_encoder
-from speechllm.models.encoder_ctc import CtcFinetuneConfig, character_vocab, finetune_encoder
+from speechllm.demo.build import build_speech_encoder
+from speechllm.demo.encoder_ctc import CtcFinetuneConfig, character_vocab, finetune_encoder
 
 SR = 16_000
 ENCODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,

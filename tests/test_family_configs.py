@@ -13,7 +13,7 @@ from transformers import Wav2Vec2BertModel, WhisperModel
 
 from speechllm.cli import main
 from speechllm.models.frames import whisper_frame_count
-from speechllm.models.plan import (
+from speechllm.plan.planner import (
     PlanError,
     load_arch_config,
     load_experiment,

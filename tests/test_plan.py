@@ -23,7 +23,7 @@ from transformers import (
 from speechllm.cli import main
 from speechllm.data.bucketing import DurationBucketSampler
 from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor
-from speechllm.models.plan import (
+from speechllm.plan.planner import (
     PlanError,
     Workload,
     adaptor_flops,

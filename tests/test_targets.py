@@ -520,7 +520,7 @@ def test_vllm_backend_writes_what_the_hf_backend_writes(lm, monkeypatch, tmp_pat
 
 def test_demo_llm_sees_prompt_and_completion_tokenised_apart(tiny_models):
     """The demo LLM is trained on ids(prompt) + ids(completion), as it is used: a prompt ending in a space."""
-    from speechllm.models.demo_build import prompt_ids
+    from speechllm.demo.build import prompt_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_models["llm"])
     prompt, completion = "Repeat the sentence: the cat sits on the mat. ", "the cat sits on the mat."

@@ -14,7 +14,7 @@ import sys
 from speechllm import infer, publish
 from speechllm.data import commands as data_commands
 from speechllm.evaluate import commands as evaluate_commands
-from speechllm.models import commands as models_commands
+from speechllm.plan import commands as models_commands
 from speechllm.report import commands as report_commands
 from speechllm.targets import commands as targets_commands
 from speechllm.train import commands as train_commands

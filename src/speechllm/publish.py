@@ -374,7 +374,7 @@ def upload(folder: Path, repo_id: str, private: bool, revision: str | None, comm
 def load_config(paths: list[str] | None) -> dict[str, Any]:
     """The run's config as `snakemake --configfile A B` builds it: A merged over the config/config.yaml beside
     it, then B over that; without files, config/config.yaml of the working directory if there is one."""
-    from speechllm.models.plan import PlanError, load_experiment
+    from speechllm.plan.planner import PlanError, load_experiment
 
     if not paths:
         default = Path("config/config.yaml")

@@ -3,7 +3,8 @@
 Kang & Roy score summaries of CNN/DailyMail test articles shorter than 1,600 (characters or tokens: unknown;
 we count characters) spoken with TTS, against the `highlights`. At paper scale the articles come from
 `load_dataset` (`abisee/cnn_dailymail`, config 3.0.0, test); the demo reads a few short articles and summaries
-written for this project (package data `demo/articles.tsv`).
+written for this project (package data `speechllm/demo/texts/articles.tsv`, read by
+`speechllm.demo.corpus.demo_articles`).
 
 Voicing, config `data.articles.segmentation`:
 - `sentences` (default): each sentence is its own TTS clip, and the clips are joined with `pause_seconds` of
@@ -23,10 +24,9 @@ import numpy as np
 import soundfile as sf
 
 from speechllm.audio import load_audio
-from speechllm.data.demo import _speak_all, demo_file, read_tsv
 from speechllm.data.hub import SourceError, load_split
 from speechllm.data.manifest import write_manifest
-from speechllm.data.tts import TTSBackend
+from speechllm.data.tts import TTSBackend, speak_all
 from speechllm.io import atomic_path
 
 # A sentence ends at . ! or ? (plus closing quotes/brackets) followed by space and an upper-case letter,
@@ -44,11 +44,6 @@ def split_sentences(text: str) -> list[str]:
     parts.append(text[start:])
     return [p.strip() for p in parts if p.strip()]
 
-
-def demo_articles() -> list[dict[str, str]]:
-    """The demo's articles: id, article, summary."""
-    return [{"id": f"demo-{int(row['id']):04d}", "article": row["article"], "summary": row["summary"]}
-            for row in read_tsv(demo_file("articles.tsv"))]
 
 
 def hub_articles(dataset: str, config: str, split: str, revision: str, max_chars: int,
@@ -102,7 +97,7 @@ def build_articles(out_dir: Path, articles: list[dict[str, str]], tts: TTSBacken
         clips = [audio_dir / article["id"] / f"{k:03d}.wav" for k in range(len(texts))]
         jobs += [(text, voice, clip) for text, clip in zip(texts, clips, strict=True)]
         plans.append((article, texts, clips))
-    _speak_all(tts, jobs, threads)
+    speak_all(tts, jobs, threads)
     records: list[dict[str, Any]] = []
     for article, texts, clips in plans:
         path = audio_dir / f"{article['id']}.wav"

@@ -12,8 +12,8 @@ log = logging.getLogger("speechllm")
 
 
 def cmd_data_demo(args: argparse.Namespace) -> None:
-    from speechllm.data import demo
     from speechllm.data.tts import make_tts
+    from speechllm.demo import corpus as demo
 
     s = parse_settings(args.settings)
     tts = make_tts(s["tts"]["backend"], s["sampling_rate"], s["tts"]["words_per_minute"])
@@ -80,7 +80,9 @@ def cmd_data_articles(args: argparse.Namespace) -> None:
     s = parse_settings(args.settings)
     a = s["articles"]
     if a["source"] == "demo":
-        items = articles.demo_articles()
+        from speechllm.demo.corpus import demo_articles
+
+        items = demo_articles()
     else:
         items = articles.hub_articles(a["dataset"], a["config"], a["split"], a["revision"], a["max_chars"],
                                       a.get("max_articles"), args.cache_dir)

@@ -20,10 +20,9 @@ import soundfile as sf
 from tqdm import tqdm
 
 from speechllm.audio import AudioError
-from speechllm.data.demo import _example, _speak_all
 from speechllm.data.languages import SHORT_TO_FLEURS
-from speechllm.data.manifest import write_manifest
-from speechllm.data.tts import TTSBackend
+from speechllm.data.manifest import spoken_example, write_manifest
+from speechllm.data.tts import TTSBackend, speak_all
 from speechllm.io import atomic_path, atomic_write_bytes, atomic_write_text
 
 PARQUET_REVISION = "refs/convert/parquet"
@@ -206,8 +205,8 @@ def build_speechglue_tts(out_dir: Path, tasks: list[str], tts: TTSBackend, voice
             paths = {f: out_dir / "audio" / "speechglue" / task / f"{i:06d}_{f}.wav" for f in GLUE_TEXT_FIELDS[task]}
             jobs += [(row[f], voice, p) for f, p in paths.items()]
             pending.append((i, row, paths))
-        _speak_all(tts, jobs, threads)
-        examples = [_example(task, f"{task}-{i:06d}", "en_us", paths, {f: row[f] for f in paths}, row["label"],
+        speak_all(tts, jobs, threads)
+        examples = [spoken_example(task, f"{task}-{i:06d}", "en_us", paths, {f: row[f] for f in paths}, row["label"],
                              sampling_rate) for i, row, paths in pending]
         counts[task] = write_manifest(out_dir / "speechglue" / f"{task}.jsonl", examples)
     return counts
@@ -226,8 +225,8 @@ def build_speechxnli_tts(out_dir: Path, languages: list[str], tts: TTSBackend, v
             paths = {f: out_dir / "audio" / "speechxnli" / lang / f"{i:05d}_{f}.wav" for f in XNLI_TEXT_FIELDS}
             jobs += [(row[f], voices[lang], p) for f, p in paths.items()]
             pending.append((i, row, paths))
-        _speak_all(tts, jobs, threads)
-        examples += [_example("xnli", f"xnli-{lang}-{i:05d}", SHORT_TO_FLEURS[lang], paths,
+        speak_all(tts, jobs, threads)
+        examples += [spoken_example("xnli", f"xnli-{lang}-{i:05d}", SHORT_TO_FLEURS[lang], paths,
                               {f: row[f] for f in paths}, row["label"], sampling_rate) for i, row, paths in pending]
     return write_manifest(out_dir / "speechxnli" / "test.jsonl", examples)
 

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import soundfile as sf
+
 from speechllm.io import atomic_write_text
 
 UTTERANCE_FIELDS = ("id", "language", "audio", "num_samples", "sampling_rate", "raw_transcription")
@@ -77,3 +79,15 @@ def write_manifest(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
 def duration_seconds(record: dict[str, Any]) -> float:
     """Duration after speed perturbation."""
     return record["num_samples"] / record["sampling_rate"] / record.get("speed", 1.0)
+
+
+def spoken_example(task: str, ex_id: str, language: str, fields: dict[str, Path], texts: dict[str, str],
+             label: Any, sampling_rate: int) -> dict[str, Any]:
+    """An example line (SpeechGLUE/SpeechXNLI-shaped): every field's text with its voiced clip."""
+    return {
+        "id": ex_id, "task": task, "language": language, "label": label, "sampling_rate": sampling_rate,
+        "fields": {
+            name: {"text": texts[name], "audio": str(path), "num_samples": sf.info(str(path)).frames}
+            for name, path in fields.items()
+        },
+    }

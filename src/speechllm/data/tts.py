@@ -9,11 +9,13 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import soundfile as sf
+from tqdm import tqdm
 
 from speechllm.audio import load_audio
 from speechllm.io import atomic_path
@@ -58,3 +60,15 @@ def make_tts(backend: str, sampling_rate: int, words_per_minute: int) -> TTSBack
     if backend == "espeak-ng":
         return EspeakNG(sampling_rate, words_per_minute)
     raise ValueError(f"unknown TTS backend {backend!r} (config key data.tts.backend); available: espeak-ng")
+
+
+def speak_all(tts: TTSBackend, jobs: list[tuple[str, str, Path]], threads: int) -> None:
+    """Voice every (text, voice, path) job whose wav does not exist yet, on `threads` threads."""
+    todo = [job for job in jobs if not job[2].exists()]
+
+    def run(job: tuple[str, str, Path]) -> None:
+        text, voice, path = job
+        tts.synthesize(text, voice, path)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        list(tqdm(pool.map(run, todo), total=len(todo), desc=f"TTS ({tts.name})", mininterval=5))

@@ -7,7 +7,6 @@ import json
 import random
 from pathlib import Path
 
-from speechllm.data.demo import demo_templates
 from speechllm.targets.download import fetch_verified
 
 
@@ -15,11 +14,17 @@ class TemplateError(ValueError):
     pass
 
 
+def builtin_templates() -> list[tuple[str, str]]:
+    """The bank shipped with the package (`templates.json` next to this module), written for the demo."""
+    pairs = json.loads((Path(__file__).parent / "templates.json").read_text(encoding="utf-8"))
+    return [(prefix, postfix) for prefix, postfix in pairs]
+
+
 def load_templates(source: str) -> list[tuple[str, str]]:
     """`builtin` = the demo bank shipped with the package; otherwise a templates.json path (the
     reference's)."""
     if source == "builtin":
-        return demo_templates()
+        return builtin_templates()
     path = Path(source)
     if not path.is_file():
         raise TemplateError(f"template bank not found: {path} (config key targets.templates)")

@@ -14,8 +14,8 @@ log = logging.getLogger("speechllm")
 
 
 def cmd_models_demo_llm(args: argparse.Namespace) -> None:
+    from speechllm.demo.build import build_llm
     from speechllm.io import atomic_dir
-    from speechllm.models.demo_build import build_llm
 
     s = parse_settings(args.settings)
     set_threads(args.threads)
@@ -33,9 +33,9 @@ def cmd_models_fetch(args: argparse.Namespace) -> None:
 
 
 def cmd_models_demo_speech_encoder(args: argparse.Namespace) -> None:
+    from speechllm.demo.build import build_speech_encoder
+    from speechllm.demo.encoder_ctc import CtcFinetuneConfig, finetune_encoder
     from speechllm.io import atomic_dir
-    from speechllm.models.demo_build import build_speech_encoder
-    from speechllm.models.encoder_ctc import CtcFinetuneConfig, finetune_encoder
 
     s = parse_settings(args.settings)
     set_threads(args.threads)
@@ -78,7 +78,7 @@ def cmd_import_espnet(args: argparse.Namespace) -> None:
 
 def cmd_import_kang_roy(args: argparse.Namespace) -> None:
     from speechllm.models.espnet_import import import_kang_roy
-    from speechllm.models.plan import load_experiment
+    from speechllm.plan.planner import load_experiment
 
     set_threads(args.threads)
     if args.settings:
@@ -89,7 +89,7 @@ def cmd_import_kang_roy(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from speechllm.models.plan import PlanError, config_root, format_plan, load_experiment, plan_experiment
+    from speechllm.plan.planner import PlanError, config_root, format_plan, load_experiment, plan_experiment
 
     try:
         cfg = load_experiment([Path(c) for c in args.config], Path(args.base) if args.base else None)
@@ -109,7 +109,7 @@ PLAN_EPILOG = """example:
   speechllm plan --config config/experiments/bloomzmms.yaml config/experiments/bloomzmms_exact.yaml
 
 Models are built on the meta device from config/models/<hub name>.json (no download). The formulas are in the
-docstring of speechllm.models.plan."""
+docstring of speechllm.plan.planner."""
 
 
 IMPORT_EPILOG = """examples:

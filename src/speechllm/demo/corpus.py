@@ -1,24 +1,20 @@
 """The embedded offline world: a parallel corpus and SpeechGLUE/SpeechXNLI-shaped sets written for this
-project (package data in `speechllm/data/demo/`), spoken with a TTS backend into FLEURS-shaped manifests."""
+project (package data in `speechllm/demo/texts/`), spoken with a TTS backend into FLEURS-shaped manifests."""
 
 from __future__ import annotations
 
 import csv
 import itertools
-import json
 import math
 import random
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 import soundfile as sf
-from tqdm import tqdm
 
 from speechllm.data.languages import FLEURS_TO_SHORT, SHORT_TO_FLEURS
-from speechllm.data.manifest import write_manifest
-from speechllm.data.tts import TTSBackend
+from speechllm.data.manifest import spoken_example, write_manifest
+from speechllm.data.tts import TTSBackend, speak_all
 
 GLUE_FIELDS: dict[str, tuple[str, ...]] = {
     "sst2": ("sentence",),
@@ -29,7 +25,7 @@ XNLI_FIELDS = ("premise", "hypothesis")
 
 
 def demo_file(name: str) -> Path:
-    return Path(str(resources.files("speechllm.data") / "demo" / name))
+    return Path(str(resources.files("speechllm.demo") / "texts" / name))
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:
@@ -183,26 +179,12 @@ def demo_sentences(composed: dict[str, int] | None) -> list[dict[str, str]]:
     return rows
 
 
-def demo_templates() -> list[tuple[str, str]]:
-    pairs = json.loads(demo_file("templates.json").read_text(encoding="utf-8"))
-    return [(prefix, postfix) for prefix, postfix in pairs]
-
 
 def split_for_llm(rows: list[dict[str, str]], fraction: float) -> tuple[list[dict], list[dict]]:
     """Split a classification set: the first `fraction` teaches the demo LLM the task, the rest is evaluated."""
     cut = math.ceil(len(rows) * fraction)
     return rows[:cut], rows[cut:]
 
-
-def _speak_all(tts: TTSBackend, jobs: list[tuple[str, str, Path]], threads: int) -> None:
-    todo = [job for job in jobs if not job[2].exists()]
-
-    def run(job: tuple[str, str, Path]) -> None:
-        text, voice, path = job
-        tts.synthesize(text, voice, path)
-
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        list(tqdm(pool.map(run, todo), total=len(todo), desc=f"TTS ({tts.name})", mininterval=5))
 
 
 def build_corpus(
@@ -226,7 +208,7 @@ def build_corpus(
                 "id": f"{code}-{row['split']}-{sid:04d}", "sentence_id": sid, "language": code,
                 "audio": str(path), "raw_transcription": row[short], "translation": row["en"],
             })
-    _speak_all(tts, jobs, threads)
+    speak_all(tts, jobs, threads)
     for split, recs in records.items():
         for rec in recs:
             rec["num_samples"] = sf.info(rec["audio"]).frames
@@ -234,16 +216,6 @@ def build_corpus(
         write_manifest(out_dir / "fleurs" / f"{split}.jsonl", recs)
     return {split: len(recs) for split, recs in records.items()}
 
-
-def _example(task: str, ex_id: str, language: str, fields: dict[str, Path], texts: dict[str, str],
-             label: Any, sampling_rate: int) -> dict[str, Any]:
-    return {
-        "id": ex_id, "task": task, "language": language, "label": label, "sampling_rate": sampling_rate,
-        "fields": {
-            name: {"text": texts[name], "audio": str(path), "num_samples": sf.info(str(path)).frames}
-            for name, path in fields.items()
-        },
-    }
 
 
 def build_speechglue(out_dir: Path, tasks: list[str], voice: str, tts: TTSBackend, sampling_rate: int,
@@ -261,8 +233,8 @@ def build_speechglue(out_dir: Path, tasks: list[str], voice: str, tts: TTSBacken
                      for f in GLUE_FIELDS[task]}
             jobs += [(row[f], voice, p) for f, p in paths.items()]
             pending.append((row, paths))
-        _speak_all(tts, jobs, threads)
-        examples = [_example(task, f"{task}-{int(row['id']):04d}", "en_us", paths, row, int(row["label"]),
+        speak_all(tts, jobs, threads)
+        examples = [spoken_example(task, f"{task}-{int(row['id']):04d}", "en_us", paths, row, int(row["label"]),
                              sampling_rate) for row, paths in pending]
         counts[task] = write_manifest(out_dir / "speechglue" / f"{task}.jsonl", examples)
     return counts
@@ -289,7 +261,12 @@ def build_speechxnli(out_dir: Path, languages: list[str], voices: dict[str, str]
         paths = {f: out_dir / "audio" / "speechxnli" / lang / f"{int(row['id']):04d}_{f}.wav" for f in XNLI_FIELDS}
         jobs += [(row[f], voices[lang], p) for f, p in paths.items()]
         pending.append((row, paths))
-    _speak_all(tts, jobs, threads)
-    examples = [_example("xnli", f"xnli-{row['language']}-{int(row['id']):04d}", SHORT_TO_FLEURS[row["language"]],
+    speak_all(tts, jobs, threads)
+    examples = [spoken_example("xnli", f"xnli-{row['language']}-{int(row['id']):04d}", SHORT_TO_FLEURS[row["language"]],
                          paths, row, int(row["label"]), sampling_rate) for row, paths in pending]
     return write_manifest(out_dir / "speechxnli" / "test.jsonl", examples)
+
+def demo_articles() -> list[dict[str, str]]:
+    """The demo's articles: id, article, summary."""
+    return [{"id": f"demo-{int(row['id']):04d}", "article": row["article"], "summary": row["summary"]}
+            for row in read_tsv(demo_file("articles.tsv"))]

@@ -22,14 +22,14 @@ from transformers import (
     Wav2Vec2Model,
 )
 
-from speechllm.data.demo import (
+from speechllm.data.languages import language_name
+from speechllm.demo.corpus import (
     demo_sentences,
-    demo_templates,
     glue_split,
     xnli_split,
 )
-from speechllm.data.languages import language_name
 from speechllm.evaluate.prompts import TASK_PROMPTS, render_text
+from speechllm.targets.templates import builtin_templates
 from speechllm.text.normalize import basic_normalize
 
 # BLOOM's special tokens and ids: <unk>=0 (the CTC blank, models.ctc_head.blank_id), <s>=1, </s>=2, <pad>=3.
@@ -51,7 +51,7 @@ def instruction_examples(llm_fraction: float, repeat_prefix: str, repeat_postfix
     rng = random.Random(seed)
     examples: list[Example] = []
     names = {col: language_name(col) for col in DEMO_COLUMNS}
-    translation_templates = [(p, q, t) for p, q in demo_templates()
+    translation_templates = [(p, q, t) for p, q in builtin_templates()
                              if (t := _template_target(q + p, names)) is not None]
     for row in demo_sentences(composed):
         for col in DEMO_COLUMNS:

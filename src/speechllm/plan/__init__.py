@@ -1,0 +1,1 @@
+"""Paper-scale planning (config merging, memory and time per step) and the `speechllm models` commands."""
