@@ -403,6 +403,10 @@ if KANG_ROY:
     TRAINED_MODELS = {"kang_roy": ("train_kd", f"{config['experiment']}-kd")}
 if RELEASED["only"]:  # nothing is trained
     TRAINED_MODELS = {}
+# A model no configured table evaluates (its systems dropped from evaluate.design) is not trained either.
+_TABLED_MODELS = {os.path.basename(SYSTEMS[s][0]) for t in config["report"]["tables"]
+                  for b in TABLE_BENCHMARKS.get(t, [t]) for s in BENCHMARK_SYSTEMS.get(b, [])}
+TRAINED_MODELS = {m: run for m, run in TRAINED_MODELS.items() if m in _TABLED_MODELS}
 for _table in config["report"]["tables"]:
     if _table not in BENCHMARK_SYSTEMS:
         config_error("report.tables", f"table '{_table}' has no evaluation in this configuration "
