@@ -9,6 +9,8 @@ import jsonschema
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
+from speechllm import workflow as workflow_logic  # `workflow` is Snakemake's
+
 
 def config_error(key, message):
     """Stop with one line that names the key, no traceback: the user's config is wrong, not the workflow."""
@@ -34,70 +36,21 @@ validate_config(config, workflow.source_path("../workflow/schemas/config.schema.
 
 EVAL_SPLIT = config["data"].get("splits", {}).get("test", "test")
 CE_VARIANTS = ["t", "mi", "tmi"]
-# system -> (model directory, decoder): the untrained and trained CTC model decoded by CTC, the CTC model put
-# in front of the LLM before CE training (the CE starting point), and the three CE models; baselines: `cascade`
-# (the CTC model's transcript put into the LLM prompt as text) and `text` (the gold text; only the LLM is loaded).
-SYSTEMS = {
-    "ctc_init": ("results/models/ctc_init", "ctc"),
-    "ctc": ("results/models/ctc", "ctc"),
-    "ce_init": ("results/models/ctc", "llm"),
-    **{v: (f"results/models/{v}", "llm") for v in CE_VARIANTS},
-    "cascade": ("results/models/ctc", "cascade"),
-    "text": ("results/models/ctc_init", "text"),
-}
-BASELINES = ["cascade", "text"]
-BENCHMARK_SYSTEMS = {
-    "fleurs_asr": ["ctc_init", "ctc", "ce_init", *CE_VARIANTS, *BASELINES],
-    "fleurs_st": ["ce_init", *CE_VARIANTS, *BASELINES],
-    "speechglue": ["ce_init", *CE_VARIANTS, *BASELINES],
-    "speechxnli": ["ce_init", *CE_VARIANTS, *BASELINES],
-}
 COVOST2_MANIFEST = "resources/covost2/test.jsonl"
-if config["evaluate"]["covost2"]["release_dir"]:
-    BENCHMARK_SYSTEMS["covost2_st"] = ["ce_init", *CE_VARIANTS, *BASELINES]
-# Kang & Roy (`system: kang_roy`): the speech-prompted model, its cascade (the HF CTC checkpoint named by
-# evaluate.cascade_asr, lower-cased as theirs) and the text topline, on the spoken articles and the LibriSpeech
-# response perplexity. KANG_ROY_MODEL_DIR is where the KD training exports the model.
+# Kang & Roy (`system: kang_roy`): the summarization experiment is its own DAG (responses → KD training →
+# summarization / perplexity); KANG_ROY_MODEL_DIR is where the KD training exports the model, KANG_ROY_INIT_DIR
+# its untrained start (pretrained HuBERT, fresh projection), as ce_init for BLOOMZMMS.
 KANG_ROY_MODEL_DIR = "results/models/kang_roy"
 KANG_ROY_INIT_DIR = "results/models/kang_roy_init"
 ARTICLES_MANIFEST = "resources/articles/test.jsonl"
 KANG_ROY = config.get("system", "bloomzmms") == "kang_roy"
-if KANG_ROY:
-    # The summarization experiment is its own DAG: responses → KD training → summarization / perplexity.
-    # kang_roy_init: the untrained start (pretrained HuBERT, fresh projection), as ce_init for BLOOMZMMS.
-    SYSTEMS = {"kang_roy_init": (KANG_ROY_INIT_DIR, "llm"), "kang_roy": (KANG_ROY_MODEL_DIR, "llm"),
-               "kang_roy_cascade": (KANG_ROY_MODEL_DIR, "cascade"), "kang_roy_text": (KANG_ROY_MODEL_DIR, "text")}
-    BENCHMARK_SYSTEMS = {b: ["kang_roy_init", "kang_roy", "kang_roy_cascade", "kang_roy_text"]
-                         for b in ("summarization", "response_ppl")}
-# Published checkpoints (config `released`, rules/models.smk): system released_<name> = the model imported into
-# results/models/released_<name>, decoded as configured (ctc: the CTC head on FLEURS ASR only; llm: every
-# benchmark). With released.only the trained systems give way to them, and the baselines use released_ctc.
 RELEASED = config["released"]
-RELEASED_BLOOMZMMS = {f"released_{name}": entry for name, entry in RELEASED["bloomzmms"].items()}
-RELEASED_KANG_ROY = "released_kang_roy" if RELEASED["kang_roy"]["checkpoint"] else None
-if KANG_ROY and RELEASED_KANG_ROY:
-    SYSTEMS[RELEASED_KANG_ROY] = (f"results/models/{RELEASED_KANG_ROY}", "llm")
-    if RELEASED["only"]:
-        for _system in ("kang_roy_cascade", "kang_roy_text"):
-            SYSTEMS[_system] = (SYSTEMS[RELEASED_KANG_ROY][0], SYSTEMS[_system][1])
-        del SYSTEMS["kang_roy_init"], SYSTEMS["kang_roy"]
-    for _systems in BENCHMARK_SYSTEMS.values():
-        _own = [s for s in _systems if s in SYSTEMS and s not in ("kang_roy_cascade", "kang_roy_text")]
-        _systems[:] = _own + [RELEASED_KANG_ROY, "kang_roy_cascade", "kang_roy_text"]
-elif not KANG_ROY and RELEASED_BLOOMZMMS:
-    for _system, _entry in RELEASED_BLOOMZMMS.items():
-        SYSTEMS[_system] = (f"results/models/{_system}", _entry["decoder"])
-    if RELEASED["only"]:
-        if "released_ctc" not in RELEASED_BLOOMZMMS:
-            config_error("released.only", "the cascade and text baselines need released.bloomzmms.ctc")
-        SYSTEMS["cascade"] = (SYSTEMS["released_ctc"][0], "cascade")
-        SYSTEMS["text"] = (SYSTEMS["released_ctc"][0], "text")
-        for _system in [s for s in SYSTEMS if s not in RELEASED_BLOOMZMMS and s not in BASELINES]:
-            del SYSTEMS[_system]
-    for _benchmark, _systems in BENCHMARK_SYSTEMS.items():
-        _own = [] if RELEASED["only"] else [s for s in _systems if s not in BASELINES]
-        _released = [s for s, e in RELEASED_BLOOMZMMS.items() if e["decoder"] == "llm" or _benchmark == "fleurs_asr"]
-        _systems[:] = _own + _released + BASELINES
+# system -> (model directory, decoder) and benchmark -> systems: config evaluate.design.<system> with the
+# published checkpoints of config `released` (rules/models.smk imports them into results/models/released_<name>).
+try:
+    SYSTEMS, BENCHMARK_SYSTEMS = workflow_logic.evaluation_design(config)
+except workflow_logic.ConfigError as error:
+    config_error(error.key, error.message)
 DEMO_LLM_DIR = "resources/models/demo-llm"
 DEMO_ENCODER_DIR = "resources/models/demo-mms"
 TARGET_SHARDS = list(range(config["targets"]["shards"]))
@@ -406,8 +359,9 @@ def kd_manifest(which):
 
 
 def eval_settings():
-    # `shards` says which job decodes which batches, not what is decoded: the score files do not record it.
-    evaluate = {k: v for k, v in config["evaluate"].items() if k != "shards"}
+    # `shards` says which job decodes which batches and `design` which systems run, not how one is decoded: the
+    # score files do not record them.
+    evaluate = {k: v for k, v in config["evaluate"].items() if k not in ("shards", "design")}
     return as_json({"evaluate": evaluate, "sampling_rate": config["data"]["sampling_rate"],
                     "experiment": config["experiment"]})
 
@@ -449,6 +403,10 @@ if KANG_ROY:
     TRAINED_MODELS = {"kang_roy": ("train_kd", f"{config['experiment']}-kd")}
 if RELEASED["only"]:  # nothing is trained
     TRAINED_MODELS = {}
+# A model no configured table evaluates (its systems dropped from evaluate.design) is not trained either.
+_TABLED_MODELS = {os.path.basename(SYSTEMS[s][0]) for t in config["report"]["tables"]
+                  for b in TABLE_BENCHMARKS.get(t, [t]) for s in BENCHMARK_SYSTEMS.get(b, [])}
+TRAINED_MODELS = {m: run for m, run in TRAINED_MODELS.items() if m in _TABLED_MODELS}
 for _table in config["report"]["tables"]:
     if _table not in BENCHMARK_SYSTEMS:
         config_error("report.tables", f"table '{_table}' has no evaluation in this configuration "
@@ -511,10 +469,7 @@ def wandb_sync_inputs(wildcards):
 
 
 # Compute of the model steps, locally or on Slurm (profiles/slurm): config `resources`, with
-# `resources.rules.<rule>` merged over it.
-# accelerate training: may span nodes (resources.rules.<rule>.nodes)
-MULTI_NODE_RULES = ("train_ctc", "train_ce", "train_kd")
-
+# `resources.rules.<rule>` merged over it (speechllm/workflow.py sizes them).
 # Compute nodes without internet: the rules that download run on the submit host instead (the conditional
 # ones only where they exist, as in rules/targets.smk).
 if config["resources"]["offline_compute_nodes"]:
@@ -542,113 +497,20 @@ if config["resources"]["offline_compute_nodes"]:
 
 def rule_resources(rule_name):
     """config `resources` with `resources.rules.<rule_name>` merged over it."""
-    base = {k: v for k, v in config["resources"].items() if k != "rules"}
-    return {**base, **config["resources"].get("rules", {}).get(rule_name, {})}
-
-
-# Steps that save their progress as they go and resume from it (training checkpoints, the partial files of the
-# generation and evaluation shards). On SIGTERM they save and exit with status 75 (speechllm/stopping.py), so
-# a job stopped by its time limit or preempted is retried (the Slurm profile lists them as preemptible) and
-# goes on where it stopped: a retry needs no more time than the first attempt.
-RESUMABLE_RULES = ("train_ctc", "train_ce", "train_kd", "generate_targets", "generate_responses", "evaluate")
-
-
-def retry_scaled(value, scale, attempts):
-    """A resource that grows with each retry, value × scale^(retry), for the first `attempts` retries: a job
-    killed for memory (or, if it cannot resume, for time) asks for more when it is retried."""
-    return lambda wildcards, attempt: round(value * scale ** min(attempt - 1, attempts))
-
-
-def stop_signal(rule_name, res, key):
-    """sbatch --signal for a resumable step: SIGTERM `stop_signal_seconds` before the time limit (to every
-    process of the job's steps, not the batch shell; Slurm may send it up to a minute earlier)."""
-    seconds = res.get("stop_signal_seconds")
-    if rule_name not in RESUMABLE_RULES or not seconds:
-        return {}
-    if seconds >= res["runtime"] * 60:
-        config_error(f"{key}.stop_signal_seconds", f"{seconds} s is not shorter than {rule_name}'s runtime of "
-                                                   f"{res['runtime']} min")
-    return {"slurm_extra": f"--signal=TERM@{seconds}"}
+    return workflow_logic.rule_resources(config["resources"], rule_name)
 
 
 def job_resources(rule_name):
-    """A model step's resources, as `resources: **job_resources("<rule>")`.
-
-    mem_mb grows on retries (`retry_scale`, for `retry_scale_attempts` retries); runtime too, except for the
-    resumable steps, which also ask Slurm for SIGTERM ahead of their time limit (`stop_signal`).
-    gpu > 0: `gpu` and `cpus_per_gpu` (sbatch --gpus, --cpus-per-gpu). nodes > 1: GPUs per node as `gres`
-    (sbatch --gres counts per node) and the `mpi` resource, so the Slurm plugin runs the shell command as the
-    batch step itself and the command's own srun (see `launcher`) starts one task per node.
-    """
-    res = rule_resources(rule_name)
-    key = f"resources.rules.{rule_name}" if rule_name in config["resources"].get("rules", {}) else "resources"
-    scale, attempts = res["retry_scale"], res["retry_scale_attempts"]
-    out = {"mem_mb": retry_scaled(res["mem_mb"], scale, attempts),
-           "runtime": res["runtime"] if rule_name in RESUMABLE_RULES
-           else retry_scaled(res["runtime"], scale, attempts),
-           **stop_signal(rule_name, res, key)}
-    for name in ("slurm_partition", "slurm_account"):  # unset: the profile's default (environment or cluster)
-        if res.get(name):
-            out[name] = res[name]
-    nodes = res.get("nodes", 1)
-    if rule_name not in MULTI_NODE_RULES and res["gpu"] > 1:
-        config_error(f"{key}.gpu", f"{rule_name} runs one process on one GPU: use gpu 0 or 1")
-    if rule_name not in MULTI_NODE_RULES and nodes > 1:
-        config_error(f"{key}.nodes", f"{rule_name} runs on one node")
-    if nodes > 1:
-        if res["gpu"] < 1:
-            config_error(f"{key}.nodes", "several nodes need gpu >= 1 (GPUs per node)")
-        # tasks_per_gpu=0: without it the plugin turns `tasks` into --ntasks-per-gpu.
-        out.update(gres=f"gpu:{res['gpu']}", cpus_per_gpu=res["cpus_per_gpu"], nodes=nodes, mpi="srun",
-                   tasks=nodes, tasks_per_gpu=0)
-    else:
-        out["gpu"] = res["gpu"]
-        if res["gpu"] > 0:
-            out["cpus_per_gpu"] = res["cpus_per_gpu"]
-    return out
-
-
-def gpus_per_node(resources):
-    """GPUs per node of a job: the `gpu` resource, or the count at the end of a `gres` like gpu:4."""
-    if resources.get("gpu"):
-        return int(resources.get("gpu"))
-    gres = str(resources.get("gres") or "")
-    return int(gres.rsplit(":", 1)[1]) if gres.startswith("gpu:") else 0
-
-
-# Slurm signals every process of a job step, and a stop signal must reach `speechllm` while its launchers still
-# wait for it (once they exit, the step ends and what is left is killed). So the launcher replaces the rule's
-# shell (`exec`) and ignores SIGTERM / SIGUSR1 (inherited; `speechllm` installs its own handlers), and torch's
-# elastic agent (several processes) is told not to handle SIGTERM (torchrun --signals_to_handle, read from
-# PET_SIGNALS_TO_HANDLE): it would pass it on and kill the processes 30 s later, checkpoint written or not.
-SIGNAL_TRANSPARENT = 'trap "" TERM USR1; exec env PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT'
+    """A model step's resources, as `resources: **job_resources("<rule>")` (speechllm/workflow.py)."""
+    try:
+        return workflow_logic.job_resources(config["resources"], rule_name)
+    except workflow_logic.ConfigError as error:
+        config_error(error.key, error.message)
 
 
 def launcher(wildcards, resources):
-    """What starts a model step's `speechllm` call (params.launcher, in front of it in the shell line).
-
-    No GPU: `exec` (the plain call replaces the shell). GPUs on one node: `accelerate launch` with one process
-    per GPU, behind `SIGNAL_TRANSPARENT`. Several nodes: `srun` starts one task per node, and each runs
-    `accelerate launch` with its machine rank ($SLURM_NODEID) and the main node's address (the first host of
-    $SLURM_JOB_NODELIST); the port is offset by the job id so jobs sharing a node do not collide. The
-    `speechllm ...` words that follow reach the per-node shell as its arguments ("$@"), so their quoting is kept.
-    """
-    gpus, nodes = gpus_per_node(resources), int(resources.get("nodes") or 1)
-    if gpus == 0:
-        return "exec"
-    defaults = "--mixed_precision no --dynamo_backend no --no_python"  # precision comes from config (stage)
-    if nodes == 1:
-        multi = " --multi_gpu" if gpus > 1 else ""
-        return f"{SIGNAL_TRANSPARENT} accelerate launch --num_processes {gpus} --num_machines 1{multi} {defaults}"
-    port = config["resources"]["main_process_port"]
-    per_node = (f"{SIGNAL_TRANSPARENT} accelerate launch --multi_gpu --num_processes {gpus * nodes} "
-                f"--num_machines {nodes} "
-                '--machine_rank "$SLURM_NODEID" '
-                '--main_process_ip "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)" '
-                f"--main_process_port $(({port} + SLURM_JOB_ID % 1000)) {defaults}")
-    return (f"exec {resources.get('mpi') or 'srun'} --nodes={nodes} --ntasks={nodes} --ntasks-per-node=1 "
-            f"--cpus-per-task={gpus * int(resources.get('cpus_per_gpu'))} --mem=0 --kill-on-bad-exit=1 "
-            f"bash -c '{per_node} \"$@\"' accelerate-node")
+    """What starts a model step's `speechllm` call (params.launcher): exec, accelerate launch or srun."""
+    return workflow_logic.launch_command(resources, config["resources"]["main_process_port"])
 
 
 def rule_requests():

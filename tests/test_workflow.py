@@ -241,8 +241,7 @@ def test_released_models_dry_run_plans_download_import_evaluate_tables(tmp_path)
     for variant, repo in (("ctc", "akreal/bloomzmms-ctc"), ("tmi", "akreal/bloomzmms-ce-tmi")):
         assert f"speechllm models fetch --name {repo} --revision main" in out
         assert f"--out-dir results/models/released_{variant} --speech-encoder facebook/mms-1b-all" in out
-    evaluated = {line.split("--name ")[1].split()[0] + "@" + line.split("speechllm evaluate ")[1].split()[0]
-                 for line in out.splitlines() if "speechllm evaluate " in line and "--name " in line}
+    evaluated = evaluated_systems(out)
     assert {"released_ctc@fleurs_asr", "released_t@fleurs_st", "released_mi@speechglue",
             "released_tmi@speechxnli", "cascade@fleurs_st", "text@speechxnli"} <= evaluated
     assert "released_ctc@fleurs_st" not in evaluated and not any(s.startswith("ce_init@") for s in evaluated)
@@ -276,3 +275,39 @@ def test_released_kang_roy_dry_run_imports_and_evaluates(tmp_path):
     assert jobs["import_released_kang_roy"] == 1 and "train_kd" not in jobs and "init_kang_roy" not in jobs
     assert "speechllm import kang-roy --checkpoint resources/released/speech_llm_audio_encoder.pt" in out
     assert "--models released_kang_roy kang_roy_cascade kang_roy_text" in out
+
+
+def evaluated_systems(out: str) -> set[str]:
+    """system@benchmark of every evaluation job in a dry run's shell commands."""
+    return {line.split("--name ")[1].split()[0] + "@" + line.split("speechllm evaluate ")[1].split()[0]
+            for line in out.splitlines() if "speechllm evaluate " in line and "--name " in line}
+
+
+def test_dropping_a_system_by_config_drops_its_jobs_and_columns(tmp_path):
+    """evaluate.design without tmi: tmi is neither trained nor evaluated nor tabulated, the rest is unchanged."""
+    benchmarks = {"fleurs_asr": ["ctc_init", "ctc", "ce_init", "t", "mi", "cascade", "text"],
+                  **{b: ["ce_init", "t", "mi", "cascade", "text"] for b in ("fleurs_st", "speechglue", "speechxnli")}}
+    extra = override(tmp_path, {"evaluate": {"design": {"bloomzmms": {"benchmarks": benchmarks}}}})
+    res = snakemake("-n", "-p", "-d", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"), str(extra))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    jobs, evaluated = dry_run_jobs(out), evaluated_systems(out)
+    assert jobs["train_ce"] == 2 and jobs["evaluate"] == 7 + 3 * 5 and jobs["table"] == 4
+    assert not any(s.startswith("tmi@") for s in evaluated) and "mi@speechxnli" in evaluated
+    assert "--models ctc_init ctc ce_init t mi cascade text" in out
+    assert "--models ce_init t mi cascade text" in out and "results/plots/train/tmi.png" not in out
+
+
+def test_a_second_decoder_of_a_model_is_a_new_column(tmp_path):
+    """A system added by config (the untrained model decoded by the LLM) is evaluated and tabulated."""
+    extra = override(tmp_path, {"evaluate": {"design": {"bloomzmms": {
+        "systems": {"ctc_init_llm": {"model": "ctc_init", "decoder": "llm"}},
+        "benchmarks": {"fleurs_st": ["ctc_init_llm", "ce_init", "t", "mi", "tmi", "cascade", "text"]}}}}})
+    res = snakemake("-n", "-p", "-d", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"), str(extra))
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert dry_run_jobs(out)["evaluate"] == 8 + 3 * 6 + 1
+    assert evaluated_systems(out) & {"ctc_init_llm@fleurs_st", "ctc_init_llm@fleurs_asr"} == {"ctc_init_llm@fleurs_st"}
+    line = next(ln for ln in out.splitlines() if "--name ctc_init_llm" in ln)
+    assert "--model results/models/ctc_init " in line and "--decoder llm " in line
+    assert "--models ctc_init_llm ce_init t mi tmi cascade text" in out
