@@ -22,7 +22,7 @@ rule demo_data:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm data demo --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        "speechllm data demo --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} --record {log} > {log} 2>&1"
 
 
 rule fleurs_data:
@@ -42,7 +42,7 @@ rule fleurs_data:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm data fleurs --settings {params.settings:q} --out-dir {params.out_dir} > {log} 2>&1"
+        "speechllm data fleurs --settings {params.settings:q} --out-dir {params.out_dir} --record {log} > {log} 2>&1"
 
 
 rule prepare_split:
@@ -71,7 +71,7 @@ rule prepare_split:
         "../envs/speechllm.yaml"
     shell:
         "speechllm data prepare --settings {params.settings:q} --manifest {input} --out {output.manifest} "
-        "--report {output.report} > {log} 2>&1"
+        "--report {output.report} --record {log} > {log} 2>&1"
 
 
 rule language_ids:
@@ -92,7 +92,7 @@ rule language_ids:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm data language-ids --manifests {input} --out {output} > {log} 2>&1"
+        "speechllm data language-ids --manifests {input} --out {output} --record {log} > {log} 2>&1"
 
 
 rule speechglue_data:
@@ -111,7 +111,7 @@ rule speechglue_data:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm data speechglue --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        "speechllm data speechglue --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} --record {log} > {log} 2>&1"
 
 
 rule speechxnli_data:
@@ -134,7 +134,7 @@ rule speechxnli_data:
         "../envs/speechllm.yaml"
     shell:
         "speechllm data speechxnli --settings {params.settings:q} --out-dir {params.out_dir} {params.archive} "
-        "--threads {threads} > {log} 2>&1"
+        "--threads {threads} --record {log} > {log} 2>&1"
 
 
 rule zenodo_file:
@@ -155,7 +155,7 @@ rule zenodo_file:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm data fetch --url {params.url:q} --out {output} > {log} 2>&1"
+        "speechllm data fetch --url {params.url:q} --out {output} --record {log} > {log} 2>&1"
 
 
 rule common_voice_data:
@@ -178,7 +178,7 @@ rule common_voice_data:
         "../envs/speechllm.yaml"
     shell:
         "speechllm data common-voice --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} "
-        "> {log} 2>&1"
+        "--record {log} > {log} 2>&1"
 
 
 rule hub_train_manifest:
@@ -198,7 +198,7 @@ rule hub_train_manifest:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm data combine --manifests {input.fleurs} {input.common_voice} --out {output} > {log} 2>&1"
+        "speechllm data combine --manifests {input.fleurs} {input.common_voice} --out {output} --record {log} > {log} 2>&1"
 
 
 rule librispeech_data:
@@ -218,7 +218,7 @@ rule librispeech_data:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm data librispeech --settings {params.settings:q} --out-dir {params.out_dir} > {log} 2>&1"
+        "speechllm data librispeech --settings {params.settings:q} --out-dir {params.out_dir} --record {log} > {log} 2>&1"
 
 
 rule articles_data:
@@ -238,4 +238,4 @@ rule articles_data:
         "../envs/speechllm.yaml"
     shell:
         "speechllm data articles --settings {params.settings:q} --out-dir {params.out_dir} --threads {threads} "
-        "> {log} 2>&1"
+        "--record {log} > {log} 2>&1"

@@ -31,7 +31,7 @@ if EVAL_SHARDS == 1:
             "{params.launcher} speechllm evaluate {wildcards.benchmark} --settings {params.settings:q} "
             "--model {input.model} --name {wildcards.system} --decoder {params.decoder} "
             "--manifests {input.manifests} --hyps {output.hyps} --scores {output.scores} --threads {threads} "
-            "> {log} 2>&1"
+            "--record {log} > {log} 2>&1"
 
 else:
 
@@ -60,7 +60,7 @@ else:
             "{params.launcher} speechllm evaluate {wildcards.benchmark} --settings {params.settings:q} "
             "--model {input.model} --name {wildcards.system} --decoder {params.decoder} "
             "--manifests {input.manifests} --shard {wildcards.shard} --num-shards {params.num_shards} "
-            "--rows {output} --threads {threads} > {log} 2>&1"
+            "--rows {output} --threads {threads} --record {log} > {log} 2>&1"
 
     rule evaluate_gather:
         input:
@@ -86,7 +86,7 @@ else:
         shell:
             "speechllm evaluate gather {wildcards.benchmark} --settings {params.settings:q} --model {params.model} "
             "--name {wildcards.system} --decoder {params.decoder} --manifests {input.manifests} --rows {input.rows} "
-            "--hyps {output.hyps} --scores {output.scores} > {log} 2>&1"
+            "--hyps {output.hyps} --scores {output.scores} --record {log} > {log} 2>&1"
 
 
 rule covost2_data:
@@ -105,4 +105,4 @@ rule covost2_data:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm evaluate covost2-manifest --settings {params.settings:q} --out {output} > {log} 2>&1"
+        "speechllm evaluate covost2-manifest --settings {params.settings:q} --out {output} --record {log} > {log} 2>&1"

@@ -30,7 +30,7 @@ rule demo_llm:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm models demo-llm --settings {params.settings:q} --out-dir {output} --threads {threads} > {log} 2>&1"
+        "speechllm models demo-llm --settings {params.settings:q} --out-dir {output} --threads {threads} --record {log} > {log} 2>&1"
 
 
 rule demo_speech_encoder:
@@ -57,7 +57,7 @@ rule demo_speech_encoder:
         "../envs/speechllm.yaml"
     shell:
         "speechllm models demo-speech-encoder --settings {params.settings:q} --out-dir {output} "
-        "--train-manifest {input.train} --dev-manifest {input.dev} --threads {threads} > {log} 2>&1"
+        "--train-manifest {input.train} --dev-manifest {input.dev} --threads {threads} --record {log} > {log} 2>&1"
 
 
 rule fetch_model:
@@ -79,7 +79,7 @@ rule fetch_model:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm models fetch --name {params.name} --revision {params.revision} > {log} 2>&1"
+        "speechllm models fetch --name {params.name} --revision {params.revision} --record {log} > {log} 2>&1"
 
 
 # The published models (config `released`): the ESPnet model-zoo repositories are fetched once into the Hugging
@@ -102,7 +102,7 @@ rule fetch_released:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm models fetch --name {params.repo} --revision {params.revision} > {log} 2>&1"
+        "speechllm models fetch --name {params.repo} --revision {params.revision} --record {log} > {log} 2>&1"
 
 
 rule import_released:
@@ -129,7 +129,7 @@ rule import_released:
     shell:
         "speechllm import espnet --repo {params.repo} --revision {params.revision} --out-dir {output} "
         "--speech-encoder {params.speech_encoder} --speech-encoder-revision {params.speech_encoder_revision} "
-        "--llm-dtype {params.llm_dtype} {params.int8} --threads {threads} > {log} 2>&1"
+        "--llm-dtype {params.llm_dtype} {params.int8} --threads {threads} --record {log} > {log} 2>&1"
 
 
 rule import_released_kang_roy:
@@ -152,4 +152,4 @@ rule import_released_kang_roy:
         "../envs/speechllm.yaml"
     shell:
         "speechllm import kang-roy --checkpoint {input.checkpoint} --settings {params.settings:q} "
-        "--out-dir {output} --threads {threads} > {log} 2>&1"
+        "--out-dir {output} --threads {threads} --record {log} > {log} 2>&1"

@@ -25,7 +25,7 @@ rule table:
         "../envs/speechllm.yaml"
     shell:
         "speechllm report table --name {wildcards.name} --scores {input} --models {params.systems} "
-        "--out-stem {params.stem} > {log} 2>&1"
+        "--out-stem {params.stem} --record {log} > {log} 2>&1"
 
 
 rule benchmark_plot:
@@ -48,7 +48,7 @@ rule benchmark_plot:
         "../envs/speechllm.yaml"
     shell:
         "speechllm report plots bars --name {wildcards.name} --scores {input} --models {params.systems} "
-        "--out {output} > {log} 2>&1"
+        "--out {output} --record {log} > {log} 2>&1"
 
 
 rule learning_curves:
@@ -71,7 +71,7 @@ rule learning_curves:
         "../envs/speechllm.yaml"
     shell:
         "speechllm report plots curves --metrics {input.metrics} --title {wildcards.model} --out {output} "
-        "> {log} 2>&1"
+        "--record {log} > {log} 2>&1"
 
 
 rule wandb_results:
@@ -97,7 +97,7 @@ rule wandb_results:
         "../envs/speechllm.yaml"
     shell:
         "speechllm report wandb --settings {params.settings:q} --system {wildcards.system} --scores {input.scores} "
-        "{params.train_summary} --log-dir {params.log_dir} --out {output} > {log} 2>&1"
+        "{params.train_summary} --log-dir {params.log_dir} --out {output} --record {log} > {log} 2>&1"
 
 
 # Upload offline W&B runs from the login node (`snakemake wandb_sync`; compute nodes may have no internet).
@@ -120,7 +120,7 @@ rule wandb_sync:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm report wandb-sync --roots {params.roots} --out {output} > {log} 2>&1"
+        "speechllm report wandb-sync --roots {params.roots} --out {output} --record {log} > {log} 2>&1"
 
 
 # The jobs' measured wall time, memory and CPU (every rule's `benchmark:` file) against what they asked for; runs
@@ -154,4 +154,4 @@ rule resource_usage:
         "../envs/speechllm.yaml"
     shell:
         "speechllm report resources --root {params.root} --requests {params.requests:q} --out-stem {params.stem} "
-        "--plot {output.plot} > {log} 2>&1"
+        "--plot {output.plot} --record {log} > {log} 2>&1"

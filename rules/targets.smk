@@ -25,7 +25,7 @@ if FETCHED_TEMPLATES:
             "../envs/speechllm.yaml"
         shell:
             "speechllm targets fetch-templates --url {params.url:q} --sha256 {params.sha256} --out {output} "
-            "> {log} 2>&1"
+            "--record {log} > {log} 2>&1"
 
 
 rule generate_targets:
@@ -57,7 +57,7 @@ rule generate_targets:
     shell:
         "exec speechllm targets generate --settings {params.settings:q} --manifest {input.manifest} "
         "--shard {wildcards.shard} --num-shards {params.num_shards} --out {output} --threads {threads} "
-        "> {log} 2>&1"
+        "--record {log} > {log} 2>&1"
 
 
 if config["targets"]["source"] == "released":
@@ -81,7 +81,7 @@ if config["targets"]["source"] == "released":
             "../envs/speechllm.yaml"
         shell:
             "speechllm targets fetch-released --url {params.url:q} {params.sha256_arg} --out {output} "
-            "> {log} 2>&1"
+            "--record {log} > {log} 2>&1"
 
     rule import_released_targets:
         input:
@@ -111,7 +111,7 @@ if config["targets"]["source"] == "released":
             "../envs/speechllm.yaml"
         shell:
             "speechllm targets import-released --settings {params.settings:q} --manifest {input.manifest} "
-            "--archive {input.archive} --out-dir {params.out_dir} > {log} 2>&1"
+            "--archive {input.archive} --out-dir {params.out_dir} --record {log} > {log} 2>&1"
 
 else:
 
@@ -141,7 +141,7 @@ else:
             "../envs/speechllm.yaml"
         shell:
             "speechllm targets assemble --settings {params.settings:q} --manifest {input.manifest} "
-            "--shards {input.shards} --out-dir {params.out_dir} > {log} 2>&1"
+            "--shards {input.shards} --out-dir {params.out_dir} --record {log} > {log} 2>&1"
 
 
 rule generate_responses:
@@ -173,7 +173,7 @@ rule generate_responses:
     shell:
         "exec speechllm targets responses --settings {params.settings:q} --manifest {input.manifest} "
         "--shard {wildcards.shard} --num-shards {params.num_shards} --out {output} --threads {threads} "
-        "> {log} 2>&1"
+        "--record {log} > {log} 2>&1"
 
 
 rule gather_responses:
@@ -192,4 +192,4 @@ rule gather_responses:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm targets gather --shards {input} --out {output} > {log} 2>&1"
+        "speechllm targets gather --shards {input} --out {output} --record {log} > {log} 2>&1"

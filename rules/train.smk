@@ -24,7 +24,7 @@ rule init_model:
         "../envs/speechllm.yaml"
     shell:
         "speechllm train init --settings {params.settings:q} --language-ids {input.language_ids} "
-        "--out-dir {output} --threads {threads} > {log} 2>&1"
+        "--out-dir {output} --threads {threads} --record {log} > {log} 2>&1"
 
 
 rule init_kang_roy:
@@ -44,7 +44,7 @@ rule init_kang_roy:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm train init --settings {params.settings:q} --out-dir {output} --threads {threads} > {log} 2>&1"
+        "speechllm train init --settings {params.settings:q} --out-dir {output} --threads {threads} --record {log} > {log} 2>&1"
 
 
 rule train_ctc:
@@ -77,7 +77,7 @@ rule train_ctc:
         "{params.launcher} speechllm train ctc --settings {params.settings:q} --train {input.train} --dev {input.dev} "
         "--language-ids {input.language_ids} --out-dir {output.model} --log-dir {params.log_dir} "
         "--checkpoint-dir {params.checkpoint_dir} --run-name {params.run_name} --job-type {params.job_type} "
-        "--threads {threads} > {log} 2>&1"
+        "--threads {threads} --record {log} > {log} 2>&1"
 
 
 rule train_ce:
@@ -111,7 +111,7 @@ rule train_ce:
         "{params.launcher} speechllm train ce --settings {params.settings:q} --train {input.train} --dev {input.dev} "
         "--language-ids {input.language_ids} --init-from {input.init} --out-dir {output.model} "
         "--log-dir {params.log_dir} --checkpoint-dir {params.checkpoint_dir} --run-name {params.run_name} "
-        "--job-type {params.job_type} --threads {threads} > {log} 2>&1"
+        "--job-type {params.job_type} --threads {threads} --record {log} > {log} 2>&1"
 
 
 rule train_kd:
@@ -143,4 +143,4 @@ rule train_kd:
     shell:
         "{params.launcher} speechllm train kd --settings {params.settings:q} --train {input.train} --dev {input.dev} "
         "--out-dir {output.model} --log-dir {params.log_dir} --checkpoint-dir {params.checkpoint_dir} "
-        "--run-name {params.run_name} --job-type {params.job_type} --threads {threads} > {log} 2>&1"
+        "--run-name {params.run_name} --job-type {params.job_type} --threads {threads} --record {log} > {log} 2>&1"

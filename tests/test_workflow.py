@@ -164,6 +164,16 @@ def test_reduced_demo_end_to_end(tmp_path):
     assert {"demo_data", "train_ctc", "train_ce", "evaluate", "table"} <= set(usage.index)
     assert usage.loc["train_ctc", "max_rss_mb"] > 100 and usage.loc["train_ctc", "mem_mb"] == 8000
     assert usage.loc["evaluate", "jobs"] == len(list(tmp_path.glob("results/eval/*/*.parquet")))
+    # Every job recorded its settings and command beside its log, and one step reruns by hand from its record.
+    logs = tmp_path / "logs"
+    assert {p.with_suffix("") for p in logs.rglob("*.log")} == {
+        p.with_name(p.name.removesuffix(".run.json")) for p in logs.rglob("*.run.json")}
+    table = tmp_path / "results/tables/fleurs_asr.csv"
+    before = table.read_bytes()
+    table.unlink()
+    by_hand = subprocess.run([sys.executable, "-m", "speechllm.cli", "rerun", str(logs / "report/table_fleurs_asr.run.json")],
+                             capture_output=True, text=True, cwd="/", timeout=600)
+    assert by_hand.returncode == 0 and table.read_bytes() == before, by_hand.stderr[-3000:]
     rerun = snakemake("-n", "-d", str(tmp_path), "--configfile", str(REPO / "config/config.yaml"),
                       str(override(tmp_path, REDUCED)))
     assert rerun.returncode == 0 and "Nothing to be done" in rerun.stdout + rerun.stderr
