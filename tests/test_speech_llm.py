@@ -212,6 +212,44 @@ def test_greedy_generate_matches_teacher_forced_argmax(family: str) -> None:
         assert logits[b, positions].argmax(-1).tolist() == hyp
 
 
+TOKENIZER_ROWS = 100  # fewer ids than the LM head's VOCAB rows, as BLOOMZ's tokenizer (250,680 of 250,880)
+
+
+def within_tokenizer(ids: list[int]) -> list[int]:
+    return [4 + i % (TOKENIZER_ROWS - 4) for i in ids]
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_output_rows_equal_an_lm_resized_to_the_tokenizer(family: str, num_beams: int) -> None:
+    """`output_rows` scores and decodes as the reference's `resize_token_embeddings(len(tokenizer))` model."""
+    segments, targets, _ = make_batch()
+    segments = [[s if isinstance(s, torch.Tensor) else within_tokenizer(s) for s in p] for p in segments]
+    targets = [within_tokenizer(t) for t in targets]
+    lm = make_lm(family)
+    with torch.no_grad():  # make the rows past the tokenizer win: they point along the LM's final hidden states
+        built = SpeechLLM(lm, PAD_ID, EOS_ID).build_inputs(segments, targets)
+        hidden = lm(inputs_embeds=built.inputs_embeds, attention_mask=built.attention_mask,
+                    output_hidden_states=True).hidden_states[-1][built.attention_mask.bool()]
+        lm.get_output_embeddings().weight[TOKENIZER_ROWS:] = 50 * F.normalize(hidden.mean(0), dim=0)
+    resized = copy.deepcopy(lm)
+    resized.resize_token_embeddings(TOKENIZER_ROWS)
+    full = SpeechLLM(lm, PAD_ID, EOS_ID)
+    masked = SpeechLLM(copy.deepcopy(lm), PAD_ID, EOS_ID, output_rows=TOKENIZER_ROWS)
+    reference = SpeechLLM(resized, PAD_ID, EOS_ID)
+    with torch.no_grad():
+        losses = [m(segments, targets).loss.item() for m in (full, masked, reference)]
+    assert losses[1] == pytest.approx(losses[2], abs=ATOL) and abs(losses[0] - losses[2]) > 1.0
+    hyps = [m.generate(segments, max_new_tokens=4, num_beams=num_beams) for m in (full, masked, reference)]
+    assert any(i >= TOKENIZER_ROWS for h in hyps[0] for i in h)  # the unmasked LM emits rows past the tokenizer
+    assert hyps[1] == hyps[2]
+
+
+def test_output_rows_beyond_the_head_are_refused() -> None:
+    with pytest.raises(ValueError, match="output_rows=121 must be in 1..120"):
+        SpeechLLM(make_lm("bloom"), PAD_ID, EOS_ID, output_rows=VOCAB + 1)
+
+
 @pytest.mark.parametrize("family", LM_FAMILIES)
 def test_generate_in_train_mode_with_checkpointing(family: str) -> None:
     model = SpeechLLM(make_lm(family), PAD_ID, EOS_ID, gradient_checkpointing=True)

@@ -575,6 +575,8 @@ def import_espnet(
             "revision": options.llm_revision,
             "dtype": options.llm_dtype,
             "load_in_8bit": options.load_in_8bit,
+            # ESPnet resized the LLM to the token list before training (its softmax never saw the padding rows).
+            "output_rows": "tokenizer",
         },
         "adaptor": asdict(adaptor_cfg),
         # The reference's LID label order depends on its training data and is not published.

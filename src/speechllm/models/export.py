@@ -52,9 +52,19 @@ class ModelDirError(ValueError):
 def llm_spec(llm_cfg: dict[str, Any]) -> dict[str, Any]:
     """The LLM part of a spec: what loads it, and its LoRA adapters when `models.llm.lora` is set."""
     spec = {k: llm_cfg[k] for k in ("name_or_path", "revision", "dtype", "load_in_8bit")}
+    if llm_cfg.get("output_rows", "model") != "model":  # absent in model directories written before the switch
+        spec["output_rows"] = llm_cfg["output_rows"]
     if llm_cfg.get("lora"):
         spec["lora"] = dict(llm_cfg["lora"])
     return spec
+
+
+def output_rows(llm_spec: dict[str, Any], tokenizer: Any) -> int | None:
+    """The speech LLM's `output_rows`: the tokenizer's size for `output_rows: tokenizer`, else None (all rows)."""
+    value = llm_spec.get("output_rows", "model")
+    if value not in ("model", "tokenizer"):
+        raise ModelDirError(f"models.llm.output_rows must be model or tokenizer, not {value!r}")
+    return len(tokenizer) if value == "tokenizer" else None
 
 
 def with_lora(llm: SpeechLLM, spec: dict[str, Any]) -> SpeechLLM:
@@ -149,6 +159,9 @@ def build_kang_roy(spec: dict[str, Any], with_llm: bool, device: torch.device | 
     if enc_cfg.get("normalize_waveform"):
         raise ModelDirError("kang_roy reads the raw waveform, as the reference: models.speech_encoder."
                             "normalize_waveform must be false")
+    if spec["llm"].get("output_rows", "model") != "model":
+        raise ModelDirError("kang_roy distils over every row of the LM head, as the reference: models.llm."
+                            "output_rows must be model")
     if enc_cfg.get("frame_count", "conv") != "conv":
         raise ModelDirError("kang_roy pools HuBERT's own frames, as the reference: models.speech_encoder."
                             "frame_count must be conv")
@@ -267,7 +280,8 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     ctc_head = CTCHead.from_embeddings(input_embedding_rows(lm, len(tokenizer)), len(tokenizer)) if with_ctc else None
     frame = frame_from_spec(tokenizer, spec["prompt"])
     spec["prompt"][FRAME_KEY] = frame_record(frame)  # exported with the model: inference prompts as training did
-    llm = SpeechLLM(lm, pad_token_id(tokenizer), frame.eos_token_id, gradient_checkpointing) if with_llm else None
+    llm = SpeechLLM(lm, pad_token_id(tokenizer), frame.eos_token_id, gradient_checkpointing,
+                    output_rows(spec["llm"], tokenizer)) if with_llm else None
     if llm is not None:
         with_lora(llm, spec)
     model = BloomzMMS(frontend, adaptor, ctc_head, llm, ctc_blank_id=ctc_blank_id(spec, tokenizer),

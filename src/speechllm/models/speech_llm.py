@@ -14,6 +14,7 @@ import inspect
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,11 @@ class SpeechLLMOutput:
 
 def _accepts_argument(fn: object, name: str) -> bool:
     return name in inspect.signature(fn).parameters
+
+
+def _first_rows(module: nn.Module, args: tuple, output: torch.Tensor, rows: int) -> torch.Tensor:
+    """Forward hook of an LM head: (..., V) logits → (..., rows)."""
+    return output[..., :rows]
 
 
 def is_speech_segment(segment: Segment) -> bool:
@@ -161,6 +167,9 @@ class SpeechLLM(nn.Module):
             LM stays in eval mode; only the checkpointed decoder layers get `training=True` while this module
             trains (HF checkpoints only in training mode). Their submodules stay in eval mode, so BLOOM and LLaMA
             apply no dropout; a model whose layer reads its own `training` flag for dropout would (warned).
+        output_rows: the LM head's output cut to its first `output_rows` logits (the tokenizer's ids) by a forward
+            hook, so the LM scores and generates as if resized to the tokenizer, as ESPnet resized BLOOMZ's
+            250,880 rows to 250,680 (`models.llm.output_rows: tokenizer`). None: every row of the head.
     """
 
     def __init__(
@@ -169,6 +178,7 @@ class SpeechLLM(nn.Module):
         pad_token_id: int,
         eos_token_id: int,
         gradient_checkpointing: bool = False,
+        output_rows: int | None = None,
     ) -> None:
         super().__init__()
         self.lm = lm
@@ -177,6 +187,14 @@ class SpeechLLM(nn.Module):
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         self.gradient_checkpointing = gradient_checkpointing
+        head_rows = lm.get_output_embeddings().weight.shape[0]
+        if output_rows is not None and not 0 < output_rows <= head_rows:
+            raise ValueError(f"output_rows={output_rows} must be in 1..{head_rows} (the LM head's rows)")
+        self.output_rows = output_rows if output_rows is not None and output_rows < head_rows else None
+        if self.output_rows is not None:
+            # Cut at the head itself, so every softmax (the loss, scoring, and beam search's log-softmax, which
+            # HF applies before any logits processor) is over the tokenizer's ids alone, as after a resize.
+            lm.get_output_embeddings().register_forward_hook(partial(_first_rows, rows=self.output_rows))
         self._lm_takes_position_ids = _accepts_argument(lm.forward, "position_ids")
         self.lm_takes_logits_to_keep = _accepts_argument(lm.forward, "logits_to_keep")
         if gradient_checkpointing:
