@@ -12,6 +12,7 @@ import os
 import sys
 
 from speechllm import infer, publish
+from speechllm.cliutils import RAW
 from speechllm.data import commands as data_commands
 from speechllm.evaluate import commands as evaluate_commands
 from speechllm.plan import commands as models_commands
@@ -25,8 +26,7 @@ STAGES = (data_commands, models_commands, targets_commands, train_commands, eval
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="speechllm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="speechllm", description=__doc__, formatter_class=RAW)
     p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="command", required=True)
     for stage in STAGES:
