@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,12 @@ def cmd_covost2(args: argparse.Namespace) -> None:
     log.info("CoVoST 2 test: %d utterances -> %s", count, args.out)
 
 
+def _on_benchmark(func: Callable[[argparse.Namespace], None], dest: str) -> Callable[[argparse.Namespace], None]:
+    """`func` run with `benchmark` set from the positional `dest` (`evaluate` already uses `benchmark` for the
+    subcommand's name)."""
+    return lambda args: func(argparse.Namespace(**{**vars(args), "benchmark": getattr(args, dest)}))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     ev = add_command(sub, "evaluate", "decode a benchmark and score it; rescore from Parquet", epilog=EXAMPLE)
     which = ev.add_subparsers(dest="benchmark", required=True,
@@ -191,7 +198,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--rows", help="write this shard's outputs here instead (JSON; `evaluate gather` scores)")
         p.add_argument("--threads", type=int, default=1)
     ga = add_command(which, "gather", "score a benchmark from its shards' outputs, without decoding",
-                     lambda a: cmd_gather(argparse.Namespace(**{**vars(a), "benchmark": a.gather_benchmark})),
+                     _on_benchmark(cmd_gather, "gather_benchmark"),
                      epilog=example('speechllm evaluate gather fleurs_asr --settings "$(cat settings.json)" '
                                     "--model results/models/t --name t --decoder llm --manifests "
                                     "results/data/test.jsonl --rows shard0.json shard1.json "
@@ -206,8 +213,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ga.add_argument("--hyps", required=True)
     ga.add_argument("--scores", required=True)
     rs = add_command(which, "rescore", "recompute a score file from its Parquet outputs, without decoding",
-                     lambda a: cmd_rescore(
-                         argparse.Namespace(**{**vars(a), "benchmark": a.rescore_benchmark})),
+                     _on_benchmark(cmd_rescore, "rescore_benchmark"),
                      epilog=example('speechllm evaluate rescore fleurs_asr --settings "$(cat settings.json)" '
                                     "--hyps results/eval/fleurs_asr/t.parquet "
                                     "--scores results/eval/fleurs_asr/t.scores.json"))
