@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Iterator
 
 from speechllm.cli import build_parser
+from speechllm.cliutils import RAW, add_command
 
 
 def leaf_parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
@@ -35,3 +36,37 @@ def test_every_subcommand_help_shows_an_example_of_itself() -> None:
         if "example" not in epilog or command not in epilog:
             missing.append(" ".join(path))
     assert not missing, f"subcommands without an example of themselves in --help: {missing}"
+
+
+def all_parsers(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from all_parsers(child, (*path, name))
+
+
+def test_add_command_keeps_example_lines_and_sets_the_function() -> None:
+    sub = argparse.ArgumentParser(prog="speechllm").add_subparsers(dest="command", required=True)
+    run = add_command(
+        sub, "run", "run it", print, description="first line\n  second line", epilog="example:\n  a\n  b"
+    )
+    group = add_command(sub, "group", "a group of subcommands")
+    assert run.formatter_class is RAW and run.get_default("func") is print
+    assert group.get_default("func") is None
+    assert "first line\n  second line" in run.format_help() and run.format_help().endswith(
+        "example:\n  a\n  b\n"
+    )
+    assert sub.choices["run"] is run and "run it" in sub._choices_actions[0].help
+
+
+def test_every_parser_is_raw_and_every_subcommand_runs_a_function() -> None:
+    parsers = dict(all_parsers(build_parser()))
+    leaves = set(leaf_parsers(build_parser()))
+    assert not [" ".join(path) for path, parser in parsers.items() if parser.formatter_class is not RAW]
+    assert not [" ".join(path) for path in leaves if not callable(parsers[path].get_default("func"))]
+    assert not [
+        " ".join(path) for path in set(parsers) - leaves if parsers[path].get_default("func") is not None
+    ]

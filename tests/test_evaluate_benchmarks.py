@@ -20,7 +20,10 @@ from speechllm.evaluate.constrained import constrained_beam_search, match_option
 from speechllm.evaluate.metrics import glue_average
 from speechllm.evaluate.prompts import MNLI_PROMPT, TASK_PROMPTS
 from speechllm.evaluate.rescore import rescore, score_document, write_outputs
+from speechllm.evaluate.shards import unit
+from speechllm.evaluate.summarization import summarization_frame
 from speechllm.evaluate.system import EvalSystem, assemble, build_system
+from speechllm.text.normalize import basic_normalize
 
 SR = 16000
 CPU = torch.device("cpu")
@@ -386,6 +389,44 @@ def test_stsb_answer_parsing() -> None:
     assert parse_similarity(" 3.4 out of 5") == 3.4
     assert parse_similarity("7") == 5.0 and parse_similarity("2,5") == 2.5
     assert parse_similarity("very similar") is None
+
+
+def test_generation_frames_keep_the_parquet_columns_of_asr_st_and_summarization() -> None:
+    records = [
+        {"id": "a", "language": "de_de", "raw_transcription": "Hallo, Welt!", "translation": "Hello, world!",
+         "summary": "A greeting."},
+        {"id": "b", "language": "en_us", "raw_transcription": "Hi there.", "translation": "Hi there.",
+         "summary": "Another."},
+    ]
+    rows = {
+        unit("", i): {"hypothesis": hyp, "prompt": f"p{i}", "input_text": None, "ctc_hypothesis": f"ctc {i}"}
+        for i, hyp in enumerate(["hallo welt", "Hi There!"])
+    }
+    asr = benchmarks.asr_frame(records, rows)
+    assert list(asr.columns) == [
+        "id", "language", "prompt", "input_text", "reference", "hypothesis", "reference_normalized",
+        "hypothesis_normalized", "ctc_hypothesis",
+    ]
+    assert asr.reference.tolist() == ["Hallo, Welt!", "Hi there."]
+    assert asr.hypothesis_normalized.tolist() == [basic_normalize("hallo welt"), basic_normalize("Hi There!")]
+    assert asr.reference_normalized.tolist() == [basic_normalize("Hallo, Welt!"), basic_normalize("Hi there.")]
+    assert asr.ctc_hypothesis.tolist() == ["ctc 0", "ctc 1"] and asr.prompt.tolist() == ["p0", "p1"]
+
+    st = benchmarks.st_frame(records, "en_us", {unit("", 0): rows[unit("", 0)]})  # only the German source
+    assert list(st.columns) == [
+        "id", "language", "target_language", "prompt", "input_text", "reference", "hypothesis",
+        "reference_normalized", "hypothesis_normalized",
+    ]
+    assert st.id.tolist() == ["a"] and st.target_language.tolist() == ["en_us"]
+    assert st.reference.tolist() == ["Hello, world!"]
+
+    summary = summarization_frame(records, rows, {"summarization": {"reference_field": "summary"}})
+    assert list(summary.columns) == ["id", "prompt", "input_text", "reference", "hypothesis"]
+    assert summary.reference.tolist() == ["A greeting.", "Another."]
+    assert summary.hypothesis.tolist() == ["hallo welt", "Hi There!"]
+
+    with pytest.raises(ValueError, match="no decoded output for record 1"):
+        benchmarks.generation_frame(records, {unit("", 0): rows[unit("", 0)]}, ["x", "y"])
 
 
 def test_speechxnli_uses_the_mnli_prompt_and_reports_the_mean(world, tmp_path) -> None:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from speechllm import infer, publish, runrecord
+from speechllm.cliutils import RAW, add_command, example
 from speechllm.data import commands as data_commands
 from speechllm.evaluate import commands as evaluate_commands
 from speechllm.plan import commands as models_commands
@@ -28,24 +29,21 @@ STAGES = (data_commands, models_commands, targets_commands, train_commands, eval
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="speechllm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="speechllm", description=__doc__, formatter_class=RAW)
     p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="command", required=True)
     for stage in STAGES:
         stage.register(sub)
     add_record_option(p)
-    rerun = sub.add_parser(
-        "rerun", help="run one pipeline step again from the record its job wrote next to its log",
+    rerun = add_command(
+        sub, "rerun", "run one pipeline step again from the record its job wrote next to its log", cmd_rerun,
         description="Run a step again, by hand, from `<log stem>.run.json` (written by every rule's job): the same "
                     "command line in the same working directory, with the record's `settings` (edit them there to "
                     "try another value). Multi-GPU steps: prefix the printed command with your launcher.",
-        epilog="example:\n  speechllm rerun logs/train/ctc_bloomzmms.run.json\n"
-               "  speechllm rerun --print logs/eval/fleurs_asr/ctc.run.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=example("speechllm rerun logs/train/ctc_bloomzmms.run.json",
+                       "speechllm rerun --print logs/eval/fleurs_asr/ctc.run.json"))
     rerun.add_argument("record", type=Path, help="a `.run.json` next to a job's log")
     rerun.add_argument("--print", action="store_true", help="print the command (with `cd`) instead of running it")
-    rerun.set_defaults(func=cmd_rerun)
     return p
 
 

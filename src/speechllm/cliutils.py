@@ -4,9 +4,29 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from typing import Any
 
 RAW = argparse.RawDescriptionHelpFormatter
+
+
+def add_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    func: Callable[[argparse.Namespace], None] | None = None,
+    *,
+    description: str | None = None,
+    epilog: str | None = None,
+) -> argparse.ArgumentParser:
+    """Subcommand `name` of `sub`, run by `func` (None for a group of subcommands).
+
+    Every subcommand uses the raw formatter, so the examples in descriptions and epilogs keep their lines.
+    """
+    parser = sub.add_parser(name, help=help, description=description, epilog=epilog, formatter_class=RAW)
+    if func is not None:
+        parser.set_defaults(func=func)
+    return parser
 
 
 def example(*commands: str) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from speechllm.cliutils import EXAMPLES, set_threads
+from speechllm.cliutils import EXAMPLES, add_command, set_threads
 
 log = logging.getLogger("speechllm")
 
@@ -259,9 +259,8 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    raw = argparse.RawDescriptionHelpFormatter
-    tx = sub.add_parser("transcribe", help="transcribe audio files (TSV: path<TAB>text, or --json)",
-                        epilog=EXAMPLES["transcribe"], formatter_class=raw)
+    tx = add_command(sub, "transcribe", "transcribe audio files (TSV: path<TAB>text, or --json)",
+                     cmd_transcribe, epilog=EXAMPLES["transcribe"])
     tx.add_argument("--model", required=True, help="a model directory (speechllm.json + weights) or hub id")
     tx.add_argument("audio", nargs="+")
     tx.add_argument("--decoder", choices=["auto", "ctc", "llm"], default="auto",
@@ -269,10 +268,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     tx.add_argument("--num-beams", type=int, default=TRANSCRIBE_BEAMS)
     tx.add_argument("--max-new-tokens", type=int, default=TRANSCRIBE_MAX_NEW_TOKENS)
     add_runtime_options(tx)
-    tx.set_defaults(func=cmd_transcribe)
 
-    ask = sub.add_parser("ask", help="prompt a model's LLM with text and {audio:PATH} parts mixed; prints the answer",
-                         description=ASK_DESCRIPTION, epilog=ASK_EXAMPLE, formatter_class=raw)
+    ask = add_command(sub, "ask",
+                      "prompt a model's LLM with text and {audio:PATH} parts mixed; prints the answer",
+                      cmd_ask, description=ASK_DESCRIPTION, epilog=ASK_EXAMPLE)
     ask.add_argument("--model", required=True, help="a model directory (speechllm.json + weights) or hub id")
     ask.add_argument("--prompt", action="append", help="text with {audio:PATH} parts (repeatable)")
     ask.add_argument("--prompts", metavar="FILE",
@@ -280,4 +279,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     ask.add_argument("--num-beams", type=int, help="beam size (default: 5 for BLOOMZMMS, 1 = greedy for Kang & Roy)")
     ask.add_argument("--max-new-tokens", type=int, default=ASK_MAX_NEW_TOKENS)
     add_runtime_options(ask)
-    ask.set_defaults(func=cmd_ask)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from speechllm.cliutils import RAW
+from speechllm.cliutils import add_command
 
 log = logging.getLogger("speechllm")
 
@@ -424,12 +424,13 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    push = sub.add_parser(
+    push = add_command(
+        sub,
         "push",
-        help="package a model directory with a model card and upload it to the hub",
+        "package a model directory with a model card and upload it to the hub",
+        cmd_push,
         description=__doc__,
         epilog=PUSH_EPILOG,
-        formatter_class=RAW,
     )
     push.add_argument(
         "--model", required=True, help="the model directory (speechllm.json + model.safetensors)"
@@ -453,4 +454,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--revision", help="branch to upload to (created if needed; default: main)")
     push.add_argument("--commit-message")
-    push.set_defaults(func=cmd_push)

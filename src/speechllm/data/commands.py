@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from speechllm.cliutils import EXAMPLES, RAW, example, parse_settings
+from speechllm.cliutils import EXAMPLES, add_command, example, parse_settings
 
 log = logging.getLogger("speechllm")
 
@@ -160,15 +160,14 @@ def cmd_data_language_ids(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    data = sub.add_parser("data", help="build and prepare manifests", epilog=EXAMPLES["data"], formatter_class=RAW)
+    data = add_command(sub, "data", "build and prepare manifests", epilog=EXAMPLES["data"])
     dsub = data.add_subparsers(dest="action", required=True)
-    d = dsub.add_parser("demo", help="speak the embedded demo corpus and task sets with TTS", formatter_class=RAW,
-                        epilog=example('speechllm data demo --settings "$(cat settings.json)" --out-dir resources/demo '
-                                       '--threads 2'))
+    d = add_command(dsub, "demo", "speak the embedded demo corpus and task sets with TTS", cmd_data_demo,
+                    epilog=example('speechllm data demo --settings "$(cat settings.json)" '
+                                   "--out-dir resources/demo --threads 2"))
     d.add_argument("--settings", required=True)
     d.add_argument("--out-dir", required=True)
     d.add_argument("--threads", type=int, default=1)
-    d.set_defaults(func=cmd_data_demo)
     sources = (  # name, function, help, whether it has workers (TTS, audio conversion) to spread over threads
         ("fleurs", cmd_data_fleurs, "FLEURS from the hub's parquet conversion (or a local copy of it)", False),
         ("common-voice", cmd_data_common_voice, "Common Voice 12 subsample from a local release directory", True),
@@ -180,7 +179,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     for name, func, text, threaded in sources:
         out_dir = "resources" if name in ("speechglue", "speechxnli", "articles") else f"resources/{name.replace('-', '_')}"
-        d = dsub.add_parser(name, help=text, formatter_class=RAW, epilog=example(
+        d = add_command(dsub, name, text, func, epilog=example(
             f'speechllm data {name} --settings "$(cat settings.json)" --out-dir {out_dir}'
             + (" --threads 4" if threaded else "")))
         d.add_argument("--settings", required=True)
@@ -190,30 +189,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         d.add_argument("--cache-dir", default=None, help="datasets cache (default: the HF_DATASETS_CACHE)")
         if name == "speechxnli":
             d.add_argument("--archive", default=None, help="speech_xnli.tar.gz to unpack (source: released)")
-        d.set_defaults(func=func)
-    d = dsub.add_parser("combine", help="concatenate utterance manifests (ids must be unique)", formatter_class=RAW,
-                        epilog=example("speechllm data combine --manifests resources/fleurs/train.jsonl "
-                                       "resources/common_voice/train.jsonl --out resources/hub/train.jsonl"))
+    d = add_command(dsub, "combine", "concatenate utterance manifests (ids must be unique)", cmd_data_combine,
+                    epilog=example("speechllm data combine --manifests resources/fleurs/train.jsonl "
+                                   "resources/common_voice/train.jsonl --out resources/hub/train.jsonl"))
     d.add_argument("--manifests", nargs="+", required=True)
     d.add_argument("--out", required=True)
-    d.set_defaults(func=cmd_data_combine)
-    d = dsub.add_parser("fetch", help="download a released file (e.g. from zenodo) atomically", formatter_class=RAW,
-                        epilog=example("speechllm data fetch --url 'https://zenodo.org/records/10900287/files/"
-                                       "speech_xnli.tar.gz?download=1' --out resources/zenodo/speech_xnli.tar.gz"))
+    d = add_command(dsub, "fetch", "download a released file (e.g. from zenodo) atomically", cmd_data_fetch,
+                    epilog=example("speechllm data fetch --url 'https://zenodo.org/records/10900287/files/"
+                                   "speech_xnli.tar.gz?download=1' "
+                                   "--out resources/zenodo/speech_xnli.tar.gz"))
     d.add_argument("--url", required=True)
     d.add_argument("--out", required=True)
-    d.set_defaults(func=cmd_data_fetch)
-    d = dsub.add_parser("prepare", help="check audio, normalise text, filter durations, speed-perturb",
-                        formatter_class=RAW, epilog=EXAMPLES["data"])
+    d = add_command(dsub, "prepare", "check audio, normalise text, filter durations, speed-perturb",
+                    cmd_data_prepare, epilog=EXAMPLES["data"])
     d.add_argument("--settings", required=True)
     d.add_argument("--manifest", required=True)
     d.add_argument("--out", required=True)
     d.add_argument("--report", required=True)
-    d.set_defaults(func=cmd_data_prepare)
-    d = dsub.add_parser("language-ids", help="language-ID labels (1..N, 0 = blank) from the training and dev "
-                        "manifests", formatter_class=RAW, epilog=example(
-                            "speechllm data language-ids --manifests results/data/train.jsonl results/data/dev.jsonl "
-                            "--out results/data/language_ids.json"))
+    d = add_command(dsub, "language-ids",
+                    "language-ID labels (1..N, 0 = blank) from the training and dev manifests",
+                    cmd_data_language_ids, epilog=example(
+                        "speechllm data language-ids --manifests results/data/train.jsonl "
+                        "results/data/dev.jsonl --out results/data/language_ids.json"))
     d.add_argument("--manifests", nargs="+", required=True)
     d.add_argument("--out", required=True)
-    d.set_defaults(func=cmd_data_language_ids)

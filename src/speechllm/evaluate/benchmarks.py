@@ -55,6 +55,39 @@ def _text_input(system: EvalSystem, fills: Sequence[Fill]) -> str | None:
     return None if system.decoder == "llm" else " | ".join(str(f) for f in fills)
 
 
+def generation_frame(
+    records: list[dict[str, Any]],
+    rows: Mapping[str, dict[str, Any]],
+    references: list[str],
+    *,
+    labels: Mapping[str, list[Any]] | None = None,
+    normalized: bool = False,
+    row_fields: Sequence[str] = (),
+) -> pd.DataFrame:
+    """The per-utterance frame of a generation benchmark (ASR, ST, summarization), in record order.
+
+    Columns, in the order the Parquet outputs keep: `id`, the `labels` columns (one value per record),
+    `prompt`, `input_text`, `reference`, `hypothesis`; with `normalized` their `basic_normalize` forms
+    (`reference_normalized`, `hypothesis_normalized`); then each of `row_fields` from the decoded rows.
+    """
+    got = take(rows, "", len(records))
+    hyps = [r["hypothesis"] for r in got]
+    columns: dict[str, list[Any]] = {
+        "id": [r["id"] for r in records],
+        **(labels or {}),
+        "prompt": [r["prompt"] for r in got],
+        "input_text": [r["input_text"] for r in got],
+        "reference": references,
+        "hypothesis": hyps,
+    }
+    if normalized:
+        columns["reference_normalized"] = [basic_normalize(r) for r in references]
+        columns["hypothesis_normalized"] = [basic_normalize(h) for h in hyps]
+    for field in row_fields:
+        columns[field] = [r[field] for r in got]
+    return pd.DataFrame(columns)
+
+
 # ---------------------------------------------------------------------- ASR
 
 
@@ -118,20 +151,13 @@ def decode_asr(
 
 
 def asr_frame(records: list[dict[str, Any]], rows: Mapping[str, dict[str, Any]]) -> pd.DataFrame:
-    got = take(rows, "", len(records))
-    hyps = [r["hypothesis"] for r in got]
-    return pd.DataFrame(
-        {
-            "id": [r["id"] for r in records],
-            "language": [r["language"] for r in records],
-            "prompt": [r["prompt"] for r in got],
-            "input_text": [r["input_text"] for r in got],
-            "reference": [r["raw_transcription"] for r in records],
-            "hypothesis": hyps,
-            "reference_normalized": [basic_normalize(r["raw_transcription"]) for r in records],
-            "hypothesis_normalized": [basic_normalize(h) for h in hyps],
-            "ctc_hypothesis": [r["ctc_hypothesis"] for r in got],
-        }
+    return generation_frame(
+        records,
+        rows,
+        [r["raw_transcription"] for r in records],
+        labels={"language": [r["language"] for r in records]},
+        normalized=True,
+        row_fields=("ctc_hypothesis",),
     )
 
 
@@ -261,20 +287,15 @@ def st_frame(
     """Reference = each source's `translation` (FLEURS joins the English sentence with the same sentence id;
     CoVoST 2 ships it)."""
     sources = st_sources(records, target_language)
-    got = take(rows, "", len(sources))
-    hyps = [r["hypothesis"] for r in got]
-    return pd.DataFrame(
-        {
-            "id": [r["id"] for r in sources],
+    return generation_frame(
+        sources,
+        rows,
+        [r["translation"] for r in sources],
+        labels={
             "language": [r["language"] for r in sources],
             "target_language": [target_language] * len(sources),
-            "prompt": [r["prompt"] for r in got],
-            "input_text": [r["input_text"] for r in got],
-            "reference": [r["translation"] for r in sources],
-            "hypothesis": hyps,
-            "reference_normalized": [basic_normalize(r["translation"]) for r in sources],
-            "hypothesis_normalized": [basic_normalize(h) for h in hyps],
-        }
+        },
+        normalized=True,
     )
 
 

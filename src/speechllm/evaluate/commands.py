@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from speechllm import stopping
-from speechllm.cliutils import RAW, example, parse_settings, pick_device, set_threads
+from speechllm.cliutils import add_command, example, parse_settings, pick_device, set_threads
 
 log = logging.getLogger("speechllm")
 
@@ -167,22 +168,18 @@ def cmd_covost2(args: argparse.Namespace) -> None:
     log.info("CoVoST 2 test: %d utterances -> %s", count, args.out)
 
 
+def _on_benchmark(func: Callable[[argparse.Namespace], None], dest: str) -> Callable[[argparse.Namespace], None]:
+    """`func` run with `benchmark` set from the positional `dest` (`evaluate` already uses `benchmark` for the
+    subcommand's name)."""
+    return lambda args: func(argparse.Namespace(**{**vars(args), "benchmark": getattr(args, dest)}))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    ev = sub.add_parser(
-        "evaluate",
-        help="decode a benchmark and score it; rescore from Parquet",
-        epilog=EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ev = add_command(sub, "evaluate", "decode a benchmark and score it; rescore from Parquet", epilog=EXAMPLE)
     which = ev.add_subparsers(dest="benchmark", required=True,
                               metavar="BENCHMARK|gather|rescore|covost2-manifest")
     for name in DECODE_BENCHMARKS:
-        p = which.add_parser(
-            name,
-            help=f"decode and score {name}",
-            epilog=EXAMPLE,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        p = add_command(which, name, f"decode and score {name}", cmd_evaluate, epilog=EXAMPLE)
         p.add_argument("--settings", required=True, help="JSON: evaluate section, sampling_rate, experiment")
         p.add_argument("--model", required=True, help="an exported model directory")
         p.add_argument("--name", required=True, help="system name used in tables")
@@ -200,13 +197,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--num-shards", type=int, default=1)
         p.add_argument("--rows", help="write this shard's outputs here instead (JSON; `evaluate gather` scores)")
         p.add_argument("--threads", type=int, default=1)
-        p.set_defaults(func=cmd_evaluate)
-    ga = which.add_parser("gather", help="score a benchmark from its shards' outputs, without decoding",
-                          formatter_class=RAW,
-                          epilog=example('speechllm evaluate gather fleurs_asr --settings "$(cat settings.json)" '
-                                         "--model results/models/t --name t --decoder llm --manifests "
-                                         "results/data/test.jsonl --rows shard0.json shard1.json "
-                                         "--hyps t.parquet --scores t.scores.json"))
+    ga = add_command(which, "gather", "score a benchmark from its shards' outputs, without decoding",
+                     _on_benchmark(cmd_gather, "gather_benchmark"),
+                     epilog=example('speechllm evaluate gather fleurs_asr --settings "$(cat settings.json)" '
+                                    "--model results/models/t --name t --decoder llm --manifests "
+                                    "results/data/test.jsonl --rows shard0.json shard1.json "
+                                    "--hyps t.parquet --scores t.scores.json"))
     ga.add_argument("gather_benchmark", choices=DECODE_BENCHMARKS, metavar="BENCHMARK")
     ga.add_argument("--settings", required=True)
     ga.add_argument("--model", required=True, help="the model directory the shards decoded with (not loaded)")
@@ -216,26 +212,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     ga.add_argument("--rows", nargs="+", required=True, help="every shard's outputs (`evaluate ... --rows`)")
     ga.add_argument("--hyps", required=True)
     ga.add_argument("--scores", required=True)
-    ga.set_defaults(
-        func=lambda a: cmd_gather(argparse.Namespace(**{**vars(a), "benchmark": a.gather_benchmark}))
-    )
-    rs = which.add_parser("rescore", help="recompute a score file from its Parquet outputs, without decoding",
-                          formatter_class=RAW,
-                          epilog=example('speechllm evaluate rescore fleurs_asr --settings "$(cat settings.json)" '
-                                         "--hyps results/eval/fleurs_asr/t.parquet "
-                                         "--scores results/eval/fleurs_asr/t.scores.json"))
+    rs = add_command(which, "rescore", "recompute a score file from its Parquet outputs, without decoding",
+                     _on_benchmark(cmd_rescore, "rescore_benchmark"),
+                     epilog=example('speechllm evaluate rescore fleurs_asr --settings "$(cat settings.json)" '
+                                    "--hyps results/eval/fleurs_asr/t.parquet "
+                                    "--scores results/eval/fleurs_asr/t.scores.json"))
     rs.add_argument("rescore_benchmark", choices=DECODE_BENCHMARKS, metavar="BENCHMARK")
     rs.add_argument("--settings", required=True)
     rs.add_argument("--hyps", required=True)
     rs.add_argument("--scores", required=True, help="the score file to recompute")
     rs.add_argument("--out", help="write here instead of replacing --scores")
-    rs.set_defaults(
-        func=lambda a: cmd_rescore(argparse.Namespace(**{**vars(a), "benchmark": a.rescore_benchmark}))
-    )
-    cv = which.add_parser("covost2-manifest", help="CoVoST 2 X->English test manifest from a local release",
-                          formatter_class=RAW,
-                          epilog=example('speechllm evaluate covost2-manifest --settings "$(cat settings.json)" '
-                                         "--out resources/covost2/test.jsonl"))
+    cv = add_command(which, "covost2-manifest", "CoVoST 2 X->English test manifest from a local release",
+                     cmd_covost2,
+                     epilog=example('speechllm evaluate covost2-manifest --settings "$(cat settings.json)" '
+                                    "--out resources/covost2/test.jsonl"))
     cv.add_argument("--settings", required=True, help="JSON with the evaluate section (evaluate.covost2.*)")
     cv.add_argument("--out", required=True)
-    cv.set_defaults(func=cmd_covost2)

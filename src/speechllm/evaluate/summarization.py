@@ -24,7 +24,7 @@ from typing import Any
 import pandas as pd
 
 from speechllm.data.manifest import location
-from speechllm.evaluate.benchmarks import chunks_by_length, generate_for_records
+from speechllm.evaluate.benchmarks import chunks_by_length, generate_for_records, generation_frame
 from speechllm.evaluate.metrics import bertscore, meteor, perplexity, rouge_scores
 from speechllm.evaluate.shards import BatchRunner, take
 from speechllm.evaluate.system import Clip, EvalSystem
@@ -73,16 +73,8 @@ def decode_summarization(
 def summarization_frame(
     records: list[dict[str, Any]], rows: Mapping[str, dict[str, Any]], settings: dict[str, Any]
 ) -> pd.DataFrame:
-    got = take(rows, "", len(records))
-    return pd.DataFrame(
-        {
-            "id": [r["id"] for r in records],
-            "prompt": [r["prompt"] for r in got],
-            "input_text": [r["input_text"] for r in got],
-            "reference": [r[settings["summarization"]["reference_field"]] for r in records],
-            "hypothesis": [r["hypothesis"] for r in got],
-        }
-    )
+    reference_field = settings["summarization"]["reference_field"]
+    return generation_frame(records, rows, [r[reference_field] for r in records])
 
 
 def run_summarization(

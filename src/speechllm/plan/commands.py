@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from speechllm.cliutils import RAW, example, parse_settings, set_threads
+from speechllm.cliutils import add_command, example, parse_settings, set_threads
 
 log = logging.getLogger("speechllm")
 
@@ -122,11 +122,12 @@ The result is a model directory as `speechllm export` writes it: transcribe, ask
 
 
 def register_import(sub: argparse._SubParsersAction) -> None:
-    imp = sub.add_parser("import", help="the published BLOOMZMMS / Kang & Roy checkpoints as model directories",
-                         epilog=IMPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    imp = add_command(sub, "import", "the published BLOOMZMMS / Kang & Roy checkpoints as model directories",
+                      epilog=IMPORT_EPILOG)
     isub = imp.add_subparsers(dest="action", required=True)
-    m = isub.add_parser("espnet", help="an ESPnet model-zoo repository of BLOOMZMMS (meta.yaml, exp/*/config.yaml)",
-                        epilog=IMPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = add_command(isub, "espnet",
+                    "an ESPnet model-zoo repository of BLOOMZMMS (meta.yaml, exp/*/config.yaml)",
+                    cmd_import_espnet, epilog=IMPORT_EPILOG)
     m.add_argument("--repo", required=True, help="hub id (downloaded into the Hugging Face cache) or local directory")
     m.add_argument("--revision", default="main", help="hub revision of --repo")
     m.add_argument("--out-dir", required=True)
@@ -143,9 +144,9 @@ def register_import(sub: argparse._SubParsersAction) -> None:
                    help="also load --speech-encoder's weights and the LLM and record (speechllm.json "
                         "imported_from.equal_to_sources) whether the file's upstream and CTC head equal them")
     m.add_argument("--threads", type=int, default=1)
-    m.set_defaults(func=cmd_import_espnet)
-    m = isub.add_parser("kang-roy", help="Kang & Roy's audio-encoder state dict (flat or {'audio_encoder': ...})",
-                        epilog=IMPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = add_command(isub, "kang-roy",
+                    "Kang & Roy's audio-encoder state dict (flat or {'audio_encoder': ...})",
+                    cmd_import_kang_roy, epilog=IMPORT_EPILOG)
     m.add_argument("--checkpoint", required=True)
     m.add_argument("--out-dir", required=True)
     source = m.add_mutually_exclusive_group(required=True)
@@ -154,42 +155,37 @@ def register_import(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--settings", help='JSON {"models": ...} (what the workflow passes)')
     m.add_argument("--base", help="base config under --config (default: config.yaml beside experiments/)")
     m.add_argument("--threads", type=int, default=1)
-    m.set_defaults(func=cmd_import_kang_roy)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     register_import(sub)
-    m = sub.add_parser("plan", help="parameters, memory per GPU and FLOPs per step of an experiment's models",
-                       epilog=PLAN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = add_command(sub, "plan", "parameters, memory per GPU and FLOPs per step of an experiment's models",
+                    cmd_plan, epilog=PLAN_EPILOG)
     m.add_argument("--config", required=True, nargs="+",
                    help="experiment config file(s), merged in order over config/config.yaml (as --configfile)")
     m.add_argument("--base", help="base config to merge under it (default: config.yaml beside experiments/)")
     m.add_argument("--models-dir", help="architecture configs (default: config/models beside the config)")
     m.add_argument("--json", action="store_true", help="print JSON instead of Markdown tables")
-    m.set_defaults(func=cmd_plan)
-    models = sub.add_parser("models", help="build the local demo models")
+    models = add_command(sub, "models", "build the local demo models")
     msub = models.add_subparsers(dest="action", required=True)
-    m = msub.add_parser("demo-llm", help="tokenizer + tiny BLOOM pretrained on the demo text", formatter_class=RAW,
-                        epilog=example('speechllm models demo-llm --settings "$(cat settings.json)" '
-                                       "--out-dir resources/models/demo-llm --threads 2"))
+    m = add_command(msub, "demo-llm", "tokenizer + tiny BLOOM pretrained on the demo text",
+                    cmd_models_demo_llm, epilog=example('speechllm models demo-llm --settings "$(cat settings.json)" '
+                                   "--out-dir resources/models/demo-llm --threads 2"))
     m.add_argument("--settings", required=True)
     m.add_argument("--out-dir", required=True)
     m.add_argument("--threads", type=int, default=1)
-    m.set_defaults(func=cmd_models_demo_llm)
-    m = msub.add_parser("fetch", help="download a hub model into the Hugging Face cache", formatter_class=RAW,
-                        epilog=example("speechllm models fetch --name bigscience/bloomz-7b1 --revision main"))
+    m = add_command(msub, "fetch", "download a hub model into the Hugging Face cache", cmd_models_fetch,
+                    epilog=example("speechllm models fetch --name bigscience/bloomz-7b1 --revision main"))
     m.add_argument("--name", required=True)
     m.add_argument("--revision", default="main")
-    m.set_defaults(func=cmd_models_fetch)
-    m = msub.add_parser("demo-speech-encoder",
-                        help="tiny Wav2Vec2 in the MMS architecture, fine-tuned with character CTC as MMS-1B-all",
-                        formatter_class=RAW,
-                        epilog=example('speechllm models demo-speech-encoder --settings "$(cat settings.json)" '
-                                       "--out-dir resources/models/demo-mms --train-manifest results/data/train.jsonl "
-                                       "--dev-manifest results/data/dev.jsonl --threads 2"))
+    m = add_command(msub, "demo-speech-encoder",
+                    "tiny Wav2Vec2 in the MMS architecture, fine-tuned with character CTC as MMS-1B-all",
+                    cmd_models_demo_speech_encoder,
+                    epilog=example('speechllm models demo-speech-encoder --settings "$(cat settings.json)" '
+                                   "--out-dir resources/models/demo-mms "
+                                   "--train-manifest results/data/train.jsonl --dev-manifest results/data/dev.jsonl --threads 2"))
     m.add_argument("--settings", required=True)
     m.add_argument("--out-dir", required=True)
     m.add_argument("--train-manifest", help="speech + transcripts for the character-CTC fine-tuning")
     m.add_argument("--dev-manifest", help="held-out speech for the CER before / after (ctc_finetune.json)")
     m.add_argument("--threads", type=int, default=1)
-    m.set_defaults(func=cmd_models_demo_speech_encoder)

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from speechllm.cliutils import parse_settings
+from speechllm.cliutils import add_command, parse_settings
 
 log = logging.getLogger("speechllm")
 
@@ -96,55 +96,48 @@ def cmd_wandb_sync(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    raw = argparse.RawDescriptionHelpFormatter
-    rep = sub.add_parser("report", help="result tables, report figures, W&B results runs")
+    rep = add_command(sub, "report", "result tables, report figures, W&B results runs")
     rsub = rep.add_subparsers(dest="action", required=True)
 
-    r = rsub.add_parser("table", help="one table as .md, .csv and .tex", epilog=TABLE_EPILOG, formatter_class=raw)
+    r = add_command(rsub, "table", "one table as .md, .csv and .tex", cmd_report_table, epilog=TABLE_EPILOG)
     r.add_argument("--name", required=True, help="fleurs_asr | fleurs_st | speechglue | speechxnli | summarization")
     r.add_argument("--scores", nargs="+", required=True, help="score files (JSON), one per system")
     r.add_argument("--models", nargs="+", required=True, help="column order (systems)")
     r.add_argument("--out-stem", required=True, help="writes <stem>.md, <stem>.csv and <stem>.tex")
-    r.set_defaults(func=cmd_report_table)
 
-    plots = rsub.add_parser("plots", help="report figures (PNG)", epilog=PLOTS_EPILOG, formatter_class=raw)
+    plots = add_command(rsub, "plots", "report figures (PNG)", epilog=PLOTS_EPILOG)
     psub = plots.add_subparsers(dest="plot", required=True)
-    p = psub.add_parser("curves", help="learning curves (loss, lr, dev metrics) from a training metrics.csv",
-                        epilog=PLOTS_EPILOG, formatter_class=raw)
+    p = add_command(psub, "curves", "learning curves (loss, lr, dev metrics) from a training metrics.csv",
+                    cmd_plot_curves, epilog=PLOTS_EPILOG)
     p.add_argument("--metrics", required=True, help="results/train/<model>/metrics.csv")
     p.add_argument("--title", help="model name shown in the title (default: the metrics file's directory)")
     p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_plot_curves)
-    p = psub.add_parser("bars", help="per-language / per-task bars of one benchmark, one bar per system",
-                        epilog=PLOTS_EPILOG, formatter_class=raw)
+    p = add_command(psub, "bars", "per-language / per-task bars of one benchmark, one bar per system",
+                    cmd_plot_bars, epilog=PLOTS_EPILOG)
     p.add_argument("--name", required=True, help="benchmark (as for `report table`)")
     p.add_argument("--scores", nargs="+", required=True)
     p.add_argument("--models", nargs="+", help="bar order (systems)")
     p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_plot_bars)
 
-    u = rsub.add_parser("resources", help="wall time, memory and CPU of every rule's jobs against their request",
-                        epilog=RESOURCES_EPILOG, formatter_class=raw)
+    u = add_command(rsub, "resources", "wall time, memory and CPU of every rule's jobs against their request",
+                    cmd_report_resources, epilog=RESOURCES_EPILOG)
     u.add_argument("--root", required=True, help="the benchmark files: <root>/<rule>/<job>.tsv")
     u.add_argument("--requests", required=True, help="JSON: rule -> {mem_mb, runtime (minutes), threads}")
     u.add_argument("--out-stem", required=True, help="writes <stem>.csv, <stem>.md (per rule), <stem>.jobs.csv")
     u.add_argument("--plot", required=True, help="the figure (PNG)")
-    u.set_defaults(func=cmd_report_resources)
 
-    w = rsub.add_parser("wandb", help="log a system's tables and summary metrics to its W&B results run",
-                        epilog=WANDB_EPILOG, formatter_class=raw)
+    w = add_command(rsub, "wandb", "log a system's tables and summary metrics to its W&B results run",
+                    cmd_report_wandb, epilog=WANDB_EPILOG)
     w.add_argument("--settings", required=True, help="JSON: experiment, wandb, model_run, model_dir, decoder")
     w.add_argument("--system", required=True)
     w.add_argument("--scores", nargs="+", required=True, help="the system's score files, one per benchmark")
     w.add_argument("--train-summary", help="summary.json of the scored model's training run, if trained")
     w.add_argument("--log-dir", required=True, help="the run's files (W&B writes under <log-dir>/wandb)")
     w.add_argument("--out", required=True, help="JSON record of what was logged")
-    w.set_defaults(func=cmd_report_wandb)
 
-    s = rsub.add_parser("wandb-sync", help="upload offline W&B runs (`wandb sync`)", epilog=SYNC_EPILOG,
-                        formatter_class=raw)
+    s = add_command(rsub, "wandb-sync", "upload offline W&B runs (`wandb sync`)", cmd_wandb_sync,
+                    epilog=SYNC_EPILOG)
     s.add_argument("--roots", nargs="+", required=True, help="directories searched for wandb/offline-run-*")
     s.add_argument("--out", required=True, help="JSON list of the run directories and their status")
     s.add_argument("--wandb-bin", default="wandb", help="the wandb command")
     s.add_argument("--resync", action="store_true", help="also sync directories synced before")
-    s.set_defaults(func=cmd_wandb_sync)

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from speechllm import stopping
-from speechllm.cliutils import parse_settings, set_threads
+from speechllm.cliutils import add_command, parse_settings, set_threads
 
 log = logging.getLogger("speechllm")
 
@@ -134,55 +134,50 @@ def cmd_targets_gather(args: argparse.Namespace) -> None:
     log.info("gathered %d records into %s", count, args.out)
 
 
-def _parser(tsub: argparse._SubParsersAction, name: str, help_text: str) -> argparse.ArgumentParser:
-    return tsub.add_parser(name, help=help_text, epilog=EXAMPLES[name],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    targets = sub.add_parser("targets",
-                             help="synthetic multi-instruction targets, released targets, responses")
+    targets = add_command(sub, "targets", "synthetic multi-instruction targets, released targets, responses")
     tsub = targets.add_subparsers(dest="action", required=True)
-    t = _parser(tsub, "generate", "generate one shard of targets with the frozen LLM")
+    t = add_command(tsub, "generate", "generate one shard of targets with the frozen LLM",
+                    cmd_targets_generate, epilog=EXAMPLES["generate"])
     t.add_argument("--settings", required=True)
     t.add_argument("--manifest", required=True)
     t.add_argument("--shard", type=int, required=True)
     t.add_argument("--num-shards", type=int, required=True)
     t.add_argument("--out", required=True)
     t.add_argument("--threads", type=int, default=1)
-    t.set_defaults(func=cmd_targets_generate)
-    t = _parser(tsub, "assemble", "T / MI / TMI training manifests")
+    t = add_command(tsub, "assemble", "T / MI / TMI training manifests",
+                    cmd_targets_assemble, epilog=EXAMPLES["assemble"])
     t.add_argument("--settings", required=True)
     t.add_argument("--manifest", required=True)
     t.add_argument("--shards", nargs="+", required=True)
     t.add_argument("--out-dir", required=True)
-    t.set_defaults(func=cmd_targets_assemble)
-    t = _parser(tsub, "fetch-templates", "download the reference's templates.json, verified by sha256")
+    t = add_command(tsub, "fetch-templates", "download the reference's templates.json, verified by sha256",
+                    cmd_targets_fetch_templates, epilog=EXAMPLES["fetch-templates"])
     t.add_argument("--url", required=True, help="http(s):// or file:// URL, or a local path")
     t.add_argument("--sha256", required=True)
     t.add_argument("--out", required=True)
-    t.set_defaults(func=cmd_targets_fetch_templates)
-    t = _parser(tsub, "fetch-released", "download the released targets archive (sha256-verified if given)")
+    t = add_command(tsub, "fetch-released",
+                    "download the released targets archive (sha256-verified if given)",
+                    cmd_targets_fetch_released, epilog=EXAMPLES["fetch-released"])
     t.add_argument("--url", required=True, help="http(s):// or file:// URL, or a local path")
     t.add_argument("--sha256", default="", help="expected sha256; empty: not verified, logged")
     t.add_argument("--out", required=True)
-    t.set_defaults(func=cmd_targets_fetch_released)
-    t = _parser(tsub, "import-released", "T / MI / TMI manifests from the released token-id targets")
+    t = add_command(tsub, "import-released", "T / MI / TMI manifests from the released token-id targets",
+                    cmd_targets_import_released, epilog=EXAMPLES["import-released"])
     t.add_argument("--settings", required=True)
     t.add_argument("--manifest", required=True)
     t.add_argument("--archive", required=True)
     t.add_argument("--out-dir", required=True)
-    t.set_defaults(func=cmd_targets_import_released)
-    t = _parser(tsub, "responses",
-                "Kang & Roy targets: the LLM's greedy response to each transcript (one shard)")
+    t = add_command(tsub, "responses",
+                    "Kang & Roy targets: the LLM's greedy response to each transcript (one shard)",
+                    cmd_targets_responses, epilog=EXAMPLES["responses"])
     t.add_argument("--settings", required=True)
     t.add_argument("--manifest", required=True)
     t.add_argument("--shard", type=int, default=0)
     t.add_argument("--num-shards", type=int, default=1)
     t.add_argument("--out", required=True)
     t.add_argument("--threads", type=int, default=1)
-    t.set_defaults(func=cmd_targets_responses)
-    t = _parser(tsub, "gather", "shards with `index` back into one manifest, in order")
+    t = add_command(tsub, "gather", "shards with `index` back into one manifest, in order",
+                    cmd_targets_gather, epilog=EXAMPLES["gather"])
     t.add_argument("--shards", nargs="+", required=True)
     t.add_argument("--out", required=True)
-    t.set_defaults(func=cmd_targets_gather)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from speechllm import stopping
-from speechllm.cliutils import EXAMPLES, parse_settings, set_threads
+from speechllm.cliutils import EXAMPLES, add_command, parse_settings, set_threads
 from speechllm.io import read_json
 
 log = logging.getLogger("speechllm")
@@ -247,12 +247,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    tr = sub.add_parser(
-        "train",
-        help="train (or initialise) a model and export it",
-        epilog=EXAMPLES["train"],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    tr = add_command(sub, "train", "train (or initialise) a model and export it", cmd_train,
+                     epilog=EXAMPLES["train"])
     tr.add_argument(
         "stage",
         choices=["init", "ctc", "ce", "kd"],
@@ -272,4 +268,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--run-name", default="run", help="W&B run name")
     tr.add_argument("--job-type", help="W&B job type (the Snakemake rule; default train_<stage>)")
     tr.add_argument("--threads", type=int, default=1)
-    tr.set_defaults(func=cmd_train)
