@@ -94,7 +94,7 @@ def test_bad_audio_while_training_names_the_manifest_and_line(tmp_path):
     sf.write(str(good), tone(1.0, SR), SR)
     manifest = tmp_path / "train.jsonl"
     write_manifest(manifest, [record(good, uid="ok"), record(tmp_path / "gone.wav", uid="gone")])
-    dataset = SpeechDataset(read_manifest(manifest), SR, str(manifest))
+    dataset = SpeechDataset(read_manifest(manifest), SR)
     with pytest.raises(AudioError, match=f"audio file not found: {tmp_path / 'gone.wav'} \\({manifest}:2\\)"):
         dataset[1]
 

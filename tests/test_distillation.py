@@ -285,7 +285,7 @@ def _tiny_kang_roy(tmp_path: Path, lora: dict | None = None):
     )
     model, tokenizer = build_model(spec, with_ctc=False, with_llm=True)
     corpus = write_corpus(tmp_path / "data", num_train=6, num_dev=2)
-    datasets = [SpeechDataset(read_manifest(corpus[s]), 16000, str(corpus[s])) for s in ("train", "dev")]
+    datasets = [SpeechDataset(read_manifest(corpus[s]), 16000) for s in ("train", "dev")]
     return model, tokenizer, datasets
 
 

@@ -132,7 +132,7 @@ def test_a_language_without_a_label_is_an_error_naming_manifest_and_line(tmp_pat
     labels = {"English": 1, "German": 2}
     with pytest.raises(UnknownLanguageError, match=rf"^{manifest}:2: {message}"):
         check_lid_labels(records, labels, str(manifest))
-    dataset = SpeechDataset(records, 16000, str(manifest))
+    dataset = SpeechDataset(records, 16000)
     collator = Collator(lambda text, add_special_tokens: SimpleNamespace(input_ids=[ord(c) for c in text]), labels)
     assert collator([dataset[0]]).lid.tolist() == [1]
     with pytest.raises(UnknownLanguageError, match=rf"^{manifest}:2: {message}"):

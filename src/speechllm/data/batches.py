@@ -9,17 +9,16 @@ import torch
 from torch.utils.data import Dataset
 
 from speechllm.audio import load_audio, speed_perturb
-from speechllm.data.languages import lid_label, record_location
+from speechllm.data.languages import lid_label
 from speechllm.data.manifest import duration_seconds, location
 
 
 class SpeechDataset(Dataset):
     """Loads each record's audio (speed-perturbed when the record says so) at `sampling_rate`."""
 
-    def __init__(self, records: list[dict[str, Any]], sampling_rate: int, manifest: str = "") -> None:
+    def __init__(self, records: list[dict[str, Any]], sampling_rate: int) -> None:
         self.records = records
         self.sampling_rate = sampling_rate
-        self.manifest = manifest
 
     def __len__(self) -> int:
         return len(self.records)
@@ -31,7 +30,7 @@ class SpeechDataset(Dataset):
         record = self.records[index]
         wav = load_audio(record["audio"], self.sampling_rate, line=location(record))
         wav = speed_perturb(wav, record.get("speed", 1.0), self.sampling_rate)
-        return {"record": record, "wav": torch.from_numpy(wav), "manifest": self.manifest}
+        return {"record": record, "wav": torch.from_numpy(wav)}
 
 
 @dataclass
@@ -82,9 +81,7 @@ class Collator:
         batch.ctc_targets = [self.ids(r.get("transcription", "")) for r in records]
         if self.language_ids:  # an unknown language is an error, never label 0 (the LID-CTC blank)
             batch.lid = torch.tensor([
-                lid_label(item["record"]["language"], self.language_ids,
-                          record_location(item["record"], item.get("manifest", "")))
-                for item in items])
+                lid_label(r["language"], self.language_ids, location(r) or f"record {r.get('id')}") for r in records])
         batch.prefix = [self.ids(r.get("prefix", self.default_prefix)) for r in records]
         batch.postfix = [self.ids(r.get("postfix", self.default_postfix)) for r in records]
         batch.target = [self.ids(r.get("target", r.get("transcription", ""))) for r in records]

@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from speechllm.data.manifest import location
+
 # FLEURS code -> English name (the names of xtreme_s's FLEURS table, which gen_lang_id.py uses).
 FLEURS_NAMES: dict[str, str] = {
     "af_za": "Afrikaans", "am_et": "Amharic", "ar_eg": "Arabic", "as_in": "Assamese", "ast_es": "Asturian",
@@ -126,11 +128,6 @@ class UnknownLanguageError(ValueError):
     manifest and line."""
 
 
-def record_location(record: dict[str, Any], manifest: str) -> str:
-    """`manifest:line` of a record read by `read_manifest` (which sets `_line` and `_manifest`)."""
-    return f"{record.get('_manifest') or manifest or '<manifest>'}:{record.get('_line', '?')}"
-
-
 def language_name_at(code: str, where: str) -> str:
     """`language_name(code)`, or UnknownLanguageError naming `where` (manifest:line)."""
     try:
@@ -153,4 +150,4 @@ def lid_label(code: str, language_ids: dict[str, int], where: str) -> int:
 def check_lid_labels(records: Iterable[dict[str, Any]], language_ids: dict[str, int], manifest: str) -> None:
     """Every record's language has a label (UnknownLanguageError naming the first that has not)."""
     for record in records:
-        lid_label(record["language"], language_ids, record_location(record, manifest))
+        lid_label(record["language"], language_ids, location(record, manifest) or f"record {record.get('id')}")

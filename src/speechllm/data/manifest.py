@@ -56,14 +56,15 @@ def read_manifest(path: str | Path, required: Iterable[str] = ()) -> list[dict[s
     return records
 
 
-def location(record: dict[str, Any]) -> str | None:
+def location(record: dict[str, Any], manifest: str | None = None) -> str | None:
     """`<manifest>:<line>` of a record read by `read_manifest` (errors name it); `manifest line N` for a record
-    that knows only its line, None for others."""
-    if record.get("_line") is None:
-        return None
-    if record.get("_manifest") is None:
-        return f"manifest line {record['_line']}"
-    return f"{record['_manifest']}:{record['_line']}"
+    that knows only its line; `<manifest>:?` for one that knows only the manifest (its own or `manifest`);
+    None for others."""
+    path = record.get("_manifest") or manifest or None
+    line = record.get("_line")
+    if line is None:
+        return f"{path}:?" if path else None
+    return f"{path}:{line}" if path else f"manifest line {line}"
 
 
 def write_manifest(path: str | Path, records: Iterable[dict[str, Any]]) -> int:

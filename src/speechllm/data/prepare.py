@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from speechllm.audio import AudioError, load_audio, perturbed_length
-from speechllm.data.manifest import UTTERANCE_FIELDS, read_manifest, write_manifest
+from speechllm.data.manifest import UTTERANCE_FIELDS, location, read_manifest, write_manifest
 from speechllm.io import atomic_write_text
 from speechllm.text.normalize import basic_normalize, normalizer_version
 
@@ -128,9 +128,9 @@ def filter_by_duration(copies: list[dict[str, Any]], sampling_rate: int, min_dur
 def language_ids(manifests: list[Path], out: Path) -> dict[str, int]:
     """LID labels: 1 + index in the sorted list of language names present in `manifests` (the training and
     dev sets, as the reference's gen_lang_id.py); 0 is the CTC blank. An unknown code names its manifest line."""
-    from speechllm.data.languages import language_name_at, record_location
+    from speechllm.data.languages import language_name_at
 
-    names = {language_name_at(r["language"], record_location(r, str(path)))
+    names = {language_name_at(r["language"], location(r, str(path)) or str(path))
              for path in manifests for r in read_manifest(path, required=("language",))}
     mapping = {name: i + 1 for i, name in enumerate(sorted(names))}
     atomic_write_text(out, json.dumps(mapping, indent=2, ensure_ascii=False) + "\n")

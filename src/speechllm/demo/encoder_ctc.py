@@ -94,7 +94,7 @@ def read_transcribed(manifest: Path) -> list[dict[str, Any]]:
 def load_utterances(records: list[dict[str, Any]], manifest: Path, tokenizer: Wav2Vec2CTCTokenizer,
                     sampling_rate: int) -> Utterances:
     """Load, speed-perturb (as the record says) and normalise every utterance once, up front."""
-    dataset = SpeechDataset(records, sampling_rate, str(manifest))
+    dataset = SpeechDataset(records, sampling_rate)
     waves, targets = [], []
     for i in range(len(dataset)):
         wav = dataset[i]["wav"].unsqueeze(0)
