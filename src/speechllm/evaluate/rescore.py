@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import pandas as pd
 
 from speechllm.evaluate import benchmarks, summarization
 from speechllm.io import atomic_path, read_json
+from speechllm.versions import installed_version
 
 SCORERS: dict[str, Callable[[pd.DataFrame, dict[str, Any]], dict[str, Any]]] = {
     "fleurs_asr": benchmarks.score_asr,
@@ -45,12 +45,6 @@ SETTING_KEYS = (
 )
 
 
-def _package_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
 
 def versions() -> dict[str, Any]:
     from speechllm import __version__
@@ -59,9 +53,9 @@ def versions() -> dict[str, Any]:
     return {
         "speechllm": __version__,
         "normalizer": normalizer_version(),
-        "sacrebleu": _package_version("sacrebleu"),
-        "jiwer": _package_version("jiwer"),
-        "rouge_score": _package_version("rouge-score"),
+        "sacrebleu": installed_version("sacrebleu"),
+        "jiwer": installed_version("jiwer"),
+        "rouge_score": installed_version("rouge-score"),
     }
 
 

@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from speechllm import stopping
 from speechllm.io import atomic_write_text, read_json
+from speechllm.versions import installed_version
 
 Row = dict[str, Any]
 # Settings that choose which shard a job runs, not what it decodes.
@@ -62,12 +62,6 @@ def path_signature(path: Path) -> list[Any]:
     ]
 
 
-def _package_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
 
 def run_fingerprint(
     benchmark: str, decoder: str, model_dir: Path, spec: Mapping[str, Any], settings: Mapping[str, Any]
@@ -91,7 +85,7 @@ def run_fingerprint(
         "local_parts": local_parts,
         "evaluate": evaluate,
         "sampling_rate": settings.get("sampling_rate"),
-        "versions": [__version__, _package_version("torch"), _package_version("transformers")],
+        "versions": [__version__, installed_version("torch"), installed_version("transformers")],
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -50,12 +50,9 @@ def cache_key(settings: dict[str, Any], prompt: str) -> str:
 
 def engine_version(backend: str) -> str | None:
     """The generating library's version (another version may decode differently); read without importing."""
-    from importlib.metadata import PackageNotFoundError, version
+    from speechllm.versions import installed_version
 
-    try:
-        return version("vllm" if backend == "vllm" else "transformers")
-    except PackageNotFoundError:
-        return None  # vllm absent: loading the backend reports it
+    return installed_version("vllm" if backend == "vllm" else "transformers")  # None: loading the backend reports it
 
 
 def generation_settings(llm_cfg: dict[str, Any], backend: str, num_beams: int,
