@@ -20,6 +20,7 @@ import yaml
 
 from speechllm.cli import main
 from speechllm.data import settings as data_settings
+from speechllm.evaluate import settings as eval_settings
 from speechllm.plan.planner import deep_merge
 from speechllm.settings import StepSettings
 from speechllm.targets import settings as target_settings
@@ -31,6 +32,7 @@ CONFIGS = {  # name -> config files merged over config/config.yaml, as `--config
     "bloomzmms": ["config/experiments/bloomzmms.yaml"],
     "bloomzmms_released": ["config/experiments/bloomzmms_released.yaml"],
     "speech_summarization": ["config/experiments/speech_summarization.yaml"],
+    "speech_summarization_released": ["config/experiments/speech_summarization_released.yaml"],
 }
 # (rules file, rule name) -> the dataclass its step parses, and the configs that run the rule
 STEPS: dict[tuple[str, str], tuple[type[StepSettings], tuple[str, ...]]] = {
@@ -147,7 +149,16 @@ def test_settings_of_one_split_differ_as_the_rule_says():
     assert train.min_duration == test.min_duration == 0.225  # the rule's resolved data.min_duration
 
 
-@pytest.mark.parametrize("cls", sorted({cls for cls, _ in STEPS.values()}, key=lambda c: c.__name__))
+EVAL_CLASSES = {
+    *eval_settings.BENCHMARK_SETTINGS.values(),
+    eval_settings.DecodeSettings,
+    eval_settings.Covost2Settings,
+}
+
+
+@pytest.mark.parametrize(
+    "cls", sorted({cls for cls, _ in STEPS.values()} | EVAL_CLASSES, key=lambda c: c.__name__)
+)
 def test_every_field_is_a_config_key(cls):
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
     known = config_keys(schema, schema["$defs"])
@@ -235,3 +246,59 @@ def test_the_cli_reports_a_bad_setting_in_one_line(tmp_path, capsys):
         )
     assert str(stop.value).endswith("settings key data.on_bad_audio: expected str, got null")
     assert "\n" not in str(stop.value)
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("benchmark", sorted(eval_settings.BENCHMARK_SETTINGS))
+def test_each_benchmark_parses_the_evaluate_rules_settings(benchmark, config):
+    raw = rule_settings("evaluate", "evaluate", load_config(config))
+    assert raw == rule_settings("evaluate", "evaluate_gather", load_config(config))
+    settings = eval_settings.benchmark_settings(benchmark, raw)
+    assert isinstance(settings, eval_settings.BENCHMARK_SETTINGS[benchmark])
+    assert settings.batch_size == raw["evaluate"]["batch_size"]
+    assert eval_settings.DecodeSettings.from_settings(raw).sampling_rate == raw["sampling_rate"]
+    if benchmark == "summarization":
+        assert settings.summarization.bertscore == raw["evaluate"]["summarization"]["bertscore"]
+    covost2 = eval_settings.Covost2Settings.from_section(
+        rule_settings("evaluate", "covost2_data", load_config(config))
+    )
+    assert covost2.covost2.languages == raw["evaluate"]["covost2"]["languages"]
+
+
+def test_evaluate_settings_errors_name_the_key():
+    raw = rule_settings("evaluate", "evaluate", load_config("demo"))
+    bad = copy.deepcopy(raw)
+    bad["evaluate"]["num_beams"] = "5"
+    with pytest.raises(ValueError, match=r"^settings key evaluate\.num_beams: expected int, got str$"):
+        eval_settings.benchmark_settings("fleurs_asr", bad)
+    # summarization does not read evaluate.num_beams (its own summarization.num_beams)
+    assert eval_settings.benchmark_settings("summarization", bad).summarization.num_beams == 1
+    bad = copy.deepcopy(raw)
+    del bad["evaluate"]["summarization"]["bertscore"]
+    with pytest.raises(ValueError, match=r"^settings key evaluate\.summarization\.bertscore: missing$"):
+        eval_settings.benchmark_settings("summarization", bad)
+    with pytest.raises(ValueError, match=r"^settings key evaluate: missing$"):
+        eval_settings.benchmark_settings("speechglue", {"sampling_rate": 16000})
+    with pytest.raises(ValueError, match=r"^settings key data\.sampling_rate: expected int, got float$"):
+        eval_settings.DecodeSettings.from_settings({**raw, "sampling_rate": 16000.5})
+    bad = copy.deepcopy(raw)
+    bad["evaluate"]["cascade_asr"]["lowercase"] = "yes"
+    with pytest.raises(
+        ValueError, match=r"^settings key evaluate\.cascade_asr\.lowercase: expected bool, got str$"
+    ):
+        eval_settings.benchmark_settings("fleurs_st", bad)
+    with pytest.raises(ValueError, match="unknown benchmark 'asr'"):
+        eval_settings.benchmark_settings("asr", raw)
+
+
+def test_fallbacks_of_keys_read_with_a_default():
+    raw = rule_settings("evaluate", "evaluate", load_config("demo"))
+    for key in ("ctc", "cascade_asr", "ctc_branch", "st_normalize"):
+        del raw["evaluate"][key]
+    settings = eval_settings.benchmark_settings("fleurs_st", raw)
+    assert (settings.ctc, settings.cascade_asr, settings.ctc_branch, settings.st_normalize) == (
+        None,
+        None,
+        True,
+        "both",
+    )
