@@ -358,7 +358,8 @@ def test_speechglue_rank_scoring_with_stsb(world, tmp_path) -> None:
 
 def test_speechglue_constrained_scoring_and_text_baseline(world, tmp_path) -> None:
     settings = {**SETTINGS, "glue_scoring": "constrained"}
-    df, metrics = benchmarks.run_speechglue(system(world, "ctc", "text"), world["glue"], " ", ev("speechglue", settings))
+    text = system(world, "ctc", "text")
+    df, metrics = benchmarks.run_speechglue(text, world["glue"], " ", ev("speechglue", settings))
     classes = df[df.task != "stsb"]
     for _, row in classes.iterrows():
         assert row.prediction == match_option(row.hypothesis, list(row.options))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import re
 import typing
 from pathlib import Path
@@ -22,8 +23,10 @@ from speechllm.cli import main
 from speechllm.data import settings as data_settings
 from speechllm.evaluate import settings as eval_settings
 from speechllm.plan.planner import deep_merge
+from speechllm.report import settings as report_settings
 from speechllm.settings import StepSettings
 from speechllm.targets import settings as target_settings
+from speechllm.workflow import evaluation_design
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {  # name -> config files merged over config/config.yaml, as `--configfile`
@@ -55,7 +58,7 @@ STEPS: dict[tuple[str, str], tuple[type[StepSettings], tuple[str, ...]]] = {
         ("demo_summarization", "speech_summarization"),
     ),
 }
-COMMON_FUNCTIONS = ("as_json", "data_settings", "source_settings", "eval_settings")
+COMMON_FUNCTIONS = ("as_json", "data_settings", "source_settings", "eval_settings", "wandb_results_settings")
 
 
 def load_config(name: str) -> dict[str, Any]:
@@ -82,19 +85,29 @@ def common_function(name: str) -> str:
     return match.group(0)
 
 
-def rule_settings(rules_file: str, rule: str, config: dict[str, Any], split: str = "train") -> dict[str, Any]:
+def rule_settings(
+    rules_file: str, rule: str, config: dict[str, Any], split: str = "train", system: str = "ctc"
+) -> dict[str, Any]:
     """The `--settings` object the rule passes, built by the rule's own `params: settings=` expression."""
     text = (REPO / f"rules/{rules_file}.smk").read_text()
     block = re.search(rf"^\s*rule {rule}:\n(.*?)(?=^\s*rule |\Z)", text, re.S | re.M)
     assert block, f"rules/{rules_file}.smk has no rule {rule}"
     body = block.group(1)
     expression = balanced(body, body.index("settings=") + len("settings="))
-    scope: dict[str, Any] = {"config": config, "json": json, "DATA_MIN_DURATION": 0.225}
+    scope: dict[str, Any] = {
+        "config": config,
+        "json": json,
+        "os": os,
+        "DATA_MIN_DURATION": 0.225,
+        "SYSTEMS": evaluation_design(config)[0],
+        # the models rules/common.smk finds trained (here: the CTC model), with their training runs
+        "TRAINED_MODELS": {"ctc": ("train_ctc", f"{config['experiment']}-ctc")},
+    }
     for name in COMMON_FUNCTIONS:
         exec(common_function(name), scope)
     value = eval(expression, scope)
     if callable(value):
-        value = value(SimpleNamespace(split=split))
+        value = value(SimpleNamespace(split=split, system=system))
     return json.loads(value)
 
 
@@ -150,6 +163,7 @@ def test_settings_of_one_split_differ_as_the_rule_says():
 
 
 EVAL_CLASSES = {
+    report_settings.WandbResultsSettings,
     *eval_settings.BENCHMARK_SETTINGS.values(),
     eval_settings.DecodeSettings,
     eval_settings.Covost2Settings,
@@ -163,7 +177,14 @@ def test_every_field_is_a_config_key(cls):
     schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
     known = config_keys(schema, schema["$defs"])
     # prepare_split's own: from the split and data.filter_test_durations
-    rule_made = {"data.filter_durations"}
+    rule_made = {
+        "data.filter_durations",
+        "model_run",
+        "model_run.job_type",
+        "model_run.name",
+        "model_dir",
+        "decoder",
+    }
     unknown = [k for k in field_keys(cls, cls.SECTION) if k not in known | rule_made]
     assert unknown == []
 
@@ -302,3 +323,18 @@ def test_fallbacks_of_keys_read_with_a_default():
         True,
         "both",
     )
+
+
+@pytest.mark.parametrize("system", ["ctc", "t"])
+def test_the_wandb_results_step_parses_its_rules_settings(system):
+    config = load_config("demo")
+    raw = rule_settings("report", "wandb_results", config, system=system)
+    settings = report_settings.WandbResultsSettings.from_settings(raw)
+    assert settings.wandb.project == config["wandb"]["project"] and settings.model_dir == raw["model_dir"]
+    # only the CTC model is trained here: the t system links no training run
+    assert settings.model_run == (
+        report_settings.ModelRun("train_ctc", "demo-ctc") if system == "ctc" else None
+    )
+    raw["model_run"] = {"name": "demo-ctc"}
+    with pytest.raises(ValueError, match=r"^settings key model_run\.job_type: missing$"):
+        report_settings.WandbResultsSettings.from_settings(raw)

@@ -49,12 +49,12 @@ class StepSettings:
 
     @classmethod
     def from_settings(cls: type[S], raw: Any, where: str = "settings") -> S:
-        """Parse the step's JSON settings object; ValueError `<where> key <config key>: ...` when it does not fit."""
+        """Parse the step's JSON settings; ValueError `<where> key <config key>: ...` if it does not fit."""
         return parse(cls, raw, cls.SECTION, where)
 
     @classmethod
     def from_section(cls: type[S], raw: Any, where: str = "settings") -> S:
-        """Parse `raw[SECTION]`, for settings that carry the section as one key (`{"evaluate": {...}, ...}`)."""
+        """Parse `raw[SECTION]`: settings that carry the section as one key (`{"evaluate": {...}, ...}`)."""
         if not isinstance(raw, dict) or cls.SECTION not in raw:
             raise ValueError(f"{where} key {cls.SECTION}: missing")
         return cls.from_settings(raw[cls.SECTION], where)

@@ -1,7 +1,7 @@
 """Typed `--settings` of the `speechllm data` steps (see speechllm/settings.py).
 
-Each rule in rules/data.smk copies keys of config `data` (rules/common.smk: data_settings, source_settings), so
-every field's config key is `data.<field>` (nested: `data.<field>.<key>`).
+Each rule in rules/data.smk copies keys of config `data` (rules/common.smk: data_settings,
+source_settings), so every field's config key is `data.<field>` (nested: `data.<field>.<key>`).
 """
 
 from __future__ import annotations

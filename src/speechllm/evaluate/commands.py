@@ -51,15 +51,17 @@ def read_inputs(benchmark: str, manifests: list[Path], ev: Any) -> Any:
     return [{"subset": m.stem, **r} for m in manifests for r in read_manifest(m, required=fields)]
 
 
-def decode_inputs(benchmark: str, system: Any, spec: dict[str, Any], inputs: Any, ev: Any, runner: Any) -> None:
+def decode_inputs(
+    benchmark: str, system: Any, spec: dict[str, Any], inputs: Any, ev: Any, runner: Any
+) -> None:
     """Decode (the runner's shard of) a benchmark's inputs; rows land in `runner.rows`."""
     from speechllm.evaluate import benchmarks, summarization
 
     if benchmark == "fleurs_asr":
         benchmarks.decode_asr(system, inputs, spec["prompt"]["prefix"], spec["prompt"]["postfix"], ev, runner)
     elif benchmark in ST_TARGETS:
-        benchmarks.decode_st(system, inputs, ev.st_prompt.prefix, ev.st_prompt.postfix, ST_TARGETS[benchmark], ev,
-                             runner)
+        prompt = ev.st_prompt
+        benchmarks.decode_st(system, inputs, prompt.prefix, prompt.postfix, ST_TARGETS[benchmark], ev, runner)
     elif benchmark == "speechglue":
         benchmarks.decode_speechglue(system, inputs, ev.option_prefix, ev, runner)
     elif benchmark == "speechxnli":
@@ -87,7 +89,9 @@ def frame_inputs(benchmark: str, inputs: Any, rows: dict[str, Any], ev: Any) -> 
     return summarization.response_ppl_frame(inputs, rows)
 
 
-def write_scored(args: argparse.Namespace, s: dict[str, Any], ev: Any, df: Any, notes: dict[str, Any]) -> None:
+def write_scored(
+    args: argparse.Namespace, s: dict[str, Any], ev: Any, df: Any, notes: dict[str, Any]
+) -> None:
     """Score the frame (`ev`: the benchmark's typed settings) and write the Parquet and the score file, which
     records the settings `s` as given."""
     from speechllm.evaluate.rescore import score_document, score_frame, write_outputs

@@ -1,6 +1,7 @@
 """Typed `--settings` of the `speechllm targets` steps (see speechllm/settings.py).
 
-The rules in rules/targets.smk build these from config `targets` plus `models.llm`, `models.prompt` and `seed`.
+The rules in rules/targets.smk build these from config `targets` plus `models.llm`, `models.prompt` and
+`seed`.
 `llm` stays the models-config dict: the models layer (targets/backends.py) builds the LLM from it.
 """
 
