@@ -20,6 +20,7 @@ from speechllm.evaluate.constrained import constrained_beam_search, match_option
 from speechllm.evaluate.metrics import glue_average
 from speechllm.evaluate.prompts import MNLI_PROMPT, TASK_PROMPTS
 from speechllm.evaluate.rescore import rescore, score_document, write_outputs
+from speechllm.evaluate.settings import benchmark_settings
 from speechllm.evaluate.shards import unit
 from speechllm.evaluate.summarization import summarization_frame
 from speechllm.evaluate.system import EvalSystem, assemble, build_system
@@ -147,8 +148,13 @@ def world(tmp_path_factory, tiny_models) -> dict[str, Any]:
     return {"root": root, "utterances": utterances, "glue": glue, "xnli": xnli, "dirs": dirs}
 
 
+def ev(benchmark: str, settings: dict[str, Any] = SETTINGS, **overrides: Any) -> Any:
+    """The typed settings `speechllm evaluate <benchmark>` parses from these evaluate settings."""
+    return benchmark_settings(benchmark, {"evaluate": {**settings, **overrides}})
+
+
 def system(world: dict[str, Any], stage: str, decoder: str, **overrides: Any) -> EvalSystem:
-    built, _ = build_system(world["dirs"][stage], decoder, {**SETTINGS, **overrides}, SR, CPU)
+    built, _ = build_system(world["dirs"][stage], decoder, ev("fleurs_asr", **overrides), SR, CPU)
     return built
 
 
@@ -189,14 +195,15 @@ def assert_same(a: Any, b: Any) -> None:
 def test_asr_every_decoder_with_cascade_and_text_inputs(world, tmp_path) -> None:
     records = world["utterances"]
     prefix, postfix = "Repeat the sentence: ", ". "
-    ctc_df, ctc_metrics = benchmarks.run_asr(system(world, "ctc", "ctc"), records, prefix, postfix, SETTINGS)
+    asr = ev("fleurs_asr")
+    ctc_df, ctc_metrics = benchmarks.run_asr(system(world, "ctc", "ctc"), records, prefix, postfix, asr)
     assert (ctc_df.prompt == "<ctc>").all() and set(ctc_metrics["per_language"]) == {"de_de", "en_us"}
     per_lang = ctc_metrics["per_language"]["de_de"]
     assert per_lang["primary_metric"] == "wer" and per_lang["primary"] == per_lang["wer"]
 
     # ce_init: the stage-ctc model in front of the LLM also scores its CTC branch on the same encoder pass
     ce_init_df, ce_init_metrics = benchmarks.run_asr(
-        system(world, "ctc", "llm"), records, prefix, postfix, SETTINGS
+        system(world, "ctc", "llm"), records, prefix, postfix, asr
     )
     assert (
         ce_init_df.prompt.iloc[0] == "Repeat the sentence: <speech>. " and ce_init_df.input_text.isna().all()
@@ -207,13 +214,13 @@ def test_asr_every_decoder_with_cascade_and_text_inputs(world, tmp_path) -> None
 
     ce = system(world, "t", "llm")
     assert "CE-trained models have no trained CTC branch" in ce.notes["ctc_branch"]
-    _, ce_metrics = benchmarks.run_asr(ce, records, prefix, postfix, SETTINGS)
+    _, ce_metrics = benchmarks.run_asr(ce, records, prefix, postfix, asr)
     assert "ctc_branch" not in ce_metrics
 
-    cascade_df, _ = benchmarks.run_asr(system(world, "ctc", "cascade"), records, prefix, postfix, SETTINGS)
+    cascade_df, _ = benchmarks.run_asr(system(world, "ctc", "cascade"), records, prefix, postfix, asr)
     assert list(cascade_df.input_text) == list(ctc_df.hypothesis)  # the CTC transcript went into the prompt
     text_df, text_metrics = benchmarks.run_asr(
-        system(world, "ctc", "text"), records, prefix, postfix, SETTINGS
+        system(world, "ctc", "text"), records, prefix, postfix, asr
     )
     assert list(text_df.input_text) == [r["raw_transcription"] for r in records]
     assert text_df.prompt.iloc[0] == f"Repeat the sentence: {records[0]['raw_transcription']}. "
@@ -232,7 +239,7 @@ def test_ctc_prefix_beam_search_is_selectable_and_never_less_probable_than_greed
     ctc_system = system(world, "ctc", "ctc", ctc=beam)
     assert ctc_system.notes["ctc_search"] == "prefix_beam"
     records = world["utterances"][:3]
-    df, _ = benchmarks.run_asr(ctc_system, records, "", "", SETTINGS)
+    df, _ = benchmarks.run_asr(ctc_system, records, "", "", ev("fleurs_asr"))
     model, tok, _ = load_model_dir(Path(world["dirs"]["ctc"]), with_ctc=True, with_llm=False)
     model.eval()
     for rec, hypothesis in zip(records, df.hypothesis, strict=True):
@@ -299,7 +306,7 @@ def test_st_x_to_english_scores_with_target_tokenizer(world, tmp_path) -> None:
         SETTINGS["st_prompt"]["prefix"],
         SETTINGS["st_prompt"]["postfix"],
         "en_us",
-        SETTINGS,
+        ev("fleurs_st"),
     )
     assert set(df.language) == {"de_de"} and (df.target_language == "en_us").all()
     assert df.prompt.iloc[0].startswith("Translate the following text from German to English\n")
@@ -309,7 +316,7 @@ def test_st_x_to_english_scores_with_target_tokenizer(world, tmp_path) -> None:
 
     # a Chinese target picks sacreBLEU's zh tokenizer
     zh = df.assign(target_language="cmn_hans_cn", reference="我们今天去公园", hypothesis="我们今天去公园")
-    zh_metrics = benchmarks.score_st(zh, SETTINGS)
+    zh_metrics = benchmarks.score_st(zh, ev("fleurs_st"))
     assert "tok:zh" in zh_metrics["all"]["bleu_signature"] and zh_metrics["all"]["bleu"] == pytest.approx(
         100.0
     )
@@ -318,14 +325,14 @@ def test_st_x_to_english_scores_with_target_tokenizer(world, tmp_path) -> None:
 def test_st_without_a_translation_names_the_manifest_line(world) -> None:
     records = [dict(world["utterances"][3], translation=None)]
     with pytest.raises(ValueError, match="manifest line 4"):
-        benchmarks.run_st(system(world, "ctc", "text"), records, "{language}", "", "en_us", SETTINGS)
+        benchmarks.run_st(system(world, "ctc", "text"), records, "{language}", "", "en_us", ev("fleurs_st"))
 
 
 # --------------------------------------------------------------------------- SpeechGLUE / SpeechXNLI
 
 
 def test_speechglue_rank_scoring_with_stsb(world, tmp_path) -> None:
-    df, metrics = benchmarks.run_speechglue(system(world, "t", "llm"), world["glue"], " ", SETTINGS)
+    df, metrics = benchmarks.run_speechglue(system(world, "t", "llm"), world["glue"], " ", ev("speechglue"))
     assert set(metrics["per_task"]) == {"sst2", "rte", "stsb"}
     assert {len(s) for s in df[df.task == "rte"].option_scores} == {2}
     stsb = df[df.task == "stsb"]
@@ -343,7 +350,7 @@ def test_speechglue_rank_scoring_with_stsb(world, tmp_path) -> None:
     assert_same(metrics["average_without_wnli"], average["average"])  # no WNLI here
     assert_recomputable(tmp_path, "speechglue", df, metrics)
 
-    expected = {**SETTINGS, "stsb_rank": "expectation"}
+    expected = ev("speechglue", stsb_rank="expectation")
     df_e, _ = benchmarks.run_speechglue(
         system(world, "t", "llm"), {"stsb": world["glue"]["stsb"]}, " ", expected
     )
@@ -354,7 +361,8 @@ def test_speechglue_rank_scoring_with_stsb(world, tmp_path) -> None:
 
 def test_speechglue_constrained_scoring_and_text_baseline(world, tmp_path) -> None:
     settings = {**SETTINGS, "glue_scoring": "constrained"}
-    df, metrics = benchmarks.run_speechglue(system(world, "ctc", "text"), world["glue"], " ", settings)
+    text = system(world, "ctc", "text")
+    df, metrics = benchmarks.run_speechglue(text, world["glue"], " ", ev("speechglue", settings))
     classes = df[df.task != "stsb"]
     for _, row in classes.iterrows():
         assert row.prediction == match_option(row.hypothesis, list(row.options))
@@ -420,7 +428,7 @@ def test_generation_frames_keep_the_parquet_columns_of_asr_st_and_summarization(
     assert st.id.tolist() == ["a"] and st.target_language.tolist() == ["en_us"]
     assert st.reference.tolist() == ["Hello, world!"]
 
-    summary = summarization_frame(records, rows, {"summarization": {"reference_field": "summary"}})
+    summary = summarization_frame(records, rows, "summary")
     assert list(summary.columns) == ["id", "prompt", "input_text", "reference", "hypothesis"]
     assert summary.reference.tolist() == ["A greeting.", "Another."]
     assert summary.hypothesis.tolist() == ["hallo welt", "Hi There!"]
@@ -432,7 +440,7 @@ def test_generation_frames_keep_the_parquet_columns_of_asr_st_and_summarization(
 def test_speechxnli_uses_the_mnli_prompt_and_reports_the_mean(world, tmp_path) -> None:
     assert TASK_PROMPTS["xnli"] is MNLI_PROMPT and MNLI_PROMPT.options == ("Yes", "Maybe", "No")
     assert TASK_PROMPTS["xnli"] is TASK_PROMPTS["mnli_matched"]
-    df, metrics = benchmarks.run_speechxnli(system(world, "ctc", "llm"), world["xnli"], " ", SETTINGS)
+    df, metrics = benchmarks.run_speechxnli(system(world, "ctc", "llm"), world["xnli"], " ", ev("speechxnli"))
     assert set(metrics["per_language"]) == {"en_us", "de_de"}
     accuracies = [m["accuracy"] for m in metrics["per_language"].values()]
     assert metrics["all"] == pytest.approx(sum(accuracies) / 2)
@@ -448,7 +456,7 @@ def test_missing_field_names_the_manifest_line(world) -> None:
         dict(world["glue"]["rte"][0], fields={"sentence1": world["glue"]["rte"][0]["fields"]["sentence1"]})
     ]
     with pytest.raises(ValueError, match="manifest line 1.*sentence2"):
-        benchmarks.run_speechglue(system(world, "ctc", "text"), {"rte": broken}, " ", SETTINGS)
+        benchmarks.run_speechglue(system(world, "ctc", "text"), {"rte": broken}, " ", ev("speechglue"))
 
 
 # --------------------------------------------------------------------------- CLI

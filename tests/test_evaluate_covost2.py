@@ -11,6 +11,7 @@ import soundfile as sf
 
 from speechllm.evaluate.benchmarks import score_st
 from speechllm.evaluate.covost2 import CoVoSTError, build_covost2_manifest, covost2_test_records
+from speechllm.evaluate.settings import Prompt, StSettings
 
 HEADER = "path\tsentence\ttranslation\tclient_id\tsplit\n"
 
@@ -85,6 +86,8 @@ def test_covost2_scores_against_english_with_13a(release) -> None:
             "hypothesis": ["he said hello", "good day"],
         }
     )
-    metrics = score_st(df, {"bleu_tokenize": {"default": "13a", "zh": "zh"}})
+    settings = StSettings(batch_size=1, num_beams=1, max_new_tokens=8, st_prompt=Prompt("", ""),
+                          bleu_tokenize={"default": "13a", "zh": "zh"})
+    metrics = score_st(df, settings)
     assert "tok:13a" in metrics["all"]["bleu_signature"] and metrics["target_languages"] == ["en"]
     assert 0 < metrics["per_language"]["de"]["chrf"] < 100

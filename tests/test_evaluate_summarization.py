@@ -26,6 +26,7 @@ from transformers import (
 from speechllm.evaluate import summarization
 from speechllm.evaluate.metrics import wordnet_available
 from speechllm.evaluate.rescore import rescore, score_document, write_outputs
+from speechllm.evaluate.settings import benchmark_settings
 from speechllm.evaluate.system import build_system
 
 SR = 16000
@@ -207,7 +208,12 @@ def _system(kr_world, decoder: str):
     settings = dict(SETTINGS)
     if decoder == "cascade":
         settings["cascade_asr"] = {"name_or_path": kr_world["asr_dir"], "revision": "main", "lowercase": True}
-    return build_system(kr_world["model_dir"], decoder, settings, SR, CPU)[0]
+    return build_system(kr_world["model_dir"], decoder, ev("summarization", settings), SR, CPU)[0]
+
+
+def ev(benchmark: str, settings: dict[str, Any] = SETTINGS) -> Any:
+    """The typed settings `speechllm evaluate <benchmark>` parses from these evaluate settings."""
+    return benchmark_settings(benchmark, {"evaluate": settings})
 
 
 def _recompute(tmp_path: Path, benchmark: str, df, metrics, settings=SETTINGS) -> dict[str, Any]:
@@ -229,7 +235,7 @@ def test_summarization_speech_text_and_cascade(kr_world, tmp_path, tiny_bertscor
     speech = _system(kr_world, "llm")
     bert = {**SETTINGS["summarization"]["bertscore"], "model": str(tiny_bertscore_model), "num_layers": 2}
     settings = {**SETTINGS, "summarization": {**SETTINGS["summarization"], "bertscore": bert}}
-    df, metrics = summarization.run_summarization(speech, kr_world["articles"], settings)
+    df, metrics = summarization.run_summarization(speech, kr_world["articles"], ev("summarization", settings))
     assert list(df.prompt) == [PROMPT + "<speech>"] * 3 and df.input_text.isna().all()
     scores = metrics["all"]
     assert scores["num_docs"] == 3 and all(
@@ -242,7 +248,8 @@ def test_summarization_speech_text_and_cascade(kr_world, tmp_path, tiny_bertscor
     assert all(-1.0 <= scores[f"bertscore_{k}"] <= 1.0 for k in ("precision", "recall", "f1"))
     assert scores["bertscore_model"] == str(tiny_bertscore_model) and scores["bertscore_num_layers"] == 2
     _recompute(tmp_path, "summarization", df, metrics, settings)
-    assert summarization.score_summarization(df, SETTINGS)["all"]["bertscore_f1"] is None  # no model: skipped
+    skipped = summarization.score_summarization(df, ev("summarization"))["all"]["bertscore_f1"]
+    assert skipped is None  # no model: skipped
 
     text = _system(kr_world, "text")
     # the instruction and the article are one user-turn string inside the chat template
@@ -250,11 +257,11 @@ def test_summarization_speech_text_and_cascade(kr_world, tmp_path, tiny_bertscor
     segments = text.prompts([[PROMPT, ARTICLES[0][0]]])[0]
     assert segments == [prefix, text.text_ids(PROMPT + ARTICLES[0][0]), suffix]
     assert prefix[0] == text.tokenizer.bos_token_id
-    text_df, _ = summarization.run_summarization(text, kr_world["articles"], SETTINGS)
+    text_df, _ = summarization.run_summarization(text, kr_world["articles"], ev("summarization"))
     assert list(text_df.input_text) == [a for a, _ in ARTICLES]
 
     cascade = _system(kr_world, "cascade")
-    casc_df, _ = summarization.run_summarization(cascade, kr_world["articles"], SETTINGS)
+    casc_df, _ = summarization.run_summarization(cascade, kr_world["articles"], ev("summarization"))
     transcripts = list(casc_df.input_text)
     assert all(t and t == t.lower() for t in transcripts)  # lower-cased, as the reference's cascade
     assert casc_df.prompt.iloc[0] == PROMPT + transcripts[0]
@@ -274,11 +281,11 @@ def test_text_and_cascade_turns_are_written_as_generate_text_response(kr_world) 
     # the spaced one-string turn is not the segment layout of the speech prompt
     assert [t for seg in text.prompts([[PROMPT, article]])[0] for t in seg] != expected
     direct = text.generate([[expected]], 1, SETTINGS["summarization"]["max_new_tokens"])
-    text_df, _ = summarization.run_summarization(text, kr_world["articles"][:1], SETTINGS)
+    text_df, _ = summarization.run_summarization(text, kr_world["articles"][:1], ev("summarization"))
     assert list(text_df.hypothesis) == direct
 
     cascade = _system(kr_world, "cascade")
-    casc_df, _ = summarization.run_summarization(cascade, kr_world["articles"][:1], SETTINGS)
+    casc_df, _ = summarization.run_summarization(cascade, kr_world["articles"][:1], ev("summarization"))
     transcript = casc_df.input_text.iloc[0]
     turn = _generate_text_response_ids(cascade.tokenizer, PROMPT + transcript)
     assert cascade.prompts([[PROMPT, transcript]], "reference") == [[turn]]
@@ -297,7 +304,7 @@ def test_response_perplexity_matches_teacher_forced_loss(kr_world, tmp_path) -> 
     from speechllm.models.export import load_model_dir
 
     speech = _system(kr_world, "llm")
-    df, metrics = summarization.run_response_ppl(speech, kr_world["utterances"], SETTINGS)
+    df, metrics = summarization.run_response_ppl(speech, kr_world["utterances"], ev("response_ppl"))
     assert set(metrics["per_subset"]) == {"test.clean", "test.other"} and metrics["all"]["num_utts"] == 3
     # each utterance's NLL is the KangRoy training loss on that utterance alone (batch of one, no eos label)
     model, tokenizer, _ = load_model_dir(Path(kr_world["model_dir"]), with_ctc=False, with_llm=True)
@@ -313,7 +320,8 @@ def test_response_perplexity_matches_teacher_forced_loss(kr_world, tmp_path) -> 
     assert metrics["per_subset"]["test.clean"]["ppl"] == pytest.approx(expected)
     _recompute(tmp_path, "response_ppl", df, metrics)
 
-    text_df, _ = summarization.run_response_ppl(_system(kr_world, "text"), kr_world["utterances"], SETTINGS)
+    text = _system(kr_world, "text")
+    text_df, _ = summarization.run_response_ppl(text, kr_world["utterances"], ev("response_ppl"))
     assert (
         text_df.input_text == "hello there how are you"
     ).all()  # the lower-cased transcript, as the responses
@@ -322,4 +330,4 @@ def test_response_perplexity_matches_teacher_forced_loss(kr_world, tmp_path) -> 
 def test_missing_reference_names_the_manifest_line(kr_world) -> None:
     broken = [dict(kr_world["articles"][1], summary=None)]
     with pytest.raises(ValueError, match="manifest line 2.*summary"):
-        summarization.run_summarization(_system(kr_world, "text"), broken, SETTINGS)
+        summarization.run_summarization(_system(kr_world, "text"), broken, ev("summarization"))

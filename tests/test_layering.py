@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "speechllm"
 LAYERS = [
-    {"io", "audio", "text", "stopping", "cliutils", "versions"},
+    {"io", "audio", "text", "stopping", "cliutils", "versions", "settings"},
     {"data"},
     {"models"},
     {"targets", "train", "evaluate", "plan"},

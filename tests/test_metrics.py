@@ -147,15 +147,19 @@ def test_st_normalize_switch_selects_the_reference_scoring() -> None:
     import pandas as pd
 
     from speechllm.evaluate.benchmarks import score_st
+    from speechllm.evaluate.settings import Prompt, StSettings
 
     df = pd.DataFrame({"language": ["de_de"], "target_language": ["en_us"],
                        "reference": ["The cat sat on the mat, didn't it?"],
                        "hypothesis": ["The cat sat on the mat, didn't it?"]})
-    settings = {"bleu_tokenize": {"default": "13a"}}
-    assert score_st(df, {**settings, "st_normalize": "both"})["all"]["bleu"] == pytest.approx(100.0)
-    assert score_st(df, {**settings, "st_normalize": "references"})["all"]["bleu"] < 50.0
+    def settings(st_normalize: str) -> StSettings:
+        return StSettings(batch_size=1, num_beams=1, max_new_tokens=8, st_prompt=Prompt("", ""),
+                          bleu_tokenize={"default": "13a"}, st_normalize=st_normalize)
+
+    assert score_st(df, settings("both"))["all"]["bleu"] == pytest.approx(100.0)
+    assert score_st(df, settings("references"))["all"]["bleu"] < 50.0
     with pytest.raises(ValueError, match="evaluate.st_normalize"):
-        score_st(df, {**settings, "st_normalize": "hypotheses"})
+        score_st(df, settings("hypotheses"))
 
 
 def test_translation_length_mismatch_raises() -> None:

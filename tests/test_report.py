@@ -24,6 +24,7 @@ from speechllm.report.plots import (
     plot_learning_curves,
     read_curves,
 )
+from speechllm.report.settings import ModelRun, WandbResultsSettings
 from speechllm.report.wandb_runs import (
     SyncError,
     linked_run,
@@ -163,13 +164,17 @@ def test_cli_crash_ends_with_a_line_naming_the_step(tmp_path, monkeypatch, caplo
 # --------------------------------------------------------------------------- W&B
 
 
+def typed(settings: dict) -> WandbResultsSettings:
+    return WandbResultsSettings.from_settings(settings)
+
+
 def test_results_run_holds_the_system_tables_and_links_the_training_run(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     files = [score_file(tmp_path, "fleurs_asr", "t", asr_metrics(0.0)), score_file(tmp_path, "speechglue", "t", GLUE)]
     settings = {"experiment": "demo", "wandb": {"project": "speechllm", "mode": "offline"},
                 "model_run": {"job_type": "train_ce", "name": "demo-ce-t"}, "model_dir": "results/models/t",
                 "decoder": "llm"}
-    record = log_system_results(settings, "t", files, tmp_path / "results/wandb/t")
+    record = log_system_results(typed(settings), "t", files, tmp_path / "results/wandb/t")
     assert record["run"]["name"] == "demo-t" and record["run"]["group"] == "demo"
     assert record["run"]["id"] == run_id("demo", "results", "demo-t")
     assert record["model_run"] == {"name": "demo-ce-t", "job_type": "train_ce",
@@ -184,19 +189,19 @@ def test_results_run_holds_the_system_tables_and_links_the_training_run(tmp_path
     config = json.loads((tmp_path / "results/wandb/t/config.json").read_text())
     assert config["model_run"]["name"] == "demo-ce-t"
     with pytest.raises(ValueError, match="scores of system 't', expected 'mi'"):
-        log_system_results(settings, "mi", files, tmp_path / "other")
+        log_system_results(typed(settings), "mi", files, tmp_path / "other")
 
 
 def test_results_without_wandb_and_recorded_run_ids(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "disabled")
     files = [score_file(tmp_path, "speechxnli", "ctc_init", {"per_language": {"en": {"accuracy": 0.4}}})]
     settings = {"experiment": "demo", "wandb": {"project": "p", "mode": "disabled"}, "model_run": None}
-    record = log_system_results(settings, "ctc_init", files, tmp_path / "run")
+    record = log_system_results(typed(settings), "ctc_init", files, tmp_path / "run")
     assert record["model_run"] is None and record["summary"] == {"speechxnli/en/accuracy": pytest.approx(40.0)}
     assert offline_run_dirs([tmp_path]) == []
     summary = tmp_path / "summary.json"
     summary.write_text(json.dumps({"final_step": 3, "wandb_run_id": "abc123"}))
-    assert linked_run("demo", {"name": "demo-ctc", "job_type": "train_ctc"}, summary)["id"] == "abc123"
+    assert linked_run("demo", ModelRun(name="demo-ctc", job_type="train_ctc"), summary)["id"] == "abc123"
 
 
 def fake_wandb(tmp_path: Path, exit_code: int) -> Path:

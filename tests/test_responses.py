@@ -20,6 +20,7 @@ from speechllm.targets.responses import (
     response_prompt,
     response_settings,
 )
+from speechllm.targets.settings import ResponsesSettings
 
 TEMPLATE = "[|User|] {text}</s>[|Assistant|]"
 TRANSCRIPTS = ["THE CAT SITS ON THE MAT", "HELLO", "DER HUND SCHLÄFT IM GARTEN UND DIE KATZE",
@@ -32,6 +33,11 @@ SETTINGS = {
                   "add_special_tokens": True, "length_factor": 2, "num_beams": 1, "clean_up_spaces": True,
                   "batch_size": 4},
 }
+
+
+def key_settings(raw: dict) -> dict:
+    """The cache-key settings of the responses step for its `--settings` object."""
+    return response_settings(ResponsesSettings.from_settings(raw))
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +78,7 @@ def test_batched_responses_equal_one_at_a_time_with_per_sample_limits(chat_lm, t
     try:
         out = tmp_path / "shard0.jsonl"
         stats = generate_responses_shard(write_manifest(tmp_path / "m.jsonl"), 0, 1, HFGenerator(
-            model, tok, 4, add_special_tokens=True, clean_up_spaces=True), response_settings(SETTINGS),
+            model, tok, 4, add_special_tokens=True, clean_up_spaces=True), key_settings(SETTINGS),
             "raw_transcription", TEMPLATE, True, 2, out)
     finally:
         hook.remove()
@@ -92,7 +98,7 @@ def test_batched_responses_equal_one_at_a_time_with_per_sample_limits(chat_lm, t
 def test_killed_responses_shard_resumes(chat_lm, tmp_path):
     model, tok = chat_lm
     manifest = write_manifest(tmp_path / "m.jsonl")
-    settings = response_settings(SETTINGS)
+    settings = key_settings(SETTINGS)
     full = tmp_path / "full.jsonl"
     generate_responses_shard(manifest, 0, 1, HFGenerator(model, tok, 4, add_special_tokens=True), settings,
                              "raw_transcription", TEMPLATE, True, 2, full)
@@ -113,7 +119,7 @@ def test_killed_responses_shard_resumes(chat_lm, tmp_path):
 def test_response_settings_reach_the_cache_key(key, value):
     changed = copy.deepcopy(SETTINGS)
     changed["responses"][key] = value
-    assert cache_key(response_settings(changed), "p") != cache_key(response_settings(SETTINGS), "p")
+    assert cache_key(key_settings(changed), "p") != cache_key(key_settings(SETTINGS), "p")
 
 
 def test_cli_shards_and_gather(tiny_models, tmp_path):

@@ -44,6 +44,7 @@ from speechllm.targets.generate import (
     row_tokens,
     target_settings,
 )
+from speechllm.targets.settings import GenerateSettings
 from speechllm.targets.templates import TemplateError, bank_hash, draw_items, fetch_templates, load_templates
 from speechllm.targets.vllm_backend import BackendUnavailable
 
@@ -416,7 +417,12 @@ TARGET_SETTINGS = {  # what rule generate_targets passes as --settings (the part
     "llm": {"name_or_path": "bigscience/bloomz-7b1", "revision": "main", "dtype": "bfloat16",
             "load_in_8bit": False},
     "backend": "hf", "num_beams": 1, "seed": 0, "max_new_tokens": 128, "clean_up_spaces": True,
+    "templates": "builtin", "templates_per_occurrence": 2, "batch_size": 16,
 }
+
+
+def key_settings(raw: dict, bank: str) -> dict:
+    return target_settings(GenerateSettings.from_settings(raw), bank)
 
 
 @pytest.mark.parametrize(("path", "value"), [
@@ -427,28 +433,28 @@ TARGET_SETTINGS = {  # what rule generate_targets passes as --settings (the part
 def test_any_setting_change_invalidates_the_cache(tmp_path, path, value):
     prompts = ["A text in German: Hallo.\nThe same text in English:", "Summarize: the cat sat."]
     partial = tmp_path / "shard0.jsonl.partial.jsonl"
-    base = target_settings(TARGET_SETTINGS, bank_hash([("A: ", "")]))
+    base = key_settings(TARGET_SETTINGS, bank_hash([("A: ", "")]))
     _, generated = cached_generate(prompts, [8, 8], EchoGenerator(), base, partial)
     assert generated == 2
     again = EchoGenerator()
     assert cached_generate(prompts, [8, 8], again, base, partial)[1] == 0 and again.prompts == []
     changed = copy.deepcopy(TARGET_SETTINGS)
     if path == "bank":
-        key = target_settings(changed, bank_hash([("B: ", "")]))
+        key = key_settings(changed, bank_hash([("B: ", "")]))
     else:
         section, _, name = path.rpartition(".")
         (changed[section] if section else changed)[name] = value
-        key = target_settings(changed, bank_hash([("A: ", "")]))
+        key = key_settings(changed, bank_hash([("A: ", "")]))
     fresh = EchoGenerator()
     assert cached_generate(prompts, [8, 8], fresh, key, partial)[1] == 2 and fresh.prompts == prompts
 
 
 def test_the_generating_library_version_is_part_of_the_key(monkeypatch):
     bank = bank_hash([("A: ", "")])
-    before = target_settings(TARGET_SETTINGS, bank)
+    before = key_settings(TARGET_SETTINGS, bank)
     assert before["engine_version"] == importlib.metadata.version("transformers")
     monkeypatch.setattr("speechllm.targets.generate.engine_version", lambda backend: "0.0.1")
-    assert cache_key(target_settings(TARGET_SETTINGS, bank), "p") != cache_key(before, "p")
+    assert cache_key(key_settings(TARGET_SETTINGS, bank), "p") != cache_key(before, "p")
 
 
 def test_the_same_prompt_twice_is_generated_once(tmp_path):

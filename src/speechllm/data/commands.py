@@ -12,19 +12,19 @@ log = logging.getLogger("speechllm")
 
 
 def cmd_data_demo(args: argparse.Namespace) -> None:
+    from speechllm.data.settings import DemoSettings
     from speechllm.data.tts import make_tts
     from speechllm.demo import corpus as demo
 
-    s = parse_settings(args.settings)
-    tts = make_tts(s["tts"]["backend"], s["sampling_rate"], s["tts"]["words_per_minute"])
+    s = DemoSettings.from_settings(parse_settings(args.settings))
+    tts = make_tts(s.tts.backend, s.sampling_rate, s.tts.words_per_minute)
     out = Path(args.out_dir)
-    counts = demo.build_corpus(out, s["languages"], s["tts"]["voices"], tts, s["sampling_rate"], args.threads,
-                               s["demo"].get("composed"))
-    glue = demo.build_speechglue(out, s["speechglue"]["tasks"], s["tts"]["voices"]["en_us"], tts,
-                                 s["sampling_rate"], s["demo"]["llm_train_fraction"], args.threads,
-                                 s["demo"].get("composed_glue"))
-    xnli = demo.build_speechxnli(out, s["speechxnli"]["languages"], s["tts"]["voices"], tts, s["sampling_rate"],
-                                 s["demo"]["llm_train_fraction"], args.threads)
+    counts = demo.build_corpus(out, s.languages, s.tts.voices, tts, s.sampling_rate, args.threads,
+                               s.demo.composed)
+    glue = demo.build_speechglue(out, s.speechglue.tasks, s.tts.voices["en_us"], tts, s.sampling_rate,
+                                 s.demo.llm_train_fraction, args.threads, s.demo.composed_glue)
+    xnli = demo.build_speechxnli(out, s.speechxnli.languages, s.tts.voices, tts, s.sampling_rate,
+                                 s.demo.llm_train_fraction, args.threads)
     log.info("demo corpus %s; speechglue %s; speechxnli %d examples", counts, glue, xnli)
 
 
@@ -34,24 +34,26 @@ def _optional_path(value: str | None) -> Path | None:
 
 def cmd_data_fleurs(args: argparse.Namespace) -> None:
     from speechllm.data.hub import build_fleurs
+    from speechllm.data.settings import FleursSettings
 
-    s = parse_settings(args.settings)
-    counts = build_fleurs(Path(args.out_dir), s["languages"], s["fleurs"]["dataset"], s["fleurs"]["revision"],
-                          s["on_bad_audio"], args.cache_dir)
+    s = FleursSettings.from_settings(parse_settings(args.settings))
+    counts = build_fleurs(Path(args.out_dir), s.languages, s.fleurs.dataset, s.fleurs.revision,
+                          s.on_bad_audio, args.cache_dir)
     log.info("FLEURS: %s", counts)
 
 
 def cmd_data_common_voice(args: argparse.Namespace) -> None:
     from speechllm.data.common_voice import build_common_voice
+    from speechllm.data.settings import CommonVoiceSettings
 
-    s = parse_settings(args.settings)
-    cv = s["common_voice"]
-    if not cv.get("release_dir"):
+    s = CommonVoiceSettings.from_settings(parse_settings(args.settings))
+    cv = s.common_voice
+    if not cv.release_dir:
         raise SystemExit("config key data.common_voice.release_dir is not set: point it at the extracted "
                          "cv-corpus-12.0-2022-12-07 directory")
-    report = build_common_voice(Path(args.out_dir), Path(cv["release_dir"]), cv["max_hours_per_language"],
-                                cv["seed"], _optional_path(cv.get("utterance_list")),
-                                _optional_path(cv.get("durations")), s["on_bad_audio"], args.threads)
+    report = build_common_voice(Path(args.out_dir), Path(cv.release_dir), cv.max_hours_per_language,
+                                cv.seed, _optional_path(cv.utterance_list),
+                                _optional_path(cv.durations), s.on_bad_audio, args.threads)
     log.info("Common Voice (%s): %d utterances in %d languages, %d skipped", report["mode"],
              report["utterances"], len(report["languages"]), len(report["skipped"]))
 
@@ -65,74 +67,79 @@ def cmd_data_combine(args: argparse.Namespace) -> None:
 
 def cmd_data_librispeech(args: argparse.Namespace) -> None:
     from speechllm.data.librispeech import build_librispeech
+    from speechllm.data.settings import LibriSpeechSettings
 
-    s = parse_settings(args.settings)
-    ls = s["librispeech"]
-    report = build_librispeech(Path(args.out_dir), ls["dataset"], ls["revision"], ls["config"], ls["splits"],
-                               ls["max_duration"], s["on_bad_audio"], args.cache_dir)
+    s = LibriSpeechSettings.from_settings(parse_settings(args.settings))
+    ls = s.librispeech
+    report = build_librispeech(Path(args.out_dir), ls.dataset, ls.revision, ls.config, ls.splits,
+                               ls.max_duration, s.on_bad_audio, args.cache_dir)
     log.info("LibriSpeech: %s", report["subsets"])
 
 
 def cmd_data_articles(args: argparse.Namespace) -> None:
     from speechllm.data import articles
+    from speechllm.data.settings import ArticlesSettings
     from speechllm.data.tts import make_tts
 
-    s = parse_settings(args.settings)
-    a = s["articles"]
-    if a["source"] == "demo":
+    s = ArticlesSettings.from_settings(parse_settings(args.settings))
+    a = s.articles
+    if a.source == "demo":
         from speechllm.demo.corpus import demo_articles
 
         items = demo_articles()
     else:
-        items = articles.hub_articles(a["dataset"], a["config"], a["split"], a["revision"], a["max_chars"],
-                                      a.get("max_articles"), args.cache_dir)
-    tts = make_tts(s["tts"]["backend"], s["sampling_rate"], s["tts"]["words_per_minute"])
-    n = articles.build_articles(Path(args.out_dir), items, tts, s["tts"]["voices"][a["voice"]], s["sampling_rate"],
-                                a["segmentation"], a["pause_seconds"], args.threads)
-    log.info("spoken articles (%s): %d", a["source"], n)
+        items = articles.hub_articles(a.dataset, a.config, a.split, a.revision, a.max_chars, a.max_articles,
+                                      args.cache_dir)
+    tts = make_tts(s.tts.backend, s.sampling_rate, s.tts.words_per_minute)
+    n = articles.build_articles(Path(args.out_dir), items, tts, s.tts.voices[a.voice], s.sampling_rate,
+                                a.segmentation, a.pause_seconds, args.threads)
+    log.info("spoken articles (%s): %d", a.source, n)
 
 
 def cmd_data_speechglue(args: argparse.Namespace) -> None:
     from speechllm.data.hub import build_speechglue_released, build_speechglue_tts
+    from speechllm.data.settings import SpeechGlueSettings
     from speechllm.data.tts import make_tts
 
-    s = parse_settings(args.settings)
-    glue = s["speechglue"]
-    if glue.get("source", "tts") == "released":
-        if not glue.get("release_dir"):
+    s = SpeechGlueSettings.from_settings(parse_settings(args.settings))
+    glue = s.speechglue
+    if glue.source == "released":
+        if not glue.release_dir:
             raise SystemExit("config key data.speechglue.release_dir is not set (data.speechglue.source: released)")
-        counts = build_speechglue_released(Path(args.out_dir), Path(glue["release_dir"]), glue["tasks"],
-                                           s["sampling_rate"])
+        counts = build_speechglue_released(Path(args.out_dir), Path(glue.release_dir), glue.tasks,
+                                           s.sampling_rate)
         log.info("SpeechGLUE (released audio): %s", counts)
         return
-    tts = make_tts(s["tts"]["backend"], s["sampling_rate"], s["tts"]["words_per_minute"])
-    counts = build_speechglue_tts(Path(args.out_dir), glue["tasks"], tts, s["tts"]["voices"]["en_us"],
-                                  s["sampling_rate"], glue["dataset"], args.threads, glue.get("revision", "main"))
+    if glue.dataset is None:
+        raise ValueError("settings key data.speechglue.dataset: missing (data.speechglue.source: tts)")
+    tts = make_tts(s.tts.backend, s.sampling_rate, s.tts.words_per_minute)
+    counts = build_speechglue_tts(Path(args.out_dir), glue.tasks, tts, s.tts.voices["en_us"],
+                                  s.sampling_rate, glue.dataset, args.threads, glue.revision)
     log.info("SpeechGLUE (TTS): %s", counts)
 
 
 def cmd_data_speechxnli(args: argparse.Namespace) -> None:
     from speechllm.data.hub import build_speechxnli_released, build_speechxnli_tts, extract_archive
+    from speechllm.data.settings import SpeechXnliSettings
     from speechllm.data.tts import make_tts
 
-    s = parse_settings(args.settings)
-    xnli = s["speechxnli"]
-    revision = xnli.get("revision", "main")
-    if xnli.get("source", "tts") == "released":
-        if xnli.get("release_dir"):
-            release = Path(xnli["release_dir"])
+    s = SpeechXnliSettings.from_settings(parse_settings(args.settings))
+    xnli = s.speechxnli
+    if xnli.source == "released":
+        if xnli.release_dir:
+            release = Path(xnli.release_dir)
         elif args.archive:
             release = extract_archive(Path(args.archive), Path(args.out_dir) / "audio" / "speechxnli_release")
         else:
             raise SystemExit("data.speechxnli.source is released but neither data.speechxnli.release_dir nor "
                              "--archive (the zenodo speech_xnli.tar.gz) is given")
-        n = build_speechxnli_released(Path(args.out_dir), release, xnli["languages"], xnli["dataset"],
-                                      s["sampling_rate"], revision, args.cache_dir)
+        n = build_speechxnli_released(Path(args.out_dir), release, xnli.languages, xnli.dataset,
+                                      s.sampling_rate, xnli.revision, args.cache_dir)
         log.info("SpeechXNLI (released audio): %d examples", n)
         return
-    tts = make_tts(s["tts"]["backend"], s["sampling_rate"], s["tts"]["words_per_minute"])
-    n = build_speechxnli_tts(Path(args.out_dir), xnli["languages"], tts, s["tts"]["voices"], s["sampling_rate"],
-                             xnli["dataset"], args.threads, revision)
+    tts = make_tts(s.tts.backend, s.sampling_rate, s.tts.words_per_minute)
+    n = build_speechxnli_tts(Path(args.out_dir), xnli.languages, tts, s.tts.voices, s.sampling_rate,
+                             xnli.dataset, args.threads, xnli.revision)
     log.info("SpeechXNLI (TTS): %d examples", n)
 
 
@@ -145,11 +152,12 @@ def cmd_data_fetch(args: argparse.Namespace) -> None:
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     from speechllm.data.prepare import prepare_split
+    from speechllm.data.settings import PrepareSettings
 
-    s = parse_settings(args.settings)
-    report = prepare_split(Path(args.manifest), Path(args.out), Path(args.report), s["sampling_rate"],
-                           s["min_duration"], s["max_duration"], s["speed_perturb"], s["on_bad_audio"],
-                           filter_durations=s["filter_durations"])
+    s = PrepareSettings.from_settings(parse_settings(args.settings))
+    report = prepare_split(Path(args.manifest), Path(args.out), Path(args.report), s.sampling_rate,
+                           s.min_duration, s.max_duration, s.speed_perturb, s.on_bad_audio,
+                           filter_durations=s.filter_durations)
     log.info("%s: %s", args.out, report["counts"])
 
 

@@ -28,6 +28,7 @@ from speechllm.evaluate.metrics import (
     translation_scores,
 )
 from speechllm.evaluate.prompts import TASK_PROMPTS, Field
+from speechllm.evaluate.settings import AsrSettings, StSettings, TaskSettings
 from speechllm.evaluate.shards import BatchRunner, take
 from speechllm.evaluate.system import Clip, EvalSystem, Fill
 from speechllm.text.normalize import basic_normalize
@@ -97,7 +98,7 @@ def _asr_with_primary(language: str, refs: list[str], hyps: list[str]) -> dict[s
     return {**scores, "primary_metric": metric, "primary": scores[metric]}
 
 
-def score_asr(df: pd.DataFrame, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def score_asr(df: pd.DataFrame, settings: AsrSettings | None = None) -> dict[str, Any]:
     """Pooled and per-language CER/WER (`primary` = CER for zh/ja/th/lo/my, WER otherwise).
 
     Adds `ctc_branch` (same layout) when the frame has the CTC head's own transcripts of the same clips.
@@ -121,7 +122,7 @@ def score_asr(df: pd.DataFrame, settings: dict[str, Any] | None = None) -> dict[
 
 
 def decode_asr(
-    system: EvalSystem, records: list[dict[str, Any]], prefix: str, postfix: str, settings: dict[str, Any],
+    system: EvalSystem, records: list[dict[str, Any]], prefix: str, postfix: str, settings: AsrSettings,
     runner: BatchRunner,
 ) -> None:
     """Transcribe (this shard's batches of) every utterance: CTC output (decoder ctc) or `prefix + <clip> +
@@ -134,7 +135,7 @@ def decode_asr(
             described = ["<ctc>"] * len(idx)
         else:
             pieces = [[prefix, fill, postfix] for fill in fills]
-            out = system.generate(system.prompts(pieces), settings["num_beams"], settings["max_new_tokens"])
+            out = system.generate(system.prompts(pieces), settings.num_beams, settings.max_new_tokens)
             described = [system.describe(p) for p in pieces]
         return [
             {
@@ -146,7 +147,7 @@ def decode_asr(
             for j in range(len(idx))
         ]
 
-    batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], settings["batch_size"]))
+    batches = list(chunks_by_length([r.get("num_samples", 0) for r in records], settings.batch_size))
     runner.run("", records, batches, decode, f"ASR ({system.decoder})")
 
 
@@ -166,7 +167,7 @@ def run_asr(
     records: list[dict[str, Any]],
     prefix: str,
     postfix: str,
-    settings: dict[str, Any],
+    settings: AsrSettings,
     runner: BatchRunner | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Transcribe every utterance (see `decode_asr`); the per-utterance frame and its scores."""
@@ -179,15 +180,15 @@ def run_asr(
 # ---------------------------------------------------------------------- speech translation
 
 
-def score_st(df: pd.DataFrame, settings: dict[str, Any]) -> dict[str, Any]:
+def score_st(df: pd.DataFrame, settings: StSettings) -> dict[str, Any]:
     """sacreBLEU BLEU/chrF per source language and pooled; references and hypotheses normalised alike
     (`evaluate.st_normalize: both`) or the references only, as the reference's scoring (`references`).
 
     BLEU's tokeniser follows the target language (`evaluate.bleu_tokenize`: 13a for English, zh/ja-mecab/...
     as configured).
     """
-    table = settings["bleu_tokenize"]
-    mode = settings.get("st_normalize", "both")
+    table = settings.bleu_tokenize
+    mode = settings.st_normalize
     if mode not in ST_NORMALIZE:
         raise ValueError(f"unknown st_normalize {mode!r} (config key evaluate.st_normalize: {'|'.join(ST_NORMALIZE)})")
     hyps_too = mode == "both"
@@ -264,7 +265,7 @@ def decode_st(
     prefix_template: str,
     postfix: str,
     target_language: str,
-    settings: dict[str, Any],
+    settings: StSettings,
     runner: BatchRunner,
 ) -> None:
     """X→target: every utterance not in the target language (this shard's batches)."""
@@ -276,8 +277,8 @@ def decode_st(
         return [prefix_template.format(language=language, target=target_name), fill, postfix]
 
     generate_for_records(
-        system, sources, _utterance_clip, pieces, settings["num_beams"], settings["max_new_tokens"],
-        settings["batch_size"], f"ST ({system.decoder})", runner,
+        system, sources, _utterance_clip, pieces, settings.num_beams, settings.max_new_tokens,
+        settings.batch_size, f"ST ({system.decoder})", runner,
     )
 
 
@@ -305,7 +306,7 @@ def run_st(
     prefix_template: str,
     postfix: str,
     target_language: str,
-    settings: dict[str, Any],
+    settings: StSettings,
     runner: BatchRunner | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """X→target translation of every utterance not in the target language, and its scores."""
@@ -348,7 +349,7 @@ def decode_task(
     records: list[dict[str, Any]],
     task: str,
     option_prefix: str,
-    settings: dict[str, Any],
+    settings: TaskSettings,
     runner: BatchRunner,
 ) -> None:
     """Answer (this shard's batches of) every example of one task with the reference's prompt (each text field
@@ -366,7 +367,7 @@ def decode_task(
     stsb = task == "stsb"
     option_texts = list(STSB_VALUES if stsb else prompt.options)
     option_ids = [system.text_ids(option_prefix + o) for o in option_texts]
-    scoring = settings["glue_scoring"]
+    scoring = settings.glue_scoring
     if scoring not in ("rank", "constrained"):
         raise ValueError(
             f"unknown glue_scoring {scoring!r} (config key evaluate.glue_scoring: rank|constrained)"
@@ -398,7 +399,7 @@ def decode_task(
             scores = system.option_logprobs(segments, option_ids).cpu()
             best = scores.argmax(dim=-1).tolist()
             predictions = (
-                [stsb_prediction(s, settings["stsb_rank"]) for s in scores]
+                [stsb_prediction(s, settings.stsb_rank) for s in scores]
                 if stsb
                 else [float(b) for b in best]
             )
@@ -406,7 +407,7 @@ def decode_task(
             matched = [True] * len(chunk)
             option_scores = [[float(x) for x in s] for s in scores]
         elif stsb:
-            answers = system.generate(segments, settings["num_beams"], settings["stsb_max_new_tokens"])
+            answers = system.generate(segments, settings.num_beams, settings.stsb_max_new_tokens)
             parsed = [parse_similarity(a) for a in answers]
             predictions = [0.0 if p is None else p for p in parsed]
             matched = [p is not None for p in parsed]
@@ -435,7 +436,7 @@ def decode_task(
             for k, rec in enumerate(chunk)
         ]
 
-    batches = list(chunks_by_length([_example_length(r) for r in records], settings["batch_size"]))
+    batches = list(chunks_by_length([_example_length(r) for r in records], settings.batch_size))
     runner.run(task, records, batches, decode, f"{task} ({system.decoder}, {scoring})")
 
 
@@ -449,7 +450,7 @@ def classify_records(
     records: list[dict[str, Any]],
     task: str,
     option_prefix: str,
-    settings: dict[str, Any],
+    settings: TaskSettings,
     runner: BatchRunner | None = None,
 ) -> pd.DataFrame:
     """Every example of one task answered (see `decode_task`), as a frame."""
@@ -468,7 +469,7 @@ def _task_scores(task: str, g: pd.DataFrame) -> dict[str, Any]:
     return scores
 
 
-def score_speechglue(df: pd.DataFrame, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def score_speechglue(df: pd.DataFrame, settings: TaskSettings | None = None) -> dict[str, Any]:
     """Per-task GLUE metrics, then the averages with and without WNLI."""
     per_task = {task: _task_scores(task, g) for task, g in df.groupby("task", sort=False)}
     average = glue_average(per_task)
@@ -484,7 +485,7 @@ def decode_speechglue(
     system: EvalSystem,
     task_records: dict[str, list[dict[str, Any]]],
     option_prefix: str,
-    settings: dict[str, Any],
+    settings: TaskSettings,
     runner: BatchRunner,
 ) -> None:
     for task, records in task_records.items():
@@ -502,7 +503,7 @@ def run_speechglue(
     system: EvalSystem,
     task_records: dict[str, list[dict[str, Any]]],
     option_prefix: str,
-    settings: dict[str, Any],
+    settings: TaskSettings,
     runner: BatchRunner | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     runner = runner or BatchRunner()
@@ -511,7 +512,7 @@ def run_speechglue(
     return df, score_speechglue(df)
 
 
-def score_speechxnli(df: pd.DataFrame, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def score_speechxnli(df: pd.DataFrame, settings: TaskSettings | None = None) -> dict[str, Any]:
     """Accuracy per language and its mean over languages (`all`)."""
     per_language = {lang: _task_scores("xnli", g) for lang, g in df.groupby("language", sort=True)}
     accuracies = [s["accuracy"] for s in per_language.values()]
@@ -525,7 +526,7 @@ def run_speechxnli(
     system: EvalSystem,
     records: list[dict[str, Any]],
     option_prefix: str,
-    settings: dict[str, Any],
+    settings: TaskSettings,
     runner: BatchRunner | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The MNLI prompt and Yes/Maybe/No (labels 0 entailment, 1 neutral, 2 contradiction) in every language.

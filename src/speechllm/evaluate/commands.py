@@ -33,7 +33,7 @@ EXAMPLE = """example:
       --scores t.scores.json"""
 
 
-def read_inputs(benchmark: str, manifests: list[Path], ev: dict[str, Any]) -> Any:
+def read_inputs(benchmark: str, manifests: list[Path], ev: Any) -> Any:
     """A benchmark's records from its manifests (SpeechGLUE: task name -> records)."""
     from speechllm.data.manifest import read_manifest
 
@@ -46,33 +46,34 @@ def read_inputs(benchmark: str, manifests: list[Path], ev: dict[str, Any]) -> An
     if benchmark == "speechxnli":
         return read_manifest(manifests[0])
     if benchmark == "summarization":
-        fields = ("audio", ev["summarization"]["text_field"], ev["summarization"]["reference_field"])
+        fields = ("audio", ev.summarization.text_field, ev.summarization.reference_field)
         return [r for m in manifests for r in read_manifest(m, required=fields)]
-    fields = ("audio", ev["response_ppl"]["text_field"], ev["response_ppl"]["response_field"])
+    fields = ("audio", ev.response_ppl.text_field, ev.response_ppl.response_field)
     return [{"subset": m.stem, **r} for m in manifests for r in read_manifest(m, required=fields)]
 
 
-def decode_inputs(benchmark: str, system: Any, spec: dict[str, Any], inputs: Any, ev: dict[str, Any],
-                  runner: Any) -> None:
+def decode_inputs(
+    benchmark: str, system: Any, spec: dict[str, Any], inputs: Any, ev: Any, runner: Any
+) -> None:
     """Decode (the runner's shard of) a benchmark's inputs; rows land in `runner.rows`."""
     from speechllm.evaluate import benchmarks, summarization
 
     if benchmark == "fleurs_asr":
         benchmarks.decode_asr(system, inputs, spec["prompt"]["prefix"], spec["prompt"]["postfix"], ev, runner)
     elif benchmark in ST_TARGETS:
-        benchmarks.decode_st(system, inputs, ev["st_prompt"]["prefix"], ev["st_prompt"]["postfix"],
-                             ST_TARGETS[benchmark], ev, runner)
+        prompt = ev.st_prompt
+        benchmarks.decode_st(system, inputs, prompt.prefix, prompt.postfix, ST_TARGETS[benchmark], ev, runner)
     elif benchmark == "speechglue":
-        benchmarks.decode_speechglue(system, inputs, ev["option_prefix"], ev, runner)
+        benchmarks.decode_speechglue(system, inputs, ev.option_prefix, ev, runner)
     elif benchmark == "speechxnli":
-        benchmarks.decode_task(system, inputs, "xnli", ev["option_prefix"], ev, runner)
+        benchmarks.decode_task(system, inputs, "xnli", ev.option_prefix, ev, runner)
     elif benchmark == "summarization":
         summarization.decode_summarization(system, inputs, ev, runner)
     else:
         summarization.decode_response_ppl(system, inputs, ev, runner)
 
 
-def frame_inputs(benchmark: str, inputs: Any, rows: dict[str, Any], ev: dict[str, Any]) -> Any:
+def frame_inputs(benchmark: str, inputs: Any, rows: dict[str, Any], ev: Any) -> Any:
     """The per-utterance frame of a benchmark from its inputs and every record's decoded row."""
     from speechllm.evaluate import benchmarks, summarization
 
@@ -85,15 +86,18 @@ def frame_inputs(benchmark: str, inputs: Any, rows: dict[str, Any], ev: dict[str
     if benchmark == "speechxnli":
         return benchmarks.task_frame(inputs, "xnli", rows)
     if benchmark == "summarization":
-        return summarization.summarization_frame(inputs, rows, ev)
+        return summarization.summarization_frame(inputs, rows, ev.summarization.reference_field)
     return summarization.response_ppl_frame(inputs, rows)
 
 
-def write_scored(args: argparse.Namespace, s: dict[str, Any], df: Any, notes: dict[str, Any]) -> None:
-    """Score the frame and write the Parquet and the score file."""
+def write_scored(
+    args: argparse.Namespace, s: dict[str, Any], ev: Any, df: Any, notes: dict[str, Any]
+) -> None:
+    """Score the frame (`ev`: the benchmark's typed settings) and write the Parquet and the score file, which
+    records the settings `s` as given."""
     from speechllm.evaluate.rescore import score_document, score_frame, write_outputs
 
-    metrics = score_frame(args.benchmark, df, s["evaluate"])
+    metrics = score_frame(args.benchmark, df, ev)
     document = score_document(args.benchmark, args.name, args.decoder, str(args.model), s, metrics, notes)
     write_outputs(df, document, Path(args.hyps), Path(args.scores))
     log.info("%s %s (%s): %s", args.benchmark, args.name, args.decoder, json.dumps(metrics)[:400])
@@ -105,21 +109,23 @@ def shard_header(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    from speechllm.evaluate.settings import DecodeSettings, benchmark_settings
     from speechllm.evaluate.shards import BatchRunner, partial_path, run_fingerprint, write_shard
     from speechllm.evaluate.system import build_system
 
     stopping.install()  # SIGTERM / SIGUSR1: finish the batch, keep it in the partial file, exit for a retry
     s = parse_settings(args.settings)
     set_threads(args.threads)
-    ev = s["evaluate"]
     if args.decoder == "ctc" and args.benchmark != "fleurs_asr":
         raise ValueError(f"decoder 'ctc' only transcribes; {args.benchmark} needs an LLM decoder")
     if not (args.rows or (args.hyps and args.scores)):
         raise ValueError("give --rows (one shard's outputs) or --hyps and --scores (the whole benchmark)")
     if not args.rows and args.num_shards != 1:
         raise ValueError("--num-shards > 1 writes one shard's --rows; `evaluate gather` scores the shards")
+    ev = benchmark_settings(args.benchmark, s)
+    sampling_rate = DecodeSettings.from_settings(s).sampling_rate
     inputs = read_inputs(args.benchmark, [Path(m) for m in args.manifests], ev)
-    system, spec = build_system(args.model, args.decoder, ev, s["sampling_rate"], pick_device())
+    system, spec = build_system(args.model, args.decoder, ev, sampling_rate, pick_device())
     fingerprint = run_fingerprint(args.benchmark, args.decoder, Path(args.model), spec, s)
     out = Path(args.rows or args.hyps)
     runner = BatchRunner(fingerprint, partial_path(out), args.shard, args.num_shards)
@@ -127,19 +133,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.rows:
         write_shard(out, runner, {**shard_header(args), "notes": system.notes})
     else:
-        write_scored(args, s, frame_inputs(args.benchmark, inputs, runner.rows, ev), system.notes)
+        write_scored(args, s, ev, frame_inputs(args.benchmark, inputs, runner.rows, ev), system.notes)
     runner.finish()
     log.info("%s shard %d/%d: %d batches decoded, %d reused from %s", args.benchmark, args.shard,
              args.num_shards, runner.decoded, runner.reused, partial_path(out))
 
 
 def cmd_gather(args: argparse.Namespace) -> None:
+    from speechllm.evaluate.settings import benchmark_settings
     from speechllm.evaluate.shards import read_shards
 
     s = parse_settings(args.settings)
-    inputs = read_inputs(args.benchmark, [Path(m) for m in args.manifests], s["evaluate"])
+    ev = benchmark_settings(args.benchmark, s)
+    inputs = read_inputs(args.benchmark, [Path(m) for m in args.manifests], ev)
     rows, first = read_shards([Path(r) for r in args.rows], shard_header(args))
-    write_scored(args, s, frame_inputs(args.benchmark, inputs, rows, s["evaluate"]), first["notes"])
+    write_scored(args, s, ev, frame_inputs(args.benchmark, inputs, rows, ev), first["notes"])
 
 
 def cmd_rescore(args: argparse.Namespace) -> None:
@@ -159,12 +167,13 @@ def cmd_rescore(args: argparse.Namespace) -> None:
 
 def cmd_covost2(args: argparse.Namespace) -> None:
     from speechllm.evaluate.covost2 import build_covost2_manifest
+    from speechllm.evaluate.settings import Covost2Settings
 
-    cfg = parse_settings(args.settings)["evaluate"]["covost2"]
-    if not cfg.get("release_dir"):
+    cfg = Covost2Settings.from_section(parse_settings(args.settings)).covost2
+    if not cfg.release_dir:
         raise ValueError("config key evaluate.covost2.release_dir is not set")
-    tsv_dir = Path(cfg["tsv_dir"]) if cfg.get("tsv_dir") else None
-    count = build_covost2_manifest(Path(cfg["release_dir"]), list(cfg["languages"]), Path(args.out), tsv_dir)
+    tsv_dir = Path(cfg.tsv_dir) if cfg.tsv_dir else None
+    count = build_covost2_manifest(Path(cfg.release_dir), list(cfg.languages), Path(args.out), tsv_dir)
     log.info("CoVoST 2 test: %d utterances -> %s", count, args.out)
 
 

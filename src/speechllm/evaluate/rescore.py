@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from speechllm.evaluate import benchmarks, summarization
+from speechllm.evaluate.settings import benchmark_settings
 from speechllm.io import atomic_path, read_json
 from speechllm.versions import installed_version
 
@@ -59,7 +60,9 @@ def versions() -> dict[str, Any]:
     }
 
 
-def score_frame(benchmark: str, df: pd.DataFrame, settings: dict[str, Any]) -> dict[str, Any]:
+def score_frame(benchmark: str, df: pd.DataFrame, settings: Any) -> dict[str, Any]:
+    """The metrics of a benchmark's frame; `settings`: the benchmark's evaluate settings
+    (evaluate/settings.py: benchmark_settings)."""
     if benchmark not in SCORERS:
         raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {list(BENCHMARKS)}")
     return SCORERS[benchmark](df, settings)
@@ -106,7 +109,8 @@ def rescore(
     document = read_json(scores_path)
     if document.get("benchmark") != benchmark:
         raise ValueError(f"{scores_path}: benchmark {document.get('benchmark')!r}, not {benchmark!r}")
-    document["metrics"] = score_frame(benchmark, pd.read_parquet(hyps), settings["evaluate"])
+    evaluate = benchmark_settings(benchmark, settings)
+    document["metrics"] = score_frame(benchmark, pd.read_parquet(hyps), evaluate)
     document["versions"] = versions()
     with atomic_path(out or scores_path) as tmp:
         tmp.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

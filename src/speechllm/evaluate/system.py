@@ -23,6 +23,7 @@ import torch
 
 from speechllm.evaluate.ctc_search import CTCSearch, ctc_decode
 from speechllm.evaluate.decode import load_wavs, postprocess
+from speechllm.evaluate.settings import CascadeAsr, SystemSettings
 from speechllm.models.frames import conv_stack_length, smallest_input
 from speechllm.models.kang_roy import ChatTemplate, reference_text_turn_ids
 from speechllm.models.speech_llm import Segment, SpeechLLM, token_logprobs
@@ -280,7 +281,7 @@ def chat_wrapper(
 
 
 def build_system(
-    model_dir: str, decoder: str, settings: dict[str, Any], sampling_rate: int, device: torch.device
+    model_dir: str, decoder: str, settings: SystemSettings, sampling_rate: int, device: torch.device
 ) -> tuple[EvalSystem, dict[str, Any]]:
     """Load what `decoder` needs from an exported model directory. Returns (system, spec).
 
@@ -298,9 +299,9 @@ def build_system(
     chat = None
     if kind == "kang_roy" and spec["chat"].get("format", "strings") == "strings":
         chat = ChatTemplate(**{k: v for k, v in spec["chat"].items() if k not in ("label_eos", "format", "system")})
-    search = CTCSearch.from_settings(settings.get("ctc"))
-    cascade_cfg = settings.get("cascade_asr") or {}
-    cascade_asr = cascade_cfg.get("name_or_path")
+    search = CTCSearch.from_settings(settings.ctc)
+    cascade_cfg = settings.cascade_asr or CascadeAsr()
+    cascade_asr = cascade_cfg.name_or_path
     notes: dict[str, Any] = {"kind": kind, "ctc_search": search.search}
     if decoder == "ctc" and kind != "bloomzmms":
         raise ValueError(
@@ -322,7 +323,7 @@ def build_system(
     with_ctc = kind == "bloomzmms" and (
         decoder == "ctc"
         or (decoder == "cascade" and not cascade_asr)
-        or (decoder == "llm" and spec.get("stage") == "ctc" and bool(settings.get("ctc_branch", True)))
+        or (decoder == "llm" and spec.get("stage") == "ctc" and settings.ctc_branch)
     )
     model, tokenizer, spec = load_model_dir(
         Path(model_dir), with_ctc=with_ctc, with_llm=decoder != "ctc", device=device
@@ -352,10 +353,10 @@ def build_system(
     elif decoder == "cascade":
         system.transcribe = hf_ctc_transcriber(
             cascade_asr,
-            cascade_cfg.get("revision", "main"),
+            cascade_cfg.revision,
             sampling_rate,
             device,
-            bool(cascade_cfg.get("lowercase", True)),
+            cascade_cfg.lowercase,
         )
         notes["cascade_asr"] = str(cascade_asr)
     return system, spec

@@ -69,12 +69,10 @@ def cmd_report_resources(args: argparse.Namespace) -> None:
 
 def cmd_report_wandb(args: argparse.Namespace) -> None:
     from speechllm.io import atomic_write_text
+    from speechllm.report.settings import WandbResultsSettings
     from speechllm.report.wandb_runs import log_system_results
 
-    settings = parse_settings(args.settings)
-    for key in ("experiment", "wandb"):
-        if key not in settings:
-            raise ValueError(f"--settings lacks {key!r}")
+    settings = WandbResultsSettings.from_settings(parse_settings(args.settings))
     record = log_system_results(settings, args.system, [Path(p) for p in args.scores], Path(args.log_dir),
                                 Path(args.train_summary) if args.train_summary else None)
     atomic_write_text(Path(args.out), json.dumps(record, indent=2, ensure_ascii=False) + "\n")

@@ -18,6 +18,7 @@ A separate run in the same group, linked by config, keeps every run append-only 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from speechllm.io import read_json
+from speechllm.report.settings import ModelRun, WandbResultsSettings
 from speechllm.report.tables import ROW_LEVEL, build_table, load_score_file, table_for_benchmark
 from speechllm.train.tracking import Tracker, run_id
 
@@ -71,7 +73,7 @@ def summary_metrics(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
     return metrics
 
 
-def linked_run(experiment: str, model_run: dict[str, str] | None,
+def linked_run(experiment: str, model_run: ModelRun | None,
                train_summary: Path | None = None) -> dict[str, str] | None:
     """The training run of the scored model: its name, job type and id.
 
@@ -80,8 +82,8 @@ def linked_run(experiment: str, model_run: dict[str, str] | None,
     """
     if not model_run:
         return None
-    link = {"name": model_run["name"], "job_type": model_run["job_type"],
-            "id": run_id(experiment, model_run["job_type"], model_run["name"])}
+    link = {"name": model_run.name, "job_type": model_run.job_type,
+            "id": run_id(experiment, model_run.job_type, model_run.name)}
     if train_summary is not None and Path(train_summary).is_file():
         recorded = read_json(train_summary).get("wandb_run_id")
         if recorded:
@@ -93,27 +95,26 @@ def _table_rows(frame: pd.DataFrame) -> list[list[Any]]:
     return frame.astype(object).where(frame.notna(), None).values.tolist()
 
 
-def log_system_results(settings: dict[str, Any], system: str, score_files: Sequence[Path], log_dir: Path,
-                       train_summary: Path | None = None) -> dict[str, Any]:
+def log_system_results(settings: WandbResultsSettings, system: str, score_files: Sequence[Path],
+                       log_dir: Path, train_summary: Path | None = None) -> dict[str, Any]:
     """Log one system's tables and summary metrics to its results run; return what was logged.
 
     Args:
-        settings: `{"experiment", "wandb": {project, mode}, "model_run": {name, job_type} | null, "model_dir",
-            "decoder"}` (built by the rule).
+        settings: the step's settings (report/settings.py, built by the rule).
         score_files: the system's score files, one per benchmark.
         log_dir: where the run's files go (W&B under `<log_dir>/wandb`, plus the Tracker's metrics files).
         train_summary: the scored model's training `summary.json` (for a recorded run id), if it was trained.
     """
-    experiment = settings["experiment"]
+    experiment = settings.experiment
     tables = system_tables(system, score_files)
     metrics = summary_metrics(tables)
-    link = linked_run(experiment, settings.get("model_run"), train_summary)
+    link = linked_run(experiment, settings.model_run, train_summary)
     name = results_run_name(experiment, system)
-    config = {"system": system, "experiment": experiment, "model_dir": settings.get("model_dir"),
-              "decoder": settings.get("decoder"), "model_run": link, "benchmarks": sorted(tables),
+    config = {"system": system, "experiment": experiment, "model_dir": settings.model_dir,
+              "decoder": settings.decoder, "model_run": link, "benchmarks": sorted(tables),
               "score_files": [str(p) for p in score_files]}
-    tracker = Tracker(Path(log_dir), settings["wandb"], group=experiment, job_type=RESULTS_JOB_TYPE, name=name,
-                      config=config)
+    tracker = Tracker(Path(log_dir), dataclasses.asdict(settings.wandb), group=experiment,
+                      job_type=RESULTS_JOB_TYPE, name=name, config=config)
     run = tracker.run
     if run is not None:
         import wandb
@@ -123,9 +124,9 @@ def log_system_results(settings: dict[str, Any], system: str, score_files: Seque
     tracker.log(metrics, step=0)
     tracker.summary(metrics)
     record = {
-        "run": {"project": settings["wandb"]["project"], "group": experiment, "job_type": RESULTS_JOB_TYPE,
+        "run": {"project": settings.wandb.project, "group": experiment, "job_type": RESULTS_JOB_TYPE,
                 "name": name, "id": run.id if run is not None else run_id(experiment, RESULTS_JOB_TYPE, name),
-                "mode": os.environ.get("WANDB_MODE") or settings["wandb"].get("mode", "offline"),
+                "mode": os.environ.get("WANDB_MODE") or settings.wandb.mode,
                 "dir": str(Path(log_dir) / "wandb")},
         "model_run": link,
         "summary": metrics,

@@ -41,19 +41,20 @@ def cmd_targets_generate(args: argparse.Namespace) -> None:
     from speechllm.models.prompt_format import frame_from_spec
     from speechllm.targets.backends import load_generator
     from speechllm.targets.generate import generate_shard, target_settings
+    from speechllm.targets.settings import GenerateSettings
     from speechllm.targets.templates import bank_hash, draw_items, load_templates
 
     stopping.install()  # SIGTERM / SIGUSR1: finish the batch, keep it in the partial file, exit for a retry
-    s = parse_settings(args.settings)
+    s = GenerateSettings.from_settings(parse_settings(args.settings))
     set_threads(args.threads)
-    templates = load_templates(s["templates"])
+    templates = load_templates(s.templates)
     train = read_manifest(args.manifest, required=("raw_transcription",))
     counts = Counter(r["raw_transcription"] for r in train)
-    items = draw_items(counts, templates, s["templates_per_occurrence"], s["seed"])
+    items = draw_items(counts, templates, s.templates_per_occurrence, s.seed)
     settings = target_settings(s, bank_hash(templates))
-    generator = load_generator(s["llm"], s["backend"], s["batch_size"], s["num_beams"], s["seed"],
-                               s.get("vllm"), clean_up_spaces=s["clean_up_spaces"])
-    frame = frame_from_spec(generator.tokenizer, s.get("prompt", {}))
+    generator = load_generator(s.llm, s.backend, s.batch_size, s.num_beams, s.seed, s.vllm,
+                               clean_up_spaces=s.clean_up_spaces)
+    frame = frame_from_spec(generator.tokenizer, s.prompt)
     stats = generate_shard(items, args.shard, args.num_shards, generator, settings, Path(args.out),
                            (frame.head_text, frame.tail_text))
     log.info("shard %d/%d: %s", args.shard, args.num_shards, stats)
@@ -62,12 +63,13 @@ def cmd_targets_generate(args: argparse.Namespace) -> None:
 def cmd_targets_assemble(args: argparse.Namespace) -> None:
     from speechllm.data.manifest import read_manifest, write_manifest
     from speechllm.targets.assemble import assemble, read_generated
+    from speechllm.targets.settings import AssembleSettings
 
-    s = parse_settings(args.settings)
+    s = AssembleSettings.from_settings(parse_settings(args.settings))
     train = read_manifest(args.manifest, required=("raw_transcription", "transcription"))
     generated = read_generated([Path(p) for p in args.shards])
-    sets = assemble(train, generated, s["prompt"]["prefix"], s["prompt"]["postfix"], s["mi_reading"],
-                    s["templates_per_occurrence"], s["drop_blank_outputs"])
+    sets = assemble(train, generated, s.prompt.prefix, s.prompt.postfix, s.mi_reading,
+                    s.templates_per_occurrence, s.drop_blank_outputs)
     out = Path(args.out_dir)
     for name, records in sets.items():
         write_manifest(out / f"train_{name}.jsonl", records)
@@ -91,15 +93,14 @@ def cmd_targets_import_released(args: argparse.Namespace) -> None:
     from speechllm.data.manifest import read_manifest, write_manifest
     from speechllm.targets.backends import load_tokenizer
     from speechllm.targets.released import import_released, log_report, read_released_archive
+    from speechllm.targets.settings import ImportReleasedSettings
 
-    s = parse_settings(args.settings)
+    s = ImportReleasedSettings.from_settings(parse_settings(args.settings))
     train = read_manifest(args.manifest, required=("id", "transcription"))
     fields = read_released_archive(Path(args.archive))
-    prompt = s["prompt"]
-    sets, report = import_released(train, fields, load_tokenizer(s["llm"]), prompt["prefix"],
-                                   prompt["postfix"], s["mi_reading"], s["templates_per_occurrence"],
-                                   s["on_unmatched"])
-    log_report(report, prompt["prefix"])
+    sets, report = import_released(train, fields, load_tokenizer(s.llm), s.prompt.prefix, s.prompt.postfix,
+                                   s.mi_reading, s.templates_per_occurrence, s.on_unmatched)
+    log_report(report, s.prompt.prefix)
     out = Path(args.out_dir)
     for name, records in sets.items():
         write_manifest(out / f"train_{name}.jsonl", records)
@@ -109,20 +110,20 @@ def cmd_targets_responses(args: argparse.Namespace) -> None:
     from speechllm.models.prompt_format import prompt_frame
     from speechllm.targets.backends import load_generator
     from speechllm.targets.responses import CHAT_TEMPLATE, generate_responses_shard, response_settings
+    from speechllm.targets.settings import ResponsesSettings
 
     stopping.install()  # as `targets generate`
-    s = parse_settings(args.settings)
+    s = ResponsesSettings.from_settings(parse_settings(args.settings))
     set_threads(args.threads)
-    r = s["responses"]
-    generator = load_generator(s["llm"], s["backend"], r["batch_size"], r["num_beams"], s["seed"],
-                               s.get("vllm"), add_special_tokens=r["add_special_tokens"],
-                               clean_up_spaces=r["clean_up_spaces"])
-    template = r["prompt_template"]
+    r = s.responses
+    generator = load_generator(s.llm, s.backend, r.batch_size, r.num_beams, s.seed, s.vllm,
+                               add_special_tokens=r.add_special_tokens, clean_up_spaces=r.clean_up_spaces)
+    template = r.prompt_template
     if template == CHAT_TEMPLATE:  # the tokenizer's own chat turn around the text
         template = prompt_frame(generator.tokenizer, "chat").wrap_text("{text}")
     stats = generate_responses_shard(Path(args.manifest), args.shard, args.num_shards, generator,
-                                     response_settings(s), r["text_field"], template,
-                                     r["lowercase"], r["length_factor"], Path(args.out))
+                                     response_settings(s), r.text_field, template,
+                                     r.lowercase, r.length_factor, Path(args.out))
     log.info("responses shard %d/%d: %s", args.shard, args.num_shards, stats)
 
 

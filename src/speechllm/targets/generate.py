@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from speechllm import stopping
 from speechllm.io import atomic_write_text
 from speechllm.models.speech_llm import position_ids_from_mask
+from speechllm.targets.settings import GenerateSettings
 
 OnBatch = Callable[[list[tuple[int, str]]], None]
 
@@ -500,9 +501,8 @@ def generate_shard(items: list[tuple[str, str, str]], shard: int, num_shards: in
     return {"items": len(mine), "generated": generated, "reused": len(mine) - generated}
 
 
-def target_settings(s: dict[str, Any], bank: str) -> dict[str, Any]:
+def target_settings(s: GenerateSettings, bank: str) -> dict[str, Any]:
     """The cache-key settings of `speechllm targets generate` from its `--settings` (the rule's config
     slice) and the template bank's hash."""
-    return generation_settings(s["llm"], s["backend"], s["num_beams"], kind="targets", bank=bank,
-                               seed=s["seed"], max_new_tokens=s["max_new_tokens"],
-                               clean_up_spaces=s["clean_up_spaces"])
+    return generation_settings(s.llm, s.backend, s.num_beams, kind="targets", bank=bank, seed=s.seed,
+                               max_new_tokens=s.max_new_tokens, clean_up_spaces=s.clean_up_spaces)

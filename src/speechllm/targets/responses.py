@@ -22,6 +22,7 @@ from speechllm.targets.generate import (
     shard_indices,
     write_jsonl,
 )
+from speechllm.targets.settings import ResponsesSettings
 
 RESPONSE_FIELD = "llm_response"  # the reference's dataset column
 # targets.responses.prompt_template value that puts the text in the tokenizer's own chat turn (prompt_format.py).
@@ -78,10 +79,10 @@ def gather_shards(paths: list[Path]) -> list[dict[str, Any]]:
     return [rows[i] for i in range(len(rows))]
 
 
-def response_settings(s: dict[str, Any]) -> dict[str, Any]:
+def response_settings(s: ResponsesSettings) -> dict[str, Any]:
     """The cache-key settings of `speechllm targets responses` from its `--settings`. The template and
     lower-casing are part of each prompt, which the key also covers."""
-    r = s["responses"]
-    return generation_settings(s["llm"], s["backend"], r["num_beams"], kind="responses", seed=s["seed"],
-                               length_factor=r["length_factor"], add_special_tokens=r["add_special_tokens"],
-                               clean_up_spaces=r["clean_up_spaces"])
+    r = s.responses
+    return generation_settings(s.llm, s.backend, r.num_beams, kind="responses", seed=s.seed,
+                               length_factor=r.length_factor, add_special_tokens=r.add_special_tokens,
+                               clean_up_spaces=r.clean_up_spaces)
