@@ -27,6 +27,7 @@ demo-summarization: setup demo-deps
 
 test: setup $(ORACLE)/.installed
 	ruff check src tests benchmarks
+	ruff format --check src tests benchmarks
 	PYTHONPATH=$(ORACLE)$${PYTHONPATH:+:$$PYTHONPATH} python -m pytest
 
 setup: system-deps $(VENV)/.installed
@@ -79,6 +80,7 @@ $(ORACLE)/.installed: tests/oracle-requirements.txt $(VENV)/.installed
 
 lint: setup
 	ruff check src tests benchmarks
+	ruff format --check src tests benchmarks
 	snakemake --lint
 
 dryrun-paper: setup

@@ -382,7 +382,12 @@ def compared(rates: dict[str, dict[str, float]] | str, unit: str, **facts: Any) 
     if isinstance(rates, str):
         return skipped(rates)
     first, second = rates
-    return {"status": "measured", **facts, unit: rates, "ratio": rates[first]["per_second"] / rates[second]["per_second"]}
+    return {
+        "status": "measured",
+        **facts,
+        unit: rates,
+        "ratio": rates[first]["per_second"] / rates[second]["per_second"],
+    }
 
 
 def asr_part(

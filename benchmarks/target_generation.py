@@ -76,8 +76,9 @@ def build_tiny_bloom(out_dir: Path, seed: int) -> Path:
     tokenizer = build_tokenizer(texts, build["tokenizer_vocab_size"], out_dir)
     torch.manual_seed(seed)
     vocab = len(tokenizer) + build["llm_vocab_pad_to"]
-    model = BloomForCausalLM(BloomConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-                                         **build["llm"]))
+    model = BloomForCausalLM(
+        BloomConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3, **build["llm"])
+    )
     model.save_pretrained(out_dir)
     return out_dir
 
@@ -89,18 +90,25 @@ def one_at_a_time(model, tokenizer, prompts: list[str], max_new_tokens: int) -> 
     stop = {tokenizer.eos_token_id}
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.pad_token_id, use_cache=True)
-        new = row_tokens(gen[0, ids.shape[1]:].tolist(), max_new_tokens, stop)
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+        new = row_tokens(gen[0, ids.shape[1] :].tolist(), max_new_tokens, stop)
         tokens += len(new)
         texts.append(tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False))
     return texts, tokens
 
 
 @torch.no_grad()
-def reference_batched(model, tokenizer, prompts: list[str], batch_size: int,
-                      max_new_tokens: int) -> list[str]:
+def reference_batched(
+    model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int
+) -> list[str]:
     """HF `generate` on `batch_size` prompts at a time in input order, left padded, greedy, as the reference's
     make_labels.py; each row's continuation is cut at its first end of sequence (the reference's decode with
     `skip_special_tokens` drops the padding after it)."""
@@ -108,11 +116,18 @@ def reference_batched(model, tokenizer, prompts: list[str], batch_size: int,
     stop = {tokenizer.eos_token_id}
     texts = []
     for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                        add_special_tokens=False)
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             pad_token_id=tokenizer.pad_token_id, use_cache=True)
-        rows = [row_tokens(ids, max_new_tokens, stop) for ids in gen[:, enc.input_ids.shape[1]:].tolist()]
+        enc = tokenizer(
+            prompts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        )
+        gen = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id,
+            use_cache=True,
+        )
+        rows = [row_tokens(ids, max_new_tokens, stop) for ids in gen[:, enc.input_ids.shape[1] :].tolist()]
         texts += tokenizer.batch_decode(rows, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return texts
 
@@ -126,24 +141,32 @@ def report_differences(label: str, runs: list[list[str]], single: list[str]) -> 
     """Print how many of `runs`' texts equal one-at-a-time `generate` (and the first few that differ)."""
     differing = differing_prompts(runs, single)
     for i in differing[:5]:
-        print(f"prompt {i} differs:\n  {label}: {sorted({run[i] for run in runs})!r}\n  single: {single[i]!r}")
+        print(
+            f"prompt {i} differs:\n  {label}: {sorted({run[i] for run in runs})!r}\n  single: {single[i]!r}"
+        )
     same = len(single) - len(differing)
     print(f"{label}: greedy text identical to one-at-a-time generate for {same} of {len(single)} prompts")
     return not differing
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None,
-                        help="LLM directory (default: build a tiny BLOOM)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", type=Path, default=None, help="LLM directory (default: build a tiny BLOOM)"
+    )
     parser.add_argument("--num-prompts", type=int, default=DEFAULT_NUM_PROMPTS)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
-                        help="alternate runs of each side; the median time counts")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=DEFAULT_REPEATS,
+        help="alternate runs of each side; the median time counts",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -159,9 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = demo_prompts(args.num_prompts, args.seed)
     lengths = [len(tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-    print(f"model: {args.model or 'tiny BLOOM built here'} ({sum(p.numel() for p in model.parameters()):,} "
-          f"parameters); {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens; "
-          f"max_new_tokens {args.max_new_tokens}; greedy; CPU threads {args.threads}")
+    print(
+        f"model: {args.model or 'tiny BLOOM built here'} ({sum(p.numel() for p in model.parameters()):,} "
+        f"parameters); {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens; "
+        f"max_new_tokens {args.max_new_tokens}; greedy; CPU threads {args.threads}"
+    )
 
     generate_batched(model, tokenizer, prompts[: args.batch_size], args.batch_size, 2, 1)  # warm-up
     reference_batched(model, tokenizer, prompts[: args.batch_size], args.batch_size, 2)
@@ -173,23 +198,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         single, tokens = one_at_a_time(model, tokenizer, prompts, args.max_new_tokens)
         times["single"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        runs["reference"].append(reference_batched(model, tokenizer, prompts, args.batch_size, args.max_new_tokens))
+        runs["reference"].append(
+            reference_batched(model, tokenizer, prompts, args.batch_size, args.max_new_tokens)
+        )
         times["reference"].append(time.perf_counter() - start)
         start = time.perf_counter()
-        runs["ours"].append(generate_batched(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, 1))
+        runs["ours"].append(
+            generate_batched(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, 1)
+        )
         times["ours"].append(time.perf_counter() - start)
     seconds = {method: statistics.median(values) for method, values in times.items()}
 
     print(f"{'method':<42} {'seconds':>9} {'new tokens':>11} {'tokens/s':>10}   (median of {args.repeats})")
-    for method, label in (("single", "one-at-a-time HF generate"),
-                          ("reference", f"reference: HF generate, batches of {args.batch_size}"),
-                          ("ours", f"batched (ours, batch {args.batch_size})")):
+    for method, label in (
+        ("single", "one-at-a-time HF generate"),
+        ("reference", f"reference: HF generate, batches of {args.batch_size}"),
+        ("ours", f"batched (ours, batch {args.batch_size})"),
+    ):
         print(f"{label:<42} {seconds[method]:>9.2f} {tokens:>11d} {tokens / seconds[method]:>10.1f}")
     report_differences("reference batched generate", runs["reference"], single)
     ours_identical = report_differences("ours", runs["ours"], single)
-    print(f"batched/one-at-a-time tokens per second: {seconds['single'] / seconds['ours']:.{RATIO_DECIMALS}f}")
-    print(f"batched/reference batched generate tokens per second: "
-          f"{seconds['reference'] / seconds['ours']:.{RATIO_DECIMALS}f}")
+    print(
+        f"batched/one-at-a-time tokens per second: {seconds['single'] / seconds['ours']:.{RATIO_DECIMALS}f}"
+    )
+    print(
+        f"batched/reference batched generate tokens per second: "
+        f"{seconds['reference'] / seconds['ours']:.{RATIO_DECIMALS}f}"
+    )
     return 0 if ours_identical else 1
 
 

@@ -18,8 +18,12 @@ def checkout_state() -> set[str] | None:
     """`git status --porcelain --ignored` of the checkout (ignored outputs such as results/ included), tool caches
     aside; None outside a git checkout."""
     try:
-        res = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--ignored"], capture_output=True,
-                             text=True, timeout=120)
+        res = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--ignored"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if res.returncode != 0:
@@ -40,8 +44,10 @@ def checkout_untouched():
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared test data not found at {SHARED_DATA} (CI has it beside the checkout; "
-                    "set SPEECHLLM_SHARED_DATA to use another copy)")
+        pytest.skip(
+            f"shared test data not found at {SHARED_DATA} (CI has it beside the checkout; "
+            "set SPEECHLLM_SHARED_DATA to use another copy)"
+        )
     return SHARED_DATA
 
 
@@ -51,14 +57,27 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from speechllm.demo.build import build_speech_encoder, build_tokenizer
 
     root = tmp_path_factory.mktemp("tiny_models")
-    texts = ["Repeat the sentence: the cat sits on the mat. ", "Der Hund schläft im Garten.",
-             "Translate the following text from German to English\n", "hello world"] * 20
+    texts = [
+        "Repeat the sentence: the cat sits on the mat. ",
+        "Der Hund schläft im Garten.",
+        "Translate the following text from German to English\n",
+        "hello world",
+    ] * 20
     tok = build_tokenizer(texts, 300, root / "llm")
     tiny_bloom(root / "llm", len(tok))
-    enc_cfg = {"speech_encoder": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                                  "intermediate_size": 64, "conv_dim": [32, 32, 32], "conv_stride": [5, 4, 4],
-                                  "conv_kernel": [10, 4, 4], "num_conv_pos_embeddings": 16,
-                                  "num_conv_pos_embedding_groups": 2}}
+    enc_cfg = {
+        "speech_encoder": {
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "conv_dim": [32, 32, 32],
+            "conv_stride": [5, 4, 4],
+            "conv_kernel": [10, 4, 4],
+            "num_conv_pos_embeddings": 16,
+            "num_conv_pos_embedding_groups": 2,
+        }
+    }
     build_speech_encoder(root / "mms", enc_cfg, 16000, seed=0)
     return {"llm": root / "llm", "encoder": root / "mms"}
 
@@ -105,8 +124,16 @@ def tiny_bloom(out_dir: Path, tokenizer_size: int, initializer_range: float = 0.
     from transformers import BloomConfig, BloomForCausalLM
 
     torch.manual_seed(0)
-    config = BloomConfig(vocab_size=tokenizer_size + 8, hidden_size=32, n_layer=2, n_head=4, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=3, initializer_range=initializer_range)
+    config = BloomConfig(
+        vocab_size=tokenizer_size + 8,
+        hidden_size=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+        initializer_range=initializer_range,
+    )
     BloomForCausalLM(config).save_pretrained(out_dir)
 
 
@@ -114,9 +141,19 @@ def tiny_adaptor():
     """An AdaptorConfig small enough for tests, for a 32-wide LLM and 2 languages."""
     from speechllm.models.adaptor import AdaptorConfig
 
-    return AdaptorConfig(input_dim=16, d_model=32, heads=2, linear_units=64, cgmlp_units=64, cgmlp_kernel=5,
-                         merge_kernel=5, num_blocks=2, interctc_layer=1, num_lid_classes=3,
-                         llm_hidden_size=32)
+    return AdaptorConfig(
+        input_dim=16,
+        d_model=32,
+        heads=2,
+        linear_units=64,
+        cgmlp_units=64,
+        cgmlp_kernel=5,
+        merge_kernel=5,
+        num_blocks=2,
+        interctc_layer=1,
+        num_lid_classes=3,
+        llm_hidden_size=32,
+    )
 
 
 def bloomzmms_models_cfg(llm_dir: Path, encoder_dir: Path) -> dict:

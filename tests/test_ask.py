@@ -30,7 +30,10 @@ def write_tone(path: Path, seconds: float, freq: float, rate: int = SR) -> Path:
 
 @pytest.fixture()
 def clips(tmp_path) -> list[Path]:
-    return [write_tone(tmp_path / "a.wav", 1.0, 220.0), write_tone(tmp_path / "b.flac", 0.8, 330.0, rate=8000)]
+    return [
+        write_tone(tmp_path / "a.wav", 1.0, 220.0),
+        write_tone(tmp_path / "b.flac", 0.8, 330.0, rate=8000),
+    ]
 
 
 class GenerateSpy:
@@ -50,15 +53,24 @@ class GenerateSpy:
 
 def test_parse_prompt_keeps_order_of_text_and_audio() -> None:
     parts = parse_prompt("Compare {audio:a.wav} with { audio:ignored} and {audio: dir/b c.flac }.")
-    assert parts == ["Compare ", AudioPart("a.wav"), " with { audio:ignored} and ", AudioPart("dir/b c.flac"), "."]
+    assert parts == [
+        "Compare ",
+        AudioPart("a.wav"),
+        " with { audio:ignored} and ",
+        AudioPart("dir/b c.flac"),
+        ".",
+    ]
     assert parse_prompt("{audio:x.wav}{audio:y.wav}") == [AudioPart("x.wav"), AudioPart("y.wav")]
 
 
-@pytest.mark.parametrize(("prompt", "message"), [
-    ("just text", "no {audio:PATH} part"),
-    ("say {audio:} now", "empty {audio:} part"),
-    ("say {audio:a.wav now", "unclosed"),
-])
+@pytest.mark.parametrize(
+    ("prompt", "message"),
+    [
+        ("just text", "no {audio:PATH} part"),
+        ("say {audio:} now", "empty {audio:} part"),
+        ("say {audio:a.wav now", "unclosed"),
+    ],
+)
 def test_parse_prompt_errors(prompt: str, message: str) -> None:
     with pytest.raises(PromptError, match=message.replace("{", r"\{").replace("}", r"\}")):
         parse_prompt(prompt)
@@ -100,13 +112,29 @@ def test_bloomzmms_speech_vectors_go_where_each_audio_part_stands(bloomzmms_dir,
 
 
 def test_ask_cli_prints_the_answer(bloomzmms_dir, clips, capsys) -> None:
-    main(["ask", "--model", str(bloomzmms_dir), "--prompt", f"Repeat the sentence: {{audio:{clips[0]}}}. ",
-          "--max-new-tokens", "4", "--num-beams", "2", "--threads", "1"])
+    main(
+        [
+            "ask",
+            "--model",
+            str(bloomzmms_dir),
+            "--prompt",
+            f"Repeat the sentence: {{audio:{clips[0]}}}. ",
+            "--max-new-tokens",
+            "4",
+            "--num-beams",
+            "2",
+            "--threads",
+            "1",
+        ]
+    )
     printed = capsys.readouterr().out
     model, tokenizer, _ = load_model_dir(bloomzmms_dir, with_ctc=False, with_llm=True)
     model.eval()
     parts = ["Repeat the sentence: ", AudioPart(str(clips[0])), ". "]
-    assert printed == answer(model, tokenizer, "bloomzmms", parts, SR, "cpu", num_beams=2, max_new_tokens=4) + "\n"
+    assert (
+        printed
+        == answer(model, tokenizer, "bloomzmms", parts, SR, "cpu", num_beams=2, max_new_tokens=4) + "\n"
+    )
 
 
 def test_ask_refuses_a_ctc_only_model(tiny_spec, tmp_path, clips) -> None:
@@ -116,17 +144,37 @@ def test_ask_refuses_a_ctc_only_model(tiny_spec, tmp_path, clips) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["ask", "--model", str(ctc_dir), "--prompt", f"Repeat: {{audio:{clips[0]}}}"])
     message = str(exc.value.code)
-    assert message.startswith("speechllm ask: error:") and "CTC-stage model" in message and "transcribe" in message
+    assert (
+        message.startswith("speechllm ask: error:")
+        and "CTC-stage model" in message
+        and "transcribe" in message
+    )
 
 
 def test_ask_names_a_missing_audio_file_before_loading_anything(tmp_path) -> None:
     missing = tmp_path / "nowhere" / "clip.wav"
-    res = subprocess.run([sys.executable, "-m", "speechllm.cli", "ask", "--model", str(tmp_path / "no_model"),
-                          "--prompt", f"Summarize: {{audio:{missing}}}"], capture_output=True, text=True)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "speechllm.cli",
+            "ask",
+            "--model",
+            str(tmp_path / "no_model"),
+            "--prompt",
+            f"Summarize: {{audio:{missing}}}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode != 0
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr
-    assert lines[0].startswith("speechllm ask: error:") and str(missing) in lines[0] and "no such audio" in lines[0]
+    assert (
+        lines[0].startswith("speechllm ask: error:")
+        and str(missing) in lines[0]
+        and "no such audio" in lines[0]
+    )
 
 
 @pytest.mark.parametrize("command", ["ask", "transcribe", "plan"])
@@ -145,8 +193,12 @@ def chat_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     texts = ["[|User|] summarize the following article</s>[|Assistant|] the article says", "compare it"] * 10
-    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=90, special_tokens=["<unk>", "<s>", "</s>"],
-                                                               show_progress=False))
+    tok.train_from_iterator(
+        texts,
+        trainer=trainers.BpeTrainer(
+            vocab_size=90, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+        ),
+    )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(out_dir)
@@ -159,17 +211,48 @@ def kang_roy_model_dir(root: Path, initializer_range: float = 0.02, projection_s
     `initializer_range` sets the LLaMA's weight spread; `projection_scale` scales the speech projection."""
     torch.manual_seed(0)
     tokenizer = chat_tokenizer(root / "llm")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, bos_token_id=1,
-                                 eos_token_id=2, pad_token_id=0, initializer_range=initializer_range)
-                     ).save_pretrained(root / "llm")
-    HubertModel(HubertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                             conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), conv_bias=True,
-                             feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
-                             num_conv_pos_embedding_groups=2)).save_pretrained(root / "hubert")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            initializer_range=initializer_range,
+        )
+    ).save_pretrained(root / "llm")
+    HubertModel(
+        HubertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            conv_dim=(32, 32, 32),
+            conv_stride=(5, 4, 4),
+            conv_kernel=(10, 4, 4),
+            conv_bias=True,
+            feat_extract_norm="layer",
+            do_stable_layer_norm=True,
+            num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=2,
+        )
+    ).save_pretrained(root / "hubert")
     models_cfg = {
-        "llm": {"name_or_path": str(root / "llm"), "revision": "main", "dtype": "float32", "load_in_8bit": False},
-        "speech_encoder": {"name_or_path": str(root / "hubert"), "revision": "main", "normalize_waveform": False},
+        "llm": {
+            "name_or_path": str(root / "llm"),
+            "revision": "main",
+            "dtype": "float32",
+            "load_in_8bit": False,
+        },
+        "speech_encoder": {
+            "name_or_path": str(root / "hubert"),
+            "revision": "main",
+            "normalize_waveform": False,
+        },
         "pooling": {"kernel_size": 8, "stride": 4},
         "chat": {"prefix": "[|User|]", "suffix": "</s>[|Assistant|]", "label_eos": False},
         "prompt": {"prefix": "", "postfix": ""},

@@ -24,8 +24,14 @@ def tone(seconds: float, sr: int, channels: int = 1) -> np.ndarray:
 
 def record(path: Path, text: str = "Hello there.", uid: str = "u1", num_samples: int | None = None) -> dict:
     n = num_samples if num_samples is not None else sf.info(str(path)).frames if path.exists() else 16000
-    return {"id": uid, "language": "en_us", "audio": str(path), "num_samples": n, "sampling_rate": SR,
-            "raw_transcription": text}
+    return {
+        "id": uid,
+        "language": "en_us",
+        "audio": str(path),
+        "num_samples": n,
+        "sampling_rate": SR,
+        "raw_transcription": text,
+    }
 
 
 def test_any_rate_and_channels_become_16k_mono(tmp_path):
@@ -68,8 +74,14 @@ def bad_files(tmp_path: Path) -> dict[str, Path]:
     truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     zero_bytes = tmp_path / "zero.wav"
     zero_bytes.write_bytes(b"")
-    return {"missing": tmp_path / "missing.wav", "empty": empty, "nan": nan, "non-audio": text,
-            "zero-bytes": zero_bytes, "truncated": truncated}
+    return {
+        "missing": tmp_path / "missing.wav",
+        "empty": empty,
+        "nan": nan,
+        "non-audio": text,
+        "zero-bytes": zero_bytes,
+        "truncated": truncated,
+    }
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "nan", "non-audio", "zero-bytes", "truncated"])
@@ -79,8 +91,17 @@ def test_bad_audio_is_named_with_its_manifest_line(tmp_path, kind):
     manifest = tmp_path / "raw.jsonl"
     write_manifest(manifest, [record(good, uid="ok"), record(files[kind], uid="bad", num_samples=16000)])
     with pytest.raises(AudioError) as err:
-        prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "report.json", SR, 0.1, 30.0, [1.0], "error",
-                      filter_durations=True)
+        prepare_split(
+            manifest,
+            tmp_path / "out.jsonl",
+            tmp_path / "report.json",
+            SR,
+            0.1,
+            30.0,
+            [1.0],
+            "error",
+            filter_durations=True,
+        )
     message = str(err.value)
     assert str(files[kind]) in message and f"{manifest}:2" in message  # the file, the manifest and its line
     assert not (tmp_path / "out.jsonl").exists()
@@ -106,8 +127,17 @@ def test_skip_mode_counts_every_bad_file(tmp_path):
     recs += [record(p, uid=k, num_samples=16000) for k, p in files.items()]
     recs.append(record(tmp_path / "good.wav", text="  ", uid="no-text"))
     write_manifest(manifest, recs)
-    report = prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "report.json", SR, 0.1, 30.0,
-                           [0.9, 1.0, 1.1], "skip", filter_durations=True)
+    report = prepare_split(
+        manifest,
+        tmp_path / "out.jsonl",
+        tmp_path / "report.json",
+        SR,
+        0.1,
+        30.0,
+        [0.9, 1.0, 1.1],
+        "skip",
+        filter_durations=True,
+    )
     assert report["counts"]["bad"] == len(files) + 1
     assert {s["id"] for s in report["skipped"]} == set(files) | {"no-text"}
     out = read_manifest(tmp_path / "out.jsonl")
@@ -124,8 +154,17 @@ def test_duration_filter_is_counted(tmp_path):
     sf.write(str(long_), tone(3.0, SR), SR)
     manifest = tmp_path / "raw.jsonl"
     write_manifest(manifest, [record(short, uid="s"), record(long_, uid="l")])
-    report = prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "r.json", SR, 0.1, 2.0, [1.0], "error",
-                           filter_durations=True)
+    report = prepare_split(
+        manifest,
+        tmp_path / "out.jsonl",
+        tmp_path / "r.json",
+        SR,
+        0.1,
+        2.0,
+        [1.0],
+        "error",
+        filter_durations=True,
+    )
     assert report["counts"] == {"input": 2, "too_short": 1, "too_long": 1, "kept": 0, "output": 0}
 
 
@@ -137,8 +176,17 @@ def test_duration_filter_runs_on_each_speed_perturbed_copy(tmp_path):
         sf.write(str(tmp_path / f"{uid}.wav"), tone(seconds, SR), SR)
     manifest = tmp_path / "raw.jsonl"
     write_manifest(manifest, [record(tmp_path / f"{uid}.wav", uid=uid) for uid in clips])
-    report = prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "r.json", SR, 0.1, 2.0, [0.9, 1.0, 1.1],
-                           "error", filter_durations=True)
+    report = prepare_split(
+        manifest,
+        tmp_path / "out.jsonl",
+        tmp_path / "r.json",
+        SR,
+        0.1,
+        2.0,
+        [0.9, 1.0, 1.1],
+        "error",
+        filter_durations=True,
+    )
     ids = [r["id"] for r in read_manifest(tmp_path / "out.jsonl")]
     assert ids == ["sp0.9-short", "sp0.9-mid", "long", "short", "mid", "sp1.1-long", "sp1.1-mid"]
     assert report["counts"] == {"input": 3, "too_short": 1, "too_long": 1, "kept": 3, "output": 7}
@@ -146,15 +194,26 @@ def test_duration_filter_runs_on_each_speed_perturbed_copy(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["dropped_per_speed"] == report["dropped_per_speed"]
 
 
-@pytest.mark.parametrize(("seconds", "kept"), [(0.1, False), (0.1 + 1 / SR, True), (2.0 - 1 / SR, True), (2.0, False)])
+@pytest.mark.parametrize(
+    ("seconds", "kept"), [(0.1, False), (0.1 + 1 / SR, True), (2.0 - 1 / SR, True), (2.0, False)]
+)
 def test_duration_bounds_are_exclusive_as_espnet(tmp_path, seconds, kept):
     """ESPnet keeps a clip when int(min * fs) < samples < int(max * fs): exactly 0.1 s or 2 s is dropped."""
     path = tmp_path / "clip.wav"
     sf.write(str(path), tone(seconds, SR), SR)
     manifest = tmp_path / "raw.jsonl"
     write_manifest(manifest, [record(path, num_samples=round(seconds * SR))])
-    report = prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "r.json", SR, 0.1, 2.0, [1.0], "error",
-                           filter_durations=True)
+    report = prepare_split(
+        manifest,
+        tmp_path / "out.jsonl",
+        tmp_path / "r.json",
+        SR,
+        0.1,
+        2.0,
+        [1.0],
+        "error",
+        filter_durations=True,
+    )
     assert report["counts"]["output"] == int(kept)
 
 
@@ -164,8 +223,17 @@ def test_test_split_may_keep_every_duration(tmp_path):
     sf.write(str(path), tone(3.0, SR), SR)
     manifest = tmp_path / "raw.jsonl"
     write_manifest(manifest, [record(path)])
-    report = prepare_split(manifest, tmp_path / "out.jsonl", tmp_path / "r.json", SR, 0.1, 2.0, [1.0], "error",
-                           filter_durations=False)
+    report = prepare_split(
+        manifest,
+        tmp_path / "out.jsonl",
+        tmp_path / "r.json",
+        SR,
+        0.1,
+        2.0,
+        [1.0],
+        "error",
+        filter_durations=False,
+    )
     assert report["counts"] == {"input": 1, "kept": 1, "output": 1} and report["dropped_per_speed"] == {}
 
 

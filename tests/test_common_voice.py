@@ -21,8 +21,20 @@ from speechllm.data.prepare import language_ids
 HEADER = "client_id\tpath\tsentence\tup_votes\tdown_votes\tage\tgender\taccents\tlocale\tsegment\n"
 # locale -> sentence per clip (repeats: several speakers read the same sentence, as in CV).
 CORPUS = {
-    "fr": ["Il pleut.", "Il pleut.", "Le chat dort.", "Il pleut.", "Bonjour à tous.", "Le chat dort.",
-           "Une phrase unique.", "Il pleut.", "Bonjour à tous.", "Encore une.", "Le chat dort.", "Il pleut."],
+    "fr": [
+        "Il pleut.",
+        "Il pleut.",
+        "Le chat dort.",
+        "Il pleut.",
+        "Bonjour à tous.",
+        "Le chat dort.",
+        "Une phrase unique.",
+        "Il pleut.",
+        "Bonjour à tous.",
+        "Encore une.",
+        "Le chat dort.",
+        "Il pleut.",
+    ],
     "nn-NO": ["Eg et brød.", "Eg et brød.", "Det snør.", "Kva heiter du?", "Det snør."],
     "zh-CN": ["今天很冷。", "我喜欢茶。", "今天很冷。", "你好。"],
 }
@@ -102,7 +114,8 @@ def test_whole_language_when_under_budget_and_seed_matters(release, tmp_path):
     build_common_voice(tmp_path / "all", release, 1.0, seed=1)
     records = read_manifest(tmp_path / "all" / "train.jsonl")
     assert sorted(r["id"] for r in records) == sorted(
-        f"common_voice_{loc}_{1000 + n}" for loc, s in CORPUS.items() for n in range(len(s)))
+        f"common_voice_{loc}_{1000 + n}" for loc, s in CORPUS.items() for n in range(len(s))
+    )
     fr = [r["raw_transcription"] for r in records if r["language"] == "fr"]
     # Rounds of one clip per sentence still having clips: 5 sentences, then the 3 read twice or more, ...
     assert len(set(fr[:5])) == 5
@@ -116,8 +129,11 @@ def test_whole_language_when_under_budget_and_seed_matters(release, tmp_path):
 def test_durations_file_sets_durations_and_language_order(release, tmp_path):
     # Durations file in zenodo's format, gzipped, languages in a non-sorted order (the reference's lang order).
     order = ["zh-CN", "fr", "nn-NO"]
-    lines = [f"{name}\t{clip_seconds(release, loc, name):.6f}\n" for loc in order
-             for name in sorted(p.name for p in (release / loc / "clips").iterdir())]
+    lines = [
+        f"{name}\t{clip_seconds(release, loc, name):.6f}\n"
+        for loc in order
+        for name in sorted(p.name for p in (release / loc / "clips").iterdir())
+    ]
     durations = tmp_path / "cv12_durations.tsv.gz"
     with gzip.open(durations, "wt", encoding="utf-8") as fh:
         fh.writelines(lines)
@@ -133,14 +149,23 @@ def test_durations_file_sets_durations_and_language_order(release, tmp_path):
 
 
 def test_published_utterance_list(release, tmp_path):
-    wanted = ["common_voice_fr_1003", "common_voice_zh-CN_1001", "common_voice_fr_1000", "common_voice_nn-NO_1004"]
+    wanted = [
+        "common_voice_fr_1003",
+        "common_voice_zh-CN_1001",
+        "common_voice_fr_1000",
+        "common_voice_nn-NO_1004",
+    ]
     lst = tmp_path / "cv12_train_utts.lst.gz"
     with gzip.open(lst, "wt") as fh:
         fh.write("".join(u + "\n" for u in wanted))
     report = build_common_voice(tmp_path / "out", release, 25.0, seed=1, utterance_list=lst)
     records = read_manifest(tmp_path / "out" / "train.jsonl")
-    assert [r["id"] for r in records] == ["common_voice_fr_1000", "common_voice_fr_1003",
-                                           "common_voice_zh-CN_1001", "common_voice_nn-NO_1004"]
+    assert [r["id"] for r in records] == [
+        "common_voice_fr_1000",
+        "common_voice_fr_1003",
+        "common_voice_zh-CN_1001",
+        "common_voice_nn-NO_1004",
+    ]
     assert records[2]["raw_transcription"] == "我喜欢茶。" and report["mode"] == "utterance_list"
     lst.write_bytes(gzip.compress(b"common_voice_fr_1000\ncommon_voice_fr_99999\n"))
     with pytest.raises(SourceError, match="common_voice_fr_99999"):
@@ -168,8 +193,12 @@ def test_malformed_release_is_named(tmp_path):
     (tmp_path / "fr" / "train.tsv").unlink()
     (tmp_path / "xx" / "clips").mkdir(parents=True)
     (tmp_path / "xx" / "train.tsv").write_text(HEADER + "a\tcommon_voice_xx_1.mp3\tHi.\t1\t0\t\t\t\txx\t\n")
-    sf.write(str(tmp_path / "xx" / "clips" / "common_voice_xx_1.mp3"), np.zeros(4800, dtype=np.float32), 48000,
-             format="MP3")
+    sf.write(
+        str(tmp_path / "xx" / "clips" / "common_voice_xx_1.mp3"),
+        np.zeros(4800, dtype=np.float32),
+        48000,
+        format="MP3",
+    )
     with pytest.raises(SourceError, match="unknown Common Voice locale 'xx'"):
         build_common_voice(tmp_path / "out", tmp_path, 1.0, seed=1)
     assert not (tmp_path / "out" / "train.jsonl").exists()
@@ -177,39 +206,84 @@ def test_malformed_release_is_named(tmp_path):
 
 def test_language_ids_over_fleurs_and_common_voice(release, tmp_path):
     build_common_voice(tmp_path / "cv", release, 1.0, seed=1)
-    fleurs = [{"id": f"{lang}-train-{n}", "language": lang, "audio": "x.wav", "num_samples": 16000,
-               "sampling_rate": 16000, "raw_transcription": "x"} for n, lang in enumerate(["fr_fr", "nb_no", "de_de"])]
+    fleurs = [
+        {
+            "id": f"{lang}-train-{n}",
+            "language": lang,
+            "audio": "x.wav",
+            "num_samples": 16000,
+            "sampling_rate": 16000,
+            "raw_transcription": "x",
+        }
+        for n, lang in enumerate(["fr_fr", "nb_no", "de_de"])
+    ]
     write_manifest(tmp_path / "fleurs_train.jsonl", fleurs)
-    n = combine_manifests([tmp_path / "fleurs_train.jsonl", tmp_path / "cv" / "train.jsonl"], tmp_path / "train.jsonl")
+    n = combine_manifests(
+        [tmp_path / "fleurs_train.jsonl", tmp_path / "cv" / "train.jsonl"], tmp_path / "train.jsonl"
+    )
     assert n == 3 + sum(len(s) for s in CORPUS.values())
     labels = language_ids([tmp_path / "train.jsonl"], tmp_path / "lid.json")
     # CV fr and FLEURS fr_fr share "French"; nn-NO joins FLEURS nb_no as "Norwegian"; zh-CN is Mandarin.
     assert labels == {"French": 1, "German": 2, "Mandarin Chinese": 3, "Norwegian": 4}
     assert json.loads((tmp_path / "lid.json").read_text()) == labels
     with pytest.raises(ManifestError, match="already used"):
-        combine_manifests([tmp_path / "train.jsonl", tmp_path / "fleurs_train.jsonl"], tmp_path / "twice.jsonl")
+        combine_manifests(
+            [tmp_path / "train.jsonl", tmp_path / "fleurs_train.jsonl"], tmp_path / "twice.jsonl"
+        )
 
 
 def test_cli_common_voice_and_combine(release, tmp_path):
-    settings = {"common_voice": {"release_dir": str(release.parent), "utterance_list": None, "durations": None,
-                                 "max_hours_per_language": 1.5 / 3600, "seed": 1}, "on_bad_audio": "error"}
-    speechllm(["data", "common-voice", "--settings", json.dumps(settings), "--out-dir", str(tmp_path / "cv"),
-               "--threads", "2"])
+    settings = {
+        "common_voice": {
+            "release_dir": str(release.parent),
+            "utterance_list": None,
+            "durations": None,
+            "max_hours_per_language": 1.5 / 3600,
+            "seed": 1,
+        },
+        "on_bad_audio": "error",
+    }
+    speechllm(
+        [
+            "data",
+            "common-voice",
+            "--settings",
+            json.dumps(settings),
+            "--out-dir",
+            str(tmp_path / "cv"),
+            "--threads",
+            "2",
+        ]
+    )
     assert [r["id"] for r in read_manifest(tmp_path / "cv" / "train.jsonl")] == reference_selection(
-        release, sorted(CORPUS), 1.5)
+        release, sorted(CORPUS), 1.5
+    )
     settings["common_voice"]["release_dir"] = None
     with pytest.raises(SystemExit, match="data.common_voice.release_dir"):
-        speechllm(["data", "common-voice", "--settings", json.dumps(settings), "--out-dir", str(tmp_path / "x")])
+        speechllm(
+            ["data", "common-voice", "--settings", json.dumps(settings), "--out-dir", str(tmp_path / "x")]
+        )
 
 
 def test_subsample_goes_through_split_preparation(release, tmp_path):
     from speechllm.data.prepare import prepare_split
 
     build_common_voice(tmp_path / "cv", release, 1.5 / 3600, seed=1)
-    report = prepare_split(tmp_path / "cv" / "train.jsonl", tmp_path / "train.jsonl", tmp_path / "report.json",
-                           16000, 0.1, 30.0, [0.9, 1.0], "error", filter_durations=True)
+    report = prepare_split(
+        tmp_path / "cv" / "train.jsonl",
+        tmp_path / "train.jsonl",
+        tmp_path / "report.json",
+        16000,
+        0.1,
+        30.0,
+        [0.9, 1.0],
+        "error",
+        filter_durations=True,
+    )
     kept = report["counts"]["kept"]
-    assert kept == len(read_manifest(tmp_path / "cv" / "train.jsonl")) and report["counts"]["output"] == 2 * kept
+    assert (
+        kept == len(read_manifest(tmp_path / "cv" / "train.jsonl")) and report["counts"]["output"] == 2 * kept
+    )
     out = read_manifest(tmp_path / "train.jsonl")
     assert out[0]["id"].startswith("sp0.9-common_voice_") and out[0]["sampling_rate"] == 16000
     assert all(r["transcription"] for r in out)

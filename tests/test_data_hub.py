@@ -29,8 +29,15 @@ from speechllm.data.languages import FLEURS_NAMES
 from speechllm.data.manifest import read_manifest
 
 SR = 16000
-FLEURS_GROUPS = ["western_european_we", "eastern_european_ee", "central_asia_middle_north_african_cmn",
-                 "sub_saharan_african_ssa", "south_asian_sa", "south_east_asian_sea", "chinese_japanase_korean_cjk"]
+FLEURS_GROUPS = [
+    "western_european_we",
+    "eastern_european_ee",
+    "central_asia_middle_north_african_cmn",
+    "sub_saharan_african_ssa",
+    "south_asian_sa",
+    "south_east_asian_sea",
+    "chinese_japanase_korean_cjk",
+]
 # (split, FLEURS id, recording, English text, German text); sentence 1 has two English recordings, as FLEURS
 # has several speakers per sentence. Texts carry casing, punctuation and spacing raw_transcription must keep.
 FLEURS_ROWS = [
@@ -77,8 +84,12 @@ def write_parquet(rows: dict[str, list], features, path: Path) -> None:
     from datasets import Audio, Dataset, Features, Value
 
     audio = [name for name, feature in features.items() if isinstance(feature, Audio)]
-    plain = Features({name: {"bytes": Value("binary"), "path": Value("string")} if name in audio else feature
-                      for name, feature in features.items()})
+    plain = Features(
+        {
+            name: {"bytes": Value("binary"), "path": Value("string")} if name in audio else feature
+            for name, feature in features.items()
+        }
+    )
     ds = Dataset.from_dict(rows, features=plain)
     for name in audio:
         ds = ds.cast_column(name, features[name])
@@ -89,12 +100,20 @@ def write_parquet(rows: dict[str, list], features, path: Path) -> None:
 def fleurs_features():
     from datasets import Audio, ClassLabel, Features, Value
 
-    return Features({
-        "id": Value("int32"), "num_samples": Value("int32"), "path": Value("string"), "audio": Audio(sampling_rate=SR),
-        "transcription": Value("string"), "raw_transcription": Value("string"),
-        "gender": ClassLabel(names=["male", "female", "other"]), "lang_id": ClassLabel(names=sorted(FLEURS_NAMES)),
-        "language": Value("string"), "lang_group_id": ClassLabel(names=FLEURS_GROUPS),
-    })
+    return Features(
+        {
+            "id": Value("int32"),
+            "num_samples": Value("int32"),
+            "path": Value("string"),
+            "audio": Audio(sampling_rate=SR),
+            "transcription": Value("string"),
+            "raw_transcription": Value("string"),
+            "gender": ClassLabel(names=["male", "female", "other"]),
+            "lang_id": ClassLabel(names=sorted(FLEURS_NAMES)),
+            "language": Value("string"),
+            "lang_group_id": ClassLabel(names=FLEURS_GROUPS),
+        }
+    )
 
 
 def fleurs_rows(language: str, split: str, speak, shuffle_seed: int | None = None) -> dict[str, list]:
@@ -105,14 +124,19 @@ def fleurs_rows(language: str, split: str, speak, shuffle_seed: int | None = Non
         random.Random(shuffle_seed).shuffle(rows)
     wavs = [speak(r[col], voice) for r in rows]
     return {
-        "id": [r[1] for r in rows], "num_samples": [w.shape[0] for w in wavs],
+        "id": [r[1] for r in rows],
+        "num_samples": [w.shape[0] for w in wavs],
         # en_us carries the archive path in `path`; de_de has only the audio cell's (dir-prefixed) path.
         "path": [f"/cache/extracted/{split}/{r[2]}.wav" if language == "en_us" else None for r in rows],
-        "audio": [{"bytes": wav_bytes(w), "path": f"{split}/{r[2]}.wav"} for r, w in zip(rows, wavs, strict=True)],
+        "audio": [
+            {"bytes": wav_bytes(w), "path": f"{split}/{r[2]}.wav"} for r, w in zip(rows, wavs, strict=True)
+        ],
         "transcription": [" ".join(r[col].lower().replace(",", "").replace(".", "").split()) for r in rows],
-        "raw_transcription": [r[col] for r in rows], "gender": [i % 2 for i in range(len(rows))],
+        "raw_transcription": [r[col] for r in rows],
+        "gender": [i % 2 for i in range(len(rows))],
         "lang_id": [sorted(FLEURS_NAMES).index(language)] * len(rows),
-        "language": [FLEURS_NAMES[language]] * len(rows), "lang_group_id": [0] * len(rows),
+        "language": [FLEURS_NAMES[language]] * len(rows),
+        "lang_group_id": [0] * len(rows),
     }
 
 
@@ -120,8 +144,11 @@ def make_fleurs(root: Path, speak, shuffle_seed: int | None = None) -> Path:
     """`{config}/{split}/0000.parquet`, the layout of the hub's refs/convert/parquet branch."""
     for language in ("en_us", "de_de"):
         for split in ("train", "validation", "test"):
-            write_parquet(fleurs_rows(language, split, speak, shuffle_seed), fleurs_features(),
-                          root / language / split / "0000.parquet")
+            write_parquet(
+                fleurs_rows(language, split, speak, shuffle_seed),
+                fleurs_features(),
+                root / language / split / "0000.parquet",
+            )
     return root
 
 
@@ -132,13 +159,19 @@ def fleurs_hub(tmp_path_factory, speak) -> Path:
 
 def test_fleurs_manifests_through_load_dataset(fleurs_hub, tmp_path):
     out = tmp_path / "fleurs"
-    counts = build_fleurs(out, ["en_us", "de_de"], str(fleurs_hub), "refs/convert/parquet",
-                          cache_dir=str(tmp_path / "cache"))
+    counts = build_fleurs(
+        out, ["en_us", "de_de"], str(fleurs_hub), "refs/convert/parquet", cache_dir=str(tmp_path / "cache")
+    )
     assert counts == {"train": 5, "dev": 2, "test": 2}
     train = read_manifest(out / "train.jsonl")
     by_id = {r["id"]: r for r in train}
-    assert set(by_id) == {"en_us-train-1786", "en_us-train-1787", "en_us-train-2201", "de_de-train-1786",
-                          "de_de-train-2201"}
+    assert set(by_id) == {
+        "en_us-train-1786",
+        "en_us-train-1787",
+        "en_us-train-2201",
+        "de_de-train-1786",
+        "de_de-train-2201",
+    }
     # raw_transcription untouched (case, punctuation, double space); translation joined on FLEURS id.
     dev = {r["id"]: r for r in read_manifest(out / "dev.jsonl")}
     assert dev["en_us-dev-3050"]["raw_transcription"] == "It rains  today."
@@ -156,18 +189,26 @@ def test_fleurs_manifests_through_load_dataset(fleurs_hub, tmp_path):
 
 def test_fleurs_ids_stable_across_reruns_and_row_order(fleurs_hub, tmp_path, speak):
     first = tmp_path / "first"
-    build_fleurs(first, ["en_us", "de_de"], str(fleurs_hub), "refs/convert/parquet", cache_dir=str(tmp_path / "c"))
+    build_fleurs(
+        first, ["en_us", "de_de"], str(fleurs_hub), "refs/convert/parquet", cache_dir=str(tmp_path / "c")
+    )
     before = (first / "test.jsonl").read_bytes()
-    build_fleurs(first, ["en_us", "de_de"], str(fleurs_hub), "refs/convert/parquet", cache_dir=str(tmp_path / "c"))
+    build_fleurs(
+        first, ["en_us", "de_de"], str(fleurs_hub), "refs/convert/parquet", cache_dir=str(tmp_path / "c")
+    )
     assert (first / "test.jsonl").read_bytes() == before
     # The same data with rows in another order (a re-upload) gives the same ids, sentences and texts.
     shuffled = make_fleurs(tmp_path / "shuffled_hub", speak, shuffle_seed=3)
     second = tmp_path / "second"
-    build_fleurs(second, ["en_us", "de_de"], str(shuffled), "refs/convert/parquet", cache_dir=str(tmp_path / "c"))
+    build_fleurs(
+        second, ["en_us", "de_de"], str(shuffled), "refs/convert/parquet", cache_dir=str(tmp_path / "c")
+    )
 
     def keyed(path):
-        return {r["id"]: (r["sentence_id"], r["raw_transcription"], r["translation"], r["num_samples"])
-                for r in read_manifest(path)}
+        return {
+            r["id"]: (r["sentence_id"], r["raw_transcription"], r["translation"], r["num_samples"])
+            for r in read_manifest(path)
+        }
 
     assert keyed(first / "train.jsonl") == keyed(second / "train.jsonl")
 
@@ -175,11 +216,18 @@ def test_fleurs_ids_stable_across_reruns_and_row_order(fleurs_hub, tmp_path, spe
 def test_parquet_layouts_old_and_partial(tmp_path, fleurs_hub):
     old = tmp_path / "old"
     (old / "en_us").mkdir(parents=True)
-    shutil.copy(fleurs_hub / "en_us" / "train" / "0000.parquet", old / "en_us" / "fleurs-train-00000-of-00002.parquet")
-    shutil.copy(fleurs_hub / "en_us" / "validation" / "0000.parquet", old / "en_us" / "fleurs-validation.parquet")
+    shutil.copy(
+        fleurs_hub / "en_us" / "train" / "0000.parquet", old / "en_us" / "fleurs-train-00000-of-00002.parquet"
+    )
+    shutil.copy(
+        fleurs_hub / "en_us" / "validation" / "0000.parquet", old / "en_us" / "fleurs-validation.parquet"
+    )
     assert [Path(p).name for p in parquet_split_files(str(old), "en_us", "train")] == [
-        "fleurs-train-00000-of-00002.parquet"]
-    assert [Path(p).name for p in parquet_split_files(str(old), "en_us", "validation")] == ["fleurs-validation.parquet"]
+        "fleurs-train-00000-of-00002.parquet"
+    ]
+    assert [Path(p).name for p in parquet_split_files(str(old), "en_us", "validation")] == [
+        "fleurs-validation.parquet"
+    ]
     partial = tmp_path / "partial" / "en_us" / "partial-train"
     partial.mkdir(parents=True)
     shutil.copy(fleurs_hub / "en_us" / "train" / "0000.parquet", partial / "0000.parquet")
@@ -195,10 +243,21 @@ def test_fleurs_bad_clip_names_row_or_is_skipped_and_reported(tmp_path, speak):
     rows["audio"][0] = {"bytes": b"this is not audio", "path": "test/4111.wav"}
     write_parquet(rows, fleurs_features(), hub / "de_de" / "test" / "0000.parquet")
     with pytest.raises(AudioError, match=r"de_de/test row 0"):
-        build_fleurs(tmp_path / "out", ["en_us", "de_de"], str(hub), "refs/convert/parquet",
-                     cache_dir=str(tmp_path / "c"))
-    counts = build_fleurs(tmp_path / "out", ["en_us", "de_de"], str(hub), "refs/convert/parquet", "skip",
-                          cache_dir=str(tmp_path / "c"))
+        build_fleurs(
+            tmp_path / "out",
+            ["en_us", "de_de"],
+            str(hub),
+            "refs/convert/parquet",
+            cache_dir=str(tmp_path / "c"),
+        )
+    counts = build_fleurs(
+        tmp_path / "out",
+        ["en_us", "de_de"],
+        str(hub),
+        "refs/convert/parquet",
+        "skip",
+        cache_dir=str(tmp_path / "c"),
+    )
     assert counts["test"] == 1
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [s["id"] for s in report["skipped"]] == ["de_de-test-4111"]
@@ -213,28 +272,48 @@ def test_librispeech_splits_and_duration_filter(tmp_path, speak):
 
     from speechllm.data.librispeech import build_librispeech
 
-    features = Features({"file": Value("string"), "audio": Audio(sampling_rate=SR), "text": Value("string"),
-                         "speaker_id": Value("int64"), "chapter_id": Value("int64"), "id": Value("string")})
+    features = Features(
+        {
+            "file": Value("string"),
+            "audio": Audio(sampling_rate=SR),
+            "text": Value("string"),
+            "speaker_id": Value("int64"),
+            "chapter_id": Value("int64"),
+            "id": Value("string"),
+        }
+    )
     short = speak("Go.", "en-us")
     long = np.concatenate([speak("A much longer sentence is read here.", "en-us")] * 3)
     hub = tmp_path / "librispeech"
     subsets = {"train.clean.100": [short, long], "validation.clean": [short], "test.other": [long, short]}
     for k, (subset, wavs) in enumerate(subsets.items()):
         ids = [f"{100 + k}-7-{n:04d}" for n in range(len(wavs))]
-        write_parquet({"file": [f"{i}.flac" for i in ids],
-                       "audio": [{"bytes": wav_bytes(w, fmt="FLAC"), "path": f"{i}.flac"} for i, w in zip(ids, wavs, strict=True)],
-                       "text": [f"UTTERANCE {n} OF {subset.upper()}" for n in range(len(wavs))],
-                       "speaker_id": [100 + k] * len(wavs), "chapter_id": [7] * len(wavs), "id": ids},
-                      features, hub / "all" / subset / "0000.parquet")
+        write_parquet(
+            {
+                "file": [f"{i}.flac" for i in ids],
+                "audio": [
+                    {"bytes": wav_bytes(w, fmt="FLAC"), "path": f"{i}.flac"}
+                    for i, w in zip(ids, wavs, strict=True)
+                ],
+                "text": [f"UTTERANCE {n} OF {subset.upper()}" for n in range(len(wavs))],
+                "speaker_id": [100 + k] * len(wavs),
+                "chapter_id": [7] * len(wavs),
+                "id": ids,
+            },
+            features,
+            hub / "all" / subset / "0000.parquet",
+        )
     max_duration = (short.shape[0] + long.shape[0]) / 2 / SR
     splits = {"train": ["train.clean.100"], "dev": ["validation.clean"], "test": ["test.other"]}
-    report = build_librispeech(tmp_path / "out", str(hub), "main", "all", splits, max_duration,
-                               cache_dir=str(tmp_path / "c"))
+    report = build_librispeech(
+        tmp_path / "out", str(hub), "main", "all", splits, max_duration, cache_dir=str(tmp_path / "c")
+    )
     assert report["subsets"]["train.clean.100"] == {"input": 2, "too_long": 1, "bad": 0, "kept": 1}
     assert report["subsets"]["test.other"]["too_long"] == 1
     test = read_manifest(tmp_path / "out" / "test.jsonl")
     assert [(r["id"], r["subset"], r["raw_transcription"]) for r in test] == [
-        ("102-7-0001", "test.other", "UTTERANCE 1 OF TEST.OTHER")]
+        ("102-7-0001", "test.other", "UTTERANCE 1 OF TEST.OTHER")
+    ]
     assert sf.info(test[0]["audio"]).frames == test[0]["num_samples"] and test[0]["audio"].endswith(".flac")
     assert json.loads((tmp_path / "out" / "report.json").read_text())["max_duration"] == max_duration
 
@@ -243,8 +322,12 @@ def test_split_sentences():
     from speechllm.data.articles import split_sentences
 
     text = 'The mayor spoke.  "We will build it," she said! Is it 2024? Yes. ok then.'
-    assert split_sentences(text) == ["The mayor spoke.", '"We will build it," she said!', "Is it 2024?",
-                                     "Yes. ok then."]
+    assert split_sentences(text) == [
+        "The mayor spoke.",
+        '"We will build it," she said!',
+        "Is it 2024?",
+        "Yes. ok then.",
+    ]
     assert split_sentences("No full stop") == ["No full stop"]
 
 
@@ -270,7 +353,7 @@ def test_spoken_demo_articles(tmp_path):
     assert all(b[0] - a[1] == int(0.25 * SR) for a, b in zip(spans, spans[1:], strict=False))
     wav, sr = sf.read(rec["audio"], dtype="float32")
     assert sr == SR and wav.shape[0] == rec["num_samples"]
-    assert np.abs(wav[spans[0][1]:spans[1][0]]).max() == 0.0  # the pause is silence
+    assert np.abs(wav[spans[0][1] : spans[1][0]]).max() == 0.0  # the pause is silence
 
 
 def test_hub_articles_filter_by_length(tmp_path):
@@ -279,12 +362,20 @@ def test_hub_articles_filter_by_length(tmp_path):
     from speechllm.data.articles import hub_articles
 
     features = Features({"article": Value("string"), "highlights": Value("string"), "id": Value("string")})
-    write_parquet({"article": ["Short one. Two.", "x" * 2000, "Another short one."],
-                   "highlights": ["s1", "s2", "s3"], "id": ["a", "b", "c"]},
-                  features, tmp_path / "cnndm" / "3.0.0" / "test" / "0000.parquet")
+    write_parquet(
+        {
+            "article": ["Short one. Two.", "x" * 2000, "Another short one."],
+            "highlights": ["s1", "s2", "s3"],
+            "id": ["a", "b", "c"],
+        },
+        features,
+        tmp_path / "cnndm" / "3.0.0" / "test" / "0000.parquet",
+    )
     got = hub_articles(str(tmp_path / "cnndm"), "3.0.0", "test", "main", 1600, None, str(tmp_path / "c"))
     assert [(a["id"], a["summary"]) for a in got] == [("cnndm-a", "s1"), ("cnndm-c", "s3")]
-    assert len(hub_articles(str(tmp_path / "cnndm"), "3.0.0", "test", "main", 1600, 1, str(tmp_path / "c"))) == 1
+    assert (
+        len(hub_articles(str(tmp_path / "cnndm"), "3.0.0", "test", "main", 1600, 1, str(tmp_path / "c"))) == 1
+    )
     with pytest.raises(SourceError, match="max_chars"):
         hub_articles(str(tmp_path / "cnndm"), "3.0.0", "test", "main", 5, None, str(tmp_path / "c"))
 
@@ -293,31 +384,53 @@ def test_hub_articles_filter_by_length(tmp_path):
 # Released SpeechXNLI (zenodo tar layout) and SpeechGLUE (speechGLUE data-prep layout); TTS fallback
 
 
-XNLI_PAIRS = [("A man plays a guitar.", "A person makes music.", 0),
-              ("A man plays a guitar.", "Nobody is playing.", 2),
-              ("The shop opens at nine.", "The shop is busy.", 1)]
+XNLI_PAIRS = [
+    ("A man plays a guitar.", "A person makes music.", 0),
+    ("A man plays a guitar.", "Nobody is playing.", 2),
+    ("The shop opens at nine.", "The shop is busy.", 1),
+]
 
 
 def xnli_text(root: Path, lang: str = "en") -> Path:
     from datasets import ClassLabel, Features, Value
 
-    features = Features({"premise": Value("string"), "hypothesis": Value("string"),
-                         "label": ClassLabel(names=["entailment", "neutral", "contradiction"])})
-    write_parquet({"premise": [p for p, _, _ in XNLI_PAIRS], "hypothesis": [h for _, h, _ in XNLI_PAIRS],
-                   "label": [label for _, _, label in XNLI_PAIRS]}, features, root / lang / "validation" / "0000.parquet")
+    features = Features(
+        {
+            "premise": Value("string"),
+            "hypothesis": Value("string"),
+            "label": ClassLabel(names=["entailment", "neutral", "contradiction"]),
+        }
+    )
+    write_parquet(
+        {
+            "premise": [p for p, _, _ in XNLI_PAIRS],
+            "hypothesis": [h for _, h, _ in XNLI_PAIRS],
+            "label": [label for _, _, label in XNLI_PAIRS],
+        },
+        features,
+        root / lang / "validation" / "0000.parquet",
+    )
     return root
 
 
 def speechxnli_release(root: Path, lang: str = "en") -> Path:
     """sentences_{lang}.txt (unique sentences, set order) + audios/{lang}/xnli_validation_{i:04d}.flac."""
-    sentences = ["The shop is busy.", "A man plays a guitar.", "Nobody is playing.", "The shop opens at nine.",
-                 "A person makes music."]
+    sentences = [
+        "The shop is busy.",
+        "A man plays a guitar.",
+        "Nobody is playing.",
+        "The shop opens at nine.",
+        "A person makes music.",
+    ]
     (root / "audios" / lang).mkdir(parents=True)
     (root / f"sentences_{lang}.txt").write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
     for i, _ in enumerate(sentences):
         # Clip i lasts (i + 1) * 0.1 s at 24 kHz, so the lookup can be checked by length.
-        sf.write(str(root / "audios" / lang / f"xnli_validation_{i:04d}.flac"),
-                 np.full(2400 * (i + 1), 0.1, dtype=np.float32), 24000)
+        sf.write(
+            str(root / "audios" / lang / f"xnli_validation_{i:04d}.flac"),
+            np.full(2400 * (i + 1), 0.1, dtype=np.float32),
+            24000,
+        )
     return root
 
 
@@ -328,8 +441,14 @@ def test_speechxnli_released_from_archive(tmp_path):
         tar.add(release, arcname="speech_xnli")
     extracted = extract_archive(archive, tmp_path / "out" / "audio" / "speechxnli_release")
     assert extract_archive(archive, extracted) == extracted  # reused, not unpacked twice
-    n = build_speechxnli_released(tmp_path / "out", extracted, ["en"], str(xnli_text(tmp_path / "xnli")), SR,
-                                  cache_dir=str(tmp_path / "c"))
+    n = build_speechxnli_released(
+        tmp_path / "out",
+        extracted,
+        ["en"],
+        str(xnli_text(tmp_path / "xnli")),
+        SR,
+        cache_dir=str(tmp_path / "c"),
+    )
     assert n == 3
     examples = read_manifest(tmp_path / "out" / "speechxnli" / "test.jsonl")
     first = examples[0]
@@ -345,8 +464,14 @@ def test_speechxnli_released_missing_sentence_is_named(tmp_path):
     lines = (release / "sentences_en.txt").read_text(encoding="utf-8").splitlines()
     (release / "sentences_en.txt").write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
     with pytest.raises(SourceError, match="A person makes music"):
-        build_speechxnli_released(tmp_path / "out", tmp_path, ["en"], str(xnli_text(tmp_path / "xnli")), SR,
-                                  cache_dir=str(tmp_path / "c"))
+        build_speechxnli_released(
+            tmp_path / "out",
+            tmp_path,
+            ["en"],
+            str(xnli_text(tmp_path / "xnli")),
+            SR,
+            cache_dir=str(tmp_path / "c"),
+        )
 
 
 def speechglue_release(root: Path, task_dir: str, fields: tuple[str, ...], rows: list[dict]) -> Path:
@@ -357,27 +482,52 @@ def speechglue_release(root: Path, task_dir: str, fields: tuple[str, ...], rows:
     split_dir.mkdir(parents=True)
     with (split_dir / "data.csv").open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow([*fields, "label", "idx", *(f"file_{f}" for f in fields), *(f"length_{f}" for f in fields)])
+        writer.writerow(
+            [*fields, "label", "idx", *(f"file_{f}" for f in fields), *(f"length_{f}" for f in fields)]
+        )
         for row in rows:
             files = []
             for f in fields:
-                clip = split_dir / f / "0" / f"{row['idx']}.flac"  # converted to flac, as the reference reads them
+                clip = (
+                    split_dir / f / "0" / f"{row['idx']}.flac"
+                )  # converted to flac, as the reference reads them
                 clip.parent.mkdir(parents=True, exist_ok=True)
                 sf.write(str(clip), np.full(1600 * (row["idx"] + 1), 0.1, dtype=np.float32), SR)
                 files.append(f"/mount/other/machine/dump/{task_dir}/{f}/0/{row['idx']}.wav")
-            writer.writerow([*(row[f] for f in fields), row["label"], row["idx"], *files, *([1600] * len(fields))])
+            writer.writerow(
+                [*(row[f] for f in fields), row["label"], row["idx"], *files, *([1600] * len(fields))]
+            )
     return root
 
 
 def test_speechglue_released_layouts(tmp_path):
     root = tmp_path / "speechglue"
-    speechglue_release(root, "rte/validation", ("sentence1", "sentence2"), [
-        {"sentence1": "the sky is blue, said he.", "sentence2": "the sky has a colour.", "label": 0, "idx": 0},
-        {"sentence1": "dogs bark.", "sentence2": "cats bark.", "label": 1, "idx": 2}])
-    speechglue_release(root, "mnli/validation_matched", ("premise", "hypothesis"), [
-        {"premise": "he ran.", "hypothesis": "he moved.", "label": 0, "idx": 0}])
-    speechglue_release(root, "stsb/validation", ("sentence1", "sentence2"), [
-        {"sentence1": "a b.", "sentence2": "a c.", "label": 3.8, "idx": 1}])
+    speechglue_release(
+        root,
+        "rte/validation",
+        ("sentence1", "sentence2"),
+        [
+            {
+                "sentence1": "the sky is blue, said he.",
+                "sentence2": "the sky has a colour.",
+                "label": 0,
+                "idx": 0,
+            },
+            {"sentence1": "dogs bark.", "sentence2": "cats bark.", "label": 1, "idx": 2},
+        ],
+    )
+    speechglue_release(
+        root,
+        "mnli/validation_matched",
+        ("premise", "hypothesis"),
+        [{"premise": "he ran.", "hypothesis": "he moved.", "label": 0, "idx": 0}],
+    )
+    speechglue_release(
+        root,
+        "stsb/validation",
+        ("sentence1", "sentence2"),
+        [{"sentence1": "a b.", "sentence2": "a c.", "label": 3.8, "idx": 1}],
+    )
     counts = build_speechglue_released(tmp_path / "out", root, ["rte", "mnli_matched", "stsb"], SR)
     assert counts == {"rte": 2, "mnli_matched": 1, "stsb": 1}
     rte = read_manifest(tmp_path / "out" / "speechglue" / "rte.jsonl")
@@ -392,8 +542,12 @@ def test_speechglue_released_layouts(tmp_path):
     (root / "rte/validation/sentence1/0/2.flac").unlink()
     with pytest.raises(AudioError, match=r"data.csv line 3"):
         build_speechglue_released(tmp_path / "out", root, ["rte"], SR)
-    speechglue_release(root, "cola/validation", ("sentence",), [
-        {"sentence": "a b.", "label": 1, "idx": 0}, {"sentence": "b a.", "label": "unacceptable", "idx": 1}])
+    speechglue_release(
+        root,
+        "cola/validation",
+        ("sentence",),
+        [{"sentence": "a b.", "label": 1, "idx": 0}, {"sentence": "b a.", "label": "unacceptable", "idx": 1}],
+    )
     with pytest.raises(SourceError, match=r"cola/validation/data.csv line 3: label 'unacceptable'"):
         build_speechglue_released(tmp_path / "out", root, ["cola"], SR)
 
@@ -407,11 +561,21 @@ def test_speechglue_tts_fallback_through_load_dataset(tmp_path):
         tts = EspeakNG(SR, 220)
     except RuntimeError as err:
         pytest.skip(str(err))
-    features = Features({"sentence": Value("string"), "label": ClassLabel(names=["negative", "positive"]),
-                         "idx": Value("int32")})
-    write_parquet({"sentence": ["a fine film.", "dull."], "label": [1, 0], "idx": [0, 1]}, features,
-                  tmp_path / "glue" / "sst2" / "validation" / "0000.parquet")
-    counts = build_speechglue_tts(tmp_path / "out", ["sst2"], tts, "en-us", SR, str(tmp_path / "glue"), threads=1)
+    features = Features(
+        {
+            "sentence": Value("string"),
+            "label": ClassLabel(names=["negative", "positive"]),
+            "idx": Value("int32"),
+        }
+    )
+    write_parquet(
+        {"sentence": ["a fine film.", "dull."], "label": [1, 0], "idx": [0, 1]},
+        features,
+        tmp_path / "glue" / "sst2" / "validation" / "0000.parquet",
+    )
+    counts = build_speechglue_tts(
+        tmp_path / "out", ["sst2"], tts, "en-us", SR, str(tmp_path / "glue"), threads=1
+    )
     assert counts == {"sst2": 2}
     ex = read_manifest(tmp_path / "out" / "speechglue" / "sst2.jsonl")[1]
     assert ex["label"] == 0 and ex["fields"]["sentence"]["text"] == "dull."
@@ -441,12 +605,29 @@ def test_cli_released_speechxnli_and_hub_articles(tmp_path):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(release, arcname="speech_xnli")
     tts = {"backend": "espeak-ng", "words_per_minute": 220, "voices": {"en_us": "en-us", "en": "en-us"}}
-    xnli = {"languages": ["en"], "dataset": str(xnli_text(tmp_path / "xnli")), "revision": "main",
-            "source": "released", "release_dir": None}
+    xnli = {
+        "languages": ["en"],
+        "dataset": str(xnli_text(tmp_path / "xnli")),
+        "revision": "main",
+        "source": "released",
+        "release_dir": None,
+    }
     settings = {"speechxnli": xnli, "tts": tts, "sampling_rate": SR, "on_bad_audio": "error"}
     out = tmp_path / "resources"
-    speechllm(["data", "speechxnli", "--settings", json.dumps(settings), "--out-dir", str(out),
-               "--archive", str(archive), "--cache-dir", str(tmp_path / "c")])
+    speechllm(
+        [
+            "data",
+            "speechxnli",
+            "--settings",
+            json.dumps(settings),
+            "--out-dir",
+            str(out),
+            "--archive",
+            str(archive),
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
+    )
     examples = read_manifest(out / "speechxnli" / "test.jsonl")
     assert len(examples) == 3 and "speechxnli_release" in examples[0]["fields"]["premise"]["audio"]
     with pytest.raises(SystemExit, match="release_dir"):
@@ -455,14 +636,44 @@ def test_cli_released_speechxnli_and_hub_articles(tmp_path):
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng not on PATH")
     features = Features({"article": Value("string"), "highlights": Value("string"), "id": Value("string")})
-    write_parquet({"article": ["x" * 1700, "Rain fell all day. The river rose."], "highlights": ["h1", "Rain."],
-                   "id": ["long", "k1"]}, features, tmp_path / "cnndm" / "3.0.0" / "test" / "0000.parquet")
-    articles = {"source": "hub", "dataset": str(tmp_path / "cnndm"), "revision": "main", "config": "3.0.0",
-                "split": "test", "max_chars": 1600, "max_articles": 1, "segmentation": "whole",
-                "pause_seconds": 0.3, "voice": "en_us"}
+    write_parquet(
+        {
+            "article": ["x" * 1700, "Rain fell all day. The river rose."],
+            "highlights": ["h1", "Rain."],
+            "id": ["long", "k1"],
+        },
+        features,
+        tmp_path / "cnndm" / "3.0.0" / "test" / "0000.parquet",
+    )
+    articles = {
+        "source": "hub",
+        "dataset": str(tmp_path / "cnndm"),
+        "revision": "main",
+        "config": "3.0.0",
+        "split": "test",
+        "max_chars": 1600,
+        "max_articles": 1,
+        "segmentation": "whole",
+        "pause_seconds": 0.3,
+        "voice": "en_us",
+    }
     settings = {"articles": articles, "tts": tts, "sampling_rate": SR, "on_bad_audio": "error"}
-    speechllm(["data", "articles", "--settings", json.dumps(settings), "--out-dir", str(out),
-               "--cache-dir", str(tmp_path / "c")])
+    speechllm(
+        [
+            "data",
+            "articles",
+            "--settings",
+            json.dumps(settings),
+            "--out-dir",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ]
+    )
     (rec,) = read_manifest(out / "articles" / "test.jsonl")
     assert rec["id"] == "cnndm-k1" and rec["summary"] == "Rain." and len(rec["segments"]) == 1
-    assert rec["segments"][0] == {"start": 0, "end": rec["num_samples"], "text": "Rain fell all day. The river rose."}
+    assert rec["segments"][0] == {
+        "start": 0,
+        "end": rec["num_samples"],
+        "text": "Rain fell all day. The river rose.",
+    }

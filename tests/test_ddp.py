@@ -204,7 +204,9 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_update(tiny_models, tmp_
     settings = run_settings(tiny_models, stage)
     env = subprocess_env(ACCELERATE_USE_CPU="true")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    reference = start(launch(train_command("ctc", settings, corpus, straight), 2)[1:], env, tmp_path / "a.log")
+    reference = start(
+        launch(train_command("ctc", settings, corpus, straight), 2)[1:], env, tmp_path / "a.log"
+    )
     launcher = start(launch(train_command("ctc", settings, corpus, stopped), 2)[1:], env, tmp_path / "b.log")
     wait_for(lambda: logged_steps(stopped), launcher)
     ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True) if "RANK" in p.environ()]

@@ -45,7 +45,7 @@ def english_parts(sentence: str, phrases: dict[str, list[str]]) -> tuple[str, ..
         match = [p for p in phrases[slot] if rest.startswith(p)]
         assert len(match) == 1, (sentence, slot)
         parts.append(match[0])
-        rest = rest[len(match[0]):].lstrip()
+        rest = rest[len(match[0]) :].lstrip()
     assert rest == "", sentence
     return tuple(parts)
 
@@ -101,11 +101,25 @@ def test_rescaled_embeddings_leave_the_llm_function_unchanged():
 
 
 def tiny_llm_settings(steps: int, freeze: bool) -> dict:
-    return {"tokenizer_vocab_size": 300, "llm_vocab_pad_to": 64, "llm_embedding_norm": 5.0,
-            "llm": {"hidden_size": 32, "n_layer": 1, "n_head": 2},
-            "llm_pretrain": {"steps": steps, "batch_size": 4, "lr": 1e-2, "warmup_steps": 1, "max_length": 160, "sort_pool_batches": 2,
-                             "weight_decay": 0.0, "grad_clip": 1.0, "templates_per_sentence": 1, "task_repeats": 1,
-                             "freeze_embeddings": freeze}}
+    return {
+        "tokenizer_vocab_size": 300,
+        "llm_vocab_pad_to": 64,
+        "llm_embedding_norm": 5.0,
+        "llm": {"hidden_size": 32, "n_layer": 1, "n_head": 2},
+        "llm_pretrain": {
+            "steps": steps,
+            "batch_size": 4,
+            "lr": 1e-2,
+            "warmup_steps": 1,
+            "max_length": 160,
+            "sort_pool_batches": 2,
+            "weight_decay": 0.0,
+            "grad_clip": 1.0,
+            "templates_per_sentence": 1,
+            "task_repeats": 1,
+            "freeze_embeddings": freeze,
+        },
+    }
 
 
 @pytest.mark.parametrize("freeze", [True, False])
@@ -162,7 +176,9 @@ def test_composed_glue_follows_one_rule_per_task():
                 english_parts(r["sentence"], phrase_sets())  # subject verb object adverbial, in that order
             elif task == "cola":  # the same kinds of phrases, in an order English does not allow
                 words = plain(r["sentence"])
-                assert not any(words.startswith(f"{s} {v} ") for s in phrases["subject"] for v in phrases["verb"])
+                assert not any(
+                    words.startswith(f"{s} {v} ") for s in phrases["subject"] for v in phrases["verb"]
+                )
                 assert sum(words.count(a) for a in phrases["adverbial"]) == 1, r
             else:
                 premise, hypothesis = plain(r["sentence1"]), plain(r["sentence2"])
@@ -177,13 +193,19 @@ def test_composed_glue_adds_to_the_written_sets_on_both_sides_of_the_llm_split()
     assert len(seen) == len(written["sst2"]) // 2 + 12 and len(held_out) == len(written["sst2"]) // 2 + 4
     assert not {r["sentence"] for r in seen} & {r["sentence"] for r in held_out}
     assert glue_split("rte", 0.5, None) == tuple(split_for_llm(written["rte"], 0.5))
-    assert composed_glue("cola", 12, seed=1) == composed_glue("cola", 12, seed=1) != composed_glue("cola", 12, 2)
+    assert (
+        composed_glue("cola", 12, seed=1) == composed_glue("cola", 12, seed=1) != composed_glue("cola", 12, 2)
+    )
     # The demo LLM is taught the seen composed items in the evaluation's own prompt.
-    examples = instruction_examples(0.5, "Repeat: ", ". ", "Translate from {language}:\n", "\n", 1, 1, " ", 0,
-                                    None, composed)
+    examples = instruction_examples(
+        0.5, "Repeat: ", ". ", "Translate from {language}:\n", "\n", 1, 1, " ", 0, None, composed
+    )
     prompts = {e.prompt: e.completion for e in examples}
     for row in seen[-5:]:
-        assert prompts[render_text(TASK_PROMPTS["sst2"], row)] == " " + TASK_PROMPTS["sst2"].options[int(row["label"])]
+        assert (
+            prompts[render_text(TASK_PROMPTS["sst2"], row)]
+            == " " + TASK_PROMPTS["sst2"].options[int(row["label"])]
+        )
     for row in held_out:
         assert render_text(TASK_PROMPTS["sst2"], row) not in prompts
 
@@ -191,7 +213,9 @@ def test_composed_glue_adds_to_the_written_sets_on_both_sides_of_the_llm_split()
 def test_composed_glue_errors_name_the_config_key():
     with pytest.raises(ValueError, match=r"data\.demo\.composed_glue: no composed items for task 'qqp'"):
         composed_glue("qqp", 4, seed=0)
-    with pytest.raises(ValueError, match=r"data\.demo\.composed_glue: taught \+ held_out = 100000 sst2 items, more than"):
+    with pytest.raises(
+        ValueError, match=r"data\.demo\.composed_glue: taught \+ held_out = 100000 sst2 items, more than"
+    ):
         composed_glue("sst2", 100_000, seed=0)
 
 
@@ -206,7 +230,7 @@ def test_demo_llm_batches_group_similar_lengths_and_cover_every_sequence():
     def padded(bs: list[list[tuple[list[int], int]]]) -> int:
         return sum(len(b) * max(len(ids) for ids, _ in b) for b in bs)
 
-    unsorted = [seqs[i: i + 8] for i in range(0, 640, 8)]
+    unsorted = [seqs[i : i + 8] for i in range(0, 640, 8)]
     assert padded(one_pass) < 0.75 * padded(unsorted)
     firsts = [len(b[0][0]) for b in one_pass]
     assert firsts != sorted(firsts)  # batches still shuffled
@@ -224,5 +248,6 @@ def test_demo_llm_pretraining_scores_only_the_completion():
     # The loss is the mean NLL of exactly the 5 completion tokens, each predicted from the position before it.
     nll = torch.nn.functional.cross_entropy(
         torch.stack([logits[0, 2], logits[0, 3], logits[0, 4], logits[1, 0], logits[1, 1]]),
-        torch.tensor([20, 21, 2, 22, 2]))
+        torch.tensor([20, 21, 2, 22, 2]),
+    )
     assert torch.allclose(model(**batch).loss, nll)

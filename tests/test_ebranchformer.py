@@ -367,7 +367,9 @@ def test_parity_with_espnet_self_conditioned_encoder(frames: int) -> None:
     lengths = torch.tensor([frames])
     with torch.no_grad():
         reference.conditioning_layer.load_state_dict(ours.conditioning_layer.state_dict())
-        (expected, intermediate), expected_lengths, _ = reference(feats, lengths, ctc=OverlayLidCtc(ours.lid_ctc))
+        (expected, intermediate), expected_lengths, _ = reference(
+            feats, lengths, ctc=OverlayLidCtc(ours.lid_ctc)
+        )
         out = ours(feats, lengths)
         expected_speech, expected_speech_lengths = ours.postencoder(expected, expected_lengths)
         expected_lid, _ = ours.lid_ctc(intermediate[0][1], expected_lengths)
@@ -391,7 +393,9 @@ def test_gradients_match_espnet(im2col: bool, monkeypatch: pytest.MonkeyPatch) -
 
     feats, lengths = torch.randn(2, 61, config.input_dim), torch.tensor([61, 61])
     out = ours(feats, lengths)
-    (encoded, intermediate), encoded_lengths, _ = reference(feats, lengths, ctc=OverlayLidCtc(heads["lid_ctc"]))
+    (encoded, intermediate), encoded_lengths, _ = reference(
+        feats, lengths, ctc=OverlayLidCtc(heads["lid_ctc"])
+    )
     expected_speech = heads["postencoder"](encoded, encoded_lengths)[0]
     expected_lid = heads["lid_ctc"](intermediate[0][1], encoded_lengths)[0]
     speech_weight, lid_weight = torch.randn_like(expected_speech), torch.randn_like(expected_lid)

@@ -18,13 +18,29 @@ from speechllm.demo.build import build_speech_encoder
 from speechllm.demo.encoder_ctc import CtcFinetuneConfig, character_vocab, finetune_encoder
 
 SR = 16_000
-ENCODER = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-           "conv_dim": [32, 32, 32], "conv_stride": [5, 4, 4], "conv_kernel": [10, 4, 4],
-           "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2}
+ENCODER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "conv_dim": [32, 32, 32],
+    "conv_stride": [5, 4, 4],
+    "conv_kernel": [10, 4, 4],
+    "num_conv_pos_embeddings": 16,
+    "num_conv_pos_embedding_groups": 2,
+}
 TONES = {"a": 300.0, "b": 700.0, "c": 1300.0, "d": 2200.0}  # one tone per character: a learnable "speech"
 # CTC sits on the all-blank plateau for a few hundred updates before it aligns (as on the demo speech).
-FINETUNE = CtcFinetuneConfig(updates=1000, max_padded_seconds=8.0, num_buckets=2, lr=3e-3, warmup_steps=20,
-                             grad_clip=5.0, dropout=0.0, log_every=50)
+FINETUNE = CtcFinetuneConfig(
+    updates=1000,
+    max_padded_seconds=8.0,
+    num_buckets=2,
+    lr=3e-3,
+    warmup_steps=20,
+    grad_clip=5.0,
+    dropout=0.0,
+    log_every=50,
+)
 
 
 def tone_speech(text: str) -> np.ndarray:
@@ -44,8 +60,16 @@ def tone_manifest(path: Path, texts: list[str]) -> Path:
     for i, text in enumerate(texts):
         wav = path.parent / f"{path.stem}_{i}.wav"
         sf.write(wav, tone_speech(text), SR)
-        records.append({"id": f"{path.stem}_{i}", "language": "en_us", "audio": str(wav), "transcription": text,
-                        "num_samples": len(tone_speech(text)), "sampling_rate": SR})
+        records.append(
+            {
+                "id": f"{path.stem}_{i}",
+                "language": "en_us",
+                "audio": str(wav),
+                "transcription": text,
+                "num_samples": len(tone_speech(text)),
+                "sampling_rate": SR,
+            }
+        )
     write_manifest(path, records)
     return path
 
@@ -56,11 +80,15 @@ def tone_data(tmp_path_factory) -> dict[str, Path]:
     rng = np.random.default_rng(0)
 
     def texts(n: int) -> list[str]:
-        return [" ".join("".join(rng.choice(list(TONES), size=rng.integers(2, 4))) for _ in range(2))
-                for _ in range(n)]
+        return [
+            " ".join("".join(rng.choice(list(TONES), size=rng.integers(2, 4))) for _ in range(2))
+            for _ in range(n)
+        ]
 
-    return {"train": tone_manifest(root / "train.jsonl", texts(24)),
-            "dev": tone_manifest(root / "dev.jsonl", texts(6))}
+    return {
+        "train": tone_manifest(root / "train.jsonl", texts(24)),
+        "dev": tone_manifest(root / "dev.jsonl", texts(6)),
+    }
 
 
 def test_character_vocab_has_the_ctc_specials_first():
@@ -85,7 +113,9 @@ def test_finetuning_learns_the_characters_and_saves_an_mms_all_shaped_model(tone
     asr = Wav2Vec2ForCTC.from_pretrained(out).eval()
     processor = Wav2Vec2Processor.from_pretrained(out)  # the hub model's usage: normalise, logits, decode
     with torch.no_grad():
-        logits = asr(processor(tone_speech("dcb a"), sampling_rate=SR, return_tensors="pt").input_values).logits
+        logits = asr(
+            processor(tone_speech("dcb a"), sampling_rate=SR, return_tensors="pt").input_values
+        ).logits
     assert processor.batch_decode(logits.argmax(-1))[0].replace(" ", "") == "dcba"  # word gaps are subtler
 
 
@@ -102,12 +132,30 @@ def test_an_empty_transcript_names_the_manifest_line(tone_data, tmp_path):
 
 
 def run_cli(tmp_path: Path, updates: int, *manifest_args: str) -> subprocess.CompletedProcess:
-    settings = {"demo_build": {"speech_encoder": {**ENCODER, "ctc_finetune": {**FINETUNE.__dict__,
-                                                                               "updates": updates}}},
-                "sampling_rate": SR, "seed": 0}
-    return subprocess.run([sys.executable, "-m", "speechllm.cli", "models", "demo-speech-encoder", "--settings",
-                           json.dumps(settings), "--out-dir", str(tmp_path / "mms"), *manifest_args],
-                          capture_output=True, text=True, timeout=300)
+    settings = {
+        "demo_build": {
+            "speech_encoder": {**ENCODER, "ctc_finetune": {**FINETUNE.__dict__, "updates": updates}}
+        },
+        "sampling_rate": SR,
+        "seed": 0,
+    }
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "speechllm.cli",
+            "models",
+            "demo-speech-encoder",
+            "--settings",
+            json.dumps(settings),
+            "--out-dir",
+            str(tmp_path / "mms"),
+            *manifest_args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_builds_the_encoder_atomically(tone_data, tmp_path):
@@ -123,10 +171,18 @@ def test_cli_builds_the_encoder_atomically(tone_data, tmp_path):
     lines = tone_data["train"].read_text().splitlines()
     bad.write_text("\n".join([*lines[:-1], "{not json"]) + "\n")  # read after the encoder is built
     (tmp_path / "failed").mkdir()
-    res = run_cli(tmp_path / "failed", 5, "--train-manifest", str(bad), "--dev-manifest", str(tone_data["dev"]))
+    res = run_cli(
+        tmp_path / "failed", 5, "--train-manifest", str(bad), "--dev-manifest", str(tone_data["dev"])
+    )
     assert res.returncode != 0 and f"{bad}:{len(lines)}: not valid JSON" in res.stderr
     assert list((tmp_path / "failed").iterdir()) == []
-    res = run_cli(tmp_path / "third", 5, "--train-manifest", str(tone_data["train"]), "--dev-manifest",
-                  str(tone_data["dev"]))
+    res = run_cli(
+        tmp_path / "third",
+        5,
+        "--train-manifest",
+        str(tone_data["train"]),
+        "--dev-manifest",
+        str(tone_data["dev"]),
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((tmp_path / "third/mms/ctc_finetune.json").read_text())["updates"] == 5

@@ -219,9 +219,7 @@ def test_asr_every_decoder_with_cascade_and_text_inputs(world, tmp_path) -> None
 
     cascade_df, _ = benchmarks.run_asr(system(world, "ctc", "cascade"), records, prefix, postfix, asr)
     assert list(cascade_df.input_text) == list(ctc_df.hypothesis)  # the CTC transcript went into the prompt
-    text_df, text_metrics = benchmarks.run_asr(
-        system(world, "ctc", "text"), records, prefix, postfix, asr
-    )
+    text_df, text_metrics = benchmarks.run_asr(system(world, "ctc", "text"), records, prefix, postfix, asr)
     assert list(text_df.input_text) == [r["raw_transcription"] for r in records]
     assert text_df.prompt.iloc[0] == f"Repeat the sentence: {records[0]['raw_transcription']}. "
     assert list(text_df.reference_normalized) == [
@@ -401,10 +399,20 @@ def test_stsb_answer_parsing() -> None:
 
 def test_generation_frames_keep_the_parquet_columns_of_asr_st_and_summarization() -> None:
     records = [
-        {"id": "a", "language": "de_de", "raw_transcription": "Hallo, Welt!", "translation": "Hello, world!",
-         "summary": "A greeting."},
-        {"id": "b", "language": "en_us", "raw_transcription": "Hi there.", "translation": "Hi there.",
-         "summary": "Another."},
+        {
+            "id": "a",
+            "language": "de_de",
+            "raw_transcription": "Hallo, Welt!",
+            "translation": "Hello, world!",
+            "summary": "A greeting.",
+        },
+        {
+            "id": "b",
+            "language": "en_us",
+            "raw_transcription": "Hi there.",
+            "translation": "Hi there.",
+            "summary": "Another.",
+        },
     ]
     rows = {
         unit("", i): {"hypothesis": hyp, "prompt": f"p{i}", "input_text": None, "ctc_hypothesis": f"ctc {i}"}
@@ -412,18 +420,35 @@ def test_generation_frames_keep_the_parquet_columns_of_asr_st_and_summarization(
     }
     asr = benchmarks.asr_frame(records, rows)
     assert list(asr.columns) == [
-        "id", "language", "prompt", "input_text", "reference", "hypothesis", "reference_normalized",
-        "hypothesis_normalized", "ctc_hypothesis",
+        "id",
+        "language",
+        "prompt",
+        "input_text",
+        "reference",
+        "hypothesis",
+        "reference_normalized",
+        "hypothesis_normalized",
+        "ctc_hypothesis",
     ]
     assert asr.reference.tolist() == ["Hallo, Welt!", "Hi there."]
     assert asr.hypothesis_normalized.tolist() == [basic_normalize("hallo welt"), basic_normalize("Hi There!")]
-    assert asr.reference_normalized.tolist() == [basic_normalize("Hallo, Welt!"), basic_normalize("Hi there.")]
+    assert asr.reference_normalized.tolist() == [
+        basic_normalize("Hallo, Welt!"),
+        basic_normalize("Hi there."),
+    ]
     assert asr.ctc_hypothesis.tolist() == ["ctc 0", "ctc 1"] and asr.prompt.tolist() == ["p0", "p1"]
 
     st = benchmarks.st_frame(records, "en_us", {unit("", 0): rows[unit("", 0)]})  # only the German source
     assert list(st.columns) == [
-        "id", "language", "target_language", "prompt", "input_text", "reference", "hypothesis",
-        "reference_normalized", "hypothesis_normalized",
+        "id",
+        "language",
+        "target_language",
+        "prompt",
+        "input_text",
+        "reference",
+        "hypothesis",
+        "reference_normalized",
+        "hypothesis_normalized",
     ]
     assert st.id.tolist() == ["a"] and st.target_language.tolist() == ["en_us"]
     assert st.reference.tolist() == ["Hello, world!"]

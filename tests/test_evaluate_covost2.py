@@ -86,8 +86,13 @@ def test_covost2_scores_against_english_with_13a(release) -> None:
             "hypothesis": ["he said hello", "good day"],
         }
     )
-    settings = StSettings(batch_size=1, num_beams=1, max_new_tokens=8, st_prompt=Prompt("", ""),
-                          bleu_tokenize={"default": "13a", "zh": "zh"})
+    settings = StSettings(
+        batch_size=1,
+        num_beams=1,
+        max_new_tokens=8,
+        st_prompt=Prompt("", ""),
+        bleu_tokenize={"default": "13a", "zh": "zh"},
+    )
     metrics = score_st(df, settings)
     assert "tok:13a" in metrics["all"]["bleu_signature"] and metrics["target_languages"] == ["en"]
     assert 0 < metrics["per_language"]["de"]["chrf"] < 100

@@ -51,12 +51,16 @@ def test_every_exact_switch_is_a_documented_deviation_that_differs_from_the_pape
 def test_the_exact_experiment_plans_with_the_int8_llm():
     res = subprocess.run(
         [str(BIN / "speechllm"), "plan", "--config", str(PAPER), str(EXACT), "--json"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr
     plans = {p["stage"]: p for p in json.loads(res.stdout)}
     normal = subprocess.run(
-        [str(BIN / "speechllm"), "plan", "--config", str(PAPER), "--json"], capture_output=True, text=True,
+        [str(BIN / "speechllm"), "plan", "--config", str(PAPER), "--json"],
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     assert normal.returncode == 0, normal.stderr
@@ -65,16 +69,36 @@ def test_the_exact_experiment_plans_with_the_int8_llm():
     # BLOOMZ in 8-bit: the CE stage's frozen LLM weights take about half of their bf16 memory.
     gib = 2**30
     assert plans["ce"]["totals"]["weight_bytes"] < bf16["ce"]["totals"]["weight_bytes"] - 5 * gib
-    for key in ("trainable_params", "frozen_params", "weight_bytes"):  # stage 1 needs only the LLM's embeddings
+    for key in (
+        "trainable_params",
+        "frozen_params",
+        "weight_bytes",
+    ):  # stage 1 needs only the LLM's embeddings
         assert plans["ctc"]["totals"][key] == bf16["ctc"]["totals"][key], key
 
 
 def test_the_exact_experiment_dry_runs_with_its_switches_in_the_commands(tmp_path):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WANDB_MODE": "offline"}
     res = subprocess.run(
-        [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-n", "-p", "-c", "64", "-d", str(tmp_path),
-         "--configfile", str(REPO / "config/config.yaml"), str(PAPER), str(EXACT)],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            str(BIN / "snakemake"),
+            "-s",
+            str(REPO / "Snakefile"),
+            "-n",
+            "-p",
+            "-c",
+            "64",
+            "-d",
+            str(tmp_path),
+            "--configfile",
+            str(REPO / "config/config.yaml"),
+            str(PAPER),
+            str(EXACT),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     for rule in ("generate_targets", "train_ctc", "train_ce", "evaluate", "table"):

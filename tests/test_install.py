@@ -65,15 +65,23 @@ def test_dependencies_are_ranges_and_constraints_pin_them():
         req = Requirement(spec)
         name = req.name.lower().replace("_", "-")
         assert name in pins, f"{name} is not pinned in requirements/constraints.txt (run `make constraints`)"
-        assert req.specifier.contains(pins[name]), f"constraints pin {name}=={pins[name]} outside {req.specifier}"
+        assert req.specifier.contains(pins[name]), (
+            f"constraints pin {name}=={pins[name]} outside {req.specifier}"
+        )
     torch = next(Requirement(s) for s in PYPROJECT["project"]["dependencies"] if s.startswith("torch>"))
     assert len(list(torch.specifier.filter(["2.11.0", "2.12.0", "2.13.1"]))) == 3
 
 
 def snakemake_dry_run(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WANDB_MODE": "offline"}
-    return subprocess.run([str(BIN / "snakemake"), "-n", "-d", str(workdir), *extra], cwd=REPO,
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [str(BIN / "snakemake"), "-n", "-d", str(workdir), *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_plain_dry_run_applies_the_default_workflow_profile(tmp_path):
@@ -107,26 +115,52 @@ def test_conda_post_deploy_installs_this_repository(tmp_path):
 def test_snakefile_exports_the_repository_for_the_conda_env():
     assert "os.environ.update(SPEECHLLM_REPO=workflow.basedir)" in (REPO / "Snakefile").read_text()
     env_file = yaml.safe_load((REPO / "envs/speechllm.yaml").read_text())
-    assert not [dep for dep in env_file["dependencies"] if isinstance(dep, dict)], "pip installs go post-deploy"
+    assert not [dep for dep in env_file["dependencies"] if isinstance(dep, dict)], (
+        "pip installs go post-deploy"
+    )
 
 
 @pytest.mark.slow
 def test_conda_environment_builds(tmp_path):
     conda = shutil.which("conda")
     if conda is None:
-        pytest.skip("conda is not installed here (Snakemake's --sdm conda needs it); the post-deploy script is "
-                    "tested with a stand-in above")
-    probe = subprocess.run([conda, "search", "-c", "conda-forge", "--override-channels", "espeak-ng"],
-                           capture_output=True, text=True, timeout=120)
+        pytest.skip(
+            "conda is not installed here (Snakemake's --sdm conda needs it); the post-deploy script is "
+            "tested with a stand-in above"
+        )
+    probe = subprocess.run(
+        [conda, "search", "-c", "conda-forge", "--override-channels", "espeak-ng"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if probe.returncode != 0:
         pytest.skip(f"conda-forge is not reachable from here: {probe.stderr.strip()[-200:]}")
-    res = subprocess.run([str(BIN / "snakemake"), "--sdm", "conda", "--conda-create-envs-only", "--conda-prefix",
-                          str(tmp_path / "envs"), "-d", str(tmp_path), "-c1"], cwd=REPO, capture_output=True,
-                         text=True, timeout=3600)
+    res = subprocess.run(
+        [
+            str(BIN / "snakemake"),
+            "--sdm",
+            "conda",
+            "--conda-create-envs-only",
+            "--conda-prefix",
+            str(tmp_path / "envs"),
+            "-d",
+            str(tmp_path),
+            "-c1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     (env_dir,) = [p for p in (tmp_path / "envs").iterdir() if p.is_dir() and (p / "bin/python").exists()]
-    where = subprocess.run([str(env_dir / "bin/python"), "-c", "import speechllm; print(speechllm.__file__)"],
-                           capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [str(env_dir / "bin/python"), "-c", "import speechllm; print(speechllm.__file__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert where.startswith(str(REPO / "src"))
 
 
@@ -153,11 +187,21 @@ def test_setup_without_root_reports_missing_espeak():
 
 def check_setup_without_root(make: str, tree: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tree), "ESPEAK_NG": "espeak-ng-not-installed"}
-    setup = subprocess.run(as_unprivileged([make, "-s", "-C", str(tree), "system-deps"]), capture_output=True,
-                           text=True, env=env, timeout=60)
+    setup = subprocess.run(
+        as_unprivileged([make, "-s", "-C", str(tree), "system-deps"]),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert setup.returncode == 0, setup.stderr
     assert "espeak-ng is not installed" in setup.stdout and "apt-get install -y espeak-ng" in setup.stdout
-    demo = subprocess.run(as_unprivileged([make, "-s", "-C", str(tree), "demo-deps"]), capture_output=True,
-                          text=True, env=env, timeout=60)
+    demo = subprocess.run(
+        as_unprivileged([make, "-s", "-C", str(tree), "demo-deps"]),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert demo.returncode != 0 and "make demo needs espeak-ng" in demo.stdout
     assert not (tree / ".config").exists(), "set-up wrote into the user's home"

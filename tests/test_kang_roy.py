@@ -22,11 +22,26 @@ CHAT = ChatTemplate()  # "[|User|]" / "</s>[|Assistant|]", the reference's strin
 
 def tiny_hubert_config(**overrides) -> HubertConfig:
     """HuBERT-large's layout (layer-norm conv extractor, stable-layer-norm encoder), shrunk; 80-sample hop."""
-    kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), conv_bias=True,
-                  feat_extract_norm="layer", do_stable_layer_norm=True, feat_proj_layer_norm=True,
-                  num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, apply_spec_augment=True,
-                  mask_time_prob=0.05, mask_time_length=2, mask_time_min_masks=2, layerdrop=0.1)
+    kwargs = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(32, 32, 32),
+        conv_stride=(5, 4, 4),
+        conv_kernel=(10, 4, 4),
+        conv_bias=True,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        feat_proj_layer_norm=True,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        apply_spec_augment=True,
+        mask_time_prob=0.05,
+        mask_time_length=2,
+        mask_time_min_masks=2,
+        layerdrop=0.1,
+    )
     kwargs.update(overrides)
     return HubertConfig(**kwargs)
 
@@ -35,14 +50,21 @@ def build_chat_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
     """SentencePiece-like BPE with LLaMA's special ids (<unk> 0, <s> 1, </s> 2) that prepends <s>, no pad token."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    texts = ["[|User|] hello there how are you</s>[|Assistant|] i am fine thank you",
-             "summarize the following article in three sentences or less", "the cat sat on the mat"] * 10
-    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    texts = [
+        "[|User|] hello there how are you</s>[|Assistant|] i am fine thank you",
+        "summarize the following article in three sentences or less",
+        "the cat sat on the mat",
+    ] * 10
+    trainer = trainers.BpeTrainer(
+        vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   padding_side="left")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
     fast.save_pretrained(out_dir)
     return fast
 
@@ -53,9 +75,20 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("kang_roy")
     tokenizer = build_chat_tokenizer(root / "llm")
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False))
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+        )
+    )
     lm.save_pretrained(root / "llm")
     HubertModel(tiny_hubert_config()).save_pretrained(root / "hubert")
     return {"llm": root / "llm", "hubert": root / "hubert"}
@@ -64,10 +97,17 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture()
 def spec(tiny_dirs) -> dict:
     models_cfg = {
-        "llm": {"name_or_path": str(tiny_dirs["llm"]), "revision": "main", "dtype": "float32",
-                "load_in_8bit": False},
-        "speech_encoder": {"name_or_path": str(tiny_dirs["hubert"]), "revision": "main",
-                           "normalize_waveform": False},
+        "llm": {
+            "name_or_path": str(tiny_dirs["llm"]),
+            "revision": "main",
+            "dtype": "float32",
+            "load_in_8bit": False,
+        },
+        "speech_encoder": {
+            "name_or_path": str(tiny_dirs["hubert"]),
+            "revision": "main",
+            "normalize_waveform": False,
+        },
         "pooling": {"kernel_size": 8, "stride": 4},
         "chat": {"prefix": CHAT.prefix, "suffix": CHAT.suffix, "label_eos": False},
         "prompt": {"prefix": "", "postfix": ""},
@@ -123,7 +163,7 @@ def test_encoder_padding_invariance() -> None:
     with torch.no_grad():
         batched, batched_lengths = encoder(wav, wav_lengths)
         for i, n in enumerate(lengths):
-            alone, alone_lengths = encoder(wav[i: i + 1, :n], torch.tensor([n]))
+            alone, alone_lengths = encoder(wav[i : i + 1, :n], torch.tensor([n]))
             k = int(alone_lengths[0])
             assert int(batched_lengths[i]) == k
             torch.testing.assert_close(batched[i, :k], alone[0], atol=ATOL, rtol=0)
@@ -207,11 +247,14 @@ def test_batched_chat_logits_equal_per_sample(spec) -> None:
     instruction = text_ids(tokenizer, "summarize the following article")
     with torch.no_grad():
         speech = model.encode(wav, lengths)
-        turns = [[speech[0]], [instruction, speech[1], text_ids(tokenizer, "the cat")]]  # speech only / interleaved
+        turns = [
+            [speech[0]],
+            [instruction, speech[1], text_ids(tokenizer, "the cat")],
+        ]  # speech only / interleaved
         targets = [text_ids(tokenizer, "i am fine"), text_ids(tokenizer, "thank you")]
         batched = model(turns, targets)
         for i in range(2):
-            alone = model(turns[i: i + 1], targets[i: i + 1])
+            alone = model(turns[i : i + 1], targets[i : i + 1])
             k = alone.logits.shape[1]
             torch.testing.assert_close(batched.logits[i, -k:], alone.logits[0], atol=ATOL, rtol=0)
             assert batched.labels[i, -k:].tolist() == alone.labels[0].tolist()
@@ -223,7 +266,9 @@ def test_batched_chat_logits_equal_per_sample(spec) -> None:
     embeds = model.llm.embed_tokens(torch.tensor(model.prefix_ids))
     torch.testing.assert_close(built.inputs_embeds[0, : len(model.prefix_ids)], embeds)
     speech_start = len(model.prefix_ids)
-    torch.testing.assert_close(built.inputs_embeds[0, speech_start: speech_start + speech[0].shape[0]], speech[0])
+    torch.testing.assert_close(
+        built.inputs_embeds[0, speech_start : speech_start + speech[0].shape[0]], speech[0]
+    )
 
 
 def test_gradient_reaches_hubert_not_llm(spec) -> None:
@@ -231,8 +276,10 @@ def test_gradient_reaches_hubert_not_llm(spec) -> None:
     model.train()
     assert model.encoder.encoder.training and not model.llm.lm.training
     wav, lengths = waves([3000, 2000], seed=3)
-    out = model([[s] for s in model.encode(wav, lengths)],
-                [text_ids(tokenizer, "hello there"), text_ids(tokenizer, "i am")])
+    out = model(
+        [[s] for s in model.encode(wav, lengths)],
+        [text_ids(tokenizer, "hello there"), text_ids(tokenizer, "i am")],
+    )
     out.loss.backward()
     hubert = model.encoder.encoder
     for module in (hubert.feature_extractor, hubert.encoder.layers[0], model.encoder.embed_projection):
@@ -257,11 +304,15 @@ def test_8bit_without_bitsandbytes_or_cuda_is_a_clear_error(spec, monkeypatch) -
     llm_cfg = dict(spec["llm"], load_in_8bit=True)
     monkeypatch.setattr(export.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(export.torch.cuda, "is_available", lambda: False)
-    with pytest.raises(export.QuantizationUnavailable,
-                       match=r"load_in_8bit is true but the bitsandbytes package .* and a CUDA GPU are not"):
+    with pytest.raises(
+        export.QuantizationUnavailable,
+        match=r"load_in_8bit is true but the bitsandbytes package .* and a CUDA GPU are not",
+    ):
         load_llm(llm_cfg)
     monkeypatch.setattr(export.torch.cuda, "is_available", lambda: True)
-    with pytest.raises(export.QuantizationUnavailable, match=r"bitsandbytes package \(pip install bitsandbytes\) is"):
+    with pytest.raises(
+        export.QuantizationUnavailable, match=r"bitsandbytes package \(pip install bitsandbytes\) is"
+    ):
         load_llm(llm_cfg)
     monkeypatch.setattr(export.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(export.torch.cuda, "is_available", lambda: False)
@@ -280,8 +331,9 @@ def test_encoder_only_build_reads_no_llm_weights(spec, monkeypatch) -> None:
     from speechllm.models.export import build_model
 
     monkeypatch.setattr(export, "load_llm", lambda *a, **k: pytest.fail("the LLM weights were loaded"))
-    model, tokenizer = build_model(dict(spec, llm=dict(spec["llm"], load_in_8bit=True)), with_ctc=False,
-                                   with_llm=False)
+    model, tokenizer = build_model(
+        dict(spec, llm=dict(spec["llm"], load_in_8bit=True)), with_ctc=False, with_llm=False
+    )
     assert model.llm is None and tokenizer.bos_token_id is not None
     lm = export.AutoModelForCausalLM.from_pretrained(spec["llm"]["name_or_path"])
     assert model.encoder.embed_projection.out_features == lm.get_input_embeddings().weight.shape[1]

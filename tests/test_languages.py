@@ -23,13 +23,106 @@ from speechllm.data.prepare import language_ids
 # 102 names they give 138 LID names; CV 12.0 lists 101 locales on the hub, consistent with the paper's 139 if
 # the added locale is one FLEURS lacks (not verifiable offline).
 CV11_LOCALES = (
-    "ab", "ar", "as", "ast", "az", "ba", "bas", "be", "bg", "bn", "br", "ca", "ckb", "cnh", "cs", "cv",
-    "cy", "da", "de", "dv", "el", "en", "eo", "es", "et", "eu", "fa", "fi", "fr", "fy-NL", "ga-IE", "gl",
-    "gn", "ha", "hi", "hsb", "hu", "hy-AM", "ia", "id", "ig", "it", "ja", "ka", "kab", "kk", "kmr", "ky",
-    "lg", "lt", "lv", "mdf", "mhr", "mk", "ml", "mn", "mr", "mrj", "mt", "myv", "nan-tw", "ne-NP", "nl",
-    "nn-NO", "or", "pa-IN", "pl", "pt", "rm-sursilv", "rm-vallader", "ro", "ru", "rw", "sah", "sat", "sc",
-    "sk", "skr", "sl", "sr", "sv-SE", "sw", "ta", "th", "ti", "tig", "tok", "tr", "tt", "tw", "ug", "uk",
-    "ur", "uz", "vi", "vot", "yue", "zh-CN", "zh-HK", "zh-TW",
+    "ab",
+    "ar",
+    "as",
+    "ast",
+    "az",
+    "ba",
+    "bas",
+    "be",
+    "bg",
+    "bn",
+    "br",
+    "ca",
+    "ckb",
+    "cnh",
+    "cs",
+    "cv",
+    "cy",
+    "da",
+    "de",
+    "dv",
+    "el",
+    "en",
+    "eo",
+    "es",
+    "et",
+    "eu",
+    "fa",
+    "fi",
+    "fr",
+    "fy-NL",
+    "ga-IE",
+    "gl",
+    "gn",
+    "ha",
+    "hi",
+    "hsb",
+    "hu",
+    "hy-AM",
+    "ia",
+    "id",
+    "ig",
+    "it",
+    "ja",
+    "ka",
+    "kab",
+    "kk",
+    "kmr",
+    "ky",
+    "lg",
+    "lt",
+    "lv",
+    "mdf",
+    "mhr",
+    "mk",
+    "ml",
+    "mn",
+    "mr",
+    "mrj",
+    "mt",
+    "myv",
+    "nan-tw",
+    "ne-NP",
+    "nl",
+    "nn-NO",
+    "or",
+    "pa-IN",
+    "pl",
+    "pt",
+    "rm-sursilv",
+    "rm-vallader",
+    "ro",
+    "ru",
+    "rw",
+    "sah",
+    "sat",
+    "sc",
+    "sk",
+    "skr",
+    "sl",
+    "sr",
+    "sv-SE",
+    "sw",
+    "ta",
+    "th",
+    "ti",
+    "tig",
+    "tok",
+    "tr",
+    "tt",
+    "tw",
+    "ug",
+    "uk",
+    "ur",
+    "uz",
+    "vi",
+    "vot",
+    "yue",
+    "zh-CN",
+    "zh-HK",
+    "zh-TW",
 )
 
 
@@ -37,11 +130,21 @@ def test_fleurs_has_102_distinct_names():
     assert len(FLEURS_NAMES) == 102 and len(set(FLEURS_NAMES.values())) == 102
 
 
-@pytest.mark.parametrize(("locale", "name"), [
-    ("nb-NO", "Norwegian"), ("nn-NO", "Norwegian"), ("zh-CN", "Mandarin Chinese"), ("zh-HK", "Mandarin Chinese"),
-    ("zh-TW", "Mandarin Chinese"), ("yue", "Cantonese Chinese"), ("ckb", "Sorani-Kurdish"), ("ff", "Fula"),
-    ("om", "Oromo"), ("nso", "Northern-Sotho"),
-])
+@pytest.mark.parametrize(
+    ("locale", "name"),
+    [
+        ("nb-NO", "Norwegian"),
+        ("nn-NO", "Norwegian"),
+        ("zh-CN", "Mandarin Chinese"),
+        ("zh-HK", "Mandarin Chinese"),
+        ("zh-TW", "Mandarin Chinese"),
+        ("yue", "Cantonese Chinese"),
+        ("ckb", "Sorani-Kurdish"),
+        ("ff", "Fula"),
+        ("om", "Oromo"),
+        ("nso", "Northern-Sotho"),
+    ],
+)
 def test_cv_names_patched_to_fleurs(locale, name):
     assert cv_language_name(locale) == name == language_name(locale)
     assert name in FLEURS_NAMES.values()
@@ -83,11 +186,24 @@ def test_unknown_codes_are_named():
 
 def test_lid_labels_are_one_plus_sorted_index(tmp_path):
     langs = ["yue", "af_za", "hsb", "nn-NO", "nb_no", "cmn_hans_cn", "zh-TW", "en_us", "en"]
-    write_manifest(tmp_path / "train.jsonl", [
-        {"id": f"u{i}", "language": lang, "audio": "a.wav", "num_samples": 1, "sampling_rate": 16000,
-         "raw_transcription": "x"} for i, lang in enumerate(langs)])
+    write_manifest(
+        tmp_path / "train.jsonl",
+        [
+            {
+                "id": f"u{i}",
+                "language": lang,
+                "audio": "a.wav",
+                "num_samples": 1,
+                "sampling_rate": 16000,
+                "raw_transcription": "x",
+            }
+            for i, lang in enumerate(langs)
+        ],
+    )
     labels = language_ids([tmp_path / "train.jsonl"], tmp_path / "lid.json")
-    expected = sorted({"Cantonese Chinese", "Afrikaans", "Sorbian, Upper", "Norwegian", "Mandarin Chinese", "English"})
+    expected = sorted(
+        {"Cantonese Chinese", "Afrikaans", "Sorbian, Upper", "Norwegian", "Mandarin Chinese", "English"}
+    )
     assert labels == {name: i + 1 for i, name in enumerate(expected)}
     assert 0 not in labels.values()
     write_manifest(tmp_path / "bad.jsonl", [{"id": "u0", "language": "en_us"}, {"id": "u1"}])
@@ -97,8 +213,17 @@ def test_lid_labels_are_one_plus_sorted_index(tmp_path):
 
 
 def utterances(langs: list[str]) -> list[dict]:
-    return [{"id": f"u{i}", "language": lang, "audio": "a.wav", "num_samples": 1, "sampling_rate": 16000,
-             "raw_transcription": "x"} for i, lang in enumerate(langs)]
+    return [
+        {
+            "id": f"u{i}",
+            "language": lang,
+            "audio": "a.wav",
+            "num_samples": 1,
+            "sampling_rate": 16000,
+            "raw_transcription": "x",
+        }
+        for i, lang in enumerate(langs)
+    ]
 
 
 def test_lid_labels_cover_train_and_dev_and_unknown_codes_name_the_line(tmp_path):
@@ -109,15 +234,20 @@ def test_lid_labels_cover_train_and_dev_and_unknown_codes_name_the_line(tmp_path
     labels = language_ids([tmp_path / "train.jsonl", tmp_path / "dev.jsonl"], tmp_path / "lid.json")
     assert labels == {"English": 1, "French": 2, "German": 3}
     write_manifest(tmp_path / "odd.jsonl", utterances(["en_us", "en_us", "xx_yy"]))
-    with pytest.raises(UnknownLanguageError, match=rf"^{tmp_path / 'odd.jsonl'}:3: unknown language code 'xx_yy'"):
+    with pytest.raises(
+        UnknownLanguageError, match=rf"^{tmp_path / 'odd.jsonl'}:3: unknown language code 'xx_yy'"
+    ):
         language_ids([tmp_path / "train.jsonl", tmp_path / "odd.jsonl"], tmp_path / "lid2.json")
     assert not (tmp_path / "lid2.json").exists()
 
 
-@pytest.mark.parametrize(("lang", "message"), [
-    ("fr_fr", r"language 'fr_fr' \(French\) has no language-ID label"),
-    ("xx_yy", "unknown language code 'xx_yy'"),
-])
+@pytest.mark.parametrize(
+    ("lang", "message"),
+    [
+        ("fr_fr", r"language 'fr_fr' \(French\) has no language-ID label"),
+        ("xx_yy", "unknown language code 'xx_yy'"),
+    ],
+)
 def test_a_language_without_a_label_is_an_error_naming_manifest_and_line(tmp_path, lang, message):
     """Never label 0, the LID-CTC blank: the check before training and the collator both stop."""
     import numpy as np
@@ -133,7 +263,9 @@ def test_a_language_without_a_label_is_an_error_naming_manifest_and_line(tmp_pat
     with pytest.raises(UnknownLanguageError, match=rf"^{manifest}:2: {message}"):
         check_lid_labels(records, labels, str(manifest))
     dataset = SpeechDataset(records, 16000)
-    collator = Collator(lambda text, add_special_tokens: SimpleNamespace(input_ids=[ord(c) for c in text]), labels)
+    collator = Collator(
+        lambda text, add_special_tokens: SimpleNamespace(input_ids=[ord(c) for c in text]), labels
+    )
     assert collator([dataset[0]]).lid.tolist() == [1]
     with pytest.raises(UnknownLanguageError, match=rf"^{manifest}:2: {message}"):
         collator([dataset[0], dataset[1]])

@@ -20,16 +20,40 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TARGETS = ["results/models/ctc_init", "results/models/ctc", "results/models/tmi", "results/eval/fleurs_asr/t.parquet"]
+TARGETS = [
+    "results/models/ctc_init",
+    "results/models/ctc",
+    "results/models/tmi",
+    "results/eval/fleurs_asr/t.parquet",
+]
 MULTI_NODE = {"resources": {"rules": {"train_ce": {"nodes": 2}}}}
 
 
 def dry_run(workdir: Path, *configs: Path | str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "WANDB_MODE": "offline"}
-    return subprocess.run([str(BIN / "snakemake"), "-s", str(REPO / "Snakefile"), "-n", "-p", "-c", "64",
-                           "-d", str(workdir),
-                           "--configfile", str(REPO / "config/config.yaml"), *map(str, configs), *extra,
-                           "--", *TARGETS], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [
+            str(BIN / "snakemake"),
+            "-s",
+            str(REPO / "Snakefile"),
+            "-n",
+            "-p",
+            "-c",
+            "64",
+            "-d",
+            str(workdir),
+            "--configfile",
+            str(REPO / "config/config.yaml"),
+            *map(str, configs),
+            *extra,
+            "--",
+            *TARGETS,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def parse_jobs(out: str) -> dict[str, dict]:
@@ -42,7 +66,7 @@ def parse_jobs(out: str) -> dict[str, dict]:
         res = re.search(r"^ +resources: (.*)$", block, re.M)
         cmd = re.search(r"^Shell command: (.*)$", block, re.M)
         resources = {}
-        for item in (res.group(1).split(", ") if res else []):
+        for item in res.group(1).split(", ") if res else []:
             key, _, value = item.partition("=")
             resources[key] = int(value) if value.isdigit() else value
         jobs[head.group(1)] = {"resources": resources, "shell": cmd.group(1) if cmd else ""}
@@ -65,8 +89,12 @@ def demo_jobs(tmp_path_factory) -> dict[str, dict]:
 def paper_jobs(tmp_path_factory) -> dict[str, dict]:
     """Paper scale, CE on two nodes, as the third attempt of each job (after two failures)."""
     tmp = tmp_path_factory.mktemp("paper")
-    res = dry_run(tmp, REPO / "config/experiments/bloomzmms.yaml", write_yaml(tmp / "nodes.yaml", MULTI_NODE),
-                  extra=("--attempt", "3"))
+    res = dry_run(
+        tmp,
+        REPO / "config/experiments/bloomzmms.yaml",
+        write_yaml(tmp / "nodes.yaml", MULTI_NODE),
+        extra=("--attempt", "3"),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return parse_jobs(res.stdout)
 
@@ -83,16 +111,19 @@ def test_cpu_steps_keep_the_plain_call(demo_jobs):
 
 def test_rule_overrides_set_a_steps_threads(demo_jobs, paper_jobs):
     """`resources.rules.<rule>.cpu_threads` reaches the job's --threads; without it, `resources.cpu_threads`."""
+
     def threads(job: dict) -> int:
         return int(re.search(r"--threads (\d+)", job["shell"]).group(1))
 
     demo = yaml.safe_load((REPO / "config/config.yaml").read_text())["resources"]
     paper = yaml.safe_load((REPO / "config/experiments/bloomzmms.yaml").read_text())["resources"]
-    assert demo["rules"]["evaluate"]["cpu_threads"] != demo["cpu_threads"]   # the override is what is tested
+    assert demo["rules"]["evaluate"]["cpu_threads"] != demo["cpu_threads"]  # the override is what is tested
     assert threads(demo_jobs["evaluate"]) == demo["rules"]["evaluate"]["cpu_threads"]
     assert threads(demo_jobs["train_ctc"]) == demo["cpu_threads"]
     # The paper config sets its own: config.yaml's demo override must not leak into it through the merge.
-    assert threads(paper_jobs["evaluate"]) == paper["rules"]["evaluate"]["cpu_threads"] == paper["cpu_threads"]
+    assert (
+        threads(paper_jobs["evaluate"]) == paper["rules"]["evaluate"]["cpu_threads"] == paper["cpu_threads"]
+    )
     assert threads(paper_jobs["train_ctc"]) == paper["cpu_threads"]
 
 
@@ -100,8 +131,13 @@ def test_every_step_rule_honours_its_thread_override(tmp_path):
     """Each step rule of the BLOOMZMMS DAG that `resources.rules.<rule>.cpu_threads` can name takes it (none
     validates and is then ignored)."""
     overrides = {"train_ctc": 3, "train_ce": 5, "evaluate": 7, "generate_targets": 4, "init_model": 6}
-    res = dry_run(tmp_path, write_yaml(tmp_path / "threads.yaml", {"resources": {"rules": {
-        rule: {"cpu_threads": n} for rule, n in overrides.items()}}}))
+    res = dry_run(
+        tmp_path,
+        write_yaml(
+            tmp_path / "threads.yaml",
+            {"resources": {"rules": {rule: {"cpu_threads": n} for rule, n in overrides.items()}}},
+        ),
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = parse_jobs(res.stdout)
     for rule, n in overrides.items():
@@ -111,11 +147,17 @@ def test_every_step_rule_honours_its_thread_override(tmp_path):
 def test_one_process_steps_take_rule_overrides_and_retry_scaling(tmp_path, paper_jobs):
     """init_model (which loads the whole LLM) and the generation shards size their jobs from `resources` and
     `resources.rules.<rule>` as the training steps do, growing on retries."""
-    overrides = {"init_model": {"mem_mb": 1111, "runtime": 7}, "generate_targets": {"cpu_threads": 3, "mem_mb": 2222}}
+    overrides = {
+        "init_model": {"mem_mb": 1111, "runtime": 7},
+        "generate_targets": {"cpu_threads": 3, "mem_mb": 2222},
+    }
     res = dry_run(tmp_path, write_yaml(tmp_path / "rules.yaml", {"resources": {"rules": overrides}}))
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = parse_jobs(res.stdout)
-    assert (jobs["init_model"]["resources"]["mem_mb"], jobs["init_model"]["resources"]["runtime"]) == (1111, 7)
+    assert (jobs["init_model"]["resources"]["mem_mb"], jobs["init_model"]["resources"]["runtime"]) == (
+        1111,
+        7,
+    )
     assert jobs["generate_targets"]["resources"]["mem_mb"] == 2222
     assert "--threads 3 " in jobs["generate_targets"]["shell"]
     # Paper scale, third attempt: the base 64 GB × 1.5², and init_model asks for no GPU (config rules.init_model).
@@ -127,7 +169,9 @@ def test_one_process_steps_take_rule_overrides_and_retry_scaling(tmp_path, paper
     # Source steps take config.yaml's `resources.rules` (no GPU, their own memory) at every scale.
     demo = yaml.safe_load((REPO / "config/config.yaml").read_text())["resources"]["rules"]["fleurs_data"]
     fleurs = paper_jobs["fleurs_data"]
-    assert fleurs["resources"]["gpu"] == 0 and fleurs["resources"]["mem_mb"] == round(demo["mem_mb"] * scale**2)
+    assert fleurs["resources"]["gpu"] == 0 and fleurs["resources"]["mem_mb"] == round(
+        demo["mem_mb"] * scale**2
+    )
     assert "--threads" not in fleurs["shell"]  # the FLEURS conversion streams one split at a time
 
 
@@ -170,12 +214,16 @@ def test_sharded_evaluation_is_one_job_per_shard_and_a_gather(tmp_path):
     writes the Parquet and the score file; with 1 (the default) one job does all of it."""
     res = dry_run(tmp_path, write_yaml(tmp_path / "shards.yaml", {"evaluate": {"shards": 3}}))
     assert res.returncode == 0, res.stderr[-3000:]
-    shards = re.findall(r"--shard (\d) --num-shards 3 --rows results/eval/fleurs_asr/t\.shards/shard(\d)\.json",
-                        res.stdout)
+    shards = re.findall(
+        r"--shard (\d) --num-shards 3 --rows results/eval/fleurs_asr/t\.shards/shard(\d)\.json", res.stdout
+    )
     assert sorted(shards) == [("0", "0"), ("1", "1"), ("2", "2")]
     gather = parse_jobs(res.stdout)["evaluate_gather"]
     assert gather["shell"].startswith("speechllm evaluate gather fleurs_asr ")
-    assert " --rows " + " ".join(f"results/eval/fleurs_asr/t.shards/shard{k}.json" for k in range(3)) in gather["shell"]
+    assert (
+        " --rows " + " ".join(f"results/eval/fleurs_asr/t.shards/shard{k}.json" for k in range(3))
+        in gather["shell"]
+    )
 
 
 def test_many_preemptions_keep_the_memory_request_bounded(tmp_path):
@@ -192,7 +240,9 @@ def test_stop_signal_must_leave_time_to_run(tmp_path):
     override = write_yaml(tmp_path / "o.yaml", {"resources": {"rules": {"train_ctc": {"runtime": 5}}}})
     res = dry_run(tmp_path, override)
     assert res.returncode != 0
-    assert "config error at key 'resources.rules.train_ctc.stop_signal_seconds'" in res.stderr, res.stderr[-2000:]
+    assert "config error at key 'resources.rules.train_ctc.stop_signal_seconds'" in res.stderr, res.stderr[
+        -2000:
+    ]
 
 
 def test_multi_node_ce_asks_slurm_for_gpus_per_node(paper_jobs):
@@ -202,18 +252,36 @@ def test_multi_node_ce_asks_slurm_for_gpus_per_node(paper_jobs):
 
     res = paper_jobs["train_ce"]["resources"]
     assert {k: res[k] for k in ("gres", "nodes", "mpi", "tasks", "tasks_per_gpu")} == {
-        "gres": "gpu:4", "nodes": 2, "mpi": "srun", "tasks": 2, "tasks_per_gpu": 0}
+        "gres": "gpu:4",
+        "nodes": 2,
+        "mpi": "srun",
+        "tasks": 2,
+        "tasks_per_gpu": 0,
+    }
     assert "gpu" not in res  # --gpus would count GPUs over all nodes
 
     class JobResources(dict):
         __getattr__ = dict.__getitem__
 
     job = SimpleNamespace(resources=JobResources(res), threads=8)
-    params = {"run_uuid": "run", "slurm_logfile": "x.log", "comment_str": "train_ce", "account": "",
-              "partition": "", "workdir": "/tmp"}
+    params = {
+        "run_uuid": "run",
+        "slurm_logfile": "x.log",
+        "comment_str": "train_ce",
+        "account": "",
+        "partition": "",
+        "workdir": "/tmp",
+    }
     sbatch = get_submit_command(job, params) + set_gres_string(job)
-    for flag in ("--nodes=2", "--ntasks=2", "--cpus-per-gpu=8", "--gres=gpu:4", "--mem 432000", "-t 2880",
-                 "--signal=TERM@600"):
+    for flag in (
+        "--nodes=2",
+        "--ntasks=2",
+        "--cpus-per-gpu=8",
+        "--gres=gpu:4",
+        "--mem 432000",
+        "-t 2880",
+        "--signal=TERM@600",
+    ):
         assert re.search(rf"(^| ){re.escape(flag)}( |$)", sbatch), (flag, sbatch)
     assert "--ntasks-per-gpu" not in sbatch and "--gpus" not in sbatch, sbatch
 
@@ -228,48 +296,90 @@ def test_multi_node_ce_runs_one_accelerate_launch_per_node(paper_jobs, tmp_path)
     scontrol; a stand-in accelerate records what each node's launcher was given."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    write_stub(bin_dir / "srun", "#!/usr/bin/env bash\n"
-               'echo "$@" > "$RECORD_DIR/srun.args"\n'
-               "nodes=1\n"
-               'while [[ $1 == -* ]]; do case $1 in --nodes=*) nodes=${1#--nodes=};; esac; shift; done\n'
-               "for ((i = 0; i < nodes; i++)); do\n"
-               '  SLURM_NODEID=$i SLURM_NNODES=$nodes SLURM_JOB_NODELIST="gpu[07-08]" SLURM_JOB_ID=123456 "$@" || exit\n'
-               "done\n")
-    write_stub(bin_dir / "scontrol", '#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && printf "gpu07\\ngpu08\\n"\n')
-    write_stub(bin_dir / "accelerate", f"#!{sys.executable}\nimport json, os, sys\n"
-               "path = os.path.join(os.environ['RECORD_DIR'], 'node' + os.environ['SLURM_NODEID'] + '.json')\n"
-               "json.dump(sys.argv[1:], open(path, 'w'))\n")
+    write_stub(
+        bin_dir / "srun",
+        "#!/usr/bin/env bash\n"
+        'echo "$@" > "$RECORD_DIR/srun.args"\n'
+        "nodes=1\n"
+        "while [[ $1 == -* ]]; do case $1 in --nodes=*) nodes=${1#--nodes=};; esac; shift; done\n"
+        "for ((i = 0; i < nodes; i++)); do\n"
+        '  SLURM_NODEID=$i SLURM_NNODES=$nodes SLURM_JOB_NODELIST="gpu[07-08]" SLURM_JOB_ID=123456 "$@" || exit\n'
+        "done\n",
+    )
+    write_stub(
+        bin_dir / "scontrol",
+        '#!/usr/bin/env bash\n[ "$1 $2" = "show hostnames" ] && printf "gpu07\\ngpu08\\n"\n',
+    )
+    write_stub(
+        bin_dir / "accelerate",
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        "path = os.path.join(os.environ['RECORD_DIR'], 'node' + os.environ['SLURM_NODEID'] + '.json')\n"
+        "json.dump(sys.argv[1:], open(path, 'w'))\n",
+    )
     (tmp_path / "logs/train").mkdir(parents=True)
     command = paper_jobs["train_ce"]["shell"]
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD_DIR": str(tmp_path)}
-    res = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
 
     srun = (tmp_path / "srun.args").read_text().split()
-    assert srun[:6] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=32", "--mem=0",
-                        "--kill-on-bad-exit=1"]
+    assert srun[:6] == [
+        "--nodes=2",
+        "--ntasks=2",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=32",
+        "--mem=0",
+        "--kill-on-bad-exit=1",
+    ]
     words = shlex.split(command)
-    speechllm_argv = words[words.index("accelerate-node") + 1:words.index(">")]
+    speechllm_argv = words[words.index("accelerate-node") + 1 : words.index(">")]
     assert speechllm_argv[:3] == ["speechllm", "train", "ce"]
     settings = json.loads(speechllm_argv[speechllm_argv.index("--settings") + 1])
     assert settings["models"]["llm"]["name_or_path"] == "bigscience/bloomz-7b1"
     for rank in (0, 1):
         argv = json.loads((tmp_path / f"node{rank}.json").read_text())
-        assert argv == ["launch", "--multi_gpu", "--num_processes", "8", "--num_machines", "2",
-                        "--machine_rank", str(rank), "--main_process_ip", "gpu07",
-                        "--main_process_port", str(29500 + 123456 % 1000), "--mixed_precision", "no",
-                        "--dynamo_backend", "no", "--no_python", *speechllm_argv]
+        assert argv == [
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "8",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            str(rank),
+            "--main_process_ip",
+            "gpu07",
+            "--main_process_port",
+            str(29500 + 123456 % 1000),
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--no_python",
+            *speechllm_argv,
+        ]
 
 
 def test_single_node_launcher_starts_one_process_per_gpu(paper_jobs, tmp_path):
     """train_ctc's launcher (2 GPUs) with real accelerate on CPU: two ranks of one world, arguments intact."""
     launcher = paper_jobs["train_ctc"]["shell"].split(" speechllm ", 1)[0]
     # One file per rank: the ranks share the launcher's stdout, where their lines can interleave.
-    probe = ("import json, os, sys; open(f\"rank{os.environ['RANK']}.json\", 'w')"
-             ".write(json.dumps([os.environ['WORLD_SIZE'], sys.argv[1:]]))")
+    probe = (
+        "import json, os, sys; open(f\"rank{os.environ['RANK']}.json\", 'w')"
+        ".write(json.dumps([os.environ['WORLD_SIZE'], sys.argv[1:]]))"
+    )
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "ACCELERATE_USE_CPU": "true"}
-    res = subprocess.run(f"{launcher} {shlex.quote(sys.executable)} -c {shlex.quote(probe)} --settings '{{\"a\": 1}}'",
-                         shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        f"{launcher} {shlex.quote(sys.executable)} -c {shlex.quote(probe)} --settings '{{\"a\": 1}}'",
+        shell=True,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.glob("rank*.json")) == ["rank0.json", "rank1.json"], res.stdout
     for rank in (0, 1):
@@ -300,12 +410,18 @@ def test_launchers_wait_for_a_signalled_step_to_save(paper_jobs, tmp_path, rule,
     import psutil
 
     launcher = paper_jobs[rule]["shell"].split(" speechllm ", 1)[0]
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "ACCELERATE_USE_CPU": "true",
-           "PYTHONPATH": str(REPO / "src")}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "ACCELERATE_USE_CPU": "true",
+        "PYTHONPATH": str(REPO / "src"),
+    }
     log = tmp_path / "step.log"
     with log.open("w") as fh:
         command = f"{launcher} {shlex.quote(sys.executable)} -c {shlex.quote(STOPPABLE_PROBE)}"
-        step = subprocess.Popen(["bash", "-c", command], cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        step = subprocess.Popen(
+            ["bash", "-c", command], cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT
+        )
     deadline = time.monotonic() + 120
     while len(list(tmp_path.glob("ready*"))) < ranks and step.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -15,7 +15,15 @@ LAYERS = [
     {"targets", "train", "evaluate", "plan"},
     {"demo"},
     {"report"},
-    {"cli", "api", "infer", "publish", "workflow", "runrecord", "__init__"},  # __init__.py re-exports api.load
+    {
+        "cli",
+        "api",
+        "infer",
+        "publish",
+        "workflow",
+        "runrecord",
+        "__init__",
+    },  # __init__.py re-exports api.load
 ]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 TOP = len(LAYERS) - 1

@@ -140,7 +140,11 @@ def test_normalising_both_sides_changes_bleu() -> None:
     # ... which is what normalize_hypotheses=False (evaluate.st_normalize: references) computes.
     as_reference = translation_scores(refs, refs, normalize=True, normalize_hypotheses=False)
     assert as_reference["bleu"] == pytest.approx(refs_only["bleu"])
-    assert (as_reference["normalized"], both["normalized"], raw["normalized"]) == ("references", "both", "none")
+    assert (as_reference["normalized"], both["normalized"], raw["normalized"]) == (
+        "references",
+        "both",
+        "none",
+    )
 
 
 def test_st_normalize_switch_selects_the_reference_scoring() -> None:
@@ -149,12 +153,24 @@ def test_st_normalize_switch_selects_the_reference_scoring() -> None:
     from speechllm.evaluate.benchmarks import score_st
     from speechllm.evaluate.settings import Prompt, StSettings
 
-    df = pd.DataFrame({"language": ["de_de"], "target_language": ["en_us"],
-                       "reference": ["The cat sat on the mat, didn't it?"],
-                       "hypothesis": ["The cat sat on the mat, didn't it?"]})
+    df = pd.DataFrame(
+        {
+            "language": ["de_de"],
+            "target_language": ["en_us"],
+            "reference": ["The cat sat on the mat, didn't it?"],
+            "hypothesis": ["The cat sat on the mat, didn't it?"],
+        }
+    )
+
     def settings(st_normalize: str) -> StSettings:
-        return StSettings(batch_size=1, num_beams=1, max_new_tokens=8, st_prompt=Prompt("", ""),
-                          bleu_tokenize={"default": "13a"}, st_normalize=st_normalize)
+        return StSettings(
+            batch_size=1,
+            num_beams=1,
+            max_new_tokens=8,
+            st_prompt=Prompt("", ""),
+            bleu_tokenize={"default": "13a"},
+            st_normalize=st_normalize,
+        )
 
     assert score_st(df, settings("both"))["all"]["bleu"] == pytest.approx(100.0)
     assert score_st(df, settings("references"))["all"]["bleu"] < 50.0
@@ -245,8 +261,14 @@ BLEU_TABLE = {"default": "13a", "zh": "zh", "cmn": "zh", "ja": "ja-mecab"}
 
 @pytest.mark.parametrize(
     ("target", "tokenizer"),
-    [("en", "13a"), ("en_us", "13a"), ("zh-CN", "zh"), ("cmn_hans_cn", "zh"), ("ja", "ja-mecab"),
-     ("de_de", "13a")],
+    [
+        ("en", "13a"),
+        ("en_us", "13a"),
+        ("zh-CN", "zh"),
+        ("cmn_hans_cn", "zh"),
+        ("ja", "ja-mecab"),
+        ("de_de", "13a"),
+    ],
 )
 def test_bleu_tokenizer_by_target_language(target: str, tokenizer: str) -> None:
     assert bleu_tokenizer(target, BLEU_TABLE) == tokenizer

@@ -93,7 +93,9 @@ def test_mms_language_adapters_and_frame_count_follow_the_config() -> None:
 
 def test_summarization_parameter_counts(summarization_plans) -> None:
     parts = parts_by_name(summarization_plans["kd"])
-    assert parts["speech_encoder"].trainable_params == 315_438_720 and parts["speech_encoder"].frozen_params == 0
+    assert (
+        parts["speech_encoder"].trainable_params == 315_438_720 and parts["speech_encoder"].frozen_params == 0
+    )
     assert parts["pool+projection"].trainable_params == 1024 * 3072 + 3072
     assert parts["llm"].frozen_params == 3_020_442_624 and parts["llm"].trainable_params == 0
 
@@ -138,8 +140,15 @@ def test_paper_scale_llm_defaults_are_bf16_without_8bit() -> None:
 def test_8bit_and_checkpointing_change_the_llm_plan() -> None:
     cfg = load_experiment(BLOOMZMMS)
     lm = meta_model(load_arch_config("bigscience/bloomz-7b1", MODELS_DIR)[0], causal_lm=True)
-    workload = Workload(utterances=2, utterance_seconds=10, samples=160000, encoder_frames=499,
-                        speech_embeddings=62, llm_tokens=120, label_positions=50)
+    workload = Workload(
+        utterances=2,
+        utterance_seconds=10,
+        samples=160000,
+        encoder_frames=499,
+        speech_embeddings=62,
+        llm_tokens=120,
+        label_positions=50,
+    )
     llm_cfg = dict(cfg["models"]["llm"])
     base = llm_part(lm, workload, dict(llm_cfg, gradient_checkpointing=False), 2, losses=1)
     ckpt = llm_part(lm, workload, dict(llm_cfg, gradient_checkpointing=True), 2, losses=1)
@@ -153,11 +162,19 @@ def sampler_shares(cfg: dict, stage: str) -> list[int]:
     """Each GPU's largest batch from the training sampler when every utterance lasts plan.utterance_seconds."""
     stage_cfg, plan_cfg = cfg["train"][stage], cfg["plan"]
     gpus = plan_cfg["gpus"].get(stage, 1)
-    durations = [plan_cfg["utterance_seconds"]] * (100 * stage_cfg["num_buckets"])  # buckets of several batches
+    durations = [plan_cfg["utterance_seconds"]] * (
+        100 * stage_cfg["num_buckets"]
+    )  # buckets of several batches
     samplers = [
         DurationBucketSampler(
-            durations, stage_cfg["batch_seconds"], stage_cfg["num_buckets"], seed=0, num_replicas=gpus, rank=rank,
-            max_batch_size=stage_cfg.get("max_batch_size"), batch_budget=stage_cfg.get("batch_budget", "global"),
+            durations,
+            stage_cfg["batch_seconds"],
+            stage_cfg["num_buckets"],
+            seed=0,
+            num_replicas=gpus,
+            rank=rank,
+            max_batch_size=stage_cfg.get("max_batch_size"),
+            batch_budget=stage_cfg.get("batch_budget", "global"),
         )
         for rank in range(gpus)
     ]
@@ -166,8 +183,10 @@ def sampler_shares(cfg: dict, stage: str) -> list[int]:
 
 def test_plan_per_gpu_batch_is_the_samplers(bloomzmms_plans, summarization_plans) -> None:
     """The memory plan sizes the batch the training loop really gets: the paper's budgets over 2 / 4 GPUs."""
-    for cfg, plans in ((load_experiment(BLOOMZMMS), bloomzmms_plans), (load_experiment(SUMMARIZATION),
-                                                                       summarization_plans)):
+    for cfg, plans in (
+        (load_experiment(BLOOMZMMS), bloomzmms_plans),
+        (load_experiment(SUMMARIZATION), summarization_plans),
+    ):
         for stage, plan in plans.items():
             shares = sampler_shares(cfg, stage)
             assert plan.workload.utterances == max(shares), stage
@@ -222,7 +241,11 @@ def test_plan_cli_json_and_table(capsys) -> None:
     assert data[0]["totals"]["trainable_params"] == 315_438_720 + 3_148_800
     main(["plan", "--config", str(BLOOMZMMS)])
     out = capsys.readouterr().out
-    assert "## bloomzmms / ctc" in out and "## bloomzmms / ce" in out and "| adaptor | trainable | 535,975,052 |" in out
+    assert (
+        "## bloomzmms / ctc" in out
+        and "## bloomzmms / ce" in out
+        and "| adaptor | trainable | 535,975,052 |" in out
+    )
     with pytest.raises(SystemExit, match="config file not found"):
         main(["plan", "--config", "missing.yaml"])
 
@@ -248,8 +271,19 @@ def counted(fn) -> tuple[float, float, float]:
 
 def test_adaptor_flops_match_the_counter() -> None:
     torch.manual_seed(0)
-    config = AdaptorConfig(input_dim=20, d_model=32, heads=2, linear_units=64, cgmlp_units=64, cgmlp_kernel=5,
-                           merge_kernel=3, num_blocks=3, interctc_layer=2, num_lid_classes=7, llm_hidden_size=48)
+    config = AdaptorConfig(
+        input_dim=20,
+        d_model=32,
+        heads=2,
+        linear_units=64,
+        cgmlp_units=64,
+        cgmlp_kernel=5,
+        merge_kernel=3,
+        num_blocks=3,
+        interctc_layer=2,
+        num_lid_classes=7,
+        llm_hidden_size=48,
+    )
     adaptor = SpeechAdaptor(config).eval()
     batch, frames = 3, 101
     feats = torch.randn(batch, frames, config.input_dim, requires_grad=True)
@@ -262,10 +296,21 @@ def test_adaptor_flops_match_the_counter() -> None:
 @pytest.mark.parametrize("model_class", [Wav2Vec2Model, HubertModel])
 def test_speech_encoder_flops_match_the_counter(model_class) -> None:
     config_class = Wav2Vec2Config if model_class is Wav2Vec2Model else HubertConfig
-    config = config_class(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4),
-                          num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, do_stable_layer_norm=True,
-                          feat_extract_norm="layer", apply_spec_augment=False, attn_implementation="eager")
+    config = config_class(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16, 16),
+        conv_stride=(5, 4, 4),
+        conv_kernel=(10, 4, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        do_stable_layer_norm=True,
+        feat_extract_norm="layer",
+        apply_spec_augment=False,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     encoder = model_class(config).eval()
     batch, samples = 2, 8000
@@ -282,12 +327,22 @@ def test_speech_encoder_flops_match_the_counter(model_class) -> None:
 def test_frozen_llm_flops_match_the_counter(family: str, checkpointing: bool) -> None:
     torch.manual_seed(0)
     if family == "llama":
-        lm = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=80, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
-                                          attn_implementation="eager"))
+        lm = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=96,
+                hidden_size=32,
+                intermediate_size=80,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                tie_word_embeddings=False,
+                attn_implementation="eager",
+            )
+        )
     else:
-        lm = BloomForCausalLM(BloomConfig(vocab_size=96, hidden_size=32, n_layer=2, n_head=4,
-                                          attn_implementation="eager"))
+        lm = BloomForCausalLM(
+            BloomConfig(vocab_size=96, hidden_size=32, n_layer=2, n_head=4, attn_implementation="eager")
+        )
     lm.requires_grad_(False)
     if checkpointing:
         lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -296,9 +351,18 @@ def test_frozen_llm_flops_match_the_counter(family: str, checkpointing: bool) ->
         lm.eval()
     batch, tokens, labels = 2, 40, 9
     embeds = torch.randn(batch, tokens, 32, requires_grad=True)
-    fwd, bwd, _ = counted(lambda: lm(inputs_embeds=embeds, logits_to_keep=labels, use_cache=False).logits.sum())
-    workload = Workload(utterances=batch, utterance_seconds=1.0, samples=0, encoder_frames=0, speech_embeddings=0,
-                        llm_tokens=tokens, label_positions=labels)
+    fwd, bwd, _ = counted(
+        lambda: lm(inputs_embeds=embeds, logits_to_keep=labels, use_cache=False).logits.sum()
+    )
+    workload = Workload(
+        utterances=batch,
+        utterance_seconds=1.0,
+        samples=0,
+        encoder_frames=0,
+        speech_embeddings=0,
+        llm_tokens=tokens,
+        label_positions=labels,
+    )
     plan = llm_part(lm, workload, {"dtype": "float32", "gradient_checkpointing": checkpointing}, 4, losses=1)
     assert plan.forward_flops == pytest.approx(fwd, rel=0.01)
     assert plan.backward_flops == pytest.approx(bwd, rel=0.01)
@@ -325,7 +389,9 @@ def test_predicted_times_follow_flops_mfu_and_peaks(bloomzmms_plans) -> None:
     # CE: BLOOMZ in bfloat16 runs bf16 matmuls, the rest TF32; two micro-batches per optimizer step.
     llm = parts_by_name(ce)["llm"]
     rest = ce.totals()["flops_per_micro_batch"] - llm.forward_flops - llm.backward_flops
-    step = (llm.forward_flops + llm.backward_flops) / (mfu * peaks["bf16"] * 1e12) + rest / (mfu * peaks["tf32"] * 1e12)
+    step = (llm.forward_flops + llm.backward_flops) / (mfu * peaks["bf16"] * 1e12) + rest / (
+        mfu * peaks["tf32"] * 1e12
+    )
     assert ce.estimate.micro_batch_seconds == pytest.approx(step)
     assert ce.estimate.optimizer_step_seconds == pytest.approx(2 * step)
     assert ce.estimate.epoch_gpu_hours == pytest.approx(4 * 54381 * step / 3600)
@@ -342,7 +408,9 @@ def test_predicted_times_config_switches(bloomzmms_plans, summarization_plans) -
     faster = {p.stage: p.estimate for p in plan_experiment(cfg, MODELS_DIR)}["ctc"]
     assert "implied_mfu" not in faster.reference  # another GPU type: the statement is shown, not compared
     speedup = (0.5 * peaks["H100"]["tf32"]) / (mfu * peaks["A6000"]["tf32"])
-    assert bloomzmms_plans["ctc"].estimate.micro_batch_seconds / faster.micro_batch_seconds == pytest.approx(speedup)
+    assert bloomzmms_plans["ctc"].estimate.micro_batch_seconds / faster.micro_batch_seconds == pytest.approx(
+        speedup
+    )
     cfg["plan"]["gpu"] = "B200"
     with pytest.raises(PlanError, match=r"'plan.gpu_peak_tflops': no entry for GPU 'B200'"):
         plan_experiment(cfg, MODELS_DIR)
@@ -374,8 +442,15 @@ def test_plan_section_validates_against_the_schema(path: Path) -> None:
         jsonschema.Draft202012Validator(schema).validate(bad)
 
 
-@pytest.mark.parametrize(("device_name", "key"), [("NVIDIA H100 80GB HBM3", "H100"), ("NVIDIA H100 PCIe", "H100 PCIe"),
-                                                  ("NVIDIA RTX A6000", "A6000"), ("NVIDIA A100-SXM4-80GB", "A100"),
-                                                  ("Tesla T4", None)])
+@pytest.mark.parametrize(
+    ("device_name", "key"),
+    [
+        ("NVIDIA H100 80GB HBM3", "H100"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA RTX A6000", "A6000"),
+        ("NVIDIA A100-SXM4-80GB", "A100"),
+        ("Tesla T4", None),
+    ],
+)
 def test_gpu_peaks_are_found_by_cuda_device_name(device_name: str, key: str | None) -> None:
     assert gpu_for_device(load_experiment(BLOOMZMMS)["plan"], device_name) == key

@@ -16,8 +16,14 @@ SR = 16000
 
 
 def prepare_settings(max_duration: float) -> dict:
-    return {"sampling_rate": SR, "min_duration": 0.1, "max_duration": max_duration, "speed_perturb": [1.0],
-            "on_bad_audio": "error", "filter_durations": True}
+    return {
+        "sampling_rate": SR,
+        "min_duration": 0.1,
+        "max_duration": max_duration,
+        "speed_perturb": [1.0],
+        "on_bad_audio": "error",
+        "filter_durations": True,
+    }
 
 
 @pytest.fixture
@@ -27,8 +33,16 @@ def raw_manifest(tmp_path: Path) -> Path:
     for uid, seconds in (("short", 1.0), ("long", 3.0)):
         path = tmp_path / f"{uid}.wav"
         sf.write(str(path), 0.1 * np.ones(int(seconds * SR), dtype=np.float32), SR)
-        rows.append({"id": uid, "language": "en_us", "audio": str(path), "num_samples": int(seconds * SR),
-                     "sampling_rate": SR, "raw_transcription": "Hello there."})
+        rows.append(
+            {
+                "id": uid,
+                "language": "en_us",
+                "audio": str(path),
+                "num_samples": int(seconds * SR),
+                "sampling_rate": SR,
+                "raw_transcription": "Hello there.",
+            }
+        )
     manifest = tmp_path / "raw.jsonl"
     write_manifest(manifest, rows)
     return manifest
@@ -36,15 +50,30 @@ def raw_manifest(tmp_path: Path) -> Path:
 
 def test_record_path_sits_next_to_the_log() -> None:
     assert runrecord.record_path("logs/eval/fleurs_asr/ctc.shard0.log") == Path(
-        "logs/eval/fleurs_asr/ctc.shard0.run.json")
+        "logs/eval/fleurs_asr/ctc.shard0.run.json"
+    )
     assert runrecord.record_path("logs/x") == Path("logs/x.run.json")
 
 
-def test_a_job_records_its_settings_and_rerun_repeats_it(raw_manifest: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_job_records_its_settings_and_rerun_repeats_it(
+    raw_manifest: Path, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RANK", raising=False)
-    argv = ["data", "prepare", "--settings", json.dumps(prepare_settings(30.0)), "--manifest", str(raw_manifest),
-            "--out", "out/train.jsonl", "--report", "out/report.json", "--record", "logs/prepare.log"]
+    argv = [
+        "data",
+        "prepare",
+        "--settings",
+        json.dumps(prepare_settings(30.0)),
+        "--manifest",
+        str(raw_manifest),
+        "--out",
+        "out/train.jsonl",
+        "--report",
+        "out/report.json",
+        "--record",
+        "logs/prepare.log",
+    ]
     cli.main(argv)
     record = json.loads((tmp_path / "logs/prepare.run.json").read_text())
     assert record["settings"] == prepare_settings(30.0)
@@ -69,18 +98,36 @@ def test_a_job_records_its_settings_and_rerun_repeats_it(raw_manifest: Path, tmp
 
 def test_rerun_print_shows_the_command_with_its_directory(tmp_path: Path, capsys) -> None:
     path = tmp_path / "job.run.json"
-    path.write_text(json.dumps({"argv": ["data", "language-ids", "--manifests", "a b.jsonl", "--out", "l.json"],
-                                "cwd": "/work/run", "settings": None}))
+    path.write_text(
+        json.dumps(
+            {
+                "argv": ["data", "language-ids", "--manifests", "a b.jsonl", "--out", "l.json"],
+                "cwd": "/work/run",
+                "settings": None,
+            }
+        )
+    )
     cli.main(["rerun", "--print", str(path)])
     assert capsys.readouterr().out.strip() == (
-        "cd /work/run && speechllm data language-ids --manifests 'a b.jsonl' --out l.json")
+        "cd /work/run && speechllm data language-ids --manifests 'a b.jsonl' --out l.json"
+    )
 
 
 def test_only_rank_zero_writes_a_record(raw_manifest: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RANK", "1")
-    cli.main(["data", "language-ids", "--manifests", str(raw_manifest), "--out", "lid.json",
-              "--record", "logs/lid.log"])
+    cli.main(
+        [
+            "data",
+            "language-ids",
+            "--manifests",
+            str(raw_manifest),
+            "--out",
+            "lid.json",
+            "--record",
+            "logs/lid.log",
+        ]
+    )
     assert (tmp_path / "lid.json").exists() and not (tmp_path / "logs/lid.run.json").exists()
 
 

@@ -26,8 +26,12 @@ SCRIPT = REPO / "scripts/slurm/local_slurm.sh"
 PID_FILES = ("run/slurmd.pid", "run/slurmctld.pid", "munge/munged.pid")
 # The demo world reduced to one language and the smallest side sets: its data step takes ~10 s.
 REDUCED = {
-    "data": {"languages": ["en_us"], "speed_perturb": [1.0], "speechglue": {"tasks": ["sst2"]},
-             "speechxnli": {"languages": ["en"]}},
+    "data": {
+        "languages": ["en_us"],
+        "speed_perturb": [1.0],
+        "speechglue": {"tasks": ["sst2"]},
+        "speechxnli": {"languages": ["en"]},
+    },
     "resources": {"offline_compute_nodes": True},
 }
 TARGETS = ["results/data/train.jsonl", "results/data/dev.jsonl", "results/data/language_ids.json"]
@@ -56,14 +60,19 @@ def local_slurm(tmp_path_factory):
         pytest.skip("Slurm is not installed and there is no apt-get to install slurm-wlm and munge")
     state = tmp_path_factory.mktemp("slurm")
     try:
-        res = subprocess.run([str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=900,
-                             env=clean_env())
+        res = subprocess.run(
+            [str(SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=900, env=clean_env()
+        )
         if res.returncode == 2:
             pytest.skip(res.stderr.strip().splitlines()[-1])
         assert res.returncode == 0, res.stderr[-3000:]
         yield state
     finally:
-        pids = [int(p.read_text()) for p in (state / f for f in PID_FILES) if p.is_file() and p.read_text().strip()]
+        pids = [
+            int(p.read_text())
+            for p in (state / f for f in PID_FILES)
+            if p.is_file() and p.read_text().strip()
+        ]
         stop = subprocess.run([str(SCRIPT), "stop", str(state)], capture_output=True, text=True, timeout=120)
         left = [pid for pid in pids if running(pid)]
         assert stop.returncode == 0 and not left, f"daemons still running: {left}\n{stop.stderr}"
@@ -76,47 +85,93 @@ def test_reduced_demo_runs_as_slurm_jobs(local_slurm, tmp_path):
     fake_release.write_bytes(b"stand-in for the released targets")
     override = tmp_path / "override.yaml"
     sha256 = hashlib.sha256(fake_release.read_bytes()).hexdigest()
-    override.write_text(yaml.safe_dump({**REDUCED, "targets": {
-        "source": "released", "released": {"url": str(fake_release), "sha256": sha256, "on_unmatched": "error"}}}))
+    override.write_text(
+        yaml.safe_dump(
+            {
+                **REDUCED,
+                "targets": {
+                    "source": "released",
+                    "released": {"url": str(fake_release), "sha256": sha256, "on_unmatched": "error"},
+                },
+            }
+        )
+    )
     slurm_conf = str(local_slurm / "etc/slurm.conf")
     # `--profile slurm` is found where `make slurm-profile` links it: the user's Snakemake config directory.
     env = clean_env(SLURM_CONF=slurm_conf, SLURM_PARTITION="debug", XDG_CONFIG_HOME=str(tmp_path / "xdg"))
-    link = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "slurm-profile"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    link = subprocess.run(
+        ["make", "--no-print-directory", "-C", str(REPO), "slurm-profile"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert link.returncode == 0 and (tmp_path / "xdg/snakemake/slurm/profile.yaml").is_file(), link.stdout
 
     res = subprocess.run(
-        [str(BIN / "snakemake"), "--profile", "slurm", "-d", str(work),
-         "--configfile", str(REPO / "config/config.yaml"), str(override),
-         # Without slurmdbd there is no sacct; poll soon (the defaults suit a real cluster).
-         "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
-         # The two prepare_split jobs go in as one job array, as the profile does for generate_targets.
-         "--slurm-array-jobs", "generate_targets,prepare_split",
-         "--set-resources", "language_ids:gpu=1", "language_ids:cpus_per_gpu=1",
-         "--", *TARGETS, "resources/bloomzmms/tmi_training_targets.tar.gz"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            str(BIN / "snakemake"),
+            "--profile",
+            "slurm",
+            "-d",
+            str(work),
+            "--configfile",
+            str(REPO / "config/config.yaml"),
+            str(override),
+            # Without slurmdbd there is no sacct; poll soon (the defaults suit a real cluster).
+            "--slurm-status-command",
+            "squeue",
+            "--slurm-init-seconds-before-status-checks",
+            "1",
+            # The two prepare_split jobs go in as one job array, as the profile does for generate_targets.
+            "--slurm-array-jobs",
+            "generate_targets,prepare_split",
+            "--set-resources",
+            "language_ids:gpu=1",
+            "language_ids:cpus_per_gpu=1",
+            "--",
+            *TARGETS,
+            "resources/bloomzmms/tmi_training_targets.tar.gz",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-5000:]
     for target in TARGETS:
         assert (work / target).stat().st_size > 0
 
     # rule -> Slurm job id, from "Job 2 has been submitted with SLURM jobid 7 (log: .../rule_<rule>/...)".
-    submitted = {rule: job for job, rule in re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/", out)}
+    submitted = {
+        rule: job for job, rule in re.findall(r"submitted with SLURM jobid (\d+) \(log: \S*/rule_(\w+)/", out)
+    }
     assert set(submitted) == {"demo_data", "language_ids"}, out[-5000:]
-    array = re.search(r"Submitted array job with Snakemake IDs \S+ and SLURM job ID (\d+)\. "
-                      r"The individual task IDs are 1-2\.", out)
+    array = re.search(
+        r"Submitted array job with Snakemake IDs \S+ and SLURM job ID (\d+)\. "
+        r"The individual task IDs are 1-2\.",
+        out,
+    )
     assert array, out[-5000:]
     submitted.update({f"prepare_split[{i}]": f"{array.group(1)}_{i}" for i in (1, 2)})
     # The download ran on the submit host (resources.offline_compute_nodes), not as a Slurm job.
     assert "localrule fetch_released_targets:" in out
-    assert (work / "resources/bloomzmms/tmi_training_targets.tar.gz").read_bytes() == fake_release.read_bytes()
+    assert (
+        work / "resources/bloomzmms/tmi_training_targets.tar.gz"
+    ).read_bytes() == fake_release.read_bytes()
     for rule, job in submitted.items():
         assert any((work / "logs/slurm" / f"rule_{rule.split('[')[0]}").rglob(f"{job}.log")), rule
 
     # Slurm's own view: every job completed in the partition from $SLURM_PARTITION; the GPU job got a GPU.
-    queue = subprocess.run(["squeue", "--states=all", "--noheader", "-O",
-                            "ArrayJobID,ArrayTaskID,State,Partition,tres-per-job"],
-                           env=env, capture_output=True, text=True, timeout=60)
+    queue = subprocess.run(
+        ["squeue", "--states=all", "--noheader", "-O", "ArrayJobID,ArrayTaskID,State,Partition,tres-per-job"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert queue.returncode == 0, queue.stderr
     jobs = {}  # "<job id>" or "<array job id>_<task>" -> [state, partition, TRES per job]
     for line in queue.stdout.splitlines():
@@ -148,23 +203,62 @@ def test_a_training_job_stopped_at_its_time_limit_is_retried_and_resumes(local_s
         shutil.copy(corpus[key], work / "results/data" / corpus[key].name)
     stage = {k: v for k, v in CTC_STAGE.items() if k != "fsdp"}
     override = tmp_path / "override.yaml"
-    override.write_text(yaml.safe_dump({
-        "models": {"adaptor": ADAPTOR},
-        "train": {"ctc": {**stage, "num_iters_per_epoch": 50, "max_epochs": 120, "checkpoint_every": 1000,
-                          "log_every": 25, "patience": None}},
-        # No early SIGTERM (sbatch --signal): Slurm checks limits every ~30 s, a warning could come before any
-        # update; the limit's own SIGTERM leaves KillWait (30 s) to save.
-        "resources": {"rules": {"train_ctc": {"runtime": 1, "mem_mb": 2000, "cpu_threads": 1,
-                                              "stop_signal_seconds": None}}},
-    }))
+    override.write_text(
+        yaml.safe_dump(
+            {
+                "models": {"adaptor": ADAPTOR},
+                "train": {
+                    "ctc": {
+                        **stage,
+                        "num_iters_per_epoch": 50,
+                        "max_epochs": 120,
+                        "checkpoint_every": 1000,
+                        "log_every": 25,
+                        "patience": None,
+                    }
+                },
+                # No early SIGTERM (sbatch --signal): Slurm checks limits every ~30 s, a warning could come before any
+                # update; the limit's own SIGTERM leaves KillWait (30 s) to save.
+                "resources": {
+                    "rules": {
+                        "train_ctc": {
+                            "runtime": 1,
+                            "mem_mb": 2000,
+                            "cpu_threads": 1,
+                            "stop_signal_seconds": None,
+                        }
+                    }
+                },
+            }
+        )
+    )
     env = clean_env(SLURM_CONF=str(local_slurm / "etc/slurm.conf"), SLURM_PARTITION="debug")
     started = time.monotonic()
     res = subprocess.run(
-        [str(BIN / "snakemake"), "--profile", str(REPO / "profiles/slurm"), "-d", str(work),
-         "--configfile", str(REPO / "config/config.yaml"), str(override),
-         "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
-         "--allowed-rules", "train_ctc", "--", "results/models/ctc"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        [
+            str(BIN / "snakemake"),
+            "--profile",
+            str(REPO / "profiles/slurm"),
+            "-d",
+            str(work),
+            "--configfile",
+            str(REPO / "config/config.yaml"),
+            str(override),
+            "--slurm-status-command",
+            "squeue",
+            "--slurm-init-seconds-before-status-checks",
+            "1",
+            "--allowed-rules",
+            "train_ctc",
+            "--",
+            "results/models/ctc",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     minutes = (time.monotonic() - started) / 60
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-5000:]
@@ -176,8 +270,10 @@ def test_a_training_job_stopped_at_its_time_limit_is_retried_and_resumes(local_s
     assert len(jobs) >= 2 and "Trying to restart job" in out, out[-5000:]
     # Slurm's record of each attempt (job completion log: kept however long the run took).
     completion = (local_slurm / "log/jobcomp.log").read_text()
-    states = {job: re.search(rf"JobId={job} .*?JobState=(\w+) .*?TimeLimit=(\S+)", completion).groups()
-              for job in jobs}
+    states = {
+        job: re.search(rf"JobId={job} .*?JobState=(\w+) .*?TimeLimit=(\S+)", completion).groups()
+        for job in jobs
+    }
     assert states[jobs[-1]][0] == "COMPLETED" and {states[j][0] for j in jobs[:-1]} == {"TIMEOUT"}, states
     assert {states[j][1] for j in jobs} == {"1"}, states  # the retries asked for no more time
     # The last attempt resumed from a checkpoint in the middle of an epoch (50 micro-batches, 25 updates): the

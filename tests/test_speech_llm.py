@@ -227,10 +227,13 @@ def test_output_rows_equal_an_lm_resized_to_the_tokenizer(family: str, num_beams
     segments = [[s if isinstance(s, torch.Tensor) else within_tokenizer(s) for s in p] for p in segments]
     targets = [within_tokenizer(t) for t in targets]
     lm = make_lm(family)
-    with torch.no_grad():  # make the rows past the tokenizer win: they point along the LM's final hidden states
+    with (
+        torch.no_grad()
+    ):  # make the rows past the tokenizer win: they point along the LM's final hidden states
         built = SpeechLLM(lm, PAD_ID, EOS_ID).build_inputs(segments, targets)
-        hidden = lm(inputs_embeds=built.inputs_embeds, attention_mask=built.attention_mask,
-                    output_hidden_states=True).hidden_states[-1][built.attention_mask.bool()]
+        hidden = lm(
+            inputs_embeds=built.inputs_embeds, attention_mask=built.attention_mask, output_hidden_states=True
+        ).hidden_states[-1][built.attention_mask.bool()]
         lm.get_output_embeddings().weight[TOKENIZER_ROWS:] = 50 * F.normalize(hidden.mean(0), dim=0)
     resized = copy.deepcopy(lm)
     resized.resize_token_embeddings(TOKENIZER_ROWS)
@@ -241,7 +244,9 @@ def test_output_rows_equal_an_lm_resized_to_the_tokenizer(family: str, num_beams
         losses = [m(segments, targets).loss.item() for m in (full, masked, reference)]
     assert losses[1] == pytest.approx(losses[2], abs=ATOL) and abs(losses[0] - losses[2]) > 1.0
     hyps = [m.generate(segments, max_new_tokens=4, num_beams=num_beams) for m in (full, masked, reference)]
-    assert any(i >= TOKENIZER_ROWS for h in hyps[0] for i in h)  # the unmasked LM emits rows past the tokenizer
+    assert any(
+        i >= TOKENIZER_ROWS for h in hyps[0] for i in h
+    )  # the unmasked LM emits rows past the tokenizer
     assert hyps[1] == hyps[2]
 
 
@@ -381,12 +386,16 @@ def test_frontend_init_and_modes() -> None:
 
 def test_conv_frame_lengths_follow_the_feature_extractor() -> None:
     """Config arithmetic = frames the conv stack really outputs, and fairseq's 49 frames per second of 16 kHz."""
-    config = Wav2Vec2Config()  # MMS / wav2vec 2.0 feature extractor: 7 layers, 20 ms hop, 25 ms receptive field
+    config = (
+        Wav2Vec2Config()
+    )  # MMS / wav2vec 2.0 feature extractor: 7 layers, 20 ms hop, 25 ms receptive field
     assert conv_frame_lengths(config, torch.tensor([16_000, 400, 399, 0])).tolist() == [49, 1, 0, 0]
     encoder = make_wav2vec2()
     lengths = torch.tensor([1600, 1100, 700, 401])
     with torch.no_grad():
-        for n, frames in zip(lengths.tolist(), conv_frame_lengths(encoder.config, lengths).tolist(), strict=True):
+        for n, frames in zip(
+            lengths.tolist(), conv_frame_lengths(encoder.config, lengths).tolist(), strict=True
+        ):
             assert encoder.feature_extractor(torch.randn(1, n)).shape[-1] == frames
     with pytest.raises(ValueError, match="add_adapter"):
         conv_frame_lengths(Wav2Vec2Config(add_adapter=True), lengths)

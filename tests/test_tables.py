@@ -225,13 +225,18 @@ def test_no_space_left_names_the_file_and_directory_being_written(tmp_path: Path
 
     target = tmp_path / "results" / "scores.json"
     monkeypatch.setattr(Path, "write_bytes", full_disk)
-    with pytest.raises(OSError, match=f"No space left on device while writing {target}; free space there") as err:
+    with pytest.raises(
+        OSError, match=f"No space left on device while writing {target}; free space there"
+    ) as err:
         atomic_write_text(target, "{}")
     assert err.value.errno == errno.ENOSPC and list(target.parent.iterdir()) == []
     monkeypatch.undo()
     with pytest.raises(OSError, match=f"while writing {tmp_path / 'model'}"), atomic_dir(tmp_path / "model"):
         raise OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(FileNotFoundError, match="missing.txt"), atomic_path(target):  # errors that name a file
+    with (
+        pytest.raises(FileNotFoundError, match="missing.txt"),
+        atomic_path(target),
+    ):  # errors that name a file
         (tmp_path / "missing.txt").read_text()
 
 
@@ -258,7 +263,9 @@ def test_atomic_dir_replaces_a_directory_whole_or_not_at_all(tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir()] == ["model"] and (target / "weights").read_text() == "v1"
     with atomic_dir(target) as tmp:
         (tmp / "weights").write_text("v2")
-    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in target.iterdir()] == ["weights"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and [p.name for p in target.iterdir()] == [
+        "weights"
+    ]
     assert (target / "weights").read_text() == "v2"
 
 
@@ -268,21 +275,63 @@ def test_summarization_table_reads_summary_and_perplexity_files(tmp_path: Path) 
     files = []
     for model, rouge, meteor in (("text", 0.40, 0.30), ("cascade", 0.30, None)):
         skipped = {"meteor_skipped": "nltk WordNet data not found"} if meteor is None else {}
-        bert = {"bertscore_precision": 0.8, "bertscore_recall": 0.7, "bertscore_f1": 0.75,
-                "bertscore_signature": "roberta-large_L17_no-idf"} if meteor else {
-                "bertscore_f1": None, "bertscore_skipped": "no scoring model"}
-        files.append(_score_file(tmp_path, "summarization", model, {"all": {
-            "rouge1": rouge, "rouge2": rouge / 2, "rougeL": rouge - 0.1, "rougeLsum": rouge, "meteor": meteor,
-            "num_docs": 3, **skipped, **bert}}))
-        files.append(_score_file(tmp_path / "ppl", "response_ppl", model, {
-            "per_subset": {"test.clean": {"ppl": 3.5, "num_utts": 4}, "test.other": {"ppl": 5.0, "num_utts": 4}},
-            "all": {"ppl": 4.2, "ppl_token": 4.0}}))
+        bert = (
+            {
+                "bertscore_precision": 0.8,
+                "bertscore_recall": 0.7,
+                "bertscore_f1": 0.75,
+                "bertscore_signature": "roberta-large_L17_no-idf",
+            }
+            if meteor
+            else {"bertscore_f1": None, "bertscore_skipped": "no scoring model"}
+        )
+        files.append(
+            _score_file(
+                tmp_path,
+                "summarization",
+                model,
+                {
+                    "all": {
+                        "rouge1": rouge,
+                        "rouge2": rouge / 2,
+                        "rougeL": rouge - 0.1,
+                        "rougeLsum": rouge,
+                        "meteor": meteor,
+                        "num_docs": 3,
+                        **skipped,
+                        **bert,
+                    }
+                },
+            )
+        )
+        files.append(
+            _score_file(
+                tmp_path / "ppl",
+                "response_ppl",
+                model,
+                {
+                    "per_subset": {
+                        "test.clean": {"ppl": 3.5, "num_utts": 4},
+                        "test.other": {"ppl": 5.0, "num_utts": 4},
+                    },
+                    "all": {"ppl": 4.2, "ppl_token": 4.0},
+                },
+            )
+        )
     table = build_table("summarization", files, ["text", "cascade"])
     assert list(table.columns) == ["text", "cascade"]
-    assert list(table.index) == [("articles", "ROUGE-1"), ("articles", "ROUGE-2"), ("articles", "ROUGE-L"),
-                                 ("articles", "METEOR"), ("articles", "BERTScore-P"), ("articles", "BERTScore-R"),
-                                 ("articles", "BERTScore-F1"), ("test.clean", "perplexity"),
-                                 ("test.other", "perplexity"), ("all", "perplexity")]
+    assert list(table.index) == [
+        ("articles", "ROUGE-1"),
+        ("articles", "ROUGE-2"),
+        ("articles", "ROUGE-L"),
+        ("articles", "METEOR"),
+        ("articles", "BERTScore-P"),
+        ("articles", "BERTScore-R"),
+        ("articles", "BERTScore-F1"),
+        ("test.clean", "perplexity"),
+        ("test.other", "perplexity"),
+        ("all", "perplexity"),
+    ]
     assert table.loc[("articles", "BERTScore-F1"), "text"] == pytest.approx(75.0)
     assert pd.isna(table.loc[("articles", "BERTScore-F1"), "cascade"])
     assert table.loc[("articles", "ROUGE-1"), "text"] == pytest.approx(40.0)
@@ -290,8 +339,11 @@ def test_summarization_table_reads_summary_and_perplexity_files(tmp_path: Path) 
     assert pd.isna(table.loc[("articles", "METEOR"), "cascade"])
     assert table.loc[("all", "perplexity"), "cascade"] == pytest.approx(4.2)  # the paper's ppl, not ppl_token
     footer = table_footer("summarization", files, ["text", "cascade"])
-    assert footer.index("- text (summarization):") < footer.index("- text (response_ppl):") < footer.index(
-        "- cascade (summarization):")
+    assert (
+        footer.index("- text (summarization):")
+        < footer.index("- text (response_ppl):")
+        < footer.index("- cascade (summarization):")
+    )
     assert "meteor_skipped: nltk WordNet data not found" in footer
     assert "bertscore_signature: roberta-large_L17_no-idf" in footer and "bertscore_skipped" in footer
     md, _, _ = write_table(table, tmp_path / "tables" / "summarization", footer)
@@ -301,22 +353,46 @@ def test_summarization_table_reads_summary_and_perplexity_files(tmp_path: Path) 
 
 
 def test_summarization_table_in_the_agreed_single_file_format(tmp_path: Path) -> None:
-    path = _score_file(tmp_path, "summarization", "kang_roy", {
-        "rouge1": 0.5, "rouge2": 0.2, "rougeL": 0.4, "meteor": 0.3, "perplexity": {"test.clean": 3.0, "all": 3.2}})
+    path = _score_file(
+        tmp_path,
+        "summarization",
+        "kang_roy",
+        {
+            "rouge1": 0.5,
+            "rouge2": 0.2,
+            "rougeL": 0.4,
+            "meteor": 0.3,
+            "perplexity": {"test.clean": 3.0, "all": 3.2},
+        },
+    )
     table = build_table("summarization", [path])
     assert table["kang_roy"].round(6).to_dict() == {
-        ("articles", "ROUGE-1"): 50.0, ("articles", "ROUGE-2"): 20.0, ("articles", "ROUGE-L"): 40.0,
-        ("articles", "METEOR"): 30.0, ("test.clean", "perplexity"): 3.0, ("all", "perplexity"): 3.2}
-    assert build_table("summarization", [_score_file(tmp_path / "b", "summarization", "t", {"perplexity": 2.5})]
-                       ).loc[("all", "perplexity"), "t"] == pytest.approx(2.5)
+        ("articles", "ROUGE-1"): 50.0,
+        ("articles", "ROUGE-2"): 20.0,
+        ("articles", "ROUGE-L"): 40.0,
+        ("articles", "METEOR"): 30.0,
+        ("test.clean", "perplexity"): 3.0,
+        ("all", "perplexity"): 3.2,
+    }
+    assert build_table(
+        "summarization", [_score_file(tmp_path / "b", "summarization", "t", {"perplexity": 2.5})]
+    ).loc[("all", "perplexity"), "t"] == pytest.approx(2.5)
 
 
 def test_covost2_table_and_malformed_metrics_name_the_file(tmp_path: Path) -> None:
     entry = {"bleu": 20.0, "chrf": 45.0}
-    path = _score_file(tmp_path, "covost2_st", "tmi", {"all": entry, "per_language": {"de": entry, "fr": entry}})
+    path = _score_file(
+        tmp_path, "covost2_st", "tmi", {"all": entry, "per_language": {"de": entry, "fr": entry}}
+    )
     table = build_table("covost2_st", [path])
-    assert list(table.index) == [("de", "bleu"), ("de", "chrf"), ("fr", "bleu"), ("fr", "chrf"), ("all", "bleu"),
-                                 ("all", "chrf")]
+    assert list(table.index) == [
+        ("de", "bleu"),
+        ("de", "chrf"),
+        ("fr", "bleu"),
+        ("fr", "chrf"),
+        ("all", "bleu"),
+        ("all", "chrf"),
+    ]
     bad = _score_file(tmp_path / "bad", "speechxnli", "t", {"per_language": {"en": {"accuracy": "n/a"}}})
     with pytest.raises(ValueError, match=f"{bad}: malformed speechxnli metrics"):
         build_table("speechxnli", [bad])

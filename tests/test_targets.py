@@ -53,7 +53,8 @@ def test_reference_template_bank(shared_data):
     bank = load_templates(str(shared_data / "bloomzmms" / "templates.json"))
     assert len(bank) == 4300
     assert ("Translate the following text from English to Swahili ", "") in bank or any(
-        p.startswith("Translate the following text from") for p, _ in bank)
+        p.startswith("Translate the following text from") for p, _ in bank
+    )
 
 
 def test_builtin_bank_and_bad_bank(tmp_path):
@@ -85,11 +86,15 @@ def lm(tiny_models):
 
 def test_batched_generation_equals_one_at_a_time(lm):
     model, tok = lm
-    prompts = ["Repeat the sentence: the cat", "hello",
-               "Der Hund schläft im Garten. The same text in English:"]
+    prompts = [
+        "Repeat the sentence: the cat",
+        "hello",
+        "Der Hund schläft im Garten. The same text in English:",
+    ]
     batched = generate_batched(model, tok, prompts, batch_size=3, max_new_tokens=6, num_beams=1)
-    single = [generate_batched(model, tok, [p], batch_size=1, max_new_tokens=6, num_beams=1)[0]
-              for p in prompts]
+    single = [
+        generate_batched(model, tok, [p], batch_size=1, max_new_tokens=6, num_beams=1)[0] for p in prompts
+    ]
     assert batched == single
 
 
@@ -137,7 +142,9 @@ def test_killed_shard_resumes_without_redoing_or_duplicating(lm, tmp_path, full_
     assert read_partial(partial) == {}
 
 
-def test_stop_signal_keeps_the_finished_batch_and_the_rerun_completes_it(lm, tmp_path, full_shard, stop_signals):
+def test_stop_signal_keeps_the_finished_batch_and_the_rerun_completes_it(
+    lm, tmp_path, full_shard, stop_signals
+):
     """SIGTERM during a shard (Slurm's warning before the time limit): the batch being generated is finished and
     appended, the shard exits for a retry (status 75), and the retry generates only the rest."""
     model, tok = lm
@@ -172,16 +179,25 @@ def test_shards_partition_the_items(lm, tmp_path):
 
 
 def test_t_mi_tmi_assembly():
-    train = [{"id": f"u{i}", "raw_transcription": "Hello, World.", "transcription": "hello world"}
-             for i in range(2)]
-    generated = [{"index": i, "text": "Hello, World.", "prefix": f"P{i}: ", "postfix": "",
-                  "output": f" out{i}"} for i in range(4)]
+    train = [
+        {"id": f"u{i}", "raw_transcription": "Hello, World.", "transcription": "hello world"}
+        for i in range(2)
+    ]
+    generated = [
+        {"index": i, "text": "Hello, World.", "prefix": f"P{i}: ", "postfix": "", "output": f" out{i}"}
+        for i in range(4)
+    ]
     generated.append({"index": 9, "text": "Hello, World.", "prefix": "", "postfix": "", "output": "dropped"})
     sets = assemble(train, generated, "Repeat the sentence: ", ". ", "synthetic_only", 2, True)
     assert [r["target"] for r in sets["t"]] == ["hello world", "hello world"]
     assert [r["id"] for r in sets["tmi"]] == ["u0-1", "u0-2", "u0-3", "u1-1", "u1-2", "u1-3"]
     assert sets["tmi"][0]["target"] == "Hello, World." and sets["tmi"][0]["prefix"] == "Repeat the sentence: "
-    assert [r["target"] for r in sets["mi"]] == [" out0", " out1", " out2", " out3"]  # the LLM's leading space
+    assert [r["target"] for r in sets["mi"]] == [
+        " out0",
+        " out1",
+        " out2",
+        " out3",
+    ]  # the LLM's leading space
     assert all(r["prefix"] != "Repeat the sentence: " for r in sets["mi"])
     pop = assemble(train, generated, "Repeat the sentence: ", ". ", "reference_pop", 2, True)
     assert [r["target"] for r in pop["mi"]] == ["Hello, World.", " out0", "Hello, World.", " out2"]
@@ -195,8 +211,10 @@ def test_only_empty_outputs_are_dropped_unless_blank_ones_are_too(drop_blank, ke
     targets.drop_blank_outputs also drops whitespace-only ones. Kept outputs are not stripped."""
     train = [{"id": "u0", "raw_transcription": "Hi.", "transcription": "hi"}]
     outputs = ["", " a", " \n", "b\n"]
-    generated = [{"index": i, "text": "Hi.", "prefix": "P: ", "postfix": "", "output": o}
-                 for i, o in enumerate(outputs)]
+    generated = [
+        {"index": i, "text": "Hi.", "prefix": "P: ", "postfix": "", "output": o}
+        for i, o in enumerate(outputs)
+    ]
     sets = assemble(train, generated, "Repeat: ", ". ", "synthetic_only", len(kept), drop_blank)
     assert [r["target"] for r in sets["mi"]] == kept
 
@@ -207,23 +225,47 @@ def test_assemble_cli_names_the_bad_shard_line(tmp_path):
     manifest.write_text(json.dumps({"id": "u0", "raw_transcription": "Hi.", "transcription": "hi"}) + "\n")
     good = {"index": 0, "text": "Hi.", "prefix": "P: ", "postfix": "", "output": " out"}
     shard = tmp_path / "shard0.jsonl"
-    settings = json.dumps({"prompt": {"prefix": "Repeat: ", "postfix": ". "}, "mi_reading": "synthetic_only",
-                           "templates_per_occurrence": 2, "drop_blank_outputs": True})
+    settings = json.dumps(
+        {
+            "prompt": {"prefix": "Repeat: ", "postfix": ". "},
+            "mi_reading": "synthetic_only",
+            "templates_per_occurrence": 2,
+            "drop_blank_outputs": True,
+        }
+    )
 
     def run(shard_text: str, manifest_text: str | None = None) -> subprocess.CompletedProcess:
         shard.write_text(shard_text)
         if manifest_text is not None:
             manifest.write_text(manifest_text)
-        return subprocess.run([sys.executable, "-m", "speechllm.cli", "targets", "assemble", "--settings", settings,
-                               "--manifest", str(manifest), "--shards", str(shard), "--out-dir",
-                               str(tmp_path / "out")], capture_output=True, text=True)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "speechllm.cli",
+                "targets",
+                "assemble",
+                "--settings",
+                settings,
+                "--manifest",
+                str(manifest),
+                "--shards",
+                str(shard),
+                "--out-dir",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+        )
 
     torn = run(json.dumps(good) + "\n" + '{"index": 1, "te\n')
     assert torn.returncode != 0 and f"{shard}:2: not valid JSON" in torn.stderr
     short = run(json.dumps({k: v for k, v in good.items() if k != "output"}) + "\n")
     assert short.returncode != 0 and f"{shard}:1: missing field(s) output" in short.stderr
     no_field = run(json.dumps(good) + "\n", json.dumps({"id": "u0", "raw_transcription": "Hi."}) + "\n")
-    assert no_field.returncode != 0 and str(manifest) in no_field.stderr and "transcription" in no_field.stderr
+    assert (
+        no_field.returncode != 0 and str(manifest) in no_field.stderr and "transcription" in no_field.stderr
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -237,11 +279,20 @@ def test_generation_is_deterministic_under_torch_seed_changes(lm):
 
 # --- batched greedy decoding vs one-at-a-time HF generate ------------------------------------------------
 
-MIXED_PROMPTS = ["hello", "the cat", "Repeat the sentence: the cat sits on the mat. ",
-                 "Der Hund schläft im Garten. The same text in English:",
-                 "Translate the following text from German to English\nDer Hund", "world hello world",
-                 "sits on the mat", "Garten", "Repeat the sentence: hello world. ", "the mat. the cat. the dog.",
-                 "English: German: English:", "cat"]
+MIXED_PROMPTS = [
+    "hello",
+    "the cat",
+    "Repeat the sentence: the cat sits on the mat. ",
+    "Der Hund schläft im Garten. The same text in English:",
+    "Translate the following text from German to English\nDer Hund",
+    "world hello world",
+    "sits on the mat",
+    "Garten",
+    "Repeat the sentence: hello world. ",
+    "the mat. the cat. the dog.",
+    "English: German: English:",
+    "cat",
+]
 MIXED_LIMITS = [12, 1, 7, 3, 12, 5, 9, 2, 12, 4, 6, 10]
 EXTRA_STOPS = 2  # the most frequent generated tokens, made stop tokens so that rows finish early
 
@@ -253,13 +304,26 @@ def varied_lm(request, tiny_models, tmp_path_factory):
     continuations change token by token and depend on the whole context."""
     tok = AutoTokenizer.from_pretrained(tiny_models["llm"])
     torch.manual_seed(0)
-    common = {"vocab_size": len(tok) + 8, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
-              "initializer_range": 1.0}
+    common = {
+        "vocab_size": len(tok) + 8,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+        "initializer_range": 1.0,
+    }
     if request.param == "bloom":
         model = BloomForCausalLM(BloomConfig(hidden_size=32, n_layer=2, n_head=4, **common))
     else:
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, **common))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                **common,
+            )
+        )
     path = tmp_path_factory.mktemp(f"varied_{request.param}")
     model.save_pretrained(path)
     return AutoModelForCausalLM.from_pretrained(path).eval(), tok
@@ -268,9 +332,16 @@ def varied_lm(request, tiny_models, tmp_path_factory):
 def hf_alone(model, tok, prompt: str, limit: int, stop_ids: set[int]) -> list[int]:
     """Plain HF greedy `generate` on one prompt (no padding, its own cache), cut as `generate_batched` cuts."""
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=limit,
-                         do_sample=False, num_beams=1, eos_token_id=sorted(stop_ids), pad_token_id=tok.pad_token_id)
-    return row_tokens(gen[0, ids.shape[1]:].tolist(), limit, stop_ids)
+    gen = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=limit,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=sorted(stop_ids),
+        pad_token_id=tok.pad_token_id,
+    )
+    return row_tokens(gen[0, ids.shape[1] :].tolist(), limit, stop_ids)
 
 
 @pytest.fixture(scope="module")
@@ -283,11 +354,16 @@ def stopping_lm(varied_lm):
     stops = {2, *(t for t, _ in frequent)}
     stopping = copy.deepcopy(model)
     stopping.generation_config.eos_token_id = sorted(stops)
-    expected = [hf_alone(stopping, tok, p, n, stops) for p, n in zip(MIXED_PROMPTS, MIXED_LIMITS, strict=True)]
+    expected = [
+        hf_alone(stopping, tok, p, n, stops) for p, n in zip(MIXED_PROMPTS, MIXED_LIMITS, strict=True)
+    ]
     assert any(not e for e in expected)
     assert any(len(e) < n for e, n in zip(expected, MIXED_LIMITS, strict=True))
     assert any(len(e) == n for e, n in zip(expected, MIXED_LIMITS, strict=True))
-    assert len({len(tok(p, add_special_tokens=False).input_ids) for p in MIXED_PROMPTS}) > len(MIXED_PROMPTS) // 2
+    assert (
+        len({len(tok(p, add_special_tokens=False).input_ids) for p in MIXED_PROMPTS})
+        > len(MIXED_PROMPTS) // 2
+    )
     return stopping, tok, stops, expected
 
 
@@ -302,10 +378,13 @@ def test_batched_greedy_equals_hf_generate_alone(stopping_lm, batch_size):
     model, tok, _, expected = stopping_lm
     assert greedy_loop_supported(model)
     sizes, reported = [], []
-    hook = model.register_forward_pre_hook(lambda _, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     try:
-        got = generate_batched(model, tok, MIXED_PROMPTS, batch_size, MIXED_LIMITS, 1, on_batch=reported.extend)
+        got = generate_batched(
+            model, tok, MIXED_PROMPTS, batch_size, MIXED_LIMITS, 1, on_batch=reported.extend
+        )
     finally:
         hook.remove()
     assert got == texts(tok, expected)
@@ -319,7 +398,11 @@ def test_greedy_decoder_takes_prompts_in_any_order(stopping_lm, order):
     """Rows longer than the running cache widen it (left padding) before they take a slot."""
     model, tok, stops, expected = stopping_lm
     ids = [tok(p, add_special_tokens=False).input_ids for p in MIXED_PROMPTS]
-    perm = sorted(range(len(ids)), key=lambda i: len(ids[i])) if order == "shortest first" else list(range(len(ids)))
+    perm = (
+        sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        if order == "shortest first"
+        else list(range(len(ids)))
+    )
     decoder = GreedyDecoder(model, tok.pad_token_id, stops, batch_size=4)
     with torch.inference_mode():
         got = dict(decoder.rows([ids[i] for i in perm], [MIXED_LIMITS[i] for i in perm]))
@@ -328,7 +411,10 @@ def test_greedy_decoder_takes_prompts_in_any_order(stopping_lm, order):
 
 def test_zero_new_tokens_and_no_prompts(stopping_lm):
     model, tok, _, expected = stopping_lm
-    assert generate_batched(model, tok, MIXED_PROMPTS[:2], 2, [0, MIXED_LIMITS[1]], 1) == ["", *texts(tok, expected[1:2])]
+    assert generate_batched(model, tok, MIXED_PROMPTS[:2], 2, [0, MIXED_LIMITS[1]], 1) == [
+        "",
+        *texts(tok, expected[1:2]),
+    ]
     assert generate_batched(model, tok, [], 2, 3, 1) == []
 
 
@@ -339,7 +425,9 @@ def test_models_the_greedy_loop_does_not_cover_use_hf_generate(stopping_lm):
     penalised = copy.deepcopy(model)
     penalised.generation_config.repetition_penalty = 1.5
     assert not greedy_loop_supported(penalised)
-    expected = [hf_alone(penalised, tok, p, n, stops) for p, n in zip(MIXED_PROMPTS, MIXED_LIMITS, strict=True)]
+    expected = [
+        hf_alone(penalised, tok, p, n, stops) for p, n in zip(MIXED_PROMPTS, MIXED_LIMITS, strict=True)
+    ]
     calls = []
     original = penalised.generate
     penalised.generate = lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs)
@@ -384,8 +472,22 @@ def test_paper_scale_generation_depends_on_the_downloaded_bank(tmp_path):
     snakemake = str(Path(sys.executable).with_name("snakemake"))
     targets = ["results/targets/shard0.jsonl", "results/data/train_tmi.jsonl"]
     configs = [str(REPO / "config/experiments/bloomzmms.yaml"), str(override)]
-    res = subprocess.run([snakemake, "-s", str(REPO / "Snakefile"), "-n", "-d", str(tmp_path), *targets,
-                          "--configfile", *configs], capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            snakemake,
+            "-s",
+            str(REPO / "Snakefile"),
+            "-n",
+            "-d",
+            str(tmp_path),
+            *targets,
+            "--configfile",
+            *configs,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = {block.split(":")[0]: block for block in res.stdout.split("\nrule ")[1:]}
     assert "output: resources/bloomzmms/templates.json" in jobs["fetch_templates"]
@@ -395,6 +497,7 @@ def test_paper_scale_generation_depends_on_the_downloaded_bank(tmp_path):
 
 
 # --- cache key ----------------------------------------------------------------------------------------
+
 
 class EchoGenerator:
     """A stand-in backend that records what it is asked to generate."""
@@ -414,10 +517,20 @@ class EchoGenerator:
 
 
 TARGET_SETTINGS = {  # what rule generate_targets passes as --settings (the parts that reach the key)
-    "llm": {"name_or_path": "bigscience/bloomz-7b1", "revision": "main", "dtype": "bfloat16",
-            "load_in_8bit": False},
-    "backend": "hf", "num_beams": 1, "seed": 0, "max_new_tokens": 128, "clean_up_spaces": True,
-    "templates": "builtin", "templates_per_occurrence": 2, "batch_size": 16,
+    "llm": {
+        "name_or_path": "bigscience/bloomz-7b1",
+        "revision": "main",
+        "dtype": "bfloat16",
+        "load_in_8bit": False,
+    },
+    "backend": "hf",
+    "num_beams": 1,
+    "seed": 0,
+    "max_new_tokens": 128,
+    "clean_up_spaces": True,
+    "templates": "builtin",
+    "templates_per_occurrence": 2,
+    "batch_size": 16,
 }
 
 
@@ -425,11 +538,21 @@ def key_settings(raw: dict, bank: str) -> dict:
     return target_settings(GenerateSettings.from_settings(raw), bank)
 
 
-@pytest.mark.parametrize(("path", "value"), [
-    ("llm.name_or_path", "bigscience/bloomz-3b"), ("llm.revision", "a1b2c3d"), ("llm.dtype", "float16"),
-    ("llm.load_in_8bit", True), ("seed", 1), ("max_new_tokens", 64), ("num_beams", 2),
-    ("clean_up_spaces", False), ("backend", "vllm"), ("bank", "another bank"),
-])
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("llm.name_or_path", "bigscience/bloomz-3b"),
+        ("llm.revision", "a1b2c3d"),
+        ("llm.dtype", "float16"),
+        ("llm.load_in_8bit", True),
+        ("seed", 1),
+        ("max_new_tokens", 64),
+        ("num_beams", 2),
+        ("clean_up_spaces", False),
+        ("backend", "vllm"),
+        ("bank", "another bank"),
+    ],
+)
 def test_any_setting_change_invalidates_the_cache(tmp_path, path, value):
     prompts = ["A text in German: Hallo.\nThe same text in English:", "Summarize: the cat sat."]
     partial = tmp_path / "shard0.jsonl.partial.jsonl"
@@ -459,8 +582,9 @@ def test_the_generating_library_version_is_part_of_the_key(monkeypatch):
 
 def test_the_same_prompt_twice_is_generated_once(tmp_path):
     gen = EchoGenerator()
-    outputs, generated = cached_generate(["p", "q", "p"], [2, 2, 2], gen, {"k": 1},
-                                         tmp_path / "x.partial.jsonl")
+    outputs, generated = cached_generate(
+        ["p", "q", "p"], [2, 2, 2], gen, {"k": 1}, tmp_path / "x.partial.jsonl"
+    )
     assert outputs == ["p|2", "q|2", "p|2"] and generated == 2 and gen.prompts == ["p", "q"]
 
 
@@ -475,12 +599,33 @@ def test_vllm_unavailable_is_reported_cleanly(monkeypatch, tmp_path):
         load_generator(TARGET_SETTINGS["llm"], "vllm", 4, 1, 0, VLLM_CFG)
     manifest = tmp_path / "train.jsonl"
     manifest.write_text(json.dumps({"id": "u1", "raw_transcription": "Hello."}) + "\n")
-    settings = {**TARGET_SETTINGS, "templates": "builtin", "templates_per_occurrence": 2, "batch_size": 4,
-                "vllm": VLLM_CFG, "backend": "vllm"}
-    with pytest.raises(SystemExit,
-                       match="^speechllm targets[a-z ]*: error: targets.backend is 'vllm' but vLLM cannot"):
-        main(["targets", "generate", "--settings", json.dumps(settings), "--manifest", str(manifest),
-              "--shard", "0", "--num-shards", "1", "--out", str(tmp_path / "shard0.jsonl")])
+    settings = {
+        **TARGET_SETTINGS,
+        "templates": "builtin",
+        "templates_per_occurrence": 2,
+        "batch_size": 4,
+        "vllm": VLLM_CFG,
+        "backend": "vllm",
+    }
+    with pytest.raises(
+        SystemExit, match="^speechllm targets[a-z ]*: error: targets.backend is 'vllm' but vLLM cannot"
+    ):
+        main(
+            [
+                "targets",
+                "generate",
+                "--settings",
+                json.dumps(settings),
+                "--manifest",
+                str(manifest),
+                "--shard",
+                "0",
+                "--num-shards",
+                "1",
+                "--out",
+                str(tmp_path / "shard0.jsonl"),
+            ]
+        )
     assert not (tmp_path / "shard0.jsonl").exists()
 
 
@@ -496,9 +641,13 @@ def fake_vllm(model) -> types.ModuleType:
             for prompt, p in zip(prompts, params, strict=True):
                 assert p.temperature == 0.0 and p.n == 1
                 ids = torch.tensor([prompt["prompt_token_ids"]])
-                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                     max_new_tokens=p.max_tokens, do_sample=False)
-                new = SimpleNamespace(token_ids=gen[0, ids.shape[1]:].tolist())
+                gen = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=p.max_tokens,
+                    do_sample=False,
+                )
+                new = SimpleNamespace(token_ids=gen[0, ids.shape[1] :].tolist())
                 results.append(SimpleNamespace(outputs=[new]))
             return results
 
@@ -512,11 +661,15 @@ def test_vllm_backend_writes_what_the_hf_backend_writes(lm, monkeypatch, tmp_pat
     model, tok = lm
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm(model))
     monkeypatch.setattr("speechllm.targets.backends.load_tokenizer", lambda cfg: tok)
-    items = [("the cat sits", "Repeat the sentence: ", ". "), ("Der Hund", "", " hello"),
-             ("hello world", "A: ", "")]
+    items = [
+        ("the cat sits", "Repeat the sentence: ", ". "),
+        ("Der Hund", "", " hello"),
+        ("hello world", "A: ", ""),
+    ]
     settings = {"max_new_tokens": 5}
-    vllm_gen = load_generator({"name_or_path": "tiny", "dtype": "float32"}, "vllm", 4, 1, 0, VLLM_CFG,
-                              clean_up_spaces=True)
+    vllm_gen = load_generator(
+        {"name_or_path": "tiny", "dtype": "float32"}, "vllm", 4, 1, 0, VLLM_CFG, clean_up_spaces=True
+    )
     assert vllm_gen.llm.kwargs["dtype"] == "float32"
     generate_shard(items, 0, 1, vllm_gen, settings, tmp_path / "vllm.jsonl")
     hf_gen = HFGenerator(model, tok, 4, clean_up_spaces=True)

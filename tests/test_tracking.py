@@ -143,8 +143,13 @@ def test_a_job_started_under_a_running_wandb_service_writes_into_its_own_directo
     parent.mkdir()
     job.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"} | {"WANDB_MODE": "offline"}
-    subprocess.run([sys.executable, "-c", PARENT_WITH_SERVICE, str(job), CHILD_JOB], cwd=parent, env=env,
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", PARENT_WITH_SERVICE, str(job), CHILD_JOB],
+        cwd=parent,
+        env=env,
+        check=True,
+        timeout=300,
+    )
     # The run's transaction log (written by the service) is in the job's own run directory.
     assert list((job / "results/train/job/wandb").glob("offline-run-*/run-*.wandb"))
     assert sorted(p.name for p in parent.iterdir()) == ["parent"]

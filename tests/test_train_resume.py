@@ -175,8 +175,13 @@ def train_command(stage_name: str, settings: dict, corpus: dict[str, Path], run_
 def subprocess_env(**extra: str) -> dict[str, str]:
     # W&B is not under test here, and the two side-by-side runs would share one deterministic W&B run id;
     # `make` exports WANDB_MODE=offline, so this must override, not default.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-            **extra}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "WANDB_MODE": "disabled",
+        **extra,
+    }
 
 
 def start(args: list[str], env: dict[str, str], log_file: Path) -> subprocess.Popen:
@@ -221,7 +226,12 @@ def assert_same_end(straight: Path, resumed: Path, final_step: int, summary_keys
 
 # ------------------------------------------------------------------------------------------ the SIGKILL test
 
-SAME_SUMMARY = ("history", "final_weights_sha256_per_process", "data_sha256_per_process", "batches_per_process")
+SAME_SUMMARY = (
+    "history",
+    "final_weights_sha256_per_process",
+    "data_sha256_per_process",
+    "batches_per_process",
+)
 
 
 def test_sigkill_and_resume_gives_the_same_weights(tiny_models, tmp_path):
@@ -360,7 +370,10 @@ def test_checkpoints_are_atomic_pruned_and_reloadable(tmp_path):
     _save(manager, 3, [KeptState(0.4, 2, b)])
     # Only the newest two remain; kept weights nobody references any more are gone.
     assert manager.steps() == [2, 3]
-    assert sorted(p.name for p in manager.kept_dir.iterdir()) == [b, f"{b}.sha256"]  # the weights and their digest
+    assert sorted(p.name for p in manager.kept_dir.iterdir()) == [
+        b,
+        f"{b}.sha256",
+    ]  # the weights and their digest
     # A write interrupted by a kill leaves a temporary directory, never a step directory; it is cleaned.
     (tmp_path / ".tmp-step_00000004").mkdir()
     (tmp_path / ".tmp-step_00000004" / "model.safetensors").write_bytes(b"partial")
@@ -440,10 +453,17 @@ def without_transcription(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "transcription"}
 
 
-@pytest.mark.parametrize(("split", "edit", "message"), [
-    ("train", without_transcription, "{path}:2: missing field(s) transcription"),
-    ("dev", lambda r: {**r, "language": "fr_fr"}, "{path}:2: language 'fr_fr' (French) has no language-ID label"),
-])
+@pytest.mark.parametrize(
+    ("split", "edit", "message"),
+    [
+        ("train", without_transcription, "{path}:2: missing field(s) transcription"),
+        (
+            "dev",
+            lambda r: {**r, "language": "fr_fr"},
+            "{path}:2: language 'fr_fr' (French) has no language-ID label",
+        ),
+    ],
+)
 def test_a_bad_manifest_line_is_refused_before_training(tiny_models, tmp_path, split, edit, message):
     """A training manifest missing `transcription` would train CTC on empty targets, and an utterance in a
     language the LID labels do not cover would get label 0, the LID-CTC blank: the job stops at once with the
@@ -452,8 +472,13 @@ def test_a_bad_manifest_line_is_refused_before_training(tiny_models, tmp_path, s
     lines = corpus[split].read_text().splitlines()
     corpus[split].write_text("\n".join([lines[0], json.dumps(edit(json.loads(lines[1]))), *lines[2:]]) + "\n")
     run = tmp_path / "run"
-    done = subprocess.run([sys.executable, *train_command("ctc", run_settings(tiny_models, CTC_STAGE), corpus, run)],
-                          capture_output=True, text=True, env=subprocess_env(), timeout=240)
+    done = subprocess.run(
+        [sys.executable, *train_command("ctc", run_settings(tiny_models, CTC_STAGE), corpus, run)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=240,
+    )
     assert done.returncode != 0
     assert message.format(path=corpus[split]) in done.stderr
     assert not (run / "model").exists()

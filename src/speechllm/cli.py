@@ -24,8 +24,16 @@ from speechllm.targets import commands as targets_commands
 from speechllm.train import commands as train_commands
 
 log = logging.getLogger("speechllm")
-STAGES = (data_commands, models_commands, targets_commands, train_commands, evaluate_commands, report_commands,
-          infer, publish)
+STAGES = (
+    data_commands,
+    models_commands,
+    targets_commands,
+    train_commands,
+    evaluate_commands,
+    report_commands,
+    infer,
+    publish,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,14 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
         stage.register(sub)
     add_record_option(p)
     rerun = add_command(
-        sub, "rerun", "run one pipeline step again from the record its job wrote next to its log", cmd_rerun,
+        sub,
+        "rerun",
+        "run one pipeline step again from the record its job wrote next to its log",
+        cmd_rerun,
         description="Run a step again, by hand, from `<log stem>.run.json` (written by every rule's job): the same "
-                    "command line in the same working directory, with the record's `settings` (edit them there to "
-                    "try another value). Multi-GPU steps: prefix the printed command with your launcher.",
-        epilog=example("speechllm rerun logs/train/ctc_bloomzmms.run.json",
-                       "speechllm rerun --print logs/eval/fleurs_asr/ctc.run.json"))
+        "command line in the same working directory, with the record's `settings` (edit them there to "
+        "try another value). Multi-GPU steps: prefix the printed command with your launcher.",
+        epilog=example(
+            "speechllm rerun logs/train/ctc_bloomzmms.run.json",
+            "speechllm rerun --print logs/eval/fleurs_asr/ctc.run.json",
+        ),
+    )
     rerun.add_argument("record", type=Path, help="a `.run.json` next to a job's log")
-    rerun.add_argument("--print", action="store_true", help="print the command (with `cd`) instead of running it")
+    rerun.add_argument(
+        "--print", action="store_true", help="print the command (with `cd`) instead of running it"
+    )
     return p
 
 
@@ -51,8 +67,12 @@ def add_record_option(parser: argparse.ArgumentParser) -> None:
     """`--record LOG` on every leaf command (after its name, so process names stay `speechllm <stage> ...`)."""
     children = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not children:
-        parser.add_argument("--record", metavar="LOG", help="write the settings and command line of this run to "
-                            "LOG's stem + .run.json (the rules pass their log; `speechllm rerun` reads it)")
+        parser.add_argument(
+            "--record",
+            metavar="LOG",
+            help="write the settings and command line of this run to "
+            "LOG's stem + .run.json (the rules pass their log; `speechllm rerun` reads it)",
+        )
     for action in children:
         for child in action.choices.values():
             add_record_option(child)
@@ -72,8 +92,9 @@ def cmd_rerun(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if getattr(args, "record", None) and runrecord.is_main_process():
         runrecord.write_record(args.record, argv)

@@ -69,7 +69,7 @@ def parse_prompt(prompt: str) -> list[PromptPart]:
     parts: list[PromptPart] = []
     position = 0
     for match in AUDIO_PART.finditer(prompt):
-        parts.append(prompt[position: match.start()])
+        parts.append(prompt[position : match.start()])
         path = match.group(1).strip()
         if not path:
             raise PromptError(f"empty {{audio:}} part at character {match.start()} of the prompt")
@@ -78,11 +78,13 @@ def parse_prompt(prompt: str) -> list[PromptPart]:
     parts.append(prompt[position:])
     for piece in parts:
         if isinstance(piece, str) and "{audio:" in piece:
-            near = piece[piece.index("{audio:"):][:40]
+            near = piece[piece.index("{audio:") :][:40]
             raise PromptError(f"unclosed or nested {{audio:...}} part in the prompt near {near!r}")
     if not any(isinstance(p, AudioPart) for p in parts):
-        raise PromptError("the prompt has no {audio:PATH} part; write e.g. --prompt \"Repeat the sentence: "
-                          "{audio:clip.wav}. \"")
+        raise PromptError(
+            'the prompt has no {audio:PATH} part; write e.g. --prompt "Repeat the sentence: '
+            '{audio:clip.wav}. "'
+        )
     return [p for p in parts if not (isinstance(p, str) and p == "")]
 
 
@@ -90,7 +92,9 @@ def check_audio_files(parts: Sequence[PromptPart]) -> None:
     """Every `{audio:PATH}` must name an existing file (checked before any model is loaded)."""
     for part in parts:
         if isinstance(part, AudioPart) and not Path(part.path).is_file():
-            raise FileNotFoundError(f"{{audio:{part.path}}}: no such audio file ({Path(part.path).resolve()})")
+            raise FileNotFoundError(
+                f"{{audio:{part.path}}}: no such audio file ({Path(part.path).resolve()})"
+            )
 
 
 def check_askable(spec: dict[str, Any], model_dir: Path) -> str:
@@ -100,7 +104,8 @@ def check_askable(spec: dict[str, Any], model_dir: Path) -> str:
         raise ValueError(
             f"{model_dir} is a CTC-stage model (speechllm.json stage 'ctc'): its adaptor was trained to be decoded "
             f"by CTC, not to prompt the LLM. Transcribe with `speechllm transcribe --model {model_dir} AUDIO`, or "
-            "ask a CE-trained model (results/models/t, mi or tmi)")
+            "ask a CE-trained model (results/models/t, mi or tmi)"
+        )
     return kind
 
 
@@ -123,8 +128,9 @@ def encode_clip(model: Any, kind: str, path: str, sampling_rate: int, device: An
     return encode_speech(model, [path], sampling_rate, [None], device)[0][0]
 
 
-def prompt_segments(model: Any, tokenizer: Any, kind: str, parts: Sequence[PromptPart], sampling_rate: int,
-                    device: Any) -> list[Any]:
+def prompt_segments(
+    model: Any, tokenizer: Any, kind: str, parts: Sequence[PromptPart], sampling_rate: int, device: Any
+) -> list[Any]:
     """The prompt as LLM segments: token-id lists for text, (T_i, H) speech tensors for audio, in order."""
     import torch
 
@@ -140,15 +146,27 @@ def prompt_segments(model: Any, tokenizer: Any, kind: str, parts: Sequence[Promp
     return segments
 
 
-def answer(model: Any, tokenizer: Any, kind: str, parts: Sequence[PromptPart], sampling_rate: int, device: Any,
-           num_beams: int, max_new_tokens: int) -> str:
+def answer(
+    model: Any,
+    tokenizer: Any,
+    kind: str,
+    parts: Sequence[PromptPart],
+    sampling_rate: int,
+    device: Any,
+    num_beams: int,
+    max_new_tokens: int,
+) -> str:
     """Decode the LLM's answer to a mixed text/speech prompt (the chat template around it for Kang & Roy).
 
     One prompt, one file at a time: the unbatched path. The CLI and `speechllm.api.SpeechModel.ask` batch
     prompts; tests hold their answers equal to this function's."""
     segments = prompt_segments(model, tokenizer, kind, parts, sampling_rate, device)
-    log.info("prompt: %s", " | ".join(f"speech {tuple(s.shape)}" if hasattr(s, "shape") else f"text {len(s)} tokens"
-                                      for s in segments))
+    log.info(
+        "prompt: %s",
+        " | ".join(
+            f"speech {tuple(s.shape)}" if hasattr(s, "shape") else f"text {len(s)} tokens" for s in segments
+        ),
+    )
     tokens = model.generate([segments], max_new_tokens, num_beams=num_beams)[0]
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
@@ -183,8 +201,9 @@ def gather_prompts(args: argparse.Namespace) -> list[tuple[str, list[PromptPart]
     if args.prompts:
         given += read_prompts(args.prompts)
     if not given:
-        raise PromptError("no prompt: give --prompt TEXT (repeatable) or --prompts FILE (one per line, "
-                          "- = standard input)")
+        raise PromptError(
+            "no prompt: give --prompt TEXT (repeatable) or --prompts FILE (one per line, - = standard input)"
+        )
     parsed = []
     for where, text in given:
         try:
@@ -199,11 +218,12 @@ def gather_prompts(args: argparse.Namespace) -> list[tuple[str, list[PromptPart]
 def windows(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     """Consecutive slices of `size` items: the CLI decodes one window at a time and prints it."""
     for start in range(0, len(items), size):
-        yield items[start: start + size]
+        yield items[start : start + size]
 
 
-def load_for_cli(args: argparse.Namespace, decoder: str,
-                 check: Callable[[dict[str, Any], Path], object]) -> Any:
+def load_for_cli(
+    args: argparse.Namespace, decoder: str, check: Callable[[dict[str, Any], Path], object]
+) -> Any:
     """The `SpeechModel` of `--model` (a directory or hub id); `check` sees its spec before anything loads."""
     from speechllm.api import SpeechModel, resolve_model_dir
     from speechllm.models.export import read_spec
@@ -212,16 +232,21 @@ def load_for_cli(args: argparse.Namespace, decoder: str,
     check(read_spec(model_dir), model_dir)
     set_threads(args.threads)
     device = None if args.device == "auto" else args.device
-    return SpeechModel.from_pretrained(model_dir, device=device, dtype=args.dtype, decoder=decoder,
-                                       sampling_rate=args.sampling_rate)
+    return SpeechModel.from_pretrained(
+        model_dir, device=device, dtype=args.dtype, decoder=decoder, sampling_rate=args.sampling_rate
+    )
 
 
 def cmd_ask(args: argparse.Namespace) -> None:
     prompts = gather_prompts(args)  # before the (slow) imports and model loading
     model = load_for_cli(args, "llm", check_askable)
     for window in windows(prompts, args.batch_size * PRINT_BATCHES):
-        answers = model.ask([parts for _, parts, _ in window], args.batch_size, num_beams=args.num_beams,
-                            max_new_tokens=args.max_new_tokens)
+        answers = model.ask(
+            [parts for _, parts, _ in window],
+            args.batch_size,
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+        )
         for (_, _, text), answer_text in zip(window, answers, strict=True):
             if args.json:
                 print(json.dumps({"prompt": text, "answer": answer_text}, ensure_ascii=False), flush=True)
@@ -231,15 +256,18 @@ def cmd_ask(args: argparse.Namespace) -> None:
 
 def check_transcribable(spec: dict[str, Any], model_dir: Path) -> None:
     if spec.get("kind") == "kang_roy":
-        raise ValueError(f"{model_dir} is a Kang & Roy model: it answers prompts rather than transcribing; "
-                         f"use `speechllm ask --model {model_dir} --prompt \"... {{audio:clip.wav}}\"`")
+        raise ValueError(
+            f"{model_dir} is a Kang & Roy model: it answers prompts rather than transcribing; "
+            f'use `speechllm ask --model {model_dir} --prompt "... {{audio:clip.wav}}"`'
+        )
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
     model = load_for_cli(args, args.decoder, check_transcribable)
     for window in windows(args.audio, args.batch_size * PRINT_BATCHES):
-        texts = model.transcribe(list(window), args.batch_size, num_beams=args.num_beams,
-                                 max_new_tokens=args.max_new_tokens)
+        texts = model.transcribe(
+            list(window), args.batch_size, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens
+        )
         for path, text in zip(window, texts, strict=True):
             row = json.dumps({"audio": path, "text": text}, ensure_ascii=False)
             print(row if args.json else f"{path}\t{text}", flush=True)
@@ -247,35 +275,62 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
 
 def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """Options of `transcribe` and `ask`: where and how the model runs, how inputs are batched and printed."""
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help="inputs per padded batch (1 = one at a time; the text is the same)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="inputs per padded batch (1 = one at a time; the text is the same)",
+    )
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1")
-    parser.add_argument("--dtype", help="float32, bfloat16 or float16 for the whole model (default: the "
-                                        "LLM's own from speechllm.json, float32 elsewhere)")
-    parser.add_argument("--sampling-rate", type=int, default=SAMPLING_RATE,
-                        help="rate the speech encoder expects")
+    parser.add_argument(
+        "--dtype",
+        help="float32, bfloat16 or float16 for the whole model (default: the "
+        "LLM's own from speechllm.json, float32 elsewhere)",
+    )
+    parser.add_argument(
+        "--sampling-rate", type=int, default=SAMPLING_RATE, help="rate the speech encoder expects"
+    )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (when no GPU is used)")
     parser.add_argument("--json", action="store_true", help="print JSON Lines instead of plain text")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    tx = add_command(sub, "transcribe", "transcribe audio files (TSV: path<TAB>text, or --json)",
-                     cmd_transcribe, epilog=EXAMPLES["transcribe"])
+    tx = add_command(
+        sub,
+        "transcribe",
+        "transcribe audio files (TSV: path<TAB>text, or --json)",
+        cmd_transcribe,
+        epilog=EXAMPLES["transcribe"],
+    )
     tx.add_argument("--model", required=True, help="a model directory (speechllm.json + weights) or hub id")
     tx.add_argument("audio", nargs="+")
-    tx.add_argument("--decoder", choices=["auto", "ctc", "llm"], default="auto",
-                    help="auto: CTC for a CTC-stage model, else the LLM with the model's transcription prompt")
+    tx.add_argument(
+        "--decoder",
+        choices=["auto", "ctc", "llm"],
+        default="auto",
+        help="auto: CTC for a CTC-stage model, else the LLM with the model's transcription prompt",
+    )
     tx.add_argument("--num-beams", type=int, default=TRANSCRIBE_BEAMS)
     tx.add_argument("--max-new-tokens", type=int, default=TRANSCRIBE_MAX_NEW_TOKENS)
     add_runtime_options(tx)
 
-    ask = add_command(sub, "ask",
-                      "prompt a model's LLM with text and {audio:PATH} parts mixed; prints the answer",
-                      cmd_ask, description=ASK_DESCRIPTION, epilog=ASK_EXAMPLE)
+    ask = add_command(
+        sub,
+        "ask",
+        "prompt a model's LLM with text and {audio:PATH} parts mixed; prints the answer",
+        cmd_ask,
+        description=ASK_DESCRIPTION,
+        epilog=ASK_EXAMPLE,
+    )
     ask.add_argument("--model", required=True, help="a model directory (speechllm.json + weights) or hub id")
     ask.add_argument("--prompt", action="append", help="text with {audio:PATH} parts (repeatable)")
-    ask.add_argument("--prompts", metavar="FILE",
-                     help="prompts, one per line (- = standard input; a line in quotes is a JSON string)")
-    ask.add_argument("--num-beams", type=int, help="beam size (default: 5 for BLOOMZMMS, 1 = greedy for Kang & Roy)")
+    ask.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="prompts, one per line (- = standard input; a line in quotes is a JSON string)",
+    )
+    ask.add_argument(
+        "--num-beams", type=int, help="beam size (default: 5 for BLOOMZMMS, 1 = greedy for Kang & Roy)"
+    )
     ask.add_argument("--max-new-tokens", type=int, default=ASK_MAX_NEW_TOKENS)
     add_runtime_options(ask)

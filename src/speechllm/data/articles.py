@@ -39,17 +39,25 @@ def split_sentences(text: str) -> list[str]:
     text = " ".join(text.split())
     parts, start = [], 0
     for match in _SENTENCE_END.finditer(text):
-        parts.append(text[start:match.start()] + match.group(0).strip())
+        parts.append(text[start : match.start()] + match.group(0).strip())
         start = match.end()
     parts.append(text[start:])
     return [p.strip() for p in parts if p.strip()]
 
 
-
-def hub_articles(dataset: str, config: str, split: str, revision: str, max_chars: int,
-                 max_articles: int | None, cache_dir: str | None = None) -> list[dict[str, str]]:
+def hub_articles(
+    dataset: str,
+    config: str,
+    split: str,
+    revision: str,
+    max_chars: int,
+    max_articles: int | None,
+    cache_dir: str | None = None,
+) -> list[dict[str, str]]:
     """CNN/DailyMail articles shorter than `max_chars` characters (dataset order), with their highlights."""
-    ds = load_split(dataset, config, split, revision, columns=["id", "article", "highlights"], cache_dir=cache_dir)
+    ds = load_split(
+        dataset, config, split, revision, columns=["id", "article", "highlights"], cache_dir=cache_dir
+    )
     out = []
     for row in ds:
         if len(row["article"]) < max_chars:
@@ -57,12 +65,16 @@ def hub_articles(dataset: str, config: str, split: str, revision: str, max_chars
             if max_articles is not None and len(out) >= max_articles:
                 break
     if not out:
-        raise SourceError(f"no article of {dataset} {config}/{split} is shorter than {max_chars} characters "
-                          "(config key data.articles.max_chars)")
+        raise SourceError(
+            f"no article of {dataset} {config}/{split} is shorter than {max_chars} characters "
+            "(config key data.articles.max_chars)"
+        )
     return out
 
 
-def join_clips(paths: list[Path], pause_seconds: float, sampling_rate: int, out: Path) -> list[tuple[int, int]]:
+def join_clips(
+    paths: list[Path], pause_seconds: float, sampling_rate: int, out: Path
+) -> list[tuple[int, int]]:
     """Concatenate clips with silence between them into one 16-bit wav; returns each clip's (start, end)."""
     pause = np.zeros(int(round(pause_seconds * sampling_rate)), dtype=np.float32)
     pieces, spans, position = [], [], 0
@@ -75,12 +87,26 @@ def join_clips(paths: list[Path], pause_seconds: float, sampling_rate: int, out:
         spans.append((position, position + wav.shape[0]))
         position += wav.shape[0]
     with atomic_path(out) as tmp:
-        sf.write(str(tmp), np.clip(np.concatenate(pieces), -1.0, 1.0), sampling_rate, subtype="PCM_16", format="WAV")
+        sf.write(
+            str(tmp),
+            np.clip(np.concatenate(pieces), -1.0, 1.0),
+            sampling_rate,
+            subtype="PCM_16",
+            format="WAV",
+        )
     return spans
 
 
-def build_articles(out_dir: Path, articles: list[dict[str, str]], tts: TTSBackend, voice: str, sampling_rate: int,
-                   segmentation: str, pause_seconds: float, threads: int) -> int:
+def build_articles(
+    out_dir: Path,
+    articles: list[dict[str, str]],
+    tts: TTSBackend,
+    voice: str,
+    sampling_rate: int,
+    segmentation: str,
+    pause_seconds: float,
+    threads: int,
+) -> int:
     """Voice every article; write `out_dir/articles/test.jsonl` (clips in `out_dir/audio/articles/`).
 
     Records are utterance-shaped (id, language, audio, num_samples, sampling_rate, raw_transcription = the
@@ -102,10 +128,19 @@ def build_articles(out_dir: Path, articles: list[dict[str, str]], tts: TTSBacken
     for article, texts, clips in plans:
         path = audio_dir / f"{article['id']}.wav"
         spans = join_clips(clips, pause_seconds, sampling_rate, path)
-        records.append({
-            "id": article["id"], "task": "summarization", "language": "en_us", "audio": str(path),
-            "num_samples": spans[-1][1], "sampling_rate": sampling_rate, "raw_transcription": article["article"],
-            "summary": article["summary"],
-            "segments": [{"start": s, "end": e, "text": t} for (s, e), t in zip(spans, texts, strict=True)],
-        })
+        records.append(
+            {
+                "id": article["id"],
+                "task": "summarization",
+                "language": "en_us",
+                "audio": str(path),
+                "num_samples": spans[-1][1],
+                "sampling_rate": sampling_rate,
+                "raw_transcription": article["article"],
+                "summary": article["summary"],
+                "segments": [
+                    {"start": s, "end": e, "text": t} for (s, e), t in zip(spans, texts, strict=True)
+                ],
+            }
+        )
     return write_manifest(out_dir / "articles" / "test.jsonl", records)

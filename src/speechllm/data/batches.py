@@ -35,12 +35,12 @@ class SpeechDataset(Dataset):
 
 @dataclass
 class Batch:
-    wav: torch.Tensor                     # (B, N) float32, right-padded with zeros
-    wav_lengths: torch.Tensor             # (B,) long
+    wav: torch.Tensor  # (B, N) float32, right-padded with zeros
+    wav_lengths: torch.Tensor  # (B,) long
     records: list[dict[str, Any]]
-    ctc_targets: list[list[int]] = field(default_factory=list)   # LLM token ids of the normalised transcript
-    lid: torch.Tensor | None = None       # (B,) long, 1..num_languages
-    prefix: list[list[int]] = field(default_factory=list)        # CE prompt pieces and targets (token ids)
+    ctc_targets: list[list[int]] = field(default_factory=list)  # LLM token ids of the normalised transcript
+    lid: torch.Tensor | None = None  # (B,) long, 1..num_languages
+    prefix: list[list[int]] = field(default_factory=list)  # CE prompt pieces and targets (token ids)
     postfix: list[list[int]] = field(default_factory=list)
     target: list[list[int]] = field(default_factory=list)
 
@@ -64,8 +64,13 @@ def pad_waveforms(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 class Collator:
     """Pads waveforms and tokenises text fields with the LLM tokenizer (no special tokens, as BLOOM)."""
 
-    def __init__(self, tokenizer: Any, language_ids: dict[str, int] | None = None,
-                 default_prefix: str = "", default_postfix: str = "") -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        language_ids: dict[str, int] | None = None,
+        default_prefix: str = "",
+        default_postfix: str = "",
+    ) -> None:
         self.tokenizer = tokenizer
         self.language_ids = language_ids or {}
         self.default_prefix = default_prefix
@@ -80,8 +85,12 @@ class Collator:
         batch = Batch(wav=wav, wav_lengths=lengths, records=records)
         batch.ctc_targets = [self.ids(r.get("transcription", "")) for r in records]
         if self.language_ids:  # an unknown language is an error, never label 0 (the LID-CTC blank)
-            batch.lid = torch.tensor([
-                lid_label(r["language"], self.language_ids, location(r) or f"record {r.get('id')}") for r in records])
+            batch.lid = torch.tensor(
+                [
+                    lid_label(r["language"], self.language_ids, location(r) or f"record {r.get('id')}")
+                    for r in records
+                ]
+            )
         batch.prefix = [self.ids(r.get("prefix", self.default_prefix)) for r in records]
         batch.postfix = [self.ids(r.get("postfix", self.default_postfix)) for r in records]
         batch.target = [self.ids(r.get("target", r.get("transcription", ""))) for r in records]

@@ -39,11 +39,11 @@ TRAIN_TSV_COLUMNS = ("client_id", "path", "sentence")
 class Clip:
     """One row of a locale's train.tsv."""
 
-    file: str      # file name under clips/, e.g. common_voice_fr_17299458.mp3
+    file: str  # file name under clips/, e.g. common_voice_fr_17299458.mp3
     sentence: str  # the prompt text, untouched
-    speaker: str   # client_id
+    speaker: str  # client_id
     locale: str
-    line: int      # line number in train.tsv
+    line: int  # line number in train.tsv
 
     @property
     def uid(self) -> str:
@@ -68,8 +68,10 @@ def locale_of(clip_name: str, where: str) -> str:
 def find_release_root(release_dir: Path) -> Path:
     """The `cv-corpus-*` directory: `release_dir` itself or its only `cv-corpus-*` child."""
     if not release_dir.is_dir():
-        raise SourceError(f"Common Voice release directory not found: {release_dir} "
-                          "(config key data.common_voice.release_dir)")
+        raise SourceError(
+            f"Common Voice release directory not found: {release_dir} "
+            "(config key data.common_voice.release_dir)"
+        )
     if any(release_dir.glob("*/train.tsv")):
         return release_dir
     children = sorted(p for p in release_dir.glob("cv-corpus-*") if p.is_dir())
@@ -97,8 +99,15 @@ def read_train_tsv(root: Path, locale: str) -> list[Clip]:
             parts = line.strip().split("\t")  # whitespace-stripped line, as the reference reads it
             if len(parts) < width:
                 raise SourceError(f"{path}:{lineno}: expected at least {width} tab-separated columns")
-            clips.append(Clip(file=parts[col["path"]], sentence=parts[col["sentence"]],
-                              speaker=parts[col["client_id"]], locale=locale, line=lineno))
+            clips.append(
+                Clip(
+                    file=parts[col["path"]],
+                    sentence=parts[col["sentence"]],
+                    speaker=parts[col["client_id"]],
+                    locale=locale,
+                    line=lineno,
+                )
+            )
     return clips
 
 
@@ -151,17 +160,18 @@ def round_robin_order(clips: list[Clip], rng: random.Random) -> list[Clip]:
     return [q[r] for r in range(rounds) for q in queues if r < len(q)]
 
 
-def take_budget(order: list[Clip], duration_of: Callable[[list[Clip]], list[float]], max_seconds: float,
-                chunk: int = 256) -> list[Clip]:
+def take_budget(
+    order: list[Clip], duration_of: Callable[[list[Clip]], list[float]], max_seconds: float, chunk: int = 256
+) -> list[Clip]:
     """The shortest prefix of `order` whose duration exceeds `max_seconds` (all of it if it never does).
     Durations are asked for a chunk at a time, so only about as many clips as are kept get probed."""
     total = 0.0
     for start in range(0, len(order), chunk):
-        block = order[start:start + chunk]
+        block = order[start : start + chunk]
         for k, seconds in enumerate(duration_of(block)):
             total += seconds
             if total > max_seconds:
-                return order[:start + k + 1]
+                return order[: start + k + 1]
     return order
 
 
@@ -222,8 +232,9 @@ def known_durations(durations: dict[str, float], source: Path) -> Callable[[list
     return seconds
 
 
-def select_round_robin(root: Path, max_seconds: float, seed: int, prober: ClipProber,
-                       durations_path: Path | None) -> list[Clip]:
+def select_round_robin(
+    root: Path, max_seconds: float, seed: int, prober: ClipProber, durations_path: Path | None
+) -> list[Clip]:
     """The reference's per-language subsample, one rng over all languages in the reference's order."""
     if durations_path is not None:
         durations, locales = read_durations(durations_path)
@@ -246,15 +257,24 @@ def select_listed(root: Path, list_path: Path) -> list[Clip]:
         found = [c for c in read_train_tsv(root, locale) if c.uid in wanted]
         missing = wanted - {c.uid for c in found}
         if missing:
-            raise SourceError(f"{len(missing)} utterance(s) of {list_path} not in {root / locale / 'train.tsv'}, "
-                              f"e.g. {sorted(missing)[0]}")
+            raise SourceError(
+                f"{len(missing)} utterance(s) of {list_path} not in {root / locale / 'train.tsv'}, "
+                f"e.g. {sorted(missing)[0]}"
+            )
         chosen += found
     return chosen
 
 
-def build_common_voice(out_dir: Path, release_dir: Path, max_hours_per_language: float, seed: int,
-                       utterance_list: Path | None = None, durations: Path | None = None,
-                       on_bad_audio: str = "error", threads: int = 1) -> dict[str, Any]:
+def build_common_voice(
+    out_dir: Path,
+    release_dir: Path,
+    max_hours_per_language: float,
+    seed: int,
+    utterance_list: Path | None = None,
+    durations: Path | None = None,
+    on_bad_audio: str = "error",
+    threads: int = 1,
+) -> dict[str, Any]:
     """Write `out_dir/train.jsonl` (FLEURS-shaped utterance records) and `out_dir/report.json`.
 
     A selected clip soundfile cannot read stops the build naming the file and its train.tsv line, or with
@@ -282,18 +302,33 @@ def build_common_voice(out_dir: Path, release_dir: Path, max_hours_per_language:
                 raise info
             skipped.append({"id": clip.uid, "reason": str(info)})
             continue
-        records.append({"id": clip.uid, "language": clip.locale, "corpus": "common_voice",
-                        "audio": str(prober.path(clip)), "num_samples": info.frames,
-                        "sampling_rate": info.samplerate, "raw_transcription": clip.sentence,
-                        "speaker": clip.speaker})
+        records.append(
+            {
+                "id": clip.uid,
+                "language": clip.locale,
+                "corpus": "common_voice",
+                "audio": str(prober.path(clip)),
+                "num_samples": info.frames,
+                "sampling_rate": info.samplerate,
+                "raw_transcription": clip.sentence,
+                "speaker": clip.speaker,
+            }
+        )
         stats = per_language.setdefault(clip.locale, {"utterances": 0, "hours": 0.0})
         stats["utterances"] += 1
         stats["hours"] += info.frames / info.samplerate / 3600.0
     write_manifest(out_dir / "train.jsonl", records)
-    report = {"release": str(root), "mode": mode, "seed": seed, "max_hours_per_language": max_hours_per_language,
-              "utterance_list": str(utterance_list) if utterance_list else None,
-              "durations": str(durations) if durations else None, "utterances": len(records),
-              "languages": per_language, "skipped": skipped}
+    report = {
+        "release": str(root),
+        "mode": mode,
+        "seed": seed,
+        "max_hours_per_language": max_hours_per_language,
+        "utterance_list": str(utterance_list) if utterance_list else None,
+        "durations": str(durations) if durations else None,
+        "utterances": len(records),
+        "languages": per_language,
+        "skipped": skipped,
+    }
     write_report(out_dir / "report.json", report)
     return report
 

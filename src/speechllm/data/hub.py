@@ -28,10 +28,16 @@ from speechllm.io import atomic_path, atomic_write_bytes, atomic_write_text
 PARQUET_REVISION = "refs/convert/parquet"
 FLEURS_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
 GLUE_TEXT_FIELDS = {
-    "cola": ("sentence",), "sst2": ("sentence",), "mrpc": ("sentence1", "sentence2"),
-    "qqp": ("question1", "question2"), "stsb": ("sentence1", "sentence2"), "mnli_matched": ("premise", "hypothesis"),
-    "mnli_mismatched": ("premise", "hypothesis"), "qnli": ("question", "sentence"),
-    "rte": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2"),
+    "cola": ("sentence",),
+    "sst2": ("sentence",),
+    "mrpc": ("sentence1", "sentence2"),
+    "qqp": ("question1", "question2"),
+    "stsb": ("sentence1", "sentence2"),
+    "mnli_matched": ("premise", "hypothesis"),
+    "mnli_mismatched": ("premise", "hypothesis"),
+    "qnli": ("question", "sentence"),
+    "rte": ("sentence1", "sentence2"),
+    "wnli": ("sentence1", "sentence2"),
 }
 XNLI_TEXT_FIELDS = ("premise", "hypothesis")
 
@@ -61,20 +67,32 @@ def parquet_split_files(base: str, config: str, split: str) -> list[str]:
     from fsspec.implementations.local import LocalFileSystem
 
     fs, root = url_to_fs(base)
-    patterns = (f"{root}/{config}/{split}/*.parquet", f"{root}/{config}/*-{split}.parquet",
-                f"{root}/{config}/*-{split}-*-of-*.parquet")
+    patterns = (
+        f"{root}/{config}/{split}/*.parquet",
+        f"{root}/{config}/*-{split}.parquet",
+        f"{root}/{config}/*-{split}-*-of-*.parquet",
+    )
     for pattern in patterns:
         found = sorted(fs.glob(pattern))
         if found:
             return found if isinstance(fs, LocalFileSystem) else [fs.unstrip_protocol(p) for p in found]
     if fs.glob(f"{root}/{config}/partial-{split}/*.parquet"):
-        raise SourceError(f"{base}/{config} holds only a partial parquet conversion of split {split!r} "
-                          f"(partial-{split}/): the hub converter stops at 5 GB; use the full data instead")
+        raise SourceError(
+            f"{base}/{config} holds only a partial parquet conversion of split {split!r} "
+            f"(partial-{split}/): the hub converter stops at 5 GB; use the full data instead"
+        )
     raise SourceError(f"no parquet files for config {config!r}, split {split!r} under {base}")
 
 
-def load_split(dataset: str, config: str, split: str, revision: str = "main", columns: list[str] | None = None,
-               cache_dir: str | None = None, streaming: bool = False):
+def load_split(
+    dataset: str,
+    config: str,
+    split: str,
+    revision: str = "main",
+    columns: list[str] | None = None,
+    cache_dir: str | None = None,
+    streaming: bool = False,
+):
     """One split of a hub dataset, or of a local directory in the parquet-conversion layout.
 
     A local directory, or `revision: refs/convert/parquet`, reads `{config}/{split}/*.parquet` with
@@ -85,10 +103,18 @@ def load_split(dataset: str, config: str, split: str, revision: str = "main", co
 
     if Path(dataset).is_dir() or revision == PARQUET_REVISION:
         files = parquet_split_files(parquet_base(dataset, revision), config, split)
-        ds = load_dataset("parquet", data_files={split: files}, split=split, columns=columns, cache_dir=cache_dir,
-                          streaming=streaming)
+        ds = load_dataset(
+            "parquet",
+            data_files={split: files},
+            split=split,
+            columns=columns,
+            cache_dir=cache_dir,
+            streaming=streaming,
+        )
     else:
-        ds = load_dataset(dataset, config, split=split, revision=revision, cache_dir=cache_dir, streaming=streaming)
+        ds = load_dataset(
+            dataset, config, split=split, revision=revision, cache_dir=cache_dir, streaming=streaming
+        )
         if columns is not None:
             ds = ds.select_columns(columns)
     if "audio" in (ds.column_names or ()):
@@ -125,15 +151,28 @@ def english_sentences(dataset: str, revision: str, cache_dir: str | None = None)
     """FLEURS `id` -> en_us `raw_transcription` over all splits (text columns only: no audio is read)."""
     english: dict[int, str] = {}
     for split in FLEURS_SPLITS.values():
-        ds = load_split(dataset, "en_us", split, revision, columns=["id", "raw_transcription"], cache_dir=cache_dir,
-                        streaming=True)
+        ds = load_split(
+            dataset,
+            "en_us",
+            split,
+            revision,
+            columns=["id", "raw_transcription"],
+            cache_dir=cache_dir,
+            streaming=True,
+        )
         for row in ds:
             english.setdefault(int(row["id"]), row["raw_transcription"])
     return english
 
 
-def build_fleurs(out_dir: Path, languages: list[str], dataset: str, revision: str, on_bad_audio: str = "error",
-                 cache_dir: str | None = None) -> dict[str, int]:
+def build_fleurs(
+    out_dir: Path,
+    languages: list[str],
+    dataset: str,
+    revision: str,
+    on_bad_audio: str = "error",
+    cache_dir: str | None = None,
+) -> dict[str, int]:
     """Write the clips as released and FLEURS-shaped manifests `out_dir/{train,dev,test}.jsonl` + report.json.
 
     Utterance ids `{language}-{split}-{recording}` come from the recording's file name, so they are stable
@@ -168,15 +207,30 @@ def build_fleurs(out_dir: Path, languages: list[str], dataset: str, revision: st
                 path = out_dir / "audio" / language / split / name
                 write_clip(row["audio"]["bytes"], path)
                 sentence_id = int(row["id"])
-                records.append({
-                    "id": uid, "sentence_id": sentence_id, "language": language, "audio": str(path),
-                    "num_samples": info.frames, "sampling_rate": info.samplerate,
-                    "raw_transcription": row["raw_transcription"], "translation": english.get(sentence_id),
-                    "gender": row.get("gender"),
-                })
+                records.append(
+                    {
+                        "id": uid,
+                        "sentence_id": sentence_id,
+                        "language": language,
+                        "audio": str(path),
+                        "num_samples": info.frames,
+                        "sampling_rate": info.samplerate,
+                        "raw_transcription": row["raw_transcription"],
+                        "translation": english.get(sentence_id),
+                        "gender": row.get("gender"),
+                    }
+                )
         counts[split] = write_manifest(out_dir / f"{split}.jsonl", records)
-    write_report(out_dir / "report.json", {"dataset": dataset, "revision": revision, "languages": languages,
-                                           "counts": counts, "skipped": skipped})
+    write_report(
+        out_dir / "report.json",
+        {
+            "dataset": dataset,
+            "revision": revision,
+            "languages": languages,
+            "counts": counts,
+            "skipped": skipped,
+        },
+    )
     return counts
 
 
@@ -191,8 +245,16 @@ def glue_config_split(task: str) -> tuple[str, str]:
     return task, "validation"
 
 
-def build_speechglue_tts(out_dir: Path, tasks: list[str], tts: TTSBackend, voice: str, sampling_rate: int,
-                         dataset: str, threads: int, revision: str = "main") -> dict[str, int]:
+def build_speechglue_tts(
+    out_dir: Path,
+    tasks: list[str],
+    tts: TTSBackend,
+    voice: str,
+    sampling_rate: int,
+    dataset: str,
+    threads: int,
+    revision: str = "main",
+) -> dict[str, int]:
     """SpeechGLUE-shaped validation sets: every text field of every example voiced as its own clip."""
     counts = {}
     for task in tasks:
@@ -202,18 +264,39 @@ def build_speechglue_tts(out_dir: Path, tasks: list[str], tts: TTSBackend, voice
         ds = load_split(dataset, config, split, revision)
         jobs, pending = [], []
         for i, row in enumerate(ds):
-            paths = {f: out_dir / "audio" / "speechglue" / task / f"{i:06d}_{f}.wav" for f in GLUE_TEXT_FIELDS[task]}
+            paths = {
+                f: out_dir / "audio" / "speechglue" / task / f"{i:06d}_{f}.wav"
+                for f in GLUE_TEXT_FIELDS[task]
+            }
             jobs += [(row[f], voice, p) for f, p in paths.items()]
             pending.append((i, row, paths))
         speak_all(tts, jobs, threads)
-        examples = [spoken_example(task, f"{task}-{i:06d}", "en_us", paths, {f: row[f] for f in paths}, row["label"],
-                             sampling_rate) for i, row, paths in pending]
+        examples = [
+            spoken_example(
+                task,
+                f"{task}-{i:06d}",
+                "en_us",
+                paths,
+                {f: row[f] for f in paths},
+                row["label"],
+                sampling_rate,
+            )
+            for i, row, paths in pending
+        ]
         counts[task] = write_manifest(out_dir / "speechglue" / f"{task}.jsonl", examples)
     return counts
 
 
-def build_speechxnli_tts(out_dir: Path, languages: list[str], tts: TTSBackend, voices: dict[str, str],
-                         sampling_rate: int, dataset: str, threads: int, revision: str = "main") -> int:
+def build_speechxnli_tts(
+    out_dir: Path,
+    languages: list[str],
+    tts: TTSBackend,
+    voices: dict[str, str],
+    sampling_rate: int,
+    dataset: str,
+    threads: int,
+    revision: str = "main",
+) -> int:
     """SpeechXNLI-shaped set from XNLI validation, voiced per language."""
     examples: list[dict[str, Any]] = []
     for lang in languages:
@@ -222,12 +305,24 @@ def build_speechxnli_tts(out_dir: Path, languages: list[str], tts: TTSBackend, v
         ds = load_split(dataset, lang, "validation", revision)
         jobs, pending = [], []
         for i, row in enumerate(ds):
-            paths = {f: out_dir / "audio" / "speechxnli" / lang / f"{i:05d}_{f}.wav" for f in XNLI_TEXT_FIELDS}
+            paths = {
+                f: out_dir / "audio" / "speechxnli" / lang / f"{i:05d}_{f}.wav" for f in XNLI_TEXT_FIELDS
+            }
             jobs += [(row[f], voices[lang], p) for f, p in paths.items()]
             pending.append((i, row, paths))
         speak_all(tts, jobs, threads)
-        examples += [spoken_example("xnli", f"xnli-{lang}-{i:05d}", SHORT_TO_FLEURS[lang], paths,
-                              {f: row[f] for f in paths}, row["label"], sampling_rate) for i, row, paths in pending]
+        examples += [
+            spoken_example(
+                "xnli",
+                f"xnli-{lang}-{i:05d}",
+                SHORT_TO_FLEURS[lang],
+                paths,
+                {f: row[f] for f in paths},
+                row["label"],
+                sampling_rate,
+            )
+            for i, row, paths in pending
+        ]
     return write_manifest(out_dir / "speechxnli" / "test.jsonl", examples)
 
 
@@ -244,18 +339,26 @@ def _field(path: Path, text: str, sampling_rate: int, where: str) -> dict[str, A
         info = sf.info(str(path))
     except Exception as err:
         raise AudioError(f"cannot read audio {path} ({where}): {err}") from err
-    return {"text": text, "audio": str(path), "num_samples": round(info.frames * sampling_rate / info.samplerate)}
+    return {
+        "text": text,
+        "audio": str(path),
+        "num_samples": round(info.frames * sampling_rate / info.samplerate),
+    }
 
 
 def find_speechxnli_root(release_dir: Path, languages: list[str]) -> Path:
     """The directory holding `sentences_{lang}.txt` and `audios/`: the release dir or one level below it."""
     probe = f"sentences_{languages[0]}.txt"
-    candidates = [release_dir, *sorted(p for p in release_dir.iterdir() if p.is_dir())] if release_dir.is_dir() else []
+    candidates = (
+        [release_dir, *sorted(p for p in release_dir.iterdir() if p.is_dir())] if release_dir.is_dir() else []
+    )
     for candidate in candidates:
         if (candidate / probe).is_file():
             return candidate
-    raise SourceError(f"no {probe} in {release_dir} or its subdirectories "
-                      "(config key data.speechxnli.release_dir; expected the extracted speech_xnli.tar.gz)")
+    raise SourceError(
+        f"no {probe} in {release_dir} or its subdirectories "
+        "(config key data.speechxnli.release_dir; expected the extracted speech_xnli.tar.gz)"
+    )
 
 
 def speechxnli_sentence_clips(root: Path, lang: str) -> dict[str, Path]:
@@ -272,8 +375,15 @@ def speechxnli_sentence_clips(root: Path, lang: str) -> dict[str, Path]:
     return clips
 
 
-def build_speechxnli_released(out_dir: Path, release_dir: Path, languages: list[str], dataset: str,
-                              sampling_rate: int, revision: str = "main", cache_dir: str | None = None) -> int:
+def build_speechxnli_released(
+    out_dir: Path,
+    release_dir: Path,
+    languages: list[str],
+    dataset: str,
+    sampling_rate: int,
+    revision: str = "main",
+    cache_dir: str | None = None,
+) -> int:
     """The SpeechXNLI manifest over the released clips (read in place): XNLI validation pairs and labels from
     `dataset`, each premise and hypothesis looked up in the release's sentence list."""
     root = find_speechxnli_root(release_dir, languages)
@@ -286,10 +396,20 @@ def build_speechxnli_released(out_dir: Path, release_dir: Path, languages: list[
             for name in XNLI_TEXT_FIELDS:
                 where = f"XNLI {lang} validation row {i}, {name}"
                 if row[name] not in clips:
-                    raise SourceError(f"{where}: sentence not in {root / f'sentences_{lang}.txt'}: {row[name]!r}")
+                    raise SourceError(
+                        f"{where}: sentence not in {root / f'sentences_{lang}.txt'}: {row[name]!r}"
+                    )
                 fields[name] = _field(clips[row[name]], row[name], sampling_rate, where)
-            examples.append({"id": f"xnli-{lang}-{i:05d}", "task": "xnli", "language": SHORT_TO_FLEURS[lang],
-                             "label": row["label"], "sampling_rate": sampling_rate, "fields": fields})
+            examples.append(
+                {
+                    "id": f"xnli-{lang}-{i:05d}",
+                    "task": "xnli",
+                    "language": SHORT_TO_FLEURS[lang],
+                    "label": row["label"],
+                    "sampling_rate": sampling_rate,
+                    "fields": fields,
+                }
+            )
     return write_manifest(out_dir / "speechxnli" / "test.jsonl", examples)
 
 
@@ -302,8 +422,10 @@ def speechglue_csv(release_dir: Path, task: str) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise SourceError(f"no SpeechGLUE data.csv for {task!r}: looked for {', '.join(map(str, candidates))} "
-                      "(config key data.speechglue.release_dir)")
+    raise SourceError(
+        f"no SpeechGLUE data.csv for {task!r}: looked for {', '.join(map(str, candidates))} "
+        "(config key data.speechglue.release_dir)"
+    )
 
 
 def resolve_released_clip(recorded: str, csv_path: Path) -> Path:
@@ -319,7 +441,9 @@ def resolve_released_clip(recorded: str, csv_path: Path) -> Path:
     return local
 
 
-def build_speechglue_released(out_dir: Path, release_dir: Path, tasks: list[str], sampling_rate: int) -> dict[str, int]:
+def build_speechglue_released(
+    out_dir: Path, release_dir: Path, tasks: list[str], sampling_rate: int
+) -> dict[str, int]:
     """SpeechGLUE manifests over speechGLUE's synthesized validation sets (clips read in place): texts as the
     TTS read them, labels from data.csv (rows speechGLUE could not voice are absent there, as in the paper)."""
     counts = {}
@@ -337,15 +461,27 @@ def build_speechglue_released(out_dir: Path, release_dir: Path, tasks: list[str]
             examples = []
             for lineno, row in enumerate(reader, start=2):
                 where = f"{csv_path} line {lineno}"
-                clips = {f: _field(resolve_released_clip(row[f"file_{f}"], csv_path), row[f], sampling_rate, where)
-                         for f in fields}
+                clips = {
+                    f: _field(resolve_released_clip(row[f"file_{f}"], csv_path), row[f], sampling_rate, where)
+                    for f in fields
+                }
                 try:
                     label: float | int = float(row["label"]) if task == "stsb" else int(row["label"])
                     idx = int(row["idx"])
                 except ValueError as err:
-                    raise SourceError(f"{where}: label {row['label']!r} / idx {row['idx']!r} ({err})") from err
-                examples.append({"id": f"{task}-{idx:06d}", "task": task, "language": "en_us",
-                                 "label": label, "sampling_rate": sampling_rate, "fields": clips})
+                    raise SourceError(
+                        f"{where}: label {row['label']!r} / idx {row['idx']!r} ({err})"
+                    ) from err
+                examples.append(
+                    {
+                        "id": f"{task}-{idx:06d}",
+                        "task": task,
+                        "language": "en_us",
+                        "label": label,
+                        "sampling_rate": sampling_rate,
+                        "fields": clips,
+                    }
+                )
         counts[task] = write_manifest(out_dir / "speechglue" / f"{task}.jsonl", examples)
     return counts
 
@@ -358,7 +494,11 @@ def fetch_url(url: str, out: Path, timeout: float = 60.0) -> int:
     """Stream `url` (https://, or file:// for local copies) to `out` atomically. Returns the byte count."""
     request = urllib.request.Request(url, headers={"User-Agent": "speechllm"})
     total = 0
-    with urllib.request.urlopen(request, timeout=timeout) as response, atomic_path(out) as tmp, tmp.open("wb") as fh:
+    with (
+        urllib.request.urlopen(request, timeout=timeout) as response,
+        atomic_path(out) as tmp,
+        tmp.open("wb") as fh,
+    ):
         while chunk := response.read(1 << 20):
             fh.write(chunk)
             total += len(chunk)

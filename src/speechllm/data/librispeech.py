@@ -25,16 +25,29 @@ LIBRISPEECH_SPLITS = {
 }
 
 
-def build_librispeech(out_dir: Path, dataset: str, revision: str, config: str, splits: dict[str, list[str]],
-                      max_duration: float, on_bad_audio: str = "error",
-                      cache_dir: str | None = None) -> dict[str, Any]:
+def build_librispeech(
+    out_dir: Path,
+    dataset: str,
+    revision: str,
+    config: str,
+    splits: dict[str, list[str]],
+    max_duration: float,
+    on_bad_audio: str = "error",
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
     """Write `out_dir/{train,dev,test}.jsonl` and `out_dir/report.json`; clips go to `out_dir/audio/{subset}/`.
 
     Records are utterance-shaped: id (LibriSpeech `{speaker}-{chapter}-{n}`), language en_us, audio,
     num_samples, sampling_rate, raw_transcription (the corpus text, untouched), speaker_id, chapter_id, subset.
     Utterances longer than `max_duration` seconds are dropped and counted per subset."""
-    report: dict[str, Any] = {"dataset": dataset, "revision": revision, "config": config,
-                              "max_duration": max_duration, "subsets": {}, "skipped": []}
+    report: dict[str, Any] = {
+        "dataset": dataset,
+        "revision": revision,
+        "config": config,
+        "max_duration": max_duration,
+        "subsets": {},
+        "skipped": [],
+    }
     for split, subsets in splits.items():
         records = []
         for subset in subsets:
@@ -57,14 +70,24 @@ def build_librispeech(out_dir: Path, dataset: str, revision: str, config: str, s
                 if info.frames / info.samplerate > max_duration:
                     counts["too_long"] += 1
                     continue
-                suffix = Path((row["audio"] or {}).get("path") or row.get("file") or "x.flac").suffix or ".flac"
+                suffix = (
+                    Path((row["audio"] or {}).get("path") or row.get("file") or "x.flac").suffix or ".flac"
+                )
                 path = out_dir / "audio" / subset / f"{uid}{suffix}"
                 write_clip(row["audio"]["bytes"], path)
-                records.append({
-                    "id": uid, "language": "en_us", "audio": str(path), "num_samples": info.frames,
-                    "sampling_rate": info.samplerate, "raw_transcription": row["text"],
-                    "speaker_id": row.get("speaker_id"), "chapter_id": row.get("chapter_id"), "subset": subset,
-                })
+                records.append(
+                    {
+                        "id": uid,
+                        "language": "en_us",
+                        "audio": str(path),
+                        "num_samples": info.frames,
+                        "sampling_rate": info.samplerate,
+                        "raw_transcription": row["text"],
+                        "speaker_id": row.get("speaker_id"),
+                        "chapter_id": row.get("chapter_id"),
+                        "subset": subset,
+                    }
+                )
                 counts["kept"] += 1
             report["subsets"][subset] = counts
         write_manifest(out_dir / f"{split}.jsonl", records)

@@ -82,11 +82,22 @@ def duration_seconds(record: dict[str, Any]) -> float:
     return record["num_samples"] / record["sampling_rate"] / record.get("speed", 1.0)
 
 
-def spoken_example(task: str, ex_id: str, language: str, fields: dict[str, Path], texts: dict[str, str],
-             label: Any, sampling_rate: int) -> dict[str, Any]:
+def spoken_example(
+    task: str,
+    ex_id: str,
+    language: str,
+    fields: dict[str, Path],
+    texts: dict[str, str],
+    label: Any,
+    sampling_rate: int,
+) -> dict[str, Any]:
     """An example line (SpeechGLUE/SpeechXNLI-shaped): every field's text with its voiced clip."""
     return {
-        "id": ex_id, "task": task, "language": language, "label": label, "sampling_rate": sampling_rate,
+        "id": ex_id,
+        "task": task,
+        "language": language,
+        "label": label,
+        "sampling_rate": sampling_rate,
         "fields": {
             name: {"text": texts[name], "audio": str(path), "num_samples": sf.info(str(path)).frames}
             for name, path in fields.items()

@@ -29,13 +29,23 @@ def check_record(record: dict[str, Any], manifest: Path, sampling_rate: int) -> 
     wav = load_audio(record["audio"], sampling_rate, line=where)
     if wav.shape[0] != record["num_samples"] and record.get("sampling_rate") == sampling_rate:
         # A truncated file: the header or the manifest promised more samples than are there.
-        raise AudioError(f"audio has {wav.shape[0]} samples, manifest says {record['num_samples']}: "
-                         f"{record['audio']} ({where})")
+        raise AudioError(
+            f"audio has {wav.shape[0]} samples, manifest says {record['num_samples']}: "
+            f"{record['audio']} ({where})"
+        )
 
 
 def prepare_split(
-    manifest: Path, out: Path, report_path: Path, sampling_rate: int, min_duration: float, max_duration: float,
-    speed_factors: list[float], on_bad_audio: str, *, filter_durations: bool,
+    manifest: Path,
+    out: Path,
+    report_path: Path,
+    sampling_rate: int,
+    min_duration: float,
+    max_duration: float,
+    speed_factors: list[float],
+    on_bad_audio: str,
+    *,
+    filter_durations: bool,
 ) -> dict[str, Any]:
     """Write the prepared manifest `out` and the data report `report_path`; returns the report.
     `filter_durations: false` keeps every copy (config data.filter_test_durations for the test split)."""
@@ -67,8 +77,12 @@ def prepare_split(
     counts["output"] = len(out_records)
     write_manifest(out, out_records)
     report = {
-        "manifest": str(manifest), "counts": dict(counts), "skipped": skipped,
-        "min_duration": min_duration, "max_duration": max_duration, "speed_factors": speed_factors,
+        "manifest": str(manifest),
+        "counts": dict(counts),
+        "skipped": skipped,
+        "min_duration": min_duration,
+        "max_duration": max_duration,
+        "speed_factors": speed_factors,
         "filter_durations": filter_durations,
         "dropped_per_speed": {factor: dict(reasons) for factor, reasons in dropped.items()},
         "hours": sum(perturbed_samples(r) for r in out_records) / sampling_rate / 3600,
@@ -78,8 +92,9 @@ def prepare_split(
     return report
 
 
-def speed_perturbed_copies(records: list[dict[str, Any]], speed_factors: list[float],
-                           sampling_rate: int) -> list[dict[str, Any]]:
+def speed_perturbed_copies(
+    records: list[dict[str, Any]], speed_factors: list[float], sampling_rate: int
+) -> list[dict[str, Any]]:
     """One copy of every record per factor, factor by factor; a copy other than 1.0 is `sp<f>-<id>` (ESPnet's
     naming) with its `speed` and perturbed length; `_source` (not written) is the utterance it was made from."""
     copies = []
@@ -100,7 +115,9 @@ def perturbed_samples(record: dict[str, Any]) -> int:
     return record.get("num_samples_perturbed", record["num_samples"])
 
 
-def duration_verdict(num_samples: int, sampling_rate: int, min_duration: float, max_duration: float) -> str | None:
+def duration_verdict(
+    num_samples: int, sampling_rate: int, min_duration: float, max_duration: float
+) -> str | None:
     """Why a clip of `num_samples` is dropped ("too_short" / "too_long"), or None if kept. As ESPnet asr.sh
     stage 4, a clip is kept when int(min_duration * fs) < samples < int(max_duration * fs) (both exclusive)."""
     if num_samples <= int(min_duration * sampling_rate):
@@ -110,8 +127,9 @@ def duration_verdict(num_samples: int, sampling_rate: int, min_duration: float, 
     return None
 
 
-def filter_by_duration(copies: list[dict[str, Any]], sampling_rate: int, min_duration: float,
-                       max_duration: float) -> tuple[list[dict[str, Any]], dict[str, Counter[str]]]:
+def filter_by_duration(
+    copies: list[dict[str, Any]], sampling_rate: int, min_duration: float, max_duration: float
+) -> tuple[list[dict[str, Any]], dict[str, Counter[str]]]:
     """The copies whose own (perturbed) length passes `duration_verdict`, and per speed factor how many were
     dropped as too short / too long."""
     kept: list[dict[str, Any]] = []
@@ -130,8 +148,11 @@ def language_ids(manifests: list[Path], out: Path) -> dict[str, int]:
     dev sets, as the reference's gen_lang_id.py); 0 is the CTC blank. An unknown code names its manifest line."""
     from speechllm.data.languages import language_name_at
 
-    names = {language_name_at(r["language"], location(r, str(path)) or str(path))
-             for path in manifests for r in read_manifest(path, required=("language",))}
+    names = {
+        language_name_at(r["language"], location(r, str(path)) or str(path))
+        for path in manifests
+        for r in read_manifest(path, required=("language",))
+    }
     mapping = {name: i + 1 for i, name in enumerate(sorted(names))}
     atomic_write_text(out, json.dumps(mapping, indent=2, ensure_ascii=False) + "\n")
     return mapping

@@ -43,16 +43,26 @@ class Example:
     completion: str
 
 
-def instruction_examples(llm_fraction: float, repeat_prefix: str, repeat_postfix: str, st_prefix: str,
-                         st_postfix: str, templates_per_sentence: int, task_repeats: int,
-                         option_prefix: str, seed: int, composed: dict[str, int] | None = None,
-                         composed_glue: dict[str, int] | None = None) -> list[Example]:
+def instruction_examples(
+    llm_fraction: float,
+    repeat_prefix: str,
+    repeat_postfix: str,
+    st_prefix: str,
+    st_postfix: str,
+    templates_per_sentence: int,
+    task_repeats: int,
+    option_prefix: str,
+    seed: int,
+    composed: dict[str, int] | None = None,
+    composed_glue: dict[str, int] | None = None,
+) -> list[Example]:
     """The demo LLM's instruction-form training text: repeat, translate, template-bank translation, tasks."""
     rng = random.Random(seed)
     examples: list[Example] = []
     names = {col: language_name(col) for col in DEMO_COLUMNS}
-    translation_templates = [(p, q, t) for p, q in builtin_templates()
-                             if (t := _template_target(q + p, names)) is not None]
+    translation_templates = [
+        (p, q, t) for p, q in builtin_templates() if (t := _template_target(q + p, names)) is not None
+    ]
     for row in demo_sentences(composed):
         for col in DEMO_COLUMNS:
             examples.append(Example(repeat_prefix + row[col] + repeat_postfix, row[col]))
@@ -69,11 +79,15 @@ def instruction_examples(llm_fraction: float, repeat_prefix: str, repeat_postfix
     for task in ("sst2", "cola", "rte"):
         seen, _ = glue_split(task, llm_fraction, composed_glue)
         prompt = TASK_PROMPTS[task]
-        examples += [Example(render_text(prompt, row), option_prefix + prompt.options[int(row["label"])])
-                     for row in seen] * task_repeats
+        examples += [
+            Example(render_text(prompt, row), option_prefix + prompt.options[int(row["label"])])
+            for row in seen
+        ] * task_repeats
     prompt = TASK_PROMPTS["xnli"]
-    examples += [Example(render_text(prompt, row), option_prefix + prompt.options[int(row["label"])])
-                 for row in xnli_split(llm_fraction)[0]] * task_repeats
+    examples += [
+        Example(render_text(prompt, row), option_prefix + prompt.options[int(row["label"])])
+        for row in xnli_split(llm_fraction)[0]
+    ] * task_repeats
     return examples
 
 
@@ -90,11 +104,21 @@ def build_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> PreTrai
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", padding_side="left")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side="left",
+    )
     fast.save_pretrained(out_dir)
     return fast
 
@@ -113,7 +137,7 @@ def pretraining_batch(batch: list[tuple[list[int], int]], pad_id: int) -> dict[s
     for i, (ids, prompt_len) in enumerate(batch):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         mask[i, : len(ids)] = 1
-        labels[i, prompt_len: len(ids)] = input_ids[i, prompt_len: len(ids)]
+        labels[i, prompt_len : len(ids)] = input_ids[i, prompt_len : len(ids)]
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
@@ -121,15 +145,17 @@ def _batches(ids: list[tuple[list[int], int]], batch_size: int, pool_batches: in
     """Endless shuffled batches of similar lengths: each pool of `pool_batches` batches' worth of shuffled
     sequences is sorted by length and cut into batches, which are shuffled again (padding costs compute)."""
     if len(ids) < batch_size:
-        raise ValueError(f"models.demo_build.llm_pretrain.batch_size={batch_size} exceeds the {len(ids)} examples")
+        raise ValueError(
+            f"models.demo_build.llm_pretrain.batch_size={batch_size} exceeds the {len(ids)} examples"
+        )
     pool = batch_size * pool_batches
     while True:
         order = list(range(len(ids)))
         rng.shuffle(order)
         batches = []
         for start in range(0, len(order) - batch_size + 1, pool):
-            chunk = sorted(order[start: start + pool], key=lambda j: len(ids[j][0]))
-            batches += [chunk[i: i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+            chunk = sorted(order[start : start + pool], key=lambda j: len(ids[j][0]))
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
         rng.shuffle(batches)
         for batch in batches:
             yield [ids[j] for j in batch]
@@ -144,18 +170,37 @@ def demo_llm_config(cfg: dict[str, Any], tokenizer_size: int) -> BloomConfig:
     return BloomConfig(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=3, **cfg["llm"])
 
 
-def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st_prompt: dict[str, str],
-              llm_fraction: float, option_prefix: str, seed: int,
-              composed: dict[str, int] | None = None,
-              composed_glue: dict[str, int] | None = None) -> dict[str, float]:
+def build_llm(
+    out_dir: Path,
+    cfg: dict[str, Any],
+    prompt_cfg: dict[str, Any],
+    st_prompt: dict[str, str],
+    llm_fraction: float,
+    option_prefix: str,
+    seed: int,
+    composed: dict[str, int] | None = None,
+    composed_glue: dict[str, int] | None = None,
+) -> dict[str, float]:
     """Train tokenizer + tiny BLOOM on the instruction text; save both into `out_dir`. Returns losses."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     train = cfg["llm_pretrain"]
-    examples = instruction_examples(llm_fraction, prompt_cfg["prefix"], prompt_cfg["postfix"],
-                                    st_prompt["prefix"], st_prompt["postfix"], train["templates_per_sentence"],
-                                    train["task_repeats"], option_prefix, seed, composed, composed_glue)
-    tokenizer = build_tokenizer([e.prompt + e.completion for e in examples], cfg["tokenizer_vocab_size"], out_dir)
+    examples = instruction_examples(
+        llm_fraction,
+        prompt_cfg["prefix"],
+        prompt_cfg["postfix"],
+        st_prompt["prefix"],
+        st_prompt["postfix"],
+        train["templates_per_sentence"],
+        train["task_repeats"],
+        option_prefix,
+        seed,
+        composed,
+        composed_glue,
+    )
+    tokenizer = build_tokenizer(
+        [e.prompt + e.completion for e in examples], cfg["tokenizer_vocab_size"], out_dir
+    )
     model = BloomForCausalLM(demo_llm_config(cfg, len(tokenizer)))
     if train["freeze_embeddings"]:
         freeze_random_embeddings(model, cfg["llm_embedding_norm"])
@@ -166,8 +211,10 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
     # with the prompt scored too, most updates went into modelling the templates' wording, and the demo LLM's
     # MI answers were mostly another corpus sentence (docs/demo.md).
     prompts = [prompt_ids(tokenizer, e.prompt) for e in examples]
-    seqs = [(p + prompt_ids(tokenizer, e.completion) + [tokenizer.eos_token_id], len(p))
-            for p, e in zip(prompts, examples, strict=True)]
+    seqs = [
+        (p + prompt_ids(tokenizer, e.completion) + [tokenizer.eos_token_id], len(p))
+        for p, e in zip(prompts, examples, strict=True)
+    ]
     longest = max(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     if len(seqs[longest][0]) > max_len:
         # Cutting the end would drop the answer of exactly the longest (task) prompts: an error, not a truncation.
@@ -180,7 +227,8 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
     opt = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
     steps, warmup = train["steps"], train["warmup_steps"]
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    )
     model.train()
     losses = []
     batches = _batches(seqs, train["batch_size"], train["sort_pool_batches"], rng)
@@ -197,9 +245,14 @@ def build_llm(out_dir: Path, cfg: dict[str, Any], prompt_cfg: dict[str, Any], st
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     window = max(1, len(losses) // 20)
-    return {"first_loss": sum(losses[:window]) / window, "final_loss": sum(losses[-window:]) / window,
-            "examples": len(examples), "vocab_size": model.config.vocab_size, "tokenizer_size": len(tokenizer),
-            "embedding_scale": scale}
+    return {
+        "first_loss": sum(losses[:window]) / window,
+        "final_loss": sum(losses[-window:]) / window,
+        "examples": len(examples),
+        "vocab_size": model.config.vocab_size,
+        "tokenizer_size": len(tokenizer),
+        "embedding_scale": scale,
+    }
 
 
 @torch.no_grad()
@@ -239,8 +292,13 @@ def build_speech_encoder(out_dir: Path, cfg: dict[str, Any], sampling_rate: int,
     torch.manual_seed(seed)
     model = Wav2Vec2Model(demo_speech_encoder_config(cfg))
     model.save_pretrained(out_dir)
-    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=sampling_rate, padding_value=0.0, do_normalize=True,
-                             return_attention_mask=True).save_pretrained(out_dir)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=sampling_rate,
+        padding_value=0.0,
+        do_normalize=True,
+        return_attention_mask=True,
+    ).save_pretrained(out_dir)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -248,11 +306,18 @@ def demo_speech_encoder_config(cfg: dict[str, Any]) -> Wav2Vec2Config:
     """The demo encoder's architecture (`models.demo_build.speech_encoder`): MMS's stable-layer-norm Wav2Vec2."""
     enc = cfg["speech_encoder"]
     return Wav2Vec2Config(
-        do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True,
-        hidden_size=enc["hidden_size"], num_hidden_layers=enc["num_hidden_layers"],
-        num_attention_heads=enc["num_attention_heads"], intermediate_size=enc["intermediate_size"],
-        conv_dim=tuple(enc["conv_dim"]), conv_stride=tuple(enc["conv_stride"]), conv_kernel=tuple(enc["conv_kernel"]),
+        do_stable_layer_norm=True,
+        feat_extract_norm="layer",
+        conv_bias=True,
+        hidden_size=enc["hidden_size"],
+        num_hidden_layers=enc["num_hidden_layers"],
+        num_attention_heads=enc["num_attention_heads"],
+        intermediate_size=enc["intermediate_size"],
+        conv_dim=tuple(enc["conv_dim"]),
+        conv_stride=tuple(enc["conv_stride"]),
+        conv_kernel=tuple(enc["conv_kernel"]),
         num_conv_pos_embeddings=enc["num_conv_pos_embeddings"],
         num_conv_pos_embedding_groups=enc["num_conv_pos_embedding_groups"],
-        layerdrop=0.0, mask_time_prob=0.0,
+        layerdrop=0.0,
+        mask_time_prob=0.0,
     )

@@ -73,17 +73,21 @@ def composed_sentences(counts: dict[str, int], seed: int) -> list[dict[str, str]
     orders = [rng.sample(range(n), n) for n in sizes]
     cover = [tuple(order[i % len(order)] for order in orders) for i in range(max(sizes))]
     if counts.get("train", 0) < len(cover):
-        raise ValueError(f"data.demo.composed.train is too small: it must be at least {len(cover)} so that every "
-                         f"phrase of {path} occurs in training")
+        raise ValueError(
+            f"data.demo.composed.train is too small: it must be at least {len(cover)} so that every "
+            f"phrase of {path} occurs in training"
+        )
     rest = sorted(set(itertools.product(*(range(n) for n in sizes))) - set(cover))
     wanted = sum(counts.get(split, 0) for split in SPLITS)
     if wanted > len(cover) + len(rest):
-        raise ValueError(f"data.demo.composed asks for {wanted} sentences; {path} makes {len(cover) + len(rest)}")
+        raise ValueError(
+            f"data.demo.composed asks for {wanted} sentences; {path} makes {len(cover) + len(rest)}"
+        )
     drawn = cover + rng.sample(rest, wanted - len(cover))
     columns = [c for c in by_slot[COMPOSED_SLOTS[0]][0] if c != "slot"]
     rows, start = [], 0
     for split in SPLITS:
-        for combo in drawn[start: start + counts.get(split, 0)]:
+        for combo in drawn[start : start + counts.get(split, 0)]:
             parts = [by_slot[slot][j] for slot, j in zip(COMPOSED_SLOTS, combo, strict=True)]
             row = {"id": str(COMPOSED_FIRST_ID + len(rows)), "split": split}
             row.update({c: " ".join(part[c] for part in parts) + "." for c in columns})
@@ -117,13 +121,17 @@ def _sentence(parts: list[str]) -> str:
 def composed_glue(task: str, count: int, seed: int) -> list[dict[str, str]]:
     """`count` balanced rows of a GLUE-shaped task (columns as the written `{task}.tsv`), composed as above."""
     if task not in COMPOSED_GLUE_TASKS:
-        raise ValueError(f"data.demo.composed_glue: no composed items for task {task!r} ({COMPOSED_GLUE_TASKS})")
+        raise ValueError(
+            f"data.demo.composed_glue: no composed items for task {task!r} ({COMPOSED_GLUE_TASKS})"
+        )
     slots = {slot: [row["en"] for row in rows] for slot, rows in phrases_by_slot().items()}
     path = demo_file("sentiment.tsv")
     polarity = {row["verb"]: row["label"] for row in read_tsv(path)}
     unknown = sorted(set(polarity) - set(slots["verb"]))
     if unknown or set(polarity.values()) != {"0", "1"}:
-        raise ValueError(f"{path}: verbs {unknown} are not English verbs of phrases.tsv, or labels are not 0 and 1")
+        raise ValueError(
+            f"{path}: verbs {unknown} are not English verbs of phrases.tsv, or labels are not 0 and 1"
+        )
     # sst2 draws a verb of the label's polarity; cola and rte the neutral verbs
     polar = {label: [v for v in polarity if polarity[v] == label] for label in ("0", "1")}
     neutral = [v for v in slots["verb"] if v not in polarity]
@@ -141,8 +149,10 @@ def composed_glue(task: str, count: int, seed: int) -> list[dict[str, str]]:
             if key not in seen:
                 break
         else:
-            raise ValueError(f"data.demo.composed_glue: taught + held_out = {count} {task} items, more than the "
-                             f"phrases of phrases.tsv make")
+            raise ValueError(
+                f"data.demo.composed_glue: taught + held_out = {count} {task} items, more than the "
+                f"phrases of phrases.tsv make"
+            )
         seen.add(key)
         by_slot = dict(zip("SVOA", (s, verb, o, a), strict=True))
         row = {"id": str(COMPOSED_FIRST_ID + len(rows))}
@@ -160,7 +170,9 @@ def composed_glue(task: str, count: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
-def glue_split(task: str, llm_fraction: float, composed: dict[str, int] | None) -> tuple[list[dict], list[dict]]:
+def glue_split(
+    task: str, llm_fraction: float, composed: dict[str, int] | None
+) -> tuple[list[dict], list[dict]]:
     """(taught to the demo LLM, held out and spoken) rows of a demo GLUE task: the written set split by
     `split_for_llm`, plus, when configured (data.demo.composed_glue), `taught` and `held_out` composed rows."""
     seen, held_out = split_for_llm(read_tsv(demo_file(f"{task}.tsv")), llm_fraction)
@@ -179,16 +191,19 @@ def demo_sentences(composed: dict[str, int] | None) -> list[dict[str, str]]:
     return rows
 
 
-
 def split_for_llm(rows: list[dict[str, str]], fraction: float) -> tuple[list[dict], list[dict]]:
     """Split a classification set: the first `fraction` teaches the demo LLM the task, the rest is evaluated."""
     cut = math.ceil(len(rows) * fraction)
     return rows[:cut], rows[cut:]
 
 
-
 def build_corpus(
-    out_dir: Path, languages: list[str], voices: dict[str, str], tts: TTSBackend, sampling_rate: int, threads: int,
+    out_dir: Path,
+    languages: list[str],
+    voices: dict[str, str],
+    tts: TTSBackend,
+    sampling_rate: int,
+    threads: int,
     composed: dict[str, int] | None = None,
 ) -> dict[str, int]:
     """Speak the parallel corpus; write `out_dir/fleurs/{train,dev,test}.jsonl`. Returns counts per split."""
@@ -204,10 +219,16 @@ def build_corpus(
             sid = int(row["id"])
             path = out_dir / "audio" / code / f"{sid:04d}.wav"
             jobs.append((row[short], voices[code], path))
-            records[row["split"]].append({
-                "id": f"{code}-{row['split']}-{sid:04d}", "sentence_id": sid, "language": code,
-                "audio": str(path), "raw_transcription": row[short], "translation": row["en"],
-            })
+            records[row["split"]].append(
+                {
+                    "id": f"{code}-{row['split']}-{sid:04d}",
+                    "sentence_id": sid,
+                    "language": code,
+                    "audio": str(path),
+                    "raw_transcription": row[short],
+                    "translation": row["en"],
+                }
+            )
     speak_all(tts, jobs, threads)
     for split, recs in records.items():
         for rec in recs:
@@ -217,10 +238,16 @@ def build_corpus(
     return {split: len(recs) for split, recs in records.items()}
 
 
-
-def build_speechglue(out_dir: Path, tasks: list[str], voice: str, tts: TTSBackend, sampling_rate: int,
-                     llm_fraction: float, threads: int,
-                     composed: dict[str, int] | None = None) -> dict[str, int]:
+def build_speechglue(
+    out_dir: Path,
+    tasks: list[str],
+    voice: str,
+    tts: TTSBackend,
+    sampling_rate: int,
+    llm_fraction: float,
+    threads: int,
+    composed: dict[str, int] | None = None,
+) -> dict[str, int]:
     """Speak each text field of the held-out part of each task; `out_dir/speechglue/{task}.jsonl`."""
     counts = {}
     for task in tasks:
@@ -229,13 +256,19 @@ def build_speechglue(out_dir: Path, tasks: list[str], voice: str, tts: TTSBacken
         _, held_out = glue_split(task, llm_fraction, composed)
         jobs, pending = [], []
         for row in held_out:
-            paths = {f: out_dir / "audio" / "speechglue" / task / f"{int(row['id']):04d}_{f}.wav"
-                     for f in GLUE_FIELDS[task]}
+            paths = {
+                f: out_dir / "audio" / "speechglue" / task / f"{int(row['id']):04d}_{f}.wav"
+                for f in GLUE_FIELDS[task]
+            }
             jobs += [(row[f], voice, p) for f, p in paths.items()]
             pending.append((row, paths))
         speak_all(tts, jobs, threads)
-        examples = [spoken_example(task, f"{task}-{int(row['id']):04d}", "en_us", paths, row, int(row["label"]),
-                             sampling_rate) for row, paths in pending]
+        examples = [
+            spoken_example(
+                task, f"{task}-{int(row['id']):04d}", "en_us", paths, row, int(row["label"]), sampling_rate
+            )
+            for row, paths in pending
+        ]
         counts[task] = write_manifest(out_dir / "speechglue" / f"{task}.jsonl", examples)
     return counts
 
@@ -248,25 +281,49 @@ def xnli_split(llm_fraction: float) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if int(r["id"]) in llm_ids], [r for r in rows if int(r["id"]) not in llm_ids]
 
 
-def build_speechxnli(out_dir: Path, languages: list[str], voices: dict[str, str], tts: TTSBackend,
-                     sampling_rate: int, llm_fraction: float, threads: int) -> int:
+def build_speechxnli(
+    out_dir: Path,
+    languages: list[str],
+    voices: dict[str, str],
+    tts: TTSBackend,
+    sampling_rate: int,
+    llm_fraction: float,
+    threads: int,
+) -> int:
     """Speak premise and hypothesis of every held-out pair; `out_dir/speechxnli/test.jsonl`."""
     rows = [row for row in xnli_split(llm_fraction)[1] if row["language"] in languages]
     missing = set(languages) - {row["language"] for row in rows}
     if missing:
-        raise ValueError(f"demo SpeechXNLI has no language(s) {sorted(missing)} (config key data.speechxnli.languages)")
+        raise ValueError(
+            f"demo SpeechXNLI has no language(s) {sorted(missing)} (config key data.speechxnli.languages)"
+        )
     jobs, pending = [], []
     for row in rows:
         lang = row["language"]
-        paths = {f: out_dir / "audio" / "speechxnli" / lang / f"{int(row['id']):04d}_{f}.wav" for f in XNLI_FIELDS}
+        paths = {
+            f: out_dir / "audio" / "speechxnli" / lang / f"{int(row['id']):04d}_{f}.wav" for f in XNLI_FIELDS
+        }
         jobs += [(row[f], voices[lang], p) for f, p in paths.items()]
         pending.append((row, paths))
     speak_all(tts, jobs, threads)
-    examples = [spoken_example("xnli", f"xnli-{row['language']}-{int(row['id']):04d}", SHORT_TO_FLEURS[row["language"]],
-                         paths, row, int(row["label"]), sampling_rate) for row, paths in pending]
+    examples = [
+        spoken_example(
+            "xnli",
+            f"xnli-{row['language']}-{int(row['id']):04d}",
+            SHORT_TO_FLEURS[row["language"]],
+            paths,
+            row,
+            int(row["label"]),
+            sampling_rate,
+        )
+        for row, paths in pending
+    ]
     return write_manifest(out_dir / "speechxnli" / "test.jsonl", examples)
+
 
 def demo_articles() -> list[dict[str, str]]:
     """The demo's articles: id, article, summary."""
-    return [{"id": f"demo-{int(row['id']):04d}", "article": row["article"], "summary": row["summary"]}
-            for row in read_tsv(demo_file("articles.tsv"))]
+    return [
+        {"id": f"demo-{int(row['id']):04d}", "article": row["article"], "summary": row["summary"]}
+        for row in read_tsv(demo_file("articles.tsv"))
+    ]

@@ -76,8 +76,14 @@ def write_tokenizer(vocab: dict[str, int], out_dir: Path) -> Wav2Vec2CTCTokenize
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab_file = out_dir / "vocab.json"
     vocab_file.write_text(json.dumps(vocab, ensure_ascii=False, indent=1), encoding="utf-8")
-    tokenizer = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token=UNKNOWN, pad_token=BLANK,
-                                     word_delimiter_token=WORD_DELIMITER, bos_token=None, eos_token=None)
+    tokenizer = Wav2Vec2CTCTokenizer(
+        str(vocab_file),
+        unk_token=UNKNOWN,
+        pad_token=BLANK,
+        word_delimiter_token=WORD_DELIMITER,
+        bos_token=None,
+        eos_token=None,
+    )
     tokenizer.save_pretrained(out_dir)
     return tokenizer
 
@@ -91,8 +97,9 @@ def read_transcribed(manifest: Path) -> list[dict[str, Any]]:
     return records
 
 
-def load_utterances(records: list[dict[str, Any]], manifest: Path, tokenizer: Wav2Vec2CTCTokenizer,
-                    sampling_rate: int) -> Utterances:
+def load_utterances(
+    records: list[dict[str, Any]], manifest: Path, tokenizer: Wav2Vec2CTCTokenizer, sampling_rate: int
+) -> Utterances:
     """Load, speed-perturb (as the record says) and normalise every utterance once, up front."""
     dataset = SpeechDataset(records, sampling_rate)
     waves, targets = [], []
@@ -101,8 +108,9 @@ def load_utterances(records: list[dict[str, Any]], manifest: Path, tokenizer: Wa
         mask = torch.ones_like(wav, dtype=torch.bool)
         waves.append(normalize_waveform(wav, mask, WAVEFORM_NORM_EPS).squeeze(0))
         targets.append(torch.tensor(tokenizer(records[i][TEXT_FIELD]).input_ids))
-    return Utterances(waves, targets, [r[TEXT_FIELD] for r in records],
-                      [w.shape[0] / sampling_rate for w in waves])
+    return Utterances(
+        waves, targets, [r[TEXT_FIELD] for r in records], [w.shape[0] / sampling_rate for w in waves]
+    )
 
 
 def pad_batch(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,14 +125,22 @@ def ctc_model(encoder_dir: Path, vocab_size: int, pad_token_id: int, dropout: fl
     With no attention dropout, SDPA keeps its fused CPU kernel in training: about twice as fast per update.
     """
     config = Wav2Vec2Config.from_pretrained(encoder_dir)
-    config.update({"vocab_size": vocab_size, "pad_token_id": pad_token_id, "ctc_loss_reduction": "mean",
-                   "ctc_zero_infinity": True, **dict.fromkeys(DROPOUTS, dropout)})
+    config.update(
+        {
+            "vocab_size": vocab_size,
+            "pad_token_id": pad_token_id,
+            "ctc_loss_reduction": "mean",
+            "ctc_zero_infinity": True,
+            **dict.fromkeys(DROPOUTS, dropout),
+        }
+    )
     return Wav2Vec2ForCTC.from_pretrained(encoder_dir, config=config)
 
 
 @torch.no_grad()
-def greedy_transcripts(model: Wav2Vec2ForCTC, tokenizer: Wav2Vec2CTCTokenizer, utterances: Utterances,
-                       max_padded_seconds: float) -> list[str]:
+def greedy_transcripts(
+    model: Wav2Vec2ForCTC, tokenizer: Wav2Vec2CTCTokenizer, utterances: Utterances, max_padded_seconds: float
+) -> list[str]:
     """Best-path CTC decoding in duration-sorted batches; the tokenizer merges repeats and drops blanks."""
     model.eval()
     texts = [""] * len(utterances.waves)
@@ -152,8 +168,9 @@ def finetune(model: Wav2Vec2ForCTC, train: Utterances, cfg: CtcFinetuneConfig, s
         sampler.set_epoch(epoch)
         for batch in sampler:
             wav, mask = pad_batch([train.waves[i] for i in batch])
-            labels = torch.nn.utils.rnn.pad_sequence([train.targets[i] for i in batch], batch_first=True,
-                                                     padding_value=-100)
+            labels = torch.nn.utils.rnn.pad_sequence(
+                [train.targets[i] for i in batch], batch_first=True, padding_value=-100
+            )
             loss = model(wav, attention_mask=mask, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -163,8 +180,12 @@ def finetune(model: Wav2Vec2ForCTC, train: Utterances, cfg: CtcFinetuneConfig, s
             losses.append(loss.item())
             progress.update()
             if len(losses) % cfg.log_every == 0:
-                log.info("update %d: train CTC loss %.3f (mean of the last %d)", len(losses),
-                         float(np.mean(losses[-cfg.log_every :])), cfg.log_every)
+                log.info(
+                    "update %d: train CTC loss %.3f (mean of the last %d)",
+                    len(losses),
+                    float(np.mean(losses[-cfg.log_every :])),
+                    cfg.log_every,
+                )
             if len(losses) == cfg.updates:
                 break
         epoch += 1
@@ -172,8 +193,14 @@ def finetune(model: Wav2Vec2ForCTC, train: Utterances, cfg: CtcFinetuneConfig, s
     return losses
 
 
-def finetune_encoder(encoder_dir: Path, train_manifest: Path, dev_manifest: Path, cfg: CtcFinetuneConfig,
-                     sampling_rate: int, seed: int) -> dict[str, Any]:
+def finetune_encoder(
+    encoder_dir: Path,
+    train_manifest: Path,
+    dev_manifest: Path,
+    cfg: CtcFinetuneConfig,
+    sampling_rate: int,
+    seed: int,
+) -> dict[str, Any]:
     """Fine-tune the encoder saved in `encoder_dir` with character CTC and save it there as `Wav2Vec2ForCTC`.
 
     Writes `vocab.json` + tokenizer files and `ctc_finetune.json` (losses and dev CER before and after).
@@ -190,11 +217,17 @@ def finetune_encoder(encoder_dir: Path, train_manifest: Path, dev_manifest: Path
     model.save_pretrained(encoder_dir)
     window = max(1, len(losses) // 20)
     report = {
-        "updates": cfg.updates, "train_utterances": len(train.waves), "train_hours": sum(train.seconds) / 3600,
-        "characters": len(tokenizer), "first_loss": float(np.mean(losses[:window])),
-        "final_loss": float(np.mean(losses[-window:])), "dev_cer_before": before, "dev_cer": after,
-        "dev_examples": [{"reference": r, "hypothesis": h}
-                         for r, h in zip(dev.texts[:3], hypotheses[:3], strict=True)],
+        "updates": cfg.updates,
+        "train_utterances": len(train.waves),
+        "train_hours": sum(train.seconds) / 3600,
+        "characters": len(tokenizer),
+        "first_loss": float(np.mean(losses[:window])),
+        "final_loss": float(np.mean(losses[-window:])),
+        "dev_cer_before": before,
+        "dev_cer": after,
+        "dev_examples": [
+            {"reference": r, "hypothesis": h} for r, h in zip(dev.texts[:3], hypotheses[:3], strict=True)
+        ],
     }
     (encoder_dir / "ctc_finetune.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report

@@ -122,7 +122,11 @@ def score_asr(df: pd.DataFrame, settings: AsrSettings | None = None) -> dict[str
 
 
 def decode_asr(
-    system: EvalSystem, records: list[dict[str, Any]], prefix: str, postfix: str, settings: AsrSettings,
+    system: EvalSystem,
+    records: list[dict[str, Any]],
+    prefix: str,
+    postfix: str,
+    settings: AsrSettings,
     runner: BatchRunner,
 ) -> None:
     """Transcribe (this shard's batches of) every utterance: CTC output (decoder ctc) or `prefix + <clip> +
@@ -190,7 +194,9 @@ def score_st(df: pd.DataFrame, settings: StSettings) -> dict[str, Any]:
     table = settings.bleu_tokenize
     mode = settings.st_normalize
     if mode not in ST_NORMALIZE:
-        raise ValueError(f"unknown st_normalize {mode!r} (config key evaluate.st_normalize: {'|'.join(ST_NORMALIZE)})")
+        raise ValueError(
+            f"unknown st_normalize {mode!r} (config key evaluate.st_normalize: {'|'.join(ST_NORMALIZE)})"
+        )
     hyps_too = mode == "both"
     targets = sorted(set(df.target_language)) if len(df) else []
     pooled_tokenize = bleu_tokenizer(targets[0], table) if len(targets) == 1 else table["default"]
@@ -199,14 +205,20 @@ def score_st(df: pd.DataFrame, settings: StSettings) -> dict[str, Any]:
         target = g.target_language.iloc[0]
         per_language[lang] = {
             **translation_scores(
-                list(g.reference), list(g.hypothesis), normalize=True, tokenize=bleu_tokenizer(target, table),
+                list(g.reference),
+                list(g.hypothesis),
+                normalize=True,
+                tokenize=bleu_tokenizer(target, table),
                 normalize_hypotheses=hyps_too,
             ),
             "target_language": target,
         }
     return {
         "all": translation_scores(
-            list(df.reference), list(df.hypothesis), normalize=True, tokenize=pooled_tokenize,
+            list(df.reference),
+            list(df.hypothesis),
+            normalize=True,
+            tokenize=pooled_tokenize,
             normalize_hypotheses=hyps_too,
         ),
         "per_language": per_language,
@@ -253,8 +265,7 @@ def st_sources(records: list[dict[str, Any]], target_language: str) -> list[dict
     missing = [r for r in sources if not isinstance(r.get("translation"), str)]
     if missing:
         raise ValueError(
-            f"{location(missing[0])}: utterance {missing[0]['id']} has no "
-            f"translation into {target_language}"
+            f"{location(missing[0])}: utterance {missing[0]['id']} has no translation into {target_language}"
         )
     return sources
 
@@ -277,8 +288,15 @@ def decode_st(
         return [prefix_template.format(language=language, target=target_name), fill, postfix]
 
     generate_for_records(
-        system, sources, _utterance_clip, pieces, settings.num_beams, settings.max_new_tokens,
-        settings.batch_size, f"ST ({system.decoder})", runner,
+        system,
+        sources,
+        _utterance_clip,
+        pieces,
+        settings.num_beams,
+        settings.max_new_tokens,
+        settings.batch_size,
+        f"ST ({system.decoder})",
+        runner,
     )
 
 
@@ -375,9 +393,7 @@ def decode_task(
     for rec in records:
         absent = [f for f in fields if f not in rec.get("fields", {})]
         if absent:
-            raise ValueError(
-                f"{location(rec)}: {task} example {rec.get('id')} lacks field(s) {absent}"
-            )
+            raise ValueError(f"{location(rec)}: {task} example {rec.get('id')} lacks field(s) {absent}")
 
     def decode(idx: list[int]) -> list[dict[str, Any]]:
         chunk = [records[i] for i in idx]
@@ -399,9 +415,7 @@ def decode_task(
             scores = system.option_logprobs(segments, option_ids).cpu()
             best = scores.argmax(dim=-1).tolist()
             predictions = (
-                [stsb_prediction(s, settings.stsb_rank) for s in scores]
-                if stsb
-                else [float(b) for b in best]
+                [stsb_prediction(s, settings.stsb_rank) for s in scores] if stsb else [float(b) for b in best]
             )
             answers = [option_texts[b] for b in best]
             matched = [True] * len(chunk)
@@ -529,7 +543,6 @@ def run_speechxnli(
     settings: TaskSettings,
     runner: BatchRunner | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The MNLI prompt and Yes/Maybe/No (labels 0 entailment, 1 neutral, 2 contradiction) in every language.
-    """
+    """The MNLI prompt and Yes/Maybe/No (labels 0 entailment, 1 neutral, 2 contradiction) in every language."""
     df = classify_records(system, records, "xnli", option_prefix, settings, runner)
     return df, score_speechxnli(df)

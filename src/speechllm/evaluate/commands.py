@@ -135,8 +135,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         write_scored(args, s, ev, frame_inputs(args.benchmark, inputs, runner.rows, ev), system.notes)
     runner.finish()
-    log.info("%s shard %d/%d: %d batches decoded, %d reused from %s", args.benchmark, args.shard,
-             args.num_shards, runner.decoded, runner.reused, partial_path(out))
+    log.info(
+        "%s shard %d/%d: %d batches decoded, %d reused from %s",
+        args.benchmark,
+        args.shard,
+        args.num_shards,
+        runner.decoded,
+        runner.reused,
+        partial_path(out),
+    )
 
 
 def cmd_gather(args: argparse.Namespace) -> None:
@@ -177,7 +184,9 @@ def cmd_covost2(args: argparse.Namespace) -> None:
     log.info("CoVoST 2 test: %d utterances -> %s", count, args.out)
 
 
-def _on_benchmark(func: Callable[[argparse.Namespace], None], dest: str) -> Callable[[argparse.Namespace], None]:
+def _on_benchmark(
+    func: Callable[[argparse.Namespace], None], dest: str
+) -> Callable[[argparse.Namespace], None]:
     """`func` run with `benchmark` set from the positional `dest` (`evaluate` already uses `benchmark` for the
     subcommand's name)."""
     return lambda args: func(argparse.Namespace(**{**vars(args), "benchmark": getattr(args, dest)}))
@@ -185,8 +194,9 @@ def _on_benchmark(func: Callable[[argparse.Namespace], None], dest: str) -> Call
 
 def register(sub: argparse._SubParsersAction) -> None:
     ev = add_command(sub, "evaluate", "decode a benchmark and score it; rescore from Parquet", epilog=EXAMPLE)
-    which = ev.add_subparsers(dest="benchmark", required=True,
-                              metavar="BENCHMARK|gather|rescore|covost2-manifest")
+    which = ev.add_subparsers(
+        dest="benchmark", required=True, metavar="BENCHMARK|gather|rescore|covost2-manifest"
+    )
     for name in DECODE_BENCHMARKS:
         p = add_command(which, name, f"decode and score {name}", cmd_evaluate, epilog=EXAMPLE)
         p.add_argument("--settings", required=True, help="JSON: evaluate section, sampling_rate, experiment")
@@ -204,14 +214,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--scores", help="score file (JSON) of the whole benchmark")
         p.add_argument("--shard", type=int, default=0, help="decode this shard's batches (with --rows)")
         p.add_argument("--num-shards", type=int, default=1)
-        p.add_argument("--rows", help="write this shard's outputs here instead (JSON; `evaluate gather` scores)")
+        p.add_argument(
+            "--rows", help="write this shard's outputs here instead (JSON; `evaluate gather` scores)"
+        )
         p.add_argument("--threads", type=int, default=1)
-    ga = add_command(which, "gather", "score a benchmark from its shards' outputs, without decoding",
-                     _on_benchmark(cmd_gather, "gather_benchmark"),
-                     epilog=example('speechllm evaluate gather fleurs_asr --settings "$(cat settings.json)" '
-                                    "--model results/models/t --name t --decoder llm --manifests "
-                                    "results/data/test.jsonl --rows shard0.json shard1.json "
-                                    "--hyps t.parquet --scores t.scores.json"))
+    ga = add_command(
+        which,
+        "gather",
+        "score a benchmark from its shards' outputs, without decoding",
+        _on_benchmark(cmd_gather, "gather_benchmark"),
+        epilog=example(
+            'speechllm evaluate gather fleurs_asr --settings "$(cat settings.json)" '
+            "--model results/models/t --name t --decoder llm --manifests "
+            "results/data/test.jsonl --rows shard0.json shard1.json "
+            "--hyps t.parquet --scores t.scores.json"
+        ),
+    )
     ga.add_argument("gather_benchmark", choices=DECODE_BENCHMARKS, metavar="BENCHMARK")
     ga.add_argument("--settings", required=True)
     ga.add_argument("--model", required=True, help="the model directory the shards decoded with (not loaded)")
@@ -221,19 +239,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     ga.add_argument("--rows", nargs="+", required=True, help="every shard's outputs (`evaluate ... --rows`)")
     ga.add_argument("--hyps", required=True)
     ga.add_argument("--scores", required=True)
-    rs = add_command(which, "rescore", "recompute a score file from its Parquet outputs, without decoding",
-                     _on_benchmark(cmd_rescore, "rescore_benchmark"),
-                     epilog=example('speechllm evaluate rescore fleurs_asr --settings "$(cat settings.json)" '
-                                    "--hyps results/eval/fleurs_asr/t.parquet "
-                                    "--scores results/eval/fleurs_asr/t.scores.json"))
+    rs = add_command(
+        which,
+        "rescore",
+        "recompute a score file from its Parquet outputs, without decoding",
+        _on_benchmark(cmd_rescore, "rescore_benchmark"),
+        epilog=example(
+            'speechllm evaluate rescore fleurs_asr --settings "$(cat settings.json)" '
+            "--hyps results/eval/fleurs_asr/t.parquet "
+            "--scores results/eval/fleurs_asr/t.scores.json"
+        ),
+    )
     rs.add_argument("rescore_benchmark", choices=DECODE_BENCHMARKS, metavar="BENCHMARK")
     rs.add_argument("--settings", required=True)
     rs.add_argument("--hyps", required=True)
     rs.add_argument("--scores", required=True, help="the score file to recompute")
     rs.add_argument("--out", help="write here instead of replacing --scores")
-    cv = add_command(which, "covost2-manifest", "CoVoST 2 X->English test manifest from a local release",
-                     cmd_covost2,
-                     epilog=example('speechllm evaluate covost2-manifest --settings "$(cat settings.json)" '
-                                    "--out resources/covost2/test.jsonl"))
+    cv = add_command(
+        which,
+        "covost2-manifest",
+        "CoVoST 2 X->English test manifest from a local release",
+        cmd_covost2,
+        epilog=example(
+            'speechllm evaluate covost2-manifest --settings "$(cat settings.json)" '
+            "--out resources/covost2/test.jsonl"
+        ),
+    )
     cv.add_argument("--settings", required=True, help="JSON with the evaluate section (evaluate.covost2.*)")
     cv.add_argument("--out", required=True)

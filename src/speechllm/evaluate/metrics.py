@@ -122,8 +122,10 @@ def translation_scores(
     try:
         bleu = sacrebleu.metrics.BLEU(tokenize=tokenize)
     except (ImportError, RuntimeError, KeyError, ValueError) as err:
-        raise ValueError(f"sacreBLEU tokenizer {tokenize!r} is unavailable ({err}); install its extra (e.g. "
-                         "sacrebleu[ja] for ja-mecab) or change config key evaluate.bleu_tokenize") from err
+        raise ValueError(
+            f"sacreBLEU tokenizer {tokenize!r} is unavailable ({err}); install its extra (e.g. "
+            "sacrebleu[ja] for ja-mecab) or change config key evaluate.bleu_tokenize"
+        ) from err
     chrf = sacrebleu.metrics.CHRF()
     bleu_score = bleu.corpus_score(hyps, [refs])
     chrf_score = chrf.corpus_score(hyps, [refs])
@@ -271,12 +273,18 @@ def meteor(
     import nltk
 
     if wordnet is None and not wordnet_available():
-        return {"meteor": None, "meteor_skipped": "nltk WordNet data not found (run nltk.download('wordnet') "
-                "ahead of time to score METEOR; it is never downloaded at run time)"}
+        return {
+            "meteor": None,
+            "meteor_skipped": "nltk WordNet data not found (run nltk.download('wordnet') "
+            "ahead of time to score METEOR; it is never downloaded at run time)",
+        }
     if tokenize == "word_tokenize" and not punkt_available():
-        return {"meteor": None, "meteor_skipped": "nltk Punkt data for word_tokenize not found (run "
-                "nltk.download('punkt_tab') ahead of time; it is never downloaded at run time), or set "
-                "evaluate.summarization.meteor_tokenize: whitespace"}
+        return {
+            "meteor": None,
+            "meteor_skipped": "nltk Punkt data for word_tokenize not found (run "
+            "nltk.download('punkt_tab') ahead of time; it is never downloaded at run time), or set "
+            "evaluate.summarization.meteor_tokenize: whitespace",
+        }
     from nltk.tokenize import word_tokenize
     from nltk.translate.meteor_score import single_meteor_score
 
@@ -364,5 +372,10 @@ def perplexity(nll_sums: Sequence[float], token_counts: Sequence[int]) -> dict[s
         return {"ppl": None, "ppl_token": None, "num_utts": 0, "num_tokens": 0}
     mean_loss = fmean(s / n for s, n in pairs)
     total_tokens = sum(n for _, n in pairs)
-    return {"ppl": math.exp(mean_loss), "ppl_token": math.exp(sum(s for s, _ in pairs) / total_tokens),
-            "mean_nll": mean_loss, "num_utts": len(pairs), "num_tokens": total_tokens}
+    return {
+        "ppl": math.exp(mean_loss),
+        "ppl_token": math.exp(sum(s for s, _ in pairs) / total_tokens),
+        "mean_nll": mean_loss,
+        "num_utts": len(pairs),
+        "num_tokens": total_tokens,
+    }

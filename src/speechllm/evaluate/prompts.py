@@ -29,42 +29,73 @@ MNLI_PROMPT = TaskPrompt(
 )
 
 TASK_PROMPTS: dict[str, TaskPrompt] = {
-    "cola": TaskPrompt((Field("sentence"), "\nIs this example grammatically correct and sensible?"), ("No", "Yes")),
+    "cola": TaskPrompt(
+        (Field("sentence"), "\nIs this example grammatically correct and sensible?"), ("No", "Yes")
+    ),
     "sst2": TaskPrompt(
         ("Does the following sentence have a positive or negative sentiment?\n", Field("sentence")),
         ("negative", "positive"),
     ),
     "mrpc": TaskPrompt(
-        ("Does the sentence\n", Field("sentence1"),
-         "\nparaphrase (that is, mean the same thing as) this sentence?\n", Field("sentence2")),
+        (
+            "Does the sentence\n",
+            Field("sentence1"),
+            "\nparaphrase (that is, mean the same thing as) this sentence?\n",
+            Field("sentence2"),
+        ),
         ("no", "yes"),
     ),
     "qqp": TaskPrompt(
-        ("I'm an administrator on the website Quora. There are two posts, one that asks \"", Field("question1"),
-         '" and another that asks "', Field("question2"),
-         '". I can merge questions if they are asking the same thing. Can I merge these two questions?'),
+        (
+            "I'm an administrator on the website Quora. There are two posts, one that asks \"",
+            Field("question1"),
+            '" and another that asks "',
+            Field("question2"),
+            '". I can merge questions if they are asking the same thing. Can I merge these two questions?',
+        ),
         ("no", "yes"),
     ),
     "mnli_matched": MNLI_PROMPT,
     "mnli_mismatched": MNLI_PROMPT,
     "qnli": TaskPrompt(
-        ('Does knowing that "', Field("sentence"), '" imply that I know the answer to "', Field("question"), '"'),
+        (
+            'Does knowing that "',
+            Field("sentence"),
+            '" imply that I know the answer to "',
+            Field("question"),
+            '"',
+        ),
         ("yes", "no"),
     ),
     "rte": TaskPrompt(
-        ('Does the claim "', Field("sentence2"), '" follow from the fact that "', Field("sentence1"),
-         '"? Please answer either yes or no.'),
+        (
+            'Does the claim "',
+            Field("sentence2"),
+            '" follow from the fact that "',
+            Field("sentence1"),
+            '"? Please answer either yes or no.',
+        ),
         ("yes", "no"),
     ),
     "wnli": TaskPrompt(
-        ("If it's true that\n", Field("sentence1"), "\nhow confident should I be that\n", Field("sentence2"),
-         "\nvery confident or not confident?"),
+        (
+            "If it's true that\n",
+            Field("sentence1"),
+            "\nhow confident should I be that\n",
+            Field("sentence2"),
+            "\nvery confident or not confident?",
+        ),
         ("not confident", "very confident"),
     ),
     "stsb": TaskPrompt(
-        ("I need to know how similar these two passages are:\n- ", Field("sentence1"), "\n- ", Field("sentence2"),
-         "\n\nQuestion: Can you give me a number from 0.0 to 5.0 that denotes how similar they are, where 0.0 "
-         "means totally dissimilar and 5.0 means extremely similar?\nAnswer:"),
+        (
+            "I need to know how similar these two passages are:\n- ",
+            Field("sentence1"),
+            "\n- ",
+            Field("sentence2"),
+            "\n\nQuestion: Can you give me a number from 0.0 to 5.0 that denotes how similar they are, where 0.0 "
+            "means totally dissimilar and 5.0 means extremely similar?\nAnswer:",
+        ),
         (),
     ),
     "xnli": MNLI_PROMPT,

@@ -62,7 +62,6 @@ def path_signature(path: Path) -> list[Any]:
     ]
 
 
-
 def run_fingerprint(
     benchmark: str, decoder: str, model_dir: Path, spec: Mapping[str, Any], settings: Mapping[str, Any]
 ) -> str:

@@ -65,9 +65,16 @@ def decode_summarization(
         "evaluate.summarization.text_field/reference_field",
     )
     generate_for_records(
-        system, records, lambda r: Clip(r["audio"], _article_text(r, cfg), location(r)),
-        lambda _r, fill: [cfg.prompt, fill], cfg.num_beams, cfg.max_new_tokens,
-        settings.batch_size, f"summarization ({system.decoder})", runner, cfg.text_turn,
+        system,
+        records,
+        lambda r: Clip(r["audio"], _article_text(r, cfg), location(r)),
+        lambda _r, fill: [cfg.prompt, fill],
+        cfg.num_beams,
+        cfg.max_new_tokens,
+        settings.batch_size,
+        f"summarization ({system.decoder})",
+        runner,
+        cfg.text_turn,
     )
 
 
@@ -79,7 +86,9 @@ def summarization_frame(
 
 
 def run_summarization(
-    system: EvalSystem, records: list[dict[str, Any]], settings: SummarizationSettings,
+    system: EvalSystem,
+    records: list[dict[str, Any]],
+    settings: SummarizationSettings,
     runner: BatchRunner | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Summarize every spoken article; the per-article frame and its scores."""
@@ -142,7 +151,9 @@ def response_ppl_frame(records: list[dict[str, Any]], rows: Mapping[str, dict[st
 
 
 def run_response_ppl(
-    system: EvalSystem, records: list[dict[str, Any]], settings: ResponsePplSettings,
+    system: EvalSystem,
+    records: list[dict[str, Any]],
+    settings: ResponsePplSettings,
     runner: BatchRunner | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Response perplexity of every utterance (see `decode_response_ppl`); the frame and its scores."""

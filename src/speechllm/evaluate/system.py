@@ -199,7 +199,11 @@ def own_ctc_transcriber(
     @torch.no_grad()
     def transcribe(clips: Sequence[Clip]) -> list[str]:
         wav, lengths = load_wavs(
-            [c.audio for c in clips], sampling_rate, [c.line for c in clips], device, model.min_input_samples()
+            [c.audio for c in clips],
+            sampling_rate,
+            [c.line for c in clips],
+            device,
+            model.min_input_samples(),
         )
         out = model.encode(wav, lengths)
         ids = ctc_decode(model.ctc_head(out.speech), out.speech_lengths, model.ctc_blank_id, search)
@@ -245,7 +249,11 @@ def bloomzmms_speech_reader(
     @torch.no_grad()
     def read(clips: Sequence[Clip]) -> SpeechReadout:
         wav, lengths = load_wavs(
-            [c.audio for c in clips], sampling_rate, [c.line for c in clips], device, model.min_input_samples()
+            [c.audio for c in clips],
+            sampling_rate,
+            [c.line for c in clips],
+            device,
+            model.min_input_samples(),
         )
         out = model.encode(wav, lengths)
         ctc_text = None
@@ -263,7 +271,11 @@ def kang_roy_speech_reader(
     @torch.no_grad()
     def read(clips: Sequence[Clip]) -> SpeechReadout:
         wav, lengths = load_wavs(
-            [c.audio for c in clips], sampling_rate, [c.line for c in clips], device, model.min_input_samples()
+            [c.audio for c in clips],
+            sampling_rate,
+            [c.line for c in clips],
+            device,
+            model.min_input_samples(),
         )
         return SpeechReadout(model.encode(wav, lengths))
 
@@ -298,7 +310,9 @@ def build_system(
     kind = spec.get("kind", "bloomzmms")
     chat = None
     if kind == "kang_roy" and spec["chat"].get("format", "strings") == "strings":
-        chat = ChatTemplate(**{k: v for k, v in spec["chat"].items() if k not in ("label_eos", "format", "system")})
+        chat = ChatTemplate(
+            **{k: v for k, v in spec["chat"].items() if k not in ("label_eos", "format", "system")}
+        )
     search = CTCSearch.from_settings(settings.ctc)
     cascade_cfg = settings.cascade_asr or CascadeAsr()
     cascade_asr = cascade_cfg.name_or_path

@@ -63,8 +63,12 @@ class AdaptorConfig:
     llm_hidden_size: int = 4096
     subsampling_kernel: int = DEFAULT_SUBSAMPLING_KERNEL
     subsampling_stride: int = DEFAULT_SUBSAMPLING_STRIDE
-    length_adaptor_kernel: int = DEFAULT_LENGTH_ADAPTOR_KERNEL  # kernel == stride of each length-adaptor Conv1d
-    length_adaptor_layers: int = DEFAULT_LENGTH_ADAPTOR_LAYERS  # same for the post-encoder and the LID-CTC head
+    length_adaptor_kernel: int = (
+        DEFAULT_LENGTH_ADAPTOR_KERNEL  # kernel == stride of each length-adaptor Conv1d
+    )
+    length_adaptor_layers: int = (
+        DEFAULT_LENGTH_ADAPTOR_LAYERS  # same for the post-encoder and the LID-CTC head
+    )
     layer_norm_eps: float = 1e-12  # ESPnet's LayerNorm default
 
     def __post_init__(self) -> None:

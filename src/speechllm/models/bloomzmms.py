@@ -23,17 +23,26 @@ LID_CTC_LENGTHS = ("frames", "halved")
 
 def check_lid_ctc_lengths(value: str) -> str:
     if value not in LID_CTC_LENGTHS:
-        raise ValueError(f"unknown LID CTC lengths {value!r} (config key train.ctc.lid_ctc_lengths: "
-                         f"{' | '.join(LID_CTC_LENGTHS)})")
+        raise ValueError(
+            f"unknown LID CTC lengths {value!r} (config key train.ctc.lid_ctc_lengths: "
+            f"{' | '.join(LID_CTC_LENGTHS)})"
+        )
     return value
 
 
 class BloomzMMS(nn.Module):
     """The speech side (frontend + adaptor) with an optional CTC head (stage 1) and/or LLM (stage 2)."""
 
-    def __init__(self, frontend: SpeechFrontend, adaptor: SpeechAdaptor, ctc_head: CTCHead | None,
-                 llm: SpeechLLM | None, ctc_blank_id: int, prompt_head: Sequence[int] = (),
-                 prompt_tail: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        frontend: SpeechFrontend,
+        adaptor: SpeechAdaptor,
+        ctc_head: CTCHead | None,
+        llm: SpeechLLM | None,
+        ctc_blank_id: int,
+        prompt_head: Sequence[int] = (),
+        prompt_tail: Sequence[int] = (),
+    ) -> None:
         super().__init__()
         # The prompt format's frame around every prompt (models.prompt.format; prompt_format.py): BLOOMZ's plain
         # prompt has none, a chat LLM's user turn opens and closes here.
@@ -42,7 +51,9 @@ class BloomzMMS(nn.Module):
         self.adaptor = adaptor
         self.ctc_head = ctc_head
         self.llm = llm
-        self.ctc_blank_id = ctc_blank_id  # config models.ctc_head.blank_id: loss, greedy / beam search, dev CER
+        self.ctc_blank_id = (
+            ctc_blank_id  # config models.ctc_head.blank_id: loss, greedy / beam search, dev CER
+        )
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what training changes: the frozen encoder, CTC head and LLM are referenced, not copied."""
@@ -52,6 +63,7 @@ class BloomzMMS(nn.Module):
     def min_input_samples(self) -> int:
         """Shortest waveform (samples) that yields one speech vector: the encoder's frame count, then the
         adaptor's subsampling and length adaptor."""
+
         def frames(samples: int) -> int:
             return int(self.frontend.output_lengths(torch.tensor([samples]))[0])
 
@@ -66,8 +78,13 @@ class BloomzMMS(nn.Module):
         feats, feat_lengths = self.frontend(wav, wav_lengths)
         return self.adaptor(feats, feat_lengths)
 
-    def ctc_losses(self, out: AdaptorOutput, targets: Sequence[Sequence[int]], lid: torch.Tensor,
-                   lid_ctc_lengths: str = "frames") -> tuple[torch.Tensor, torch.Tensor]:
+    def ctc_losses(
+        self,
+        out: AdaptorOutput,
+        targets: Sequence[Sequence[int]],
+        lid: torch.Tensor,
+        lid_ctc_lengths: str = "frames",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(CTC over LLM tokens, LID inter-CTC), each summed over the batch / B, zero_infinity.
 
         As the reference, the LID target is the utterance's label repeated to the length of its token target;
@@ -79,15 +96,24 @@ class BloomzMMS(nn.Module):
         log_probs = out.lid_logits.float().log_softmax(-1).transpose(0, 1)
         flat = torch.tensor([x for t in lid_targets for x in t], device=log_probs.device)
         lengths = torch.tensor([len(t) for t in lid_targets], device=log_probs.device)
-        lid_loss = nn.functional.ctc_loss(log_probs, flat, self.lid_loss_lengths(out, lid_ctc_lengths), lengths,
-                                          blank=LID_BLANK, reduction="sum", zero_infinity=True) / len(lid_targets)
+        lid_loss = nn.functional.ctc_loss(
+            log_probs,
+            flat,
+            self.lid_loss_lengths(out, lid_ctc_lengths),
+            lengths,
+            blank=LID_BLANK,
+            reduction="sum",
+            zero_infinity=True,
+        ) / len(lid_targets)
         return ctc, lid_loss
 
     def lid_loss_lengths(self, out: AdaptorOutput, lid_ctc_lengths: str) -> torch.Tensor:
         """(B,) LID frames the LID loss reads: all of them, or the reference's post-encoder lengths divided again by
         the LID head's length-adaptor ratio."""
         if check_lid_ctc_lengths(lid_ctc_lengths) == "halved":
-            return torch.div(out.speech_lengths, self.adaptor.lid_ctc.length_adaptor.ratio, rounding_mode="floor")
+            return torch.div(
+                out.speech_lengths, self.adaptor.lid_ctc.length_adaptor.ratio, rounding_mode="floor"
+            )
         return out.lid_lengths
 
     def ctc_decode(self, out: AdaptorOutput) -> list[list[int]]:
@@ -106,14 +132,21 @@ class BloomzMMS(nn.Module):
         tail = [self.prompt_tail] if self.prompt_tail else []
         return [[*head, *segments, *tail] for segments in prompts]
 
-    def generate(self, prompts: Sequence[Sequence[Segment]], max_new_tokens: int,
-                 **generate_kwargs: object) -> list[list[int]]:
+    def generate(
+        self, prompts: Sequence[Sequence[Segment]], max_new_tokens: int, **generate_kwargs: object
+    ) -> list[list[int]]:
         """The LLM's continuations of prompts given inside the prompt format's frame (see `wrap_prompts`)."""
         if self.llm is None:
             raise ValueError("this model was loaded without its LLM")
         return self.llm.generate(self.wrap_prompts(prompts), max_new_tokens, **generate_kwargs)
 
-    def prompt_segments(self, prefix: Sequence[Sequence[int]], speech: Sequence[torch.Tensor],
-                        postfix: Sequence[Sequence[int]]) -> list[list[Segment]]:
+    def prompt_segments(
+        self,
+        prefix: Sequence[Sequence[int]],
+        speech: Sequence[torch.Tensor],
+        postfix: Sequence[Sequence[int]],
+    ) -> list[list[Segment]]:
         """[head; E(prefix); speech; E(postfix); tail] per utterance (head and tail: the prompt format's)."""
-        return self.wrap_prompts([[list(p), s, list(q)] for p, s, q in zip(prefix, speech, postfix, strict=True)])
+        return self.wrap_prompts(
+            [[list(p), s, list(q)] for p, s, q in zip(prefix, speech, postfix, strict=True)]
+        )

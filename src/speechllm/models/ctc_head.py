@@ -99,8 +99,10 @@ class CTCHead(nn.Module):
             flat_targets, flat_lengths = flatten_targets(targets, x.device)
             labels = flat_targets
         if bool((labels == blank_id).any()):
-            raise ValueError(f"a CTC target contains the blank id {blank_id} (config models.ctc_head.blank_id); "
-                             "the tokenizer must never produce it for a transcript")
+            raise ValueError(
+                f"a CTC target contains the blank id {blank_id} (config models.ctc_head.blank_id); "
+                "the tokenizer must never produce it for a transcript"
+            )
         log_probs = self(x).float().log_softmax(dim=-1).transpose(0, 1)  # (T, B, V)
         total = F.ctc_loss(
             log_probs,

@@ -46,8 +46,13 @@ def depthwise_conv_over_time(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """
     if x.device.type != "cpu":
         return conv(x.transpose(1, 2)).transpose(1, 2)
-    out = F.conv2d(x.transpose(1, 2).unsqueeze(-1), conv.weight.unsqueeze(-1), conv.bias,
-                   padding=(conv.padding[0], 0), groups=conv.groups)
+    out = F.conv2d(
+        x.transpose(1, 2).unsqueeze(-1),
+        conv.weight.unsqueeze(-1),
+        conv.bias,
+        padding=(conv.padding[0], 0),
+        groups=conv.groups,
+    )
     return out.squeeze(-1).transpose(1, 2)
 
 

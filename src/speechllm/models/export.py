@@ -52,7 +52,9 @@ class ModelDirError(ValueError):
 def llm_spec(llm_cfg: dict[str, Any]) -> dict[str, Any]:
     """The LLM part of a spec: what loads it, and its LoRA adapters when `models.llm.lora` is set."""
     spec = {k: llm_cfg[k] for k in ("name_or_path", "revision", "dtype", "load_in_8bit")}
-    if llm_cfg.get("output_rows", "model") != "model":  # absent in model directories written before the switch
+    if (
+        llm_cfg.get("output_rows", "model") != "model"
+    ):  # absent in model directories written before the switch
         spec["output_rows"] = llm_cfg["output_rows"]
     if llm_cfg.get("lora"):
         spec["lora"] = dict(llm_cfg["lora"])
@@ -76,14 +78,19 @@ def with_lora(llm: SpeechLLM, spec: dict[str, Any]) -> SpeechLLM:
     return llm
 
 
-def model_spec(models_cfg: dict[str, Any], adaptor: AdaptorConfig, language_ids: dict[str, int],
-               stage: str) -> dict[str, Any]:
+def model_spec(
+    models_cfg: dict[str, Any], adaptor: AdaptorConfig, language_ids: dict[str, int], stage: str
+) -> dict[str, Any]:
     """The `speechllm.json` content for a BLOOMZMMS model built from the `models` config section."""
     return {
-        "format": FORMAT, "kind": "bloomzmms", "stage": stage, "speechllm_version": __version__,
+        "format": FORMAT,
+        "kind": "bloomzmms",
+        "stage": stage,
+        "speechllm_version": __version__,
         "speech_encoder": dict(models_cfg["speech_encoder"]),
         "llm": llm_spec(models_cfg["llm"]),
-        "adaptor": asdict(adaptor), "language_ids": language_ids,
+        "adaptor": asdict(adaptor),
+        "language_ids": language_ids,
         "prompt": dict(models_cfg["prompt"]),
         **({"ctc_head": dict(models_cfg["ctc_head"])} if "ctc_head" in models_cfg else {}),
     }
@@ -92,10 +99,14 @@ def model_spec(models_cfg: dict[str, Any], adaptor: AdaptorConfig, language_ids:
 def kang_roy_spec(models_cfg: dict[str, Any], stage: str) -> dict[str, Any]:
     """The `speechllm.json` content for a Kang & Roy model (HuBERT + pooling into a frozen chat LLM)."""
     return {
-        "format": FORMAT, "kind": "kang_roy", "stage": stage, "speechllm_version": __version__,
+        "format": FORMAT,
+        "kind": "kang_roy",
+        "stage": stage,
+        "speechllm_version": __version__,
         "speech_encoder": dict(models_cfg["speech_encoder"]),
         "llm": llm_spec(models_cfg["llm"]),
-        "pooling": dict(models_cfg["pooling"]), "chat": dict(models_cfg["chat"]),
+        "pooling": dict(models_cfg["pooling"]),
+        "chat": dict(models_cfg["chat"]),
         "prompt": dict(models_cfg["prompt"]),
     }
 
@@ -115,7 +126,8 @@ def check_8bit_support() -> None:
         raise QuantizationUnavailable(
             f"models.llm.load_in_8bit is true but {' and '.join(missing)} "
             f"{'is' if len(missing) == 1 else 'are'} not available; set load_in_8bit: false to load the LLM in "
-            "models.llm.dtype (bfloat16 at paper scale)")
+            "models.llm.dtype (bfloat16 at paper scale)"
+        )
 
 
 def _hub_kwargs(part_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -142,7 +154,9 @@ def load_llm(llm_cfg: dict[str, Any], device: torch.device | str = "cpu"):
         from transformers import BitsAndBytesConfig  # optional: needs bitsandbytes and a GPU
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    lm = AutoModelForCausalLM.from_pretrained(llm_cfg["name_or_path"], dtype=DTYPES[llm_cfg["dtype"]], **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(
+        llm_cfg["name_or_path"], dtype=DTYPES[llm_cfg["dtype"]], **kwargs
+    )
     if not llm_cfg.get("load_in_8bit"):
         lm = lm.to(device)
     return lm, tokenizer
@@ -152,19 +166,29 @@ def _is_hub(name: str) -> bool:
     return not Path(name).exists()
 
 
-def build_kang_roy(spec: dict[str, Any], with_llm: bool, device: torch.device | str = "cpu",
-                   gradient_checkpointing: bool = False) -> tuple[KangRoy, Any]:
+def build_kang_roy(
+    spec: dict[str, Any],
+    with_llm: bool,
+    device: torch.device | str = "cpu",
+    gradient_checkpointing: bool = False,
+) -> tuple[KangRoy, Any]:
     """A KangRoy from a spec: trainable HuBERT encoder + pooling, frozen chat LLM. Returns (model, tokenizer)."""
     enc_cfg = spec["speech_encoder"]
     if enc_cfg.get("normalize_waveform"):
-        raise ModelDirError("kang_roy reads the raw waveform, as the reference: models.speech_encoder."
-                            "normalize_waveform must be false")
+        raise ModelDirError(
+            "kang_roy reads the raw waveform, as the reference: models.speech_encoder."
+            "normalize_waveform must be false"
+        )
     if spec["llm"].get("output_rows", "model") != "model":
-        raise ModelDirError("kang_roy distils over every row of the LM head, as the reference: models.llm."
-                            "output_rows must be model")
+        raise ModelDirError(
+            "kang_roy distils over every row of the LM head, as the reference: models.llm."
+            "output_rows must be model"
+        )
     if enc_cfg.get("frame_count", "conv") != "conv":
-        raise ModelDirError("kang_roy pools HuBERT's own frames, as the reference: models.speech_encoder."
-                            "frame_count must be conv")
+        raise ModelDirError(
+            "kang_roy pools HuBERT's own frames, as the reference: models.speech_encoder."
+            "frame_count must be conv"
+        )
     hubert = encoder_only(AutoModel.from_pretrained(enc_cfg["name_or_path"], **_hub_kwargs(enc_cfg)))
     if with_llm:
         lm, tokenizer = load_llm(spec["llm"], device)
@@ -174,8 +198,9 @@ def build_kang_roy(spec: dict[str, Any], with_llm: bool, device: torch.device | 
         llm = with_lora(SpeechLLM(lm, pad_token_id(tokenizer), eos, gradient_checkpointing), spec)
     else:  # the encoder alone (e.g. the untrained model's export): the LLM's width and tokenizer suffice
         tokenizer, hidden_size, llm = load_tokenizer(spec["llm"]), llm_hidden_size(spec["llm"]), None
-    encoder = HubertPoolEncoder(hubert, hidden_size, PoolConfig(**spec["pooling"]),
-                                load_feature_extractor(enc_cfg, hubert.config))
+    encoder = HubertPoolEncoder(
+        hubert, hidden_size, PoolConfig(**spec["pooling"]), load_feature_extractor(enc_cfg, hubert.config)
+    )
     prefix, suffix, _ = kang_roy_frame(spec, tokenizer)
     model = KangRoy(encoder, llm, prefix, suffix, bool(spec["chat"].get("label_eos", False)))
     return model.to(device), tokenizer
@@ -230,11 +255,15 @@ def ctc_blank_id(spec: dict[str, Any], tokenizer: Any) -> int:
         token = blank
         blank = tokenizer.convert_tokens_to_ids(token)
         if blank is None or blank == tokenizer.unk_token_id and token != tokenizer.unk_token:
-            raise ModelDirError(f"models.ctc_head.blank_id {token!r} is not a token of the tokenizer of "
-                                f"{spec['llm']['name_or_path']}")
+            raise ModelDirError(
+                f"models.ctc_head.blank_id {token!r} is not a token of the tokenizer of "
+                f"{spec['llm']['name_or_path']}"
+            )
     if not 0 <= int(blank) < len(tokenizer):
-        raise ModelDirError(f"models.ctc_head.blank_id {blank} is not a token id of the {len(tokenizer)}-token "
-                            f"tokenizer of {spec['llm']['name_or_path']}")
+        raise ModelDirError(
+            f"models.ctc_head.blank_id {blank} is not a token id of the {len(tokenizer)}-token "
+            f"tokenizer of {spec['llm']['name_or_path']}"
+        )
     return int(blank)
 
 
@@ -251,8 +280,13 @@ def input_embedding_rows(lm: Any, vocab_size: int) -> torch.Tensor:
     return embeddings(torch.arange(vocab_size, device=embeddings.weight.device))
 
 
-def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: torch.device | str = "cpu",
-                gradient_checkpointing: bool = False) -> tuple[BloomzMMS | KangRoy, Any]:
+def build_model(
+    spec: dict[str, Any],
+    with_ctc: bool,
+    with_llm: bool,
+    device: torch.device | str = "cpu",
+    gradient_checkpointing: bool = False,
+) -> tuple[BloomzMMS | KangRoy, Any]:
     """A BloomzMMS from a spec; the CTC head is cut from the LLM's input embeddings. Returns (model, tokenizer).
 
     Specs of kind `kang_roy` build a KangRoy instead (it has no CTC head).
@@ -264,9 +298,13 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     enc_cfg = spec["speech_encoder"]
     encoder = load_speech_encoder(enc_cfg)
     adaptor_cfg = AdaptorConfig(**spec["adaptor"])
-    frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"],
-                              frame_count=enc_cfg.get("frame_count", "conv"),
-                              feature_extractor=load_feature_extractor(enc_cfg, encoder.config))
+    frontend = SpeechFrontend(
+        encoder,
+        adaptor_cfg.input_dim,
+        enc_cfg["normalize_waveform"],
+        frame_count=enc_cfg.get("frame_count", "conv"),
+        feature_extractor=load_feature_extractor(enc_cfg, encoder.config),
+    )
     adaptor = SpeechAdaptor(adaptor_cfg)
     if with_ctc and not with_llm and spec.get("ctc_head", {}).get("weights"):
         # The head is stored in the model directory (load_model_dir fills it in): the LLM is not loaded at all.
@@ -277,29 +315,56 @@ def build_model(spec: dict[str, Any], with_ctc: bool, with_llm: bool, device: to
     # Without the LLM in the model, only its input embeddings (the CTC head) are read: 8-bit loading would not
     # change them (LLM.int8() quantises linear layers) and needs a GPU, so the init / CTC steps load it plainly.
     lm, tokenizer = load_llm(spec["llm"] if with_llm else {**spec["llm"], "load_in_8bit": False}, device)
-    ctc_head = CTCHead.from_embeddings(input_embedding_rows(lm, len(tokenizer)), len(tokenizer)) if with_ctc else None
+    ctc_head = (
+        CTCHead.from_embeddings(input_embedding_rows(lm, len(tokenizer)), len(tokenizer))
+        if with_ctc
+        else None
+    )
     frame = frame_from_spec(tokenizer, spec["prompt"])
-    spec["prompt"][FRAME_KEY] = frame_record(frame)  # exported with the model: inference prompts as training did
-    llm = SpeechLLM(lm, pad_token_id(tokenizer), frame.eos_token_id, gradient_checkpointing,
-                    output_rows(spec["llm"], tokenizer)) if with_llm else None
+    spec["prompt"][FRAME_KEY] = frame_record(
+        frame
+    )  # exported with the model: inference prompts as training did
+    llm = (
+        SpeechLLM(
+            lm,
+            pad_token_id(tokenizer),
+            frame.eos_token_id,
+            gradient_checkpointing,
+            output_rows(spec["llm"], tokenizer),
+        )
+        if with_llm
+        else None
+    )
     if llm is not None:
         with_lora(llm, spec)
-    model = BloomzMMS(frontend, adaptor, ctc_head, llm, ctc_blank_id=ctc_blank_id(spec, tokenizer),
-                      prompt_head=frame.head, prompt_tail=frame.tail)
+    model = BloomzMMS(
+        frontend,
+        adaptor,
+        ctc_head,
+        llm,
+        ctc_blank_id=ctc_blank_id(spec, tokenizer),
+        prompt_head=frame.head,
+        prompt_tail=frame.tail,
+    )
     return model.to(device), tokenizer
 
 
-def save_model_dir(model: BloomzMMS | KangRoy, spec: dict[str, Any], out_dir: Path,
-                   extra: dict[str, Any] | None = None,
-                   write_parts: Callable[[Path], None] | None = None) -> None:
+def save_model_dir(
+    model: BloomzMMS | KangRoy,
+    spec: dict[str, Any],
+    out_dir: Path,
+    extra: dict[str, Any] | None = None,
+    write_parts: Callable[[Path], None] | None = None,
+) -> None:
     """Write weights and spec; the directory appears complete or not at all (temp dir + rename).
     `write_parts` writes further files (bundled parts) into the directory before it appears."""
     with atomic_dir(out_dir) as tmp:
         if write_parts is not None:
             write_parts(tmp)
         save_file(model.trainable_state_dict(), str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        (tmp / "speechllm.json").write_text(json.dumps({**spec, **(extra or {})}, indent=2, ensure_ascii=False)
-                                            + "\n", encoding="utf-8")
+        (tmp / "speechllm.json").write_text(
+            json.dumps({**spec, **(extra or {})}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
 
 
 def read_spec(model_dir: Path) -> dict[str, Any]:
@@ -310,10 +375,16 @@ def read_spec(model_dir: Path) -> dict[str, Any]:
         if folder is None:
             continue
         location = Path(model_dir) / folder
-        if not isinstance(folder, str) or Path(folder).is_absolute() or ".." in Path(folder).parts \
-                or not location.is_dir():
-            raise ModelDirError(f"{Path(model_dir) / 'speechllm.json'}: {part}.{BUNDLED_KEY} must name a "
-                                f"folder inside the model directory; {folder!r} does not")
+        if (
+            not isinstance(folder, str)
+            or Path(folder).is_absolute()
+            or ".." in Path(folder).parts
+            or not location.is_dir()
+        ):
+            raise ModelDirError(
+                f"{Path(model_dir) / 'speechllm.json'}: {part}.{BUNDLED_KEY} must name a "
+                f"folder inside the model directory; {folder!r} does not"
+            )
         spec[part] = {**spec[part], "name_or_path": str(location)}
     return spec
 
@@ -331,9 +402,14 @@ def read_raw_spec(model_dir: Path) -> dict[str, Any]:
     return spec
 
 
-def load_model_dir(model_dir: Path, with_ctc: bool, with_llm: bool, device: torch.device | str = "cpu",
-                   gradient_checkpointing: bool = False,
-                   dtype: str | None = None) -> tuple[BloomzMMS | KangRoy, Any, dict[str, Any]]:
+def load_model_dir(
+    model_dir: Path,
+    with_ctc: bool,
+    with_llm: bool,
+    device: torch.device | str = "cpu",
+    gradient_checkpointing: bool = False,
+    dtype: str | None = None,
+) -> tuple[BloomzMMS | KangRoy, Any, dict[str, Any]]:
     """Load an exported model: (model, tokenizer, spec).
 
     `dtype` (a DTYPES key) loads the LLM in it instead of its spec's `llm.dtype` and casts the rest of the
@@ -359,7 +435,9 @@ def load_ctc_head_file(model: BloomzMMS | KangRoy, spec: dict[str, Any], model_d
     if name is None:
         return
     if name != CTC_HEAD_FILE:
-        raise ModelDirError(f"{model_dir / 'speechllm.json'}: ctc_head.weights must be {CTC_HEAD_FILE!r}, not {name!r}")
+        raise ModelDirError(
+            f"{model_dir / 'speechllm.json'}: ctc_head.weights must be {CTC_HEAD_FILE!r}, not {name!r}"
+        )
     path = model_dir / name
     if not path.is_file():
         raise ModelDirError(f"{path}: missing (named by ctc_head.weights)")
@@ -367,8 +445,10 @@ def load_ctc_head_file(model: BloomzMMS | KangRoy, spec: dict[str, Any], model_d
     state = load_file(str(path))
     own = model.ctc_head.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        raise ModelDirError(f"{path}: holds {[(k, tuple(v.shape)) for k, v in state.items()]}, the CTC head has "
-                            f"{[(k, tuple(v.shape)) for k, v in own.items()]} (vocabulary of the tokenizer)")
+        raise ModelDirError(
+            f"{path}: holds {[(k, tuple(v.shape)) for k, v in state.items()]}, the CTC head has "
+            f"{[(k, tuple(v.shape)) for k, v in own.items()]} (vocabulary of the tokenizer)"
+        )
     model.ctc_head.load_state_dict(state)
 
 
@@ -382,8 +462,11 @@ def load_trained_weights(model: BloomzMMS | KangRoy, path: Path, fresh_lora: boo
     unknown = [k for k in state if k not in own]
     if unknown:
         raise ModelDirError(f"{path}: tensors not in the model: {unknown[:5]}")
-    missing = [k for k, p in model.named_parameters()
-               if p.requires_grad and k not in state and not (fresh_lora and is_lora_weight(k))]
+    missing = [
+        k
+        for k, p in model.named_parameters()
+        if p.requires_grad and k not in state and not (fresh_lora and is_lora_weight(k))
+    ]
     if missing:
         raise ModelDirError(f"{path}: trained tensors missing: {missing[:5]}")
     model.load_state_dict(state, strict=False)

@@ -59,8 +59,9 @@ def whisper_frame_count(samples: int, hop_length: int = WHISPER_HOP) -> int:
     return (mel - 1) // 2 + 1 if mel > 0 else 0
 
 
-def fbank_frame_count(samples: int, window: int = FBANK_WINDOW, hop: int = FBANK_HOP,
-                      stride: int = FBANK_STRIDE) -> int:
+def fbank_frame_count(
+    samples: int, window: int = FBANK_WINDOW, hop: int = FBANK_HOP, stride: int = FBANK_STRIDE
+) -> int:
     """w2v-BERT 2.0 frames of a clip: 1 + (samples - window) // hop fbank frames (none under one window), then
     `stride` consecutive frames stacked into one (a trailing odd frame dropped)."""
     fbanks = conv_output_length(samples, window, hop)

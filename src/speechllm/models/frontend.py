@@ -63,8 +63,10 @@ def s3prl_frame_lengths(config: PretrainedConfig, wav_lengths: torch.Tensor) -> 
 
 def check_frame_count(frame_count: str) -> str:
     if frame_count not in FRAME_COUNTS:
-        raise ValueError(f"unknown frame count {frame_count!r} (config key models.speech_encoder.frame_count: "
-                         f"{' | '.join(FRAME_COUNTS)})")
+        raise ValueError(
+            f"unknown frame count {frame_count!r} (config key models.speech_encoder.frame_count: "
+            f"{' | '.join(FRAME_COUNTS)})"
+        )
     return frame_count
 
 
@@ -107,7 +109,9 @@ def conv_frame_lengths(config: PretrainedConfig, wav_lengths: torch.Tensor) -> t
         (B,) long, valid frames per utterance (0 for a waveform shorter than the receptive field).
     """
     if getattr(config, "add_adapter", False):
-        raise ValueError(f"{type(config).__name__} has add_adapter=True: its adapter frames are not counted here")
+        raise ValueError(
+            f"{type(config).__name__} has add_adapter=True: its adapter frames are not counted here"
+        )
     lengths = wav_lengths.to(torch.long)
     for kernel, stride in zip(config.conv_kernel, config.conv_stride, strict=True):
         lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
@@ -195,10 +199,14 @@ class SpeechFrontend(nn.Module):
         if getattr(encoder.config, "add_adapter", False):
             raise ValueError("encoders with a length-changing `add_adapter` are not supported")
         self.family = input_family(encoder.config)
-        self.features = None if self.family == "waveform" else EncoderInputs(encoder.config, feature_extractor)
+        self.features = (
+            None if self.family == "waveform" else EncoderInputs(encoder.config, feature_extractor)
+        )
         if self.features is not None and (normalize_waveform or frame_count != "conv"):
-            raise ValueError(f"a {self.family} encoder reads its feature extractor's normalised log-mel features: "
-                             "models.speech_encoder.normalize_waveform must be false and frame_count conv")
+            raise ValueError(
+                f"a {self.family} encoder reads its feature extractor's normalised log-mel features: "
+                "models.speech_encoder.normalize_waveform must be false and frame_count conv"
+            )
         self.encoder = encoder
         self.encoder.requires_grad_(False)
         self.encoder.eval()
@@ -228,7 +236,9 @@ class SpeechFrontend(nn.Module):
             return self.features.frame_lengths(wav_lengths)
         return frame_lengths(self.encoder.config, wav_lengths, self.frame_count)
 
-    def encoder_input(self, wav: torch.Tensor, wav_lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoder_input(
+        self, wav: torch.Tensor, wav_lengths: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The waveforms the encoder reads: under `s3prl`, utterances under 0.05 s get zeros appended to 800
         samples, which count as valid (normalised with the speech), as s3prl's short-input padding at batch size 1.
         """
@@ -283,8 +293,9 @@ class SpeechFrontend(nn.Module):
         feat_lengths = self.output_lengths(wav_lengths)
         too_short = (feat_lengths < 1).nonzero().flatten().tolist()
         if too_short:
-            raise InputTooShortError(f"utterance too short for the encoder: wav_lengths={wav_lengths.tolist()}",
-                                     too_short)
+            raise InputTooShortError(
+                f"utterance too short for the encoder: wav_lengths={wav_lengths.tolist()}", too_short
+            )
         wav, encoder_lengths = self.encoder_input(wav, wav_lengths)
         hidden_states = self.encode_hidden_states(wav, encoder_lengths).to(self.proj.weight.dtype)
         hidden_states = hidden_states[:, :, : int(feat_lengths.max())]  # Whisper: its 30 s window, cut

@@ -54,8 +54,13 @@ class HubertPoolEncoder(nn.Module):
             w2v-BERT 2.0; see encoder_inputs); an encoder-decoder model is cut to its encoder.
     """
 
-    def __init__(self, encoder: PreTrainedModel, llm_hidden_size: int, pool: PoolConfig | None = None,
-                 feature_extractor: object | None = None) -> None:
+    def __init__(
+        self,
+        encoder: PreTrainedModel,
+        llm_hidden_size: int,
+        pool: PoolConfig | None = None,
+        feature_extractor: object | None = None,
+    ) -> None:
         super().__init__()
         encoder = encoder_only(encoder)
         family = input_family(encoder.config)

@@ -76,8 +76,14 @@ class KangRoy(nn.Module):
             decoded with `skip_special_tokens=True` and carry no EOS).
     """
 
-    def __init__(self, encoder: HubertPoolEncoder, llm: SpeechLLM | None, prefix_ids: Sequence[int],
-                 suffix_ids: Sequence[int], label_eos: bool = False) -> None:
+    def __init__(
+        self,
+        encoder: HubertPoolEncoder,
+        llm: SpeechLLM | None,
+        prefix_ids: Sequence[int],
+        suffix_ids: Sequence[int],
+        label_eos: bool = False,
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.llm = llm
@@ -86,8 +92,14 @@ class KangRoy(nn.Module):
         self.label_eos = label_eos
 
     @classmethod
-    def from_tokenizer(cls, encoder: HubertPoolEncoder, llm: SpeechLLM | None, tokenizer: Any,
-                       template: ChatTemplate, label_eos: bool = False) -> KangRoy:
+    def from_tokenizer(
+        cls,
+        encoder: HubertPoolEncoder,
+        llm: SpeechLLM | None,
+        tokenizer: Any,
+        template: ChatTemplate,
+        label_eos: bool = False,
+    ) -> KangRoy:
         prefix, suffix = chat_ids(tokenizer, template)
         return cls(encoder, llm, prefix, suffix, label_eos)
 
@@ -123,13 +135,16 @@ class KangRoy(nn.Module):
             raise ValueError("this KangRoy model was built without its LLM")
         return self.llm
 
-    def forward(self, user_turns: Sequence[Sequence[Segment]], targets: Sequence[Sequence[int]]) -> SpeechLLMOutput:
+    def forward(
+        self, user_turns: Sequence[Sequence[Segment]], targets: Sequence[Sequence[int]]
+    ) -> SpeechLLMOutput:
         """Teacher-forced next-token loss on the response tokens (and eos if `label_eos`)."""
         llm = self._require_llm()
         inputs = llm.build_inputs(self.chat_segments(user_turns), targets, append_eos=self.label_eos)
         return llm.score(inputs)
 
-    def generate(self, user_turns: Sequence[Sequence[Segment]], max_new_tokens: int,
-                 **generate_kwargs: object) -> list[list[int]]:
+    def generate(
+        self, user_turns: Sequence[Sequence[Segment]], max_new_tokens: int, **generate_kwargs: object
+    ) -> list[list[int]]:
         """Greedy decoding of the assistant's response (reference: greedy, no sampling)."""
         return self._require_llm().generate(self.chat_segments(user_turns), max_new_tokens, **generate_kwargs)

@@ -105,7 +105,9 @@ def find_arch_file(name_or_path: str, models_dir: Path) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise PlanError(f"no architecture config for {name_or_path!r}: looked for {', '.join(map(str, candidates))}")
+    raise PlanError(
+        f"no architecture config for {name_or_path!r}: looked for {', '.join(map(str, candidates))}"
+    )
 
 
 def load_arch_config(name_or_path: str, models_dir: Path) -> tuple[PretrainedConfig, dict[str, Any]]:
@@ -120,8 +122,12 @@ def load_arch_config(name_or_path: str, models_dir: Path) -> tuple[PretrainedCon
     return AutoConfig.for_model(model_type, **settings), facts
 
 
-def model_from_config(config: PretrainedConfig, causal_lm: bool, device: torch.device | str = "meta",
-                      dtype: torch.dtype | None = None) -> nn.Module:
+def model_from_config(
+    config: PretrainedConfig,
+    causal_lm: bool,
+    device: torch.device | str = "meta",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
     """The HF model (`AutoModelForCausalLM` or the bare `AutoModel`) built on `device`: shapes only on the meta
     device, random weights elsewhere (the GPU benchmark); nothing is downloaded."""
     factory = AutoModelForCausalLM if causal_lm else AutoModel
@@ -134,8 +140,12 @@ def meta_model(config: PretrainedConfig, causal_lm: bool) -> nn.Module:
     return model_from_config(config, causal_lm)
 
 
-def lm_from_config(config: PretrainedConfig, llm_cfg: dict[str, Any], device: torch.device | str = "meta",
-                   dtype: torch.dtype | None = None) -> nn.Module:
+def lm_from_config(
+    config: PretrainedConfig,
+    llm_cfg: dict[str, Any],
+    device: torch.device | str = "meta",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
     """The frozen causal LM on `device`, with its LoRA adapters (trainable) when `models.llm.lora` is set
     (they act in the CE / KD stages, the only ones that plan the LLM)."""
     lm = model_from_config(config, causal_lm=True, device=device, dtype=dtype)
@@ -241,8 +251,16 @@ class StagePlan:
     estimate: TimeEstimate | None = None
 
     def totals(self) -> dict[str, float]:
-        keys = ("trainable_params", "frozen_params", "weight_bytes", "grad_bytes", "optimizer_bytes",
-                "activation_bytes", "forward_flops", "backward_flops")
+        keys = (
+            "trainable_params",
+            "frozen_params",
+            "weight_bytes",
+            "grad_bytes",
+            "optimizer_bytes",
+            "activation_bytes",
+            "forward_flops",
+            "backward_flops",
+        )
         sums = {k: float(sum(getattr(p, k) for p in self.parts)) for k in keys}
         sums["memory_bytes"] = sum(p.memory_bytes for p in self.parts)
         sums["flops_per_micro_batch"] = sums["forward_flops"] + sums["backward_flops"]
@@ -251,20 +269,42 @@ class StagePlan:
 
     def to_dict(self) -> dict[str, Any]:
         parts = [dict(asdict(p), memory_bytes=p.memory_bytes) for p in self.parts]
-        return {"system": self.system, "stage": self.stage, "gpus": self.gpus, "accum_grad": self.accum_grad,
-                "precision": self.precision, "workload": asdict(self.workload), "parts": parts,
-                "totals": self.totals(), "estimate": asdict(self.estimate) if self.estimate else None}
+        return {
+            "system": self.system,
+            "stage": self.stage,
+            "gpus": self.gpus,
+            "accum_grad": self.accum_grad,
+            "precision": self.precision,
+            "workload": asdict(self.workload),
+            "parts": parts,
+            "totals": self.totals(),
+            "estimate": asdict(self.estimate) if self.estimate else None,
+        }
 
 
-def part_plan(name: str, module_params: tuple[int, int], frozen_dtype_bytes: float, activation: float,
-              forward: float, backward: float) -> PartPlan:
+def part_plan(
+    name: str,
+    module_params: tuple[int, int],
+    frozen_dtype_bytes: float,
+    activation: float,
+    forward: float,
+    backward: float,
+) -> PartPlan:
     """Memory of a part from its (trainable, frozen) parameter counts."""
     trainable, frozen = module_params
     role = "trainable" if trainable and not frozen else "frozen" if not trainable else "mixed"
-    return PartPlan(name=name, role=role, trainable_params=trainable, frozen_params=frozen,
-                    weight_bytes=trainable * TRAINABLE_BYTES + frozen * frozen_dtype_bytes,
-                    grad_bytes=trainable * GRAD_BYTES, optimizer_bytes=trainable * ADAM_BYTES,
-                    activation_bytes=activation, forward_flops=forward, backward_flops=backward)
+    return PartPlan(
+        name=name,
+        role=role,
+        trainable_params=trainable,
+        frozen_params=frozen,
+        weight_bytes=trainable * TRAINABLE_BYTES + frozen * frozen_dtype_bytes,
+        grad_bytes=trainable * GRAD_BYTES,
+        optimizer_bytes=trainable * ADAM_BYTES,
+        activation_bytes=activation,
+        forward_flops=forward,
+        backward_flops=backward,
+    )
 
 
 def split_params(module: nn.Module) -> tuple[int, int]:
@@ -280,8 +320,9 @@ def _conv_layer_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def speech_encoder_flops(encoder: nn.Module, batch: int, samples: int,
-                         fbank_stride: int = 2) -> tuple[float, int, list[int]]:
+def speech_encoder_flops(
+    encoder: nn.Module, batch: int, samples: int, fbank_stride: int = 2
+) -> tuple[float, int, list[int]]:
     """Forward FLOPs of a speech encoder on `batch` utterances; also (frames it computes, conv lengths).
 
     wav2vec2 family: the conv stack at its strides, then the transformer. Whisper: the whole window
@@ -319,8 +360,14 @@ def transformer_layer_activation(hidden: int, ffn: int, dropout: bool, act_bytes
     return (8 * hidden + 2 * ffn) * act_bytes + (MASK_BYTES * (2 * hidden + ffn) if dropout else 0)
 
 
-def trainable_speech_encoder_activation(encoder: nn.Module, batch: int, samples: int, conv_lengths: list[int],
-                                        act_bytes: int, computed_frames: int = 0) -> float:
+def trainable_speech_encoder_activation(
+    encoder: nn.Module,
+    batch: int,
+    samples: int,
+    conv_lengths: list[int],
+    act_bytes: int,
+    computed_frames: int = 0,
+) -> float:
     """Bytes kept for backward by a trainable speech encoder in train mode (HuBERT in Kang & Roy). Log-mel
     encoders (no conv stack lengths): their transformer layers at the `computed_frames` they run on."""
     cfg = encoder.config
@@ -328,8 +375,12 @@ def trainable_speech_encoder_activation(encoder: nn.Module, batch: int, samples:
         frames = computed_frames
         ffn = int(getattr(cfg, "encoder_ffn_dim", None) or cfg.intermediate_size)
         dropout = any(getattr(cfg, k, 0) > 0 for k in ("dropout", "hidden_dropout", "attention_dropout"))
-        return batch * frames * cfg.num_hidden_layers * transformer_layer_activation(
-            cfg.hidden_size, ffn, dropout, act_bytes)
+        return (
+            batch
+            * frames
+            * cfg.num_hidden_layers
+            * transformer_layer_activation(cfg.hidden_size, ffn, dropout, act_bytes)
+        )
     channels = list(cfg.conv_dim)
     conv = 0.0
     previous_length, previous_channels = samples, 1
@@ -337,10 +388,13 @@ def trainable_speech_encoder_activation(encoder: nn.Module, batch: int, samples:
         conv += previous_length * previous_channels + 2 * length * width  # conv input, norm input, GELU input
         previous_length, previous_channels = length, width
     frames, hidden = conv_lengths[-1], cfg.hidden_size
-    projection = 2 * channels[-1] + 2 * hidden  # layer norm + linear inputs, positional conv input + GELU input
+    projection = (
+        2 * channels[-1] + 2 * hidden
+    )  # layer norm + linear inputs, positional conv input + GELU input
     dropout = cfg.hidden_dropout > 0 or cfg.attention_dropout > 0 or cfg.activation_dropout > 0
-    per_frame = cfg.num_hidden_layers * transformer_layer_activation(hidden, cfg.intermediate_size, dropout,
-                                                                    act_bytes)
+    per_frame = cfg.num_hidden_layers * transformer_layer_activation(
+        hidden, cfg.intermediate_size, dropout, act_bytes
+    )
     return batch * (conv * act_bytes + frames * (projection * act_bytes + per_frame))
 
 
@@ -378,8 +432,12 @@ def ebranchformer_activation_elements(cfg: AdaptorConfig, t1: int) -> tuple[floa
     """(elements in the activation dtype, mask bytes) kept per position by one E-Branchformer block in training."""
     d, ff, cg, heads = cfg.d_model, cfg.linear_units, cfg.cgmlp_units, cfg.heads
     macaron = 2 * (3 * d + 2 * ff)  # two half-step FFNs: norm, fc1 and swish inputs, fc2 input
-    attention = 7 * d + heads * t1 * 2  # norm, qkv input, q+u / q+v / k / v, out input; softmax + dropped scores
-    cgmlp = 2 * d + 2 * cg + 4 * (cg // 2)  # norm, proj1 in, GELU in, split norm, conv in, gate in x2, proj2 in
+    attention = (
+        7 * d + heads * t1 * 2
+    )  # norm, qkv input, q+u / q+v / k / v, out input; softmax + dropped scores
+    cgmlp = (
+        2 * d + 2 * cg + 4 * (cg // 2)
+    )  # norm, proj1 in, GELU in, split norm, conv in, gate in x2, proj2 in
     merge = 2 * d + 2 * (2 * d) + 2 * d  # concat, depthwise conv in, merge proj in, final norm in (+residual)
     masks = MASK_BYTES * (heads * t1 + 2 * ff + 6 * d + cg)
     return macaron + attention + cgmlp + merge, masks
@@ -391,10 +449,15 @@ def adaptor_activation(adaptor: SpeechAdaptor, batch: int, frames: int, act_byte
     per_position, masks = ebranchformer_activation_elements(cfg, t1)
     f1 = (cfg.input_dim - 1) // 2
     # conv input, first ReLU output (= second conv input), second ReLU output and its flattened copy
-    subsampling = frames * cfg.input_dim + ((frames - 1) // 2) * f1 * cfg.d_model + 2 * t1 * ((f1 - 1) // 2) * cfg.d_model
+    subsampling = (
+        frames * cfg.input_dim
+        + ((frames - 1) // 2) * f1 * cfg.d_model
+        + 2 * t1 * ((f1 - 1) // 2) * cfg.d_model
+    )
     heads = 2 * t2 * cfg.d_model + t1 * cfg.num_lid_classes  # length adaptors, LID softmax / conditioning
-    per_utterance = (cfg.num_blocks * t1 * (per_position * act_bytes + masks)
-                     + (subsampling + heads) * act_bytes)
+    per_utterance = (
+        cfg.num_blocks * t1 * (per_position * act_bytes + masks) + (subsampling + heads) * act_bytes
+    )
     return batch * per_utterance
 
 
@@ -427,7 +490,9 @@ def llm_heads(config: PretrainedConfig) -> int:
     return int(config.num_attention_heads)
 
 
-def llm_flops(lm: nn.Module, batch: int, tokens: int, label_positions: int) -> tuple[float, float, float, float]:
+def llm_flops(
+    lm: nn.Module, batch: int, tokens: int, label_positions: int
+) -> tuple[float, float, float, float]:
     """(decoder-layer matmul FLOPs, attention FLOPs, LM-head FLOPs, FLOPs of each layer's last Linear) of one
     forward pass. A frozen layer's last Linear (the FFN output projection) keeps no input for backward, so
     non-reentrant checkpointing stops its recomputation before it (torch's early stop)."""
@@ -447,7 +512,9 @@ def llm_flops(lm: nn.Module, batch: int, tokens: int, label_positions: int) -> t
     return total - head_flops, attention, head_flops, tails
 
 
-def llm_part(lm: nn.Module, workload: Workload, llm_cfg: dict[str, Any], act_bytes: int, losses: int) -> PartPlan:
+def llm_part(
+    lm: nn.Module, workload: Workload, llm_cfg: dict[str, Any], act_bytes: int, losses: int
+) -> PartPlan:
     """The frozen LLM on the gradient path (student), plus the teacher forward when `workload.teacher_tokens`."""
     batch, tokens, labels = workload.utterances, workload.llm_tokens, workload.label_positions
     config = lm.config
@@ -471,8 +538,12 @@ def llm_part(lm: nn.Module, workload: Workload, llm_cfg: dict[str, Any], act_byt
         t_layers, t_attention, t_head, _ = llm_flops(lm, batch, workload.teacher_tokens, labels)
         forward += t_layers + t_attention + t_head
     weight_bytes = 1 if llm_cfg.get("load_in_8bit") else DTYPE_BYTES[llm_cfg["dtype"]]
-    adapters = sum(p.numel() for name, p in lm.named_parameters() if is_lora_weight(name))  # the rest is frozen
-    return part_plan("llm", (adapters, num_params(lm) - adapters), weight_bytes, activation, forward, backward)
+    adapters = sum(
+        p.numel() for name, p in lm.named_parameters() if is_lora_weight(name)
+    )  # the rest is frozen
+    return part_plan(
+        "llm", (adapters, num_params(lm) - adapters), weight_bytes, activation, forward, backward
+    )
 
 
 # --------------------------------------------------------------------------- systems
@@ -482,26 +553,39 @@ def _activation_bytes(precision: str) -> int:
     return 2 if precision == "bf16" else 4
 
 
-def workload_for(cfg: dict[str, Any], stage: str, frames_fn: Callable[[int], tuple[int, int]],
-                 samples: int, teacher: bool) -> tuple[Workload, int]:
+def workload_for(
+    cfg: dict[str, Any], stage: str, frames_fn: Callable[[int], tuple[int, int]], samples: int, teacher: bool
+) -> tuple[Workload, int]:
     """Per-GPU micro-batch geometry from `train.<stage>` and `plan`; returns (workload, gpus)."""
     plan_cfg = cfg["plan"]
     stage_cfg = cfg["train"][stage]
     gpus = int(plan_cfg["gpus"].get(stage, 1))
     seconds = float(plan_cfg["utterance_seconds"])
     try:
-        shares = rank_batch_sizes(seconds, float(stage_cfg["batch_seconds"]), gpus,
-                                  stage_cfg.get("batch_budget", "global"), stage_cfg.get("max_batch_size"))
+        shares = rank_batch_sizes(
+            seconds,
+            float(stage_cfg["batch_seconds"]),
+            gpus,
+            stage_cfg.get("batch_budget", "global"),
+            stage_cfg.get("max_batch_size"),
+        )
     except ValueError as error:
         raise PlanError(f"config keys 'train.{stage}' / 'plan.gpus.{stage}': {error}") from None
     frames, speech = frames_fn(samples)
     targets = math.ceil(plan_cfg["target_tokens_per_second"] * seconds)
     prompt = int(plan_cfg["prompt_tokens"])
     teacher_tokens = prompt + math.ceil(plan_cfg.get("transcript_tokens_per_second", 0) * seconds) + targets
-    workload = Workload(utterances=max(shares), utterance_seconds=seconds, samples=samples, encoder_frames=frames,
-                        speech_embeddings=speech, llm_tokens=prompt + speech + targets,
-                        label_positions=targets + 1, teacher_tokens=teacher_tokens if teacher else 0,
-                        step_utterances=sum(shares))
+    workload = Workload(
+        utterances=max(shares),
+        utterance_seconds=seconds,
+        samples=samples,
+        encoder_frames=frames,
+        speech_embeddings=speech,
+        llm_tokens=prompt + speech + targets,
+        label_positions=targets + 1,
+        teacher_tokens=teacher_tokens if teacher else 0,
+        step_utterances=sum(shares),
+    )
     return workload, gpus
 
 
@@ -520,7 +604,9 @@ class BloomzmmsParts:
     ctc_head: CTCHead
 
 
-def bloomzmms_parts(cfg: dict[str, Any], models_dir: Path, device: torch.device | str = "meta") -> BloomzmmsParts:
+def bloomzmms_parts(
+    cfg: dict[str, Any], models_dir: Path, device: torch.device | str = "meta"
+) -> BloomzmmsParts:
     """Frozen speech encoder, frontend, adaptor and (random, frozen) CTC head on `device`, as
     `speechllm.models.export.build_model` assembles them from the hub."""
     models_cfg = cfg["models"]
@@ -535,24 +621,36 @@ def bloomzmms_parts(cfg: dict[str, Any], models_dir: Path, device: torch.device 
     vocab = int(llm_facts.get("tokenizer_vocab_size", llm_config.vocab_size))
     with torch.device(device):
         try:
-            frontend = SpeechFrontend(encoder, adaptor_cfg.input_dim, enc_cfg["normalize_waveform"],
-                                      frame_count=enc_cfg["frame_count"], feature_extractor=features)
+            frontend = SpeechFrontend(
+                encoder,
+                adaptor_cfg.input_dim,
+                enc_cfg["normalize_waveform"],
+                frame_count=enc_cfg["frame_count"],
+                feature_extractor=features,
+            )
         except ValueError as error:
             raise PlanError(f"config key 'models.speech_encoder': {error}") from None
         adaptor = SpeechAdaptor(adaptor_cfg)
         ctc_head = CTCHead(llm_hidden_size(llm_config), vocab)
-    return BloomzmmsParts(enc_config, llm_config, adaptor_cfg, vocab, encoder, features, frontend, adaptor,
-                          ctc_head)
+    return BloomzmmsParts(
+        enc_config, llm_config, adaptor_cfg, vocab, encoder, features, frontend, adaptor, ctc_head
+    )
 
 
-def frozen_llm(cfg: dict[str, Any], models_dir: Path, device: torch.device | str = "meta",
-               dtype: torch.dtype | None = None) -> nn.Module:
+def frozen_llm(
+    cfg: dict[str, Any],
+    models_dir: Path,
+    device: torch.device | str = "meta",
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
     """The experiment's causal LM (`models.llm`) from its architecture config, frozen."""
     config, _ = load_arch_config(cfg["models"]["llm"]["name_or_path"], models_dir)
     return lm_from_config(config, cfg["models"]["llm"], device, dtype)
 
 
-def kang_roy_encoder(cfg: dict[str, Any], models_dir: Path, device: torch.device | str = "meta") -> HubertPoolEncoder:
+def kang_roy_encoder(
+    cfg: dict[str, Any], models_dir: Path, device: torch.device | str = "meta"
+) -> HubertPoolEncoder:
     """Kang & Roy's trainable HuBERT + pooling + projection to the LLM's width."""
     models_cfg = cfg["models"]
     enc_config, enc_facts = load_arch_config(models_cfg["speech_encoder"]["name_or_path"], models_dir)
@@ -560,7 +658,9 @@ def kang_roy_encoder(cfg: dict[str, Any], models_dir: Path, device: torch.device
     hubert = speech_encoder_from_config(enc_config, device)
     features = arch_feature_extractor(enc_config, enc_facts)
     with torch.device(device):
-        return HubertPoolEncoder(hubert, llm_hidden_size(llm_config), PoolConfig(**models_cfg["pooling"]), features)
+        return HubertPoolEncoder(
+            hubert, llm_hidden_size(llm_config), PoolConfig(**models_cfg["pooling"]), features
+        )
 
 
 def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
@@ -573,7 +673,9 @@ def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
     samples = round(cfg["plan"]["utterance_seconds"] * cfg["data"]["sampling_rate"])
 
     def frames_fn(n: int) -> tuple[int, int]:
-        frames = int(frontend.output_lengths(torch.tensor([n]))[0])  # the frontend's frame count, not the conv's
+        frames = int(
+            frontend.output_lengths(torch.tensor([n]))[0]
+        )  # the frontend's frame count, not the conv's
         return frames, adaptor_frames(frames, adaptor_cfg)[1]
 
     plans = []
@@ -588,20 +690,46 @@ def plan_bloomzmms(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
         head_flops = 2.0 * frontend.proj.weight.numel() * batch * frames
         # The frontend stacks every hidden state at the frames the encoder computes (Whisper: its window).
         stacked = frontend.num_hidden_states * batch * max(frames, computed) * enc_config.hidden_size * 4
-        parts.append(part_plan("featurizer+preencoder", (head_params, 0), 4,
-                               stacked + batch * frames * enc_config.hidden_size * act,
-                               head_flops, 2 * head_flops))
+        parts.append(
+            part_plan(
+                "featurizer+preencoder",
+                (head_params, 0),
+                4,
+                stacked + batch * frames * enc_config.hidden_size * act,
+                head_flops,
+                2 * head_flops,
+            )
+        )
         fwd = adaptor_flops(adaptor, batch, frames)
-        parts.append(part_plan("adaptor", split_params(adaptor), 4, adaptor_activation(adaptor, batch, frames, act),
-                               fwd, 2 * fwd))
+        parts.append(
+            part_plan(
+                "adaptor",
+                split_params(adaptor),
+                4,
+                adaptor_activation(adaptor, batch, frames, act),
+                fwd,
+                2 * fwd,
+            )
+        )
         if stage == "ctc":
             t2 = workload.speech_embeddings
             fwd = 2.0 * ctc_head.ctc_lo.weight.numel() * batch * t2
-            parts.append(part_plan("ctc_head", (0, num_params(ctc_head)), 4, batch * t2 * vocab * 4, fwd, fwd))
+            parts.append(
+                part_plan("ctc_head", (0, num_params(ctc_head)), 4, batch * t2 * vocab * 4, fwd, fwd)
+            )
         else:
             parts.append(llm_part(lm, workload, models_cfg["llm"], act, losses=1))
-        plans.append(StagePlan("bloomzmms", stage, gpus, int(stage_cfg["accum_grad"]), stage_cfg["precision"],
-                               workload, parts))
+        plans.append(
+            StagePlan(
+                "bloomzmms",
+                stage,
+                gpus,
+                int(stage_cfg["accum_grad"]),
+                stage_cfg["precision"],
+                workload,
+                parts,
+            )
+        )
     return plans
 
 
@@ -610,8 +738,9 @@ def plan_kang_roy(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
     encoder = kang_roy_encoder(cfg, models_dir)
     hubert, enc_config, pool = encoder.encoder, encoder.encoder.config, encoder.pool
     lm = frozen_llm(cfg, models_dir)
-    features = arch_feature_extractor(enc_config, load_arch_config(
-        models_cfg["speech_encoder"]["name_or_path"], models_dir)[1])
+    features = arch_feature_extractor(
+        enc_config, load_arch_config(models_cfg["speech_encoder"]["name_or_path"], models_dir)[1]
+    )
     samples = round(cfg["plan"]["utterance_seconds"] * cfg["data"]["sampling_rate"])
 
     def frames_fn(n: int) -> tuple[int, int]:
@@ -625,17 +754,34 @@ def plan_kang_roy(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
     act = _activation_bytes(stage_cfg["precision"])
     batch = workload.utterances
     enc_flops, frames, conv_lengths = speech_encoder_flops(hubert, batch, samples, fbank_stride(features))
-    parts = [part_plan("speech_encoder", split_params(hubert), 4,
-                       trainable_speech_encoder_activation(hubert, batch, samples, conv_lengths, act, frames),
-                       enc_flops, 2 * enc_flops)]
+    parts = [
+        part_plan(
+            "speech_encoder",
+            split_params(hubert),
+            4,
+            trainable_speech_encoder_activation(hubert, batch, samples, conv_lengths, act, frames),
+            enc_flops,
+            2 * enc_flops,
+        )
+    ]
     proj = 2.0 * encoder.embed_projection.weight.numel() * batch * workload.speech_embeddings
-    parts.append(part_plan("pool+projection", split_params(encoder.embed_projection), 4,
-                           batch * (frames + workload.speech_embeddings) * enc_config.hidden_size * act,
-                           proj, 2 * proj))
+    parts.append(
+        part_plan(
+            "pool+projection",
+            split_params(encoder.embed_projection),
+            4,
+            batch * (frames + workload.speech_embeddings) * enc_config.hidden_size * act,
+            proj,
+            2 * proj,
+        )
+    )
     losses = 1 + int(stage_cfg.get("ld_weight", 0) > 0)
     parts.append(llm_part(lm, workload, models_cfg["llm"], act, losses=losses))
-    return [StagePlan("kang_roy", stage, gpus, int(stage_cfg["accum_grad"]), stage_cfg["precision"], workload,
-                      parts)]
+    return [
+        StagePlan(
+            "kang_roy", stage, gpus, int(stage_cfg["accum_grad"]), stage_cfg["precision"], workload, parts
+        )
+    ]
 
 
 # --------------------------------------------------------------------------- time at a stated MFU
@@ -677,7 +823,9 @@ def gpu_for_device(plan_cfg: dict[str, Any], device_name: str) -> str | None:
 
 def part_compute_precision(part: PartPlan, stage_precision: str, llm_cfg: dict[str, Any]) -> str:
     """The precision a part's matmuls run at: the LLM's own 16-bit (or 8-bit) weights, else the stage's."""
-    if part.name == "llm" and (llm_cfg.get("load_in_8bit") or llm_cfg.get("dtype") in ("bfloat16", "float16")):
+    if part.name == "llm" and (
+        llm_cfg.get("load_in_8bit") or llm_cfg.get("dtype") in ("bfloat16", "float16")
+    ):
         return "bf16"
     return stage_precision
 
@@ -722,11 +870,19 @@ def time_estimate(plan: StagePlan, cfg: dict[str, Any]) -> TimeEstimate | None:
         if stated["gpu"] == gpu and epoch:  # the MFU at which this plan's FLOPs take the stated time
             stated_step = stated["hours_per_epoch"] * 3600 / epoch
             reference["implied_mfu"] = mfu * step / stated_step
-    return TimeEstimate(gpu=gpu, mfu=mfu, micro_batch_seconds=step, optimizer_step_seconds=step * plan.accum_grad,
-                        epoch_micro_batches=epoch, epoch_hours=hours(epoch),
-                        epoch_gpu_hours=None if epoch is None else hours(epoch) * plan.gpus,
-                        run_micro_batches=run, run_hours=hours(run),
-                        run_gpu_hours=None if run is None else hours(run) * plan.gpus, reference=reference)
+    return TimeEstimate(
+        gpu=gpu,
+        mfu=mfu,
+        micro_batch_seconds=step,
+        optimizer_step_seconds=step * plan.accum_grad,
+        epoch_micro_batches=epoch,
+        epoch_hours=hours(epoch),
+        epoch_gpu_hours=None if epoch is None else hours(epoch) * plan.gpus,
+        run_micro_batches=run,
+        run_hours=hours(run),
+        run_gpu_hours=None if run is None else hours(run) * plan.gpus,
+        reference=reference,
+    )
 
 
 def fbank_stride(features: Any) -> int:
@@ -735,8 +891,10 @@ def fbank_stride(features: Any) -> int:
 
 
 SYSTEMS = {"bloomzmms": plan_bloomzmms, "kang_roy": plan_kang_roy}
-REQUIRED_KEYS = {"bloomzmms": ("models.adaptor", "train.ctc", "train.ce"),
-                 "kang_roy": ("models.pooling", "train.kd")}
+REQUIRED_KEYS = {
+    "bloomzmms": ("models.adaptor", "train.ctc", "train.ce"),
+    "kang_roy": ("models.pooling", "train.kd"),
+}
 
 
 def plan_experiment(cfg: dict[str, Any], models_dir: Path) -> list[StagePlan]:
@@ -814,30 +972,44 @@ def format_plan(plans: list[StagePlan]) -> str:
     lines = []
     for plan in plans:
         w = plan.workload
-        lines += [f"## {plan.system} / {plan.stage}: {plan.gpus} GPU(s), {plan.precision}, accum_grad "
-                  f"{plan.accum_grad}",
-                  f"per GPU micro-batch: {w.utterances} x {w.utterance_seconds:g} s utterances "
-                  f"({w.step_utterances} over {plan.gpus} GPU(s)); "
-                  f"{w.encoder_frames} encoder frames, {w.speech_embeddings} speech embeddings"
-                  + (f", {w.llm_tokens} LLM positions ({w.label_positions} labelled)"
-                     if any(p.name == "llm" for p in plan.parts) else "")
-                  + (f", teacher {w.teacher_tokens}" if w.teacher_tokens else ""), "",
-                  "| part | role | trainable | frozen | weights GiB | grads GiB | Adam GiB | activations GiB | "
-                  "fwd FLOPs | bwd FLOPs |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            f"## {plan.system} / {plan.stage}: {plan.gpus} GPU(s), {plan.precision}, accum_grad "
+            f"{plan.accum_grad}",
+            f"per GPU micro-batch: {w.utterances} x {w.utterance_seconds:g} s utterances "
+            f"({w.step_utterances} over {plan.gpus} GPU(s)); "
+            f"{w.encoder_frames} encoder frames, {w.speech_embeddings} speech embeddings"
+            + (
+                f", {w.llm_tokens} LLM positions ({w.label_positions} labelled)"
+                if any(p.name == "llm" for p in plan.parts)
+                else ""
+            )
+            + (f", teacher {w.teacher_tokens}" if w.teacher_tokens else ""),
+            "",
+            "| part | role | trainable | frozen | weights GiB | grads GiB | Adam GiB | activations GiB | "
+            "fwd FLOPs | bwd FLOPs |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for p in plan.parts:
-            lines.append(f"| {p.name} | {p.role} | {p.trainable_params:,} | {p.frozen_params:,} | "
-                         f"{_gib(p.weight_bytes)} | {_gib(p.grad_bytes)} | {_gib(p.optimizer_bytes)} | "
-                         f"{_gib(p.activation_bytes)} | {_human(p.forward_flops, 'FLOP')} | "
-                         f"{_human(p.backward_flops, 'FLOP')} |")
+            lines.append(
+                f"| {p.name} | {p.role} | {p.trainable_params:,} | {p.frozen_params:,} | "
+                f"{_gib(p.weight_bytes)} | {_gib(p.grad_bytes)} | {_gib(p.optimizer_bytes)} | "
+                f"{_gib(p.activation_bytes)} | {_human(p.forward_flops, 'FLOP')} | "
+                f"{_human(p.backward_flops, 'FLOP')} |"
+            )
         t = plan.totals()
-        lines.append(f"| **total** | | {int(t['trainable_params']):,} | {int(t['frozen_params']):,} | "
-                     f"{_gib(t['weight_bytes'])} | {_gib(t['grad_bytes'])} | {_gib(t['optimizer_bytes'])} | "
-                     f"{_gib(t['activation_bytes'])} | {_human(t['forward_flops'], 'FLOP')} | "
-                     f"{_human(t['backward_flops'], 'FLOP')} |")
-        lines += ["", f"memory per GPU: {_gib(t['memory_bytes'])} GiB; FLOPs per micro-batch "
-                      f"{_human(t['flops_per_micro_batch'], 'FLOP')}, per optimizer step "
-                      f"{_human(t['flops_per_optimizer_step'], 'FLOP')}", ""]
+        lines.append(
+            f"| **total** | | {int(t['trainable_params']):,} | {int(t['frozen_params']):,} | "
+            f"{_gib(t['weight_bytes'])} | {_gib(t['grad_bytes'])} | {_gib(t['optimizer_bytes'])} | "
+            f"{_gib(t['activation_bytes'])} | {_human(t['forward_flops'], 'FLOP')} | "
+            f"{_human(t['backward_flops'], 'FLOP')} |"
+        )
+        lines += [
+            "",
+            f"memory per GPU: {_gib(t['memory_bytes'])} GiB; FLOPs per micro-batch "
+            f"{_human(t['flops_per_micro_batch'], 'FLOP')}, per optimizer step "
+            f"{_human(t['flops_per_optimizer_step'], 'FLOP')}",
+            "",
+        ]
         if plan.estimate:
             lines += format_estimate(plan.estimate, plan.gpus) + [""]
     return "\n".join(lines)
@@ -849,17 +1021,31 @@ def _hours(value: float | None, unit: str = "h") -> str:
 
 def format_estimate(e: TimeEstimate, gpus: int) -> list[str]:
     """The predicted times, and the reference's own statement beside them."""
-    lines = [f"predicted at MFU {e.mfu:g} on {e.gpu}: {e.micro_batch_seconds:.3g} s per micro-batch, "
-             f"{e.optimizer_step_seconds:.3g} s per optimizer step; one epoch "
-             + (f"({e.epoch_micro_batches:,} micro-batches) {_hours(e.epoch_hours)} on {gpus} x {e.gpu} = "
-                f"{_hours(e.epoch_gpu_hours, 'GPU-h')}" if e.epoch_micro_batches else "n/a (one data pass)")
-             + "; whole run "
-             + (f"({e.run_micro_batches:,} micro-batches) {_hours(e.run_hours)} = {_hours(e.run_gpu_hours, 'GPU-h')}"
-                if e.run_micro_batches else "n/a")]
+    lines = [
+        f"predicted at MFU {e.mfu:g} on {e.gpu}: {e.micro_batch_seconds:.3g} s per micro-batch, "
+        f"{e.optimizer_step_seconds:.3g} s per optimizer step; one epoch "
+        + (
+            f"({e.epoch_micro_batches:,} micro-batches) {_hours(e.epoch_hours)} on {gpus} x {e.gpu} = "
+            f"{_hours(e.epoch_gpu_hours, 'GPU-h')}"
+            if e.epoch_micro_batches
+            else "n/a (one data pass)"
+        )
+        + "; whole run "
+        + (
+            f"({e.run_micro_batches:,} micro-batches) {_hours(e.run_hours)} = {_hours(e.run_gpu_hours, 'GPU-h')}"
+            if e.run_micro_batches
+            else "n/a"
+        )
+    ]
     if e.reference:
         r = e.reference
-        implied = (f"; these FLOPs in that time are MFU {r['implied_mfu']:.3g}" if "implied_mfu" in r
-                   else f" (not {e.gpu}: not comparable)")
-        lines.append(f"reference: {r['hours_per_epoch']:g} h per epoch on {r['gpus']} x {r['gpu']} = "
-                     f"{r['gpu_hours_per_epoch']:g} GPU-h{implied} [{r['source']}]")
+        implied = (
+            f"; these FLOPs in that time are MFU {r['implied_mfu']:.3g}"
+            if "implied_mfu" in r
+            else f" (not {e.gpu}: not comparable)"
+        )
+        lines.append(
+            f"reference: {r['hours_per_epoch']:g} h per epoch on {r['gpus']} x {r['gpu']} = "
+            f"{r['gpu_hours_per_epoch']:g} GPU-h{implied} [{r['source']}]"
+        )
     return lines

@@ -63,8 +63,13 @@ def cmd_report_resources(args: argparse.Namespace) -> None:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no benchmark directory (the rules' `benchmark:` files)")
     summary = write_usage(root, parse_settings(args.requests), Path(args.out_stem), Path(args.plot))
-    log.info("resource use of %d rules (%d jobs) -> %s.{csv,md,jobs.csv}, %s", len(summary),
-             int(summary.jobs.sum()), args.out_stem, args.plot)
+    log.info(
+        "resource use of %d rules (%d jobs) -> %s.{csv,md,jobs.csv}, %s",
+        len(summary),
+        int(summary.jobs.sum()),
+        args.out_stem,
+        args.plot,
+    )
 
 
 def cmd_report_wandb(args: argparse.Namespace) -> None:
@@ -73,11 +78,21 @@ def cmd_report_wandb(args: argparse.Namespace) -> None:
     from speechllm.report.wandb_runs import log_system_results
 
     settings = WandbResultsSettings.from_settings(parse_settings(args.settings))
-    record = log_system_results(settings, args.system, [Path(p) for p in args.scores], Path(args.log_dir),
-                                Path(args.train_summary) if args.train_summary else None)
+    record = log_system_results(
+        settings,
+        args.system,
+        [Path(p) for p in args.scores],
+        Path(args.log_dir),
+        Path(args.train_summary) if args.train_summary else None,
+    )
     atomic_write_text(Path(args.out), json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    log.info("W&B results run %s (%s): %d summary metrics, tables %s", record["run"]["name"], record["run"]["mode"],
-             len(record["summary"]), sorted(record["tables"]))
+    log.info(
+        "W&B results run %s (%s): %d summary metrics, tables %s",
+        record["run"]["name"],
+        record["run"]["mode"],
+        len(record["summary"]),
+        sorted(record["tables"]),
+    )
 
 
 def cmd_wandb_sync(args: argparse.Namespace) -> None:
@@ -89,8 +104,11 @@ def cmd_wandb_sync(args: argparse.Namespace) -> None:
     except SyncError as err:
         raise SystemExit(f"speechllm report wandb-sync: error: {err}") from err
     atomic_write_text(Path(args.out), json.dumps(synced, indent=2) + "\n")
-    log.info("wandb sync: %d run directories (%d newly synced)", len(synced),
-             sum(r["status"] == "synced" for r in synced))
+    log.info(
+        "wandb sync: %d run directories (%d newly synced)",
+        len(synced),
+        sum(r["status"] == "synced" for r in synced),
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -98,34 +116,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     rsub = rep.add_subparsers(dest="action", required=True)
 
     r = add_command(rsub, "table", "one table as .md, .csv and .tex", cmd_report_table, epilog=TABLE_EPILOG)
-    r.add_argument("--name", required=True, help="fleurs_asr | fleurs_st | speechglue | speechxnli | summarization")
+    r.add_argument(
+        "--name", required=True, help="fleurs_asr | fleurs_st | speechglue | speechxnli | summarization"
+    )
     r.add_argument("--scores", nargs="+", required=True, help="score files (JSON), one per system")
     r.add_argument("--models", nargs="+", required=True, help="column order (systems)")
     r.add_argument("--out-stem", required=True, help="writes <stem>.md, <stem>.csv and <stem>.tex")
 
     plots = add_command(rsub, "plots", "report figures (PNG)", epilog=PLOTS_EPILOG)
     psub = plots.add_subparsers(dest="plot", required=True)
-    p = add_command(psub, "curves", "learning curves (loss, lr, dev metrics) from a training metrics.csv",
-                    cmd_plot_curves, epilog=PLOTS_EPILOG)
+    p = add_command(
+        psub,
+        "curves",
+        "learning curves (loss, lr, dev metrics) from a training metrics.csv",
+        cmd_plot_curves,
+        epilog=PLOTS_EPILOG,
+    )
     p.add_argument("--metrics", required=True, help="results/train/<model>/metrics.csv")
     p.add_argument("--title", help="model name shown in the title (default: the metrics file's directory)")
     p.add_argument("--out", required=True)
-    p = add_command(psub, "bars", "per-language / per-task bars of one benchmark, one bar per system",
-                    cmd_plot_bars, epilog=PLOTS_EPILOG)
+    p = add_command(
+        psub,
+        "bars",
+        "per-language / per-task bars of one benchmark, one bar per system",
+        cmd_plot_bars,
+        epilog=PLOTS_EPILOG,
+    )
     p.add_argument("--name", required=True, help="benchmark (as for `report table`)")
     p.add_argument("--scores", nargs="+", required=True)
     p.add_argument("--models", nargs="+", help="bar order (systems)")
     p.add_argument("--out", required=True)
 
-    u = add_command(rsub, "resources", "wall time, memory and CPU of every rule's jobs against their request",
-                    cmd_report_resources, epilog=RESOURCES_EPILOG)
+    u = add_command(
+        rsub,
+        "resources",
+        "wall time, memory and CPU of every rule's jobs against their request",
+        cmd_report_resources,
+        epilog=RESOURCES_EPILOG,
+    )
     u.add_argument("--root", required=True, help="the benchmark files: <root>/<rule>/<job>.tsv")
     u.add_argument("--requests", required=True, help="JSON: rule -> {mem_mb, runtime (minutes), threads}")
-    u.add_argument("--out-stem", required=True, help="writes <stem>.csv, <stem>.md (per rule), <stem>.jobs.csv")
+    u.add_argument(
+        "--out-stem", required=True, help="writes <stem>.csv, <stem>.md (per rule), <stem>.jobs.csv"
+    )
     u.add_argument("--plot", required=True, help="the figure (PNG)")
 
-    w = add_command(rsub, "wandb", "log a system's tables and summary metrics to its W&B results run",
-                    cmd_report_wandb, epilog=WANDB_EPILOG)
+    w = add_command(
+        rsub,
+        "wandb",
+        "log a system's tables and summary metrics to its W&B results run",
+        cmd_report_wandb,
+        epilog=WANDB_EPILOG,
+    )
     w.add_argument("--settings", required=True, help="JSON: experiment, wandb, model_run, model_dir, decoder")
     w.add_argument("--system", required=True)
     w.add_argument("--scores", nargs="+", required=True, help="the system's score files, one per benchmark")
@@ -133,8 +175,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--log-dir", required=True, help="the run's files (W&B writes under <log-dir>/wandb)")
     w.add_argument("--out", required=True, help="JSON record of what was logged")
 
-    s = add_command(rsub, "wandb-sync", "upload offline W&B runs (`wandb sync`)", cmd_wandb_sync,
-                    epilog=SYNC_EPILOG)
+    s = add_command(
+        rsub, "wandb-sync", "upload offline W&B runs (`wandb sync`)", cmd_wandb_sync, epilog=SYNC_EPILOG
+    )
     s.add_argument("--roots", nargs="+", required=True, help="directories searched for wandb/offline-run-*")
     s.add_argument("--out", required=True, help="JSON list of the run directories and their status")
     s.add_argument("--wandb-bin", default="wandb", help="the wandb command")

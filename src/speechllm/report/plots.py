@@ -65,8 +65,12 @@ def curve_panels(columns: Sequence[str]) -> list[tuple[str, list[str]]]:
     dev = sorted(c for c in columns if c.startswith("dev_") and c != "dev_loss")
     if "acc" in columns:
         dev.append("acc")  # teacher-forced training accuracy, on the same 0-1 scale as dev_acc
-    panels = [("loss", losses), ("learning rate", [c for c in columns if c == "lr"]), ("dev metrics", dev),
-              ("gradient norm", [c for c in columns if c == "grad_norm"])]
+    panels = [
+        ("loss", losses),
+        ("learning rate", [c for c in columns if c == "lr"]),
+        ("dev metrics", dev),
+        ("gradient norm", [c for c in columns if c == "grad_norm"]),
+    ]
     return [(title, cols) for title, cols in panels if cols]
 
 
@@ -83,8 +87,14 @@ def plot_learning_curves(frame: pd.DataFrame, title: str, out: Path, source: Pat
             if points.empty:
                 continue
             sparse = col.startswith("dev_") or len(points) < 20  # evaluations: a few points, show them
-            ax.plot(points["step"], points[col], marker="o" if sparse else None, markersize=3,
-                    linestyle="--" if col.startswith("dev_") else "-", label=col)
+            ax.plot(
+                points["step"],
+                points[col],
+                marker="o" if sparse else None,
+                markersize=3,
+                linestyle="--" if col.startswith("dev_") else "-",
+                label=col,
+            )
         ax.set_title(panel)
         ax.set_xlabel("step")
         if panel == "learning rate":
@@ -109,7 +119,9 @@ def _asr_cer_columns(files: Sequence[Path], model_order: Sequence[str] | None) -
     for path, data in load_table_scores("fleurs_asr", files, model_order):
         metrics = data["metrics"]
         try:
-            values = {lang: _percent(s.get("cer")) for lang, s in sorted(metrics.get("per_language", {}).items())}
+            values = {
+                lang: _percent(s.get("cer")) for lang, s in sorted(metrics.get("per_language", {}).items())
+            }
             values["all"] = _percent(metrics.get("all", {}).get("cer"))
         except (AttributeError, TypeError, ValueError) as err:
             raise PlotError(f"{path}: malformed fleurs_asr metrics: {err}") from err
@@ -119,7 +131,9 @@ def _asr_cer_columns(files: Sequence[Path], model_order: Sequence[str] | None) -
     return pd.DataFrame({m: [v.get(r, math.nan) for r in rows] for m, v in columns.items()}, index=rows)
 
 
-def bar_values(name: str, score_files: Sequence[Path], model_order: Sequence[str] | None = None) -> pd.DataFrame:
+def bar_values(
+    name: str, score_files: Sequence[Path], model_order: Sequence[str] | None = None
+) -> pd.DataFrame:
     """Bar heights: rows = languages / tasks / measures (summary rows last), columns = models."""
     if name == "fleurs_asr":
         return _asr_cer_columns(score_files, model_order)
@@ -141,7 +155,7 @@ def plot_bars(values: pd.DataFrame, title: str, ylabel: str, out: Path) -> Path:
         raise PlotError(f"nothing to plot for '{title}': no values")
     groups = [str(g) for g in values.index]
     models = [str(m) for m in values.columns]
-    chunks = [groups[i: i + GROUPS_PER_PANEL] for i in range(0, len(groups), GROUPS_PER_PANEL)]
+    chunks = [groups[i : i + GROUPS_PER_PANEL] for i in range(0, len(groups), GROUPS_PER_PANEL)]
     width = 0.8 / max(1, len(models))
     fig_width = max(6.0, min(24.0, 0.22 * len(models) * len(chunks[0]) + 2.0))
     fig = Figure(figsize=(fig_width, 3.2 * len(chunks) + 0.6), layout="constrained")
@@ -152,8 +166,13 @@ def plot_bars(values: pd.DataFrame, title: str, ylabel: str, out: Path) -> Path:
         for i, model in enumerate(models):
             xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(chunk))]
             ax.bar(xs, part.iloc[:, i].to_numpy(dtype=float), width, label=model, color=colors[i])
-        ax.set_xticks(range(len(chunk)), chunk, rotation=45 if len(chunk) > 6 else 0, ha="right"
-                      if len(chunk) > 6 else "center", fontsize="small")
+        ax.set_xticks(
+            range(len(chunk)),
+            chunk,
+            rotation=45 if len(chunk) > 6 else 0,
+            ha="right" if len(chunk) > 6 else "center",
+            fontsize="small",
+        )
         if len(chunks) > 1:
             ax.set_xlim(-0.5, GROUPS_PER_PANEL - 0.5)  # same bar width in the last, shorter panel
         ax.set_ylabel(ylabel)
@@ -163,8 +182,9 @@ def plot_bars(values: pd.DataFrame, title: str, ylabel: str, out: Path) -> Path:
     return save_figure(fig, out)
 
 
-def plot_benchmark(name: str, score_files: Sequence[Path], out: Path,
-                   model_order: Sequence[str] | None = None) -> Path:
+def plot_benchmark(
+    name: str, score_files: Sequence[Path], out: Path, model_order: Sequence[str] | None = None
+) -> Path:
     """The bar chart of one benchmark (see `bar_values`) written to `out`."""
     if name not in BAR_LABELS:
         raise PlotError(f"unknown benchmark {name!r}; expected one of {list(BAR_LABELS)}")

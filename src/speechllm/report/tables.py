@@ -19,7 +19,14 @@ import pandas as pd
 from speechllm.evaluate.metrics import GLUE_PRIMARY_METRIC, glue_average, primary_asr_metric
 from speechllm.io import atomic_write_text, read_json
 
-TABLE_NAMES: tuple[str, ...] = ("fleurs_asr", "fleurs_st", "covost2_st", "speechglue", "speechxnli", "summarization")
+TABLE_NAMES: tuple[str, ...] = (
+    "fleurs_asr",
+    "fleurs_st",
+    "covost2_st",
+    "speechglue",
+    "speechxnli",
+    "summarization",
+)
 # The benchmarks whose score files a table reads (default: the table's own name). The summarization table adds
 # the response perplexity on LibriSpeech, scored as benchmark `response_ppl`.
 TABLE_BENCHMARKS: dict[str, tuple[str, ...]] = {"summarization": ("summarization", "response_ppl")}
@@ -176,7 +183,13 @@ def _summarization_rows(metrics: Mapping[str, Any]) -> dict[Row, float]:
         sets = {**metrics["per_subset"], **({"all": overall} if overall is not None else {})}
     else:
         perplexity = metrics.get("perplexity")
-        sets = perplexity if isinstance(perplexity, Mapping) else {} if perplexity is None else {"all": perplexity}
+        sets = (
+            perplexity
+            if isinstance(perplexity, Mapping)
+            else {}
+            if perplexity is None
+            else {"all": perplexity}
+        )
     for name, raw in sets.items():
         rows[(str(name), "perplexity")] = _value(_score_value(raw, ("ppl", "perplexity")), 1.0)
     return rows
@@ -231,7 +244,9 @@ def load_table_scores(
             raise ValueError(f"model {data['model']!r} in both {seen[key]} and {path}")
         seen[key] = Path(path)
         loaded.append((Path(path), data))
-    rank = {model: i for i, model in enumerate(order_models({data["model"] for _, data in loaded}, model_order))}
+    rank = {
+        model: i for i, model in enumerate(order_models({data["model"] for _, data in loaded}, model_order))
+    }
     return sorted(loaded, key=lambda item: (rank[item[1]["model"]], accepted.index(item[1]["benchmark"])))
 
 
@@ -242,7 +257,9 @@ def table_benchmarks(name: str) -> tuple[str, ...]:
 
 def table_for_benchmark(benchmark: str) -> str:
     """The table that shows a benchmark's scores."""
-    return next((table for table, benchmarks in TABLE_BENCHMARKS.items() if benchmark in benchmarks), benchmark)
+    return next(
+        (table for table, benchmarks in TABLE_BENCHMARKS.items() if benchmark in benchmarks), benchmark
+    )
 
 
 def table_column(name: str, path: Path, data: Mapping[str, Any]) -> dict[Row, float]:
@@ -289,8 +306,11 @@ def _walk(node: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
 def _signatures(metrics: Mapping[str, Any]) -> list[str]:
     """Distinct metric signatures, versions and skip reasons (e.g. METEOR without WordNet) recorded anywhere in
     a score file's ``metrics``, first-seen order."""
-    found = (f"{key}: {value}" for key, value in _walk(metrics)
-             if key.endswith(("signature", "_version", "_skipped")) and not isinstance(value, Mapping))
+    found = (
+        f"{key}: {value}"
+        for key, value in _walk(metrics)
+        if key.endswith(("signature", "_version", "_skipped")) and not isinstance(value, Mapping)
+    )
     return list(dict.fromkeys(found))
 
 
@@ -305,7 +325,9 @@ def table_footer(name: str, score_files: Sequence[Path], model_order: Sequence[s
         parts += [f"{key}={value}" for key, value in sorted(data.get("versions", {}).items())]
         parts += _signatures(data["metrics"])
         parts.append(f"scores={path}")
-        label = data["model"] if len(table_benchmarks(name)) == 1 else f"{data['model']} ({data['benchmark']})"
+        label = (
+            data["model"] if len(table_benchmarks(name)) == 1 else f"{data['model']} ({data['benchmark']})"
+        )
         lines.append(f"- {label}: " + "; ".join(parts))
     return "\n".join(lines)
 

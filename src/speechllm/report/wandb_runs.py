@@ -73,8 +73,9 @@ def summary_metrics(tables: dict[str, pd.DataFrame]) -> dict[str, float]:
     return metrics
 
 
-def linked_run(experiment: str, model_run: ModelRun | None,
-               train_summary: Path | None = None) -> dict[str, str] | None:
+def linked_run(
+    experiment: str, model_run: ModelRun | None, train_summary: Path | None = None
+) -> dict[str, str] | None:
     """The training run of the scored model: its name, job type and id.
 
     The id is the one the training job recorded in its `summary.json` (`wandb_run_id`) when present, else the
@@ -82,8 +83,11 @@ def linked_run(experiment: str, model_run: ModelRun | None,
     """
     if not model_run:
         return None
-    link = {"name": model_run.name, "job_type": model_run.job_type,
-            "id": run_id(experiment, model_run.job_type, model_run.name)}
+    link = {
+        "name": model_run.name,
+        "job_type": model_run.job_type,
+        "id": run_id(experiment, model_run.job_type, model_run.name),
+    }
     if train_summary is not None and Path(train_summary).is_file():
         recorded = read_json(train_summary).get("wandb_run_id")
         if recorded:
@@ -95,8 +99,13 @@ def _table_rows(frame: pd.DataFrame) -> list[list[Any]]:
     return frame.astype(object).where(frame.notna(), None).values.tolist()
 
 
-def log_system_results(settings: WandbResultsSettings, system: str, score_files: Sequence[Path],
-                       log_dir: Path, train_summary: Path | None = None) -> dict[str, Any]:
+def log_system_results(
+    settings: WandbResultsSettings,
+    system: str,
+    score_files: Sequence[Path],
+    log_dir: Path,
+    train_summary: Path | None = None,
+) -> dict[str, Any]:
     """Log one system's tables and summary metrics to its results run; return what was logged.
 
     Args:
@@ -110,28 +119,52 @@ def log_system_results(settings: WandbResultsSettings, system: str, score_files:
     metrics = summary_metrics(tables)
     link = linked_run(experiment, settings.model_run, train_summary)
     name = results_run_name(experiment, system)
-    config = {"system": system, "experiment": experiment, "model_dir": settings.model_dir,
-              "decoder": settings.decoder, "model_run": link, "benchmarks": sorted(tables),
-              "score_files": [str(p) for p in score_files]}
-    tracker = Tracker(Path(log_dir), dataclasses.asdict(settings.wandb), group=experiment,
-                      job_type=RESULTS_JOB_TYPE, name=name, config=config)
+    config = {
+        "system": system,
+        "experiment": experiment,
+        "model_dir": settings.model_dir,
+        "decoder": settings.decoder,
+        "model_run": link,
+        "benchmarks": sorted(tables),
+        "score_files": [str(p) for p in score_files],
+    }
+    tracker = Tracker(
+        Path(log_dir),
+        dataclasses.asdict(settings.wandb),
+        group=experiment,
+        job_type=RESULTS_JOB_TYPE,
+        name=name,
+        config=config,
+    )
     run = tracker.run
     if run is not None:
         import wandb
 
-        run.log({f"{benchmark}/table": wandb.Table(columns=list(frame.columns), data=_table_rows(frame))
-                 for benchmark, frame in tables.items()}, step=0)
+        run.log(
+            {
+                f"{benchmark}/table": wandb.Table(columns=list(frame.columns), data=_table_rows(frame))
+                for benchmark, frame in tables.items()
+            },
+            step=0,
+        )
     tracker.log(metrics, step=0)
     tracker.summary(metrics)
     record = {
-        "run": {"project": settings.wandb.project, "group": experiment, "job_type": RESULTS_JOB_TYPE,
-                "name": name, "id": run.id if run is not None else run_id(experiment, RESULTS_JOB_TYPE, name),
-                "mode": os.environ.get("WANDB_MODE") or settings.wandb.mode,
-                "dir": str(Path(log_dir) / "wandb")},
+        "run": {
+            "project": settings.wandb.project,
+            "group": experiment,
+            "job_type": RESULTS_JOB_TYPE,
+            "name": name,
+            "id": run.id if run is not None else run_id(experiment, RESULTS_JOB_TYPE, name),
+            "mode": os.environ.get("WANDB_MODE") or settings.wandb.mode,
+            "dir": str(Path(log_dir) / "wandb"),
+        },
         "model_run": link,
         "summary": metrics,
-        "tables": {benchmark: {"columns": list(frame.columns), "rows": _table_rows(frame)}
-                   for benchmark, frame in tables.items()},
+        "tables": {
+            benchmark: {"columns": list(frame.columns), "rows": _table_rows(frame)}
+            for benchmark, frame in tables.items()
+        },
     }
     tracker.close()
     return record
@@ -142,7 +175,12 @@ def log_system_results(settings: WandbResultsSettings, system: str, score_files:
 
 def offline_run_dirs(roots: Sequence[Path]) -> list[Path]:
     """Every W&B offline run directory (`.../wandb/offline-run-*`) under the roots, sorted."""
-    found = {p for root in roots for p in Path(root).rglob("offline-run-*") if p.is_dir() and p.parent.name == "wandb"}
+    found = {
+        p
+        for root in roots
+        for p in Path(root).rglob("offline-run-*")
+        if p.is_dir() and p.parent.name == "wandb"
+    }
     return sorted(found)
 
 
@@ -151,7 +189,9 @@ def is_synced(run_dir: Path) -> bool:
     return any(Path(run_dir).glob("*.wandb.synced"))
 
 
-def sync_offline_runs(roots: Sequence[Path], wandb_bin: str = "wandb", resync: bool = False) -> list[dict[str, str]]:
+def sync_offline_runs(
+    roots: Sequence[Path], wandb_bin: str = "wandb", resync: bool = False
+) -> list[dict[str, str]]:
     """`wandb sync` each offline run directory under `roots` not yet synced (all of them with `resync`).
 
     Returns one `{"dir", "status"}` per directory (`synced` / `already synced`). Raises SyncError naming every
@@ -166,7 +206,9 @@ def sync_offline_runs(roots: Sequence[Path], wandb_bin: str = "wandb", resync: b
         try:
             proc = subprocess.run([wandb_bin, "sync", str(run_dir)], capture_output=True, text=True)
         except FileNotFoundError as err:
-            raise SyncError(f"the `{wandb_bin}` command was not found: install wandb where this job runs") from err
+            raise SyncError(
+                f"the `{wandb_bin}` command was not found: install wandb where this job runs"
+            ) from err
         for line in (proc.stdout + proc.stderr).splitlines():
             log.info("  %s", line)
         if proc.returncode != 0:
@@ -175,7 +217,8 @@ def sync_offline_runs(roots: Sequence[Path], wandb_bin: str = "wandb", resync: b
             continue
         results.append({"dir": str(run_dir), "status": "synced"})
     if failures:
-        raise SyncError(f"wandb sync failed for {len(failures)} of {len(failures) + len(results)} run directories "
-                        f"(network access and WANDB_API_KEY are needed where this job runs): "
-                        + "; ".join(failures))
+        raise SyncError(
+            f"wandb sync failed for {len(failures)} of {len(failures) + len(results)} run directories "
+            f"(network access and WANDB_API_KEY are needed where this job runs): " + "; ".join(failures)
+        )
     return results

@@ -50,12 +50,21 @@ def base_record(rec: dict[str, Any]) -> dict[str, Any]:
 
 def t_records(train: list[dict[str, Any]], prefix: str, postfix: str) -> list[dict[str, Any]]:
     """T: every utterance with the default prompt and its normalised transcript."""
-    return [{**base_record(rec), "prefix": prefix, "postfix": postfix, "target": rec["transcription"]}
-            for rec in train]
+    return [
+        {**base_record(rec), "prefix": prefix, "postfix": postfix, "target": rec["transcription"]}
+        for rec in train
+    ]
 
 
-def assemble(train: list[dict[str, Any]], generated: list[dict[str, Any]], prefix: str, postfix: str,
-             mi_reading: str, per_utterance: int, drop_blank: bool) -> dict[str, list[dict[str, Any]]]:
+def assemble(
+    train: list[dict[str, Any]],
+    generated: list[dict[str, Any]],
+    prefix: str,
+    postfix: str,
+    mi_reading: str,
+    per_utterance: int,
+    drop_blank: bool,
+) -> dict[str, list[dict[str, Any]]]:
     """Returns {"t": [...], "mi": [...], "tmi": [...]} manifest records. A synthetic target is the LLM's
     continuation as generated: BLOOMZ's continuations mostly begin with a space, which the reference keeps
     (it tokenises the output string itself), so the first target token is a `Ġ...` piece."""
@@ -75,8 +84,9 @@ def assemble(train: list[dict[str, Any]], generated: list[dict[str, Any]], prefi
                 break
             item = pool[cursor[text] % len(pool)]  # hand items out in passes over the utterances of a text
             cursor[text] += 1
-            synthetic.append({**base, "prefix": item["prefix"], "postfix": item["postfix"],
-                              "target": item["output"]})
+            synthetic.append(
+                {**base, "prefix": item["prefix"], "postfix": item["postfix"], "target": item["output"]}
+            )
         tmi_items = [transcription, *synthetic]
         for k, item in enumerate(tmi_items, start=1):
             tmi_set.append({**item, "id": f"{rec['id']}-{k}"})

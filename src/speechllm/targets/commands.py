@@ -12,25 +12,25 @@ from speechllm.cliutils import add_command, parse_settings, set_threads
 log = logging.getLogger("speechllm")
 
 EXAMPLES = {
-    "generate": "example:\n  speechllm targets generate --settings \"$(cat settings.json)\" "
-                "--manifest results/data/train.jsonl --shard 0 --num-shards 2 "
-                "--out results/targets/shard0.jsonl",
+    "generate": 'example:\n  speechllm targets generate --settings "$(cat settings.json)" '
+    "--manifest results/data/train.jsonl --shard 0 --num-shards 2 "
+    "--out results/targets/shard0.jsonl",
     "assemble": "example:\n  speechllm targets assemble --settings '{...}' "
-                "--manifest results/data/train.jsonl --shards results/targets/shard*.jsonl "
-                "--out-dir results/data",
+    "--manifest results/data/train.jsonl --shards results/targets/shard*.jsonl "
+    "--out-dir results/data",
     "fetch-templates": "example:\n  speechllm targets fetch-templates --url https://raw.githubusercontent.com/"
-                       "DigitalPhonetics/bloomzmms/<commit>/data/synthetic-targets/templates.json "
-                       "--sha256 3baa3c49... --out resources/bloomzmms/templates.json",
+    "DigitalPhonetics/bloomzmms/<commit>/data/synthetic-targets/templates.json "
+    "--sha256 3baa3c49... --out resources/bloomzmms/templates.json",
     "fetch-released": "example:\n  speechllm targets fetch-released --url 'https://zenodo.org/records/10900287/"
-                      "files/tmi_training_targets.tar.gz?download=1' --out resources/bloomzmms/tmi.tar.gz",
+    "files/tmi_training_targets.tar.gz?download=1' --out resources/bloomzmms/tmi.tar.gz",
     "import-released": "example:\n  speechllm targets import-released --settings '{...}' "
-                       "--manifest results/data/train.jsonl --archive resources/bloomzmms/tmi.tar.gz "
-                       "--out-dir results/data",
-    "responses": "example:\n  speechllm targets responses --settings \"$(cat settings.json)\" "
-                 "--manifest librispeech_train.jsonl --shard 0 --num-shards 4 "
-                 "--out results/responses/x/shard0.jsonl",
+    "--manifest results/data/train.jsonl --archive resources/bloomzmms/tmi.tar.gz "
+    "--out-dir results/data",
+    "responses": 'example:\n  speechllm targets responses --settings "$(cat settings.json)" '
+    "--manifest librispeech_train.jsonl --shard 0 --num-shards 4 "
+    "--out results/responses/x/shard0.jsonl",
     "gather": "example:\n  speechllm targets gather --shards results/responses/x/shard*.jsonl "
-              "--out results/responses/x.jsonl",
+    "--out results/responses/x.jsonl",
 }
 
 
@@ -52,11 +52,19 @@ def cmd_targets_generate(args: argparse.Namespace) -> None:
     counts = Counter(r["raw_transcription"] for r in train)
     items = draw_items(counts, templates, s.templates_per_occurrence, s.seed)
     settings = target_settings(s, bank_hash(templates))
-    generator = load_generator(s.llm, s.backend, s.batch_size, s.num_beams, s.seed, s.vllm,
-                               clean_up_spaces=s.clean_up_spaces)
+    generator = load_generator(
+        s.llm, s.backend, s.batch_size, s.num_beams, s.seed, s.vllm, clean_up_spaces=s.clean_up_spaces
+    )
     frame = frame_from_spec(generator.tokenizer, s.prompt)
-    stats = generate_shard(items, args.shard, args.num_shards, generator, settings, Path(args.out),
-                           (frame.head_text, frame.tail_text))
+    stats = generate_shard(
+        items,
+        args.shard,
+        args.num_shards,
+        generator,
+        settings,
+        Path(args.out),
+        (frame.head_text, frame.tail_text),
+    )
     log.info("shard %d/%d: %s", args.shard, args.num_shards, stats)
 
 
@@ -68,8 +76,15 @@ def cmd_targets_assemble(args: argparse.Namespace) -> None:
     s = AssembleSettings.from_settings(parse_settings(args.settings))
     train = read_manifest(args.manifest, required=("raw_transcription", "transcription"))
     generated = read_generated([Path(p) for p in args.shards])
-    sets = assemble(train, generated, s.prompt.prefix, s.prompt.postfix, s.mi_reading,
-                    s.templates_per_occurrence, s.drop_blank_outputs)
+    sets = assemble(
+        train,
+        generated,
+        s.prompt.prefix,
+        s.prompt.postfix,
+        s.mi_reading,
+        s.templates_per_occurrence,
+        s.drop_blank_outputs,
+    )
     out = Path(args.out_dir)
     for name, records in sets.items():
         write_manifest(out / f"train_{name}.jsonl", records)
@@ -98,8 +113,16 @@ def cmd_targets_import_released(args: argparse.Namespace) -> None:
     s = ImportReleasedSettings.from_settings(parse_settings(args.settings))
     train = read_manifest(args.manifest, required=("id", "transcription"))
     fields = read_released_archive(Path(args.archive))
-    sets, report = import_released(train, fields, load_tokenizer(s.llm), s.prompt.prefix, s.prompt.postfix,
-                                   s.mi_reading, s.templates_per_occurrence, s.on_unmatched)
+    sets, report = import_released(
+        train,
+        fields,
+        load_tokenizer(s.llm),
+        s.prompt.prefix,
+        s.prompt.postfix,
+        s.mi_reading,
+        s.templates_per_occurrence,
+        s.on_unmatched,
+    )
     log_report(report, s.prompt.prefix)
     out = Path(args.out_dir)
     for name, records in sets.items():
@@ -116,14 +139,31 @@ def cmd_targets_responses(args: argparse.Namespace) -> None:
     s = ResponsesSettings.from_settings(parse_settings(args.settings))
     set_threads(args.threads)
     r = s.responses
-    generator = load_generator(s.llm, s.backend, r.batch_size, r.num_beams, s.seed, s.vllm,
-                               add_special_tokens=r.add_special_tokens, clean_up_spaces=r.clean_up_spaces)
+    generator = load_generator(
+        s.llm,
+        s.backend,
+        r.batch_size,
+        r.num_beams,
+        s.seed,
+        s.vllm,
+        add_special_tokens=r.add_special_tokens,
+        clean_up_spaces=r.clean_up_spaces,
+    )
     template = r.prompt_template
     if template == CHAT_TEMPLATE:  # the tokenizer's own chat turn around the text
         template = prompt_frame(generator.tokenizer, "chat").wrap_text("{text}")
-    stats = generate_responses_shard(Path(args.manifest), args.shard, args.num_shards, generator,
-                                     response_settings(s), r.text_field, template,
-                                     r.lowercase, r.length_factor, Path(args.out))
+    stats = generate_responses_shard(
+        Path(args.manifest),
+        args.shard,
+        args.num_shards,
+        generator,
+        response_settings(s),
+        r.text_field,
+        template,
+        r.lowercase,
+        r.length_factor,
+        Path(args.out),
+    )
     log.info("responses shard %d/%d: %s", args.shard, args.num_shards, stats)
 
 
@@ -138,47 +178,76 @@ def cmd_targets_gather(args: argparse.Namespace) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     targets = add_command(sub, "targets", "synthetic multi-instruction targets, released targets, responses")
     tsub = targets.add_subparsers(dest="action", required=True)
-    t = add_command(tsub, "generate", "generate one shard of targets with the frozen LLM",
-                    cmd_targets_generate, epilog=EXAMPLES["generate"])
+    t = add_command(
+        tsub,
+        "generate",
+        "generate one shard of targets with the frozen LLM",
+        cmd_targets_generate,
+        epilog=EXAMPLES["generate"],
+    )
     t.add_argument("--settings", required=True)
     t.add_argument("--manifest", required=True)
     t.add_argument("--shard", type=int, required=True)
     t.add_argument("--num-shards", type=int, required=True)
     t.add_argument("--out", required=True)
     t.add_argument("--threads", type=int, default=1)
-    t = add_command(tsub, "assemble", "T / MI / TMI training manifests",
-                    cmd_targets_assemble, epilog=EXAMPLES["assemble"])
+    t = add_command(
+        tsub, "assemble", "T / MI / TMI training manifests", cmd_targets_assemble, epilog=EXAMPLES["assemble"]
+    )
     t.add_argument("--settings", required=True)
     t.add_argument("--manifest", required=True)
     t.add_argument("--shards", nargs="+", required=True)
     t.add_argument("--out-dir", required=True)
-    t = add_command(tsub, "fetch-templates", "download the reference's templates.json, verified by sha256",
-                    cmd_targets_fetch_templates, epilog=EXAMPLES["fetch-templates"])
+    t = add_command(
+        tsub,
+        "fetch-templates",
+        "download the reference's templates.json, verified by sha256",
+        cmd_targets_fetch_templates,
+        epilog=EXAMPLES["fetch-templates"],
+    )
     t.add_argument("--url", required=True, help="http(s):// or file:// URL, or a local path")
     t.add_argument("--sha256", required=True)
     t.add_argument("--out", required=True)
-    t = add_command(tsub, "fetch-released",
-                    "download the released targets archive (sha256-verified if given)",
-                    cmd_targets_fetch_released, epilog=EXAMPLES["fetch-released"])
+    t = add_command(
+        tsub,
+        "fetch-released",
+        "download the released targets archive (sha256-verified if given)",
+        cmd_targets_fetch_released,
+        epilog=EXAMPLES["fetch-released"],
+    )
     t.add_argument("--url", required=True, help="http(s):// or file:// URL, or a local path")
     t.add_argument("--sha256", default="", help="expected sha256; empty: not verified, logged")
     t.add_argument("--out", required=True)
-    t = add_command(tsub, "import-released", "T / MI / TMI manifests from the released token-id targets",
-                    cmd_targets_import_released, epilog=EXAMPLES["import-released"])
+    t = add_command(
+        tsub,
+        "import-released",
+        "T / MI / TMI manifests from the released token-id targets",
+        cmd_targets_import_released,
+        epilog=EXAMPLES["import-released"],
+    )
     t.add_argument("--settings", required=True)
     t.add_argument("--manifest", required=True)
     t.add_argument("--archive", required=True)
     t.add_argument("--out-dir", required=True)
-    t = add_command(tsub, "responses",
-                    "Kang & Roy targets: the LLM's greedy response to each transcript (one shard)",
-                    cmd_targets_responses, epilog=EXAMPLES["responses"])
+    t = add_command(
+        tsub,
+        "responses",
+        "Kang & Roy targets: the LLM's greedy response to each transcript (one shard)",
+        cmd_targets_responses,
+        epilog=EXAMPLES["responses"],
+    )
     t.add_argument("--settings", required=True)
     t.add_argument("--manifest", required=True)
     t.add_argument("--shard", type=int, default=0)
     t.add_argument("--num-shards", type=int, default=1)
     t.add_argument("--out", required=True)
     t.add_argument("--threads", type=int, default=1)
-    t = add_command(tsub, "gather", "shards with `index` back into one manifest, in order",
-                    cmd_targets_gather, epilog=EXAMPLES["gather"])
+    t = add_command(
+        tsub,
+        "gather",
+        "shards with `index` back into one manifest, in order",
+        cmd_targets_gather,
+        epilog=EXAMPLES["gather"],
+    )
     t.add_argument("--shards", nargs="+", required=True)
     t.add_argument("--out", required=True)

@@ -28,8 +28,9 @@ def _open(source: str):
     return path.open("rb")
 
 
-def fetch_verified(source: str, sha256: str | None, out: Path, key: str,
-                   check: Callable[[Path], None] | None = None) -> str:
+def fetch_verified(
+    source: str, sha256: str | None, out: Path, key: str, check: Callable[[Path], None] | None = None
+) -> str:
     """Copy `source` (URL or path) to `out`, hashing on the way; the file is moved into place only if its
     sha256 equals `sha256` (`None`: not pinned, the hash is logged) and `check(temp path)` passes.
     `key` names the config entry in errors. Returns the sha256."""
@@ -44,11 +45,13 @@ def fetch_verified(source: str, sha256: str | None, out: Path, key: str,
             raise DownloadError(f"{source}: download failed ({err}) (config key {key}.url)") from err
         got = digest.hexdigest()
         if sha256 is None:
-            log.warning("%s: sha256 %s (not pinned: set %s.sha256 to verify future downloads)",
-                        source, got, key)
+            log.warning(
+                "%s: sha256 %s (not pinned: set %s.sha256 to verify future downloads)", source, got, key
+            )
         elif got != sha256.lower():
-            raise DownloadError(f"{source}: sha256 {got} does not match the expected {sha256} "
-                                f"(config key {key}.sha256)")
+            raise DownloadError(
+                f"{source}: sha256 {got} does not match the expected {sha256} (config key {key}.sha256)"
+            )
         if check is not None:
             check(tmp)
     log.info("%s -> %s (sha256 %s)", source, out, got)

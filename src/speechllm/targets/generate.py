@@ -39,8 +39,9 @@ class TextGenerator(Protocol):
 
     def prompt_length(self, prompt: str) -> int: ...
 
-    def generate(self, prompts: list[str], max_new_tokens: list[int],
-                 on_batch: OnBatch | None = None) -> list[str]: ...
+    def generate(
+        self, prompts: list[str], max_new_tokens: list[int], on_batch: OnBatch | None = None
+    ) -> list[str]: ...
 
 
 def cache_key(settings: dict[str, Any], prompt: str) -> str:
@@ -53,17 +54,28 @@ def engine_version(backend: str) -> str | None:
     """The generating library's version (another version may decode differently); read without importing."""
     from speechllm.versions import installed_version
 
-    return installed_version("vllm" if backend == "vllm" else "transformers")  # None: loading the backend reports it
+    return installed_version(
+        "vllm" if backend == "vllm" else "transformers"
+    )  # None: loading the backend reports it
 
 
-def generation_settings(llm_cfg: dict[str, Any], backend: str, num_beams: int,
-                        **extra: Any) -> dict[str, Any]:
+def generation_settings(
+    llm_cfg: dict[str, Any], backend: str, num_beams: int, **extra: Any
+) -> dict[str, Any]:
     """What a cached output depends on besides its prompt: the LLM (id, revision, dtype, 8-bit), the backend
     and its version, the decoding parameters (greedy unless beams) and the caller's extras (bank hash, seed,
     lengths, ...)."""
-    return {"llm": llm_cfg["name_or_path"], "revision": llm_cfg.get("revision"), "dtype": llm_cfg["dtype"],
-            "load_in_8bit": bool(llm_cfg.get("load_in_8bit", False)), "backend": backend,
-            "engine_version": engine_version(backend), "num_beams": num_beams, "do_sample": False, **extra}
+    return {
+        "llm": llm_cfg["name_or_path"],
+        "revision": llm_cfg.get("revision"),
+        "dtype": llm_cfg["dtype"],
+        "load_in_8bit": bool(llm_cfg.get("load_in_8bit", False)),
+        "backend": backend,
+        "engine_version": engine_version(backend),
+        "num_beams": num_beams,
+        "do_sample": False,
+        **extra,
+    }
 
 
 def read_partial(path: Path) -> dict[str, dict[str, Any]]:
@@ -86,12 +98,14 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial.jsonl")
 
 
-def length_sorted_batches(lengths: list[int], limits: list[int], batch_size: int,
-                          same_limit: bool) -> Iterator[list[int]]:
+def length_sorted_batches(
+    lengths: list[int], limits: list[int], batch_size: int, same_limit: bool
+) -> Iterator[list[int]]:
     """Indices longest prompt first, `batch_size` at a time; with `same_limit` a batch never mixes
     `max_new_tokens` values (beam search cannot be cut per row afterwards, greedy can)."""
-    order = sorted(range(len(lengths)),
-                   key=lambda i: (-limits[i], -lengths[i]) if same_limit else -lengths[i])
+    order = sorted(
+        range(len(lengths)), key=lambda i: (-limits[i], -lengths[i]) if same_limit else -lengths[i]
+    )
     batch: list[int] = []
     for i in order:
         if batch and (len(batch) == batch_size or (same_limit and limits[i] != limits[batch[0]])):
@@ -123,11 +137,31 @@ def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
 # Generation-config fields that make HF `generate` alter or stop greedy decoding beyond eos and
 # `max_new_tokens`; a model setting any of them away from the default is generated with HF `generate` itself.
 GREEDY_ALTERING_FIELDS = (
-    "min_length", "min_new_tokens", "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size",
-    "encoder_no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "forced_bos_token_id", "forced_eos_token_id",
-    "suppress_tokens", "begin_suppress_tokens", "exponential_decay_length_penalty", "guidance_scale",
-    "watermarking_config", "stop_strings", "max_time", "remove_invalid_values", "constraints", "force_words_ids",
-    "dola_layers", "penalty_alpha", "prompt_lookup_num_tokens", "token_healing", "cache_implementation",
+    "min_length",
+    "min_new_tokens",
+    "repetition_penalty",
+    "encoder_repetition_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "sequence_bias",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "exponential_decay_length_penalty",
+    "guidance_scale",
+    "watermarking_config",
+    "stop_strings",
+    "max_time",
+    "remove_invalid_values",
+    "constraints",
+    "force_words_ids",
+    "dola_layers",
+    "penalty_alpha",
+    "prompt_lookup_num_tokens",
+    "token_healing",
+    "cache_implementation",
 )
 # Spare room a KV-cache buffer gets beyond what it holds (as a fraction of that), to append tokens in place.
 KV_SPARE_FRACTION = 0.5
@@ -179,8 +213,9 @@ class BufferedLayer(DynamicLayer):
             buffer[:, :, :pad] = 0
             buffer[:, :, pad:] = part
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append `key_states`/`value_states` [B, heads, T, head_dim]; returns all keys and values so far."""
         if not self.is_initialized:
             self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
@@ -198,7 +233,7 @@ class BufferedLayer(DynamicLayer):
     def keep(self, rows: torch.Tensor, start: int) -> None:
         """Keep batch rows `rows` [B'] and the positions from `start` on (a negative `start` left pads)."""
         keys, values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
-        self._store(keys[:, :, max(start, 0):], values[:, :, max(start, 0):], self.keys.shape[2] - start)
+        self._store(keys[:, :, max(start, 0) :], values[:, :, max(start, 0) :], self.keys.shape[2] - start)
 
     def put(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Overwrite batch row `row` with `keys`/`values` [heads, n, head_dim], right-aligned after zeros."""
@@ -244,9 +279,13 @@ class Slots:
         for layer in self.cache.layers:
             layer.keep(index, start)
         mask = self.mask.index_select(0, index)
-        self.mask = (mask[:, start:] if start >= 0
-                     else torch.cat([mask.new_zeros(len(slots), -start), mask], dim=1))
-        self.pending, self.position = self.pending.index_select(0, index), self.position.index_select(0, index)
+        self.mask = (
+            mask[:, start:] if start >= 0 else torch.cat([mask.new_zeros(len(slots), -start), mask], dim=1)
+        )
+        self.pending, self.position = (
+            self.pending.index_select(0, index),
+            self.position.index_select(0, index),
+        )
         self.rows, self.tokens = [self.rows[j] for j in slots], [self.tokens[j] for j in slots]
 
     def padding(self) -> int:
@@ -259,7 +298,7 @@ class Slots:
         for layer, source in zip(self.cache.layers, other.cache.layers, strict=True):
             layer.put(slot, source.keys[row, :, -length:], source.values[row, :, -length:])
         self.mask[slot] = 0
-        self.mask[slot, self.mask.shape[1] - length:] = 1
+        self.mask[slot, self.mask.shape[1] - length :] = 1
         self.pending[slot], self.position[slot] = other.pending[row], other.position[row]
         self.rows[slot], self.tokens[slot] = other.rows[row], other.tokens[row]
         other.rows[row] = None
@@ -281,13 +320,20 @@ class GreedyDecoder:
         self.extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.device = next(model.parameters()).device
 
-    def _next_tokens(self, input_ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor,
-                     cache: DynamicCache) -> torch.Tensor:
+    def _next_tokens(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, position: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
         """Greedy next token [B] after `input_ids` [B, T] with `mask` [B, L + T] over cache and input and
         position ids `position` [B, T]."""
         kwargs = {"position_ids": position} if self.with_positions else {}
-        out = self.model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                         **kwargs, **self.extra)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+            **kwargs,
+            **self.extra,
+        )
         return out.logits[:, -1, :].argmax(dim=-1)
 
     def _prefill(self, prompts: list[list[int]], rows: list[int]) -> Slots:
@@ -304,7 +350,9 @@ class GreedyDecoder:
         """Feed every slot its pending token; the greedy next token becomes pending."""
         slots.mask = torch.cat([slots.mask, slots.mask.new_ones(len(slots.rows), 1)], dim=1)
         slots.position = slots.position + 1
-        slots.pending = self._next_tokens(slots.pending[:, None], slots.mask, slots.position[:, None], slots.cache)
+        slots.pending = self._next_tokens(
+            slots.pending[:, None], slots.mask, slots.position[:, None], slots.cache
+        )
         for tokens, token in zip(slots.tokens, slots.pending.tolist(), strict=True):
             tokens.append(token)
 
@@ -355,25 +403,44 @@ class GreedyDecoder:
             yield from self._finish(running, limits)
 
 
-def _hf_generate_rows(model: Any, tokenizer: Any, prompts: list[str], limits: list[int], lengths: list[int],
-                      batch_size: int, num_beams: int, stop_ids: set[int],
-                      add_special_tokens: bool) -> Iterator[list[tuple[int, list[int]]]]:
+def _hf_generate_rows(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    limits: list[int],
+    lengths: list[int],
+    batch_size: int,
+    num_beams: int,
+    stop_ids: set[int],
+    add_special_tokens: bool,
+) -> Iterator[list[tuple[int, list[int]]]]:
     """HF `generate` per length-sorted batch (beam search, or models the greedy loop does not cover): a batch
     runs to its largest limit and each row is cut to its own. Yields [(prompt index, ids)] per batch."""
     device = next(model.parameters()).device
     for idx in length_sorted_batches(lengths, limits, batch_size, same_limit=num_beams > 1):
-        enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                        add_special_tokens=add_special_tokens)
-        gen = model.generate(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
-                             max_new_tokens=max(limits[i] for i in idx), num_beams=num_beams, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=list(stop_ids) or None,
-                             use_cache=True)
-        new = gen[:, enc.input_ids.shape[1]:].tolist()
+        enc = tokenizer(
+            [prompts[i] for i in idx],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=add_special_tokens,
+        )
+        gen = model.generate(
+            input_ids=enc.input_ids.to(device),
+            attention_mask=enc.attention_mask.to(device),
+            max_new_tokens=max(limits[i] for i in idx),
+            num_beams=num_beams,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=list(stop_ids) or None,
+            use_cache=True,
+        )
+        new = gen[:, enc.input_ids.shape[1] :].tolist()
         yield [(i, row_tokens(ids, limits[i], stop_ids)) for i, ids in zip(idx, new, strict=True)]
 
 
-def _greedy_rows(model: Any, tokenizer: Any, ids: list[list[int]], limits: list[int], batch_size: int,
-                 stop_ids: set[int]) -> Iterator[list[tuple[int, list[int]]]]:
+def _greedy_rows(
+    model: Any, tokenizer: Any, ids: list[list[int]], limits: list[int], batch_size: int, stop_ids: set[int]
+) -> Iterator[list[tuple[int, list[int]]]]:
     """`GreedyDecoder` over the prompts longest first; yields [(prompt index, ids)] per `batch_size` finished
     prompts (and the rest at the end). A zero limit yields an empty continuation without decoding."""
     order = sorted((i for i in range(len(ids)) if limits[i] > 0), key=lambda i: -len(ids[i]))
@@ -389,9 +456,17 @@ def _greedy_rows(model: Any, tokenizer: Any, ids: list[list[int]], limits: list[
 
 
 @torch.inference_mode()
-def generate_batched(model: Any, tokenizer: Any, prompts: list[str], batch_size: int,
-                     max_new_tokens: int | list[int], num_beams: int, on_batch: OnBatch | None = None,
-                     add_special_tokens: bool = False, clean_up_spaces: bool = False) -> list[str]:
+def generate_batched(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    batch_size: int,
+    max_new_tokens: int | list[int],
+    num_beams: int,
+    on_batch: OnBatch | None = None,
+    add_special_tokens: bool = False,
+    clean_up_spaces: bool = False,
+) -> list[str]:
     """Continuations of `prompts` (new text only, no special tokens), up to `batch_size` rows at a time with
     left padding and a KV cache; each equals HF `generate` on that prompt alone.
 
@@ -411,14 +486,26 @@ def generate_batched(model: Any, tokenizer: Any, prompts: list[str], batch_size:
     if num_beams == 1 and greedy_loop_supported(model):
         groups = _greedy_rows(model, tokenizer, ids, limits, batch_size, stop_ids)
     else:
-        groups = _hf_generate_rows(model, tokenizer, prompts, limits, [len(x) for x in ids], batch_size,
-                                   num_beams, stop_ids, add_special_tokens)
+        groups = _hf_generate_rows(
+            model,
+            tokenizer,
+            prompts,
+            limits,
+            [len(x) for x in ids],
+            batch_size,
+            num_beams,
+            stop_ids,
+            add_special_tokens,
+        )
     outputs: list[str] = [""] * len(prompts)
     with tqdm(total=len(prompts), desc="generating", mininterval=10) as progress:
         for group in groups:
-            texts = tokenizer.batch_decode([t for _, t in group], skip_special_tokens=True,
-                                           clean_up_tokenization_spaces=False)
-            if clean_up_spaces:  # done here: recent transformers skip it for BPE tokenizers, older ones did not
+            texts = tokenizer.batch_decode(
+                [t for _, t in group], skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+            if (
+                clean_up_spaces
+            ):  # done here: recent transformers skip it for BPE tokenizers, older ones did not
                 texts = [tokenizer.clean_up_tokenization(t) for t in texts]
             for (i, _), text in zip(group, texts, strict=True):
                 outputs[i] = text
@@ -431,8 +518,15 @@ def generate_batched(model: Any, tokenizer: Any, prompts: list[str], batch_size:
 class HFGenerator:
     """The transformers backend: `generate_batched` over a loaded causal LM."""
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int, num_beams: int = 1,
-                 add_special_tokens: bool = False, clean_up_spaces: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        batch_size: int,
+        num_beams: int = 1,
+        add_special_tokens: bool = False,
+        clean_up_spaces: bool = False,
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.num_beams = batch_size, num_beams
         self.add_special_tokens, self.clean_up_spaces = add_special_tokens, clean_up_spaces
@@ -440,14 +534,29 @@ class HFGenerator:
     def prompt_length(self, prompt: str) -> int:
         return len(self.tokenizer(prompt, add_special_tokens=self.add_special_tokens).input_ids)
 
-    def generate(self, prompts: list[str], max_new_tokens: list[int],
-                 on_batch: OnBatch | None = None) -> list[str]:
-        return generate_batched(self.model, self.tokenizer, prompts, self.batch_size, max_new_tokens,
-                                self.num_beams, on_batch, self.add_special_tokens, self.clean_up_spaces)
+    def generate(
+        self, prompts: list[str], max_new_tokens: list[int], on_batch: OnBatch | None = None
+    ) -> list[str]:
+        return generate_batched(
+            self.model,
+            self.tokenizer,
+            prompts,
+            self.batch_size,
+            max_new_tokens,
+            self.num_beams,
+            on_batch,
+            self.add_special_tokens,
+            self.clean_up_spaces,
+        )
 
 
-def cached_generate(prompts: list[str], max_new_tokens: list[int], generator: TextGenerator,
-                    settings: dict[str, Any], partial: Path) -> tuple[list[str], int]:
+def cached_generate(
+    prompts: list[str],
+    max_new_tokens: list[int],
+    generator: TextGenerator,
+    settings: dict[str, Any],
+    partial: Path,
+) -> tuple[list[str], int]:
     """Outputs for `prompts`, reusing those already in `partial` and appending each new batch to it (fsynced),
     so an interrupted run resumes where it stopped. Returns (outputs, number of prompts generated now)."""
     done = read_partial(partial)
@@ -459,6 +568,7 @@ def cached_generate(prompts: list[str], max_new_tokens: list[int], generator: Te
     todo = list(first.values())
     partial.parent.mkdir(parents=True, exist_ok=True)
     with partial.open("a", encoding="utf-8") as fh:
+
         def save(results: list[tuple[int, str]]) -> None:
             for j, output in results:
                 item = {"key": keys[todo[j]], "output": output}
@@ -484,8 +594,15 @@ def write_jsonl(out: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def generate_shard(items: list[tuple[str, str, str]], shard: int, num_shards: int, generator: TextGenerator,
-                   settings: dict[str, Any], out: Path, frame: tuple[str, str] = ("", "")) -> dict[str, int]:
+def generate_shard(
+    items: list[tuple[str, str, str]],
+    shard: int,
+    num_shards: int,
+    generator: TextGenerator,
+    settings: dict[str, Any],
+    out: Path,
+    frame: tuple[str, str] = ("", ""),
+) -> dict[str, int]:
     """Generate this shard's (text, prefix, postfix) items with `settings["max_new_tokens"]`; write `out`
     (JSONL: index, text, prefix, postfix, output) atomically and drop the partial file. `frame` is the prompt
     format's (head, tail) text around each prompt (models.prompt.format; empty for BLOOMZ)."""
@@ -493,10 +610,16 @@ def generate_shard(items: list[tuple[str, str, str]], shard: int, num_shards: in
     head, tail = frame
     prompts = [head + items[i][1] + items[i][0] + items[i][2] + tail for i in mine]
     partial = partial_path(out)
-    outputs, generated = cached_generate(prompts, [settings["max_new_tokens"]] * len(prompts), generator,
-                                         settings, partial)
-    write_jsonl(out, [{"index": i, "text": items[i][0], "prefix": items[i][1], "postfix": items[i][2],
-                       "output": output} for i, output in zip(mine, outputs, strict=True)])
+    outputs, generated = cached_generate(
+        prompts, [settings["max_new_tokens"]] * len(prompts), generator, settings, partial
+    )
+    write_jsonl(
+        out,
+        [
+            {"index": i, "text": items[i][0], "prefix": items[i][1], "postfix": items[i][2], "output": output}
+            for i, output in zip(mine, outputs, strict=True)
+        ],
+    )
     partial.unlink(missing_ok=True)
     return {"items": len(mine), "generated": generated, "reused": len(mine) - generated}
 
@@ -504,5 +627,13 @@ def generate_shard(items: list[tuple[str, str, str]], shard: int, num_shards: in
 def target_settings(s: GenerateSettings, bank: str) -> dict[str, Any]:
     """The cache-key settings of `speechllm targets generate` from its `--settings` (the rule's config
     slice) and the template bank's hash."""
-    return generation_settings(s.llm, s.backend, s.num_beams, kind="targets", bank=bank, seed=s.seed,
-                               max_new_tokens=s.max_new_tokens, clean_up_spaces=s.clean_up_spaces)
+    return generation_settings(
+        s.llm,
+        s.backend,
+        s.num_beams,
+        kind="targets",
+        bank=bank,
+        seed=s.seed,
+        max_new_tokens=s.max_new_tokens,
+        clean_up_spaces=s.clean_up_spaces,
+    )

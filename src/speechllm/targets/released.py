@@ -56,8 +56,9 @@ def _member_texts(tar: tarfile.TarFile, path: Path) -> dict[str, tuple[str, str]
         base = PurePosixPath(member.name).name
         if member.isfile() and base in RELEASED_FILES:
             if base in members:
-                raise ReleasedTargetsError(f"{path}: two members named {base}: {members[base].name}, "
-                                           f"{member.name}")
+                raise ReleasedTargetsError(
+                    f"{path}: two members named {base}: {members[base].name}, {member.name}"
+                )
             members[base] = member
     missing = sorted(set(RELEASED_FILES) - set(members))
     if missing:
@@ -78,14 +79,17 @@ def read_released_archive(path: Path) -> dict[str, dict[str, list[int]]]:
             texts = _member_texts(tar, path)
     except (OSError, tarfile.TarError) as err:
         raise ReleasedTargetsError(f"{path}: not a readable tar archive ({err})") from err
-    fields = {RELEASED_FILES[base]: parse_kaldi_ids(text.splitlines(), f"{path}:{name}")
-              for base, (name, text) in texts.items()}
+    fields = {
+        RELEASED_FILES[base]: parse_kaldi_ids(text.splitlines(), f"{path}:{name}")
+        for base, (name, text) in texts.items()
+    }
     utts = set(fields["target"])
     for field, table in fields.items():
         if set(table) != utts:
             odd = sorted(set(table) ^ utts)
-            raise ReleasedTargetsError(f"{path}: {field} and text list different utterances "
-                                       f"({len(odd)}, e.g. {odd[:3]})")
+            raise ReleasedTargetsError(
+                f"{path}: {field} and text list different utterances ({len(odd)}, e.g. {odd[:3]})"
+            )
     return fields
 
 
@@ -97,23 +101,26 @@ def split_item_id(item_id: str) -> tuple[str, int]:
     return utt, int(k)
 
 
-def decode_fields(fields: dict[str, dict[str, list[int]]], tokenizer: Any
-                  ) -> tuple[dict[str, dict[str, str]], dict[str, int]]:
+def decode_fields(
+    fields: dict[str, dict[str, list[int]]], tokenizer: Any
+) -> tuple[dict[str, dict[str, str]], dict[str, int]]:
     """Strings per field and item, and per field how many items re-tokenise to other ids than released."""
     strings: dict[str, dict[str, str]] = {}
     mismatches: dict[str, int] = {}
     for field, table in fields.items():
         keys = list(table)
-        texts = tokenizer.batch_decode([table[k] for k in keys], skip_special_tokens=False,
-                                       clean_up_tokenization_spaces=False)
+        texts = tokenizer.batch_decode(
+            [table[k] for k in keys], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
         again = tokenizer(texts, add_special_tokens=False).input_ids if texts else []
         mismatches[field] = sum(a != table[k] for k, a in zip(keys, again, strict=True))
         strings[field] = dict(zip(keys, texts, strict=True))
     return strings, mismatches
 
 
-def suffix_report(fields: dict[str, dict[str, list[int]]],
-                  transcription_ids: list[int]) -> dict[int, dict[str, int]]:
+def suffix_report(
+    fields: dict[str, dict[str, list[int]]], transcription_ids: list[int]
+) -> dict[int, dict[str, int]]:
     """Per suffix k: items, and how many decoder_prefix lines are the transcription prompt's ids
     (the MI ambiguity check of spec §4.3)."""
     report: dict[int, dict[str, int]] = defaultdict(lambda: {"items": 0, "transcription_prefix": 0})
@@ -124,9 +131,16 @@ def suffix_report(fields: dict[str, dict[str, list[int]]],
     return dict(sorted(report.items()))
 
 
-def import_released(train: list[dict[str, Any]], fields: dict[str, dict[str, list[int]]], tokenizer: Any,
-                    prefix: str, postfix: str, mi_reading: str, per_utterance: int,
-                    on_unmatched: str) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+def import_released(
+    train: list[dict[str, Any]],
+    fields: dict[str, dict[str, list[int]]],
+    tokenizer: Any,
+    prefix: str,
+    postfix: str,
+    mi_reading: str,
+    per_utterance: int,
+    on_unmatched: str,
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """T / MI / TMI manifest records from the released ids, and the import report."""
     if mi_reading not in MI_READINGS:
         raise ValueError(f"targets.mi_reading must be one of {MI_READINGS}, got {mi_reading!r}")
@@ -143,7 +157,8 @@ def import_released(train: list[dict[str, Any]], fields: dict[str, dict[str, lis
     if unmatched and on_unmatched == "error":
         raise ReleasedTargetsError(
             f"{len(unmatched)} of {len(items)} released utterances are not in the training manifest "
-            f"(e.g. {unmatched[:3]}); check the utterance ids or set targets.released.on_unmatched: skip")
+            f"(e.g. {unmatched[:3]}); check the utterance ids or set targets.released.on_unmatched: skip"
+        )
     sets: dict[str, list[dict[str, Any]]] = {"t": t_records(train, prefix, postfix), "mi": [], "tmi": []}
     without = 0
     for rec in train:
@@ -160,19 +175,34 @@ def import_released(train: list[dict[str, Any]], fields: dict[str, dict[str, lis
         else:
             synthetic = [i for _, i in mine if fields["prefix"][i] != transcription_ids][:per_utterance]
             sets["mi"] += [item(k, i) for k, i in enumerate(synthetic, start=1)]
-    report = {"items": len(fields["target"]), "utterances": len(items),
-              "unmatched_utterances": len(unmatched), "train_utterances_without_items": without,
-              "retokenisation_mismatches": mismatches, "per_suffix": suffix_report(fields, transcription_ids),
-              "sets": {name: len(records) for name, records in sets.items()}}
+    report = {
+        "items": len(fields["target"]),
+        "utterances": len(items),
+        "unmatched_utterances": len(unmatched),
+        "train_utterances_without_items": without,
+        "retokenisation_mismatches": mismatches,
+        "per_suffix": suffix_report(fields, transcription_ids),
+        "sets": {name: len(records) for name, records in sets.items()},
+    }
     return sets, report
 
 
 def log_report(report: dict[str, Any], prefix: str) -> None:
-    log.info("released targets: %d items over %d utterances; %d not in the training manifest (skipped); "
-             "%d training utterances have no item", report["items"], report["utterances"],
-             report["unmatched_utterances"], report["train_utterances_without_items"])
+    log.info(
+        "released targets: %d items over %d utterances; %d not in the training manifest (skipped); "
+        "%d training utterances have no item",
+        report["items"],
+        report["utterances"],
+        report["unmatched_utterances"],
+        report["train_utterances_without_items"],
+    )
     for k, row in report["per_suffix"].items():
-        log.info("suffix -%d: %d of %d decoder_prefix lines are the token ids of %r", k,
-                 row["transcription_prefix"], row["items"], prefix)
+        log.info(
+            "suffix -%d: %d of %d decoder_prefix lines are the token ids of %r",
+            k,
+            row["transcription_prefix"],
+            row["items"],
+            prefix,
+        )
     log.info("items whose decoded text re-tokenises to other ids: %s", report["retokenisation_mismatches"])
     log.info("assembled %s", report["sets"])

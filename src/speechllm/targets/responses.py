@@ -35,16 +35,27 @@ def response_prompt(text: str, template: str, lowercase: bool) -> str:
     return template.replace("{text}", text.lower() if lowercase else text)
 
 
-def generate_responses_shard(manifest: Path, shard: int, num_shards: int, generator: TextGenerator,
-                             settings: dict[str, Any], text_field: str, template: str, lowercase: bool,
-                             length_factor: int, out: Path) -> dict[str, int]:
+def generate_responses_shard(
+    manifest: Path,
+    shard: int,
+    num_shards: int,
+    generator: TextGenerator,
+    settings: dict[str, Any],
+    text_field: str,
+    template: str,
+    lowercase: bool,
+    length_factor: int,
+    out: Path,
+) -> dict[str, int]:
     """This shard's manifest records with `llm_response` added (JSONL with `index`), written atomically."""
     records = read_manifest(manifest, required=(text_field,))
     mine = shard_indices(len(records), shard, num_shards)
     for i in mine:
         if not isinstance(records[i][text_field], str):
-            raise ValueError(f"{manifest}:{records[i]['_line']}: field {text_field!r} is not a string "
-                             "(config key targets.responses.text_field)")
+            raise ValueError(
+                f"{manifest}:{records[i]['_line']}: field {text_field!r} is not a string "
+                "(config key targets.responses.text_field)"
+            )
     prompts = [response_prompt(records[i][text_field], template, lowercase) for i in mine]
     limits = [length_factor * generator.prompt_length(p) for p in prompts]
     partial = partial_path(out)
@@ -55,8 +66,12 @@ def generate_responses_shard(manifest: Path, shard: int, num_shards: int, genera
         rows.append({"index": i, **record, RESPONSE_FIELD: output})
     write_jsonl(out, rows)
     partial.unlink(missing_ok=True)
-    return {"items": len(mine), "generated": generated, "reused": len(mine) - generated,
-            "max_new_tokens": max(limits, default=0)}
+    return {
+        "items": len(mine),
+        "generated": generated,
+        "reused": len(mine) - generated,
+        "max_new_tokens": max(limits, default=0),
+    }
 
 
 def gather_shards(paths: list[Path]) -> list[dict[str, Any]]:
@@ -83,6 +98,13 @@ def response_settings(s: ResponsesSettings) -> dict[str, Any]:
     """The cache-key settings of `speechllm targets responses` from its `--settings`. The template and
     lower-casing are part of each prompt, which the key also covers."""
     r = s.responses
-    return generation_settings(s.llm, s.backend, r.num_beams, kind="responses", seed=s.seed,
-                               length_factor=r.length_factor, add_special_tokens=r.add_special_tokens,
-                               clean_up_spaces=r.clean_up_spaces)
+    return generation_settings(
+        s.llm,
+        s.backend,
+        r.num_beams,
+        kind="responses",
+        seed=s.seed,
+        length_factor=r.length_factor,
+        add_special_tokens=r.add_special_tokens,
+        clean_up_spaces=r.clean_up_spaces,
+    )

@@ -63,8 +63,9 @@ def bank_hash(templates: list[tuple[str, str]]) -> str:
     return hashlib.sha256(json.dumps(templates, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def draw_items(text_counts: dict[str, int], templates: list[tuple[str, str]], per_occurrence: int,
-               seed: int) -> list[tuple[str, str, str]]:
+def draw_items(
+    text_counts: dict[str, int], templates: list[tuple[str, str]], per_occurrence: int, seed: int
+) -> list[tuple[str, str, str]]:
     """(text, prefix, postfix) items: `per_occurrence` × count templates per distinct text, drawn uniformly
     regardless of the text's language (as the reference). Texts are visited in sorted order for
     determinism."""

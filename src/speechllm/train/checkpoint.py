@@ -202,7 +202,9 @@ def verify_checkpoint(path: Path) -> None:
     path = Path(path)
     listed = path / CHECKSUMS
     if not listed.is_file():
-        log.warning("%s has no %s (written by an older version): checking that its files load", path, CHECKSUMS)
+        log.warning(
+            "%s has no %s (written by an older version): checking that its files load", path, CHECKSUMS
+        )
         CheckpointManager.load(path, rank=0)
         return
     digests = read_checksums(listed)
@@ -290,8 +292,12 @@ class CheckpointManager:
                     shutil.rmtree(aside)
                 os.replace(path, aside)
                 fsync_path(self.root)
-                log.warning("skipping damaged checkpoint %s (moved to %s; delete it when no longer needed): %s",
-                            path, aside, err)
+                log.warning(
+                    "skipping damaged checkpoint %s (moved to %s; delete it when no longer needed): %s",
+                    path,
+                    aside,
+                    err,
+                )
                 continue
             if damaged:
                 log.warning("resuming from %s, the newest intact checkpoint", path)
@@ -332,7 +338,9 @@ class CheckpointManager:
         if digest_file.is_file():
             expected = read_checksums(digest_file).get(name)
             if expected != file_sha256(path):
-                raise CheckpointError(f"{path}: content differs from the SHA-256 recorded when it was written")
+                raise CheckpointError(
+                    f"{path}: content differs from the SHA-256 recorded when it was written"
+                )
         return _load_tensors(path)
 
     # ------------------------------------------------------------------ save / load
@@ -376,10 +384,17 @@ class CheckpointManager:
         return final
 
     def _write_main_files(
-        self, tmp: Path, final: Path, state: TrainerState, weights: dict[str, torch.Tensor], trainer: dict[str, Any]
+        self,
+        tmp: Path,
+        final: Path,
+        state: TrainerState,
+        weights: dict[str, torch.Tensor],
+        trainer: dict[str, Any],
     ) -> None:
         """Weights, trainer state, counters and checksums into `tmp`, then publish it as `final` and prune."""
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors")
+        )
         torch.save(trainer, tmp / "trainer.pt")
         for name in ("model.safetensors", "trainer.pt"):  # on disk before the rename makes the step visible
             fsync_path(tmp / name)

@@ -94,7 +94,11 @@ def build_for_stage(
     if stage == "kd" or (stage == "init" and s.get("system") == "kang_roy"):
         spec = kang_roy_spec(s["models"], stage=stage)
         model, tokenizer = build_model(
-            spec, with_ctc=False, with_llm=stage == "kd", device=device, gradient_checkpointing=gradient_checkpointing
+            spec,
+            with_ctc=False,
+            with_llm=stage == "kd",
+            device=device,
+            gradient_checkpointing=gradient_checkpointing,
         )
         return model, tokenizer, spec, {}
     from transformers import AutoConfig
@@ -128,8 +132,9 @@ def manifest_fields(stage: str, s: dict[str, Any]) -> tuple[str, ...]:
     return ("audio", "language", "transcription")  # the CE batches carry LID labels too
 
 
-def check_min_durations(records: list[dict[str, Any]], min_samples: int, sampling_rate: int,
-                        max_samples: int | None = None) -> None:
+def check_min_durations(
+    records: list[dict[str, Any]], min_samples: int, sampling_rate: int, max_samples: int | None = None
+) -> None:
     """Every record (after its speed perturbation) at least as long as the model's shortest input and, for an
     encoder with a fixed window (Whisper), no longer than it: such a clip would stop training at its first batch,
     possibly hours in. The error names the first such record."""
@@ -164,7 +169,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from speechllm.train.objectives import DistillationCollator
     from speechllm.train.tracking import Tracker
 
-    if args.stage != "init":  # from here SIGTERM / SIGUSR1 mean: checkpoint after the current update, then exit
+    if (
+        args.stage != "init"
+    ):  # from here SIGTERM / SIGUSR1 mean: checkpoint after the current update, then exit
         stopping.install()
     s = parse_settings(args.settings)
     set_threads(args.threads)
@@ -182,8 +189,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise ValueError(f"the settings have no 'stage' section (config train.{args.stage})")
     stage = StageConfig.from_config(args.stage, s["stage"])
     if stage.fsdp and s["models"]["llm"].get("lora"):
-        raise ValueError("train.<stage>.fsdp with models.llm.lora is not supported: FSDP2 shards the LLM's "
-                         "decoder blocks as frozen; set fsdp: false or lora: null")
+        raise ValueError(
+            "train.<stage>.fsdp with models.llm.lora is not supported: FSDP2 shards the LLM's "
+            "decoder blocks as frozen; set fsdp: false or lora: null"
+        )
     sr = s["sampling_rate"]
     fields = (*manifest_fields(args.stage, s), "num_samples")
     train_set = SpeechDataset(read_manifest(args.train, required=fields), sr)
@@ -247,8 +256,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    tr = add_command(sub, "train", "train (or initialise) a model and export it", cmd_train,
-                     epilog=EXAMPLES["train"])
+    tr = add_command(
+        sub, "train", "train (or initialise) a model and export it", cmd_train, epilog=EXAMPLES["train"]
+    )
     tr.add_argument(
         "stage",
         choices=["init", "ctc", "ce", "kd"],

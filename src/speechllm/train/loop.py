@@ -352,7 +352,11 @@ class Trainer:
             load_weights(self.core, weights, str(resume))
             log.info("resuming from %s (step %d, epoch %d)", resume, self.state.step, self.state.epoch)
         objective = ObjectiveModule(
-            self.core, stage.objective, stage.ctc_weight, stage.interctc_weight, stage.distillation,
+            self.core,
+            stage.objective,
+            stage.ctc_weight,
+            stage.interctc_weight,
+            stage.distillation,
             stage.lid_ctc_lengths,
         )
         self.wrapped = self._shard(objective) if self.sharded else acc.prepare(objective)  # prepare: DDP
@@ -607,8 +611,12 @@ class Trainer:
         if self.saved_step != self.state.step:
             self.save_checkpoint()
         if self.accelerator.is_main_process:
-            log.warning("stop signal (%s): stopping after update %d, checkpoint in %s",
-                        stopping.requested() or "on another process", self.state.step, self.checkpoints.root)
+            log.warning(
+                "stop signal (%s): stopping after update %d, checkpoint in %s",
+                stopping.requested() or "on another process",
+                self.state.step,
+                self.checkpoints.root,
+            )
         self.tracker.close()
         self.barrier()
         raise stopping.Preempted(f"checkpoint of update {self.state.step} in {self.checkpoints.root}")

@@ -172,8 +172,13 @@ class Tracker:
                 raise
             import wandb
 
-            log.warning("W&B service gone after %s (%s: %s); metrics.jsonl goes on, the resumed job logs to "
-                        "W&B again", stopping.requested(), type(err).__name__, err)
+            log.warning(
+                "W&B service gone after %s (%s: %s); metrics.jsonl goes on, the resumed job logs to "
+                "W&B again",
+                stopping.requested(),
+                type(err).__name__,
+                err,
+            )
             self.run = None
             with contextlib.suppress(Exception):  # the connection is known to be broken
                 wandb.teardown()  # marks it closed: no second failure when the process exits
