@@ -16,9 +16,11 @@ from speechllm.data.manifest import duration_seconds, location
 class SpeechDataset(Dataset):
     """Loads each record's audio (speed-perturbed when the record says so) at `sampling_rate`."""
 
-    def __init__(self, records: list[dict[str, Any]], sampling_rate: int) -> None:
+    def __init__(self, records: list[dict[str, Any]], sampling_rate: int, manifest: str = "") -> None:
         self.records = records
         self.sampling_rate = sampling_rate
+        # Names the set in errors about it as a whole (an empty set has no record to name it).
+        self.manifest = manifest
 
     def __len__(self) -> int:
         return len(self.records)

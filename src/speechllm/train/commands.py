@@ -195,8 +195,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         )
     sr = s["sampling_rate"]
     fields = (*manifest_fields(args.stage, s), "num_samples")
-    train_set = SpeechDataset(read_manifest(args.train, required=fields), sr)
-    dev_set = SpeechDataset(read_manifest(args.dev, required=fields), sr)
+    train_set = SpeechDataset(read_manifest(args.train, required=fields), sr, str(args.train))
+    dev_set = SpeechDataset(read_manifest(args.dev, required=fields), sr, str(args.dev))
     for dataset in (train_set, dev_set):
         check_min_durations(dataset.records, model.min_input_samples(), sr, model.max_input_samples())
     if args.stage == "kd":
