@@ -1,4 +1,5 @@
-"""Training step of the speech adaptor vs ESPnet's E-Branchformer encoder (the reference) with the same weights.
+"""Training step of the speech adaptor vs ESPnet's E-Branchformer encoder (the reference) with the same
+weights.
 
 Usage: python benchmarks/adaptor_vs_espnet.py [--blocks 4] [--interctc-layer 3] [--batch-size 2] [--seconds 8]
                                               [--rounds 5] [--threads 1] [--seed 0] [--profile N]
@@ -186,7 +187,8 @@ def timed(step: Callable[[], None]) -> tuple[float, float]:
 def alternating(
     reference: Side, ours: Side, part: str, rounds: int, seed: int
 ) -> dict[str, tuple[float, float]]:
-    """Median (CPU, wall) seconds per side of `rounds` alternating training steps of `part`, after a warm-up."""
+    """Median (CPU, wall) seconds per side of `rounds` alternating training steps of `part`, after a
+    warm-up."""
     times: dict[str, list[tuple[float, float]]] = {reference.name: [], ours.name: []}
     for side in (reference, ours):
         train_step(side, part, seed)
@@ -259,9 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(
         f"paper blocks (d {config.d_model}, {config.heads} heads, FFN {config.linear_units}, cgMLP "
-        f"{config.cgmlp_units}, kernels {config.cgmlp_kernel}/{config.merge_kernel}), {config.num_blocks} blocks, "
-        f"LID conditioning after block {config.interctc_layer}; {args.batch_size} x {args.seconds:g} s "
-        f"({frames} frames -> {frames_80ms} at 80 ms); CPU threads {args.threads}"
+        f"{config.cgmlp_units}, kernels {config.cgmlp_kernel}/{config.merge_kernel}), {config.num_blocks} "
+        f"blocks, LID conditioning after block {config.interctc_layer}; {args.batch_size} x "
+        f"{args.seconds:g} s ({frames} frames -> {frames_80ms} at 80 ms); CPU threads {args.threads}"
     )
 
     reference.eval(), ours.eval()

@@ -75,7 +75,10 @@ def summarize(name: str, batches: list[list[int]], durations: Sequence[float], b
     utilisation = padded / (len(batches) * budget) if batches else 0.0
     mean_size = sum(len(batch) for batch in batches) / len(batches) if batches else 0.0
     efficiency = padding_efficiency(batches, durations)
-    return f"{name:<22} {len(batches):>8d} {efficiency:>11.{EFFICIENCY_DECIMALS}f} {utilisation:>12.3f} {mean_size:>10.1f}"
+    return (
+        f"{name:<22} {len(batches):>8d} {efficiency:>11.{EFFICIENCY_DECIMALS}f} {utilisation:>12.3f} "
+        f"{mean_size:>10.1f}"
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -1,6 +1,8 @@
-"""Training throughput of the Kang & Roy KD objective: batched (right padding) vs the reference's batch-1 loop.
+"""Training throughput of the Kang & Roy KD objective: batched (right padding) vs the reference's batch-1
+loop.
 
-Usage: python benchmarks/kd_batching.py [--batch-size 16] [--rounds 20] [--threads 1] [--device cpu] [--seed 0]
+Usage: python benchmarks/kd_batching.py [--batch-size 16] [--rounds 20] [--threads 1] [--device cpu]
+    [--seed 0]
 
 Both modes run the same tiny HuBERT + pooling + LLaMA model (built here, no downloads) on the same 16
 utterances per update: "batched" is one forward/backward over all of them, "batch-1" 16 forward/backward
@@ -166,7 +168,8 @@ def paired_samples_per_second(
     rounds: int,
     device: torch.device,
 ) -> tuple[float, float]:
-    """Samples/s of two modes timed in alternating rounds (median round), so drifts of a noisy machine hit both."""
+    """Samples/s of two modes timed in alternating rounds (median round), so drifts of a noisy machine hit
+    both."""
     for _ in range(WARMUP_ROUNDS):
         batched()
         single()
@@ -201,7 +204,8 @@ def forward_cost(
 def speech_inputs(
     model: KangRoy, samples: Sequence[dict], seed: int, device: torch.device
 ) -> list[torch.Tensor]:
-    """Random speech embeddings (T_b, H) with the lengths the encoder gives each utterance, as gradient leaves."""
+    """Random speech embeddings (T_b, H) with the lengths the encoder gives each utterance, as gradient
+    leaves."""
     with torch.no_grad():
         lengths = model.encoder.output_lengths(torch.tensor([s["wav"].shape[0] for s in samples]))
     generator = torch.Generator().manual_seed(seed)

@@ -1,4 +1,5 @@
-"""Paper-scale speed on one GPU in a few minutes: training steps, KD batching, target generation, ASR decoding.
+"""Paper-scale speed on one GPU in a few minutes: training steps, KD batching, target generation, ASR
+decoding.
 
 Usage: python benchmarks/paper_scale_gpu.py [--out results/benchmarks/paper_scale_gpu.json] [--budget 330]
            [--steps 30] [--warmup 3] [--peak-tflops BF16 TF32 FP32] [--only PART ...] [--smoke]
@@ -23,12 +24,12 @@ and precision `train.<stage>`. Parts, each timed for up to `--steps` steps after
   samples per second.
 
 Decoding runs the adaptor in fp32 with TF32 matmuls and the LLM in `models.llm.dtype`. Random weights never
-emit end of sequence, so every decoded row runs its full budget: `targets.max_new_tokens`
-for the targets and, for ASR, the transcript length the plan assumes (`plan.target_tokens_per_second` x
-`plan.utterance_seconds`), not `evaluate.max_new_tokens`. The whole run keeps to `--budget` seconds (default:
-within 6 minutes on one H100, start-up included): each part has a share; a part whose warm-up leaves no time
-for a timed step, or that runs out of memory, is skipped and the JSON says why. The GPU's peak FLOP/s come from
-`plan.gpu_peak_tflops` in config/config.yaml by the CUDA device name, or from `--peak-tflops`.
+emit end of sequence, so every decoded row runs its full budget: `targets.max_new_tokens` for the targets and,
+for ASR, the transcript length the plan assumes (`plan.target_tokens_per_second` x `plan.utterance_seconds`),
+not `evaluate.max_new_tokens`. The whole run keeps to `--budget` seconds (default: within 6 minutes on one
+H100, start-up included): each part has a share; a part whose warm-up leaves no time for a timed step, or that
+runs out of memory, is skipped and the JSON says why. The GPU's peak FLOP/s come from `plan.gpu_peak_tflops`
+in config/config.yaml by the CUDA device name, or from `--peak-tflops`.
 
 `--smoke` runs the same code on the CPU with the demo's tiny architecture (config/config.yaml's
 `models.demo_build`, written as architecture configs into a temporary directory) and its configs.
@@ -87,7 +88,8 @@ SMOKE_CONFIGS = {
     "kang_roy": REPO / "config" / "demo_summarization.yaml",
 }
 PARTS = ("ctc_bf16", "ctc_tf32", "ce_bf16", "ce_tf32", "asr", "targets", "kd")
-# Share of --budget each part may take; the rest goes to building the models (BLOOMZ-7b1, MMS-1B, MiniChat-3B).
+# Share of --budget each part may take; the rest goes to building the models (BLOOMZ-7b1, MMS-1B,
+# MiniChat-3B).
 SHARES = {
     "ctc_bf16": 0.07,
     "ctc_tf32": 0.07,
@@ -154,8 +156,8 @@ def skipped(reason: str) -> dict[str, Any]:
 def run_steps(
     step: Callable[[], Any], device: torch.device, warmup: int, steps: int, clock: Clock, deadline: float
 ) -> list[float] | str:
-    """Timed steps after `warmup` untimed ones, as many as `steps` that fit before `deadline` (seconds since the
-    clock's start); a reason string when not one timed step fits."""
+    """Timed steps after `warmup` untimed ones, as many as `steps` that fit before `deadline` (seconds since
+    the clock's start); a reason string when not one timed step fits."""
     last = 0.0
     for _ in range(warmup):
         last, _ = timed(step, device)
@@ -163,7 +165,10 @@ def run_steps(
     while len(times) < steps and clock.elapsed() + (times[-1] if times else last) <= deadline:
         times.append(timed(step, device)[0])
     if not times:
-        return f"warm-up ({warmup} steps, the last {last:.1f} s) left no time for a timed step in the part's share"
+        return (
+            f"warm-up ({warmup} steps, the last {last:.1f} s) left no time for a timed step in the "
+            "part's share"
+        )
     return times
 
 
@@ -219,7 +224,8 @@ def random_ids(generator: torch.Generator, count: int, vocab: int) -> list[int]:
 def synthetic_batch(
     cfg: dict[str, Any], utterances: int, vocab: int, num_lid: int, device: torch.device, seed: int
 ) -> Batch:
-    """`utterances` clips of `plan.utterance_seconds` with the plan's prompt, transcript and target lengths."""
+    """`utterances` clips of `plan.utterance_seconds` with the plan's prompt, transcript and target
+    lengths."""
     plan_cfg = cfg["plan"]
     seconds = float(plan_cfg["utterance_seconds"])
     generator = torch.Generator().manual_seed(seed)
@@ -377,8 +383,8 @@ def paired_rates(
 
 
 def compared(rates: dict[str, dict[str, float]] | str, unit: str, **facts: Any) -> dict[str, Any]:
-    """A part's result from `paired_rates`: skipped with its reason, or the facts, the rates under `unit` and the
-    ratio of the first mode's rate to the second's."""
+    """A part's result from `paired_rates`: skipped with its reason, or the facts, the rates under `unit` and
+    the ratio of the first mode's rate to the second's."""
     if isinstance(rates, str):
         return skipped(rates)
     first, second = rates
@@ -485,7 +491,8 @@ def targets_part(
         return tokens
 
     # Warm-up: one prompt through HF generate (also its time per prompt), one short batch through ours. HF
-    # generate one at a time runs prompts x max_new forwards: it gets the prompts half the remaining share holds.
+    # generate one at a time runs prompts x max_new forwards: it gets the prompts half the remaining share
+    # holds.
     single_seconds, _ = timed(lambda: one_at_a_time(1), device)
     batched(prompts[:batch_size], 2)
     count = max(1, min(len(prompts), int((deadline - clock.elapsed()) / 2 / max(single_seconds, 1e-6))))
@@ -510,7 +517,8 @@ def targets_part(
 def kd_batch_size(
     cfg: dict[str, Any], models_dir: Path, device: torch.device, largest: int
 ) -> tuple[int, float]:
-    """The largest KD micro-batch (halving from `largest`) whose planned memory fits the GPU, and that memory."""
+    """The largest KD micro-batch (halving from `largest`) whose planned memory fits the GPU, and that
+    memory."""
     capacity = (
         torch.cuda.get_device_properties(device).total_memory * MEMORY_FRACTION
         if device.type == "cuda"
@@ -532,7 +540,8 @@ def kd_batch_size(
 def kd_part(
     cfg: dict[str, Any], models_dir: Path, device: torch.device, args: argparse.Namespace, clock: Clock
 ) -> dict[str, Any]:
-    """Kang & Roy's update of `accum_grad` utterances: micro-batches of the largest fitting size vs batch 1."""
+    """Kang & Roy's update of `accum_grad` utterances: micro-batches of the largest fitting size vs batch
+    1."""
     models_cfg, stage_cfg = cfg["models"], cfg["train"]["kd"]
     deadline = clock.part_deadline("kd")
     encoder = kang_roy_encoder(cfg, models_dir, device)
@@ -554,7 +563,8 @@ def kd_part(
     ).to(device)
     stage = StageConfig.from_config("kd", stage_cfg)
     objective = ObjectiveModule(model, "kd", distillation=stage.distillation).train()
-    # One update: `accum_grad` micro-batches of the sampler's per-GPU batch (the reference: 16 of one utterance).
+    # One update: `accum_grad` micro-batches of the sampler's per-GPU batch (the reference: 16 of one
+    # utterance).
     utterances = int(stage_cfg["accum_grad"]) * stage_plan(cfg, models_dir, "kd").workload.utterances
     size, planned = kd_batch_size(cfg, models_dir, device, utterances)
     batch = synthetic_batch(cfg, utterances, vocab, 2, device, args.seed)
@@ -707,8 +717,9 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
             print(f"{part:<9} {'skipped: ' + r['reason'] if r else 'not run'}")
             continue
         print(
-            f"{part:<9} {r['utterances']:>5} {r['step_seconds']:>8.3f} {r['audio_seconds_per_second']:>10.1f} "
-            f"{fmt(r['peak_memory_gib'], '9.2f')} {r['plan_memory_gib']:>9.2f} {fmt(r['mfu'], '6.3f')}"
+            f"{part:<9} {r['utterances']:>5} {r['step_seconds']:>8.3f} "
+            f"{r['audio_seconds_per_second']:>10.1f} {fmt(r['peak_memory_gib'], '9.2f')} "
+            f"{r['plan_memory_gib']:>9.2f} {fmt(r['mfu'], '6.3f')}"
         )
     for part, key, a, b in (
         ("kd", "samples_per_second", "batched", "batch_1"),
@@ -721,8 +732,8 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
             continue
         rates = r[key]
         print(
-            f"{part:<9} {key.replace('_per_second', '/s')}: {a} {rates[a]['per_second']:.2f}, {b} {rates[b]['per_second']:.2f}, "
-            f"ratio {r['ratio']:.2f}"
+            f"{part:<9} {key.replace('_per_second', '/s')}: {a} {rates[a]['per_second']:.2f}, {b} "
+            f"{rates[b]['per_second']:.2f}, ratio {r['ratio']:.2f}"
         )
 
 

@@ -15,8 +15,8 @@ TOOL_CACHES = ("__pycache__", ".pytest_cache", ".ruff_cache")
 
 
 def checkout_state() -> set[str] | None:
-    """`git status --porcelain --ignored` of the checkout (ignored outputs such as results/ included), tool caches
-    aside; None outside a git checkout."""
+    """`git status --porcelain --ignored` of the checkout (ignored outputs such as results/ included), tool
+    caches aside; None outside a git checkout."""
     try:
         res = subprocess.run(
             ["git", "-C", str(REPO), "status", "--porcelain", "--ignored"],
@@ -119,7 +119,8 @@ def tiny_bertscore_model(tmp_path_factory) -> Path:
 
 
 def tiny_bloom(out_dir: Path, tokenizer_size: int, initializer_range: float = 0.02) -> None:
-    """A 2-layer BLOOM (hidden 32), 8 more embedding rows than tokenizer entries as BLOOM, saved to out_dir."""
+    """A 2-layer BLOOM (hidden 32), 8 more embedding rows than tokenizer entries as BLOOM, saved to
+    out_dir."""
     import torch
     from transformers import BloomConfig, BloomForCausalLM
 
@@ -176,8 +177,9 @@ def tiny_spec(tiny_models) -> dict:
 
 @pytest.fixture()
 def stop_signals():
-    """`speechllm.stopping` installed in this (pytest) process for one test: SIGTERM / SIGUSR1 only record a stop
-    request. Yields a function that sends SIGTERM to this process; the handlers are restored afterwards."""
+    """`speechllm.stopping` installed in this (pytest) process for one test: SIGTERM / SIGUSR1 only record a
+    stop request. Yields a function that sends SIGTERM to this process; the handlers are restored
+    afterwards."""
     import signal
 
     from speechllm import stopping

@@ -1,8 +1,9 @@
-"""Tiny checkpoints in the layout of the published BLOOMZMMS ESPnet repositories, built from the reference's own
-libraries as oracles: s3prl's wav2vec2 upstream (`wav2vec2_custom`, loaded from a converted {task_cfg, model_cfg,
-model_weight} file as the recipe's `downloads/converted_mms1b_all.pt`) with its S3PRLUpstream length matching and
-Featurizer, ESPnet's UtteranceMVN, linear preencoder and E-Branchformer encoder, and the overlay's small heads
-(LID CTC with its length adaptor, the dummy post-encoder, the CTC head) written from their documented key names
+"""Tiny checkpoints in the layout of the published BLOOMZMMS ESPnet repositories, built from the reference's
+own libraries as oracles: s3prl's wav2vec2 upstream (`wav2vec2_custom`, loaded from a converted {task_cfg,
+model_cfg, model_weight} file as the recipe's `downloads/converted_mms1b_all.pt`) with its S3PRLUpstream
+length matching and Featurizer, ESPnet's UtteranceMVN, linear preencoder and E-Branchformer encoder, and the
+overlay's small heads (LID CTC with its length adaptor, the dummy post-encoder, the CTC head) written from
+their documented key names
 (DigitalPhonetics/bloomzmms@77dc192:espnet-bloomzmms-files/espnet2/asr/{ctc.py,postencoder/
 hugging_face_transformers_postencoder.py,espnet_model.py}). Test-only: s3prl and ESPnet live in .venv/oracle.
 """
@@ -80,8 +81,8 @@ def oracle_modules():
 
 
 def s3prl_upstream_module() -> types.ModuleType:
-    """s3prl's `nn/upstream.py` (S3PRLUpstream, Featurizer) loaded on its own: its package imports every upstream
-    of the hub, whose dependencies are not installed; the two classes need none of them."""
+    """s3prl's `nn/upstream.py` (S3PRLUpstream, Featurizer) loaded on its own: its package imports every
+    upstream of the hub, whose dependencies are not installed; the two classes need none of them."""
     import s3prl
 
     sys.modules.setdefault("s3prl.hub", types.ModuleType("s3prl.hub"))
@@ -128,7 +129,8 @@ class OverlayPostencoder(nn.Module):
 
 
 class ReferenceModel(nn.Module):
-    """The ESPnet BLOOMZMMS model's modules under their attribute names, so `state_dict()` has the released keys."""
+    """The ESPnet BLOOMZMMS model's modules under their attribute names, so `state_dict()` has the released
+    keys."""
 
     def __init__(self, o: types.SimpleNamespace, converted: Path, llm_hidden: int, vocab: int | None) -> None:
         super().__init__()
@@ -218,8 +220,8 @@ def build_reference(tmp: Path, llm_hidden: int, vocab: int | None, seed: int = 0
 
 
 def hf_speech_encoder_config(out_dir: Path) -> Path:
-    """The HF Wav2Vec2 config of the tiny upstream (as MMS-1B-all's: stable layer norm, layer-norm conv extractor,
-    and its language adapters, which the importer removes), saved without weights."""
+    """The HF Wav2Vec2 config of the tiny upstream (as MMS-1B-all's: stable layer norm, layer-norm conv
+    extractor, and its language adapters, which the importer removes), saved without weights."""
     from transformers import Wav2Vec2Config
 
     config = Wav2Vec2Config(
@@ -247,7 +249,8 @@ def hf_speech_encoder_config(out_dir: Path) -> Path:
 
 
 def training_config(stage: str, llm: str, token_list: list[str]) -> dict:
-    """The dumped ESPnet training config of a tiny BLOOMZMMS run (the keys of the released exp/*/config.yaml)."""
+    """The dumped ESPnet training config of a tiny BLOOMZMMS run (the keys of the released
+    exp/*/config.yaml)."""
     cfg = {
         "frontend": "s3prl",
         "frontend_conf": {

@@ -1,4 +1,5 @@
-"""`speechllm ask`: mixed text/{audio:PATH} prompts into a BLOOMZMMS or Kang & Roy model's LLM, and its errors."""
+"""`speechllm ask`: mixed text/{audio:PATH} prompts into a BLOOMZMMS or Kang & Roy model's LLM, and its
+errors."""
 
 from __future__ import annotations
 

@@ -170,7 +170,8 @@ def test_duration_filter_is_counted(tmp_path):
 
 def test_duration_filter_runs_on_each_speed_perturbed_copy(tmp_path):
     """As ESPnet's stage 4 on `train_*_sp`: a copy goes when its own (perturbed) length is out of bounds, so a
-    1.9 s clip with a 2 s limit loses only its 0.9 copy (2.11 s) and a 0.105 s clip only its 1.1 copy (0.095 s)."""
+    1.9 s clip with a 2 s limit loses only its 0.9 copy (2.11 s) and a 0.105 s clip only its 1.1 copy
+    (0.095 s)."""
     clips = {"long": 1.9, "short": 0.105, "mid": 1.0}
     for uid, seconds in clips.items():
         sf.write(str(tmp_path / f"{uid}.wav"), tone(seconds, SR), SR)
@@ -218,7 +219,8 @@ def test_duration_bounds_are_exclusive_as_espnet(tmp_path, seconds, kept):
 
 
 def test_test_split_may_keep_every_duration(tmp_path):
-    """filter_durations=False (the test split under data.filter_test_durations: false, as ESPnet) keeps all."""
+    """filter_durations=False (the test split under data.filter_test_durations: false, as ESPnet) keeps
+    all."""
     path = tmp_path / "long.wav"
     sf.write(str(path), tone(3.0, SR), SR)
     manifest = tmp_path / "raw.jsonl"

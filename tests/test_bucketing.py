@@ -73,7 +73,8 @@ def test_every_index_exactly_once_single_rank(durations: list[float]) -> None:
 def test_global_budget_splits_every_batch_over_the_ranks(durations: list[float], num_replicas: int) -> None:
     """The default (ESPnet): at every step the ranks' sub-batches together are the one-rank batch.
 
-    A global batch holds an utterance for every rank; a one-rank sampler with that minimum packs the same ones.
+    A global batch holds an utterance for every rank; a one-rank sampler with that minimum packs the same
+    ones.
     """
     single = _epoch(_sampler(durations, min_batch_size=num_replicas), 1)
     assert min(len(batch) for batch in single) >= num_replicas

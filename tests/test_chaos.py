@@ -1,6 +1,6 @@
-"""Chaos: the reduced demo DAG killed with SIGKILL (its whole process group) at seeded random moments across its
-stages, continued each time with the documented command (scripts/rerun_after_kill.sh), ends with tables and score
-files byte-identical to those of an uninterrupted run."""
+"""Chaos: the reduced demo DAG killed with SIGKILL (its whole process group) at seeded random moments across
+its stages, continued each time with the documented command (scripts/rerun_after_kill.sh), ends with tables
+and score files byte-identical to those of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ BIN = Path(sys.executable).parent
 RERUN = REPO / "scripts" / "rerun_after_kill.sh"
 SEED = 84  # draws kills in demo_data, generate_targets, train_ctc, evaluate and train_ce
 KILLS = 5
-# Rules of the DAG's stages, in their order, that a kill is drawn from (a fixed list, so the draw does not depend
-# on how fast the machine is).
+# Rules of the DAG's stages, in their order, that a kill is drawn from (a fixed list, so the draw does not
+# depend on how fast the machine is).
 STAGE_RULES = [
     "demo_data",
     "demo_speech_encoder",
@@ -74,8 +74,8 @@ def start(command: list[str], log: Path) -> subprocess.Popen:
 
 
 def job_durations(log: Path) -> dict[str, float]:
-    """Seconds from start to finish of each rule's first job, in the order the rules first started (Snakemake's
-    log stamps each start and finish to the second)."""
+    """Seconds from start to finish of each rule's first job, in the order the rules first started
+    (Snakemake's log stamps each start and finish to the second)."""
     text = log.read_text(errors="replace")
     stamp = r"^\[(?P<when>\w{3} \w{3} +\d+ [\d:]+ \d{4})\]\n"
     starts = {
@@ -137,8 +137,8 @@ def test_sigkilled_dag_reruns_to_byte_identical_tables(tmp_path):
     expected = outputs(straight)
     assert len(expected) == 2 * 3 + 14, sorted(expected)  # 2 tables x md/csv/tex; 8 ASR + 6 ST score files
 
-    # The plan: KILLS stage rules drawn with a seed; the run is killed (the rule's job and whatever runs beside
-    # it) a drawn fraction of the rule's duration in the straight run after its first job starts.
+    # The plan: KILLS stage rules drawn with a seed; the run is killed (the rule's job and whatever runs
+    # beside it) a drawn fraction of the rule's duration in the straight run after its first job starts.
     durations = job_durations(tmp_path / "straight.log")
     rng = random.Random(SEED)
     targets = sorted(rng.sample(STAGE_RULES, KILLS), key=STAGE_RULES.index)
@@ -171,7 +171,8 @@ def test_sigkilled_dag_reruns_to_byte_identical_tables(tmp_path):
 
 
 def test_rerun_after_kill_refuses_while_a_run_still_works_there(tmp_path):
-    """Removing the lock of a live run would let two runs write the same files: the script names the process."""
+    """Removing the lock of a live run would let two runs write the same files: the script names the
+    process."""
     workdir = tmp_path / "run"
     workdir.mkdir()
     fake = tmp_path / "snakemake"  # a stand-in that records how it was called

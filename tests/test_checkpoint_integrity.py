@@ -1,8 +1,9 @@
-"""Damaged checkpoints: each file's digest is recorded when written and checked before resuming; a damaged newest
-checkpoint is set aside with a warning naming it and the newest intact one is used (or none, saying so).
+"""Damaged checkpoints: each file's digest is recorded when written and checked before resuming; a damaged
+newest checkpoint is set aside with a warning naming it and the newest intact one is used (or none, saying
+so).
 
-The end-to-end version (a killed training run whose newest checkpoint is damaged resumes from the one before and
-still ends with an uninterrupted run's weights) is in test_train_resume.py.
+The end-to-end version (a killed training run whose newest checkpoint is damaged resumes from the one before
+and still ends with an uninterrupted run's weights) is in test_train_resume.py.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def test_corrupted_trainer_state_names_its_file_and_falls_back(manager, caplog):
 
 
 def test_silent_byte_damage_inside_the_tensor_data_is_caught(manager, caplog):
-    """64 KiB of zeros inside the tensor data still load as a valid safetensors file: only the digest sees it."""
+    """64 KiB of zeros inside the tensor data still load as a valid safetensors file: only the digest sees
+    it."""
     file = manager.path(6) / "model.safetensors"
     data = bytearray(file.read_bytes())
     start = tensor_data_offset(file) + 4096

@@ -1,4 +1,5 @@
-"""The `speechllm` command line: every subcommand's --help ends with an example of itself (README promises it)."""
+"""The `speechllm` command line: every subcommand's --help ends with an example of itself (README promises
+it)."""
 
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ CORPUS = {
 
 
 def make_release(root: Path) -> Path:
-    """cv-corpus-12.0-2022-12-07/<locale>/train.tsv + clips/common_voice_<locale>_<n>.mp3 (48 kHz, varied length)."""
+    """cv-corpus-12.0-2022-12-07/<locale>/train.tsv + clips/common_voice_<locale>_<n>.mp3 (48 kHz, varied
+    length)."""
     release = root / "cv-corpus-12.0-2022-12-07"
     rng = np.random.default_rng(0)
     for locale, sentences in CORPUS.items():
@@ -68,8 +69,9 @@ def clip_seconds(release: Path, locale: str, name: str) -> float:
 
 
 def reference_selection(release: Path, locales: list[str], max_seconds: float, seed: int = 1) -> list[str]:
-    """The spec's algorithm written out directly: one seeded stream; group by sentence, shuffle sentences, then
-    each sentence's clips; pop one clip per sentence per round until the total first exceeds the budget."""
+    """The spec's algorithm written out directly: one seeded stream; group by sentence, shuffle sentences,
+    then each sentence's clips; pop one clip per sentence per round until the total first exceeds the
+    budget."""
     rng = random.Random(seed)
     chosen = []
     for locale in locales:
@@ -127,7 +129,8 @@ def test_whole_language_when_under_budget_and_seed_matters(release, tmp_path):
 
 
 def test_durations_file_sets_durations_and_language_order(release, tmp_path):
-    # Durations file in zenodo's format, gzipped, languages in a non-sorted order (the reference's lang order).
+    # Durations file in zenodo's format, gzipped, languages in a non-sorted order (the reference's lang
+    # order).
     order = ["zh-CN", "fr", "nn-NO"]
     lines = [
         f"{name}\t{clip_seconds(release, loc, name):.6f}\n"

@@ -182,7 +182,8 @@ def tiny_bloomzmms() -> BloomzMMS:
 @pytest.mark.parametrize("mode", ["frames", "halved"])
 def test_lid_ctc_lengths_switch(mode: str) -> None:
     """`halved` = the reference: the post-encoder lengths floor(T1/2) halved again by the LID head's ratio, so
-    the loss reads the first floor(T1/4) of the utterance's floor(T1/2) LID frames; `frames` reads them all."""
+    the loss reads the first floor(T1/4) of the utterance's floor(T1/2) LID frames; `frames` reads them
+    all."""
     model = tiny_bloomzmms()
     feat_lengths = torch.tensor([70, 45])
     out = model.adaptor(torch.randn(2, 70, 8), feat_lengths)
@@ -220,7 +221,8 @@ def test_unknown_lid_ctc_lengths_names_the_key() -> None:
 
 
 def adapter_encoder(path) -> Wav2Vec2Model:
-    """A tiny MMS-style Wav2Vec2 with per-layer attention adapters (as facebook/mms-1b-all's config), saved."""
+    """A tiny MMS-style Wav2Vec2 with per-layer attention adapters (as facebook/mms-1b-all's config),
+    saved."""
     model = make_wav2vec2(adapter_attn_dim=4).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

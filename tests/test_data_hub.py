@@ -78,9 +78,10 @@ def speak(tmp_path_factory):
 
 
 def write_parquet(rows: dict[str, list], features, path: Path) -> None:
-    """The hub's parquet with its `datasets` feature metadata. Audio cells are already encoded ({bytes, path}), so
-    they go in as a plain struct and are cast to `Audio` at the Arrow level: `Dataset.from_dict` with an `Audio`
-    feature would re-encode them through torchcodec (and FFmpeg), which the pipeline itself never needs."""
+    """The hub's parquet with its `datasets` feature metadata. Audio cells are already encoded ({bytes,
+    path}), so they go in as a plain struct and are cast to `Audio` at the Arrow level: `Dataset.from_dict`
+    with an `Audio` feature would re-encode them through torchcodec (and FFmpeg), which the pipeline itself
+    never needs."""
     from datasets import Audio, Dataset, Features, Value
 
     audio = [name for name, feature in features.items() if isinstance(feature, Audio)]

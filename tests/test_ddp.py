@@ -62,7 +62,7 @@ def launch(args: list[str], num_processes: int) -> list[str]:
     ]
 
 
-# ------------------------------------------------------------------------------------------------------ helpers
+# --------------------------------------------------------------------------------------------------- helpers
 
 CE_STAGE = {
     **CTC_STAGE,
@@ -142,9 +142,10 @@ def expected_digests(corpus: dict[str, Path], stage: dict, num_processes: int) -
 
 
 def test_two_gloo_processes_split_every_batch_of_one_process(tiny_models, tmp_path):
-    """The batch budget is global (ESPnet): at every step the two ranks' sub-batches together are the batch of a
-    one-process run, an epoch counts those global batches, and with ESPnet's loss weights (B_r * W / B, the
-    shares are uneven: 3 = 2 + 1) the two runs take the same updates. Without dropout they agree up to rounding.
+    """The batch budget is global (ESPnet): at every step the two ranks' sub-batches together are the batch of
+    a one-process run, an epoch counts those global batches, and with ESPnet's loss weights (B_r * W / B, the
+    shares are uneven: 3 = 2 + 1) the two runs take the same updates. Without dropout they agree up to
+    rounding.
     """
     corpus = write_corpus(tmp_path / "data", num_train=24)
     stage = {**CTC_STAGE, "max_epochs": 2, "num_iters_per_epoch": 6, "checkpoint_every": 100}
@@ -169,7 +170,8 @@ def test_two_gloo_processes_split_every_batch_of_one_process(tiny_models, tmp_pa
     assert summary["data_sha256_per_process"] == expected_digests(corpus, stage, 2)
     assert len(set(summary["data_sha256_per_process"])) == 2
     # Same losses, gradient norms and dev evaluations as the one process, and its weights. Sub-batches sum in
-    # another order than the whole batch; Adam's normalised steps (lr 2e-3) carry that rounding to a few 1e-5 where a gradient is nearly 0.
+    # another order than the whole batch; Adam's normalised steps (lr 2e-3) carry that rounding to a few 1e-5
+    # where a gradient is nearly 0.
     assert_rows_close(train_rows(pair), train_rows(single))
     assert_rows_close(summary["history"], expected["history"])
     last = f"train/checkpoints/step_{final_step:08d}/model.safetensors"
@@ -178,8 +180,8 @@ def test_two_gloo_processes_split_every_batch_of_one_process(tiny_models, tmp_pa
     # With the gradients all-reduced, bit-identical weights on both ranks.
     digests = summary["final_weights_sha256_per_process"]
     assert len(digests) == 2 and digests[0] == digests[1]
-    # Rank 0 wrote the shared checkpoint files and their checksums (every rank's RNG file among them), each rank
-    # its own RNG states.
+    # Rank 0 wrote the shared checkpoint files and their checksums (every rank's RNG file among them), each
+    # rank its own RNG states.
     checkpoint = (pair / last).parent
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "checksums.sha256",
@@ -194,8 +196,8 @@ def test_two_gloo_processes_split_every_batch_of_one_process(tiny_models, tmp_pa
 
 
 def test_a_signal_to_one_rank_stops_both_after_the_same_update(tiny_models, tmp_path):
-    """SIGTERM reaching one rank only (signals may arrive at slightly different times): both ranks stop after the
-    same update (one shared checkpoint with both RNG files, no rank left waiting in a collective), and the
+    """SIGTERM reaching one rank only (signals may arrive at slightly different times): both ranks stop after
+    the same update (one shared checkpoint with both RNG files, no rank left waiting in a collective), and the
     relaunch ends with the weights of an uninterrupted two-process run."""
     import psutil
 

@@ -124,7 +124,8 @@ def tiny_llm_settings(steps: int, freeze: bool) -> dict:
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_demo_llm_embeddings_stay_random_and_frozen_when_asked(tmp_path, freeze):
-    """freeze_embeddings: pretraining leaves the (tied) table at its random rows of norm ~5; otherwise it moves."""
+    """freeze_embeddings: pretraining leaves the (tied) table at its random rows of norm ~5; otherwise it
+    moves."""
     prompt = {"prefix": "Repeat the sentence: ", "postfix": ". "}
     st_prompt = {"prefix": "Translate the following text from {language} to English\n", "postfix": "\n"}
     models = {}

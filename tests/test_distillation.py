@@ -92,7 +92,8 @@ def reference_loss(
 
 
 def test_response_rows_mark_each_samples_response_positions():
-    # Right padding: sample b starts at b * span; its rows run from the last prompt position to the last token.
+    # Right padding: sample b starts at b * span; its rows run from the last prompt position to the last
+    # token.
     assert response_rows([3, 1, 2], [2, 0, 4], 6) == [2, 3, 4, 6, 13, 14, 15, 16, 17]
 
 
@@ -170,7 +171,8 @@ def test_bf16_autocast_gives_a_float32_loss_close_to_fp32():
 
 
 def test_sorting_or_bucketing_by_length_leaves_the_loss_unchanged():
-    """The batch loss is a mean over samples: any order, or buckets weighted by their size, give the same value."""
+    """The batch loss is a mean over samples: any order, or buckets weighted by their size, give the same
+    value."""
     llm = SpeechLLM(tiny_llama(), PAD, EOS)
     speech, transcripts, responses = mixed_batch()
     student, teacher = prompts(speech, transcripts)
@@ -401,8 +403,8 @@ def test_the_loop_sets_the_encoder_mode_per_micro_batch(tmp_path, mode):
 
 
 def test_reference_encoder_mode_survives_a_resume(tmp_path):
-    """A run stopped after epoch 0 resumes with the epoch's first micro-batch (3) in train mode: the epoch start
-    comes back from the checkpoint (from 0 instead, 3 // 2 != 0 // 2 would put it in eval mode)."""
+    """A run stopped after epoch 0 resumes with the epoch's first micro-batch (3) in train mode: the epoch
+    start comes back from the checkpoint (from 0 instead, 3 // 2 != 0 // 2 would put it in eval mode)."""
     model, tokenizer, datasets = _tiny_kang_roy(tmp_path)
     settings = {"max_epochs": 2, "encoder_mode": "reference", "reference_validation_interval": 2}
     assert _train_kd(tmp_path, model, tokenizer, datasets, max_steps=3, **settings).summary["final_step"] == 3

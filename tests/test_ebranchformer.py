@@ -314,15 +314,16 @@ def test_paper_scale_parameter_counts() -> None:
 
 # --------------------------------------------------------------------------- ESPnet parity (optional)
 # ESPnet is a test-only oracle, not a dependency: `make test` installs it without its dependency set into
-# .venv/oracle (tests/oracle-requirements.txt) and puts that on PYTHONPATH; a bare `pytest` skips these. Inputs are
-# unpadded because the adaptor deliberately differs from ESPnet on padded batches (padding-invariant LID upsampling
-# and masking, see speechllm.models.adaptor).
+# .venv/oracle (tests/oracle-requirements.txt) and puts that on PYTHONPATH; a bare `pytest` skips these.
+# Inputs are unpadded because the adaptor deliberately differs from ESPnet on padded batches
+# (padding-invariant LID upsampling and masking, see speechllm.models.adaptor).
 
 
 def espnet_encoder(config: AdaptorConfig, conditioning: bool = False) -> torch.nn.Module:
     pytest.importorskip(
         ESPNET_ENCODER_MODULE,
-        reason="espnet2 is not importable (a test-only oracle: `make test` installs it into .venv/oracle); parity skipped",
+        reason="espnet2 is not importable (a test-only oracle: `make test` installs it into .venv/oracle); "
+        "parity skipped",
     )
     reference = build_espnet_encoder(config, conditioning)
     randomize_(reference, seed=1)
@@ -381,8 +382,9 @@ def test_parity_with_espnet_self_conditioned_encoder(frames: int) -> None:
 
 @pytest.mark.parametrize("im2col", [False, True])
 def test_gradients_match_espnet(im2col: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Backward of the whole adaptor (subsampling convolutions through oneDNN or im2col, depthwise convolutions
-    run as 2-D ones, LID self-conditioning, post-encoder) against ESPnet's encoder with the same weights."""
+    """Backward of the whole adaptor (subsampling convolutions through oneDNN or im2col, depthwise
+    convolutions run as 2-D ones, LID self-conditioning, post-encoder) against ESPnet's encoder with the same
+    weights."""
     monkeypatch.setattr(subsampling, "IM2COL_MIN_REDUCTION", 0 if im2col else 10**9)
     torch.manual_seed(0)
     config = dataclasses.replace(SMALL)

@@ -1,4 +1,5 @@
-"""Character-CTC fine-tuning of the demo speech encoder (demo/encoder_ctc.py, `speechllm models demo-speech-encoder`)."""
+"""Character-CTC fine-tuning of the demo speech encoder (demo/encoder_ctc.py,
+`speechllm models demo-speech-encoder`)."""
 
 from __future__ import annotations
 

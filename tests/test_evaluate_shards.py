@@ -1,5 +1,6 @@
-"""Evaluation in shards and batches that survive a stop: shards gathered equal the unsharded outputs; a stopped or
-killed shard resumes without redoing its finished batches and ends with identical outputs (evaluate/shards.py)."""
+"""Evaluation in shards and batches that survive a stop: shards gathered equal the unsharded outputs; a
+stopped or killed shard resumes without redoing its finished batches and ends with identical outputs
+(evaluate/shards.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def write_manifests(world: dict[str, Any], root: Path, benchmark: str) -> list[s
 
 
 def job_args(world: dict[str, Any], tmp_path: Path, benchmark: str) -> list[str]:
-    """The arguments every `speechllm evaluate` call of a benchmark's system shares (as rules/evaluate.smk)."""
+    """The arguments every `speechllm evaluate` call of a benchmark's system shares (as
+    rules/evaluate.smk)."""
     stage, decoder = CASES[benchmark]
     settings = json.dumps({"evaluate": EVAL, "sampling_rate": SR, "experiment": "t"})
     manifests = write_manifests(world, tmp_path / "manifests", benchmark)
@@ -120,9 +122,9 @@ def test_gather_refuses_missing_or_foreign_shards(world, tmp_path):
 def test_a_stopped_shard_resumes_without_redoing_batches_and_ends_identical(
     world, tmp_path, monkeypatch, stop_signals
 ):
-    """SIGTERM in the second batch (Slurm's warning before the time limit): the batch is finished and kept, the
-    job exits 75; a kill while a batch was being appended leaves a torn line. The rerun decodes only the batches
-    not kept and writes what an uninterrupted job writes."""
+    """SIGTERM in the second batch (Slurm's warning before the time limit): the batch is finished and kept,
+    the job exits 75; a kill while a batch was being appended leaves a torn line. The rerun decodes only the
+    batches not kept and writes what an uninterrupted job writes."""
     from speechllm.evaluate import system as system_module
 
     expected = whole(world, tmp_path, "fleurs_asr")

@@ -1,4 +1,5 @@
-"""config/experiments/bloomzmms_exact.yaml: the reference code's behaviour, switch by switch, over bloomzmms.yaml.
+"""config/experiments/bloomzmms_exact.yaml: the reference code's behaviour, switch by switch, over
+bloomzmms.yaml.
 
 Each of its keys is a row of docs/deviations.md, it plans (`speechllm plan`) and dry-runs (`snakemake -n`)."""
 

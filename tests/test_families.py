@@ -1,6 +1,6 @@
 """Both systems over other LLM and speech-encoder families: Qwen2 (2.5), Qwen3, Llama 3, Gemma 2 / 3 and
-Mistral causal LMs x WavLM / HuBERT (waveform) and Whisper / w2v-BERT 2.0 (log-mel) encoders, all tiny and random,
-saved and loaded through `from_pretrained` (tests/tiny_families.py)."""
+Mistral causal LMs x WavLM / HuBERT (waveform) and Whisper / w2v-BERT 2.0 (log-mel) encoders, all tiny and
+random, saved and loaded through `from_pretrained` (tests/tiny_families.py)."""
 
 from __future__ import annotations
 
@@ -201,8 +201,8 @@ def test_blank_is_chosen_per_tokenizer(family_dirs, llm) -> None:
 @pytest.mark.parametrize("encoder", ["wavlm", "whisper"])
 @pytest.mark.parametrize("llm", LLMS)
 def test_bloomzmms_recipe_steps(family_dirs, llm, encoder, tmp_path) -> None:
-    """CTC step onto the LLM's own input embeddings, CE step in the chat turn (batched = per sample), generation,
-    export -> transcribe / ask."""
+    """CTC step onto the LLM's own input embeddings, CE step in the chat turn (batched = per sample),
+    generation, export -> transcribe / ask."""
     spec = bloomzmms_spec(family_dirs, llm, encoder, "chat")
     model, tokenizer = build_model(spec, with_ctc=True, with_llm=True)
     frame = prompt_frame(tokenizer, "chat")
@@ -550,8 +550,8 @@ def test_lora_adapters_resume_exactly(tmp_path) -> None:
 
 
 def test_exported_models_keep_the_prompt_frame_they_were_trained_with(family_dirs, tmp_path) -> None:
-    """A chat template that renders differently later (a new revision, a date in the system turn) does not change
-    an exported model's prompt: speechllm.json records the frame."""
+    """A chat template that renders differently later (a new revision, a date in the system turn) does not
+    change an exported model's prompt: speechllm.json records the frame."""
     import json
     import shutil
 

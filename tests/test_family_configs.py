@@ -1,5 +1,6 @@
-"""Architecture configs of current LLMs and speech encoders, `speechllm plan` on them, and the ready experiment
-config of the BLOOMZMMS recipe on Qwen2.5-7B-Instruct + Whisper-large-v3 (plan and offline dry run)."""
+"""Architecture configs of current LLMs and speech encoders, `speechllm plan` on them, and the ready
+experiment config of the BLOOMZMMS recipe on Qwen2.5-7B-Instruct + Whisper-large-v3 (plan and offline dry
+run)."""
 
 from __future__ import annotations
 

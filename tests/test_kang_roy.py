@@ -1,4 +1,5 @@
-"""Kang & Roy model: HuBERT + pooling encoder, MiniChat-style chat prompt on a frozen LLaMA, export and 8-bit errors."""
+"""Kang & Roy model: HuBERT + pooling encoder, MiniChat-style chat prompt on a frozen LLaMA, export and 8-bit
+errors."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def tiny_hubert_config(**overrides) -> HubertConfig:
 
 
 def build_chat_tokenizer(out_dir: Path) -> PreTrainedTokenizerFast:
-    """SentencePiece-like BPE with LLaMA's special ids (<unk> 0, <s> 1, </s> 2) that prepends <s>, no pad token."""
+    """SentencePiece-like BPE with LLaMA's special ids (<unk> 0, <s> 1, </s> 2) that prepends <s>, no pad
+    token."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     texts = [

@@ -19,9 +19,9 @@ from speechllm.data.languages import (
 from speechllm.data.manifest import ManifestError, read_manifest, write_manifest
 from speechllm.data.prepare import language_ids
 
-# Common Voice 11.0's 100 locales (the subsets of the hub's mozilla-foundation/common_voice_11_0). With FLEURS'
-# 102 names they give 138 LID names; CV 12.0 lists 101 locales on the hub, consistent with the paper's 139 if
-# the added locale is one FLEURS lacks (not verifiable offline).
+# Common Voice 11.0's 100 locales (the subsets of the hub's mozilla-foundation/common_voice_11_0). With
+# FLEURS' 102 names they give 138 LID names; CV 12.0 lists 101 locales on the hub, consistent with the paper's
+# 139 if the added locale is one FLEURS lacks (not verifiable offline).
 CV11_LOCALES = (
     "ab",
     "ar",

@@ -1,5 +1,5 @@
-"""How model steps are launched and what they ask Slurm for: resources and shell commands from Snakemake dry runs
-(rules/common.smk: job_resources, launcher), run for real with accelerate on CPU and, for several nodes,
+"""How model steps are launched and what they ask Slurm for: resources and shell commands from Snakemake dry
+runs (rules/common.smk: job_resources, launcher), run for real with accelerate on CPU and, for several nodes,
 under a stand-in srun."""
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def test_cpu_steps_keep_the_plain_call(demo_jobs):
 
 
 def test_rule_overrides_set_a_steps_threads(demo_jobs, paper_jobs):
-    """`resources.rules.<rule>.cpu_threads` reaches the job's --threads; without it, `resources.cpu_threads`."""
+    """`resources.rules.<rule>.cpu_threads` reaches the job's --threads; without it,
+    `resources.cpu_threads`."""
 
     def threads(job: dict) -> int:
         return int(re.search(r"--threads (\d+)", job["shell"]).group(1))
@@ -160,7 +161,8 @@ def test_one_process_steps_take_rule_overrides_and_retry_scaling(tmp_path, paper
     )
     assert jobs["generate_targets"]["resources"]["mem_mb"] == 2222
     assert "--threads 3 " in jobs["generate_targets"]["shell"]
-    # Paper scale, third attempt: the base 64 GB × 1.5², and init_model asks for no GPU (config rules.init_model).
+    # Paper scale, third attempt: the base 64 GB × 1.5², and init_model asks for no GPU (config
+    # rules.init_model).
     paper = yaml.safe_load((REPO / "config/experiments/bloomzmms.yaml").read_text())["resources"]
     scale = yaml.safe_load((REPO / "config/config.yaml").read_text())["resources"]["retry_scale"]
     init = paper_jobs["init_model"]["resources"]
@@ -188,8 +190,9 @@ def test_gpu_steps_launch_one_process_per_gpu(paper_jobs):
 
 
 def test_retries_ask_for_more_memory_and_time(paper_jobs):
-    # Attempt 3 = two retries at retry_scale 1.5: 2.25 × mem_mb of config/experiments/bloomzmms.yaml; the runtime
-    # of steps that resume stays (the retry goes on where the stopped job was), that of the others grows.
+    # Attempt 3 = two retries at retry_scale 1.5: 2.25 × mem_mb of config/experiments/bloomzmms.yaml; the
+    # runtime of steps that resume stays (the retry goes on where the stopped job was), that of the others
+    # grows.
     assert paper_jobs["train_ce"]["resources"]["mem_mb"] == 432000
     assert paper_jobs["train_ctc"]["resources"]["mem_mb"] == 288000
     for rule in ("train_ctc", "train_ce", "evaluate", "generate_targets"):
@@ -200,8 +203,8 @@ def test_retries_ask_for_more_memory_and_time(paper_jobs):
 
 
 def test_the_slurm_profile_retries_every_signalled_step_often(paper_jobs):
-    """The steps that ask for SIGTERM before their limit stop for a retry each time: the Slurm profile marks them
-    preemptible (more retries than `retries`, for them only)."""
+    """The steps that ask for SIGTERM before their limit stop for a retry each time: the Slurm profile marks
+    them preemptible (more retries than `retries`, for them only)."""
     profile = yaml.safe_load((REPO / "profiles/slurm/profile.yaml").read_text())
     signalled = {rule for rule, job in paper_jobs.items() if "slurm_extra" in job["resources"]}
     assert {"train_ctc", "train_ce", "generate_targets", "evaluate"} <= signalled
@@ -210,8 +213,8 @@ def test_the_slurm_profile_retries_every_signalled_step_often(paper_jobs):
 
 
 def test_sharded_evaluation_is_one_job_per_shard_and_a_gather(tmp_path):
-    """evaluate.shards: 3 -> three decoding jobs (each its share of the batches, resumable) and one gather job that
-    writes the Parquet and the score file; with 1 (the default) one job does all of it."""
+    """evaluate.shards: 3 -> three decoding jobs (each its share of the batches, resumable) and one gather job
+    that writes the Parquet and the score file; with 1 (the default) one job does all of it."""
     res = dry_run(tmp_path, write_yaml(tmp_path / "shards.yaml", {"evaluate": {"shards": 3}}))
     assert res.returncode == 0, res.stderr[-3000:]
     shards = re.findall(
@@ -227,8 +230,8 @@ def test_sharded_evaluation_is_one_job_per_shard_and_a_gather(tmp_path):
 
 
 def test_many_preemptions_keep_the_memory_request_bounded(tmp_path):
-    """A resumable step retried for the 8th time (preemptible retries) asks for the memory of the third attempt
-    (retry_scale_attempts: 2), not 1.5^7 times it, which no node has."""
+    """A resumable step retried for the 8th time (preemptible retries) asks for the memory of the third
+    attempt (retry_scale_attempts: 2), not 1.5^7 times it, which no node has."""
     res = dry_run(tmp_path, REPO / "config/experiments/bloomzmms.yaml", extra=("--attempt", "8"))
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = parse_jobs(res.stdout)
@@ -303,7 +306,8 @@ def test_multi_node_ce_runs_one_accelerate_launch_per_node(paper_jobs, tmp_path)
         "nodes=1\n"
         "while [[ $1 == -* ]]; do case $1 in --nodes=*) nodes=${1#--nodes=};; esac; shift; done\n"
         "for ((i = 0; i < nodes; i++)); do\n"
-        '  SLURM_NODEID=$i SLURM_NNODES=$nodes SLURM_JOB_NODELIST="gpu[07-08]" SLURM_JOB_ID=123456 "$@" || exit\n'
+        '  SLURM_NODEID=$i SLURM_NNODES=$nodes SLURM_JOB_NODELIST="gpu[07-08]" SLURM_JOB_ID=123456 '
+        '"$@" || exit\n'
         "done\n",
     )
     write_stub(
@@ -406,7 +410,8 @@ stopping.check("the probe's checkpoint")
 def test_launchers_wait_for_a_signalled_step_to_save(paper_jobs, tmp_path, rule, ranks):
     """Slurm sends SIGTERM to every process of a job step. The launcher (accelerate's, torch's elastic agent)
     must outlive `speechllm` saving its progress: when it exits, Snakemake's wrapper ends the step and Slurm
-    kills what is left. accelerate's one-process launcher would die at once, the agent would kill after 30 s."""
+    kills what is left. accelerate's one-process launcher would die at once, the agent would kill after
+    30 s."""
     import psutil
 
     launcher = paper_jobs[rule]["shell"].split(" speechllm ", 1)[0]
@@ -429,7 +434,8 @@ def test_launchers_wait_for_a_signalled_step_to_save(paper_jobs, tmp_path, rule,
     for process in [psutil.Process(step.pid), *psutil.Process(step.pid).children(recursive=True)]:
         process.send_signal(signal.SIGTERM)
     step.wait(timeout=120)
-    # Only now (the launcher is gone) may the step end: every rank had saved, and it failed (Snakemake retries).
+    # Only now (the launcher is gone) may the step end: every rank had saved, and it failed (Snakemake
+    # retries).
     saved = sorted(tmp_path.glob("saved*"))
     assert len(saved) == ranks, log.read_text()[-2000:]
     assert step.returncode != 0 and "SIGTERM received: the probe's checkpoint" in log.read_text()

@@ -329,7 +329,8 @@ def test_meteor_tokenises_with_word_tokenize_as_hf_evaluate(punkt_english) -> No
     hyps = ["It rained . Two roads closed .", "The council approved a new park."]
     # sentence splitting (the Punkt data) separates the period from "rained"
     assert word_tokenize(refs[0]) == ["It", "rained", ".", "Two", "roads", "closed", "."]
-    # HF evaluate's meteor: single_meteor_score(word_tokenize(ref), word_tokenize(pred), 0.9, 3, 0.5), then a mean
+    # HF evaluate's meteor: single_meteor_score(word_tokenize(ref), word_tokenize(pred), 0.9, 3, 0.5), then a
+    # mean
     expected = fmean(
         single_meteor_score(
             word_tokenize(r), word_tokenize(h), wordnet=NoSynonyms(), alpha=0.9, beta=3, gamma=0.5

@@ -1,5 +1,5 @@
-"""Clips too short for the model: the shortest input follows the encoder's and the adaptor's frame arithmetic, and a
-shorter clip is one line naming its file (transcribe, ask, evaluation, training), never a traceback."""
+"""Clips too short for the model: the shortest input follows the encoder's and the adaptor's frame arithmetic,
+and a shorter clip is one line naming its file (transcribe, ask, evaluation, training), never a traceback."""
 
 from __future__ import annotations
 

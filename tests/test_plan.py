@@ -1,4 +1,5 @@
-"""`speechllm plan`: meta-device parameter counts of the paper-scale models, memory arithmetic, FLOP formulas."""
+"""`speechllm plan`: meta-device parameter counts of the paper-scale models, memory arithmetic, FLOP
+formulas."""
 
 from __future__ import annotations
 
@@ -159,7 +160,8 @@ def test_8bit_and_checkpointing_change_the_llm_plan() -> None:
 
 
 def sampler_shares(cfg: dict, stage: str) -> list[int]:
-    """Each GPU's largest batch from the training sampler when every utterance lasts plan.utterance_seconds."""
+    """Each GPU's largest batch from the training sampler when every utterance lasts
+    plan.utterance_seconds."""
     stage_cfg, plan_cfg = cfg["train"][stage], cfg["plan"]
     gpus = plan_cfg["gpus"].get(stage, 1)
     durations = [plan_cfg["utterance_seconds"]] * (

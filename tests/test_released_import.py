@@ -465,7 +465,8 @@ def test_ask_an_imported_ce_model(imported_ce, tmp_path):
 
 def paper_scale_released_state(token_count: int) -> dict[str, torch.Tensor]:
     """The key layout of `bloomzmms-ctc/exp/.../10epoch.pth` on the meta device: s3prl's MMS-1B (a pretraining
-    config, as the strict load of the converted file needs), ESPnet's paper E-Branchformer, the overlay's heads."""
+    config, as the strict load of the converted file needs), ESPnet's paper E-Branchformer, the overlay's
+    heads."""
     from released_layout import OverlayCtc, OverlayPostencoder, oracle_modules
 
     o = oracle_modules()
@@ -536,9 +537,9 @@ interctc_use_conditioning: true
 
 
 def test_paper_scale_layout_maps_onto_the_project_model(tmp_path):
-    """Every tensor of the released CTC file's layout (1532, rebuilt on meta) is placed or dropped on purpose, and
-    the project's paper-scale model (config/models/mms-1b-all.json without adapters, the paper adaptor) has
-    exactly the mapped keys and shapes."""
+    """Every tensor of the released CTC file's layout (1532, rebuilt on meta) is placed or dropped on purpose,
+    and the project's paper-scale model (config/models/mms-1b-all.json without adapters, the paper adaptor)
+    has exactly the mapped keys and shapes."""
     from transformers import AutoModel, Wav2Vec2Config
 
     from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor

@@ -1,5 +1,5 @@
-"""Report figures, W&B results runs and `wandb sync`, the CLI error line, and the report/table rules of the workflow
-(dry runs and `snakemake --report` on a small prepared results tree)."""
+"""Report figures, W&B results runs and `wandb sync`, the CLI error line, and the report/table rules of the
+workflow (dry runs and `snakemake --report` on a small prepared results tree)."""
 
 from __future__ import annotations
 
@@ -392,8 +392,8 @@ def test_one_table_from_scratch_runs_only_its_evaluations(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def prepared_tree(tmp_path_factory) -> Path:
-    """Every output of the default DAG as a small placeholder (score files, tables and figures real), made current
-    with `snakemake --touch`."""
+    """Every output of the default DAG as a small placeholder (score files, tables and figures real), made
+    current with `snakemake --touch`."""
     root = tmp_path_factory.mktemp("results_tree")
     listing = snakemake("--summary", cwd=root)
     assert listing.returncode == 0, listing.stderr[-3000:]

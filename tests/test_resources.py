@@ -1,5 +1,6 @@
-"""The report's resource view: every rule writes a Snakemake benchmark file, and `speechllm report resources` sets
-each rule's measured wall time, memory and CPU against its request (report/resources.py, rule resource_usage)."""
+"""The report's resource view: every rule writes a Snakemake benchmark file, and `speechllm report resources`
+sets each rule's measured wall time, memory and CPU against its request (report/resources.py, rule
+resource_usage)."""
 
 from __future__ import annotations
 
@@ -84,8 +85,8 @@ def test_a_broken_benchmark_file_is_named(tmp_path):
     "configs", [(), ("config/experiments/bloomzmms.yaml",), ("config/experiments/speech_summarization.yaml",)]
 )
 def test_every_job_writes_a_benchmark_and_the_view_knows_each_request(tmp_path, configs):
-    """Every rule of each DAG (demo, paper scale, summarization) has `logs/benchmark/<rule>/...`, and the view is
-    told each rule's first-attempt request (here: as the config and the rule files state it)."""
+    """Every rule of each DAG (demo, paper scale, summarization) has `logs/benchmark/<rule>/...`, and the view
+    is told each rule's first-attempt request (here: as the config and the rule files state it)."""
     files = [str(REPO / "config/config.yaml"), *(str(REPO / c) for c in configs)]
     res = subprocess.run(
         [

@@ -1,6 +1,6 @@
-"""`snakemake --profile slurm` on a real single-node Slurm (scripts/slurm/local_slurm.sh, fake GPUs): a reduced
-demo target runs as Slurm jobs, one of them with a GPU, and a download runs on the submit host; a training job
-stopped at its time limit is retried and resumes to the end.
+"""`snakemake --profile slurm` on a real single-node Slurm (scripts/slurm/local_slurm.sh, fake GPUs): a
+reduced demo target runs as Slurm jobs, one of them with a GPU, and a download runs on the submit host; a
+training job stopped at its time limit is retried and resumes to the end.
 
 Needs root and Debian's slurm-wlm + munge (installed with apt-get when missing); skips with the reason where
 Slurm cannot be set up. Every daemon it starts is stopped by its pid file, whatever happens."""
@@ -189,9 +189,10 @@ def test_reduced_demo_runs_as_slurm_jobs(local_slurm, tmp_path):
 
 @pytest.mark.slow
 def test_a_training_job_stopped_at_its_time_limit_is_retried_and_resumes(local_slurm, tmp_path, tiny_models):
-    """train_ctc with a 1-minute limit and 3,000 updates (100 s on an idle core, more on a busy one): Slurm sends SIGTERM at the limit (to every
-    process of the job step, W&B's service too), the job saves a checkpoint at its current update and exits for
-    a retry, which gets the same runtime and resumes there until the training ends."""
+    """train_ctc with a 1-minute limit and 3,000 updates (100 s on an idle core, more on a busy one): Slurm
+    sends SIGTERM at the limit (to every process of the job step, W&B's service too), the job saves a
+    checkpoint at its current update and exits for a retry, which gets the same runtime and resumes there
+    until the training ends."""
     from test_train_resume import ADAPTOR, CTC_STAGE, write_corpus
 
     work = tmp_path / "run"
@@ -217,8 +218,8 @@ def test_a_training_job_stopped_at_its_time_limit_is_retried_and_resumes(local_s
                         "patience": None,
                     }
                 },
-                # No early SIGTERM (sbatch --signal): Slurm checks limits every ~30 s, a warning could come before any
-                # update; the limit's own SIGTERM leaves KillWait (30 s) to save.
+                # No early SIGTERM (sbatch --signal): Slurm checks limits every ~30 s, a warning could come
+                # before any update; the limit's own SIGTERM leaves KillWait (30 s) to save.
                 "resources": {
                     "rules": {
                         "train_ctc": {

@@ -1,4 +1,5 @@
-"""Tests for the speech frontend, the CTC head and the SpeechLLM wrapper, on tiny random models (no downloads)."""
+"""Tests for the speech frontend, the CTC head and the SpeechLLM wrapper, on tiny random models (no
+downloads)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def make_lm(family: str, seed: int = 0) -> PreTrainedModel:
 
 
 def make_wav2vec2(seed: int = 0, **extra: object) -> Wav2Vec2Model:
-    """MMS's stable-layer-norm layout at toy size (20-sample hop, 25-sample receptive field); `extra` config."""
+    """MMS's stable-layer-norm layout at toy size (20-sample hop, 25-sample receptive field); `extra`
+    config."""
     torch.manual_seed(seed)
     config = Wav2Vec2Config(
         feat_extract_norm="layer",
@@ -385,7 +387,8 @@ def test_frontend_init_and_modes() -> None:
 
 
 def test_conv_frame_lengths_follow_the_feature_extractor() -> None:
-    """Config arithmetic = frames the conv stack really outputs, and fairseq's 49 frames per second of 16 kHz."""
+    """Config arithmetic = frames the conv stack really outputs, and fairseq's 49 frames per second of
+    16 kHz."""
     config = (
         Wav2Vec2Config()
     )  # MMS / wav2vec 2.0 feature extractor: 7 layers, 20 ms hop, 25 ms receptive field

@@ -270,8 +270,8 @@ def test_atomic_dir_replaces_a_directory_whole_or_not_at_all(tmp_path: Path) -> 
 
 
 def test_summarization_table_reads_summary_and_perplexity_files(tmp_path: Path) -> None:
-    """The evaluation writes ROUGE/METEOR/BERTScore (`summarization`) and perplexity (`response_ppl`) to two score
-    files."""
+    """The evaluation writes ROUGE/METEOR/BERTScore (`summarization`) and perplexity (`response_ppl`) to two
+    score files."""
     files = []
     for model, rouge, meteor in (("text", 0.40, 0.30), ("cascade", 0.30, None)):
         skipped = {"meteor_skipped": "nltk WordNet data not found"} if meteor is None else {}

@@ -145,8 +145,8 @@ def test_killed_shard_resumes_without_redoing_or_duplicating(lm, tmp_path, full_
 def test_stop_signal_keeps_the_finished_batch_and_the_rerun_completes_it(
     lm, tmp_path, full_shard, stop_signals
 ):
-    """SIGTERM during a shard (Slurm's warning before the time limit): the batch being generated is finished and
-    appended, the shard exits for a retry (status 75), and the retry generates only the rest."""
+    """SIGTERM during a shard (Slurm's warning before the time limit): the batch being generated is finished
+    and appended, the shard exits for a retry (status 75), and the retry generates only the rest."""
     model, tok = lm
     items, settings = SHARD_ITEMS, SHARD_SETTINGS
     out = tmp_path / "stopped.jsonl"
@@ -220,7 +220,8 @@ def test_only_empty_outputs_are_dropped_unless_blank_ones_are_too(drop_blank, ke
 
 
 def test_assemble_cli_names_the_bad_shard_line(tmp_path):
-    """`speechllm targets assemble` on a broken shard or manifest: the error names file and line, nothing written."""
+    """`speechllm targets assemble` on a broken shard or manifest: the error names file and line, nothing
+    written."""
     manifest = tmp_path / "train.jsonl"
     manifest.write_text(json.dumps({"id": "u0", "raw_transcription": "Hi.", "transcription": "hi"}) + "\n")
     good = {"index": 0, "text": "Hi.", "prefix": "P: ", "postfix": "", "output": " out"}
@@ -330,7 +331,8 @@ def varied_lm(request, tiny_models, tmp_path_factory):
 
 
 def hf_alone(model, tok, prompt: str, limit: int, stop_ids: set[int]) -> list[int]:
-    """Plain HF greedy `generate` on one prompt (no padding, its own cache), cut as `generate_batched` cuts."""
+    """Plain HF greedy `generate` on one prompt (no padding, its own cache), cut as `generate_batched`
+    cuts."""
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     gen = model.generate(
         input_ids=ids,
@@ -347,7 +349,8 @@ def hf_alone(model, tok, prompt: str, limit: int, stop_ids: set[int]) -> list[in
 @pytest.fixture(scope="module")
 def stopping_lm(varied_lm):
     """`varied_lm` with extra stop tokens, and the one-at-a-time HF reference continuations (ids) of
-    MIXED_PROMPTS under MIXED_LIMITS: some rows stop early (one before its first token), others at their limit."""
+    MIXED_PROMPTS under MIXED_LIMITS: some rows stop early (one before its first token), others at their
+    limit."""
     model, tok = varied_lm
     free_run = [hf_alone(model, tok, p, max(MIXED_LIMITS), {2}) for p in MIXED_PROMPTS]
     frequent = Counter(t for ids in free_run for t in ids[1:]).most_common(EXTRA_STOPS)

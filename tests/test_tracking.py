@@ -119,22 +119,26 @@ def test_resume_drops_a_torn_last_metrics_line_and_names_other_bad_lines(tmp_pat
 CHILD_JOB = """
 from pathlib import Path
 from speechllm.train.tracking import Tracker
-Tracker(Path("results/train/job"), {"project": "speechllm-tests", "mode": "offline"}, "tests", "train_kd", "job",
-        {}).close()
+Tracker(
+    Path("results/train/job"), {"project": "speechllm-tests", "mode": "offline"}, "tests", "train_kd", "job",
+    {},
+).close()
 """
 PARENT_WITH_SERVICE = """
 import subprocess, sys
 from pathlib import Path
 from speechllm.train.tracking import Tracker
-Tracker(Path("parent"), {"project": "speechllm-tests", "mode": "offline"}, "tests", "train_ctc", "parent", {}).close()
+Tracker(
+    Path("parent"), {"project": "speechllm-tests", "mode": "offline"}, "tests", "train_ctc", "parent", {}
+).close()
 subprocess.run([sys.executable, "-c", sys.argv[2]], cwd=sys.argv[1], check=True)  # inherits WANDB_SERVICE
 """
 
 
 def test_a_job_started_under_a_running_wandb_service_writes_into_its_own_directory(tmp_path):
-    """A process that has used W&B (pytest, a notebook) hands its service to the jobs it starts (WANDB_SERVICE);
-    the service resolves paths in its own working directory, so the run of a job given a relative directory went
-    there (for the test suite: the repository checkout) or was lost."""
+    """A process that has used W&B (pytest, a notebook) hands its service to the jobs it starts
+    (WANDB_SERVICE); the service resolves paths in its own working directory, so the run of a job given a
+    relative directory went there (for the test suite: the repository checkout) or was lost."""
     import os
     import subprocess
     import sys

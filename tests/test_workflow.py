@@ -1,4 +1,5 @@
-"""The Snakemake workflow: config validation, lint, the paper-scale dry run and, end to end, a reduced demo."""
+"""The Snakemake workflow: config validation, lint, the paper-scale dry run and, end to end, a reduced
+demo."""
 
 from __future__ import annotations
 
@@ -106,8 +107,8 @@ def test_config_errors_name_the_key(tmp_path, data, key):
     ],
 )
 def test_missing_config_paths_stop_the_run_before_any_job(tmp_path, configfile, data, key):
-    """A path the config names (and no rule makes) is checked before the first job, in one line naming the key;
-    a dry run still lists the jobs."""
+    """A path the config names (and no rule makes) is checked before the first job, in one line naming the
+    key; a dry run still lists the jobs."""
     configs = ("--configfile", str(REPO / configfile), str(override(tmp_path, data)))
     assert snakemake("-n", "-d", str(tmp_path), *configs).returncode == 0
     res = snakemake("-c1", "-d", str(tmp_path), *configs)
@@ -121,8 +122,9 @@ def test_missing_config_paths_stop_the_run_before_any_job(tmp_path, configfile, 
     ("configfile", "seconds"), [("config/config.yaml", 0.115), ("config/experiments/bloomzmms.yaml", 0.225)]
 )
 def test_min_duration_auto_is_the_models_shortest_input(tmp_path, configfile, seconds):
-    """`data.min_duration: auto` becomes the shortest clip the encoder + adaptor turn into a speech vector (demo
-    encoder 10 ms frames: 1840 samples; MMS-1B 20 ms frames: 3600), which data preparation then drops below."""
+    """`data.min_duration: auto` becomes the shortest clip the encoder + adaptor turn into a speech vector
+    (demo encoder 10 ms frames: 1840 samples; MMS-1B 20 ms frames: 3600), which data preparation then drops
+    below."""
     res = snakemake(
         "results/data/dev.jsonl", "-n", "-p", "-d", str(tmp_path), "--configfile", str(REPO / configfile)
     )
@@ -449,7 +451,8 @@ def evaluated_systems(out: str) -> set[str]:
 
 
 def test_dropping_a_system_by_config_drops_its_jobs_and_columns(tmp_path):
-    """evaluate.design without tmi: tmi is neither trained nor evaluated nor tabulated, the rest is unchanged."""
+    """evaluate.design without tmi: tmi is neither trained nor evaluated nor tabulated, the rest is
+    unchanged."""
     benchmarks = {
         "fleurs_asr": ["ctc_init", "ctc", "ce_init", "t", "mi", "cascade", "text"],
         **{b: ["ce_init", "t", "mi", "cascade", "text"] for b in ("fleurs_st", "speechglue", "speechxnli")},

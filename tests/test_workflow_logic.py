@@ -1,4 +1,5 @@
-"""speechllm.workflow without Snakemake: job resources, the launch command and the systems × benchmarks design."""
+"""speechllm.workflow without Snakemake: job resources, the launch command and the systems × benchmarks
+design."""
 
 from __future__ import annotations
 

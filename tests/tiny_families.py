@@ -58,7 +58,9 @@ LLAMA3 = (
 )
 GEMMA = (
     "<bos>{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
-    "{{ m.content }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    "{{ m.content }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+    "{% endif %}"
 )
 MISTRAL = (
     "<s>{% for m in messages %}{% if m.role == 'user' %}[INST]{{ m.content }}[/INST]"
@@ -68,8 +70,8 @@ MISTRAL = (
 
 @dataclass(frozen=True)
 class TokenizerFamily:
-    """Special tokens (in id order from 0), which are BOS / EOS / PAD / UNK, the chat template, the turn end, and
-    the token the CTC blank is (config models.ctc_head.blank_id)."""
+    """Special tokens (in id order from 0), which are BOS / EOS / PAD / UNK, the chat template, the turn end,
+    and the token the CTC blank is (config models.ctc_head.blank_id)."""
 
     specials: tuple[str, ...]
     bos: str | None
@@ -216,8 +218,8 @@ def llm_config(name: str, vocab_size: int, tokenizer: PreTrainedTokenizerFast, t
 
 
 def build_llm(name: str, out_dir: Path, seed: int = 0) -> Path:
-    """Tokenizer + a 2-layer causal LM of the family; 6 more embedding rows than tokens (as real checkpoints pad
-    the vocabulary), tied or untied as the family's small models."""
+    """Tokenizer + a 2-layer causal LM of the family; 6 more embedding rows than tokens (as real checkpoints
+    pad the vocabulary), tied or untied as the family's small models."""
     tokenizer_family, tied = LLM_FAMILIES[name]
     family = TOKENIZERS[tokenizer_family]
     tokenizer = build_tokenizer(family, out_dir)
@@ -269,7 +271,8 @@ def tiny_w2v_bert_config(**overrides: object) -> Wav2Vec2BertConfig:
 
 
 def build_encoder(name: str, out_dir: Path, seed: int = 0) -> Path:
-    """A 2-layer speech encoder of the family (width 32) with its feature extractor where it reads log-mels."""
+    """A 2-layer speech encoder of the family (width 32) with its feature extractor where it reads
+    log-mels."""
     torch.manual_seed(seed)
     if name in ("wavlm", "hubert"):
         layout = {

@@ -58,9 +58,9 @@ def check_min_length(
     """AudioError naming the file if it is shorter than the `min_samples` a model needs."""
     if num_samples < min_samples:
         raise AudioError(
-            f"{_where(path, line)}: {num_samples / sampling_rate:.4f} s ({num_samples} samples at {sampling_rate} Hz) "
-            f"is too short for this model, which needs at least {min_samples / sampling_rate:.4f} s "
-            f"({min_samples} samples)"
+            f"{_where(path, line)}: {num_samples / sampling_rate:.4f} s ({num_samples} samples at "
+            f"{sampling_rate} Hz) is too short for this model, which needs at least "
+            f"{min_samples / sampling_rate:.4f} s ({min_samples} samples)"
         )
 
 
@@ -87,7 +87,8 @@ def array_to_mono(samples: np.ndarray, rate: int, sampling_rate: int, where: str
 
 
 def speed_perturb(wav: np.ndarray, factor: float, sampling_rate: int) -> np.ndarray:
-    """Resampling-based speed change (sox `speed`, ESPnet `_sp`): pitch and tempo both change. Shape (N/factor,)."""
+    """Resampling-based speed change (sox `speed`, ESPnet `_sp`): pitch and tempo both change. Shape
+    (N/factor,)."""
     if factor == 1.0:
         return wav
     # Playing a signal `factor` times faster = treating it as recorded at sr*factor and resampling to sr.

@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
         "rerun",
         "run one pipeline step again from the record its job wrote next to its log",
         cmd_rerun,
-        description="Run a step again, by hand, from `<log stem>.run.json` (written by every rule's job): the same "
-        "command line in the same working directory, with the record's `settings` (edit them there to "
-        "try another value). Multi-GPU steps: prefix the printed command with your launcher.",
+        description="Run a step again, by hand, from `<log stem>.run.json` (written by every rule's job): "
+        "the same command line in the same working directory, with the record's `settings` (edit them "
+        "there to try another value). Multi-GPU steps: prefix the printed command with your launcher.",
         epilog=example(
             "speechllm rerun logs/train/ctc_bloomzmms.run.json",
             "speechllm rerun --print logs/eval/fleurs_asr/ctc.run.json",
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_record_option(parser: argparse.ArgumentParser) -> None:
-    """`--record LOG` on every leaf command (after its name, so process names stay `speechllm <stage> ...`)."""
+    """`--record LOG` on every leaf command (after its name, so process names stay
+    `speechllm <stage> ...`)."""
     children = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not children:
         parser.add_argument(

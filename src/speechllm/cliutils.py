@@ -35,7 +35,8 @@ def example(*commands: str) -> str:
 
 
 EXAMPLES = {
-    "transcribe": "example:\n  speechllm transcribe --model results/models/ctc clip1.wav clip2.flac > hyps.tsv",
+    "transcribe": "example:\n"
+    "  speechllm transcribe --model results/models/ctc clip1.wav clip2.flac > hyps.tsv",
     "data": "example:\n  speechllm data prepare --manifest raw.jsonl --out train.jsonl --report report.json "
     "--settings '{\"sampling_rate\": 16000, ...}'",
     "train": 'example:\n  speechllm train ctc --settings "$(cat settings.json)" --train train.jsonl '

@@ -1,9 +1,10 @@
 """`speechllm transcribe` and `speechllm ask`: inference with an exported model directory.
 
-`ask` prompts the model's LLM with text and speech mixed: every `{audio:PATH}` in the prompt is replaced by the
-speech vectors of that file, the text around them by its token embeddings, in the order written. A BLOOMZMMS model
-gets exactly that sequence (as its training prompts `[E(prefix); speech; E(postfix)]`); a Kang & Roy model gets it
-as the user turn of its chat template (`<s>[|User|]` ... `</s>[|Assistant|]`, speech-summarization.md §1.4).
+`ask` prompts the model's LLM with text and speech mixed: every `{audio:PATH}` in the prompt is replaced by
+the speech vectors of that file, the text around them by its token embeddings, in the order written. A
+BLOOMZMMS model gets exactly that sequence (as its training prompts `[E(prefix); speech; E(postfix)]`); a Kang
+& Roy model gets it as the user turn of its chat template (`<s>[|User|]` ... `</s>[|Assistant|]`,
+speech-summarization.md §1.4).
 
 Both commands load the model once (a directory or hub id) and decode their inputs in padded batches through
 `speechllm.api.SpeechModel`; the prompt parsing and checks here run before anything is loaded.
@@ -35,19 +36,27 @@ ASK_MAX_NEW_TOKENS = 256
 SAMPLING_RATE = 16_000  # what MMS and HuBERT (the speech encoders of both systems) expect
 DEFAULT_BATCH_SIZE = 8
 PRINT_BATCHES = 16  # the CLI prints every this many batches (inputs are length-sorted within them)
-ASK_EXAMPLE = """examples:
-  speechllm ask --model results/models/tmi --prompt "Repeat the sentence: {audio:clip.wav}. "
-  speechllm ask --model results/models/tmi \\
-      --prompt $'Translate the following text from German to English\\n{audio:de.wav}\\n'
-  speechllm ask --model path/to/kang_roy_model \\
-      --prompt "Summarize the following article in 3 sentences or less: {audio:article.flac}"
-  speechllm ask --model path/to/kang_roy_model --prompt "{audio:q1.wav} Compare it with this: {audio:q2.wav}"
-
-Each {audio:PATH} is replaced by the speech vectors of that file (any format/rate soundfile reads), the text
-around it by its token embeddings, in the order written. A CTC-stage model cannot be asked (use transcribe)."""
-ASK_DESCRIPTION = """Prompt a model's LLM with text and speech mixed and print its answer. A BLOOMZMMS model gets the
-prompt as it is (its training prompts are [text; speech; text]); a Kang & Roy model gets it as the user turn of its
-chat template (<s>[|User|] ... </s>[|Assistant|])."""
+ASK_EXAMPLE = (
+    "examples:\n"
+    '  speechllm ask --model results/models/tmi --prompt "Repeat the sentence: {audio:clip.wav}. "\n'
+    "  speechllm ask --model results/models/tmi \\\n"
+    "      --prompt $'Translate the following text from German to English\\n{audio:de.wav}\\n'\n"
+    "  speechllm ask --model path/to/kang_roy_model \\\n"
+    '      --prompt "Summarize the following article in 3 sentences or less: {audio:article.flac}"\n'
+    '  speechllm ask --model path/to/kang_roy_model --prompt "{audio:q1.wav} Compare it with this: '
+    '{audio:q2.wav}"\n'
+    "\n"
+    "Each {audio:PATH} is replaced by the speech vectors of that file (any format/rate soundfile reads), "
+    "the text\n"
+    "around it by its token embeddings, in the order written. A CTC-stage model cannot be asked (use "
+    "transcribe)."
+)
+ASK_DESCRIPTION = (
+    "Prompt a model's LLM with text and speech mixed and print its answer. A BLOOMZMMS model gets the\n"
+    "prompt as it is (its training prompts are [text; speech; text]); a Kang & Roy model gets it as the "
+    "user turn of its\n"
+    "chat template (<s>[|User|] ... </s>[|Assistant|])."
+)
 
 
 class PromptError(ValueError):
@@ -102,15 +111,16 @@ def check_askable(spec: dict[str, Any], model_dir: Path) -> str:
     kind = spec.get("kind", "bloomzmms")
     if kind == "bloomzmms" and spec.get("stage") == "ctc":
         raise ValueError(
-            f"{model_dir} is a CTC-stage model (speechllm.json stage 'ctc'): its adaptor was trained to be decoded "
-            f"by CTC, not to prompt the LLM. Transcribe with `speechllm transcribe --model {model_dir} AUDIO`, or "
-            "ask a CE-trained model (results/models/t, mi or tmi)"
+            f"{model_dir} is a CTC-stage model (speechllm.json stage 'ctc'): its adaptor was trained to be "
+            "decoded by CTC, not to prompt the LLM. Transcribe with `speechllm transcribe --model "
+            f"{model_dir} AUDIO`, or ask a CE-trained model (results/models/t, mi or tmi)"
         )
     return kind
 
 
 def text_token_ids(tokenizer: Any, kind: str, text: str) -> list[int]:
-    """Token ids of a text piece: without special tokens (BLOOM), without the leading BOS (LLaMA chat models)."""
+    """Token ids of a text piece: without special tokens (BLOOM), without the leading BOS (LLaMA chat
+    models)."""
     if kind == "kang_roy":
         from speechllm.models.kang_roy import text_ids
 

@@ -38,7 +38,8 @@ def fsync_path(path: Path) -> None:
 
 
 def _name_target(err: BaseException, target: Path) -> BaseException:
-    """An OS error that does not name a file (ENOSPC from a write, a failed fsync) restated with the target."""
+    """An OS error that does not name a file (ENOSPC from a write, a failed fsync) restated with the
+    target."""
     if isinstance(err, OSError) and err.filename is None:
         hint = "; free space there" if err.errno == errno.ENOSPC else ""
         return OSError(err.errno, f"{err.strerror or err} while writing {target}{hint}")

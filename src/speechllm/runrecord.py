@@ -1,10 +1,10 @@
-"""Run records: each job writes, next to its log, the settings and command line it ran with, so one step can be
-read and rerun by hand (`speechllm rerun logs/<stage>/<job>.run.json`; docs/development.md).
+"""Run records: each job writes, next to its log, the settings and command line it ran with, so one step can
+be read and rerun by hand (`speechllm rerun logs/<stage>/<job>.run.json`; docs/development.md).
 
 A record is `<log stem>.run.json`:
-`{"command", "argv", "settings", "cwd", "started", "host", "speechllm", "world_size"}`. Its `settings` are what
-`--settings` carried; `speechllm rerun` passes them back in place of `--settings`, so a setting edited in the
-record is the setting the rerun uses.
+`{"command", "argv", "settings", "cwd", "started", "host", "speechllm", "world_size"}`. Its `settings` are
+what `--settings` carried; `speechllm rerun` passes them back in place of `--settings`, so a setting edited in
+the record is the setting the rerun uses.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def write_record(log: str | os.PathLike[str], argv: list[str]) -> Path:
 
 
 def read_record(path: str | os.PathLike[str]) -> tuple[list[str], Path]:
-    """(argv to rerun with, working directory) from a record; its `settings` replace the argv's `--settings`."""
+    """(argv to rerun with, working directory) from a record; its `settings` replace the argv's
+    `--settings`."""
     path = Path(path)
     record = read_json(path)
     if not isinstance(record, dict) or not isinstance(record.get("argv"), list) or "cwd" not in record:

@@ -23,11 +23,12 @@ MULTI_NODE_RULES = ("train_ctc", "train_ce", "train_kd")
 # goes on where it stopped: a retry needs no more time than the first attempt.
 RESUMABLE_RULES = ("train_ctc", "train_ce", "train_kd", "generate_targets", "generate_responses", "evaluate")
 
-# Slurm signals every process of a job step, and a stop signal must reach `speechllm` while its launchers still
-# wait for it (once they exit, the step ends and what is left is killed). So the launcher replaces the rule's
-# shell (`exec`) and ignores SIGTERM / SIGUSR1 (inherited; `speechllm` installs its own handlers), and torch's
-# elastic agent (several processes) is told not to handle SIGTERM (torchrun --signals_to_handle, read from
-# PET_SIGNALS_TO_HANDLE): it would pass it on and kill the processes 30 s later, checkpoint written or not.
+# Slurm signals every process of a job step, and a stop signal must reach `speechllm` while its launchers
+# still wait for it (once they exit, the step ends and what is left is killed). So the launcher replaces the
+# rule's shell (`exec`) and ignores SIGTERM / SIGUSR1 (inherited; `speechllm` installs its own handlers), and
+# torch's elastic agent (several processes) is told not to handle SIGTERM (torchrun --signals_to_handle, read
+# from PET_SIGNALS_TO_HANDLE): it would pass it on and kill the processes 30 s later, checkpoint written or
+# not.
 SIGNAL_TRANSPARENT = 'trap "" TERM USR1; exec env PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT'
 # Precision comes from the config (train.<stage>), not from accelerate's defaults.
 ACCELERATE_DEFAULTS = "--mixed_precision no --dynamo_backend no --no_python"
@@ -83,9 +84,9 @@ def job_resources(resources: Mapping[str, Any], rule_name: str) -> dict[str, Any
     mem_mb grows on retries (`retry_scale`, for `retry_scale_attempts` retries); runtime too, except for the
     resumable steps, which keep it (a retry goes on where the last attempt stopped) and ask Slurm for SIGTERM
     ahead of their time limit (`stop_signal`). gpu > 0: `gpu` and `cpus_per_gpu` (sbatch --gpus,
-    --cpus-per-gpu). nodes > 1: GPUs per node as `gres` (sbatch --gres counts per node) and the `mpi` resource,
-    so the Slurm plugin runs the shell command as the batch step itself and the command's own srun (see
-    `launch_command`) starts one task per node.
+    --cpus-per-gpu). nodes > 1: GPUs per node as `gres` (sbatch --gres counts per node) and the `mpi`
+    resource, so the Slurm plugin runs the shell command as the batch step itself and the command's own srun
+    (see `launch_command`) starts one task per node.
     """
     res = rule_resources(resources, rule_name)
     key = f"resources.rules.{rule_name}" if rule_name in (resources.get("rules") or {}) else "resources"
@@ -140,7 +141,8 @@ def launch_command(resources: Mapping[str, Any], main_process_port: int) -> str:
     per GPU, behind `SIGNAL_TRANSPARENT`. Several nodes: `srun` starts one task per node, and each runs
     `accelerate launch` with its machine rank ($SLURM_NODEID) and the main node's address (the first host of
     $SLURM_JOB_NODELIST); the port is offset by the job id so jobs sharing a node do not collide. The
-    `speechllm ...` words that follow reach the per-node shell as its arguments ("$@"), so their quoting is kept.
+    `speechllm ...` words that follow reach the per-node shell as its arguments ("$@"), so their quoting is
+    kept.
     """
     gpus, nodes = gpus_per_node(resources), int(resources.get("nodes") or 1)
     if gpus == 0:
@@ -185,8 +187,8 @@ def evaluation_design(config: Mapping[str, Any]) -> tuple[Systems, BenchmarkSyst
 
     covost2_st needs a local release (evaluate.covost2.release_dir). Released checkpoints join every benchmark
     (a CTC-decoded one only the ASR benchmarks) after the configured systems and before the baselines
-    (`BASELINE_DECODERS`); with released.only the configured systems other than the baselines give way to them,
-    and the baselines read the released model `RELEASED_BASELINE_MODEL`.
+    (`BASELINE_DECODERS`); with released.only the configured systems other than the baselines give way to
+    them, and the baselines read the released model `RELEASED_BASELINE_MODEL`.
     """
     kind = config.get("system", "bloomzmms")
     key = f"evaluate.design.{kind}"

@@ -1,4 +1,5 @@
-"""Spoken articles with reference summaries, for the summarization evaluation (spec speech-summarization.md §5.1).
+"""Spoken articles with reference summaries, for the summarization evaluation (spec speech-summarization.md
+§5.1).
 
 Kang & Roy score summaries of CNN/DailyMail test articles shorter than 1,600 (characters or tokens: unknown;
 we count characters) spoken with TTS, against the `highlights`. At paper scale the articles come from

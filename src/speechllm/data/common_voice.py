@@ -1,4 +1,5 @@
-"""Common Voice 12 subsample from a local release directory (`cv-corpus-12.0-*/<locale>/train.tsv` + `clips/`).
+"""Common Voice 12 subsample from a local release directory (`cv-corpus-12.0-*/<locale>/train.tsv` +
+`clips/`).
 
 Two ways to pick the utterances (spec bloomzmms.md §4.1):
 - the published utterance list (`cv12_train_utts.lst[.gz]`, zenodo 10900287): exactly the paper's selection;
@@ -176,7 +177,8 @@ def take_budget(
 
 
 class ClipProber:
-    """soundfile header info of clips, probed in parallel and cached (also gives the manifest's num_samples)."""
+    """soundfile header info of clips, probed in parallel and cached (also gives the manifest's
+    num_samples)."""
 
     def __init__(self, root: Path, threads: int, on_bad_audio: str = "error") -> None:
         self.root = root

@@ -61,8 +61,9 @@ def parquet_split_files(base: str, config: str, split: str) -> list[str]:
     """The parquet files of one split under `base`, in the hub conversion's layout.
 
     `{config}/{split}/NNNN.parquet` is the current layout; `{config}/<name>-{split}[-NNNNN-of-NNNNN].parquet`
-    the converter's 2023 layout (still what some repos hold). A partial conversion (`{config}/partial-{split}`,
-    the converter's cut at 5 GB) is refused rather than read: it would drop utterances silently."""
+    the converter's 2023 layout (still what some repos hold). A partial conversion
+    (`{config}/partial-{split}`, the converter's cut at 5 GB) is refused rather than read: it would drop
+    utterances silently."""
     from fsspec.core import url_to_fs
     from fsspec.implementations.local import LocalFileSystem
 
@@ -96,9 +97,10 @@ def load_split(
     """One split of a hub dataset, or of a local directory in the parquet-conversion layout.
 
     A local directory, or `revision: refs/convert/parquet`, reads `{config}/{split}/*.parquet` with
-    `load_dataset("parquet", ...)`; any other revision is a native (parquet) hub repo read by config and split.
-    `streaming` iterates the parquet files without an Arrow copy in the datasets cache (the audio corpora: the
-    clips are written out once anyway). Audio columns stay undecoded ({bytes, path}): clips are kept as released."""
+    `load_dataset("parquet", ...)`; any other revision is a native (parquet) hub repo read by config and
+    split. `streaming` iterates the parquet files without an Arrow copy in the datasets cache (the audio
+    corpora: the clips are written out once anyway). Audio columns stay undecoded ({bytes, path}): clips are
+    kept as released."""
     from datasets import Audio, load_dataset
 
     if Path(dataset).is_dir() or revision == PARQUET_REVISION:
@@ -362,7 +364,8 @@ def find_speechxnli_root(release_dir: Path, languages: list[str]) -> Path:
 
 
 def speechxnli_sentence_clips(root: Path, lang: str) -> dict[str, Path]:
-    """Sentence -> clip: line i of `sentences_{lang}.txt` (0-based) is `audios/{lang}/xnli_validation_{i:04d}.flac`.
+    """Sentence -> clip: line i of `sentences_{lang}.txt` (0-based) is
+    `audios/{lang}/xnli_validation_{i:04d}.flac`.
 
     A sentence listed twice maps to its last line, as in the reference's lookup."""
     path = root / f"sentences_{lang}.txt"
@@ -414,7 +417,8 @@ def build_speechxnli_released(
 
 
 def speechglue_csv(release_dir: Path, task: str) -> Path:
-    """`{task}/validation/data.csv` (the reference's layout), or speechGLUE's own `mnli/validation_{m}/data.csv`."""
+    """`{task}/validation/data.csv` (the reference's layout), or speechGLUE's own
+    `mnli/validation_{m}/data.csv`."""
     candidates = [release_dir / task / "validation" / "data.csv"]
     if task.startswith("mnli_"):
         config, split = glue_config_split(task)
@@ -429,9 +433,9 @@ def speechglue_csv(release_dir: Path, task: str) -> Path:
 
 
 def resolve_released_clip(recorded: str, csv_path: Path) -> Path:
-    """A clip path as recorded in data.csv (absolute on the machine that ran the TTS): used as is if it exists,
-    else re-rooted at the csv's directory by its last three parts (`{field}/{bucket}/{idx}.wav`); `.flac` is
-    accepted where the `.wav` was converted, as the reference does."""
+    """A clip path as recorded in data.csv (absolute on the machine that ran the TTS): used as is if it
+    exists, else re-rooted at the csv's directory by its last three parts (`{field}/{bucket}/{idx}.wav`);
+    `.flac` is accepted where the `.wav` was converted, as the reference does."""
     recorded_path = Path(recorded)
     local = csv_path.parent.joinpath(*recorded_path.parts[-3:])
     for path in (recorded_path, local):
@@ -445,7 +449,8 @@ def build_speechglue_released(
     out_dir: Path, release_dir: Path, tasks: list[str], sampling_rate: int
 ) -> dict[str, int]:
     """SpeechGLUE manifests over speechGLUE's synthesized validation sets (clips read in place): texts as the
-    TTS read them, labels from data.csv (rows speechGLUE could not voice are absent there, as in the paper)."""
+    TTS read them, labels from data.csv (rows speechGLUE could not voice are absent there, as in the
+    paper)."""
     counts = {}
     for task in tasks:
         if task not in GLUE_TEXT_FIELDS:

@@ -2,11 +2,11 @@
 prompts and as language-ID (LID) labels.
 
 LID labels follow the reference's `local/gen_lang_id.py` (spec bloomzmms.md §2.3): every utterance gets an
-English language name (FLEURS names for FLEURS, Common Voice's own English names for CV locales, with a few
-CV names patched to the FLEURS spelling), and the label is 1 + the index of that name in the sorted list of
-names present in the training and dev data (gen_lang_id.py reads train_t_sp and dev_fleurs; 0 is the CTC
-blank). A language without a label stops with the manifest and line named; it never gets the blank. The union of FLEURS' 102 names and the CV 12
-locales' names is the paper's "139 languages".
+English language name (FLEURS names for FLEURS, Common Voice's own English names for CV locales, with a few CV
+names patched to the FLEURS spelling), and the label is 1 + the index of that name in the sorted list of names
+present in the training and dev data (gen_lang_id.py reads train_t_sp and dev_fleurs; 0 is the CTC blank). A
+language without a label stops with the manifest and line named; it never gets the blank. The union of FLEURS'
+102 names and the CV 12 locales' names is the paper's "139 languages".
 """
 
 from __future__ import annotations

@@ -35,11 +35,12 @@ def build_librispeech(
     on_bad_audio: str = "error",
     cache_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Write `out_dir/{train,dev,test}.jsonl` and `out_dir/report.json`; clips go to `out_dir/audio/{subset}/`.
+    """Write `out_dir/{train,dev,test}.jsonl` and `out_dir/report.json`; clips go to
+    `out_dir/audio/{subset}/`.
 
     Records are utterance-shaped: id (LibriSpeech `{speaker}-{chapter}-{n}`), language en_us, audio,
-    num_samples, sampling_rate, raw_transcription (the corpus text, untouched), speaker_id, chapter_id, subset.
-    Utterances longer than `max_duration` seconds are dropped and counted per subset."""
+    num_samples, sampling_rate, raw_transcription (the corpus text, untouched), speaker_id, chapter_id,
+    subset. Utterances longer than `max_duration` seconds are dropped and counted per subset."""
     report: dict[str, Any] = {
         "dataset": dataset,
         "revision": revision,

@@ -57,9 +57,9 @@ def read_manifest(path: str | Path, required: Iterable[str] = ()) -> list[dict[s
 
 
 def location(record: dict[str, Any], manifest: str | None = None) -> str | None:
-    """`<manifest>:<line>` of a record read by `read_manifest` (errors name it); `manifest line N` for a record
-    that knows only its line; `<manifest>:?` for one that knows only the manifest (its own or `manifest`);
-    None for others."""
+    """`<manifest>:<line>` of a record read by `read_manifest` (errors name it); `manifest line N` for a
+    record that knows only its line; `<manifest>:?` for one that knows only the manifest (its own or
+    `manifest`); None for others."""
     path = record.get("_manifest") or manifest or None
     line = record.get("_line")
     if line is None:

@@ -96,7 +96,8 @@ def speed_perturbed_copies(
     records: list[dict[str, Any]], speed_factors: list[float], sampling_rate: int
 ) -> list[dict[str, Any]]:
     """One copy of every record per factor, factor by factor; a copy other than 1.0 is `sp<f>-<id>` (ESPnet's
-    naming) with its `speed` and perturbed length; `_source` (not written) is the utterance it was made from."""
+    naming) with its `speed` and perturbed length; `_source` (not written) is the utterance it was made
+    from."""
     copies = []
     for factor in speed_factors:
         for record in records:
@@ -119,7 +120,8 @@ def duration_verdict(
     num_samples: int, sampling_rate: int, min_duration: float, max_duration: float
 ) -> str | None:
     """Why a clip of `num_samples` is dropped ("too_short" / "too_long"), or None if kept. As ESPnet asr.sh
-    stage 4, a clip is kept when int(min_duration * fs) < samples < int(max_duration * fs) (both exclusive)."""
+    stage 4, a clip is kept when int(min_duration * fs) < samples < int(max_duration * fs) (both
+    exclusive)."""
     if num_samples <= int(min_duration * sampling_rate):
         return "too_short"
     if num_samples >= int(max_duration * sampling_rate):
@@ -144,8 +146,8 @@ def filter_by_duration(
 
 
 def language_ids(manifests: list[Path], out: Path) -> dict[str, int]:
-    """LID labels: 1 + index in the sorted list of language names present in `manifests` (the training and
-    dev sets, as the reference's gen_lang_id.py); 0 is the CTC blank. An unknown code names its manifest line."""
+    """LID labels: 1 + index in the sorted list of language names present in `manifests` (the training and dev
+    sets, as the reference's gen_lang_id.py); 0 is the CTC blank. An unknown code names its manifest line."""
     from speechllm.data.languages import language_name_at
 
     names = {

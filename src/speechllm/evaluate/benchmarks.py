@@ -238,9 +238,10 @@ def generate_for_records(
     runner: BatchRunner,
     text_turn: str = "segments",
 ) -> None:
-    """Generate one answer per record (this shard's batches) from the prompt `pieces(record, fill)`, where `fill`
-    is the system's speech vectors or text for `clip(record)`; batched by length. Rows: `hypothesis`, `prompt`
-    as written, `input_text` (None when speech was the input). `text_turn`: see `EvalSystem.prompts`."""
+    """Generate one answer per record (this shard's batches) from the prompt `pieces(record, fill)`, where
+    `fill` is the system's speech vectors or text for `clip(record)`; batched by length. Rows: `hypothesis`,
+    `prompt` as written, `input_text` (None when speech was the input). `text_turn`: see
+    `EvalSystem.prompts`."""
 
     def decode(idx: list[int]) -> list[dict[str, Any]]:
         fills, _ = system.fills([clip(records[i]) for i in idx])
@@ -543,6 +544,7 @@ def run_speechxnli(
     settings: TaskSettings,
     runner: BatchRunner | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The MNLI prompt and Yes/Maybe/No (labels 0 entailment, 1 neutral, 2 contradiction) in every language."""
+    """The MNLI prompt and Yes/Maybe/No (labels 0 entailment, 1 neutral, 2 contradiction) in every
+    language."""
     df = classify_records(system, records, "xnli", option_prefix, settings, runner)
     return df, score_speechxnli(df)

@@ -73,7 +73,8 @@ class ConstraintState:
 
     @property
     def bank(self) -> int:
-        """Completed constraints × longest phrase length, plus `longest - remaining` for the one in progress."""
+        """Completed constraints × longest phrase length, plus `longest - remaining` for the one in
+        progress."""
         extra = 0
         if self.in_progress is not None:
             index, matched = self.in_progress

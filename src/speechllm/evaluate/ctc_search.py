@@ -1,9 +1,9 @@
 """CTC decoding over LLM-token posteriors: best path (greedy) and lexicon-free prefix beam search.
 
-The CTC head of BLOOMZMMS scores BLOOM tokens (250,680 classes at paper scale; blank `models.ctc_head.blank_id`,
-0 = `<unk>` as the reference trained), so the search prunes each frame to its `token_top_k` most likely tokens
-before extending prefixes. No language model or lexicon is used; a prefix's score is its total CTC probability
-(all alignments that collapse to it).
+The CTC head of BLOOMZMMS scores BLOOM tokens (250,680 classes at paper scale; blank
+`models.ctc_head.blank_id`, 0 = `<unk>` as the reference trained), so the search prunes each frame to its
+`token_top_k` most likely tokens before extending prefixes. No language model or lexicon is used; a prefix's
+score is its total CTC probability (all alignments that collapse to it).
 """
 
 from __future__ import annotations

@@ -254,7 +254,8 @@ METEOR_TOKENIZERS: tuple[str, ...] = ("word_tokenize", "whitespace")
 def meteor(
     refs: list[str], hyps: list[str], tokenize: str = "word_tokenize", wordnet: Any = None
 ) -> dict[str, Any]:
-    """Mean METEOR over documents (nltk `single_meteor_score`, alpha 0.9, beta 3, gamma 0.5, as HF `evaluate`).
+    """Mean METEOR over documents (nltk `single_meteor_score`, alpha 0.9, beta 3, gamma 0.5, as HF
+    `evaluate`).
 
     Args:
         refs, hyps: one reference per hypothesis.
@@ -268,7 +269,8 @@ def meteor(
     _check_lengths(refs, hyps)
     if tokenize not in METEOR_TOKENIZERS:
         raise ValueError(
-            f"config key evaluate.summarization.meteor_tokenize must be one of {METEOR_TOKENIZERS}, got {tokenize!r}"
+            f"config key evaluate.summarization.meteor_tokenize must be one of {METEOR_TOKENIZERS}, "
+            f"got {tokenize!r}"
         )
     import nltk
 
@@ -304,9 +306,9 @@ BERTSCORE_PARTS: tuple[str, ...] = ("precision", "recall", "f1")
 
 
 def bertscore(refs: list[str], hyps: list[str], cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Mean BERTScore precision, recall and F1 over documents (`bert-score`'s `BERTScorer`, which HF `evaluate`'s
-    "bertscore" wraps; Kang & Roy's evaluation called it with lang="en": roberta-large, layer 17, no idf, no
-    baseline rescaling).
+    """Mean BERTScore precision, recall and F1 over documents (`bert-score`'s `BERTScorer`, which HF
+    `evaluate`'s "bertscore" wraps; Kang & Roy's evaluation called it with lang="en": roberta-large, layer 17,
+    no idf, no baseline rescaling).
 
     Args:
         refs, hyps: one reference per hypothesis.
@@ -330,8 +332,8 @@ def bertscore(refs: list[str], hyps: list[str], cfg: Mapping[str, Any]) -> dict[
         import bert_score
     except ImportError as err:  # an optional extra: pip install 'speechllm[summarization]'
         raise ValueError(
-            f"BERTScore needs the bert-score package (pip install 'speechllm[summarization]'), or set config key "
-            f"evaluate.summarization.bertscore.model to null to skip it: {err}"
+            "BERTScore needs the bert-score package (pip install 'speechllm[summarization]'), or set "
+            f"config key evaluate.summarization.bertscore.model to null to skip it: {err}"
         ) from err
 
     where = "config keys evaluate.summarization.bertscore.model / num_layers / baseline_path"

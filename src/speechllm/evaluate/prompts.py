@@ -93,8 +93,10 @@ TASK_PROMPTS: dict[str, TaskPrompt] = {
             Field("sentence1"),
             "\n- ",
             Field("sentence2"),
-            "\n\nQuestion: Can you give me a number from 0.0 to 5.0 that denotes how similar they are, where 0.0 "
-            "means totally dissimilar and 5.0 means extremely similar?\nAnswer:",
+            "\n\n"
+            "Question: Can you give me a number from 0.0 to 5.0 that denotes how similar they are, where "
+            "0.0 means totally dissimilar and 5.0 means extremely similar?\n"
+            "Answer:",
         ),
         (),
     ),

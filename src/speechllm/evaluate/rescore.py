@@ -101,7 +101,8 @@ def score_document(
 def rescore(
     benchmark: str, hyps: Path, scores_path: Path, settings: dict[str, Any], out: Path | None = None
 ) -> dict:
-    """Recompute `metrics` of a score file from its Parquet (no decoding); write to `out` (default: in place)."""
+    """Recompute `metrics` of a score file from its Parquet (no decoding); write to `out` (default: in
+    place)."""
     if not Path(hyps).is_file():
         raise FileNotFoundError(f"per-utterance outputs not found: {hyps}")
     document = read_json(scores_path)

@@ -53,7 +53,8 @@ def take(rows: Mapping[str, Row], group: str, count: int) -> list[Row]:
 
 
 def path_signature(path: Path) -> list[Any]:
-    """(relative name, size, mtime) of a file or of every file below a directory: changes when it is rewritten."""
+    """(relative name, size, mtime) of a file or of every file below a directory: changes when it is
+    rewritten."""
     path = Path(path)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     return [
@@ -150,8 +151,8 @@ class BatchRunner:
         decode: Callable[[list[int]], list[Row]],
         desc: str,
     ) -> None:
-        """Decode this shard's share of `batches` (indices into `records`) with `decode`, which returns one row per
-        index; rows land in `self.rows`."""
+        """Decode this shard's share of `batches` (indices into `records`) with `decode`, which returns one
+        row per index; rows land in `self.rows`."""
         mine = [b for n, b in enumerate(batches, start=self.planned) if n % self.num_shards == self.shard]
         self.planned += len(batches)
         fh = None
@@ -186,7 +187,8 @@ class BatchRunner:
 
 
 def write_shard(out: Path, runner: BatchRunner, header: Mapping[str, Any]) -> None:
-    """A shard's rows with what the gather step checks them against (`header`: benchmark, decoder, notes ...)."""
+    """A shard's rows with what the gather step checks them against (`header`: benchmark, decoder, notes
+    ...)."""
     document = {
         **header,
         "shard": runner.shard,

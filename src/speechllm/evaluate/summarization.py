@@ -81,7 +81,8 @@ def decode_summarization(
 def summarization_frame(
     records: list[dict[str, Any]], rows: Mapping[str, dict[str, Any]], reference_field: str
 ) -> pd.DataFrame:
-    """The per-document frame; `reference_field` (evaluate.summarization.reference_field) holds the reference."""
+    """The per-document frame; `reference_field` (evaluate.summarization.reference_field) holds the
+    reference."""
     return generation_frame(records, rows, [r[reference_field] for r in records])
 
 

@@ -30,13 +30,15 @@ from speechllm.models.speech_llm import Segment, SpeechLLM, token_logprobs
 
 DECODERS = ("ctc", "llm", "cascade", "text")
 # How a text-only chat turn (Kang & Roy's text and cascade baselines) is tokenised: "segments" as the speech
-# prompt (chat prefix ids + user text ids + chat suffix ids), "reference" as `generate_text_response` (one string).
+# prompt (chat prefix ids + user text ids + chat suffix ids), "reference" as `generate_text_response` (one
+# string).
 TEXT_TURNS = ("segments", "reference")
 
 
 @dataclass(frozen=True)
 class Clip:
-    """One spoken text: its audio file (its manifest location `<manifest>:<line>`, for errors) and its gold text."""
+    """One spoken text: its audio file (its manifest location `<manifest>:<line>`, for errors) and its gold
+    text."""
 
     audio: str
     text: str = ""

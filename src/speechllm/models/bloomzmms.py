@@ -1,4 +1,5 @@
-"""BLOOMZMMS: frozen speech encoder → trainable frontend + E-Branchformer adaptor → (frozen CTC head | frozen LLM)."""
+"""BLOOMZMMS: frozen speech encoder → trainable frontend + E-Branchformer adaptor → (frozen CTC head | frozen
+LLM)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from speechllm.models.frontend import SpeechFrontend
 from speechllm.models.speech_llm import Segment, SpeechLLM
 
 LID_BLANK = 0
-# How many LID frames the LID inter-CTC loss reads (config train.ctc.lid_ctc_lengths): `frames`, every LID frame of
-# the utterance (floor(T1 / 2)); `halved`, the reference's floor(T1 / 4): its espnet_model.py hands the LID CTC the
-# post-encoder lengths (already halved), which the LID CTC's forward halves again by its own length-adaptor ratio
+# How many LID frames the LID inter-CTC loss reads (config train.ctc.lid_ctc_lengths): `frames`, every LID
+# frame of the utterance (floor(T1 / 2)); `halved`, the reference's floor(T1 / 4): its espnet_model.py hands
+# the LID CTC the post-encoder lengths (already halved), which the LID CTC's forward halves again by its own
+# length-adaptor ratio
 # (DigitalPhonetics/bloomzmms@77dc192:espnet-bloomzmms-files/espnet2/asr/{espnet_model.py,ctc.py}).
 LID_CTC_LENGTHS = ("frames", "halved")
 
@@ -44,8 +46,8 @@ class BloomzMMS(nn.Module):
         prompt_tail: Sequence[int] = (),
     ) -> None:
         super().__init__()
-        # The prompt format's frame around every prompt (models.prompt.format; prompt_format.py): BLOOMZ's plain
-        # prompt has none, a chat LLM's user turn opens and closes here.
+        # The prompt format's frame around every prompt (models.prompt.format; prompt_format.py): BLOOMZ's
+        # plain prompt has none, a chat LLM's user turn opens and closes here.
         self.prompt_head, self.prompt_tail = list(prompt_head), list(prompt_tail)
         self.frontend = frontend
         self.adaptor = adaptor
@@ -108,8 +110,8 @@ class BloomzMMS(nn.Module):
         return ctc, lid_loss
 
     def lid_loss_lengths(self, out: AdaptorOutput, lid_ctc_lengths: str) -> torch.Tensor:
-        """(B,) LID frames the LID loss reads: all of them, or the reference's post-encoder lengths divided again by
-        the LID head's length-adaptor ratio."""
+        """(B,) LID frames the LID loss reads: all of them, or the reference's post-encoder lengths divided
+        again by the LID head's length-adaptor ratio."""
         if check_lid_ctc_lengths(lid_ctc_lengths) == "halved":
             return torch.div(
                 out.speech_lengths, self.adaptor.lid_ctc.length_adaptor.ratio, rounding_mode="floor"
@@ -127,7 +129,8 @@ class BloomzMMS(nn.Module):
         return [out.speech[i, : int(n)] for i, n in enumerate(out.speech_lengths)]
 
     def wrap_prompts(self, prompts: Sequence[Sequence[Segment]]) -> list[list[Segment]]:
-        """Each prompt's segments inside the prompt format's frame: [head; segments...; tail] (empty parts left out)."""
+        """Each prompt's segments inside the prompt format's frame: [head; segments...; tail] (empty parts
+        left out)."""
         head = [self.prompt_head] if self.prompt_head else []
         tail = [self.prompt_tail] if self.prompt_tail else []
         return [[*head, *segments, *tail] for segments in prompts]

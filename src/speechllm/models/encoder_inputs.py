@@ -2,13 +2,16 @@
 
 Three input families cover the encoders the project takes by config (`models.speech_encoder.name_or_path`):
 
-- `waveform`: wav2vec2-family models (Wav2Vec2 / MMS, HuBERT, WavLM, Data2VecAudio) read the waveform through a
-  convolutional feature extractor; frames follow its `conv_kernel` / `conv_stride` (frames.conv_stack_length).
-- `whisper`: the Whisper encoder reads the 30 s log-mel spectrogram of its `WhisperFeatureExtractor` (every clip
-  padded to `chunk_length` seconds, hop `hop_length`), then two convolutions (stride 1, then 2): one frame per
-  two mel frames. The encoder always sees the whole padded window, so a clip's frames do not depend on the batch.
+- `waveform`: wav2vec2-family models (Wav2Vec2 / MMS, HuBERT, WavLM, Data2VecAudio) read the waveform through
+  a convolutional feature extractor; frames follow its `conv_kernel` / `conv_stride`
+  (frames.conv_stack_length).
+- `whisper`: the Whisper encoder reads the 30 s log-mel spectrogram of its `WhisperFeatureExtractor` (every
+  clip padded to `chunk_length` seconds, hop `hop_length`), then two convolutions (stride 1, then 2): one
+  frame per two mel frames. The encoder always sees the whole padded window, so a clip's frames do not depend
+  on the batch.
 - `w2v-bert`: `Wav2Vec2BertModel` (w2v-BERT 2.0) reads the Kaldi-style 80-bin fbanks of its
-  `SeamlessM4TFeatureExtractor` (25 ms windows, 10 ms hop, no centring), two consecutive frames stacked (`stride`).
+  `SeamlessM4TFeatureExtractor` (25 ms windows, 10 ms hop, no centring), two consecutive frames stacked
+  (`stride`).
 
 The log-mel families take their features from the encoder's own feature extractor (`AutoFeatureExtractor`,
 `preprocessor_config.json` beside the model), which normalises them itself.
@@ -45,7 +48,8 @@ def input_family(config: PretrainedConfig) -> str:
 
 
 def encoder_only(model: PreTrainedModel) -> PreTrainedModel:
-    """The encoder of an encoder-decoder speech model (`WhisperModel` -> `WhisperEncoder`); others unchanged."""
+    """The encoder of an encoder-decoder speech model (`WhisperModel` -> `WhisperEncoder`); others
+    unchanged."""
     if getattr(model.config, "is_encoder_decoder", False):
         return model.get_encoder()
     return model

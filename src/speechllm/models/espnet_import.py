@@ -2,10 +2,11 @@
 (`akreal/bloomzmms-{ctc,ce-t,ce-mi,ce-tmi}`) and Kang & Roy's audio-encoder state dict.
 
 An ESPnet repository is the unpacked `espnet2.bin.pack asr` output (DigitalPhonetics/bloomzmms@77dc192:
-espnet-bloomzmms-files/egs2/TEMPLATE/asr1/asr.sh): `meta.yaml` names the training config (`yaml_files.
-asr_train_config`, `exp/<run>/config.yaml`) and the weights (`files.asr_model_file`), a flat `model.state_dict()`
-(`espnet2/train/trainer.py`; `.../main_funcs/average_nbest_models.py` for the averaged CE files). The model is built
-from that config's own architecture values; every tensor is renamed to the project's name or dropped on purpose:
+espnet-bloomzmms-files/egs2/TEMPLATE/asr1/asr.sh): `meta.yaml` names the training config
+(`yaml_files. asr_train_config`, `exp/<run>/config.yaml`) and the weights (`files.asr_model_file`), a flat
+`model.state_dict()` (`espnet2/train/trainer.py`; `.../main_funcs/average_nbest_models.py` for the averaged CE
+files). The model is built from that config's own architecture values; every tensor is renamed to the
+project's name or dropped on purpose:
 
 * `decoder.*` (CE files): the lazily built int8 BLOOMZ, which ESPnet's own loader discards (`strict=False`,
   `espnet2/tasks/abs_task.py`) and whose int8 tensors the 3-best averaging summed without dividing; the LLM is
@@ -13,12 +14,12 @@ from that config's own architecture values; every tensor is renamed to the proje
 * the wav2vec2 pretraining heads (`quantizer.*`, `project_q.*`, `final_proj.*`), unused by the forward pass.
 
 Everything else maps one to one (no reshape): the s3prl/fairseq MMS upstream onto HF `Wav2Vec2Model` names
-(bundled in the model directory, built without MMS language adapters as s3prl's model has none), the featurizer
-and preencoder onto `SpeechFrontend`, the E-Branchformer encoder, LID inter-CTC head and post-encoder onto
-`SpeechAdaptor`, and the CTC repository's frozen `ctc.ctc_lo` onto `CTCHead` (kept in `ctc_head.safetensors`: the
-recipe's embedding initialisation was skipped on a size mismatch, so it is taken from the file, not rebuilt from
-the LLM). A key left unmapped, a missing one, a wrong shape or an unsupported config key or value stops the import
-with an error naming it.
+(bundled in the model directory, built without MMS language adapters as s3prl's model has none), the
+featurizer and preencoder onto `SpeechFrontend`, the E-Branchformer encoder, LID inter-CTC head and
+post-encoder onto `SpeechAdaptor`, and the CTC repository's frozen `ctc.ctc_lo` onto `CTCHead` (kept in
+`ctc_head.safetensors`: the recipe's embedding initialisation was skipped on a size mismatch, so it is taken
+from the file, not rebuilt from the LLM). A key left unmapped, a missing one, a wrong shape or an unsupported
+config key or value stops the import with an error naming it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ log = logging.getLogger(__name__)
 
 META_FILE = "meta.yaml"
 SPEECH_ENCODER_FOLDER = "speech_encoder"
-# The ESPnet CTC blank: espnet2/asr/ctc.py hands torch's CTC loss its default blank 0 (config models.ctc_head.blank_id).
+# The ESPnet CTC blank: espnet2/asr/ctc.py hands torch's CTC loss its default blank 0 (config
+# models.ctc_head.blank_id).
 ESPNET_CTC_BLANK = 0
 UPSTREAM_PREFIX = "frontend.upstream.upstream.model."
 DECODER_PREFIX = "decoder."
@@ -100,8 +102,9 @@ SPEECH_RENAMES: tuple[tuple[str, str], ...] = (
 )
 CTC_RENAMES: tuple[tuple[str, str], ...] = ((r"ctc\.ctc_lo\.weight", "ctc_lo.weight"),)
 
-# E-Branchformer `encoder_conf` (espnet==202304 espnet2/asr/encoder/e_branchformer_encoder.py): keys whose value
-# must be the paper's (the only variant the project implements), with ESPnet's default for an absent key.
+# E-Branchformer `encoder_conf` (espnet==202304 espnet2/asr/encoder/e_branchformer_encoder.py): keys whose
+# value must be the paper's (the only variant the project implements), with ESPnet's default for an absent
+# key.
 ENCODER_FIXED: dict[str, tuple[Any, Any]] = {  # key: (required value, ESPnet default)
     "attention_layer_type": ("rel_selfattn", "rel_selfattn"),
     "pos_enc_layer_type": ("rel_pos", "rel_pos"),
@@ -199,7 +202,8 @@ def read_espnet_repo(root: Path) -> EspnetRepo:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    """A saved state dict, memory-mapped (a 10 GB file needs no 10 GB of RAM); tensors and `str` values only."""
+    """A saved state dict, memory-mapped (a 10 GB file needs no 10 GB of RAM); tensors and `str` values
+    only."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # pickle / zip errors name nothing useful on their own
@@ -247,7 +251,8 @@ def _unknown_keys(where: Path, section: str, keys: set[str], known: set[str]) ->
 
 
 def encoder_adaptor_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
-    """AdaptorConfig fields from `encoder: e_branchformer` + `encoder_conf`; other variants are named errors."""
+    """AdaptorConfig fields from `encoder: e_branchformer` + `encoder_conf`; other variants are named
+    errors."""
     _require(where, "encoder", cfg.get("encoder"), "e_branchformer")
     conf = _section(cfg, "encoder_conf", where)
     _unknown_keys(where, "encoder_conf", set(conf), set(ENCODER_FIXED) | set(ENCODER_SIZES) | ENCODER_INERT)
@@ -305,8 +310,8 @@ def check_frontend(cfg: dict[str, Any], where: Path) -> None:
 def espnet_architecture(cfg: dict[str, Any], where: Path) -> EspnetArchitecture:
     """Check an ESPnet BLOOMZMMS training config and read the model's architecture from it.
 
-    Sections that shape the model are checked key by key (an unknown key or value is an error); the rest of the
-    dumped arguments (optimiser, batching, ...) only affect training and are not read.
+    Sections that shape the model are checked key by key (an unknown key or value is an error); the rest of
+    the dumped arguments (optimiser, batching, ...) only affect training and are not read.
     """
     check_frontend(cfg, where)
     fields = encoder_adaptor_fields(cfg, where)
@@ -575,7 +580,8 @@ def import_espnet(
             "revision": options.llm_revision,
             "dtype": options.llm_dtype,
             "load_in_8bit": options.load_in_8bit,
-            # ESPnet resized the LLM to the token list before training (its softmax never saw the padding rows).
+            # ESPnet resized the LLM to the token list before training (its softmax never saw the padding
+            # rows).
             "output_rows": "tokenizer",
         },
         "adaptor": asdict(adaptor_cfg),
@@ -623,9 +629,10 @@ ESPNET_PREFIXES = (
 def source_equality(
     encoder: PreTrainedModel, ctc_head: Mapping[str, torch.Tensor], options: ImportOptions, llm: str
 ) -> dict[str, Any]:
-    """Whether the file's frozen parts equal their sources: the upstream vs. `options.speech_encoder`'s weights
-    (adapters aside) and the CTC head vs. the LLM's input embeddings cut to the vocabulary (the reference's
-    embedding initialisation was skipped on a size mismatch, so its CTC head may be a random init)."""
+    """Whether the file's frozen parts equal their sources: the upstream vs. `options.speech_encoder`'s
+    weights (adapters aside) and the CTC head vs. the LLM's input embeddings cut to the vocabulary (the
+    reference's embedding initialisation was skipped on a size mismatch, so its CTC head may be a random
+    init)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {} if Path(options.speech_encoder).exists() else {"revision": options.speech_encoder_revision}
@@ -682,7 +689,7 @@ def check_ctc_head(
     return weights
 
 
-# ---------------------------------------------------------------------------------------------------- Kang & Roy
+# ------------------------------------------------------------------------------------------------ Kang & Roy
 
 KANG_ROY_WRAPPER = "audio_encoder"
 # torch < 2.1 weight-norm names -> the parametrization names of torch >= 2.1 / transformers 5.
@@ -693,9 +700,9 @@ WEIGHT_NORM_RENAMES: tuple[tuple[str, str], ...] = (
 
 
 def kang_roy_state(state: Mapping[str, Any], where: Path) -> dict[str, torch.Tensor]:
-    """The audio encoder's tensors from a released file: flat `AudioEncoder.state_dict()` or a training checkpoint
-    `{"audio_encoder": ...}` (wonjune-kang/llm-speech-summarization@8336630:trainer.py, inference.py), with old
-    weight-norm names renamed."""
+    """The audio encoder's tensors from a released file: flat `AudioEncoder.state_dict()` or a training
+    checkpoint `{"audio_encoder": ...}` (wonjune-kang/llm-speech-summarization@8336630:trainer.py,
+    inference.py), with old weight-norm names renamed."""
     if KANG_ROY_WRAPPER in state:
         state = state[KANG_ROY_WRAPPER]
         if not isinstance(state, Mapping):
@@ -711,8 +718,8 @@ def kang_roy_state(state: Mapping[str, Any], where: Path) -> dict[str, torch.Ten
 def import_kang_roy(checkpoint: Path, out_dir: Path, models_cfg: dict[str, Any]) -> dict[str, Any]:
     """Write a Kang & Roy model directory (stage `kd`) from the released audio-encoder checkpoint.
 
-    `models_cfg` is the `models` config section (speech_summarization.yaml): the HuBERT architecture and the chat
-    LLM it was trained for; the encoder weights all come from the file.
+    `models_cfg` is the `models` config section (speech_summarization.yaml): the HuBERT architecture and the
+    chat LLM it was trained for; the encoder weights all come from the file.
     """
     state = kang_roy_state(load_state(checkpoint), checkpoint)
     enc_cfg = models_cfg["speech_encoder"]

@@ -40,8 +40,9 @@ KINDS = ("bloomzmms", "kang_roy")
 # for the hub (`speechllm push`) carries local parts inside itself; `"bundled": "<folder>"` names where.
 MODEL_PARTS = ("speech_encoder", "llm")
 BUNDLED_KEY = "bundled"
-# A CTC head kept apart from the trained weights (`ctc_head.weights` in the spec): an imported model's frozen head,
-# which comes from its checkpoint instead of being cut from the LLM's embeddings (speechllm.models.espnet_import).
+# A CTC head kept apart from the trained weights (`ctc_head.weights` in the spec): an imported model's frozen
+# head, which comes from its checkpoint instead of being cut from the LLM's embeddings
+# (speechllm.models.espnet_import).
 CTC_HEAD_FILE = "ctc_head.safetensors"
 
 
@@ -62,7 +63,8 @@ def llm_spec(llm_cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def output_rows(llm_spec: dict[str, Any], tokenizer: Any) -> int | None:
-    """The speech LLM's `output_rows`: the tokenizer's size for `output_rows: tokenizer`, else None (all rows)."""
+    """The speech LLM's `output_rows`: the tokenizer's size for `output_rows: tokenizer`, else None (all
+    rows)."""
     value = llm_spec.get("output_rows", "model")
     if value not in ("model", "tokenizer"):
         raise ModelDirError(f"models.llm.output_rows must be model or tokenizer, not {value!r}")
@@ -125,8 +127,8 @@ def check_8bit_support() -> None:
     if missing:
         raise QuantizationUnavailable(
             f"models.llm.load_in_8bit is true but {' and '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not available; set load_in_8bit: false to load the LLM in "
-            "models.llm.dtype (bfloat16 at paper scale)"
+            f"{'is' if len(missing) == 1 else 'are'} not available; set load_in_8bit: false to load the "
+            "LLM in models.llm.dtype (bfloat16 at paper scale)"
         )
 
 
@@ -172,7 +174,8 @@ def build_kang_roy(
     device: torch.device | str = "cpu",
     gradient_checkpointing: bool = False,
 ) -> tuple[KangRoy, Any]:
-    """A KangRoy from a spec: trainable HuBERT encoder + pooling, frozen chat LLM. Returns (model, tokenizer)."""
+    """A KangRoy from a spec: trainable HuBERT encoder + pooling, frozen chat LLM. Returns (model,
+    tokenizer)."""
     enc_cfg = spec["speech_encoder"]
     if enc_cfg.get("normalize_waveform"):
         raise ModelDirError(
@@ -208,7 +211,8 @@ def build_kang_roy(
 
 def kang_roy_frame(spec: dict[str, Any], tokenizer: Any) -> tuple[list[int], list[int], int]:
     """(chat prefix ids, suffix ids, eos) of a Kang & Roy spec: the configured MiniChat-style strings
-    (`chat.format: strings`, the reference), or the tokenizer's own chat template (`chat.format: tokenizer`)."""
+    (`chat.format: strings`, the reference), or the tokenizer's own chat template
+    (`chat.format: tokenizer`)."""
     chat = {k: v for k, v in spec["chat"].items() if k not in ("label_eos", "format", "system")}
     if spec["chat"].get("format", "strings") == "tokenizer":
         if FRAME_KEY in spec["chat"]:  # recorded when the model was built (see frame_from_spec)
@@ -240,14 +244,16 @@ def load_feature_extractor(enc_cfg: dict[str, Any], config: Any) -> Any:
 
 
 def pad_token_id(tokenizer: Any) -> int:
-    """The id that fills left padding: the tokenizer's pad token, else its eos (Llama 3, MiniChat have no pad)."""
+    """The id that fills left padding: the tokenizer's pad token, else its eos (Llama 3, MiniChat have no
+    pad)."""
     return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
 def ctc_blank_id(spec: dict[str, Any], tokenizer: Any) -> int:
     """The CTC blank of a spec (`ctc_head.blank_id`, config models.ctc_head.blank_id), checked against the
     tokenizer: a token id, or a token string the tokenizer knows (e.g. "<|endoftext|>" for Qwen, whose id 0 is
-    "!", a real transcript token). Specs written before the key existed trained with the pad token as the blank."""
+    "!", a real transcript token). Specs written before the key existed trained with the pad token as the
+    blank."""
     blank = spec.get("ctc_head", {}).get("blank_id")
     if blank is None:
         return int(tokenizer.pad_token_id)
@@ -269,10 +275,10 @@ def ctc_blank_id(spec: dict[str, Any], tokenizer: Any) -> int:
 
 @torch.no_grad()
 def input_embedding_rows(lm: Any, vocab_size: int) -> torch.Tensor:
-    """(V, H) what the LLM's input-embedding module makes of token ids 0..V-1 (V = the tokenizer's size, cutting
-    the padded rows): its weight rows, times the scale where the module applies one (Gemma 3's
-    `embed_scale`), so the CTC head scores speech vectors in the space the LLM reads token embeddings in.
-    Tied or untied output layers make no difference: the input embeddings are used."""
+    """(V, H) what the LLM's input-embedding module makes of token ids 0..V-1 (V = the tokenizer's size,
+    cutting the padded rows): its weight rows, times the scale where the module applies one (Gemma 3's
+    `embed_scale`), so the CTC head scores speech vectors in the space the LLM reads token embeddings in. Tied
+    or untied output layers make no difference: the input embeddings are used."""
     embeddings = lm.get_input_embeddings()
     rows = embeddings.weight.shape[0]
     if vocab_size > rows:
@@ -287,7 +293,8 @@ def build_model(
     device: torch.device | str = "cpu",
     gradient_checkpointing: bool = False,
 ) -> tuple[BloomzMMS | KangRoy, Any]:
-    """A BloomzMMS from a spec; the CTC head is cut from the LLM's input embeddings. Returns (model, tokenizer).
+    """A BloomzMMS from a spec; the CTC head is cut from the LLM's input embeddings. Returns (model,
+    tokenizer).
 
     Specs of kind `kang_roy` build a KangRoy instead (it has no CTC head).
     """
@@ -307,13 +314,15 @@ def build_model(
     )
     adaptor = SpeechAdaptor(adaptor_cfg)
     if with_ctc and not with_llm and spec.get("ctc_head", {}).get("weights"):
-        # The head is stored in the model directory (load_model_dir fills it in): the LLM is not loaded at all.
+        # The head is stored in the model directory (load_model_dir fills it in): the LLM is not loaded at
+        # all.
         tokenizer = load_tokenizer(spec["llm"])
         ctc_head = CTCHead(llm_hidden_size(spec["llm"]), len(tokenizer))
         model = BloomzMMS(frontend, adaptor, ctc_head, None, ctc_blank_id=ctc_blank_id(spec, tokenizer))
         return model.to(device), tokenizer
     # Without the LLM in the model, only its input embeddings (the CTC head) are read: 8-bit loading would not
-    # change them (LLM.int8() quantises linear layers) and needs a GPU, so the init / CTC steps load it plainly.
+    # change them (LLM.int8() quantises linear layers) and needs a GPU, so the init / CTC steps load it
+    # plainly.
     lm, tokenizer = load_llm(spec["llm"] if with_llm else {**spec["llm"], "load_in_8bit": False}, device)
     ctc_head = (
         CTCHead.from_embeddings(input_embedding_rows(lm, len(tokenizer)), len(tokenizer))

@@ -1,13 +1,14 @@
 """Frozen self-supervised speech encoder with a learnable weighted sum of its hidden states.
 
 BLOOMZMMS frontend (spec bloomzmms.md §2.1): MMS (HF `Wav2Vec2Model`) is frozen; an s3prl-style Featurizer
-(softmax over per-layer weights initialised to zeros) mixes all `num_hidden_layers + 1` hidden states, an ESPnet
-`UtteranceMVN(norm_means=True, norm_vars=False)` subtracts the per-utterance mean over the valid frames, and a
-linear "preencoder" projects to `out_dim`.
+(softmax over per-layer weights initialised to zeros) mixes all `num_hidden_layers + 1` hidden states, an
+ESPnet `UtteranceMVN(norm_means=True, norm_vars=False)` subtracts the per-utterance mean over the valid
+frames, and a linear "preencoder" projects to `out_dim`.
 
-Two settings decide how close the features are to the reference's s3prl frontend (config `models.speech_encoder`):
-`language_adapters` (MMS-1B-all's per-layer attention adapters; the reference's s3prl model has none) and
-`frame_count` (`conv`: the frames the convolutions make; `s3prl`: ceil(L / hop), the last frame repeated).
+Two settings decide how close the features are to the reference's s3prl frontend (config
+`models.speech_encoder`): `language_adapters` (MMS-1B-all's per-layer attention adapters; the reference's
+s3prl model has none) and `frame_count` (`conv`: the frames the convolutions make; `s3prl`: ceil(L / hop), the
+last frame repeated).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ FRAME_COUNTS = ("conv", "s3prl")
 
 
 def without_language_adapters(config: PretrainedConfig) -> PretrainedConfig:
-    """A copy of a speech encoder's config without MMS's per-layer attention adapters (`adapter_attn_dim=None`).
+    """A copy of a speech encoder's config without MMS's per-layer attention adapters
+    (`adapter_attn_dim=None`).
 
-    HF's `facebook/mms-1b-all` config adds an adapter to each of its 48 layers, loaded with the English weights;
-    the reference's s3prl `wav2vec2_custom` model (a fairseq `Wav2Vec2Model`) has none, so the adapter weights
-    of a checkpoint are left unused. Configs without adapters are returned unchanged.
+    HF's `facebook/mms-1b-all` config adds an adapter to each of its 48 layers, loaded with the English
+    weights; the reference's s3prl `wav2vec2_custom` model (a fairseq `Wav2Vec2Model`) has none, so the
+    adapter weights of a checkpoint are left unused. Configs without adapters are returned unchanged.
     """
     if getattr(config, "adapter_attn_dim", None) is None:
         return config
@@ -52,9 +54,9 @@ def frame_hop(config: PretrainedConfig) -> int:
 def s3prl_frame_lengths(config: PretrainedConfig, wav_lengths: torch.Tensor) -> torch.Tensor:
     """Frames s3prl's S3PRLUpstream reports: ceil(L / hop) = (L - 1) // hop + 1 (0 for L = 0).
 
-    s3prl/s3prl@v0.4.10:s3prl/nn/upstream.py `forward`: `h_len = (wavs_len - 1) // stride + 1`, computed from the
-    waveform lengths before its short-input padding; the upstream's own frames are 1-2 fewer, and the missing ones
-    repeat the last frame (`_match_length`).
+    s3prl/s3prl@v0.4.10:s3prl/nn/upstream.py `forward`: `h_len = (wavs_len - 1) // stride + 1`, computed from
+    the waveform lengths before its short-input padding; the upstream's own frames are 1-2 fewer, and the
+    missing ones repeat the last frame (`_match_length`).
     """
     lengths = wav_lengths.to(torch.long)
     frames = torch.div(lengths - 1, frame_hop(config), rounding_mode="floor") + 1
@@ -71,7 +73,8 @@ def check_frame_count(frame_count: str) -> str:
 
 
 def frame_lengths(config: PretrainedConfig, wav_lengths: torch.Tensor, frame_count: str) -> torch.Tensor:
-    """Frames per utterance the frontend outputs under `frame_count` (config models.speech_encoder.frame_count)."""
+    """Frames per utterance the frontend outputs under `frame_count` (config
+    models.speech_encoder.frame_count)."""
     if check_frame_count(frame_count) == "s3prl":
         return s3prl_frame_lengths(config, wav_lengths)
     return conv_frame_lengths(config, wav_lengths)
@@ -96,10 +99,11 @@ def repeat_last_frames(feats: torch.Tensor, valid: torch.Tensor, max_length: int
 
 
 def conv_frame_lengths(config: PretrainedConfig, wav_lengths: torch.Tensor) -> torch.Tensor:
-    """Frames a wav2vec2-family convolutional feature extractor (Wav2Vec2, HuBERT, MMS) makes of each waveform.
+    """Frames a wav2vec2-family convolutional feature extractor (Wav2Vec2, HuBERT, MMS) makes of each
+    waveform.
 
-    Each layer `i` (no padding) maps L samples to floor((L - conv_kernel[i]) / conv_stride[i]) + 1, as in fairseq;
-    computed from the public config rather than HF's private `_get_feat_extract_output_lengths`.
+    Each layer `i` (no padding) maps L samples to floor((L - conv_kernel[i]) / conv_stride[i]) + 1, as in
+    fairseq; computed from the public config rather than HF's private `_get_feat_extract_output_lengths`.
 
     Args:
         config: the encoder's config (`conv_kernel`, `conv_stride`; `add_adapter` must be off).
@@ -181,8 +185,9 @@ class SpeechFrontend(nn.Module):
         frame_count: "conv" (the frames the encoder's convolutions make) or "s3prl" (ceil(L / hop) frames, the
             last one repeated, inputs under 0.05 s zero-padded: the reference's s3prl frontend).
         feature_extractor: the encoder's own feature extractor, required by (and only used for) the log-mel
-            families (Whisper encoder, w2v-BERT 2.0; see encoder_inputs). An encoder-decoder model (WhisperModel)
-            is cut to its encoder. The layer sum and the projection follow the encoder's layer count and width.
+            families (Whisper encoder, w2v-BERT 2.0; see encoder_inputs). An encoder-decoder model
+            (WhisperModel) is cut to its encoder. The layer sum and the projection follow the encoder's layer
+            count and width.
     """
 
     def __init__(
@@ -240,7 +245,8 @@ class SpeechFrontend(nn.Module):
         self, wav: torch.Tensor, wav_lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The waveforms the encoder reads: under `s3prl`, utterances under 0.05 s get zeros appended to 800
-        samples, which count as valid (normalised with the speech), as s3prl's short-input padding at batch size 1.
+        samples, which count as valid (normalised with the speech), as s3prl's short-input padding at batch
+        size 1.
         """
         if self.frame_count != "s3prl" or not bool((wav_lengths < S3PRL_MIN_SAMPLES).any()):
             return wav, wav_lengths
@@ -258,8 +264,8 @@ class SpeechFrontend(nn.Module):
             wav_lengths: (B,) valid samples per utterance.
 
         Returns:
-            (S, B, T0, D) hidden states, S = num_hidden_layers + 1: the input of every transformer layer followed by
-            the encoder output (after the final LayerNorm of stable-layer-norm encoders).
+            (S, B, T0, D) hidden states, S = num_hidden_layers + 1: the input of every transformer layer
+            followed by the encoder output (after the final LayerNorm of stable-layer-norm encoders).
         """
         encoder_dtype = next(self.encoder.parameters()).dtype
         if self.features is not None:
@@ -273,7 +279,8 @@ class SpeechFrontend(nn.Module):
             inputs = {"input_values": wav.to(encoder_dtype), "attention_mask": sample_mask.long()}
         outputs = self.encoder(**inputs, output_hidden_states=True, return_dict=True)
         hidden_states = list(outputs.hidden_states)
-        # transformers 5 records the last layer's raw output; s3prl/ESPnet use the final (layer-normed) encoder output.
+        # transformers 5 records the last layer's raw output; s3prl/ESPnet use the final (layer-normed)
+        # encoder output.
         hidden_states[-1] = outputs.last_hidden_state
         if len(hidden_states) != self.num_hidden_states:
             raise RuntimeError(f"expected {self.num_hidden_states} hidden states, got {len(hidden_states)}")

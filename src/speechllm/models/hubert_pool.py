@@ -1,15 +1,16 @@
-"""Kang & Roy audio encoder: trainable HuBERT -> average pooling over time -> Linear into the LLM's embedding space.
+"""Kang & Roy audio encoder: trainable HuBERT -> average pooling over time -> Linear into the LLM's embedding
+space.
 
-Spec speech-summarization.md §1.2: `HubertModel` (`facebook/hubert-large-ls960-ft` at scale, CTC head discarded) is
-fully trainable and, in train mode, applies its config's SpecAugment time masking and LayerDrop. It reads the raw,
-un-normalised waveform (right zero-padded). `AvgPool1d(8, 4)` turns 20 ms frames into one LLM "token" per 80 ms and
-`Linear(1024 -> 3072)` (with bias) projects into MiniChat's embedding space.
+Spec speech-summarization.md §1.2: `HubertModel` (`facebook/hubert-large-ls960-ft` at scale, CTC head
+discarded) is fully trainable and, in train mode, applies its config's SpecAugment time masking and LayerDrop.
+It reads the raw, un-normalised waveform (right zero-padded). `AvgPool1d(8, 4)` turns 20 ms frames into one
+LLM "token" per 80 ms and `Linear(1024 -> 3072)` (with bias) projects into MiniChat's embedding space.
 
-Unlike the reference (batch size 1, no attention mask), batches pass an attention mask to HuBERT, and only pooling
-windows that lie entirely inside an utterance's valid frames are kept, so an utterance's output does not depend on
-what else is in the batch (for layer-norm conv extractors such as HuBERT-large's; a group-norm extractor, as in
-HuBERT-base, normalises over time and sees the padding). Attribute names (`encoder`, `embed_projection`) match the reference's `AudioEncoder`, so
-its released `state_dict` loads by name.
+Unlike the reference (batch size 1, no attention mask), batches pass an attention mask to HuBERT, and only
+pooling windows that lie entirely inside an utterance's valid frames are kept, so an utterance's output does
+not depend on what else is in the batch (for layer-norm conv extractors such as HuBERT-large's; a group-norm
+extractor, as in HuBERT-base, normalises over time and sees the padding). Attribute names (`encoder`,
+`embed_projection`) match the reference's `AudioEncoder`, so its released `state_dict` loads by name.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class HubertPoolEncoder(nn.Module):
 
     Args:
         encoder: HF `HubertModel` (any wav2vec2-family model with `last_hidden_state` works). Trainable; its
-            SpecAugment (`apply_spec_augment`, `mask_time_prob`, ...) and `layerdrop` act in train mode as in HF.
+            SpecAugment (`apply_spec_augment`, `mask_time_prob`, ...) and `layerdrop` act in train mode as in
+            HF.
         llm_hidden_size: size of the LLM's input embeddings (MiniChat-2-3B: 3072).
         pool: pooling kernel and stride.
         feature_extractor: the encoder's own feature extractor, for the log-mel families (Whisper encoder,
@@ -71,7 +73,8 @@ class HubertPoolEncoder(nn.Module):
         self.embed_projection = nn.Linear(encoder.config.hidden_size, llm_hidden_size)
 
     def frame_lengths(self, wav_lengths: torch.Tensor) -> torch.Tensor:
-        """(B,) valid samples -> (B,) long valid encoder frames (conv feature extractor or log-mel arithmetic)."""
+        """(B,) valid samples -> (B,) long valid encoder frames (conv feature extractor or log-mel
+        arithmetic)."""
         if self.features is not None:
             return self.features.frame_lengths(wav_lengths)
         return conv_frame_lengths(self.encoder.config, wav_lengths)

@@ -1,7 +1,7 @@
 """Kang & Roy (Interspeech 2024): trainable HuBERT + pooling encoder prompting a frozen LLaMA-type chat LLM.
 
-Spec speech-summarization.md §1.4: the user turn of MiniChat's chat template carries the speech embeddings (and
-optionally text, in any order)::
+Spec speech-summarization.md §1.4: the user turn of MiniChat's chat template carries the speech embeddings
+(and optionally text, in any order)::
 
     E(tok(prefix))          "<s>[|User|]"          the tokenizer's BOS + the prefix (reference: PROMPT_PREFIX)
     user turn               [text ids | speech]*   text without BOS (reference: `tok(text).input_ids[1:]`)
@@ -9,8 +9,8 @@ optionally text, in any order)::
     E(response)             teacher-forced response tokens (training)
 
 For scoring and generation the sequence goes to `SpeechLLM`, which left-pads batches with position ids
-`cumsum(mask) - 1` so rotary positions match running each sample alone (the reference passes no position ids and
-trains at batch size 1). KD training lays student and teacher sequences out right-padded instead
+`cumsum(mask) - 1` so rotary positions match running each sample alone (the reference passes no position ids
+and trains at batch size 1). KD training lays student and teacher sequences out right-padded instead
 (`train.distillation.pack_right_padded`): causal attention then needs neither a mask nor position ids.
 """
 
@@ -72,8 +72,8 @@ class KangRoy(nn.Module):
         llm: the frozen LLM wrapper (None for encoder-only use).
         prefix_ids: chat prefix token ids, starting with BOS.
         suffix_ids: chat suffix token ids, without BOS.
-        label_eos: also train the last response position to predict eos (the reference does not: its targets are
-            decoded with `skip_special_tokens=True` and carry no EOS).
+        label_eos: also train the last response position to predict eos (the reference does not: its targets
+            are decoded with `skip_special_tokens=True` and carry no EOS).
     """
 
     def __init__(
@@ -104,7 +104,8 @@ class KangRoy(nn.Module):
         return cls(encoder, llm, prefix, suffix, label_eos)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only what training changes (the whole encoder and projection); the frozen LLM is referenced by id."""
+        """Only what training changes (the whole encoder and projection); the frozen LLM is referenced by
+        id."""
         names = {name for name, p in self.named_parameters() if p.requires_grad}
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k in names}
 
@@ -123,7 +124,8 @@ class KangRoy(nn.Module):
         return [speech[i, : int(n)] for i, n in enumerate(lengths)]
 
     def chat_segments(self, user_turns: Sequence[Sequence[Segment]]) -> list[list[Segment]]:
-        """Wrap each user turn (token-id lists and speech tensors, interleaved freely) in the chat template."""
+        """Wrap each user turn (token-id lists and speech tensors, interleaved freely) in the chat
+        template."""
         wrapped = []
         for turn in user_turns:
             parts = [seg for seg in turn if isinstance(seg, torch.Tensor) or len(seg) > 0]

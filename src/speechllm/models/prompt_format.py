@@ -6,7 +6,8 @@ Config `models.prompt.format` (speechllm.json `prompt.format`):
   (Llama, Gemma, Mistral; BLOOM and Qwen add none), and the tokenizer's eos ends a target.
 - `chat`: the user turn of the tokenizer's chat template carries `prefix speech postfix`, followed by the
   template's generation prompt (the assistant turn's opening); the token that closes an assistant turn
-  (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`) ends a target. `models.prompt.system` adds a system turn.
+  (`<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`, `</s>`) ends a target. `models.prompt.system` adds a system
+  turn.
 
 The frame is found by rendering the template around a marker and splitting at it, so any template works
 without knowing its strings; text inside the turn is tokenised without special tokens.
@@ -55,7 +56,8 @@ def _ids(tokenizer: Any, text: str) -> tuple[int, ...]:
 
 
 def adds_bos(tokenizer: Any) -> bool:
-    """True if the tokenizer starts every text with its BOS by itself (Llama, Gemma, Mistral; not BLOOM, Qwen)."""
+    """True if the tokenizer starts every text with its BOS by itself (Llama, Gemma, Mistral; not BLOOM,
+    Qwen)."""
     bos = tokenizer.bos_token_id
     return bos is not None and list(tokenizer("a").input_ids[:1]) == [bos]
 

@@ -1,10 +1,11 @@
 """A frozen HF causal LM prompted with interleaved text-token and speech-vector segments via `inputs_embeds`.
 
-BLOOMZMMS stage 2 (spec bloomzmms.md §2.4-2.5) builds `[E(prefix); speech; E(postfix); E(target)]`, trains with
-token-summed cross-entropy over `[target, eos]` divided by the batch size, and decodes with HF `generate`. The same
-wrapper serves LLaMA-type models with rotary positions (speech-summarization.md §1): sequences are left-padded with
-the pad-token embedding and `position_ids = cumsum(attention_mask) - 1`, so every sample sees the same positions as
-when run alone (BLOOM's ALiBi derives them from the attention mask itself).
+BLOOMZMMS stage 2 (spec bloomzmms.md §2.4-2.5) builds `[E(prefix); speech; E(postfix); E(target)]`, trains
+with token-summed cross-entropy over `[target, eos]` divided by the batch size, and decodes with HF
+`generate`. The same wrapper serves LLaMA-type models with rotary positions (speech-summarization.md §1):
+sequences are left-padded with the pad-token embedding and `position_ids = cumsum(attention_mask) - 1`, so
+every sample sees the same positions as when run alone (BLOOM's ALiBi derives them from the attention mask
+itself).
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ class BuiltInputs:
         inputs_embeds: (B, L, H) in the LM's dtype.
         attention_mask: (B, L) long, 0 on (left) padding.
         position_ids: (B, L) long, `cumsum(attention_mask) - 1` clamped at 0.
-        labels: (B, L) long or None. Aligned with the logits (already shifted): `labels[b, t]` is the token the
-            logit at position t must predict, IGNORE_INDEX elsewhere. With targets, the last prompt position
-            predicts target[0] and the last target position predicts eos.
+        labels: (B, L) long or None. Aligned with the logits (already shifted): `labels[b, t]` is the token
+            the logit at position t must predict, IGNORE_INDEX elsewhere. With targets, the last prompt
+            position predicts target[0] and the last target position predicts eos.
         prompt_lengths: (B,) long, prompt (segments) length per sample.
         target_lengths: (B,) long, number of target tokens fed per sample (0 without targets).
     """
@@ -70,7 +71,8 @@ class SpeechLLMOutput:
     Attributes:
         loss: () float32, cross-entropy summed over all label tokens (target + eos) divided by the batch size.
         num_tokens: () long, number of label tokens.
-        num_correct: () long, label tokens whose argmax prediction is right (teacher-forced accuracy numerator).
+        num_correct: () long, label tokens whose argmax prediction is right (teacher-forced accuracy
+            numerator).
         logits: (B, K, V) logits of the last K = `label_span` positions.
         labels: (B, K) labels aligned with `logits`.
     """
@@ -159,17 +161,20 @@ class SpeechLLM(nn.Module):
     """Frozen causal LM fed with interleaved token/speech segments.
 
     Args:
-        lm: HF causal LM (e.g. `BloomForCausalLM`, `LlamaForCausalLM`). All parameters are frozen and the model is
-            kept in eval mode.
-        pad_token_id: token whose embedding fills the left padding and that `generate` pads finished beams with.
+        lm: HF causal LM (e.g. `BloomForCausalLM`, `LlamaForCausalLM`). All parameters are frozen and the
+            model is kept in eval mode.
+        pad_token_id: token whose embedding fills the left padding and that `generate` pads finished beams
+            with.
         eos_token_id: end-of-sequence token appended to the labels and used to stop generation.
         gradient_checkpointing: enable non-reentrant activation checkpointing of the LM's decoder layers. The
             LM stays in eval mode; only the checkpointed decoder layers get `training=True` while this module
-            trains (HF checkpoints only in training mode). Their submodules stay in eval mode, so BLOOM and LLaMA
-            apply no dropout; a model whose layer reads its own `training` flag for dropout would (warned).
-        output_rows: the LM head's output cut to its first `output_rows` logits (the tokenizer's ids) by a forward
-            hook, so the LM scores and generates as if resized to the tokenizer, as ESPnet resized BLOOMZ's
-            250,880 rows to 250,680 (`models.llm.output_rows: tokenizer`). None: every row of the head.
+            trains (HF checkpoints only in training mode). Their submodules stay in eval mode, so BLOOM and
+            LLaMA apply no dropout; a model whose layer reads its own `training` flag for dropout would
+            (warned).
+        output_rows: the LM head's output cut to its first `output_rows` logits (the tokenizer's ids) by a
+            forward hook, so the LM scores and generates as if resized to the tokenizer, as ESPnet resized
+            BLOOMZ's 250,880 rows to 250,680 (`models.llm.output_rows: tokenizer`). None: every row of the
+            head.
     """
 
     def __init__(
@@ -192,8 +197,9 @@ class SpeechLLM(nn.Module):
             raise ValueError(f"output_rows={output_rows} must be in 1..{head_rows} (the LM head's rows)")
         self.output_rows = output_rows if output_rows is not None and output_rows < head_rows else None
         if self.output_rows is not None:
-            # Cut at the head itself, so every softmax (the loss, scoring, and beam search's log-softmax, which
-            # HF applies before any logits processor) is over the tokenizer's ids alone, as after a resize.
+            # Cut at the head itself, so every softmax (the loss, scoring, and beam search's log-softmax,
+            # which HF applies before any logits processor) is over the tokenizer's ids alone, as after a
+            # resize.
             lm.get_output_embeddings().register_forward_hook(partial(_first_rows, rows=self.output_rows))
         self._lm_takes_position_ids = _accepts_argument(lm.forward, "position_ids")
         self.lm_takes_logits_to_keep = _accepts_argument(lm.forward, "logits_to_keep")
@@ -306,9 +312,9 @@ class SpeechLLM(nn.Module):
         """Build left-padded `inputs_embeds` for a batch of prompts (and teacher-forced targets).
 
         Args:
-            segments: per sample, the prompt as an ordered list of segments: token-id lists (or 1-D long tensors)
-                and speech tensors (T_i, H) already cut to their valid length, in any interleaving, e.g.
-                `[prefix_ids, speech, postfix_ids]` or `[ids, speech_1, ids, speech_2, ids]`.
+            segments: per sample, the prompt as an ordered list of segments: token-id lists (or 1-D long
+                tensors) and speech tensors (T_i, H) already cut to their valid length, in any interleaving,
+                e.g. `[prefix_ids, speech, postfix_ids]` or `[ids, speech_1, ids, speech_2, ids]`.
             targets: per sample, target token ids fed after the prompt (teacher forcing), or None.
             append_eos: label the last target position with eos (training); False scores only `targets`.
 
@@ -446,8 +452,8 @@ class SpeechLLM(nn.Module):
     ) -> list[list[int]]:
         """Decode continuations of the prompts with HF `generate(inputs_embeds=...)`.
 
-        Greedy/beam search by default (`do_sample=False` unless overridden). transformers 5 returns only the new
-        tokens when generating from `inputs_embeds`.
+        Greedy/beam search by default (`do_sample=False` unless overridden). transformers 5 returns only the
+        new tokens when generating from `inputs_embeds`.
 
         Args:
             segments: B prompts (see `build_inputs`).
@@ -456,7 +462,8 @@ class SpeechLLM(nn.Module):
             generate_kwargs: passed to HF `generate` (e.g. `num_return_sequences`, `repetition_penalty`).
 
         Returns:
-            B * num_return_sequences token-id lists, each cut at the first eos and without trailing pad tokens.
+            B * num_return_sequences token-id lists, each cut at the first eos and without trailing pad
+            tokens.
         """
         with self._inference_layers():
             inputs = self.build_inputs(segments)

@@ -1,55 +1,62 @@
 """`speechllm plan`: parameters, memory per GPU and FLOPs per training step of the paper-scale models.
 
 Every model is built on the `meta` device (shapes only, no weights, nothing downloaded) from the architecture
-configs in `config/models/<hub name>.json`, so parameter counts are exact. Memory and FLOPs follow these formulas
-for one micro-batch on one GPU: B utterances of U seconds each (`plan.utterance_seconds`), B the busiest GPU's
-share as the training sampler hands it out (`speechllm.data.bucketing.rank_batch_sizes`: with `batch_budget:
-global` the stage's `batch_seconds` and `max_batch_size` hold for the micro-batch of all `plan.gpus` GPUs,
-at least one utterance each, split longest first; with `per_rank` each GPU packs the full budget):
+configs in `config/models/<hub name>.json`, so parameter counts are exact. Memory and FLOPs follow these
+formulas for one micro-batch on one GPU: B utterances of U seconds each (`plan.utterance_seconds`), B the
+busiest GPU's share as the training sampler hands it out (`speechllm.data.bucketing.rank_batch_sizes`: with
+`batch_budget: global` the stage's `batch_seconds` and `max_batch_size` hold for the micro-batch of all
+`plan.gpus` GPUs, at least one utterance each, split longest first; with `per_rank` each GPU packs the full
+budget):
 
 Memory
-    weights       trainable: 4 B/param (fp32 master weights, also under bf16 autocast); frozen: the loaded dtype
-                  (LLM `models.llm.dtype`, 1 B/param with `load_in_8bit`; speech encoder fp32).
+    weights       trainable: 4 B/param (fp32 master weights, also under bf16 autocast); frozen: the loaded
+                  dtype (LLM `models.llm.dtype`, 1 B/param with `load_in_8bit`; speech encoder fp32).
     gradients     4 B per trainable param.
     optimizer     Adam(W): 8 B per trainable param (exp_avg + exp_avg_sq in fp32).
-    activations   tensors kept for backward, s = 2 B under bf16 autocast, else 4 B, dropout masks 1 B; attention
-                  in HF models is fused (flash / memory-efficient SDPA: no T^2 term); the adaptor's relative-position
-                  attention is explicit (B*heads*T^2 scores). Per layer and position (Korthikanti et al. 2022,
-                  generalised to FFN size f):
+    activations   tensors kept for backward, s = 2 B under bf16 autocast, else 4 B, dropout masks 1 B;
+                  attention in HF models is fused (flash / memory-efficient SDPA: no T^2 term); the adaptor's
+                  relative-position attention is explicit (B*heads*T^2 scores). Per layer and position
+                  (Korthikanti et al. 2022, generalised to FFN size f):
                     trainable transformer layer   (8h + 2f) s  + masks (2h + f)
                     frozen LLM layer on the gradient path (frozen Linear layers keep no input)
-                        LLaMA (SwiGLU)  (6h + 3f) s,  BLOOM (GELU)  (6h + f) s  (+ BLOOM's ALiBi mask B*heads*L^2*s)
-                        with gradient checkpointing only the layer input h*s, plus one layer recomputed at a time
+                        LLaMA (SwiGLU)  (6h + 3f) s,  BLOOM (GELU)  (6h + f) s
+                        (+ BLOOM's ALiBi mask B*heads*L^2*s)
+                        with gradient checkpointing only the layer input h*s, plus one layer recomputed
+                        at a time
                     E-Branchformer block          see `ebranchformer_activation_elements`
-                    frozen speech encoder         nothing (no_grad), but the featurizer keeps all its hidden states
-                    loss logits                   fp32 log-softmax over the label positions (B*K*V*4), CTC: B*T2*V*4
+                    frozen speech encoder         nothing (no_grad), but the featurizer keeps all its hidden
+                                                  states
+                    loss logits                   fp32 log-softmax over the label positions (B*K*V*4), CTC:
+                                                  B*T2*V*4
 Estimates, not measurements: allocator overhead, the frozen encoder's transient forward peak, CUDA context and
 temporary buffers are not counted.
 
 FLOPs (multiply-add = 2 FLOPs; matmuls and convolutions only, as `torch.utils.flop_counter` counts them)
     forward       2 * sum over Linear/Conv weights of (weight size * positions where it is applied) — i.e.
-                  2 * params * tokens per part, with each module at its own rate (conv stack at its strides, LM
-                  head only on the K label positions) — plus attention 4*B*T^2*h per layer
+                  2 * params * tokens per part, with each module at its own rate (conv stack at its strides,
+                  LM head only on the K label positions) — plus attention 4*B*T^2*h per layer
                   (relative-position attention 8*B*T^2*d: content, position (2T-1 keys) and value products).
     backward      trainable part: 2x forward (input and weight gradients); frozen part on the gradient path:
                   1x its matmuls (input gradients only) + 2x its attention; frozen part before every trainable
                   parameter: 0. Gradient checkpointing adds one more forward of the LLM's decoder layers, less
-                  each layer's FFN output projection (torch's non-reentrant checkpoint stops recomputing once it
-                  has what backward needs, and a frozen Linear keeps no input). A strided convolution's input
-                  gradient is counted at its multiply-adds (= forward); `torch.utils.flop_counter` counts it at
-                  the input resolution (zero-stuffed), which is more.
-    teacher       Kang & Roy's distillation runs the frozen LLM once more on the transcript prompt (forward only).
+                  each layer's FFN output projection (torch's non-reentrant checkpoint stops recomputing once
+                  it has what backward needs, and a frozen Linear keeps no input). A strided convolution's
+                  input gradient is counted at its multiply-adds (= forward); `torch.utils.flop_counter`
+                  counts it at the input resolution (zero-stuffed), which is more.
+    teacher       Kang & Roy's distillation runs the frozen LLM once more on the transcript prompt (forward
+                  only).
 Per optimizer step = per micro-batch * `accum_grad` * GPUs (an upper bound when the shares are uneven).
 
 Time (with `plan.mfu` and `plan.gpu`, a key of `plan.gpu_peak_tflops`)
-    micro-batch   sum over parts of FLOPs / (mfu * the GPU's peak at the part's compute precision): the stage's
-                  `train.<stage>.precision` (bf16 autocast, tf32 or fp32 matmuls), except the LLM, whose weights
-                  in `models.llm.dtype` bfloat16/float16 (or 8-bit) run 16-bit matmuls. The busiest GPU's share.
+    micro-batch   sum over parts of FLOPs / (mfu * the GPU's peak at the part's compute precision): the
+                  stage's `train.<stage>.precision` (bf16 autocast, tf32 or fp32 matmuls), except the LLM,
+                  whose weights in `models.llm.dtype` bfloat16/float16 (or 8-bit) run 16-bit matmuls. The
+                  busiest GPU's share.
     epoch         `num_iters_per_epoch` micro-batches (ESPnet's iterations); GPU-hours = hours * `plan.gpus`.
     run           `max_epochs` epochs (an upper bound under early stopping), or `max_steps` * `accum_grad`
                   micro-batches when that comes first.
-    reference     `plan.reference.<stage>`: the reference's own statement (GPUs, GPU type, hours per epoch), and
-                  the MFU it implies for these FLOPs when the GPU types match.
+    reference     `plan.reference.<stage>`: the reference's own statement (GPUs, GPU type, hours per epoch),
+                  and the MFU it implies for these FLOPs when the GPU types match.
 """
 
 from __future__ import annotations
@@ -128,8 +135,8 @@ def model_from_config(
     device: torch.device | str = "meta",
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """The HF model (`AutoModelForCausalLM` or the bare `AutoModel`) built on `device`: shapes only on the meta
-    device, random weights elsewhere (the GPU benchmark); nothing is downloaded."""
+    """The HF model (`AutoModelForCausalLM` or the bare `AutoModel`) built on `device`: shapes only on the
+    meta device, random weights elsewhere (the GPU benchmark); nothing is downloaded."""
     factory = AutoModelForCausalLM if causal_lm else AutoModel
     with torch.device(device):
         return factory.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
@@ -179,8 +186,8 @@ def num_params(module: nn.Module) -> int:
 
 
 def matmul_flops(module: nn.Module, positions: Positions) -> float:
-    """2 * weight size * positions over every Linear / Conv layer; `positions(name, layer)` gives where it applies
-    (output positions, summed over the batch)."""
+    """2 * weight size * positions over every Linear / Conv layer; `positions(name, layer)` gives where it
+    applies (output positions, summed over the batch)."""
     total = 0.0
     for name, layer in module.named_modules():
         if isinstance(layer, nn.Linear | nn.Conv1d | nn.Conv2d):
@@ -312,7 +319,7 @@ def split_params(module: nn.Module) -> tuple[int, int]:
     return trainable, num_params(module) - trainable
 
 
-# --------------------------------------------------------------------------- speech encoders (wav2vec2 family)
+# ------------------------------------------------------------------------- speech encoders (wav2vec2 family)
 
 
 def _conv_layer_index(name: str) -> int | None:
@@ -429,7 +436,8 @@ def adaptor_flops(adaptor: SpeechAdaptor, batch: int, frames: int) -> float:
 
 
 def ebranchformer_activation_elements(cfg: AdaptorConfig, t1: int) -> tuple[float, float]:
-    """(elements in the activation dtype, mask bytes) kept per position by one E-Branchformer block in training."""
+    """(elements in the activation dtype, mask bytes) kept per position by one E-Branchformer block in
+    training."""
     d, ff, cg, heads = cfg.d_model, cfg.linear_units, cfg.cgmlp_units, cfg.heads
     macaron = 2 * (3 * d + 2 * ff)  # two half-step FFNs: norm, fc1 and swish inputs, fc2 input
     attention = (
@@ -515,7 +523,8 @@ def llm_flops(
 def llm_part(
     lm: nn.Module, workload: Workload, llm_cfg: dict[str, Any], act_bytes: int, losses: int
 ) -> PartPlan:
-    """The frozen LLM on the gradient path (student), plus the teacher forward when `workload.teacher_tokens`."""
+    """The frozen LLM on the gradient path (student), plus the teacher forward when
+    `workload.teacher_tokens`."""
     batch, tokens, labels = workload.utterances, workload.llm_tokens, workload.label_positions
     config = lm.config
     layers_flops, attention, head_flops, tails = llm_flops(lm, batch, tokens, labels)
@@ -831,7 +840,8 @@ def part_compute_precision(part: PartPlan, stage_precision: str, llm_cfg: dict[s
 
 
 def micro_batch_seconds(plan: StagePlan, cfg: dict[str, Any], gpu: str, mfu: float) -> float:
-    """FLOPs of one micro-batch on the busiest GPU over (mfu * peak), part by part at its compute precision."""
+    """FLOPs of one micro-batch on the busiest GPU over (mfu * peak), part by part at its compute
+    precision."""
     llm_cfg = cfg["models"].get("llm", {})
     seconds = 0.0
     for part in plan.parts:
@@ -841,7 +851,8 @@ def micro_batch_seconds(plan: StagePlan, cfg: dict[str, Any], gpu: str, mfu: flo
 
 
 def run_micro_batches(stage_cfg: dict[str, Any]) -> tuple[int | None, int | None]:
-    """(micro-batches per epoch, micro-batches of the whole run) from `train.<stage>`; None where not fixed."""
+    """(micro-batches per epoch, micro-batches of the whole run) from `train.<stage>`; None where not
+    fixed."""
     epoch = stage_cfg.get("num_iters_per_epoch")
     caps = []
     if stage_cfg.get("max_epochs") and epoch:
@@ -1032,7 +1043,8 @@ def format_estimate(e: TimeEstimate, gpus: int) -> list[str]:
         )
         + "; whole run "
         + (
-            f"({e.run_micro_batches:,} micro-batches) {_hours(e.run_hours)} = {_hours(e.run_gpu_hours, 'GPU-h')}"
+            f"({e.run_micro_batches:,} micro-batches) {_hours(e.run_hours)} = "
+            f"{_hours(e.run_gpu_hours, 'GPU-h')}"
             if e.run_micro_batches
             else "n/a"
         )

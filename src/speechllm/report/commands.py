@@ -19,10 +19,13 @@ PLOTS_EPILOG = """examples:
   speechllm report plots curves --metrics results/train/ctc/metrics.csv --title ctc --out curves_ctc.png
   speechllm report plots bars --name speechglue --scores results/eval/speechglue/*.scores.json \\
       --models ce_init t mi tmi --out speechglue.png"""
-WANDB_EPILOG = """example:
-  speechllm report wandb --settings '{"experiment": "demo", "wandb": {"project": "speechllm", "mode": "offline"},
-      "model_run": {"name": "demo-ce-t", "job_type": "train_ce"}}' --system t \\
-      --scores results/eval/*/t.scores.json --log-dir results/wandb/t --out results/wandb/t.json"""
+WANDB_EPILOG = (
+    "example:\n"
+    '  speechllm report wandb --settings \'{"experiment": "demo", "wandb": {"project": '
+    '"speechllm", "mode": "offline"},\n'
+    '      "model_run": {"name": "demo-ce-t", "job_type": "train_ce"}}\' --system t \\\n'
+    "      --scores results/eval/*/t.scores.json --log-dir results/wandb/t --out results/wandb/t.json"
+)
 RESOURCES_EPILOG = """example:
   speechllm report resources --root logs/benchmark --requests '{"train_ctc": {"mem_mb": 8000, "runtime": 60,
       "threads": 2}}' --out-stem results/resources/usage --plot results/plots/resources.png"""

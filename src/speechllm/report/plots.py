@@ -1,5 +1,5 @@
-"""Report figures (matplotlib PNGs): learning curves from a training `metrics.csv`, and per-language / per-task
-bar charts of one benchmark's score files (one bar per system).
+"""Report figures (matplotlib PNGs): learning curves from a training `metrics.csv`, and per-language /
+per-task bar charts of one benchmark's score files (one bar per system).
 
 Figures are drawn on a bare `matplotlib.figure.Figure` (no pyplot state, no display needed) and written
 atomically.

@@ -4,8 +4,8 @@
 Every rule writes a Snakemake benchmark file, `logs/benchmark/<rule>/<wildcards>.tsv` (one line: wall seconds
 `s`, `max_rss` in MB, `cpu_time` in seconds, ...; Snakemake samples the job's processes every 0.5 s for 30 s,
 then every 30 s; a job done before the first sample has no memory figure). A job retried or resumed keeps the
-benchmark of its last attempt only. The requests (first attempt) come from the workflow: `requests` maps a rule
-to its `mem_mb`, `runtime` (minutes) and `threads`.
+benchmark of its last attempt only. The requests (first attempt) come from the workflow: `requests` maps a
+rule to its `mem_mb`, `runtime` (minutes) and `threads`.
 
 Per rule: the number of jobs, the longest wall time and its share of the requested runtime, the largest
 resident memory and its share of `mem_mb`, and the mean busy cores (CPU seconds / wall seconds, against the
@@ -85,8 +85,8 @@ def _share(used: float, asked: Any) -> float:
 
 
 def summarize(jobs: pd.DataFrame, requests: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    """Per rule: jobs, wall time (max, total), runtime asked and the share the longest job used, max RSS, mem_mb
-    asked and the share used, mean busy cores and threads asked."""
+    """Per rule: jobs, wall time (max, total), runtime asked and the share the longest job used, max RSS,
+    mem_mb asked and the share used, mean busy cores and threads asked."""
     rows = []
     for rule, group in jobs.groupby("rule", sort=True):
         asked = requests.get(rule, {})
@@ -124,8 +124,8 @@ def to_markdown(summary: pd.DataFrame) -> str:
 
 
 def plot_usage(summary: pd.DataFrame, out: Path) -> Path:
-    """Two panels of horizontal bars per rule: the longest job's share of its runtime, the largest job's share of
-    its mem_mb (100 % = the request; a bar past it was retried with more or killed)."""
+    """Two panels of horizontal bars per rule: the longest job's share of its runtime, the largest job's share
+    of its mem_mb (100 % = the request; a bar past it was retried with more or killed)."""
     rules = list(summary.rule)[::-1]
     figure = Figure(figsize=(11, max(3.0, 0.32 * len(rules) + 1.5)), layout="constrained")
     for axis, column, title in zip(
@@ -148,7 +148,8 @@ def plot_usage(summary: pd.DataFrame, out: Path) -> Path:
 def write_usage(
     root: Path, requests: Mapping[str, Mapping[str, Any]], out_stem: Path, plot: Path
 ) -> pd.DataFrame:
-    """`<stem>.csv` and `<stem>.md` (per rule), `<stem>.jobs.csv` (per job) and the figure; returns the summary."""
+    """`<stem>.csv` and `<stem>.md` (per rule), `<stem>.jobs.csv` (per job) and the figure; returns the
+    summary."""
     jobs = collect_jobs(root)
     summary = summarize(jobs, requests)
     stem = Path(out_stem)

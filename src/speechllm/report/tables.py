@@ -67,9 +67,9 @@ VALUE_NOTES: dict[str, str] = {
     "speechglue": "Primary metric per task in % (CoLA Matthews, STS-B Pearson, accuracy otherwise); "
     "averages are means of the primary metrics.",
     "speechxnli": "Accuracy in %; 'mean' = mean over languages.",
-    "summarization": "ROUGE-1/2/L F-measures, METEOR and BERTScore P/R/F1 in % against the reference summaries "
-    "(mean over articles; METEOR and BERTScore where measured); perplexity of the text-prompted LLM's responses per test set "
-    "(exp of the mean over utterances of the mean token NLL).",
+    "summarization": "ROUGE-1/2/L F-measures, METEOR and BERTScore P/R/F1 in % against the reference "
+    "summaries (mean over articles; METEOR and BERTScore where measured); perplexity of the text-prompted "
+    "LLM's responses per test set (exp of the mean over utterances of the mean token NLL).",
 }
 METRIC_ORDER: tuple[str, ...] = ("cer", "wer", "bleu", "chrf")
 # Summary-quality metrics in table order (score-file key, row label); absent ones are left out.
@@ -165,10 +165,11 @@ def _score_value(raw: Any, keys: Sequence[str]) -> Any:
 
 
 def _summarization_rows(metrics: Mapping[str, Any]) -> dict[Row, float]:
-    """ROUGE-1/2/L, METEOR and BERTScore (x 100) as rows of the 'articles', then the perplexity of each test set
-    (unscaled).
+    """ROUGE-1/2/L, METEOR and BERTScore (x 100) as rows of the 'articles', then the perplexity of each test
+    set (unscaled).
 
-    Reads a `summarization` score file (ROUGE/METEOR/BERTScore fractions at the top level or under ``all``; optionally
+    Reads a `summarization` score file (ROUGE/METEOR/BERTScore fractions at the top level or under ``all``;
+    optionally
     ``perplexity``: a number, or test set -> number) and a `response_ppl` one (``per_subset``: test set ->
     {"ppl": ...}, and ``all``: {"ppl": ...}).
     """
@@ -304,8 +305,8 @@ def _walk(node: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
 
 
 def _signatures(metrics: Mapping[str, Any]) -> list[str]:
-    """Distinct metric signatures, versions and skip reasons (e.g. METEOR without WordNet) recorded anywhere in
-    a score file's ``metrics``, first-seen order."""
+    """Distinct metric signatures, versions and skip reasons (e.g. METEOR without WordNet) recorded anywhere
+    in a score file's ``metrics``, first-seen order."""
     found = (
         f"{key}: {value}"
         for key, value in _walk(metrics)

@@ -1,17 +1,18 @@
-"""W&B dashboards: each system's evaluation tables and summary metrics in a results run next to its training run,
-and `wandb sync` of offline run directories (for clusters whose compute nodes have no internet).
+"""W&B dashboards: each system's evaluation tables and summary metrics in a results run next to its training
+run, and `wandb sync` of offline run directories (for clusters whose compute nodes have no internet).
 
 Layout in W&B (project = config `wandb.project`):
 
 - group = the experiment (`config.experiment`): every run of one experiment (training, evaluation, results);
-- training runs: job_type `train_ctc` / `train_ce` / `train_kd`, named `<experiment>-ctc`, `<experiment>-ce-<variant>`;
-- one results run per system: job_type `results`, named `<experiment>-<system>`. Its summary holds the system's
-  table values (`<benchmark>/<row>/<metric>`, the numbers of `results/tables/*`), its `<benchmark>/table` entries
-  are W&B tables of the same values, and `config.model_run` names and gives the id of the training run of the
-  model it scores (null for the untrained `ctc_init`).
+- training runs: job_type `train_ctc` / `train_ce` / `train_kd`, named `<experiment>-ctc`,
+  `<experiment>-ce-<variant>`;
+- one results run per system: job_type `results`, named `<experiment>-<system>`. Its summary holds the
+  system's table values (`<benchmark>/<row>/<metric>`, the numbers of `results/tables/*`), its
+  `<benchmark>/table` entries are W&B tables of the same values, and `config.model_run` names and gives the id
+  of the training run of the model it scores (null for the untrained `ctc_init`).
 
-Why not write the results into the training run itself (resuming it by id): W&B cannot resume offline runs -- a
-second offline run with the same id is a separate directory, and `wandb sync` of both keeps only one of them
+Why not write the results into the training run itself (resuming it by id): W&B cannot resume offline runs --
+a second offline run with the same id is a separate directory, and `wandb sync` of both keeps only one of them
 (wandb/wandb#3841, #4624) -- and several evaluation jobs of one model would write to the run at the same time.
 A separate run in the same group, linked by config, keeps every run append-only and single-writer.
 """

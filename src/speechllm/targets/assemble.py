@@ -21,8 +21,8 @@ GENERATED_FIELDS = ("index", "text", "prefix", "postfix", "output")
 
 
 def read_generated(paths: list[Path]) -> list[dict[str, Any]]:
-    """The items of finished generation shards (JSON Lines); a line that is not an item is an error naming file
-    and line."""
+    """The items of finished generation shards (JSON Lines); a line that is not an item is an error naming
+    file and line."""
     return [item for path in paths for item in read_manifest(path, required=GENERATED_FIELDS)]
 
 

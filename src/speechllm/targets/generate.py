@@ -165,8 +165,9 @@ GREEDY_ALTERING_FIELDS = (
 )
 # Spare room a KV-cache buffer gets beyond what it holds (as a fraction of that), to append tokens in place.
 KV_SPARE_FRACTION = 0.5
-# Once nothing is left to bring in, finished rows are dropped (a copy of the cache) when they are at least this
-# fraction of the batch; until then they ride along, as a copy costs more than a few rows for a few steps.
+# Once nothing is left to bring in, finished rows are dropped (a copy of the cache) when they are at least
+# this fraction of the batch; until then they ride along, as a copy costs more than a few rows for a few
+# steps.
 COMPACT_FRACTION = 0.5
 # Leading cache positions that are padding in every row get cut once they are this fraction of the cache
 # (a copy of the cache; rows that replaced longer ones leave such padding behind).
@@ -293,7 +294,8 @@ class Slots:
         return int(self.mask.argmax(dim=1).min())  # argmax finds each row's first real entry
 
     def put(self, slot: int, other: Slots, row: int) -> None:
-        """Move `other`'s row `row` into `slot` (the cache must be at least as long as that row's real part)."""
+        """Move `other`'s row `row` into `slot` (the cache must be at least as long as that row's real
+        part)."""
         length = int(other.mask[row].sum())
         for layer, source in zip(self.cache.layers, other.cache.layers, strict=True):
             layer.put(slot, source.keys[row, :, -length:], source.values[row, :, -length:])
@@ -337,7 +339,8 @@ class GreedyDecoder:
         return out.logits[:, -1, :].argmax(dim=-1)
 
     def _prefill(self, prompts: list[list[int]], rows: list[int]) -> Slots:
-        """Slots for `prompts` (token ids, left padded) after their forward pass; `pending` is each first token."""
+        """Slots for `prompts` (token ids, left padded) after their forward pass; `pending` is each first
+        token."""
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
@@ -357,7 +360,8 @@ class GreedyDecoder:
             tokens.append(token)
 
     def _finish(self, slots: Slots, limits: list[int]) -> list[tuple[int, list[int]]]:
-        """Rows of `slots` that just finished (eos or their limit), as (prompt index, ids); their slots are freed."""
+        """Rows of `slots` that just finished (eos or their limit), as (prompt index, ids); their slots are
+        freed."""
         done = []
         for j in slots.live():
             i, tokens = slots.rows[j], slots.tokens[j]
@@ -473,8 +477,8 @@ def generate_batched(
     `max_new_tokens` is one limit for all prompts or one per prompt. Greedy decoding runs `GreedyDecoder`
     (finished rows leave the batch, waiting prompts take their slots); beam search, and models it does not
     cover, run HF `generate` per length-sorted batch. `clean_up_spaces` applies the tokenizer's " ." -> "."
-    clean-up (the transformers < 4.45 decoding default). `on_batch` receives [(prompt index, text)] after every
-    batch (greedy: every `batch_size` finished prompts)."""
+    clean-up (the transformers < 4.45 decoding default). `on_batch` receives [(prompt index, text)] after
+    every batch (greedy: every `batch_size` finished prompts)."""
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(limits) != len(prompts):
         raise ValueError(f"{len(limits)} max_new_tokens values for {len(prompts)} prompts")

@@ -25,7 +25,8 @@ from speechllm.targets.generate import (
 from speechllm.targets.settings import ResponsesSettings
 
 RESPONSE_FIELD = "llm_response"  # the reference's dataset column
-# targets.responses.prompt_template value that puts the text in the tokenizer's own chat turn (prompt_format.py).
+# targets.responses.prompt_template value that puts the text in the tokenizer's own chat turn
+# (prompt_format.py).
 CHAT_TEMPLATE = "chat"
 
 

@@ -10,15 +10,15 @@ A checkpoint is a directory `step_<8 digits>/` in the run's checkpoint dir:
     checksums.sha256      SHA-256 of each file above (`sha256sum -c checksums.sha256` checks it by hand)
 
 The weights of the evaluations kept for the final selection (best, or k-best for averaging) are written once
-to `kept/step_<8 digits>.safetensors` (with its digest beside it, `.safetensors.sha256`) and referenced by name.
-Every directory and file appears complete or not at all: it is written under a temporary name and renamed. A
-SIGKILL at any moment leaves the previous checkpoints intact; leftovers of an interrupted write are removed on
-the next start.
+to `kept/step_<8 digits>.safetensors` (with its digest beside it, `.safetensors.sha256`) and referenced by
+name. Every directory and file appears complete or not at all: it is written under a temporary name and
+renamed. A SIGKILL at any moment leaves the previous checkpoints intact; leftovers of an interrupted write are
+removed on the next start.
 
 A checkpoint damaged afterwards (a truncated or overwritten file, a full disk, bit rot) fails its digests: the
-resuming run moves it aside to `damaged-step_<8 digits>/` with a warning and resumes from the newest intact one,
-or starts from the beginning when none is left. A write that fails (e.g. no space left on the device) names
-the checkpoint directory and leaves the earlier checkpoints as they were.
+resuming run moves it aside to `damaged-step_<8 digits>/` with a warning and resumes from the newest intact
+one, or starts from the beginning when none is left. A write that fails (e.g. no space left on the device)
+names the checkpoint directory and leaves the earlier checkpoints as they were.
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ last prompt position and the n response tokens, i.e. including the position afte
     loss = ntp_weight * NTP + ld_weight * LD + fd_weight * FD                             (0.5 / 0.5 / 1.0)
 
 The reference runs batch size 1 and averages over 16 accumulated samples; here a batch of B samples gives the
-mean of the B per-sample losses. Each run is one LM forward over the batch, right-padded: every sequence starts
-at position 0 and causal attention never looks ahead, so the real positions compute exactly what they compute
-alone, with no attention mask or position ids (with SDPA, its plain causal kernel). Only the N = sum_b R_b response
-positions are read out (flat index tensors): the LM head, the losses and the hidden-state MSE never touch the
-prompts or the padding, and the per-sample means are one weighted sum over those N rows.
+mean of the B per-sample losses. Each run is one LM forward over the batch, right-padded: every sequence
+starts at position 0 and causal attention never looks ahead, so the real positions compute exactly what they
+compute alone, with no attention mask or position ids (with SDPA, its plain causal kernel). Only the N = sum_b
+R_b response positions are read out (flat index tensors): the LM head, the losses and the hidden-state MSE
+never touch the prompts or the padding, and the per-sample means are one weighted sum over those N rows.
 """
 
 from __future__ import annotations
@@ -46,14 +46,14 @@ ENCODER_MODES = ("train", "reference")
 
 
 def reference_encoder_training(batch_index: int, epoch_start: int, validation_interval: int) -> bool:
-    """Whether Kang & Roy's trainer has its audio encoder in train mode for micro-batch `batch_index` (0-based,
-    counted over the whole run) of an epoch that began at micro-batch `epoch_start`.
+    """Whether Kang & Roy's trainer has its audio encoder in train mode for micro-batch `batch_index`
+    (0-based, counted over the whole run) of an epoch that began at micro-batch `epoch_start`.
 
-    The reference (wonjune-kang/llm-speech-summarization@0a3d8e6:trainer.py) calls `audio_encoder.train()` only
-    at the start of each epoch; after every `validation_interval` batches of its global count (`self.step`,
-    batches of one utterance) `validate()` puts the encoder in eval mode and leaves it there. So the encoder
-    trains (dropout, SpecAugment, LayerDrop) until the first multiple of the interval inside the epoch and runs
-    in eval mode for the rest of it.
+    The reference (wonjune-kang/llm-speech-summarization@0a3d8e6:trainer.py) calls `audio_encoder.train()`
+    only at the start of each epoch; after every `validation_interval` batches of its global count
+    (`self.step`, batches of one utterance) `validate()` puts the encoder in eval mode and leaves it there. So
+    the encoder trains (dropout, SpecAugment, LayerDrop) until the first multiple of the interval inside the
+    epoch and runs in eval mode for the rest of it.
     """
     return batch_index // validation_interval == epoch_start // validation_interval
 
@@ -148,7 +148,8 @@ def _embed_sources(
         sequences: B ordered lists of token-id segments and speech tensors (T_i, H).
 
     Returns:
-        source (S, H) in the LM's dtype, and per sequence the source rows of its positions, one range per segment.
+        source (S, H) in the LM's dtype, and per sequence the source rows of its positions, one range per
+        segment.
     """
     embedding = llm.lm.get_input_embeddings()
     device, dtype, hidden_size = embedding.weight.device, embedding.weight.dtype, embedding.weight.shape[1]

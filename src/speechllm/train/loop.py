@@ -24,8 +24,8 @@ Several processes (DDP, or FSDP with `fsdp: true`, see `parallel.py`): with `bat
 `batch_seconds` is the budget of the whole micro-batch, which every rank builds alike and splits (each rank
 takes its share, see `bucketing.py`); with `per_rank` every rank packs whole batches of the full budget.
 Gradients are all-reduced (FSDP: reduce-scattered), all ranks evaluate the whole dev set and follow rank 0's
-metrics, rank 0 writes checkpoints (each rank its RNG file). Under FSDP the checkpoints hold the gathered (full)
-trainable weights and optimizer state, so they do not depend on the sharding.
+metrics, rank 0 writes checkpoints (each rank its RNG file). Under FSDP the checkpoints hold the gathered
+(full) trainable weights and optimizer state, so they do not depend on the sharding.
 
 Loss normalisation over ranks, as the ESPnet trainer (v.202304 `espnet2/train/trainer.py` `train_one_epoch`,
 also DigitalPhonetics/bloomzmms@77dc192 `espnet-bloomzmms-files/espnet2/train/trainer.py`): every objective is
@@ -127,7 +127,8 @@ class StageConfig:
     fd_weight: float = 1.0
     fd_layers: list[int] = field(default_factory=lambda: [0, 5, 11, 17, 23])
     # kd: "train" keeps the speech encoder in train mode throughout; "reference" switches it as Kang & Roy's
-    # trainer does (eval mode from the epoch's first validation, every `reference_validation_interval` batches).
+    # trainer does (eval mode from the epoch's first validation, every `reference_validation_interval`
+    # batches).
     encoder_mode: str = "train"
     reference_validation_interval: int | None = None
 
@@ -383,7 +384,8 @@ class Trainer:
             max_batch_size=stage.max_batch_size,
         )
         self.dev_loader = self._loader(dev_sampler, self.dev_set, 0)
-        # Without num_iters_per_epoch an epoch is the first pass's number of batches (global: of global batches).
+        # Without num_iters_per_epoch an epoch is the first pass's number of batches (global: of global
+        # batches).
         self.iters_per_epoch = stage.num_iters_per_epoch or len(self.sampler)
         params = [p for p in self.wrapped.parameters() if p.requires_grad]
         optimizer_cls = torch.optim.AdamW if stage.optimizer == "adamw" else torch.optim.Adam
@@ -482,7 +484,8 @@ class Trainer:
         return int(min(by_epochs, stage.max_steps or math.inf))
 
     def rank_weight(self, utterances: int) -> float:
-        """ESPnet's factor B_r * W / B for this rank's mean loss (see the module docstring); 1 on one process."""
+        """ESPnet's factor B_r * W / B for this rank's mean loss (see the module docstring); 1 on one
+        process."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return 1.0
@@ -529,7 +532,8 @@ class Trainer:
                 sync = state.batches_seen % stage.accum_grad == 0
                 batch = batch.to(acc.device)
                 weight = self.rank_weight(len(batch.records))
-                # Kang & Roy: the encoder in eval mode from the epoch's first validation on (see distillation.py)
+                # Kang & Roy: the encoder in eval mode from the epoch's first validation on (see
+                # distillation.py)
                 if stage.encoder_mode == "reference":
                     first, interval = state.epoch_start_batch, stage.reference_validation_interval
                     set_reference_encoder_mode(self.core, state.batches_seen - 1, first, interval)
@@ -598,8 +602,8 @@ class Trainer:
         return bool(row)
 
     def _stop_signalled(self) -> bool:
-        """Whether a process got a stop signal (speechllm.stopping); every rank gets the same answer, so all stop
-        after the same update."""
+        """Whether a process got a stop signal (speechllm.stopping); every rank gets the same answer, so all
+        stop after the same update."""
         signalled = stopping.requested() is not None
         if self.accelerator.num_processes == 1:
             return signalled

@@ -1,7 +1,8 @@
 """Several processes: the accelerate `Accelerator` (precision, DDP options) and the FSDP option for the LLM.
 
 Launch with one process (`speechllm train ...`) or several (`accelerate launch --num_processes N speechllm
-...`, `torchrun --nproc_per_node N`). Without CUDA the processes use gloo on the CPU (`Accelerator(cpu=True)`),
+...`, `torchrun --nproc_per_node
+N`). Without CUDA the processes use gloo on the CPU (`Accelerator(cpu=True)`),
 which is how the tests run DDP and FSDP.
 
 - DDP (default): `find_unused_parameters` as the reference (`unused_parameters: true`): frozen parts and

@@ -60,8 +60,9 @@ def _finite(value: Any) -> Any:
 
 
 def logged_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl a killed job appended to: a last line cut off mid-write is dropped (its step
-    is logged again after the resume); any other unreadable line is an error that names the file and line."""
+    """The rows of a metrics.jsonl a killed job appended to: a last line cut off mid-write is dropped (its
+    step is logged again after the resume); any other unreadable line is an error that names the file and
+    line."""
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")
     rows = []
@@ -162,9 +163,9 @@ class Tracker:
             self._wandb(lambda run: run.log(values, step=row["step"]))
 
     def _wandb(self, call: Callable[[Any], Any]) -> None:
-        """`call(run)`; after a stop signal (speechllm.stopping) a failure ends W&B logging instead of the job:
-        Slurm signals every process of the job step, W&B's service process too, and the job is about to save
-        and exit for a retry, which logs to the run again."""
+        """`call(run)`; after a stop signal (speechllm.stopping) a failure ends W&B logging instead of the
+        job: Slurm signals every process of the job step, W&B's service process too, and the job is about to
+        save and exit for a retry, which logs to the run again."""
         try:
             call(self.run)
         except Exception as err:
