@@ -111,7 +111,7 @@ class InitSettings(StepSettings):
 
 @dataclass(frozen=True, kw_only=True)
 class TrainSettings(InitSettings):
-    """`speechllm train ctc|ce` (rules train_ctc, train_ce)."""
+    """A training stage's settings: the model's plus `train.<stage>` (CtcSettings, CeSettings, KdSettings)."""
 
     OBJECTIVE: ClassVar[str] = ""
     stage: StageConfig = setting(default=None)
