@@ -21,11 +21,15 @@ import yaml
 
 from speechllm.cli import main
 from speechllm.data import settings as data_settings
+from speechllm.demo import settings as demo_settings
 from speechllm.evaluate import settings as eval_settings
+from speechllm.plan import settings as plan_settings
 from speechllm.plan.planner import deep_merge
 from speechllm.report import settings as report_settings
 from speechllm.settings import StepSettings
 from speechllm.targets import settings as target_settings
+from speechllm.train import settings as train_settings
+from speechllm.train.loop import StageConfig
 from speechllm.workflow import evaluation_design
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,8 +61,29 @@ STEPS: dict[tuple[str, str], tuple[type[StepSettings], tuple[str, ...]]] = {
         target_settings.ResponsesSettings,
         ("demo_summarization", "speech_summarization"),
     ),
+    ("train", "init_model"): (train_settings.InitSettings, ("demo", "bloomzmms")),
+    ("train", "init_kang_roy"): (train_settings.InitSettings, ("speech_summarization",)),
+    ("train", "train_ctc"): (train_settings.CtcSettings, ("demo", "bloomzmms")),
+    ("train", "train_ce"): (train_settings.CeSettings, ("demo", "bloomzmms")),
+    ("train", "train_kd"): (train_settings.KdSettings, ("demo_summarization", "speech_summarization")),
+    ("models", "demo_llm"): (demo_settings.DemoLlmSettings, ("demo", "demo_summarization")),
+    ("models", "demo_speech_encoder"): (demo_settings.DemoSpeechEncoderSettings, ("demo",)),
+    ("models", "import_released_kang_roy"): (
+        plan_settings.ImportKangRoySettings,
+        ("speech_summarization_released",),
+    ),
 }
-COMMON_FUNCTIONS = ("as_json", "data_settings", "source_settings", "eval_settings", "wandb_results_settings")
+COMMON_FUNCTIONS = (
+    "as_json",
+    "data_settings",
+    "source_settings",
+    "eval_settings",
+    "wandb_results_settings",
+    "demo_build_settings",
+    "model_settings",
+    "train_settings",
+    "init_settings",
+)
 
 
 def load_config(name: str) -> dict[str, Any]:
@@ -125,13 +150,14 @@ def config_keys(schema: dict[str, Any], defs: dict[str, Any], prefix: str = "") 
 
 
 def field_keys(cls: type, prefix: str) -> list[str]:
-    """The config keys of a settings dataclass's fields, nested objects included."""
+    """The config keys of a settings dataclass's fields, nested objects included (not train/loop.py's
+    StageConfig, which holds every objective's knobs: the schema names each stage's own)."""
     keys = []
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         key = field.metadata.get("config") or f"{prefix}.{field.name}".lstrip(".")
         keys.append(key)
-        if dataclasses.is_dataclass(hints[field.name]):
+        if dataclasses.is_dataclass(hints[field.name]) and hints[field.name] is not StageConfig:
             keys += field_keys(hints[field.name], key)
     return keys
 
@@ -338,3 +364,156 @@ def test_the_wandb_results_step_parses_its_rules_settings(system):
     raw["model_run"] = {"name": "demo-ctc"}
     with pytest.raises(ValueError, match=r"^settings key model_run\.job_type: missing$"):
         report_settings.WandbResultsSettings.from_settings(raw)
+
+
+@pytest.mark.parametrize(
+    ("rule", "config", "objective"),
+    [
+        ("init_model", "demo", "init"),
+        ("init_kang_roy", "speech_summarization", "init"),
+        ("train_ctc", "bloomzmms", "ctc"),
+        ("train_ce", "demo", "ce"),
+        ("train_kd", "speech_summarization", "kd"),
+    ],
+)
+def test_train_settings_read_what_the_rule_passes(rule, config, objective):
+    raw = rule_settings("train", rule, load_config(config))
+    settings = train_settings.STAGE_SETTINGS[objective].from_settings(raw)
+    # the model is built from these: the adaptor's keys round-trip exactly (AdaptorConfig(**...))
+    assert dataclasses.asdict(settings.adaptor) == raw["adaptor"] == raw["models"]["adaptor"]
+    assert settings.models.llm.name_or_path == raw["models"]["llm"]["name_or_path"]
+    assert settings.models.llm.lora == raw["models"]["llm"]["lora"]
+    assert dataclasses.asdict(settings.wandb) == raw["wandb"]
+    assert settings.system == ("kang_roy" if rule == "init_kang_roy" else "bloomzmms")
+    if objective == "init":
+        assert not hasattr(settings, "stage") and "stage" not in raw
+        return
+    assert settings.stage == StageConfig.from_config(objective, raw["stage"])
+    assert settings.stage.objective == objective
+    if objective == "kd":
+        assert dataclasses.asdict(settings.responses) == raw["responses"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda raw: raw.pop("stage"), "train.ce: missing"),
+        (lambda raw: raw.update(stage=[1]), "train.ce: expected object, got list"),
+        (lambda raw: raw["stage"].update(batch_budget="all"), "train.ce: batch_budget must be one of"),
+        (lambda raw: raw["stage"].update(lr_typo=1.0), "train.ce: .*unexpected keyword argument 'lr_typo'"),
+        (lambda raw: raw["models"]["llm"].update(lora="yes"), r"models\.llm\.lora: expected object or null"),
+        (lambda raw: raw["models"]["llm"].pop("name_or_path"), r"models\.llm\.name_or_path: missing"),
+        (lambda raw: raw["models"]["prompt"].update(prefix=None), r"models\.prompt\.prefix: expected str"),
+        (lambda raw: raw["adaptor"].update(dropout="0.1"), r"models\.adaptor\.dropout: expected float"),
+        (lambda raw: raw.update(sampling_rate=16000.0), r"data\.sampling_rate: expected int, got float"),
+        (lambda raw: raw["wandb"].pop("project"), r"wandb\.project: missing"),
+        (lambda raw: raw.update(seed="0"), "seed: expected int, got str"),
+    ],
+)
+def test_train_settings_errors_name_the_key(edit, message):
+    raw = copy.deepcopy(rule_settings("train", "train_ce", load_config("demo")))
+    edit(raw)
+    with pytest.raises(ValueError, match=f"^settings key {message}"):
+        train_settings.CeSettings.from_settings(raw)
+
+
+def test_kd_settings_fall_back_as_the_step_always_did():
+    raw = rule_settings("train", "train_kd", load_config("speech_summarization"))
+    del raw["responses"]
+    del raw["models"]["llm"]["gradient_checkpointing"]
+    settings = train_settings.KdSettings.from_settings(raw)
+    assert settings.responses == train_settings.Responses("raw_transcription", True)
+    assert settings.models.llm.gradient_checkpointing is False
+    raw["responses"] = {"text_field": 3}
+    with pytest.raises(ValueError, match=r"^settings key targets\.responses\.text_field: expected str"):
+        train_settings.KdSettings.from_settings(raw)
+
+
+def test_train_cli_reports_a_bad_stage_before_loading_a_model(tmp_path):
+    raw = rule_settings("train", "train_ctc", load_config("demo"))
+    del raw["stage"]
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "ctc", "--settings", json.dumps(raw), "--out-dir", str(tmp_path / "out")])
+    assert str(stop.value) == "speechllm train ctc: error: settings key train.ctc: missing"
+
+
+@pytest.mark.parametrize("config", ["demo", "demo_summarization"])
+def test_demo_builders_get_the_keys_the_rules_pass(config):
+    """The demo builders read dicts: the parsed settings give back exactly what the rules pass."""
+    raw = rule_settings("models", "demo_llm", load_config(config))
+    llm = demo_settings.DemoLlmSettings.from_settings(raw)
+    assert dataclasses.asdict(llm.demo_build) == raw["demo_build"]
+    assert dataclasses.asdict(llm.prompt) == {k: raw["prompt"][k] for k in ("prefix", "postfix")}
+    assert dataclasses.asdict(llm.st_prompt) == raw["st_prompt"]
+    raw = rule_settings("models", "demo_speech_encoder", load_config(config))
+    encoder = demo_settings.DemoSpeechEncoderSettings.from_settings(raw)
+    assert dataclasses.asdict(encoder.demo_build) == raw["demo_build"]
+    assert encoder.demo_build.speech_encoder.ctc_finetune.updates > 0
+
+
+@pytest.mark.parametrize(
+    ("rule", "edit", "message"),
+    [
+        (
+            "demo_llm",
+            lambda raw: raw["demo_build"]["llm_pretrain"].update(steps="many"),
+            r"models\.demo_build\.llm_pretrain\.steps: expected int, got str",
+        ),
+        (
+            "demo_llm",
+            lambda raw: raw.update(llm_fraction=None),
+            r"data\.demo\.llm_train_fraction: expected float",
+        ),
+        (
+            "demo_llm",
+            lambda raw: raw.update(composed={"train": "1"}),
+            r"data\.demo\.composed\.train: expected int",
+        ),
+        ("demo_llm", lambda raw: raw["st_prompt"].pop("postfix"), r"evaluate\.st_prompt\.postfix: missing"),
+        (
+            "demo_speech_encoder",
+            lambda raw: raw["demo_build"]["speech_encoder"]["ctc_finetune"].pop("lr"),
+            r"models\.demo_build\.speech_encoder\.ctc_finetune\.lr: missing",
+        ),
+        (
+            "demo_speech_encoder",
+            lambda raw: raw["demo_build"]["speech_encoder"].update(conv_dim=[32, "32"]),
+            r"models\.demo_build\.speech_encoder\.conv_dim\[1\]: expected int, got str",
+        ),
+    ],
+)
+def test_demo_model_settings_errors_name_the_key(rule, edit, message):
+    raw = copy.deepcopy(rule_settings("models", rule, load_config("demo")))
+    edit(raw)
+    cls = demo_settings.DemoLlmSettings if rule == "demo_llm" else demo_settings.DemoSpeechEncoderSettings
+    with pytest.raises(ValueError, match=f"^settings key {message}"):
+        cls.from_settings(raw)
+
+
+def test_kang_roy_import_reads_the_models_the_rule_passes(tmp_path):
+    raw = rule_settings("models", "import_released_kang_roy", load_config("speech_summarization_released"))
+    settings = plan_settings.ImportKangRoySettings.from_settings(raw)
+    assert dataclasses.asdict(settings.models) == raw["models"]
+    # `--config`: the experiment's whole `models` section, its other parts left out
+    config = load_config("speech_summarization")
+    from_config = plan_settings.ImportKangRoySettings.from_settings(config, where="speech_summarization.yaml")
+    assert from_config == plan_settings.ImportKangRoySettings.from_settings(
+        {"models": {k: config["models"][k] for k in raw["models"]}}
+    )
+    del raw["models"]["pooling"]
+    with pytest.raises(ValueError, match=r"^settings key models\.pooling: missing$"):
+        plan_settings.ImportKangRoySettings.from_settings(raw)
+    with pytest.raises(SystemExit) as stop:
+        main(
+            [
+                "import",
+                "kang-roy",
+                "--checkpoint",
+                str(tmp_path / "absent.pt"),
+                "--out-dir",
+                str(tmp_path / "out"),
+                "--config",
+                str(REPO / "config/config.yaml"),
+            ]
+        )
+    assert str(stop.value).endswith("config/config.yaml key models.pooling: missing")

@@ -128,8 +128,9 @@ def prompt_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
 
 
 def pretraining_batch(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """(token ids, prompt length) pairs → right-padded `input_ids`/`attention_mask` (B, T) and `labels` (B, T)
-    that score only the completion and its eos, as in BLOOMZ's instruction tuning: prompt and padding are -100."""
+    """(token ids, prompt length) pairs → right-padded `input_ids`/`attention_mask` (B, T) and `labels`
+    (B, T) that score only the completion and its eos, as in BLOOMZ's instruction tuning: prompt and padding
+    are -100."""
     width = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -207,9 +208,9 @@ def build_llm(
     max_len = train["max_length"]
     # Prompt and completion are tokenised apart, as at inference (the prompt alone, then generated tokens):
     # tokenising them joined lets BPE merge across the boundary (". " + "The" → " The"), and a model trained
-    # that way cannot continue a prompt that ends in a space. Only the completion is scored (pretraining_batch):
-    # with the prompt scored too, most updates went into modelling the templates' wording, and the demo LLM's
-    # MI answers were mostly another corpus sentence (docs/demo.md).
+    # that way cannot continue a prompt that ends in a space. Only the completion is scored
+    # (pretraining_batch): with the prompt scored too, most updates went into modelling the templates'
+    # wording, and the demo LLM's MI answers were mostly another corpus sentence (docs/demo.md).
     prompts = [prompt_ids(tokenizer, e.prompt) for e in examples]
     seqs = [
         (p + prompt_ids(tokenizer, e.completion) + [tokenizer.eos_token_id], len(p))
@@ -217,11 +218,13 @@ def build_llm(
     ]
     longest = max(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     if len(seqs[longest][0]) > max_len:
-        # Cutting the end would drop the answer of exactly the longest (task) prompts: an error, not a truncation.
+        # Cutting the end would drop the answer of exactly the longest (task) prompts: an error, not a
+        # truncation.
         raise ValueError(
-            f"models.demo_build.llm_pretrain.max_length={max_len} is shorter than the longest instruction example "
-            f"({len(seqs[longest][0])} tokens with eos; tokenizer_vocab_size={cfg['tokenizer_vocab_size']}): "
-            f"{examples[longest].prompt!r}; raise max_length to at least {len(seqs[longest][0])}"
+            f"models.demo_build.llm_pretrain.max_length={max_len} is shorter than the longest instruction "
+            f"example ({len(seqs[longest][0])} tokens with eos; "
+            f"tokenizer_vocab_size={cfg['tokenizer_vocab_size']}): {examples[longest].prompt!r}; "
+            f"raise max_length to at least {len(seqs[longest][0])}"
         )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=train["lr"], weight_decay=train["weight_decay"])
@@ -257,12 +260,14 @@ def build_llm(
 
 @torch.no_grad()
 def freeze_random_embeddings(model: BloomForCausalLM, mean_norm: float) -> None:
-    """Random token embeddings of row norm ~`mean_norm`, frozen for the whole pretraining (tied: also the LM head).
+    """Random token embeddings of row norm ~`mean_norm`, frozen for the whole pretraining (tied: also the LM
+    head).
 
     The embedding table is stage 1's frozen CTC head. A large LLM's table (250,680 x 4,096) keeps its rows far
-    apart; a tiny one trained for minutes (measured at 1,200 x 128) pulls them into clusters (nearest-neighbour cosine
-    ~0.6, random rows ~0.35), which raises the CTC loss the adaptor can reach. Random rows are nearly
-    orthogonal, and the LLM learns its function around them (`llm_pretrain.freeze_embeddings`).
+    apart; a tiny one trained for minutes (measured at 1,200 x 128) pulls them into clusters
+    (nearest-neighbour cosine ~0.6, random rows ~0.35), which raises the CTC loss the adaptor can reach.
+    Random rows are nearly orthogonal, and the LLM learns its function around them
+    (`llm_pretrain.freeze_embeddings`).
     """
     embeddings = model.get_input_embeddings().weight
     embeddings.normal_(0.0, mean_norm / math.sqrt(embeddings.shape[1]))
@@ -274,8 +279,8 @@ def rescale_embeddings(model: BloomForCausalLM, mean_norm: float) -> float:
     """Scale the (tied) token embeddings to rows of mean L2 norm `mean_norm`, and the final LayerNorm by the
     inverse: the LLM computes the same function (its embedding LayerNorm ignores a row's scale, and the output
     logits E·ln_f(h) are unchanged), but the frozen CTC head built from these embeddings gets the logit range
-    of a large LLM's embeddings. A tiny LLM trained for minutes ends with rows of norm ~1, whose CTC logits are
-    too flat for the adaptor to leave the blank plateau within the demo's budget. Returns the factor."""
+    of a large LLM's embeddings. A tiny LLM trained for minutes ends with rows of norm ~1, whose CTC logits
+    are too flat for the adaptor to leave the blank plateau within the demo's budget. Returns the factor."""
     if not model.config.tie_word_embeddings:
         raise ValueError("rescale_embeddings expects tied input/output embeddings, as BLOOM's")
     embeddings = model.get_input_embeddings().weight
@@ -288,7 +293,8 @@ def rescale_embeddings(model: BloomForCausalLM, mean_norm: float) -> float:
 
 
 def build_speech_encoder(out_dir: Path, cfg: dict[str, Any], sampling_rate: int, seed: int) -> int:
-    """A randomly initialised Wav2Vec2 in MMS's stable-layer-norm architecture. Returns its parameter count."""
+    """A randomly initialised Wav2Vec2 in MMS's stable-layer-norm architecture; returns its parameter
+    count."""
     torch.manual_seed(seed)
     model = Wav2Vec2Model(demo_speech_encoder_config(cfg))
     model.save_pretrained(out_dir)
@@ -303,7 +309,8 @@ def build_speech_encoder(out_dir: Path, cfg: dict[str, Any], sampling_rate: int,
 
 
 def demo_speech_encoder_config(cfg: dict[str, Any]) -> Wav2Vec2Config:
-    """The demo encoder's architecture (`models.demo_build.speech_encoder`): MMS's stable-layer-norm Wav2Vec2."""
+    """The demo encoder's architecture (`models.demo_build.speech_encoder`): MMS's stable-layer-norm
+    Wav2Vec2."""
     enc = cfg["speech_encoder"]
     return Wav2Vec2Config(
         do_stable_layer_norm=True,

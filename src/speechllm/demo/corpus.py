@@ -48,7 +48,8 @@ SPLITS = ("train", "dev", "test")
 
 
 def phrases_by_slot() -> dict[str, list[dict[str, str]]]:
-    """The rows of `phrases.tsv` per slot of COMPOSED_SLOTS, in file order; every row in one slot, none empty."""
+    """The rows of `phrases.tsv` per slot of COMPOSED_SLOTS, in file order; every row in one slot, none
+    empty."""
     path = demo_file("phrases.tsv")
     phrases = read_tsv(path)
     by_slot = {slot: [row for row in phrases if row["slot"] == slot] for slot in COMPOSED_SLOTS}
@@ -60,16 +61,17 @@ def phrases_by_slot() -> dict[str, list[dict[str, str]]]:
 def composed_sentences(counts: dict[str, int], seed: int) -> list[dict[str, str]]:
     """Parallel sentences composed from `phrases.tsv` (subject verb object adverbial, one phrase per slot).
 
-    The written corpus uses most words once, too few times for a tiny model to learn what they sound like; composed
-    sentences repeat each phrase across many sentences, and the dev/test sentences are combinations not seen in
-    training (every phrase of which is). `counts` gives sentences per split (config key data.demo.composed); the
-    same seeded draw serves the TTS corpus and the demo LLM's text.
+    The written corpus uses most words once, too few times for a tiny model to learn what they sound like;
+    composed sentences repeat each phrase across many sentences, and the dev/test sentences are combinations
+    not seen in training (every phrase of which is). `counts` gives sentences per split (config key
+    data.demo.composed); the same seeded draw serves the TTS corpus and the demo LLM's text.
     """
     path = demo_file("phrases.tsv")
     by_slot = phrases_by_slot()
     sizes = [len(by_slot[slot]) for slot in COMPOSED_SLOTS]
     rng = random.Random(seed)
-    # The first training sentences walk a shuffled order of every slot at once, so each phrase occurs in training.
+    # The first training sentences walk a shuffled order of every slot at once, so each phrase occurs in
+    # training.
     orders = [rng.sample(range(n), n) for n in sizes]
     cover = [tuple(order[i % len(order)] for order in orders) for i in range(max(sizes))]
     if counts.get("train", 0) < len(cover):
@@ -119,7 +121,8 @@ def _sentence(parts: list[str]) -> str:
 
 
 def composed_glue(task: str, count: int, seed: int) -> list[dict[str, str]]:
-    """`count` balanced rows of a GLUE-shaped task (columns as the written `{task}.tsv`), composed as above."""
+    """`count` balanced rows of a GLUE-shaped task (columns as the written `{task}.tsv`), composed as
+    above."""
     if task not in COMPOSED_GLUE_TASKS:
         raise ValueError(
             f"data.demo.composed_glue: no composed items for task {task!r} ({COMPOSED_GLUE_TASKS})"
@@ -174,7 +177,8 @@ def glue_split(
     task: str, llm_fraction: float, composed: dict[str, int] | None
 ) -> tuple[list[dict], list[dict]]:
     """(taught to the demo LLM, held out and spoken) rows of a demo GLUE task: the written set split by
-    `split_for_llm`, plus, when configured (data.demo.composed_glue), `taught` and `held_out` composed rows."""
+    `split_for_llm`, plus, when configured (data.demo.composed_glue), `taught` and `held_out` composed
+    rows."""
     seen, held_out = split_for_llm(read_tsv(demo_file(f"{task}.tsv")), llm_fraction)
     if composed and task in COMPOSED_GLUE_TASKS:
         taught = composed["taught"]
@@ -192,7 +196,8 @@ def demo_sentences(composed: dict[str, int] | None) -> list[dict[str, str]]:
 
 
 def split_for_llm(rows: list[dict[str, str]], fraction: float) -> tuple[list[dict], list[dict]]:
-    """Split a classification set: the first `fraction` teaches the demo LLM the task, the rest is evaluated."""
+    """Split a classification set: the first `fraction` teaches the demo LLM the task, the rest is
+    evaluated."""
     cut = math.ceil(len(rows) * fraction)
     return rows[:cut], rows[cut:]
 

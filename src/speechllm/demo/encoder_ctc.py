@@ -5,7 +5,8 @@ text-aligned information. A randomly initialised tiny Wav2Vec2 carries none, and
 stalls on the frequent-token plateau. This step gives the demo encoder the same kind of training on the demo's
 own training speech: `Wav2Vec2ForCTC` over the characters of the normalised transcripts (blank = pad, word
 delimiter "|"), saved with its `Wav2Vec2CTCTokenizer` so the directory looks like `facebook/mms-1b-all`:
-`Wav2Vec2Model.from_pretrained` takes the encoder, `Wav2Vec2ForCTC` + the processor make a character ASR model.
+`Wav2Vec2Model.from_pretrained` takes the encoder, `Wav2Vec2ForCTC` + the processor make a character ASR
+model.
 
 Demo scale only: the training waveforms are held in memory (the demo's 1.7 h are ~0.4 GB).
 """
@@ -154,7 +155,8 @@ def greedy_transcripts(
 
 
 def finetune(model: Wav2Vec2ForCTC, train: Utterances, cfg: CtcFinetuneConfig, seed: int) -> list[float]:
-    """`cfg.updates` Adam updates on duration-bucketed batches (warm-up, inverse-sqrt decay). Returns losses."""
+    """`cfg.updates` Adam updates on duration-bucketed batches (warm-up, inverse-sqrt decay); returns the
+    losses."""
     torch.manual_seed(seed)
     sampler = DurationBucketSampler(train.seconds, cfg.max_padded_seconds, cfg.num_buckets, seed)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -15,21 +16,22 @@ log = logging.getLogger("speechllm")
 
 def cmd_models_demo_llm(args: argparse.Namespace) -> None:
     from speechllm.demo.build import build_llm
+    from speechllm.demo.settings import DemoLlmSettings
     from speechllm.io import atomic_dir
 
-    s = parse_settings(args.settings)
+    s = DemoLlmSettings.from_settings(parse_settings(args.settings))
     set_threads(args.threads)
     with atomic_dir(args.out_dir) as tmp:
         stats = build_llm(
             tmp,
-            s["demo_build"],
-            s["prompt"],
-            s["st_prompt"],
-            s["llm_fraction"],
-            s["option_prefix"],
-            s["seed"],
-            s.get("composed"),
-            s.get("composed_glue"),
+            dataclasses.asdict(s.demo_build),
+            dataclasses.asdict(s.prompt),
+            dataclasses.asdict(s.st_prompt),
+            s.llm_fraction,
+            s.option_prefix,
+            s.seed,
+            s.composed,
+            s.composed_glue,
         )
     log.info("demo LLM: %s", stats)
 
@@ -43,19 +45,20 @@ def cmd_models_fetch(args: argparse.Namespace) -> None:
 
 def cmd_models_demo_speech_encoder(args: argparse.Namespace) -> None:
     from speechllm.demo.build import build_speech_encoder
-    from speechllm.demo.encoder_ctc import CtcFinetuneConfig, finetune_encoder
+    from speechllm.demo.encoder_ctc import finetune_encoder
+    from speechllm.demo.settings import DemoSpeechEncoderSettings
     from speechllm.io import atomic_dir
 
-    s = parse_settings(args.settings)
+    s = DemoSpeechEncoderSettings.from_settings(parse_settings(args.settings))
     set_threads(args.threads)
-    finetune = CtcFinetuneConfig(**s["demo_build"]["speech_encoder"]["ctc_finetune"])
+    finetune = s.demo_build.speech_encoder.ctc_finetune
     if finetune.updates > 0 and not (args.train_manifest and args.dev_manifest):
         sys.exit(
             "speechllm models demo-speech-encoder: ctc_finetune.updates > 0 needs --train-manifest "
             "and --dev-manifest"
         )
     with atomic_dir(args.out_dir) as tmp:
-        n = build_speech_encoder(tmp, s["demo_build"], s["sampling_rate"], s["seed"])
+        n = build_speech_encoder(tmp, dataclasses.asdict(s.demo_build), s.sampling_rate, s.seed)
         log.info("demo speech encoder: %d parameters", n)
         if finetune.updates > 0:
             report = finetune_encoder(
@@ -63,15 +66,16 @@ def cmd_models_demo_speech_encoder(args: argparse.Namespace) -> None:
                 Path(args.train_manifest),
                 Path(args.dev_manifest),
                 finetune,
-                s["sampling_rate"],
-                s["seed"],
+                s.sampling_rate,
+                s.seed,
             )
             log.info("character-CTC fine-tuning: %s", report)
 
 
 def repo_directory(repo: str, revision: str) -> tuple[Path, str]:
-    """A model-zoo repository as a local directory: itself when it is one, else its hub snapshot (downloaded into
-    the Hugging Face cache, resumable; offline runs use the cache). Returns (directory, source description)."""
+    """A model-zoo repository as a local directory: itself when it is one, else its hub snapshot (downloaded
+    into the Hugging Face cache, resumable; offline runs use the cache). Returns (directory, source
+    description)."""
     if Path(repo).is_dir():
         return Path(repo), str(repo)
     from huggingface_hub import snapshot_download
@@ -108,13 +112,15 @@ def cmd_import_espnet(args: argparse.Namespace) -> None:
 def cmd_import_kang_roy(args: argparse.Namespace) -> None:
     from speechllm.models.espnet_import import import_kang_roy
     from speechllm.plan.planner import load_experiment
+    from speechllm.plan.settings import ImportKangRoySettings
 
     set_threads(args.threads)
     if args.settings:
-        models_cfg = parse_settings(args.settings)["models"]
+        s = ImportKangRoySettings.from_settings(parse_settings(args.settings))
     else:
-        models_cfg = load_experiment(Path(args.config), Path(args.base) if args.base else None)["models"]
-    import_kang_roy(Path(args.checkpoint), Path(args.out_dir), models_cfg)
+        config = load_experiment(Path(args.config), Path(args.base) if args.base else None)
+        s = ImportKangRoySettings.from_settings(config, where=args.config)
+    import_kang_roy(Path(args.checkpoint), Path(args.out_dir), dataclasses.asdict(s.models))
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -146,8 +152,8 @@ docstring of speechllm.plan.planner."""
 IMPORT_EPILOG = """examples:
   speechllm import espnet --repo akreal/bloomzmms-ce-t --out-dir results/models/released_t
   speechllm import espnet --repo ./bloomzmms-ctc --out-dir results/models/released_ctc --llm-dtype float32
-  speechllm import kang-roy --checkpoint speech_llm_audio_encoder.pt --out-dir results/models/released_kang_roy \\
-      --config config/experiments/speech_summarization.yaml
+  speechllm import kang-roy --checkpoint speech_llm_audio_encoder.pt \\
+      --out-dir results/models/released_kang_roy --config config/experiments/speech_summarization.yaml
 
 The result is a model directory as `speechllm export` writes it: transcribe, ask, evaluate and push use it."""
 

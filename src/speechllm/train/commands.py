@@ -8,15 +8,19 @@ discarded. Launch several processes with `accelerate launch --num_processes N sp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from speechllm import stopping
 from speechllm.cliutils import EXAMPLES, add_command, parse_settings, set_threads
 from speechllm.io import read_json
+
+if TYPE_CHECKING:
+    from speechllm.train.settings import InitSettings
 
 log = logging.getLogger("speechllm")
 
@@ -84,15 +88,16 @@ class SelectedWeights:
 
 
 def build_for_stage(
-    s: dict[str, Any], stage: str, language_ids: Path | None, device: Any
+    s: InitSettings, models_cfg: dict[str, Any], stage: str, language_ids: Path | None, device: Any
 ) -> tuple[Any, Any, Any, dict]:
     """(model, tokenizer, spec, language ids): BLOOMZMMS for init / ctc / ce, Kang & Roy for kd (and for init
-    when the settings say `system: kang_roy`: the pretrained HuBERT with a freshly initialised projection)."""
+    when the settings say `system: kang_roy`: the pretrained HuBERT with a freshly initialised projection).
+    `models_cfg` is the settings' `models` section as given: the models layer builds the model from it."""
     from speechllm.models.export import build_model, kang_roy_spec, model_spec
 
-    gradient_checkpointing = s["models"]["llm"].get("gradient_checkpointing", False)
-    if stage == "kd" or (stage == "init" and s.get("system") == "kang_roy"):
-        spec = kang_roy_spec(s["models"], stage=stage)
+    gradient_checkpointing = s.models.llm.gradient_checkpointing
+    if stage == "kd" or (stage == "init" and s.system == "kang_roy"):
+        spec = kang_roy_spec(models_cfg, stage=stage)
         model, tokenizer = build_model(
             spec,
             with_ctc=False,
@@ -108,12 +113,12 @@ def build_for_stage(
     if language_ids is None:
         raise ValueError(f"--language-ids is required for the {stage} stage")
     lid = read_json(language_ids)
-    llm_cfg = AutoConfig.from_pretrained(s["models"]["llm"]["name_or_path"])
+    llm_cfg = AutoConfig.from_pretrained(s.models.llm.name_or_path)
     adaptor = AdaptorConfig(
-        **dict(s["adaptor"], num_lid_classes=len(lid) + 1, llm_hidden_size=llm_cfg.hidden_size)
+        **dataclasses.asdict(s.adaptor), num_lid_classes=len(lid) + 1, llm_hidden_size=llm_cfg.hidden_size
     )
     objective = "ctc" if stage == "init" else stage
-    spec = model_spec(s["models"], adaptor, lid, stage=objective)
+    spec = model_spec(models_cfg, adaptor, lid, stage=objective)
     model, tokenizer = build_model(
         spec,
         with_ctc=objective == "ctc",
@@ -124,11 +129,13 @@ def build_for_stage(
     return model, tokenizer, spec, lid
 
 
-def manifest_fields(stage: str, s: dict[str, Any]) -> tuple[str, ...]:
+def manifest_fields(s: InitSettings) -> tuple[str, ...]:
     """Fields every training and dev record of a stage needs, checked when its manifest is read (a missing
     transcription would otherwise train on an empty target)."""
-    if stage == "kd":
-        return ("audio", s.get("responses", {}).get("text_field", "raw_transcription"), "llm_response")
+    from speechllm.train.settings import KdSettings
+
+    if isinstance(s, KdSettings):
+        return ("audio", s.responses.text_field, "llm_response")
     return ("audio", "language", "transcription")  # the CE batches carry LID labels too
 
 
@@ -136,26 +143,27 @@ def check_min_durations(
     records: list[dict[str, Any]], min_samples: int, sampling_rate: int, max_samples: int | None = None
 ) -> None:
     """Every record (after its speed perturbation) at least as long as the model's shortest input and, for an
-    encoder with a fixed window (Whisper), no longer than it: such a clip would stop training at its first batch,
-    possibly hours in. The error names the first such record."""
+    encoder with a fixed window (Whisper), no longer than it: such a clip would stop training at its first
+    batch, possibly hours in. The error names the first such record."""
     from speechllm.audio import perturbed_length
     from speechllm.data.manifest import location
 
     for record in records:
         samples = round(record["num_samples"] * sampling_rate / record.get("sampling_rate", sampling_rate))
         samples = perturbed_length(samples, record.get("speed", 1.0), sampling_rate)
+        heard = (
+            f"{location(record)}: utterance {record.get('id')} has {samples / sampling_rate:.4f} s of audio"
+            f"{' after speed perturbation' if record.get('speed', 1.0) != 1.0 else ''}"
+        )
         if samples < min_samples:
             raise ValueError(
-                f"{location(record)}: utterance {record.get('id')} has {samples / sampling_rate:.4f} s of audio"
-                f"{' after speed perturbation' if record.get('speed', 1.0) != 1.0 else ''}, shorter than the "
-                f"model's shortest input {min_samples / sampling_rate:.4f} s ({min_samples} samples); "
-                "data preparation drops such clips (config key data.min_duration)"
+                f"{heard}, shorter than the model's shortest input {min_samples / sampling_rate:.4f} s "
+                f"({min_samples} samples); data preparation drops such clips (config key data.min_duration)"
             )
         if max_samples is not None and samples > max_samples:
             raise ValueError(
-                f"{location(record)}: utterance {record.get('id')} has {samples / sampling_rate:.4f} s of audio"
-                f"{' after speed perturbation' if record.get('speed', 1.0) != 1.0 else ''}, longer than the "
-                f"speech encoder's {max_samples / sampling_rate:g} s window; lower data.max_duration"
+                f"{heard}, longer than the speech encoder's {max_samples / sampling_rate:g} s window; "
+                "lower data.max_duration"
             )
 
 
@@ -165,18 +173,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     from speechllm.data.batches import Collator, SpeechDataset
     from speechllm.data.manifest import read_manifest
     from speechllm.models.export import load_trained_weights, save_model_dir
-    from speechllm.train.loop import StageConfig, Trainer, write_json
+    from speechllm.train.loop import Trainer, write_json
     from speechllm.train.objectives import DistillationCollator
+    from speechllm.train.settings import STAGE_SETTINGS, KdSettings, TrainSettings
     from speechllm.train.tracking import Tracker
 
-    if (
-        args.stage != "init"
-    ):  # from here SIGTERM / SIGUSR1 mean: checkpoint after the current update, then exit
-        stopping.install()
-    s = parse_settings(args.settings)
+    if args.stage != "init":
+        stopping.install()  # from here SIGTERM / SIGUSR1 mean: checkpoint after the current update, then exit
+    raw = parse_settings(args.settings)  # hashed (run_fingerprint) and recorded (Tracker) as given
+    s = STAGE_SETTINGS[args.stage].from_settings(raw)
     set_threads(args.threads)
-    set_seed(s["seed"])  # the untrained adaptor's initialisation is part of the run
-    model, tokenizer, spec, lid = build_for_stage(s, args.stage, args.language_ids, process_device())
+    set_seed(s.seed)  # the untrained adaptor's initialisation is part of the run
+    model, tokenizer, spec, lid = build_for_stage(
+        s, raw["models"], args.stage, args.language_ids, process_device()
+    )
     if args.init_from:  # the LLM's LoRA adapters (models.llm.lora) start fresh: the CTC stage has none
         load_trained_weights(model, Path(args.init_from) / "model.safetensors", fresh_lora=True)
     out_dir = Path(args.out_dir)
@@ -185,42 +195,39 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     if not (args.train and args.dev):
         raise ValueError(f"--train and --dev are required for the {args.stage} stage")
-    if "stage" not in s:
-        raise ValueError(f"the settings have no 'stage' section (config train.{args.stage})")
-    stage = StageConfig.from_config(args.stage, s["stage"])
-    if stage.fsdp and s["models"]["llm"].get("lora"):
+    assert isinstance(s, TrainSettings)
+    stage = s.stage
+    if stage.fsdp and s.models.llm.lora:
         raise ValueError(
             "train.<stage>.fsdp with models.llm.lora is not supported: FSDP2 shards the LLM's "
             "decoder blocks as frozen; set fsdp: false or lora: null"
         )
-    sr = s["sampling_rate"]
-    fields = (*manifest_fields(args.stage, s), "num_samples")
+    sr = s.sampling_rate
+    fields = (*manifest_fields(s), "num_samples")
     train_set = SpeechDataset(read_manifest(args.train, required=fields), sr, str(args.train))
     dev_set = SpeechDataset(read_manifest(args.dev, required=fields), sr, str(args.dev))
     for dataset in (train_set, dev_set):
         check_min_durations(dataset.records, model.min_input_samples(), sr, model.max_input_samples())
-    if args.stage == "kd":
-        responses = s.get("responses", {})
-        collator = DistillationCollator(
-            tokenizer, responses.get("text_field", "raw_transcription"), responses.get("lowercase", True)
-        )
+    if isinstance(s, KdSettings):
+        responses = s.responses
+        collator = DistillationCollator(tokenizer, responses.text_field, responses.lowercase)
     else:
         from speechllm.data.languages import check_lid_labels
 
         for dataset in (train_set, dev_set):  # before the first step; the collator checks again
             check_lid_labels(dataset.records, lid, dataset.manifest)
-        collator = Collator(tokenizer, lid, s["models"]["prompt"]["prefix"], s["models"]["prompt"]["postfix"])
+        collator = Collator(tokenizer, lid, s.models.prompt.prefix, s.models.prompt.postfix)
     log_dir = Path(args.log_dir)
     job_type = args.job_type or f"train_{args.stage}"
 
     def make_tracker(resume_step: int | None, enabled: bool) -> Tracker:
         return Tracker(
             log_dir,
-            s["wandb"],
-            group=s["experiment"],
+            dataclasses.asdict(s.wandb),
+            group=s.experiment,
             job_type=job_type,
             name=args.run_name,
-            config=s,
+            config=raw,
             enabled=enabled,
             resume_step=resume_step,
         )
@@ -235,9 +242,9 @@ def cmd_train(args: argparse.Namespace) -> None:
         dev_set,
         collator,
         make_tracker,
-        s["seed"],
+        s.seed,
         checkpoint_dir,
-        run_fingerprint(s, args),
+        run_fingerprint(raw, args),
     ).run()
     summary = result.summary
     if result.weights is None:  # not the main process: rank 0 writes the outputs
