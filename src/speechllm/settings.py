@@ -129,3 +129,24 @@ def check(value: Any, kind: Any, key: str, where: str) -> Any:
     elif origin is None and _fits(value, kind):
         return value
     raise ValueError(f"{where} key {key}: expected {_expected(kind)}, got {_name(value)}")
+
+
+# Config sections several steps read.
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A prompt frame: the text before and after the speech (models.prompt) or text (evaluate.st_prompt)."""
+
+    prefix: str
+    postfix: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Wandb:
+    """Config `wandb`."""
+
+    project: str
+    """wandb.project"""
+    mode: str = setting(default="offline")
+    """wandb.mode: online | offline | disabled (the WANDB_MODE environment variable wins)"""

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from speechllm.demo.encoder_ctc import CtcFinetuneConfig
-from speechllm.settings import StepSettings, setting
-from speechllm.train.settings import Prompt
+from speechllm.settings import Prompt, StepSettings, setting
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from speechllm.settings import StepSettings, setting
+from speechllm.settings import Prompt, StepSettings, setting
 
 
 @dataclass(frozen=True)
@@ -48,14 +48,6 @@ class AsrSettings(SystemSettings):
     """evaluate.num_beams"""
     max_new_tokens: int
     """evaluate.max_new_tokens"""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    prefix: str
-    """evaluate.st_prompt.prefix ({language}, {target} filled in)"""
-    postfix: str
-    """evaluate.st_prompt.postfix"""
 
 
 @dataclass(frozen=True, kw_only=True)

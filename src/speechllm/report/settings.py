@@ -5,15 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from speechllm.settings import StepSettings, setting
-
-
-@dataclass(frozen=True)
-class Wandb:
-    project: str
-    """wandb.project"""
-    mode: str = setting(default="offline")
-    """wandb.mode: online | offline | disabled (the WANDB_MODE environment variable wins)"""
+from speechllm.settings import StepSettings, Wandb, setting
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from speechllm.settings import StepSettings, setting
-
-
-@dataclass(frozen=True)
-class Prompt:
-    prefix: str
-    """models.prompt.prefix"""
-    postfix: str
-    """models.prompt.postfix"""
+from speechllm.settings import Prompt, StepSettings, setting
 
 
 @dataclass(frozen=True)

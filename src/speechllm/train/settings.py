@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-from speechllm.settings import StepSettings, check, parse, setting
+from speechllm.settings import Prompt, StepSettings, Wandb, check, parse, setting
 from speechllm.train.loop import StageConfig
 
 T = TypeVar("T", bound="TrainSettings")
@@ -30,14 +30,6 @@ class Llm:
     """models.llm.gradient_checkpointing"""
     lora: dict[str, Any] | None = setting(default=None)
     """models.llm.lora (null: a frozen LLM; the models layer reads r, alpha, target_modules)"""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A prompt frame: the text before and after the speech (models.prompt) or text (evaluate.st_prompt)."""
-
-    prefix: str
-    postfix: str
 
 
 @dataclass(frozen=True)
@@ -67,14 +59,6 @@ class Adaptor:
     attn_dropout: float
     interctc_layer: int
     """1-based block after which the LID inter-CTC reads"""
-
-
-@dataclass(frozen=True)
-class Wandb:
-    project: str
-    """wandb.project"""
-    mode: str = setting(default="offline")
-    """wandb.mode: online | offline | disabled (the WANDB_MODE environment variable wins)"""
 
 
 @dataclass(frozen=True)
