@@ -240,6 +240,17 @@ def data_settings():
     return as_json({k: config["data"][k] for k in keys if k in config["data"]})
 
 
+def prepare_settings(split):
+    """`speechllm data prepare` of one split: `auto` min duration resolved to the model's shortest input, speed
+    perturbation on the training split only, durations filtered on train and dev only (as ESPnet's stage 4)."""
+    return as_json({
+        **json.loads(data_settings()),
+        "min_duration": DATA_MIN_DURATION,
+        "speed_perturb": config["data"]["speed_perturb"] if split == "train" else [1.0],
+        "filter_durations": split != "test" or config["data"]["filter_test_durations"],
+    })
+
+
 def source_settings(*keys):
     """Settings of one source's rule: only the data keys it reads, so other edits do not rerun it."""
     keys = ("sampling_rate", "on_bad_audio", "tts", *keys)
@@ -321,6 +332,32 @@ def response_shards(wildcards):
 def demo_build_settings(*keys):
     build = config["models"].get("demo_build", {})
     return {k: build[k] for k in keys if k in build}
+
+
+def demo_llm_settings():
+    """`speechllm models demo-llm`: the demo LLM's build, the prompts and task sets it is pretrained on."""
+    demo = config["data"].get("demo", {})
+    return as_json({
+        "demo_build": demo_build_settings(
+            "tokenizer_vocab_size", "llm_vocab_pad_to", "llm_embedding_norm", "llm", "llm_pretrain"
+        ),
+        "prompt": config["models"]["prompt"],
+        "st_prompt": config["evaluate"]["st_prompt"],
+        "llm_fraction": demo.get("llm_train_fraction"),
+        "composed": demo.get("composed"),
+        "composed_glue": demo.get("composed_glue"),
+        "option_prefix": config["evaluate"]["option_prefix"],
+        "seed": config["seed"],
+    })
+
+
+def demo_speech_encoder_settings():
+    """`speechllm models demo-speech-encoder`: its architecture and character-CTC fine-tuning."""
+    return as_json({
+        "demo_build": demo_build_settings("speech_encoder"),
+        "sampling_rate": config["data"]["sampling_rate"],
+        "seed": config["seed"],
+    })
 
 
 def model_settings():

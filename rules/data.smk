@@ -52,13 +52,7 @@ rule prepare_split:
         manifest="results/data/{split}.jsonl",
         report=report("results/data/{split}.report.json", caption="../workflow/report/data.rst", category="Data"),
     params:
-        settings=lambda wc: as_json({
-            **json.loads(data_settings()),
-            "min_duration": DATA_MIN_DURATION,  # `auto` resolved to the model's shortest input (common.smk)
-            "speed_perturb": config["data"]["speed_perturb"] if wc.split == "train" else [1.0],
-            # ESPnet's stage 4 filters the training and dev sets only
-            "filter_durations": wc.split != "test" or config["data"]["filter_test_durations"],
-        }),
+        settings=lambda wc: prepare_settings(wc.split),
     log:
         "logs/data/prepare_{split}.log",
     benchmark:

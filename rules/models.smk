@@ -7,18 +7,7 @@ rule demo_llm:
     output:
         directory(DEMO_LLM_DIR),
     params:
-        settings=lambda wc: as_json({
-            "demo_build": demo_build_settings(
-                "tokenizer_vocab_size", "llm_vocab_pad_to", "llm_embedding_norm", "llm", "llm_pretrain"
-            ),
-            "prompt": config["models"]["prompt"],
-            "st_prompt": config["evaluate"]["st_prompt"],
-            "llm_fraction": config["data"].get("demo", {}).get("llm_train_fraction"),
-            "composed": config["data"].get("demo", {}).get("composed"),
-            "composed_glue": config["data"].get("demo", {}).get("composed_glue"),
-            "option_prefix": config["evaluate"]["option_prefix"],
-            "seed": config["seed"],
-        }),
+        settings=lambda wc: demo_llm_settings(),
     log:
         "logs/models/demo_llm.log",
     benchmark:
@@ -40,11 +29,7 @@ rule demo_speech_encoder:
     output:
         directory(DEMO_ENCODER_DIR),
     params:
-        settings=as_json({
-            "demo_build": demo_build_settings("speech_encoder"),
-            "sampling_rate": config["data"]["sampling_rate"],
-            "seed": config["seed"],
-        }),
+        settings=demo_speech_encoder_settings(),
     log:
         "logs/models/demo_speech_encoder.log",
     benchmark:
