@@ -277,9 +277,14 @@ def test_a_training_job_stopped_at_its_time_limit_is_retried_and_resumes(local_s
     }
     assert states[jobs[-1]][0] == "COMPLETED" and {states[j][0] for j in jobs[:-1]} == {"TIMEOUT"}, states
     assert {states[j][1] for j in jobs} == {"1"}, states  # the retries asked for no more time
-    # The last attempt resumed from a checkpoint in the middle of an epoch (50 micro-batches, 25 updates): the
-    # scheduled ones are at epoch ends, so this one was written when the previous attempt was stopped.
+    # A stopped attempt saved its update and exited 75 (the project's "checkpointed, retry me" status), and
+    # the last attempt resumed from a checkpoint. (Which one depends on the machine's speed: an attempt that
+    # ends training just at its limit is cut off while exporting, and the retry resumes from the last update.)
+    attempt_logs = {
+        job: next((work / "logs/slurm/rule_train_ctc").rglob(f"{job}.log")).read_text() for job in jobs
+    }
+    assert any("non-zero exit status 75" in attempt_logs[job] for job in jobs[:-1]), attempt_logs
     train_log = (work / "logs/train/ctc.log").read_text()
     resumed = re.search(r"resuming from \S*step_(\d{8})", train_log)
-    assert resumed and int(resumed.group(1)) % 25 != 0, train_log[-3000:]
+    assert resumed and int(resumed.group(1)) > 0, train_log[-3000:]
     print(f"\nslurm time-limit test: {len(jobs)} attempts, {minutes:.1f} min")
