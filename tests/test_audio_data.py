@@ -34,6 +34,28 @@ def record(path: Path, text: str = "Hello there.", uid: str = "u1", num_samples:
     }
 
 
+def prepare(
+    manifest: Path,
+    out_dir: Path,
+    max_duration: float,
+    speeds: tuple[float, ...] = (1.0,),
+    on_bad_audio: str = "error",
+    filter_durations: bool = True,
+) -> dict:
+    """`prepare_split` of `manifest` into `out_dir`/out.jsonl and r.json, with a 0.1 s minimum duration."""
+    return prepare_split(
+        manifest,
+        out_dir / "out.jsonl",
+        out_dir / "r.json",
+        SR,
+        0.1,
+        max_duration,
+        list(speeds),
+        on_bad_audio,
+        filter_durations=filter_durations,
+    )
+
+
 def test_any_rate_and_channels_become_16k_mono(tmp_path):
     path = tmp_path / "stereo44k.flac"
     sf.write(str(path), tone(1.0, 44100, channels=2), 44100)
@@ -91,17 +113,7 @@ def test_bad_audio_is_named_with_its_manifest_line(tmp_path, kind):
     manifest = tmp_path / "raw.jsonl"
     write_manifest(manifest, [record(good, uid="ok"), record(files[kind], uid="bad", num_samples=16000)])
     with pytest.raises(AudioError) as err:
-        prepare_split(
-            manifest,
-            tmp_path / "out.jsonl",
-            tmp_path / "report.json",
-            SR,
-            0.1,
-            30.0,
-            [1.0],
-            "error",
-            filter_durations=True,
-        )
+        prepare(manifest, tmp_path, 30.0)
     message = str(err.value)
     assert str(files[kind]) in message and f"{manifest}:2" in message  # the file, the manifest and its line
     assert not (tmp_path / "out.jsonl").exists()
@@ -127,24 +139,14 @@ def test_skip_mode_counts_every_bad_file(tmp_path):
     recs += [record(p, uid=k, num_samples=16000) for k, p in files.items()]
     recs.append(record(tmp_path / "good.wav", text="  ", uid="no-text"))
     write_manifest(manifest, recs)
-    report = prepare_split(
-        manifest,
-        tmp_path / "out.jsonl",
-        tmp_path / "report.json",
-        SR,
-        0.1,
-        30.0,
-        [0.9, 1.0, 1.1],
-        "skip",
-        filter_durations=True,
-    )
+    report = prepare(manifest, tmp_path, 30.0, speeds=(0.9, 1.0, 1.1), on_bad_audio="skip")
     assert report["counts"]["bad"] == len(files) + 1
     assert {s["id"] for s in report["skipped"]} == set(files) | {"no-text"}
     out = read_manifest(tmp_path / "out.jsonl")
     assert [r["id"] for r in out] == ["sp0.9-ok", "ok", "sp1.1-ok"]
     assert out[0]["speed"] == 0.9 and out[0]["transcription"] == "hello there"
     assert out[0]["raw_transcription"] == "Hello there."
-    saved = json.loads((tmp_path / "report.json").read_text())
+    saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["normalizer"].startswith("transformers==")
 
 
@@ -154,17 +156,7 @@ def test_duration_filter_is_counted(tmp_path):
     sf.write(str(long_), tone(3.0, SR), SR)
     manifest = tmp_path / "raw.jsonl"
     write_manifest(manifest, [record(short, uid="s"), record(long_, uid="l")])
-    report = prepare_split(
-        manifest,
-        tmp_path / "out.jsonl",
-        tmp_path / "r.json",
-        SR,
-        0.1,
-        2.0,
-        [1.0],
-        "error",
-        filter_durations=True,
-    )
+    report = prepare(manifest, tmp_path, 2.0)
     assert report["counts"] == {"input": 2, "too_short": 1, "too_long": 1, "kept": 0, "output": 0}
 
 
@@ -177,17 +169,7 @@ def test_duration_filter_runs_on_each_speed_perturbed_copy(tmp_path):
         sf.write(str(tmp_path / f"{uid}.wav"), tone(seconds, SR), SR)
     manifest = tmp_path / "raw.jsonl"
     write_manifest(manifest, [record(tmp_path / f"{uid}.wav", uid=uid) for uid in clips])
-    report = prepare_split(
-        manifest,
-        tmp_path / "out.jsonl",
-        tmp_path / "r.json",
-        SR,
-        0.1,
-        2.0,
-        [0.9, 1.0, 1.1],
-        "error",
-        filter_durations=True,
-    )
+    report = prepare(manifest, tmp_path, 2.0, speeds=(0.9, 1.0, 1.1))
     ids = [r["id"] for r in read_manifest(tmp_path / "out.jsonl")]
     assert ids == ["sp0.9-short", "sp0.9-mid", "long", "short", "mid", "sp1.1-long", "sp1.1-mid"]
     assert report["counts"] == {"input": 3, "too_short": 1, "too_long": 1, "kept": 3, "output": 7}
@@ -204,17 +186,7 @@ def test_duration_bounds_are_exclusive_as_espnet(tmp_path, seconds, kept):
     sf.write(str(path), tone(seconds, SR), SR)
     manifest = tmp_path / "raw.jsonl"
     write_manifest(manifest, [record(path, num_samples=round(seconds * SR))])
-    report = prepare_split(
-        manifest,
-        tmp_path / "out.jsonl",
-        tmp_path / "r.json",
-        SR,
-        0.1,
-        2.0,
-        [1.0],
-        "error",
-        filter_durations=True,
-    )
+    report = prepare(manifest, tmp_path, 2.0)
     assert report["counts"]["output"] == int(kept)
 
 
@@ -225,17 +197,7 @@ def test_test_split_may_keep_every_duration(tmp_path):
     sf.write(str(path), tone(3.0, SR), SR)
     manifest = tmp_path / "raw.jsonl"
     write_manifest(manifest, [record(path)])
-    report = prepare_split(
-        manifest,
-        tmp_path / "out.jsonl",
-        tmp_path / "r.json",
-        SR,
-        0.1,
-        2.0,
-        [1.0],
-        "error",
-        filter_durations=False,
-    )
+    report = prepare(manifest, tmp_path, 2.0, filter_durations=False)
     assert report["counts"] == {"input": 1, "kept": 1, "output": 1} and report["dropped_per_speed"] == {}
 
 
