@@ -364,7 +364,7 @@ def test_speechglue_constrained_scoring_and_text_baseline(world, tmp_path) -> No
     classes = df[df.task != "stsb"]
     for _, row in classes.iterrows():
         assert row.prediction == match_option(row.hypothesis, list(row.options))
-        assert row.matched == (row.hypothesis.strip() in [o.strip() for o in row.options])
+        assert row.matched == (row.hypothesis.strip().lower() in [o.strip().lower() for o in row.options])
     assert metrics["per_task"]["sst2"]["num_unmatched"] == int(
         (~classes[classes.task == "sst2"].matched).sum()
     )

@@ -18,7 +18,7 @@ import torch
 
 from speechllm.data.languages import language_name
 from speechllm.data.manifest import location
-from speechllm.evaluate.constrained import constrained_beam_search, match_option
+from speechllm.evaluate.constrained import constrained_beam_search, find_option, match_option
 from speechllm.evaluate.metrics import (
     asr_scores,
     bleu_tokenizer,
@@ -431,7 +431,7 @@ def decode_task(
             ids = [constrained_beam_search(system.llm, seg, option_ids) for seg in segments]
             answers = system.decode(ids)
             predictions = [float(match_option(a, option_texts)) for a in answers]
-            matched = [a.strip() in [o.strip() for o in option_texts] for a in answers]
+            matched = [find_option(a, option_texts) is not None for a in answers]
             option_scores = [[] for _ in chunk]
         return [
             {
