@@ -320,6 +320,45 @@ def test_st_x_to_english_scores_with_target_tokenizer(world, tmp_path) -> None:
     )
 
 
+def test_st_last_per_sentence_keeps_the_reference_fleurs_st_set(world) -> None:
+    """prepare_fleurs_translate.py: one recording per source sentence (a later one overwrites an earlier one),
+    only sentences the target language's test set has."""
+
+    def rec(uid: str, language: str, sentence: int | None) -> dict[str, Any]:
+        return {"id": uid, "language": language, "sentence_id": sentence, "translation": f"s{sentence}"}
+
+    records = [
+        rec("en-1", "en_us", 1),
+        rec("en-2", "en_us", 2),
+        rec("de-1a", "de_de", 1),
+        rec("de-2a", "de_de", 2),
+        rec("de-1b", "de_de", 1),
+        rec("de-3", "de_de", 3),  # no en_us test recording of sentence 3
+        rec("fr-2", "fr_fr", 2),
+        rec("fr-x", "fr_fr", None),  # no sentence id: its own sentence
+    ]
+    assert [r["id"] for r in benchmarks.st_sources(records, "en_us")] == [
+        "de-1a",
+        "de-2a",
+        "de-1b",
+        "de-3",
+        "fr-2",
+        "fr-x",
+    ]
+    kept = benchmarks.st_sources(records, "en_us", "last_per_sentence")
+    assert [r["id"] for r in kept] == ["de-2a", "de-1b", "fr-2", "fr-x"]
+    with pytest.raises(ValueError, match="evaluate.st_recordings"):
+        benchmarks.st_sources(records, "en_us", "first")
+    with pytest.raises(ValueError, match="no en_us recordings"):
+        benchmarks.st_sources(records[2:], "en_us", "last_per_sentence")
+
+    # decoding and the frame translate the same sources; the world has one recording per sentence
+    settings = ev("fleurs_st", {**SETTINGS, "st_recordings": "last_per_sentence"})
+    utterances = world["utterances"] + [dict(world["utterances"][3], id="de_de-0b")]
+    df, _ = benchmarks.run_st(system(world, "ctc", "text"), utterances, "{language}", "", "en_us", settings)
+    assert list(df.id) == ["de_de-1", "de_de-2", "de_de-0b"]
+
+
 def test_st_without_a_translation_names_the_manifest_line(world) -> None:
     records = [dict(world["utterances"][3], translation=None)]
     with pytest.raises(ValueError, match="manifest line 4"):

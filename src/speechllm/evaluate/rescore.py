@@ -39,6 +39,7 @@ SETTING_KEYS = (
     "ctc",
     "bleu_tokenize",
     "st_normalize",
+    "st_recordings",
     "st_prompt",
     "summarization",
     "response_ppl",
