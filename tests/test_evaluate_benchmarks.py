@@ -359,6 +359,23 @@ def test_st_last_per_sentence_keeps_the_reference_fleurs_st_set(world) -> None:
     assert list(df.id) == ["de_de-1", "de_de-2", "de_de-0b"]
 
 
+def test_rescore_records_the_scoring_settings_it_used(world, tmp_path) -> None:
+    """A rescore with st_normalize: references must not leave `both` in the score file's settings."""
+    records = world["utterances"]
+    df, metrics = benchmarks.run_st(
+        system(world, "ctc", "text"), records, "{language}", "", "en_us", ev("fleurs_st")
+    )
+    written = assert_recomputable(tmp_path, "fleurs_st", df, metrics, {**SETTINGS, "st_normalize": "both"})
+    assert written["settings"]["st_normalize"] == "both"
+    changed = {**SETTINGS, "st_normalize": "references", "num_beams": 7}
+    full = {"evaluate": changed, "experiment": "test", "sampling_rate": SR}
+    again = rescore("fleurs_st", tmp_path / "fleurs_st.parquet", tmp_path / "fleurs_st.scores.json", full)
+    assert again["metrics"]["all"]["normalized"] == "references"
+    assert again["settings"]["st_normalize"] == "references"
+    assert again["settings"]["num_beams"] == SETTINGS["num_beams"]  # decoding settings stay as decoded
+    assert json.loads((tmp_path / "fleurs_st.scores.json").read_text())["settings"] == again["settings"]
+
+
 def test_st_without_a_translation_names_the_manifest_line(world) -> None:
     records = [dict(world["utterances"][3], translation=None)]
     with pytest.raises(ValueError, match="manifest line 4"):
