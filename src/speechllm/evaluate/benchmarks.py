@@ -262,10 +262,10 @@ def generate_for_records(
 
 
 def last_recording_per_sentence(
-    sources: list[dict[str, Any]], target_sentences: set[Any]
+    sources: list[dict[str, Any]], target_sentences: set[Any] | None
 ) -> list[dict[str, Any]]:
     """One recording per (language, sentence): the last in manifest order, of the sentences in
-    `target_sentences`; records without a `sentence_id` are each their own sentence.
+    `target_sentences` (None: of every sentence); records without a `sentence_id` are each their own sentence.
 
     As the reference's FLEURS ST sets (DigitalPhonetics/bloomzmms@77dc192:
     espnet-bloomzmms-files/egs2/fleurs/asr1/local/prepare_fleurs_translate.py maps each sentence id to its
@@ -277,7 +277,7 @@ def last_recording_per_sentence(
         sentence = record.get("sentence_id")
         if sentence is None:
             last[(record["language"], ("record", index))] = index
-        elif sentence in target_sentences:
+        elif target_sentences is None or sentence in target_sentences:
             last[(record["language"], sentence)] = index
     return [sources[i] for i in sorted(last.values())]
 
@@ -286,23 +286,18 @@ def st_sources(
     records: list[dict[str, Any]], target_language: str, recordings: str = "all"
 ) -> list[dict[str, Any]]:
     """The utterances to translate, each with its `translation`: every one not in the target language
-    (`recordings` "all"), or the reference's one recording per source sentence that the target language's own
-    test recordings also have ("last_per_sentence", config evaluate.st_recordings)."""
+    (`recordings` "all"), or the reference's one recording per source sentence ("last_per_sentence", config
+    evaluate.st_recordings), of the sentences the target language's own recordings have when the manifest
+    holds any (FLEURS; a CoVoST 2 manifest has none, and each of its rows is its own sentence)."""
     if recordings not in ST_RECORDINGS:
         raise ValueError(
             f"unknown st_recordings {recordings!r} "
             f"(config key evaluate.st_recordings: {'|'.join(ST_RECORDINGS)})"
         )
     sources = [r for r in records if r["language"] != target_language]
-    if recordings == "last_per_sentence" and any(r.get("sentence_id") is not None for r in sources):
-        targets = {r.get("sentence_id") for r in records if r["language"] == target_language}
-        if not targets - {None}:
-            manifest = records[0].get("_manifest", "the manifest")
-            raise ValueError(
-                f"{manifest}: no {target_language} recordings, whose sentences config key "
-                "evaluate.st_recordings: last_per_sentence keeps"
-            )
-        sources = last_recording_per_sentence(sources, targets)
+    if recordings == "last_per_sentence":
+        targets = {r.get("sentence_id") for r in records if r["language"] == target_language} - {None}
+        sources = last_recording_per_sentence(sources, targets or None)
     missing = [r for r in sources if not isinstance(r.get("translation"), str)]
     if missing:
         raise ValueError(
