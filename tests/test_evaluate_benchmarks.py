@@ -320,6 +320,63 @@ def test_st_x_to_english_scores_with_target_tokenizer(world, tmp_path) -> None:
     )
 
 
+def test_st_last_per_sentence_keeps_the_reference_fleurs_st_set(world) -> None:
+    """prepare_fleurs_translate.py: one recording per source sentence (a later one overwrites an earlier one),
+    only sentences the target language's test set has."""
+
+    def rec(uid: str, language: str, sentence: int | None) -> dict[str, Any]:
+        return {"id": uid, "language": language, "sentence_id": sentence, "translation": f"s{sentence}"}
+
+    records = [
+        rec("en-1", "en_us", 1),
+        rec("en-2", "en_us", 2),
+        rec("de-1a", "de_de", 1),
+        rec("de-2a", "de_de", 2),
+        rec("de-1b", "de_de", 1),
+        rec("de-3", "de_de", 3),  # no en_us test recording of sentence 3
+        rec("fr-2", "fr_fr", 2),
+        rec("fr-x", "fr_fr", None),  # no sentence id: its own sentence
+    ]
+    assert [r["id"] for r in benchmarks.st_sources(records, "en_us")] == [
+        "de-1a",
+        "de-2a",
+        "de-1b",
+        "de-3",
+        "fr-2",
+        "fr-x",
+    ]
+    kept = benchmarks.st_sources(records, "en_us", "last_per_sentence")
+    assert [r["id"] for r in kept] == ["de-2a", "de-1b", "fr-2", "fr-x"]
+    with pytest.raises(ValueError, match="evaluate.st_recordings"):
+        benchmarks.st_sources(records, "en_us", "first")
+    # no target-language recordings (CoVoST 2 X->en): one recording per sentence, no sentence filter
+    no_target = benchmarks.st_sources(records[2:], "en_us", "last_per_sentence")
+    assert [r["id"] for r in no_target] == ["de-2a", "de-1b", "de-3", "fr-2", "fr-x"]
+
+    # decoding and the frame translate the same sources; the world has one recording per sentence
+    settings = ev("fleurs_st", {**SETTINGS, "st_recordings": "last_per_sentence"})
+    utterances = world["utterances"] + [dict(world["utterances"][3], id="de_de-0b")]
+    df, _ = benchmarks.run_st(system(world, "ctc", "text"), utterances, "{language}", "", "en_us", settings)
+    assert list(df.id) == ["de_de-1", "de_de-2", "de_de-0b"]
+
+
+def test_rescore_records_the_scoring_settings_it_used(world, tmp_path) -> None:
+    """A rescore with st_normalize: references must not leave `both` in the score file's settings."""
+    records = world["utterances"]
+    df, metrics = benchmarks.run_st(
+        system(world, "ctc", "text"), records, "{language}", "", "en_us", ev("fleurs_st")
+    )
+    written = assert_recomputable(tmp_path, "fleurs_st", df, metrics, {**SETTINGS, "st_normalize": "both"})
+    assert written["settings"]["st_normalize"] == "both"
+    changed = {**SETTINGS, "st_normalize": "references", "num_beams": 7}
+    full = {"evaluate": changed, "experiment": "test", "sampling_rate": SR}
+    again = rescore("fleurs_st", tmp_path / "fleurs_st.parquet", tmp_path / "fleurs_st.scores.json", full)
+    assert again["metrics"]["all"]["normalized"] == "references"
+    assert again["settings"]["st_normalize"] == "references"
+    assert again["settings"]["num_beams"] == SETTINGS["num_beams"]  # decoding settings stay as decoded
+    assert json.loads((tmp_path / "fleurs_st.scores.json").read_text())["settings"] == again["settings"]
+
+
 def test_st_without_a_translation_names_the_manifest_line(world) -> None:
     records = [dict(world["utterances"][3], translation=None)]
     with pytest.raises(ValueError, match="manifest line 4"):
@@ -343,7 +400,8 @@ def test_speechglue_rank_scoring_with_stsb(world, tmp_path) -> None:
     # rank: the argmax option is the answer
     rte = df[df.task == "rte"]
     assert [int(np.argmax(s)) for s in rte.option_scores] == [int(p) for p in rte.prediction]
-    average = glue_average(metrics["per_task"])  # NaN when the tiny model's STS-B answers are constant
+    average = glue_average(metrics["per_task"])
+    assert average["tasks"] == ["rte", "sst2"]  # STS-B is not averaged, as the reference
     assert_same(metrics["average"], average["average"])
     assert_same(metrics["average_without_wnli"], average["average"])  # no WNLI here
     assert_recomputable(tmp_path, "speechglue", df, metrics)
@@ -364,7 +422,7 @@ def test_speechglue_constrained_scoring_and_text_baseline(world, tmp_path) -> No
     classes = df[df.task != "stsb"]
     for _, row in classes.iterrows():
         assert row.prediction == match_option(row.hypothesis, list(row.options))
-        assert row.matched == (row.hypothesis.strip() in [o.strip() for o in row.options])
+        assert row.matched == (row.hypothesis.strip().lower() in [o.strip().lower() for o in row.options])
     assert metrics["per_task"]["sst2"]["num_unmatched"] == int(
         (~classes[classes.task == "sst2"].matched).sum()
     )

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from speechllm.evaluate.constrained import ConstraintState, match_option, select_by_bank
+from speechllm.evaluate.constrained import ConstraintState, find_option, match_option, select_by_bank
 from speechllm.evaluate.ctc_search import CTCSearch, ctc_decode, prefix_beam_search, sequence_log_prob
 from speechllm.models.ctc_head import CTCHead
 
@@ -109,3 +109,14 @@ def test_match_option_maps_unknown_answers_to_class_zero() -> None:
     assert match_option(" Maybe ", ["Yes", "Maybe", "No"]) == 1
     assert match_option("yes", ["Yes", "Maybe", "No"]) == 0
     assert match_option("very confident", ["not confident", "very confident"]) == 1
+    assert match_option("maybe so", ["Yes", "Maybe", "No"]) == 0
+
+
+def test_match_option_ignores_case_as_the_reference() -> None:
+    """speechglue_evaluate.py / speechxnli_evaluate.py compare lower-cased answers and options."""
+    assert match_option("no", ["Yes", "Maybe", "No"]) == 2
+    assert match_option(" MAYBE", ["Yes", "Maybe", "No"]) == 1
+    assert match_option("yes", ["No", "Yes"]) == 1
+    assert match_option("Positive", ["negative", "positive"]) == 1
+    assert find_option("Not Confident", ["not confident", "very confident"]) == 0
+    assert find_option("unsure", ["Yes", "Maybe", "No"]) is None

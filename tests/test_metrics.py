@@ -228,10 +228,20 @@ def test_glue_average_excludes_wnli() -> None:
         "wnli": {"accuracy": 0.1},
     }
     average = glue_average(scores)
-    assert average["average"] == pytest.approx((0.2 + 0.8 + 0.5 + 0.1) / 4)
-    assert average["average_without_wnli"] == pytest.approx((0.2 + 0.8 + 0.5) / 3)
+    assert average["average"] == pytest.approx((0.2 + 0.8 + 0.1) / 3)
+    assert average["average_without_wnli"] == pytest.approx((0.2 + 0.8) / 2)
     assert "wnli" not in average["tasks_without_wnli"]
-    assert average["primary_metrics"]["stsb"] == "pearson"
+
+
+def test_glue_average_leaves_out_stsb_as_the_reference() -> None:
+    """speechglue_evaluate.py's "Avg." has no STS-B; a constant STS-B answer (NaN Pearson) cannot void it."""
+    scores = {"cola": {"matthews_correlation": 0.2}, "rte": {"accuracy": 0.6}}
+    for pearson in (0.9, math.nan):
+        average = glue_average({**scores, "stsb": {"pearson": pearson, "spearmanr": pearson}})
+        assert average["average"] == pytest.approx(0.4)
+        assert average["average_without_wnli"] == pytest.approx(0.4)
+        assert "stsb" not in average["tasks"] and "stsb" not in average["tasks_without_wnli"]
+    assert glue_average({"stsb": {"pearson": 0.9}})["average"] is None
 
 
 def test_glue_average_unknown_task_raises() -> None:

@@ -18,7 +18,7 @@ import torch
 
 from speechllm.data.languages import language_name
 from speechllm.data.manifest import location
-from speechllm.evaluate.constrained import constrained_beam_search, match_option
+from speechllm.evaluate.constrained import constrained_beam_search, find_option, match_option
 from speechllm.evaluate.metrics import (
     asr_scores,
     bleu_tokenizer,
@@ -37,6 +37,7 @@ STSB_VALUES: tuple[str, ...] = tuple(
     f"{i / 5:.1f}" for i in range(26)
 )  # the reference's round(5·label)/5 targets
 ST_NORMALIZE = ("both", "references")  # config evaluate.st_normalize
+ST_RECORDINGS = ("all", "last_per_sentence")  # config evaluate.st_recordings
 NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 
 
@@ -260,9 +261,43 @@ def generate_for_records(
     runner.run("", records, batches, decode, desc)
 
 
-def st_sources(records: list[dict[str, Any]], target_language: str) -> list[dict[str, Any]]:
-    """The utterances to translate: every one not in the target language, each with its `translation`."""
+def last_recording_per_sentence(
+    sources: list[dict[str, Any]], target_sentences: set[Any] | None
+) -> list[dict[str, Any]]:
+    """One recording per (language, sentence): the last in manifest order, of the sentences in
+    `target_sentences` (None: of every sentence); records without a `sentence_id` are each their own sentence.
+
+    As the reference's FLEURS ST sets (DigitalPhonetics/bloomzmms@77dc192:
+    espnet-bloomzmms-files/egs2/fleurs/asr1/local/prepare_fleurs_translate.py maps each sentence id to its
+    source recording, a later recording overwriting an earlier one, and keeps the ids of the target
+    language's test sentences).
+    """
+    last: dict[tuple[str, Any], int] = {}
+    for index, record in enumerate(sources):
+        sentence = record.get("sentence_id")
+        if sentence is None:
+            last[(record["language"], ("record", index))] = index
+        elif target_sentences is None or sentence in target_sentences:
+            last[(record["language"], sentence)] = index
+    return [sources[i] for i in sorted(last.values())]
+
+
+def st_sources(
+    records: list[dict[str, Any]], target_language: str, recordings: str = "all"
+) -> list[dict[str, Any]]:
+    """The utterances to translate, each with its `translation`: every one not in the target language
+    (`recordings` "all"), or the reference's one recording per source sentence ("last_per_sentence", config
+    evaluate.st_recordings), of the sentences the target language's own recordings have when the manifest
+    holds any (FLEURS; a CoVoST 2 manifest has none, and each of its rows is its own sentence)."""
+    if recordings not in ST_RECORDINGS:
+        raise ValueError(
+            f"unknown st_recordings {recordings!r} "
+            f"(config key evaluate.st_recordings: {'|'.join(ST_RECORDINGS)})"
+        )
     sources = [r for r in records if r["language"] != target_language]
+    if recordings == "last_per_sentence":
+        targets = {r.get("sentence_id") for r in records if r["language"] == target_language} - {None}
+        sources = last_recording_per_sentence(sources, targets or None)
     missing = [r for r in sources if not isinstance(r.get("translation"), str)]
     if missing:
         raise ValueError(
@@ -280,8 +315,9 @@ def decode_st(
     settings: StSettings,
     runner: BatchRunner,
 ) -> None:
-    """X→target: every utterance not in the target language (this shard's batches)."""
-    sources = st_sources(records, target_language)
+    """X→target: every utterance not in the target language, or one per sentence (`settings.st_recordings`;
+    this shard's batches)."""
+    sources = st_sources(records, target_language, settings.st_recordings)
     target_name = language_name(target_language)
 
     def pieces(record: dict[str, Any], fill: Any) -> list[Any]:
@@ -302,11 +338,14 @@ def decode_st(
 
 
 def st_frame(
-    records: list[dict[str, Any]], target_language: str, rows: Mapping[str, dict[str, Any]]
+    records: list[dict[str, Any]],
+    target_language: str,
+    rows: Mapping[str, dict[str, Any]],
+    recordings: str = "all",
 ) -> pd.DataFrame:
     """Reference = each source's `translation` (FLEURS joins the English sentence with the same sentence id;
-    CoVoST 2 ships it)."""
-    sources = st_sources(records, target_language)
+    CoVoST 2 ships it); the sources `decode_st` translated (`recordings`: config evaluate.st_recordings)."""
+    sources = st_sources(records, target_language, recordings)
     return generation_frame(
         sources,
         rows,
@@ -331,7 +370,7 @@ def run_st(
     """X→target translation of every utterance not in the target language, and its scores."""
     runner = runner or BatchRunner()
     decode_st(system, records, prefix_template, postfix, target_language, settings, runner)
-    df = st_frame(records, target_language, runner.rows)
+    df = st_frame(records, target_language, runner.rows, settings.st_recordings)
     return df, score_st(df, settings)
 
 
@@ -431,7 +470,7 @@ def decode_task(
             ids = [constrained_beam_search(system.llm, seg, option_ids) for seg in segments]
             answers = system.decode(ids)
             predictions = [float(match_option(a, option_texts)) for a in answers]
-            matched = [a.strip() in [o.strip() for o in option_texts] for a in answers]
+            matched = [find_option(a, option_texts) is not None for a in answers]
             option_scores = [[] for _ in chunk]
         return [
             {

@@ -80,7 +80,7 @@ def frame_inputs(benchmark: str, inputs: Any, rows: dict[str, Any], ev: Any) -> 
     if benchmark == "fleurs_asr":
         return benchmarks.asr_frame(inputs, rows)
     if benchmark in ST_TARGETS:
-        return benchmarks.st_frame(inputs, ST_TARGETS[benchmark], rows)
+        return benchmarks.st_frame(inputs, ST_TARGETS[benchmark], rows, ev.st_recordings)
     if benchmark == "speechglue":
         return benchmarks.speechglue_frame(inputs, rows)
     if benchmark == "speechxnli":

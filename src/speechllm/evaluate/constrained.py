@@ -17,7 +17,8 @@ loaded offline), so this module re-implements the algorithm of transformers 4.x'
   the length of the longest) the highest-scoring beam is returned.
 
 So in effect the model chooses among its best continuations, with option prefixes kept alive in the beam. The
-decoded answer maps to the option it equals, and to class 0 when it equals none (as the reference).
+decoded answer maps to the option it equals ignoring case, and to class 0 when it equals none (as the
+reference).
 Differences from running HF: the reference's dummy `input_ids` prompt token is not replayed through the
 constraint states (BLOOM's `<s>` is in no option), and beams are scored without a KV cache (same numbers).
 """
@@ -209,7 +210,19 @@ def constrained_beam_search(
     return best
 
 
+def find_option(answer: str, options: Sequence[str]) -> int | None:
+    """The index of the option the decoded answer equals, stripped and ignoring case, else None.
+
+    The reference's scoring lower-cases both sides (DigitalPhonetics/bloomzmms@77dc192:
+    espnet-bloomzmms-files/egs2/fleurs/asr1/local/speechglue_evaluate.py, speechxnli_evaluate.py), so "no"
+    is the option "No".
+    """
+    folded = [o.strip().lower() for o in options]
+    key = answer.strip().lower()
+    return folded.index(key) if key in folded else None
+
+
 def match_option(answer: str, options: Sequence[str]) -> int:
-    """The index of the option the decoded answer equals (after stripping), else 0 as the reference."""
-    stripped = [o.strip() for o in options]
-    return stripped.index(answer.strip()) if answer.strip() in stripped else 0
+    """The index of the option the decoded answer equals (`find_option`), else 0 as the reference."""
+    index = find_option(answer, options)
+    return 0 if index is None else index

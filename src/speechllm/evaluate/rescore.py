@@ -39,11 +39,16 @@ SETTING_KEYS = (
     "ctc",
     "bleu_tokenize",
     "st_normalize",
+    "st_recordings",
     "st_prompt",
     "summarization",
     "response_ppl",
     "cascade_asr",
 )
+# The settings the scorers read (the rest shaped the decoding, which a rescore does not redo): a rescore
+# records the values it scored with. Top-level keys, and keys inside `summarization`.
+SCORING_KEYS = ("st_normalize", "bleu_tokenize")
+SUMMARIZATION_SCORING_KEYS = ("rouge_stemmer", "meteor_tokenize", "bertscore")
 
 
 def versions() -> dict[str, Any]:
@@ -98,6 +103,19 @@ def score_document(
     }
 
 
+def scored_settings(recorded: dict[str, Any], evaluate: dict[str, Any]) -> dict[str, Any]:
+    """A score file's `settings` after a rescore with the `evaluate` settings: the scoring keys as scored, the
+    decoding keys as decoded."""
+    updated = {**recorded, **{k: evaluate[k] for k in SCORING_KEYS if k in evaluate}}
+    if isinstance(recorded.get("summarization"), dict) and isinstance(evaluate.get("summarization"), dict):
+        new = evaluate["summarization"]
+        updated["summarization"] = {
+            **recorded["summarization"],
+            **{k: new[k] for k in SUMMARIZATION_SCORING_KEYS if k in new},
+        }
+    return updated
+
+
 def rescore(
     benchmark: str, hyps: Path, scores_path: Path, settings: dict[str, Any], out: Path | None = None
 ) -> dict:
@@ -111,6 +129,7 @@ def rescore(
     evaluate = benchmark_settings(benchmark, settings)
     document["metrics"] = score_frame(benchmark, pd.read_parquet(hyps), evaluate)
     document["versions"] = versions()
+    document["settings"] = scored_settings(document.get("settings", {}), settings["evaluate"])
     with atomic_path(out or scores_path) as tmp:
         tmp.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return document

@@ -60,6 +60,8 @@ class StSettings(AsrSettings):
     """evaluate.bleu_tokenize: target language -> sacreBLEU tokeniser (`default` for the rest)"""
     st_normalize: str = setting(default="both")
     """evaluate.st_normalize: both | references"""
+    st_recordings: str = setting(default="all")
+    """evaluate.st_recordings: all | last_per_sentence"""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -65,7 +65,7 @@ VALUE_NOTES: dict[str, str] = {
     "fleurs_st": "sacreBLEU corpus BLEU and chrF (0-100); 'all' = pooled corpus score.",
     "covost2_st": "CoVoST 2 X->English: sacreBLEU corpus BLEU and chrF (0-100); 'all' = pooled corpus score.",
     "speechglue": "Primary metric per task in % (CoLA Matthews, STS-B Pearson, accuracy otherwise); "
-    "averages are means of the primary metrics.",
+    "averages are means of the primary metrics of every task but STS-B (as the reference's Avg.).",
     "speechxnli": "Accuracy in %; 'mean' = mean over languages.",
     "summarization": "ROUGE-1/2/L F-measures, METEOR and BERTScore P/R/F1 in % against the reference "
     "summaries (mean over articles; METEOR and BERTScore where measured); perplexity of the text-prompted "
