@@ -234,3 +234,15 @@ def test_a_field_of_the_wrong_type_names_file_line_and_field(tmp_path, field, va
     with pytest.raises(ManifestError, match=rf"raw\.jsonl:2: field {field} must be"):
         prepare(manifest, tmp_path, 30.0, on_bad_audio=on_bad_audio)
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_surrounding_whitespace_of_a_transcript_is_stripped_as_the_reference(tmp_path):
+    """The reference reads its transcripts back from Kaldi `text` files, stripped; the synthetic-target
+    prompts and the TMI transcription targets are built from the prepared manifest's raw_transcription."""
+    clip = tmp_path / "a.wav"
+    sf.write(clip, tone(1.0, SR), SR)
+    manifest = tmp_path / "raw.jsonl"
+    write_manifest(manifest, [record(clip, text="  Hello, there. \t")])
+    prepare(manifest, tmp_path, 30.0)
+    (out,) = read_manifest(tmp_path / "out.jsonl")
+    assert out["raw_transcription"] == "Hello, there." and out["transcription"] == "hello there"

@@ -82,6 +82,10 @@ def prepare_split(
             counts["bad"] += 1
             skipped.append({"id": record["id"], "line": record["_line"], "reason": str(err)})
             continue
+        # The reference's transcripts pass through Kaldi `text` files, read back stripped (DigitalPhonetics/
+        # bloomzmms@77dc192:data/synthetic-targets/make_labels.py, prepare_data.py): the prompts and targets
+        # built from them never carry surrounding whitespace.
+        record["raw_transcription"] = record["raw_transcription"].strip()
         record["transcription"] = basic_normalize(record["raw_transcription"])
         # Clips are resampled on load; num_samples is stated at the pipeline rate.
         record["num_samples"] = round(record["num_samples"] * sampling_rate / record["sampling_rate"])
