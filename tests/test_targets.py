@@ -259,6 +259,10 @@ def test_assemble_cli_names_the_bad_shard_line(tmp_path):
             text=True,
         )
 
+    again = run(json.dumps(good) + "\n" + json.dumps(good) + "\n")
+    assert again.returncode != 0 and f"{shard}:2: item index 0 also at {shard}:1" in again.stderr
+    gap = run(json.dumps(good) + "\n" + json.dumps({**good, "index": 2}) + "\n")
+    assert gap.returncode != 0 and "miss item indices, e.g. [1]" in gap.stderr
     torn = run(json.dumps(good) + "\n" + '{"index": 1, "te\n')
     assert torn.returncode != 0 and f"{shard}:2: not valid JSON" in torn.stderr
     short = run(json.dumps({k: v for k, v in good.items() if k != "output"}) + "\n")

@@ -22,8 +22,25 @@ GENERATED_FIELDS = ("index", "text", "prefix", "postfix", "output")
 
 def read_generated(paths: list[Path]) -> list[dict[str, Any]]:
     """The items of finished generation shards (JSON Lines); a line that is not an item is an error naming
-    file and line."""
-    return [item for path in paths for item in read_manifest(path, required=GENERATED_FIELDS)]
+    file and line. The shards must hold every item index 0..n-1 once: a shard given twice, a stale shard of
+    a run with more shards (`--shards shard*.jsonl`) or a missing one would change the pools silently."""
+    items = [item for path in paths for item in read_manifest(path, required=GENERATED_FIELDS)]
+    first: dict[int, str] = {}
+    for item in items:
+        index, where = item["index"], f"{item['_manifest']}:{item['_line']}"
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"{where}: index must be a whole number >= 0, got {index!r}")
+        if index in first:
+            raise ValueError(
+                f"{where}: item index {index} also at {first[index]} (a shard given twice or stale?)"
+            )
+        first[index] = where
+    missing = sorted(set(range(max(first, default=-1) + 1)) - set(first))
+    if missing:
+        raise ValueError(
+            f"shards {', '.join(map(str, paths))} miss item indices, e.g. {missing[:5]} (a shard left out?)"
+        )
+    return items
 
 
 def usable_output(output: str, drop_blank: bool) -> bool:
