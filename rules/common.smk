@@ -126,6 +126,9 @@ def resolve_min_duration():
 
 
 DATA_MIN_DURATION = resolve_min_duration()
+if DATA_MIN_DURATION >= config["data"]["max_duration"]:  # the duration filter would drop every clip
+    config_error("data.max_duration", f"{config['data']['max_duration']} s is not above data.min_duration "
+                                      f"({DATA_MIN_DURATION:.4g} s): data preparation would drop every clip")
 
 
 def check_encoder_window():

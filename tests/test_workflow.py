@@ -78,6 +78,8 @@ def override(tmp_path: Path, data: dict) -> Path:
         ({"surprise": 1}, "<top level>"),
         ({"data": {"min_duration": 0.05}}, "data.min_duration"),  # below the demo model's shortest input
         ({"data": {"min_duration": "short"}}, "data.min_duration"),
+        ({"data": {"max_duration": 0.1}}, "data.max_duration"),  # below auto's 0.115 s: nothing would be kept
+        ({"data": {"min_duration": 2.0, "max_duration": 2.0}}, "data.max_duration"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, data, key):
