@@ -595,6 +595,18 @@ def test_the_same_prompt_twice_is_generated_once(tmp_path):
     assert outputs == ["p|2", "q|2", "p|2"] and generated == 2 and gen.prompts == ["p", "q"]
 
 
+def test_a_torn_line_does_not_swallow_the_next_finished_item(tmp_path):
+    """A kill mid-write leaves a torn last line; the items appended after it on resume must each stay
+    readable, so a second resume redoes nothing."""
+    partial = tmp_path / "x.partial.jsonl"
+    settings = {"k": 1}
+    partial.write_text(json.dumps({"key": cache_key(settings, "p"), "output": "p|2"}) + "\n" + '{"key": "to')
+    assert cached_generate(["p", "q"], [2, 2], EchoGenerator(), settings, partial) == (["p|2", "q|2"], 1)
+    again = EchoGenerator()
+    assert cached_generate(["p", "q"], [2, 2], again, settings, partial) == (["p|2", "q|2"], 0)
+    assert again.prompts == []
+
+
 # --- vLLM backend -------------------------------------------------------------------------------------
 
 VLLM_CFG = {"chunk_size": 2, "gpu_memory_utilization": 0.5}
