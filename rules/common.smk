@@ -92,12 +92,14 @@ def model_min_samples():
     from speechllm.models.frames import adaptor_frames_from_config, conv_output_length, encoder_frame_count, \
         min_input_samples
 
+    if KANG_ROY and "pooling" not in config["models"]:  # the model is built from it: no default number here
+        config_error("models.pooling", "system kang_roy needs {kernel_size, stride} of its AvgPool1d")
     architecture = encoder_architecture()
     frame_count = encoder_frame_count(architecture) if architecture is not None else None
     if frame_count is None:
         return None
     if KANG_ROY:
-        pooling = {"kernel_size": 8, "stride": 4, **config["models"].get("pooling", {})}
+        pooling = config["models"]["pooling"]
         downstream = lambda frames: conv_output_length(frames, pooling["kernel_size"], pooling["stride"])
     else:
         downstream = adaptor_frames_from_config(config["models"]["adaptor"])
@@ -126,6 +128,9 @@ def resolve_min_duration():
 
 
 DATA_MIN_DURATION = resolve_min_duration()
+if DATA_MIN_DURATION >= config["data"]["max_duration"]:  # the duration filter would drop every clip
+    config_error("data.max_duration", f"{config['data']['max_duration']} s is not above data.min_duration "
+                                      f"({DATA_MIN_DURATION:.4g} s): data preparation would drop every clip")
 
 
 def check_encoder_window():

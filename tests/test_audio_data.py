@@ -209,3 +209,40 @@ def test_malformed_manifest_names_file_and_line(tmp_path):
     manifest.write_text('{"id": "a"}\n')
     with pytest.raises(ManifestError, match=r"m\.jsonl:1: missing field\(s\) audio"):
         read_manifest(manifest, required=("id", "audio"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("raw_transcription", None),
+        ("raw_transcription", 5),
+        ("audio", None),
+        ("sampling_rate", "16000"),
+        ("sampling_rate", 0),
+        ("num_samples", 1.5),
+        ("num_samples", -1),
+    ],
+)
+@pytest.mark.parametrize("on_bad_audio", ["error", "skip"])
+def test_a_field_of_the_wrong_type_names_file_line_and_field(tmp_path, field, value, on_bad_audio):
+    """Not a traceback from deep inside (ZeroDivisionError, AttributeError on None.lower()), and not skipped:
+    a malformed line is no bad audio."""
+    good = tmp_path / "good.wav"
+    sf.write(good, tone(1.0, SR), SR)
+    manifest = tmp_path / "raw.jsonl"
+    write_manifest(manifest, [record(good, uid="ok"), {**record(good, uid="bad"), field: value}])
+    with pytest.raises(ManifestError, match=rf"raw\.jsonl:2: field {field} must be"):
+        prepare(manifest, tmp_path, 30.0, on_bad_audio=on_bad_audio)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_surrounding_whitespace_of_a_transcript_is_stripped_as_the_reference(tmp_path):
+    """The reference reads its transcripts back from Kaldi `text` files, stripped; the synthetic-target
+    prompts and the TMI transcription targets are built from the prepared manifest's raw_transcription."""
+    clip = tmp_path / "a.wav"
+    sf.write(clip, tone(1.0, SR), SR)
+    manifest = tmp_path / "raw.jsonl"
+    write_manifest(manifest, [record(clip, text="  Hello, there. \t")])
+    prepare(manifest, tmp_path, 30.0)
+    (out,) = read_manifest(tmp_path / "out.jsonl")
+    assert out["raw_transcription"] == "Hello, there." and out["transcription"] == "hello there"

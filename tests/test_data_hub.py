@@ -357,6 +357,42 @@ def test_spoken_demo_articles(tmp_path):
     assert np.abs(wav[spans[0][1] : spans[1][0]]).max() == 0.0  # the pause is silence
 
 
+class LengthTTS:
+    """A stand-in backend: 100 samples of silence per character, counting its calls."""
+
+    name = "length"
+
+    def __init__(self, words_per_minute: int = 150) -> None:
+        self.settings = {"words_per_minute": words_per_minute}
+        self.calls = 0
+
+    def synthesize(self, text: str, voice: str, out_path: Path) -> None:
+        self.calls += 1
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(out_path), np.zeros(100 * len(text), dtype="float32"), SR, subtype="PCM_16")
+
+
+def test_a_clip_voiced_from_other_text_or_settings_is_voiced_again(tmp_path):
+    """Clips are named by position (article id / sentence index); a rerun with another segmentation, voice or
+    TTS setting must not reuse the clip left at the same path, while an unchanged rerun voices nothing."""
+    from speechllm.data.articles import build_articles
+
+    article = "First sentence here. Second sentence is a lot longer than the first one."
+    articles = [{"id": "a1", "article": article, "summary": "s"}]
+
+    def num_samples(tts: LengthTTS, voice: str, segmentation: str) -> int:
+        build_articles(tmp_path, articles, tts, voice, SR, segmentation, 0.0, threads=1)
+        return read_manifest(tmp_path / "articles" / "test.jsonl")[0]["num_samples"]
+
+    tts = LengthTTS()
+    assert num_samples(tts, "en-us", "sentences") == 100 * (len(article) - 1) and tts.calls == 2
+    assert num_samples(tts, "en-us", "sentences") == 100 * (len(article) - 1) and tts.calls == 2
+    assert num_samples(tts, "en-us", "whole") == 100 * len(article) and tts.calls == 3  # not sentence 1
+    assert num_samples(tts, "en-gb", "whole") == 100 * len(article) and tts.calls == 4
+    assert num_samples(LengthTTS(220), "en-gb", "whole") == 100 * len(article)
+    assert num_samples(tts, "en-gb", "whole") == 100 * len(article) and tts.calls == 5  # 220 wpm replaced it
+
+
 def test_hub_articles_filter_by_length(tmp_path):
     from datasets import Features, Value
 

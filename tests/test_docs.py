@@ -58,3 +58,51 @@ def test_docs_never_point_at_files_users_do_not_have():
     for path in pages + configs + sources:
         text = path.read_text(encoding="utf-8")
         assert "shared/spec" not in text, f"{path.relative_to(REPO)} cites ../shared/spec"
+
+
+def schema_node(schema: dict, key: str) -> dict | None:
+    """The config schema's node for a dotted key (through $refs, additionalProperties maps and anyOf/oneOf
+    alternatives), or None when the schema has no such key."""
+    defs = schema.get("$defs", {})
+
+    def resolve(node: dict) -> dict:
+        while "$ref" in node:
+            node = defs[node["$ref"].rsplit("/", 1)[-1]]
+        return node
+
+    node = schema
+    for part in key.split("."):
+        node = resolve(node)
+        candidates = [node, *(resolve(alt) for alt in node.get("anyOf", []) + node.get("oneOf", []))]
+        found = next((c["properties"][part] for c in candidates if part in c.get("properties", {})), None)
+        if found is None and isinstance(node.get("additionalProperties"), dict):
+            found = node["additionalProperties"]
+        if found is None:
+            return None
+        node = found
+    return resolve(node)
+
+
+def test_config_settings_named_in_the_docs_exist_with_an_allowed_value():
+    """A backticked `section.key: value` in the docs (or pyproject's comments) names a config key of the
+    schema and, where the schema lists the allowed values, one of them."""
+    import yaml
+
+    schema = yaml.safe_load(
+        (REPO / "workflow" / "schemas" / "config.schema.yaml").read_text(encoding="utf-8")
+    )
+    sections = set(schema["properties"])
+    pages = [README, REPO / "pyproject.toml", *sorted((REPO / "docs").glob("*.md"))]
+    wrong = []
+    for page in pages:
+        for key, value in re.findall(
+            r"`((?:[a-z0-9_]+\.)+[a-z0-9_]+): ([^`]+)`", page.read_text(encoding="utf-8")
+        ):
+            if key.split(".", 1)[0] not in sections:
+                continue  # another tool's key (an ESPnet yaml's encoder_conf.*)
+            node = schema_node(schema, key)
+            if node is None:
+                wrong.append(f"{page.name}: no config key {key}")
+            elif "enum" in node and yaml.safe_load(value) not in node["enum"]:
+                wrong.append(f"{page.name}: {key}: {value} is not one of {node['enum']}")
+    assert not wrong, wrong

@@ -177,3 +177,23 @@ def test_kept_batches_of_other_settings_are_not_reused(tmp_path):
     runner = BatchRunner("model A", partial)
     runner.run("", current, [[0, 1], [2, 3]], decode, "test")
     assert len(decoded) == 5 and runner.reused == 1 and runner.rows[":3"] == {"out": "OTHER"}
+
+
+def test_a_torn_line_does_not_swallow_the_next_kept_batch(tmp_path):
+    """A kill mid-write leaves a torn last line in the partial file; the batch appended after it on resume
+    stays readable, so a second resume decodes nothing."""
+    records = [{"id": str(i), "text": f"t{i}"} for i in range(4)]
+    decoded = []
+
+    def decode(batch: list[int]) -> list[dict[str, Any]]:
+        decoded.append(batch)
+        return [{"out": records[i]["text"].upper()} for i in batch]
+
+    partial = tmp_path / "x.partial.jsonl"
+    BatchRunner("model A", partial).run("", records, [[0, 1]], decode, "test")
+    with partial.open("a") as fh:
+        fh.write('{"key": "to')
+    BatchRunner("model A", partial).run("", records, [[0, 1], [2, 3]], decode, "test")
+    runner = BatchRunner("model A", partial)
+    runner.run("", records, [[0, 1], [2, 3]], decode, "test")
+    assert decoded == [[0, 1], [2, 3]] and runner.reused == 2

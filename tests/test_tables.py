@@ -10,7 +10,14 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from speechllm.io import atomic_dir, atomic_path, atomic_write_bytes, atomic_write_text, read_json
+from speechllm.io import (
+    atomic_dir,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    drop_torn_tail,
+    read_json,
+)
 from speechllm.report.tables import build_table, order_models, table_footer, write_table
 
 ORDER = ["init", "ctc", "t", "mi", "tmi"]
@@ -407,3 +414,23 @@ def test_read_json_errors_name_the_file(tmp_path):
         read_json(tmp_path / "torn.json")
     with pytest.raises(FileNotFoundError, match=r"absent\.json: no such file"):
         read_json(tmp_path / "absent.json")
+
+
+@pytest.mark.parametrize(
+    ("content", "kept"),
+    [
+        (b"", b""),
+        (b"torn", b""),
+        (b"a\n", b"a\n"),
+        (b"a\nbcdefghijk", b"a\n"),
+        (b"aaaaaaaaaa\nbb\ncccccccccccc", b"aaaaaaaaaa\nbb\n"),
+    ],
+)
+def test_drop_torn_tail_keeps_complete_lines_only(tmp_path, monkeypatch, content, kept):
+    """Scanning back in blocks smaller than the torn line still finds the last complete line."""
+    monkeypatch.setattr("speechllm.io.CHUNK", 4)
+    path = tmp_path / "x.partial.jsonl"
+    path.write_bytes(content)
+    drop_torn_tail(path)
+    assert path.read_bytes() == kept
+    drop_torn_tail(tmp_path / "absent.jsonl")  # nothing to cut

@@ -194,13 +194,13 @@ def test_t_mi_tmi_assembly():
     assert sets["tmi"][0]["target"] == "Hello, World." and sets["tmi"][0]["prefix"] == "Repeat the sentence: "
     assert [r["target"] for r in sets["mi"]] == [
         " out0",
-        " out1",
         " out2",
+        " out1",
         " out3",
-    ]  # the LLM's leading space
+    ]  # the LLM's leading space; one item per utterance per pass
     assert all(r["prefix"] != "Repeat the sentence: " for r in sets["mi"])
     pop = assemble(train, generated, "Repeat the sentence: ", ". ", "reference_pop", 2, True)
-    assert [r["target"] for r in pop["mi"]] == ["Hello, World.", " out0", "Hello, World.", " out2"]
+    assert [r["target"] for r in pop["mi"]] == ["Hello, World.", " out0", "Hello, World.", " out1"]
     with pytest.raises(ValueError, match="mi_reading"):
         assemble(train, generated, "", "", "other", 2, True)
 
@@ -259,6 +259,10 @@ def test_assemble_cli_names_the_bad_shard_line(tmp_path):
             text=True,
         )
 
+    again = run(json.dumps(good) + "\n" + json.dumps(good) + "\n")
+    assert again.returncode != 0 and f"{shard}:2: item index 0 also at {shard}:1" in again.stderr
+    gap = run(json.dumps(good) + "\n" + json.dumps({**good, "index": 2}) + "\n")
+    assert gap.returncode != 0 and "miss item indices, e.g. [1]" in gap.stderr
     torn = run(json.dumps(good) + "\n" + '{"index": 1, "te\n')
     assert torn.returncode != 0 and f"{shard}:2: not valid JSON" in torn.stderr
     short = run(json.dumps({k: v for k, v in good.items() if k != "output"}) + "\n")
@@ -591,6 +595,18 @@ def test_the_same_prompt_twice_is_generated_once(tmp_path):
     assert outputs == ["p|2", "q|2", "p|2"] and generated == 2 and gen.prompts == ["p", "q"]
 
 
+def test_a_torn_line_does_not_swallow_the_next_finished_item(tmp_path):
+    """A kill mid-write leaves a torn last line; the items appended after it on resume must each stay
+    readable, so a second resume redoes nothing."""
+    partial = tmp_path / "x.partial.jsonl"
+    settings = {"k": 1}
+    partial.write_text(json.dumps({"key": cache_key(settings, "p"), "output": "p|2"}) + "\n" + '{"key": "to')
+    assert cached_generate(["p", "q"], [2, 2], EchoGenerator(), settings, partial) == (["p|2", "q|2"], 1)
+    again = EchoGenerator()
+    assert cached_generate(["p", "q"], [2, 2], again, settings, partial) == (["p|2", "q|2"], 0)
+    assert again.prompts == []
+
+
 # --- vLLM backend -------------------------------------------------------------------------------------
 
 VLLM_CFG = {"chunk_size": 2, "gpu_memory_utilization": 0.5}
@@ -689,3 +705,32 @@ def test_demo_llm_sees_prompt_and_completion_tokenised_apart(tiny_models):
     apart = prompt_ids(tok, prompt) + prompt_ids(tok, completion)
     assert apart[: len(prompt_ids(tok, prompt))] == prompt_ids(tok, prompt)
     assert tok.decode(apart) == prompt + completion
+
+
+def test_a_short_pool_is_handed_out_once_in_passes_as_the_reference():
+    """prepare_data.py pops every usable item once, one per utterance per pass: three usable items for
+    three utterances of one text give each utterance one (the last pass runs dry), never a reused target."""
+    train = [{"id": f"u{i}", "raw_transcription": "Hi.", "transcription": "hi"} for i in range(3)]
+    generated = [
+        {
+            "index": i,
+            "text": "Hi.",
+            "prefix": f"P{i}: ",
+            "postfix": "",
+            "output": "" if i in (1, 4, 5) else f" o{i}",
+        }
+        for i in range(6)
+    ]
+    sets = assemble(train, generated, "R: ", ". ", "synthetic_only", 2, True)
+    assert [(r["id"], r["target"]) for r in sets["tmi"]] == [
+        ("u0-1", "Hi."),
+        ("u0-2", " o0"),
+        ("u1-1", "Hi."),
+        ("u1-2", " o2"),
+        ("u2-1", "Hi."),
+        ("u2-2", " o3"),
+    ]
+    assert [(r["id"], r["target"]) for r in sets["mi"]] == [("u0-1", " o0"), ("u1-1", " o2"), ("u2-1", " o3")]
+    four = [*generated, {"index": 6, "text": "Hi.", "prefix": "P6: ", "postfix": "", "output": " o6"}]
+    second_pass = assemble(train, four, "R: ", ". ", "synthetic_only", 2, True)["tmi"]
+    assert [r["id"] for r in second_pass if r["id"].endswith("-3")] == ["u0-3"]

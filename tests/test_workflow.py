@@ -50,6 +50,10 @@ def snakemake(*args: str, cwd: Path = REPO, timeout: int = 1800) -> subprocess.C
     )
 
 
+KANG_ROY_WITHOUT_POOLING = yaml.safe_load((REPO / "config/demo_summarization.yaml").read_text())
+del KANG_ROY_WITHOUT_POOLING["models"]["pooling"]
+
+
 def override(tmp_path: Path, data: dict) -> Path:
     path = tmp_path / "override.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -78,6 +82,10 @@ def override(tmp_path: Path, data: dict) -> Path:
         ({"surprise": 1}, "<top level>"),
         ({"data": {"min_duration": 0.05}}, "data.min_duration"),  # below the demo model's shortest input
         ({"data": {"min_duration": "short"}}, "data.min_duration"),
+        ({"data": {"max_duration": 0.1}}, "data.max_duration"),  # below auto's 0.115 s: nothing would be kept
+        ({"data": {"min_duration": 2.0, "max_duration": 2.0}}, "data.max_duration"),
+        # kang_roy's shortest clip comes from models.pooling: the workflow has no numbers to fall back on
+        (KANG_ROY_WITHOUT_POOLING, "models.pooling"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path, data, key):

@@ -26,6 +26,7 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+CHUNK = 1 << 16  # bytes read at a time when scanning a file backwards
 
 
 def fsync_path(path: Path) -> None:
@@ -113,6 +114,31 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         if named is err:
             raise
         raise named from err
+
+
+def drop_torn_tail(path: str | os.PathLike[str]) -> None:
+    """Cut an append-only JSON Lines file (a resumable step's partial file) back to its last complete line:
+    a kill mid-write leaves a torn last line, and the next appended line would be glued to it and lost."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with path.open("r+b") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return
+        end = size - 1
+        while end > 0:  # back to the newline that ends the last complete line, in blocks
+            start = max(0, end - CHUNK)
+            fh.seek(start)
+            found = fh.read(end - start).rfind(b"\n")
+            if found >= 0:
+                fh.truncate(start + found + 1)
+                return
+            end = start
+        fh.truncate(0)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

@@ -16,9 +16,27 @@ from pathlib import Path
 from typing import Any
 
 from speechllm.audio import AudioError, load_audio, perturbed_length
-from speechllm.data.manifest import UTTERANCE_FIELDS, location, read_manifest, write_manifest
+from speechllm.data.manifest import (
+    UTTERANCE_FIELDS,
+    ManifestError,
+    location,
+    read_manifest,
+    write_manifest,
+)
 from speechllm.io import atomic_write_text
 from speechllm.text.normalize import basic_normalize, normalizer_version
+
+
+def check_fields(record: dict[str, Any], where: str) -> None:
+    """ManifestError naming `where` (manifest:line) for a field of the wrong type: a text or audio path that
+    is not a string, a length or rate that is not a whole number (the rate above zero)."""
+    for key in ("audio", "raw_transcription"):
+        if not isinstance(record[key], str):
+            raise ManifestError(f"{where}: field {key} must be a string, got {record[key]!r}")
+    for key, least in (("num_samples", 0), ("sampling_rate", 1)):
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ManifestError(f"{where}: field {key} must be a whole number >= {least}, got {value!r}")
 
 
 def check_record(record: dict[str, Any], manifest: Path, sampling_rate: int) -> None:
@@ -50,6 +68,8 @@ def prepare_split(
     """Write the prepared manifest `out` and the data report `report_path`; returns the report.
     `filter_durations: false` keeps every copy (config data.filter_test_durations for the test split)."""
     records = read_manifest(manifest, required=UTTERANCE_FIELDS)
+    for record in records:  # a malformed line is an error even with on_bad_audio: skip (it is not bad audio)
+        check_fields(record, f"{manifest}:{record['_line']}")
     counts: Counter[str] = Counter(input=len(records))
     skipped: list[dict[str, Any]] = []
     kept = []
@@ -62,6 +82,10 @@ def prepare_split(
             counts["bad"] += 1
             skipped.append({"id": record["id"], "line": record["_line"], "reason": str(err)})
             continue
+        # The reference's transcripts pass through Kaldi `text` files, read back stripped (DigitalPhonetics/
+        # bloomzmms@77dc192:data/synthetic-targets/make_labels.py, prepare_data.py): the prompts and targets
+        # built from them never carry surrounding whitespace.
+        record["raw_transcription"] = record["raw_transcription"].strip()
         record["transcription"] = basic_normalize(record["raw_transcription"])
         # Clips are resampled on load; num_samples is stated at the pipeline rate.
         record["num_samples"] = round(record["num_samples"] * sampling_rate / record["sampling_rate"])

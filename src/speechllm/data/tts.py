@@ -6,23 +6,26 @@ a neural TTS plugs in by implementing `TTSBackend.synthesize`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 import subprocess
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
 from speechllm.audio import load_audio
-from speechllm.io import atomic_path
+from speechllm.io import atomic_path, atomic_write_text
 
 
 class TTSBackend(Protocol):
     name: str
+    settings: dict[str, Any]  # what else changes its output (rate, speed, ...): part of every clip's key
 
     def synthesize(self, text: str, voice: str, out_path: Path) -> None:
         """Write `text` spoken with `voice` to `out_path` (wav, mono, the pipeline's sampling rate)."""
@@ -39,6 +42,7 @@ class EspeakNG:
             raise RuntimeError("espeak-ng not found on PATH: install it with `apt-get install -y espeak-ng`")
         self.sampling_rate = sampling_rate
         self.words_per_minute = words_per_minute
+        self.settings = {"sampling_rate": sampling_rate, "words_per_minute": words_per_minute}
 
     def version(self) -> str:
         out = subprocess.run([self.binary, "--version"], capture_output=True, text=True, check=True)
@@ -62,13 +66,33 @@ def make_tts(backend: str, sampling_rate: int, words_per_minute: int) -> TTSBack
     raise ValueError(f"unknown TTS backend {backend!r} (config key data.tts.backend); available: espeak-ng")
 
 
+def clip_key(tts: TTSBackend, text: str, voice: str) -> str:
+    """What a clip was voiced from: backend, its settings, voice and text (sha256)."""
+    blob = {"backend": tts.name, "settings": getattr(tts, "settings", {}), "voice": voice, "text": text}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def key_path(clip: Path) -> Path:
+    """The file next to a clip that holds its `clip_key`."""
+    return clip.with_name(clip.name + ".key")
+
+
 def speak_all(tts: TTSBackend, jobs: list[tuple[str, str, Path]], threads: int) -> None:
-    """Voice every (text, voice, path) job whose wav does not exist yet, on `threads` threads."""
-    todo = [job for job in jobs if not job[2].exists()]
+    """Voice every (text, voice, path) job on `threads` threads, except those whose wav was already voiced
+    from the same text, voice and backend settings (its `.key` file says so). A clip at the same path from
+    another text (a changed segmentation, data set or voice) is voiced again, never reused."""
+
+    def done(job: tuple[str, str, Path]) -> bool:
+        text, voice, path = job
+        key = key_path(path)
+        return path.exists() and key.exists() and key.read_text() == clip_key(tts, text, voice)
+
+    todo = [job for job in jobs if not done(job)]
 
     def run(job: tuple[str, str, Path]) -> None:
         text, voice, path = job
         tts.synthesize(text, voice, path)
+        atomic_write_text(key_path(path), clip_key(tts, text, voice))  # after the clip: a kill re-voices it
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         list(tqdm(pool.map(run, todo), total=len(todo), desc=f"TTS ({tts.name})", mininterval=5))

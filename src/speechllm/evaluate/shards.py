@@ -27,7 +27,7 @@ from typing import Any
 from tqdm import tqdm
 
 from speechllm import stopping
-from speechllm.io import atomic_write_text, read_json
+from speechllm.io import atomic_write_text, drop_torn_tail, read_json
 from speechllm.versions import installed_version
 
 Row = dict[str, Any]
@@ -158,6 +158,7 @@ class BatchRunner:
         fh = None
         if self.partial is not None:
             self.partial.parent.mkdir(parents=True, exist_ok=True)
+            drop_torn_tail(self.partial)
             fh = self.partial.open("a", encoding="utf-8")
         try:
             for batch in tqdm(mine, desc=desc, mininterval=10):

@@ -2,7 +2,7 @@
 
 T   = every utterance with the default prompt and its normalised transcript (the reference's train_t_sp).
 TMI = every utterance three times: `-1` the transcription item (raw transcript, "Repeat the sentence: "),
-      `-2`, `-3` two synthetic items.
+      `-2`, `-3` two synthetic items (fewer where dropped outputs leave a transcript too few; none is reused).
 MI  = `mi_reading: synthetic_only` (our default): `-1`, `-2` two synthetic items;
       `mi_reading: reference_pop`: TMI's `-1`, `-2`, i.e. one transcription + one synthetic item, which is
       what the reference's prepare_data.py produces through its pop() order (spec §4.3).
@@ -10,7 +10,7 @@ MI  = `mi_reading: synthetic_only` (our default): `-1`, `-2` two synthetic items
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,25 @@ GENERATED_FIELDS = ("index", "text", "prefix", "postfix", "output")
 
 def read_generated(paths: list[Path]) -> list[dict[str, Any]]:
     """The items of finished generation shards (JSON Lines); a line that is not an item is an error naming
-    file and line."""
-    return [item for path in paths for item in read_manifest(path, required=GENERATED_FIELDS)]
+    file and line. The shards must hold every item index 0..n-1 once: a shard given twice, a stale shard of
+    a run with more shards (`--shards shard*.jsonl`) or a missing one would change the pools silently."""
+    items = [item for path in paths for item in read_manifest(path, required=GENERATED_FIELDS)]
+    first: dict[int, str] = {}
+    for item in items:
+        index, where = item["index"], f"{item['_manifest']}:{item['_line']}"
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"{where}: index must be a whole number >= 0, got {index!r}")
+        if index in first:
+            raise ValueError(
+                f"{where}: item index {index} also at {first[index]} (a shard given twice or stale?)"
+            )
+        first[index] = where
+    missing = sorted(set(range(max(first, default=-1) + 1)) - set(first))
+    if missing:
+        raise ValueError(
+            f"shards {', '.join(map(str, paths))} miss item indices, e.g. {missing[:5]} (a shard left out?)"
+        )
+    return items
 
 
 def usable_output(output: str, drop_blank: bool) -> bool:
@@ -71,22 +88,27 @@ def assemble(
     if mi_reading not in MI_READINGS:
         raise ValueError(f"targets.mi_reading must be one of {MI_READINGS}, got {mi_reading!r}")
     pools = synthetic_pools(generated, drop_blank)
-    cursor: dict[str, int] = defaultdict(int)
+    sharing = Counter(rec["raw_transcription"] for rec in train)  # utterances per transcript
+    seen: dict[str, int] = defaultdict(int)
     t_set, mi_set, tmi_set = t_records(train, prefix, postfix), [], []
     for rec in train:
         base = base_record(rec)
         transcription = {**base, "prefix": prefix, "postfix": postfix, "target": rec["raw_transcription"]}
         text = rec["raw_transcription"]
         pool = pools.get(text, [])
-        synthetic = []
-        for _ in range(per_utterance):
-            if not pool:
-                break
-            item = pool[cursor[text] % len(pool)]  # hand items out in passes over the utterances of a text
-            cursor[text] += 1
-            synthetic.append(
-                {**base, "prefix": item["prefix"], "postfix": item["postfix"], "target": item["output"]}
+        position = seen[text]  # this utterance's place among those sharing its transcript
+        seen[text] += 1
+        # Items are handed out in passes over the utterances of a text, one each per pass, and never twice:
+        # when dropped outputs leave the pool short, the last utterances of the last pass get fewer items
+        # (DigitalPhonetics/bloomzmms@77dc192:data/synthetic-targets/prepare_data.py pops each item once).
+        synthetic = [
+            {**base, "prefix": item["prefix"], "postfix": item["postfix"], "target": item["output"]}
+            for item in (
+                pool[p * sharing[text] + position]
+                for p in range(per_utterance)
+                if p * sharing[text] + position < len(pool)
             )
+        ]
         tmi_items = [transcription, *synthetic]
         for k, item in enumerate(tmi_items, start=1):
             tmi_set.append({**item, "id": f"{rec['id']}-{k}"})

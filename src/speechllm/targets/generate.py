@@ -27,7 +27,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from speechllm import stopping
-from speechllm.io import atomic_write_text
+from speechllm.io import atomic_write_text, drop_torn_tail
 from speechllm.models.speech_llm import position_ids_from_mask
 from speechllm.targets.settings import GenerateSettings
 
@@ -571,6 +571,7 @@ def cached_generate(
             first.setdefault(key, i)  # the same prompt twice is generated once
     todo = list(first.values())
     partial.parent.mkdir(parents=True, exist_ok=True)
+    drop_torn_tail(partial)
     with partial.open("a", encoding="utf-8") as fh:
 
         def save(results: list[tuple[int, str]]) -> None:
