@@ -107,3 +107,13 @@ def test_the_exact_experiment_dry_runs_with_its_switches_in_the_commands(tmp_pat
     for key, value in exact_switches().items():
         if isinstance(value, str):  # string values reach the steps' settings verbatim
             assert f'"{key.rsplit(".", 1)[1]}": "{value}"' in res.stdout, key
+
+
+def test_the_exact_experiment_trains_with_fp32_matmuls():
+    """The overlay's trainer switches TF32 matmuls on only with `use_fast_matmul`, which defaults to false and
+    which neither its yamls nor run.sh set (DigitalPhonetics/bloomzmms@77dc192:espnet-bloomzmms-files/espnet2/
+    tasks/abs_task.py); bloomzmms.yaml's tf32 is the project's choice."""
+    config = leaf_keys(yaml.safe_load((REPO / "config/config.yaml").read_text()))
+    for layer in (PAPER, EXACT):
+        config.update(leaf_keys(yaml.safe_load(layer.read_text())))
+    assert config["train.ctc.precision"] == config["train.ce.precision"] == "fp32"

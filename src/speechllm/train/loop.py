@@ -2,7 +2,8 @@
 
 Recipe (spec bloomzmms.md §3, ESPnet semantics):
 - Adam (not AdamW), warm-up then inverse-sqrt decay, gradient clipping, gradient accumulation (loss / accum);
-  an update whose gradient norm is not finite is skipped (ESPnet), the schedule still advances.
+  an update whose gradient norm is not finite is skipped (ESPnet). Whether the schedule still advances
+  follows each reference (`SCHEDULE_SKIPPED_UPDATES`).
 - Batches by padded seconds (`DurationBucketSampler`); an "epoch" is `num_iters_per_epoch` micro-batches drawn
   from a stream of passes over the data (null: the number of batches of the first pass). It ends at the first
   optimizer update at or after that count. With several processes a micro-batch is a global one (below), so
@@ -85,6 +86,14 @@ from speechllm.train.tracking import Tracker
 log = logging.getLogger("speechllm")
 
 SELECTION_METRICS = ("dev_cer", "dev_acc", "dev_loss", "last")
+
+# Whether an update skipped for a non-finite gradient norm still advances the learning-rate schedule, per
+# objective. ESPnet (v.202304 espnet2/train/trainer.py `train_one_epoch`, also
+# DigitalPhonetics/bloomzmms@77dc192 espnet-bloomzmms-files/espnet2/train/trainer.py) steps its scheduler
+# only after `optimizer.step()`, so WarmupLR counts the updates made. Kang & Roy
+# (wonjune-kang/llm-speech-summarization@0a3d8e6:trainer.py) call `lr_scheduler.step()` after every
+# `scaler.step()`, which skips the optimizer step on inf / nan gradients.
+SCHEDULE_SKIPPED_UPDATES = {"ctc": False, "ce": False, "kd": True}
 
 
 @dataclass
@@ -553,12 +562,14 @@ class Trainer:
                     continue
                 norm = acc.clip_grad_norm_(self.wrapped.parameters(), stage.grad_clip or math.inf)
                 grad_norm = float(local_value(norm))  # FSDP: a DTensor
-                if math.isfinite(grad_norm):
+                finite = math.isfinite(grad_norm)
+                if finite:
                     self.optimizer.step()
                 else:
                     log.warning("step %d: gradient norm is %s, update skipped", state.step + 1, grad_norm)
                 lr = self.scheduler.get_last_lr()[0]  # the rate this update used
-                self.scheduler.step()
+                if finite or SCHEDULE_SKIPPED_UPDATES[stage.objective]:
+                    self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 progress.update(1)

@@ -41,7 +41,9 @@ PRECISIONS = {"fp32": "no", "tf32": "no", "bf16": "bf16"}
 
 
 def set_matmul_precision(precision: str) -> None:
-    """TF32 matmuls on GPU as the reference trainer (`torch.set_float32_matmul_precision('high')`)."""
+    """TF32 matmuls on GPU (`torch.set_float32_matmul_precision('high')`), what the BLOOMZMMS overlay's
+    trainer does with `use_fast_matmul: true`; its default, which the recipe keeps, is fp32
+    (DigitalPhonetics/bloomzmms@77dc192:espnet-bloomzmms-files/espnet2/tasks/abs_task.py)."""
     if precision == "tf32" and torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
