@@ -34,6 +34,8 @@ setup: system-deps $(VENV)/.installed
 
 # espeak-ng speaks the demo corpus and SpeechGLUE. As root it is installed; otherwise set-up goes on and says
 # what is missing (the package itself installs without it; `make demo` stops at demo-deps).
+# NIST sclite (Debian package sctk, in /usr/lib/sctk/bin) is the oracle of tests/test_sclite_oracle.py (config
+# evaluate.asr_alignment: sclite). As root it is installed; a failure is only a note: that test then skips.
 system-deps:
 	@if ! command -v $(ESPEAK_NG) >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -42,6 +44,15 @@ system-deps:
 	  else \
 	    echo "Note: espeak-ng is not installed; the demo and SpeechGLUE voicing need it" \
 	      "(Debian/Ubuntu: sudo apt-get install -y espeak-ng; conda: conda install -c conda-forge espeak-ng)."; \
+	  fi; \
+	fi
+	@if ! command -v sclite >/dev/null 2>&1 && [ ! -x /usr/lib/sctk/bin/sclite ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing sctk (sclite) with apt-get"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sctk >/dev/null; } \
+	      || echo "Note: apt-get could not install sctk; tests/test_sclite_oracle.py will skip"; \
+	  else \
+	    echo "Note: sclite is not installed; tests/test_sclite_oracle.py skips (Debian/Ubuntu: apt-get install sctk)"; \
 	  fi; \
 	fi
 

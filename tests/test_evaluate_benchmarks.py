@@ -21,7 +21,7 @@ from speechllm.evaluate.metrics import glue_average
 from speechllm.evaluate.prompts import MNLI_PROMPT, TASK_PROMPTS
 from speechllm.evaluate.rescore import rescore, score_document, write_outputs
 from speechllm.evaluate.settings import benchmark_settings
-from speechllm.evaluate.shards import unit
+from speechllm.evaluate.shards import BatchRunner, unit
 from speechllm.evaluate.summarization import summarization_frame
 from speechllm.evaluate.system import EvalSystem, assemble, build_system
 from speechllm.text.normalize import basic_normalize
@@ -375,6 +375,35 @@ def test_rescore_records_the_scoring_settings_it_used(world, tmp_path) -> None:
     assert again["settings"]["st_normalize"] == "references"
     assert again["settings"]["num_beams"] == SETTINGS["num_beams"]  # decoding settings stay as decoded
     assert json.loads((tmp_path / "fleurs_st.scores.json").read_text())["settings"] == again["settings"]
+
+
+def test_rescore_asr_with_sclite_alignment_records_it(tmp_path) -> None:
+    """evaluate.asr_alignment is a scoring setting: a rescore with `sclite` recounts the edits (the second
+    utterance has 5 substitutions at unit cost, 3 deletions + 3 insertions for sclite) and says so."""
+    df = pd.DataFrame(
+        {
+            "id": ["en_us-0", "en_us-1"],
+            "language": ["en_us", "en_us"],
+            "reference": ["hello world", "x y a b c"],
+            "hypothesis": ["hello world", "d e f x y"],
+        }
+    )
+    written = assert_recomputable(tmp_path, "fleurs_asr", df, benchmarks.score_asr(df, ev("fleurs_asr")))
+    assert written["metrics"]["all"]["wer"] == pytest.approx(5 / 7)
+    assert written["metrics"]["all"]["alignment"] == "levenshtein"
+    full = {"evaluate": {**SETTINGS, "asr_alignment": "sclite"}, "experiment": "test", "sampling_rate": SR}
+    again = rescore("fleurs_asr", tmp_path / "fleurs_asr.parquet", tmp_path / "fleurs_asr.scores.json", full)
+    assert again["metrics"]["all"]["wer"] == pytest.approx(6 / 7)
+    assert again["metrics"]["per_language"]["en_us"]["primary"] == pytest.approx(6 / 7)
+    assert again["metrics"]["all"]["alignment"] == "sclite"
+    assert again["settings"]["asr_alignment"] == "sclite"
+
+
+def test_unknown_asr_alignment_stops_before_decoding(world) -> None:
+    runner, settings = BatchRunner(), ev("fleurs_asr", asr_alignment="x")
+    with pytest.raises(ValueError, match="evaluate.asr_alignment"):
+        benchmarks.run_asr(system(world, "ctc", "text"), world["utterances"], "", "", settings, runner)
+    assert not runner.rows
 
 
 def test_st_without_a_translation_names_the_manifest_line(world) -> None:

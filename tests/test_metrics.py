@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import random
 from itertools import islice
 from pathlib import Path
 from statistics import fmean
 
 import jiwer
 import pytest
+from rapidfuzz.distance import Levenshtein
 
 from speechllm.evaluate import metrics
+from speechllm.evaluate.alignment import EditCounts, sclite_counts
 from speechllm.evaluate.metrics import (
     asr_scores,
     bertscore,
@@ -83,6 +86,65 @@ def test_all_references_empty_gives_none() -> None:
 def test_asr_length_mismatch_raises() -> None:
     with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
         asr_scores(["a", "b"], ["a"])
+
+
+# sclite's alignment (config evaluate.asr_alignment: sclite; costs: substitution 4, insertion/deletion 3).
+
+
+def test_sclite_alignment_trades_substitutions_for_more_insertions_and_deletions() -> None:
+    # Unit cost: 5 substitutions. sclite: keep "x y" correct, 3 insertions + 3 deletions (18 < 20): 6 errors.
+    assert sclite_counts(list("xyabc"), list("defxy")) == EditCounts(2, 0, 3, 3)
+    assert Levenshtein.distance(list("xyabc"), list("defxy")) == 5
+    default = asr_scores(["x y a b c"], ["d e f x y"])
+    sclite = asr_scores(["x y a b c"], ["d e f x y"], "sclite")
+    assert default["wer"] == pytest.approx(5 / 5) and default["alignment"] == "levenshtein"
+    assert sclite["wer"] == pytest.approx(6 / 5) and sclite["alignment"] == "sclite"
+    assert (sclite["word_substitutions"], sclite["word_deletions"], sclite["word_insertions"]) == (0, 3, 3)
+
+
+def test_sclite_alignment_breaks_cost_ties_as_sclite() -> None:
+    # Two alignments cost 15: 1 correct, 3 substitutions, 1 deletion (4 errors), and sclite's pick, which
+    # ends on a diagonal move and so keeps "b" and "c" correct: 3 deletions, 2 insertions (5 errors).
+    assert sclite_counts(list("aaabc"), list("bccb")) == EditCounts(2, 0, 3, 2)
+    assert Levenshtein.distance(list("aaabc"), list("bccb")) == 4
+
+
+def test_sclite_cer_counts_the_space_as_a_character() -> None:
+    # ESPnet's char-level trn writes the space as `<space>`: a token like any other character.
+    scores = asr_scores(["ab cd"], ["abcd"], "sclite")
+    assert (scores["ref_chars"], scores["char_deletions"], scores["cer"]) == (5, 1, pytest.approx(1 / 5))
+    chars = asr_scores(["xyabc"], ["defxy"], "sclite")
+    assert chars["cer"] == pytest.approx(6 / 5)
+    assert asr_scores(["xyabc"], ["defxy"])["cer"] == pytest.approx(5 / 5)
+
+
+def test_sclite_alignment_has_minimum_weighted_cost_and_never_fewer_errors() -> None:
+    """Against rapidfuzz's weighted distance (ins 3, del 3, sub 4) and its unit-cost distance."""
+    rng = random.Random(0)
+    for _ in range(500):
+        ref = rng.choices("abcd", k=rng.randint(0, 10))
+        hyp = rng.choices("abcd", k=rng.randint(0, 10))
+        counts = sclite_counts(ref, hyp)
+        cost = 4 * counts.substitutions + 3 * (counts.deletions + counts.insertions)
+        assert cost == Levenshtein.distance(ref, hyp, weights=(3, 3, 4))
+        assert counts.errors >= Levenshtein.distance(ref, hyp)
+        assert (counts.reference_length, counts.hits + counts.substitutions + counts.insertions) == (
+            len(ref),
+            len(hyp),
+        )
+
+
+def test_sclite_alignment_of_empty_sides() -> None:
+    assert sclite_counts([], []) == EditCounts()
+    assert sclite_counts([], ["a", "b"]) == EditCounts(insertions=2)
+    assert sclite_counts(["a", "b"], []) == EditCounts(deletions=2)
+    scores = asr_scores(["", "a b"], ["x y", ""], "sclite")
+    assert (scores["word_insertions"], scores["word_deletions"], scores["wer"]) == (2, 2, pytest.approx(2.0))
+
+
+def test_unknown_asr_alignment_names_the_config_key() -> None:
+    with pytest.raises(ValueError, match="evaluate.asr_alignment"):
+        asr_scores(["a"], ["a"], "weighted")
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,18 @@ def test_speechglue_table_rows_and_averages(tmp_path: Path) -> None:
     assert table.loc[("average_without_wnli", "primary"), "t"] == pytest.approx(100 * (0.8 + 0.2 + 0.6) / 3)
 
 
+def test_asr_footer_names_the_edit_alignment(tmp_path: Path) -> None:
+    """Score files record evaluate.asr_alignment as `alignment`; the footer says which one a model's CER/WER
+    counted."""
+    metrics = _asr_metrics(0.0)
+    metrics["all"]["alignment"] = "sclite"
+    for scores in metrics["per_language"].values():
+        scores["alignment"] = "sclite"
+    files = [_score_file(tmp_path, "fleurs_asr", "tmi", metrics)]
+    footer = table_footer("fleurs_asr", files, ORDER)
+    assert footer.count("alignment: sclite") == 1
+
+
 def test_speechxnli_table(tmp_path: Path) -> None:
     metrics = {"per_language": {"sw": {"accuracy": 0.4}, "ar": {"accuracy": 0.5}}, "all": {"accuracy": 0.45}}
     partial = {"per_language": {"ar": {"accuracy": 0.3}}}

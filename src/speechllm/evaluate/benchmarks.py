@@ -22,6 +22,7 @@ from speechllm.evaluate.constrained import constrained_beam_search, find_option,
 from speechllm.evaluate.metrics import (
     asr_scores,
     bleu_tokenizer,
+    check_asr_alignment,
     classification_scores,
     glue_average,
     primary_asr_metric,
@@ -93,8 +94,8 @@ def generation_frame(
 # ---------------------------------------------------------------------- ASR
 
 
-def _asr_with_primary(language: str, refs: list[str], hyps: list[str]) -> dict[str, Any]:
-    scores = asr_scores(refs, hyps)
+def _asr_with_primary(language: str, refs: list[str], hyps: list[str], alignment: str) -> dict[str, Any]:
+    scores = asr_scores(refs, hyps, alignment)
     metric = primary_asr_metric(language)
     return {**scores, "primary_metric": metric, "primary": scores[metric]}
 
@@ -103,19 +104,21 @@ def score_asr(df: pd.DataFrame, settings: AsrSettings | None = None) -> dict[str
     """Pooled and per-language CER/WER (`primary` = CER for zh/ja/th/lo/my, WER otherwise).
 
     Adds `ctc_branch` (same layout) when the frame has the CTC head's own transcripts of the same clips.
+    The edits are counted on `settings.asr_alignment`'s alignment (levenshtein without settings).
     """
+    alignment = settings.asr_alignment if settings is not None else "levenshtein"
     metrics: dict[str, Any] = {
-        "all": asr_scores(list(df.reference), list(df.hypothesis)),
+        "all": asr_scores(list(df.reference), list(df.hypothesis), alignment),
         "per_language": {
-            lang: _asr_with_primary(lang, list(g.reference), list(g.hypothesis))
+            lang: _asr_with_primary(lang, list(g.reference), list(g.hypothesis), alignment)
             for lang, g in df.groupby("language", sort=True)
         },
     }
     if "ctc_hypothesis" in df and len(df) and df.ctc_hypothesis.notna().all():
         metrics["ctc_branch"] = {
-            "all": asr_scores(list(df.reference), list(df.ctc_hypothesis)),
+            "all": asr_scores(list(df.reference), list(df.ctc_hypothesis), alignment),
             "per_language": {
-                lang: _asr_with_primary(lang, list(g.reference), list(g.ctc_hypothesis))
+                lang: _asr_with_primary(lang, list(g.reference), list(g.ctc_hypothesis), alignment)
                 for lang, g in df.groupby("language", sort=True)
             },
         }
@@ -132,6 +135,7 @@ def decode_asr(
 ) -> None:
     """Transcribe (this shard's batches of) every utterance: CTC output (decoder ctc) or `prefix + <clip> +
     postfix` to the LLM."""
+    check_asr_alignment(settings.asr_alignment)  # a wrong value stops before the decoding, not after
 
     def decode(idx: list[int]) -> list[dict[str, Any]]:
         fills, ctc = system.fills([_utterance_clip(records[i]) for i in idx])
@@ -179,7 +183,7 @@ def run_asr(
     runner = runner or BatchRunner()
     decode_asr(system, records, prefix, postfix, settings, runner)
     df = asr_frame(records, runner.rows)
-    return df, score_asr(df)
+    return df, score_asr(df, settings)
 
 
 # ---------------------------------------------------------------------- speech translation

@@ -4,7 +4,9 @@ Conventions (spec bloomzmms.md §5, ecosystem.md §C):
 
 * ASR: ``basic_normalize`` on references *and* hypotheses, then corpus-level rates
   (total edits / total reference tokens, as sclite), never a mean of per-utterance rates.
-  CER counts the space between words as a character (ESPnet's ``<space>`` token).
+  CER counts the space between words as a character (ESPnet's ``<space>`` token). The edits are those of
+  the minimum-edit alignment (jiwer) or of sclite's weighted one (config evaluate.asr_alignment,
+  evaluate/alignment.py).
 * Translation: sacreBLEU corpus BLEU and chrF with default settings (13a, cased) unless told.
 * Classification: the metrics of HF ``evaluate.load("glue", task)``, with the same key names.
 
@@ -24,7 +26,10 @@ import sacrebleu
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
+from speechllm.evaluate.alignment import EditCounts, sclite_counts
 from speechllm.text.normalize import basic_normalize, normalizer_version
+
+ASR_ALIGNMENTS = ("levenshtein", "sclite")  # config evaluate.asr_alignment
 
 CER_PRIMARY_LANGUAGES: frozenset[str] = frozenset(
     {"zh", "ja", "th", "lo", "my", "cmn_hans_cn", "yue_hant_hk", "ja_jp", "th_th", "lo_la", "my_mm"}
@@ -71,9 +76,44 @@ def _rate(edits: int, length: int) -> float | None:
     return edits / length if length else None
 
 
-def asr_scores(refs: list[str], hyps: list[str]) -> dict[str, Any]:
+def _jiwer_counts(output: jiwer.WordOutput | jiwer.CharacterOutput) -> EditCounts:
+    return EditCounts(output.hits, output.substitutions, output.deletions, output.insertions)
+
+
+def _sclite_corpus_counts(refs: list[list[str]], hyps: list[list[str]]) -> EditCounts:
+    """sclite's per-utterance alignments, summed over the corpus."""
+    return sum((sclite_counts(ref, hyp) for ref, hyp in zip(refs, hyps, strict=True)), EditCounts())
+
+
+def check_asr_alignment(alignment: str) -> str:
+    """`alignment` if it is one of ASR_ALIGNMENTS, else ValueError naming the config key."""
+    if alignment not in ASR_ALIGNMENTS:
+        choices = "|".join(ASR_ALIGNMENTS)
+        raise ValueError(f"unknown ASR alignment {alignment!r} (config evaluate.asr_alignment: {choices})")
+    return alignment
+
+
+def asr_edit_counts(
+    norm_refs: list[str], norm_hyps: list[str], alignment: str
+) -> tuple[EditCounts, EditCounts]:
+    """Word and character counts summed over normalised utterances, each aligned by `alignment` (levenshtein |
+    sclite). Both split as jiwer does: words at spaces, characters with the space as one (on normalised text,
+    whose whitespace is single spaces and stripped, that is ESPnet's `<space>` token of sclite's CER)."""
+    if check_asr_alignment(alignment) == "levenshtein":
+        words = _jiwer_counts(jiwer.process_words(norm_refs, norm_hyps))
+        chars = _jiwer_counts(jiwer.process_characters(norm_refs, norm_hyps))
+        return words, chars
+    words = _sclite_corpus_counts([r.split() for r in norm_refs], [h.split() for h in norm_hyps])
+    chars = _sclite_corpus_counts([list(r) for r in norm_refs], [list(h) for h in norm_hyps])
+    return words, chars
+
+
+def asr_scores(refs: list[str], hyps: list[str], alignment: str = "levenshtein") -> dict[str, Any]:
     """Corpus-level CER and WER after ``basic_normalize`` on both sides, with counts.
 
+    `alignment` (config evaluate.asr_alignment) picks the per-utterance alignment whose edits are counted:
+    ``levenshtein``, the minimum number of edits (jiwer), or ``sclite``, NIST sclite's minimum weighted cost
+    (evaluate/alignment.py); the score records it as ``alignment``.
     Empty references (also those that normalise to "") are kept, as sclite does: every hypothesis
     token counts as an insertion and the reference adds 0 to the denominator. ``num_empty_refs``
     reports how many there were. If the total reference length is 0, ``cer``/``wer`` are None.
@@ -81,25 +121,21 @@ def asr_scores(refs: list[str], hyps: list[str]) -> dict[str, Any]:
     _check_lengths(refs, hyps)
     norm_refs = [basic_normalize(text) for text in refs]
     norm_hyps = [basic_normalize(text) for text in hyps]
-    words = jiwer.process_words(norm_refs, norm_hyps)
-    chars = jiwer.process_characters(norm_refs, norm_hyps)
-    ref_words = words.hits + words.substitutions + words.deletions
-    ref_chars = chars.hits + chars.substitutions + chars.deletions
-    word_edits = words.substitutions + words.deletions + words.insertions
-    char_edits = chars.substitutions + chars.deletions + chars.insertions
+    words, chars = asr_edit_counts(norm_refs, norm_hyps, alignment)
     return {
-        "cer": _rate(char_edits, ref_chars),
-        "wer": _rate(word_edits, ref_words),
+        "cer": _rate(chars.errors, chars.reference_length),
+        "wer": _rate(words.errors, words.reference_length),
         "num_utts": len(refs),
         "num_empty_refs": sum(1 for text in norm_refs if not text),
-        "ref_words": ref_words,
-        "ref_chars": ref_chars,
+        "ref_words": words.reference_length,
+        "ref_chars": chars.reference_length,
         "word_substitutions": words.substitutions,
         "word_deletions": words.deletions,
         "word_insertions": words.insertions,
         "char_substitutions": chars.substitutions,
         "char_deletions": chars.deletions,
         "char_insertions": chars.insertions,
+        "alignment": alignment,
         "normalizer": normalizer_version(),
     }
 

@@ -40,6 +40,7 @@ SETTING_KEYS = (
     "bleu_tokenize",
     "st_normalize",
     "st_recordings",
+    "asr_alignment",
     "st_prompt",
     "summarization",
     "response_ppl",
@@ -47,7 +48,7 @@ SETTING_KEYS = (
 )
 # The settings the scorers read (the rest shaped the decoding, which a rescore does not redo): a rescore
 # records the values it scored with. Top-level keys, and keys inside `summarization`.
-SCORING_KEYS = ("st_normalize", "bleu_tokenize")
+SCORING_KEYS = ("st_normalize", "bleu_tokenize", "asr_alignment")
 SUMMARIZATION_SCORING_KEYS = ("rouge_stemmer", "meteor_tokenize", "bertscore")
 
 

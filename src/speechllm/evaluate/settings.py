@@ -48,6 +48,8 @@ class AsrSettings(SystemSettings):
     """evaluate.num_beams"""
     max_new_tokens: int
     """evaluate.max_new_tokens"""
+    asr_alignment: str = setting(default="levenshtein")
+    """evaluate.asr_alignment: levenshtein | sclite (the alignment whose edits CER/WER count)"""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -305,12 +305,13 @@ def _walk(node: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
 
 
 def _signatures(metrics: Mapping[str, Any]) -> list[str]:
-    """Distinct metric signatures, versions and skip reasons (e.g. METEOR without WordNet) recorded anywhere
-    in a score file's ``metrics``, first-seen order."""
+    """Distinct metric signatures, versions, skip reasons (e.g. METEOR without WordNet) and the ASR edit
+    alignment (config evaluate.asr_alignment) recorded anywhere in a score file's ``metrics``, first-seen
+    order."""
     found = (
         f"{key}: {value}"
         for key, value in _walk(metrics)
-        if key.endswith(("signature", "_version", "_skipped")) and not isinstance(value, Mapping)
+        if key.endswith(("signature", "_version", "_skipped", "alignment")) and not isinstance(value, Mapping)
     )
     return list(dict.fromkeys(found))
 
