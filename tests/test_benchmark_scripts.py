@@ -88,9 +88,13 @@ def run_paper_scale_gpu(out: Path, *args: str) -> tuple[dict, str]:
 
 
 def test_paper_scale_gpu_smoke_measures_every_part(tmp_path: Path) -> None:
-    """`--smoke`: the GPU benchmark's code on the CPU with the demo's tiny models and configs."""
+    """`--smoke`: the GPU benchmark's code on the CPU with the demo's tiny models and configs. The budget is
+    ample (about 50 s are used on an idle 2-core machine): a loaded machine must not push a part past
+    its share (skipping by budget has its own tests below)."""
     report, last = run_paper_scale_gpu(
         tmp_path / "gpu.json",
+        "--budget",
+        "3000",
         "--steps",
         "2",
         "--warmup",
