@@ -261,6 +261,8 @@ def test_assemble_cli_names_the_bad_shard_line(tmp_path):
 
     again = run(json.dumps(good) + "\n" + json.dumps(good) + "\n")
     assert again.returncode != 0 and f"{shard}:2: item index 0 also at {shard}:1" in again.stderr
+    half = run(json.dumps({**good, "index": 0.5}) + "\n")
+    assert half.returncode != 0 and f"{shard}:1: field index must be a whole number >= 0" in half.stderr
     gap = run(json.dumps(good) + "\n" + json.dumps({**good, "index": 2}) + "\n")
     assert gap.returncode != 0 and "miss item indices, e.g. [1]" in gap.stderr
     torn = run(json.dumps(good) + "\n" + '{"index": 1, "te\n')

@@ -42,6 +42,15 @@ def setting(
     )
 
 
+def config_choice(value: str, choices: tuple[str, ...], key: str) -> str:
+    """`value` if it is one of `choices`, else ValueError naming config key `key` and the choices (for
+    functions that take a switch's value directly, not only through a parsed step)."""
+    if value not in choices:
+        name = key.rsplit(".", 1)[-1]
+        raise ValueError(f"unknown {name} {value!r} (config key {key}: {'|'.join(choices)})")
+    return value
+
+
 class StepSettings:
     """Base of a step's settings dataclass; `SECTION` is the config section the settings object mirrors."""
 

@@ -67,6 +67,16 @@ def location(record: dict[str, Any], manifest: str | None = None) -> str | None:
     return f"{path}:{line}" if path else f"manifest line {line}"
 
 
+def whole_number(record: dict[str, Any], key: str, least: int) -> int:
+    """`record[key]` if it is a whole number of at least `least`, else ManifestError naming the record's
+    manifest line (`location`) and the field."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        where = location(record)
+        raise ManifestError(f"{where}: field {key} must be a whole number >= {least}, got {value!r}")
+    return value
+
+
 def write_manifest(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     """Write records atomically (temp file + rename); private `_`-keys are dropped. Returns the count."""
     lines = []

@@ -21,22 +21,21 @@ from speechllm.data.manifest import (
     ManifestError,
     location,
     read_manifest,
+    whole_number,
     write_manifest,
 )
 from speechllm.io import atomic_write_text
 from speechllm.text.normalize import basic_normalize, normalizer_version
 
 
-def check_fields(record: dict[str, Any], where: str) -> None:
-    """ManifestError naming `where` (manifest:line) for a field of the wrong type: a text or audio path that
-    is not a string, a length or rate that is not a whole number (the rate above zero)."""
+def check_fields(record: dict[str, Any]) -> None:
+    """ManifestError naming the record's manifest line for a field of the wrong type: a text or audio path
+    that is not a string, a length or rate that is not a whole number (the rate above zero)."""
     for key in ("audio", "raw_transcription"):
         if not isinstance(record[key], str):
-            raise ManifestError(f"{where}: field {key} must be a string, got {record[key]!r}")
-    for key, least in (("num_samples", 0), ("sampling_rate", 1)):
-        value = record[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ManifestError(f"{where}: field {key} must be a whole number >= {least}, got {value!r}")
+            raise ManifestError(f"{location(record)}: field {key} must be a string, got {record[key]!r}")
+    whole_number(record, "num_samples", 0)
+    whole_number(record, "sampling_rate", 1)
 
 
 def check_record(record: dict[str, Any], manifest: Path, sampling_rate: int) -> None:
@@ -69,7 +68,7 @@ def prepare_split(
     `filter_durations: false` keeps every copy (config data.filter_test_durations for the test split)."""
     records = read_manifest(manifest, required=UTTERANCE_FIELDS)
     for record in records:  # a malformed line is an error even with on_bad_audio: skip (it is not bad audio)
-        check_fields(record, f"{manifest}:{record['_line']}")
+        check_fields(record)
     counts: Counter[str] = Counter(input=len(records))
     skipped: list[dict[str, Any]] = []
     kept = []

@@ -32,6 +32,7 @@ from speechllm.evaluate.prompts import TASK_PROMPTS, Field
 from speechllm.evaluate.settings import AsrSettings, StSettings, TaskSettings
 from speechllm.evaluate.shards import BatchRunner, take
 from speechllm.evaluate.system import Clip, EvalSystem, Fill
+from speechllm.settings import config_choice
 from speechllm.text.normalize import basic_normalize
 
 STSB_VALUES: tuple[str, ...] = tuple(
@@ -197,11 +198,7 @@ def score_st(df: pd.DataFrame, settings: StSettings) -> dict[str, Any]:
     as configured).
     """
     table = settings.bleu_tokenize
-    mode = settings.st_normalize
-    if mode not in ST_NORMALIZE:
-        raise ValueError(
-            f"unknown st_normalize {mode!r} (config key evaluate.st_normalize: {'|'.join(ST_NORMALIZE)})"
-        )
+    mode = config_choice(settings.st_normalize, ST_NORMALIZE, "evaluate.st_normalize")
     hyps_too = mode == "both"
     targets = sorted(set(df.target_language)) if len(df) else []
     pooled_tokenize = bleu_tokenizer(targets[0], table) if len(targets) == 1 else table["default"]
@@ -293,11 +290,7 @@ def st_sources(
     (`recordings` "all"), or the reference's one recording per source sentence ("last_per_sentence", config
     evaluate.st_recordings), of the sentences the target language's own recordings have when the manifest
     holds any (FLEURS; a CoVoST 2 manifest has none, and each of its rows is its own sentence)."""
-    if recordings not in ST_RECORDINGS:
-        raise ValueError(
-            f"unknown st_recordings {recordings!r} "
-            f"(config key evaluate.st_recordings: {'|'.join(ST_RECORDINGS)})"
-        )
+    config_choice(recordings, ST_RECORDINGS, "evaluate.st_recordings")
     sources = [r for r in records if r["language"] != target_language]
     if recordings == "last_per_sentence":
         targets = {r.get("sentence_id") for r in records if r["language"] == target_language} - {None}

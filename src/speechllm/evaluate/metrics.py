@@ -27,6 +27,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from speechllm.evaluate.alignment import EditCounts, sclite_counts
+from speechllm.settings import config_choice
 from speechllm.text.normalize import basic_normalize, normalizer_version
 
 ASR_ALIGNMENTS = ("levenshtein", "sclite")  # config evaluate.asr_alignment
@@ -87,10 +88,7 @@ def _sclite_corpus_counts(refs: list[list[str]], hyps: list[list[str]]) -> EditC
 
 def check_asr_alignment(alignment: str) -> str:
     """`alignment` if it is one of ASR_ALIGNMENTS, else ValueError naming the config key."""
-    if alignment not in ASR_ALIGNMENTS:
-        choices = "|".join(ASR_ALIGNMENTS)
-        raise ValueError(f"unknown ASR alignment {alignment!r} (config evaluate.asr_alignment: {choices})")
-    return alignment
+    return config_choice(alignment, ASR_ALIGNMENTS, "evaluate.asr_alignment")
 
 
 def asr_edit_counts(
@@ -313,11 +311,7 @@ def meteor(
         never downloaded at run time).
     """
     _check_lengths(refs, hyps)
-    if tokenize not in METEOR_TOKENIZERS:
-        raise ValueError(
-            f"config key evaluate.summarization.meteor_tokenize must be one of {METEOR_TOKENIZERS}, "
-            f"got {tokenize!r}"
-        )
+    config_choice(tokenize, METEOR_TOKENIZERS, "evaluate.summarization.meteor_tokenize")
     import nltk
 
     if wordnet is None and not wordnet_available():

@@ -14,7 +14,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from speechllm.data.manifest import read_manifest
+from speechllm.data.manifest import location, read_manifest, whole_number
+from speechllm.settings import config_choice
 
 MI_READINGS = ("synthetic_only", "reference_pop")
 GENERATED_FIELDS = ("index", "text", "prefix", "postfix", "output")
@@ -27,9 +28,7 @@ def read_generated(paths: list[Path]) -> list[dict[str, Any]]:
     items = [item for path in paths for item in read_manifest(path, required=GENERATED_FIELDS)]
     first: dict[int, str] = {}
     for item in items:
-        index, where = item["index"], f"{item['_manifest']}:{item['_line']}"
-        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise ValueError(f"{where}: index must be a whole number >= 0, got {index!r}")
+        index, where = whole_number(item, "index", 0), location(item)
         if index in first:
             raise ValueError(
                 f"{where}: item index {index} also at {first[index]} (a shard given twice or stale?)"
@@ -85,8 +84,7 @@ def assemble(
     """Returns {"t": [...], "mi": [...], "tmi": [...]} manifest records. A synthetic target is the LLM's
     continuation as generated: BLOOMZ's continuations mostly begin with a space, which the reference keeps
     (it tokenises the output string itself), so the first target token is a `Ġ...` piece."""
-    if mi_reading not in MI_READINGS:
-        raise ValueError(f"targets.mi_reading must be one of {MI_READINGS}, got {mi_reading!r}")
+    config_choice(mi_reading, MI_READINGS, "targets.mi_reading")
     pools = synthetic_pools(generated, drop_blank)
     sharing = Counter(rec["raw_transcription"] for rec in train)  # utterances per transcript
     seen: dict[str, int] = defaultdict(int)

@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from speechllm.settings import config_choice
 from speechllm.targets.assemble import MI_READINGS, base_record, t_records
 
 log = logging.getLogger("speechllm")
@@ -142,10 +143,8 @@ def import_released(
     on_unmatched: str,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """T / MI / TMI manifest records from the released ids, and the import report."""
-    if mi_reading not in MI_READINGS:
-        raise ValueError(f"targets.mi_reading must be one of {MI_READINGS}, got {mi_reading!r}")
-    if on_unmatched not in ON_UNMATCHED:
-        raise ValueError(f"targets.released.on_unmatched must be one of {ON_UNMATCHED}, got {on_unmatched!r}")
+    config_choice(mi_reading, MI_READINGS, "targets.mi_reading")
+    config_choice(on_unmatched, ON_UNMATCHED, "targets.released.on_unmatched")
     transcription_ids = tokenizer(prefix, add_special_tokens=False).input_ids
     strings, mismatches = decode_fields(fields, tokenizer)
     items: dict[str, list[tuple[int, str]]] = defaultdict(list)
