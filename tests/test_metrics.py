@@ -16,6 +16,7 @@ from speechllm.evaluate import metrics
 from speechllm.evaluate.alignment import EditCounts, sclite_counts
 from speechllm.evaluate.metrics import (
     asr_scores,
+    asr_scores_by_group,
     bertscore,
     bleu_tokenizer,
     classification_scores,
@@ -140,6 +141,32 @@ def test_sclite_alignment_of_empty_sides() -> None:
     assert sclite_counts(["a", "b"], []) == EditCounts(deletions=2)
     scores = asr_scores(["", "a b"], ["x y", ""], "sclite")
     assert (scores["word_insertions"], scores["word_deletions"], scores["wer"]) == (2, 2, pytest.approx(2.0))
+
+
+@pytest.mark.parametrize("alignment", ["levenshtein", "sclite"])
+def test_grouped_asr_scores_align_once_and_equal_separate_scoring(alignment, monkeypatch) -> None:
+    refs = ["x y a b c", "Hello, world", "", "a b c d", "kot pies"]
+    hyps = ["d e f x y", "hello word", "extra", "a c d e", "kot"]
+    groups = ["en", "en", "de", "de", "pl"]
+    separate = {
+        g: asr_scores(
+            [r for r, k in zip(refs, groups, strict=True) if k == g],
+            [h for h, k in zip(hyps, groups, strict=True) if k == g],
+            alignment,
+        )
+        for g in sorted(set(groups))
+    }
+    calls = []
+    counts = metrics.sclite_counts
+    monkeypatch.setattr(metrics, "sclite_counts", lambda r, h: calls.append((r, h)) or counts(r, h))
+    pooled, per_group = asr_scores_by_group(refs, hyps, groups, alignment)
+    # grouped scoring aligned each utterance once: words and characters, one call each
+    assert len(calls) == (2 * len(refs) if alignment == "sclite" else 0)
+    assert pooled == asr_scores(refs, hyps, alignment)
+    assert list(per_group) == ["de", "en", "pl"] and per_group == separate
+    assert sum(scores["num_utts"] for scores in per_group.values()) == pooled["num_utts"] == 5
+    with pytest.raises(ValueError, match="5 references but 4 group labels"):
+        asr_scores_by_group(refs, hyps, groups[:4], alignment)
 
 
 def test_unknown_asr_alignment_names_the_config_key() -> None:

@@ -20,7 +20,7 @@ from speechllm.data.languages import language_name
 from speechllm.data.manifest import location
 from speechllm.evaluate.constrained import constrained_beam_search, find_option, match_option
 from speechllm.evaluate.metrics import (
-    asr_scores,
+    asr_scores_by_group,
     bleu_tokenizer,
     check_asr_alignment,
     classification_scores,
@@ -95,10 +95,20 @@ def generation_frame(
 # ---------------------------------------------------------------------- ASR
 
 
-def _asr_with_primary(language: str, refs: list[str], hyps: list[str], alignment: str) -> dict[str, Any]:
-    scores = asr_scores(refs, hyps, alignment)
+def _with_primary(language: str, scores: dict[str, Any]) -> dict[str, Any]:
     metric = primary_asr_metric(language)
     return {**scores, "primary_metric": metric, "primary": scores[metric]}
+
+
+def _asr_metrics(df: pd.DataFrame, column: str, alignment: str) -> dict[str, Any]:
+    """Pooled and per-language scores of `df[column]` against `df.reference`, each utterance aligned once."""
+    pooled, per_language = asr_scores_by_group(
+        list(df.reference), list(df[column]), [str(lang) for lang in df.language], alignment
+    )
+    return {
+        "all": pooled,
+        "per_language": {lang: _with_primary(lang, scores) for lang, scores in per_language.items()},
+    }
 
 
 def score_asr(df: pd.DataFrame, settings: AsrSettings | None = None) -> dict[str, Any]:
@@ -108,21 +118,9 @@ def score_asr(df: pd.DataFrame, settings: AsrSettings | None = None) -> dict[str
     The edits are counted on `settings.asr_alignment`'s alignment (levenshtein without settings).
     """
     alignment = settings.asr_alignment if settings is not None else "levenshtein"
-    metrics: dict[str, Any] = {
-        "all": asr_scores(list(df.reference), list(df.hypothesis), alignment),
-        "per_language": {
-            lang: _asr_with_primary(lang, list(g.reference), list(g.hypothesis), alignment)
-            for lang, g in df.groupby("language", sort=True)
-        },
-    }
+    metrics = _asr_metrics(df, "hypothesis", alignment)
     if "ctc_hypothesis" in df and len(df) and df.ctc_hypothesis.notna().all():
-        metrics["ctc_branch"] = {
-            "all": asr_scores(list(df.reference), list(df.ctc_hypothesis), alignment),
-            "per_language": {
-                lang: _asr_with_primary(lang, list(g.reference), list(g.ctc_hypothesis), alignment)
-                for lang, g in df.groupby("language", sort=True)
-            },
-        }
+        metrics["ctc_branch"] = _asr_metrics(df, "ctc_hypothesis", alignment)
     return metrics
 
 

@@ -77,13 +77,15 @@ def _rate(edits: int, length: int) -> float | None:
     return edits / length if length else None
 
 
-def _jiwer_counts(output: jiwer.WordOutput | jiwer.CharacterOutput) -> EditCounts:
-    return EditCounts(output.hits, output.substitutions, output.deletions, output.insertions)
-
-
-def _sclite_corpus_counts(refs: list[list[str]], hyps: list[list[str]]) -> EditCounts:
-    """sclite's per-utterance alignments, summed over the corpus."""
-    return sum((sclite_counts(ref, hyp) for ref, hyp in zip(refs, hyps, strict=True)), EditCounts())
+def _chunk_counts(chunks: Sequence[jiwer.AlignmentChunk]) -> EditCounts:
+    """Counts of one utterance's jiwer alignment."""
+    spans = {"equal": 0, "substitute": 0, "delete": 0, "insert": 0}
+    for chunk in chunks:
+        if chunk.type == "insert":
+            spans["insert"] += chunk.hyp_end_idx - chunk.hyp_start_idx
+        else:
+            spans[chunk.type] += chunk.ref_end_idx - chunk.ref_start_idx
+    return EditCounts(spans["equal"], spans["substitute"], spans["delete"], spans["insert"])
 
 
 def check_asr_alignment(alignment: str) -> str:
@@ -91,39 +93,33 @@ def check_asr_alignment(alignment: str) -> str:
     return config_choice(alignment, ASR_ALIGNMENTS, "evaluate.asr_alignment")
 
 
-def asr_edit_counts(
+def utterance_edit_counts(
     norm_refs: list[str], norm_hyps: list[str], alignment: str
-) -> tuple[EditCounts, EditCounts]:
-    """Word and character counts summed over normalised utterances, each aligned by `alignment` (levenshtein |
+) -> list[tuple[EditCounts, EditCounts]]:
+    """Word and character counts of each normalised utterance, aligned by `alignment` (levenshtein |
     sclite). Both split as jiwer does: words at spaces, characters with the space as one (on normalised text,
     whose whitespace is single spaces and stripped, that is ESPnet's `<space>` token of sclite's CER)."""
     if check_asr_alignment(alignment) == "levenshtein":
-        words = _jiwer_counts(jiwer.process_words(norm_refs, norm_hyps))
-        chars = _jiwer_counts(jiwer.process_characters(norm_refs, norm_hyps))
-        return words, chars
-    words = _sclite_corpus_counts([r.split() for r in norm_refs], [h.split() for h in norm_hyps])
-    chars = _sclite_corpus_counts([list(r) for r in norm_refs], [list(h) for h in norm_hyps])
-    return words, chars
+        if not norm_refs:
+            return []
+        words = jiwer.process_words(norm_refs, norm_hyps).alignments
+        chars = jiwer.process_characters(norm_refs, norm_hyps).alignments
+        return [(_chunk_counts(w), _chunk_counts(c)) for w, c in zip(words, chars, strict=True)]
+    return [
+        (sclite_counts(ref.split(), hyp.split()), sclite_counts(list(ref), list(hyp)))
+        for ref, hyp in zip(norm_refs, norm_hyps, strict=True)
+    ]
 
 
-def asr_scores(refs: list[str], hyps: list[str], alignment: str = "levenshtein") -> dict[str, Any]:
-    """Corpus-level CER and WER after ``basic_normalize`` on both sides, with counts.
-
-    `alignment` (config evaluate.asr_alignment) picks the per-utterance alignment whose edits are counted:
-    ``levenshtein``, the minimum number of edits (jiwer), or ``sclite``, NIST sclite's minimum weighted cost
-    (evaluate/alignment.py); the score records it as ``alignment``.
-    Empty references (also those that normalise to "") are kept, as sclite does: every hypothesis
-    token counts as an insertion and the reference adds 0 to the denominator. ``num_empty_refs``
-    reports how many there were. If the total reference length is 0, ``cer``/``wer`` are None.
-    """
-    _check_lengths(refs, hyps)
-    norm_refs = [basic_normalize(text) for text in refs]
-    norm_hyps = [basic_normalize(text) for text in hyps]
-    words, chars = asr_edit_counts(norm_refs, norm_hyps, alignment)
+def _scores(
+    counts: Sequence[tuple[EditCounts, EditCounts]], norm_refs: Sequence[str], alignment: str
+) -> dict[str, Any]:
+    words = sum((w for w, _ in counts), EditCounts())
+    chars = sum((c for _, c in counts), EditCounts())
     return {
         "cer": _rate(chars.errors, chars.reference_length),
         "wer": _rate(words.errors, words.reference_length),
-        "num_utts": len(refs),
+        "num_utts": len(norm_refs),
         "num_empty_refs": sum(1 for text in norm_refs if not text),
         "ref_words": words.reference_length,
         "ref_chars": chars.reference_length,
@@ -136,6 +132,39 @@ def asr_scores(refs: list[str], hyps: list[str], alignment: str = "levenshtein")
         "alignment": alignment,
         "normalizer": normalizer_version(),
     }
+
+
+def asr_scores_by_group(
+    refs: list[str], hyps: list[str], groups: Sequence[str], alignment: str = "levenshtein"
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """`asr_scores` of all utterances and of each group's (e.g. each language's), in sorted group order,
+    from one alignment per utterance (sclite's costs ~7x jiwer's, so aligning twice would show)."""
+    _check_lengths(refs, hyps)
+    if len(groups) != len(refs):
+        raise ValueError(f"{len(refs)} references but {len(groups)} group labels")
+    norm_refs = [basic_normalize(text) for text in refs]
+    counts = utterance_edit_counts(norm_refs, [basic_normalize(text) for text in hyps], alignment)
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    per_group = {
+        group: _scores([counts[i] for i in idx], [norm_refs[i] for i in idx], alignment)
+        for group, idx in sorted(members.items())
+    }
+    return _scores(counts, norm_refs, alignment), per_group
+
+
+def asr_scores(refs: list[str], hyps: list[str], alignment: str = "levenshtein") -> dict[str, Any]:
+    """Corpus-level CER and WER after ``basic_normalize`` on both sides, with counts.
+
+    `alignment` (config evaluate.asr_alignment) picks the per-utterance alignment whose edits are counted:
+    ``levenshtein``, the minimum number of edits (jiwer), or ``sclite``, NIST sclite's minimum weighted cost
+    (evaluate/alignment.py); the score records it as ``alignment``.
+    Empty references (also those that normalise to "") are kept, as sclite does: every hypothesis
+    token counts as an insertion and the reference adds 0 to the denominator. ``num_empty_refs``
+    reports how many there were. If the total reference length is 0, ``cer``/``wer`` are None.
+    """
+    return asr_scores_by_group(refs, hyps, [""] * len(refs), alignment)[0]
 
 
 def translation_scores(
