@@ -50,6 +50,17 @@ def test_not_a_model_dir(tmp_path):
         load_model_dir(tmp_path, with_ctc=True, with_llm=False)
 
 
+def test_weights_of_another_shape_are_a_one_line_error_naming_the_file(exported):
+    _, out = exported
+    spec = json.loads((out / "speechllm.json").read_text())
+    spec["adaptor"]["llm_hidden_size"] += 1  # the stored post-encoder no longer fits the configured one
+    (out / "speechllm.json").write_text(json.dumps(spec))
+    with pytest.raises(
+        ModelDirError, match=r"model\.safetensors: adaptor\.postencoder\.linear_in\.(weight|bias) has shape"
+    ):
+        load_model_dir(out, with_ctc=True, with_llm=False)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "speechllm.cli", *args], capture_output=True, text=True)
 
