@@ -293,6 +293,23 @@ def test_generation_output_postprocessing_matches_the_reference(world) -> None:
     assert together == alone
 
 
+def test_unfinished_hypotheses_switch_reaches_the_generation(world) -> None:
+    """evaluate.unfinished_hypotheses: drop_last_token cuts the last token of an answer that ran out of budget
+    (the reference's asr_inference.py); a wrong value is named before any model loads."""
+    prompts = [["Repeat the sentence: ", "hello world", ". "], ["hallo", ". "]]
+    kept = system(world, "ctc", "text")
+    dropped = system(world, "ctc", "text", unfinished_hypotheses="drop_last_token")
+    assert (kept.unfinished_hypotheses, dropped.unfinished_hypotheses) == ("keep", "drop_last_token")
+    budget = 3
+    ids = kept._require_llm().generate(kept.prompts(prompts), budget)
+    assert any(len(i) == budget for i in ids)  # at least one answer ran out of budget
+    expected = kept.decode([i[:-1] if len(i) == budget else i for i in ids])
+    assert dropped.generate(dropped.prompts(prompts), num_beams=1, max_new_tokens=budget) == expected
+    assert kept.generate(kept.prompts(prompts), num_beams=1, max_new_tokens=budget) == kept.decode(ids)
+    with pytest.raises(ValueError, match="evaluate.unfinished_hypotheses"):
+        system(world, "ctc", "text", unfinished_hypotheses="drop")
+
+
 # --------------------------------------------------------------------------- speech translation
 
 

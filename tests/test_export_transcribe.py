@@ -50,6 +50,17 @@ def test_not_a_model_dir(tmp_path):
         load_model_dir(tmp_path, with_ctc=True, with_llm=False)
 
 
+def test_weights_of_another_shape_are_a_one_line_error_naming_the_file(exported):
+    _, out = exported
+    spec = json.loads((out / "speechllm.json").read_text())
+    spec["adaptor"]["llm_hidden_size"] += 1  # the stored post-encoder no longer fits the configured one
+    (out / "speechllm.json").write_text(json.dumps(spec))
+    with pytest.raises(
+        ModelDirError, match=r"model\.safetensors: adaptor\.postencoder\.linear_in\.(weight|bias) has shape"
+    ):
+        load_model_dir(out, with_ctc=True, with_llm=False)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "speechllm.cli", *args], capture_output=True, text=True)
 
@@ -75,6 +86,18 @@ def test_transcribe_names_an_unreadable_file(exported, tmp_path):
     res = run_cli("transcribe", "--model", str(out), str(bad))
     assert res.returncode != 0
     assert str(bad) in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--num-beams", "--max-new-tokens"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_transcribe_refuses_a_count_below_one_naming_the_option(exported, tmp_path, option, value):
+    # --batch-size -1 used to make no batch at all: nothing printed, exit status 0.
+    _, out = exported
+    clip = tmp_path / "clip.wav"
+    sf.write(str(clip), (np.sin(2 * np.pi * 300 * np.arange(8000) / 16000) * 0.2).astype(np.float32), 16000)
+    res = run_cli("transcribe", "--model", str(out), option, value, str(clip))
+    assert res.returncode != 0 and res.stdout == ""
+    assert option in res.stderr and "Traceback" not in res.stderr
 
 
 def test_help_shows_an_example():

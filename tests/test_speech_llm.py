@@ -201,6 +201,30 @@ def test_generate_batched_matches_single(family: str, num_beams: int) -> None:
 
 
 @pytest.mark.parametrize("family", LM_FAMILIES)
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_unfinished_hypotheses_lose_their_last_token_as_the_reference(family: str, num_beams: int) -> None:
+    """`drop_last_token` cuts the last token of a sequence that ran out of budget (the reference's
+    `yseq[1:-1]`); a sequence that ended with eos keeps all its tokens either way."""
+    lm = make_lm(family)
+    segments, _, _ = make_batch()
+    budget = 4
+    kept = SpeechLLM(lm, PAD_ID, EOS_ID).generate(segments, max_new_tokens=budget, num_beams=num_beams)
+    unfinished = [k for k, h in enumerate(kept) if len(h) == budget]  # budget tokens, none of them eos
+    assert unfinished
+    dropped = SpeechLLM(lm, PAD_ID, EOS_ID).generate(
+        segments, budget, num_beams=num_beams, unfinished_hypotheses="drop_last_token"
+    )
+    assert dropped == [h[:-1] if k in unfinished else h for k, h in enumerate(kept)]
+    # With its greedy first token as eos, a prompt finishes at once: nothing is dropped.
+    first = SpeechLLM(lm, PAD_ID, EOS_ID).generate(segments[:1], 1)[0][0]
+    finished = SpeechLLM(lm, PAD_ID, first)
+    for mode in ("keep", "drop_last_token"):
+        assert finished.generate(segments[:1], budget, unfinished_hypotheses=mode) == [[]]
+    with pytest.raises(ValueError, match="evaluate.unfinished_hypotheses"):
+        finished.generate(segments[:1], budget, unfinished_hypotheses="drop")
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
 def test_greedy_generate_matches_teacher_forced_argmax(family: str) -> None:
     """Positions during cached decoding agree with the full-sequence forward pass."""
     model = SpeechLLM(make_lm(family), PAD_ID, EOS_ID)

@@ -44,6 +44,17 @@ EXAMPLES = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def parse_settings(raw: str) -> dict[str, Any]:
     """The JSON object a rule passes as `--settings`."""
     try:

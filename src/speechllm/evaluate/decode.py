@@ -4,7 +4,7 @@ LLM generation is batched with left padding (`SpeechLLM.generate`: beam 5 and 19
 and post-processed as the reference's tokenizer overlay: `batch_decode(skip_special_tokens=True)`, newlines to
 spaces, stripped. The reference also cut the first (dummy input id) and last token of each output; the last is
 eos when the beam finished, and we cut at eos instead, so a beam that ran out of budget keeps its final real
-token.
+token unless config evaluate.unfinished_hypotheses is `drop_last_token` (the benchmarks' `EvalSystem`).
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ SETTING_KEYS = (
     "summarization",
     "response_ppl",
     "cascade_asr",
+    "unfinished_hypotheses",
 )
 # The settings the scorers read (the rest shaped the decoding, which a rescore does not redo): a rescore
 # records the values it scored with. Top-level keys, and keys inside `summarization`.

@@ -38,6 +38,8 @@ class SystemSettings(StepSettings):
     """evaluate.cascade_asr (absent / null: the CTC model's own head)"""
     ctc_branch: bool = setting(default=True)
     """evaluate.ctc_branch"""
+    unfinished_hypotheses: str = setting(default="keep")
+    """evaluate.unfinished_hypotheses: keep | drop_last_token (an answer that ran out of budget)"""
 
 
 @dataclass(frozen=True, kw_only=True)

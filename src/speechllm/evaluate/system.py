@@ -26,7 +26,7 @@ from speechllm.evaluate.decode import load_wavs, postprocess
 from speechllm.evaluate.settings import CascadeAsr, SystemSettings
 from speechllm.models.frames import conv_stack_length, smallest_input
 from speechllm.models.kang_roy import ChatTemplate, reference_text_turn_ids
-from speechllm.models.speech_llm import Segment, SpeechLLM, token_logprobs
+from speechllm.models.speech_llm import Segment, SpeechLLM, check_unfinished_hypotheses, token_logprobs
 
 DECODERS = ("ctc", "llm", "cascade", "text")
 # How a text-only chat turn (Kang & Roy's text and cascade baselines) is tokenised: "segments" as the speech
@@ -87,6 +87,8 @@ class EvalSystem:
         transcribe: clips -> CTC transcripts, for decoders ``ctc`` and ``cascade``.
         notes: facts recorded in the score file (e.g. why there is no CTC-branch score).
         chat: the chat turn's strings of a Kang & Roy system (None: the prompts are used as they are).
+        unfinished_hypotheses: what `generate` does with the last token of an answer that ran out of budget
+            (config evaluate.unfinished_hypotheses; models/speech_llm.py UNFINISHED_HYPOTHESES).
     """
 
     decoder: str
@@ -98,6 +100,7 @@ class EvalSystem:
     transcribe: Callable[[Sequence[Clip]], list[str]] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     chat: ChatTemplate | None = None
+    unfinished_hypotheses: str = "keep"
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODERS:
@@ -161,7 +164,12 @@ class EvalSystem:
         self, segments: Sequence[Sequence[Segment]], num_beams: int, max_new_tokens: int
     ) -> list[str]:
         """Beam-search answers (special tokens dropped, newlines to spaces, stripped)."""
-        ids = self._require_llm().generate(segments, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        ids = self._require_llm().generate(
+            segments,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            unfinished_hypotheses=self.unfinished_hypotheses,
+        )
         return self.decode(ids)
 
     def option_logprobs(
@@ -316,6 +324,7 @@ def build_system(
             **{k: v for k, v in spec["chat"].items() if k not in ("label_eos", "format", "system")}
         )
     search = CTCSearch.from_settings(settings.ctc)
+    unfinished = check_unfinished_hypotheses(settings.unfinished_hypotheses)
     cascade_cfg = settings.cascade_asr or CascadeAsr()
     cascade_asr = cascade_cfg.name_or_path
     notes: dict[str, Any] = {"kind": kind, "ctc_search": search.search}
@@ -333,6 +342,7 @@ def build_system(
             prefix_ids, suffix_ids, eos = list(frame.head), list(frame.tail), frame.eos_token_id
         llm = SpeechLLM(lm, pad_token_id(tokenizer), eos)
         system = EvalSystem("text", tokenizer, llm, bloom_text_ids(tokenizer), notes=notes, chat=chat)
+        system.unfinished_hypotheses = unfinished
         system.wrap = chat_wrapper(prefix_ids, suffix_ids)
         return system, spec
 
@@ -347,6 +357,7 @@ def build_system(
     model.eval()
     llm = getattr(model, "llm", None)
     system = EvalSystem(decoder, tokenizer, llm, bloom_text_ids(tokenizer), notes=notes, chat=chat)
+    system.unfinished_hypotheses = unfinished
     if kind == "kang_roy":
         system.wrap = model.chat_segments
         system.read_speech = kang_roy_speech_reader(model, sampling_rate, device)

@@ -478,4 +478,10 @@ def load_trained_weights(model: BloomzMMS | KangRoy, path: Path, fresh_lora: boo
     ]
     if missing:
         raise ModelDirError(f"{path}: trained tensors missing: {missing[:5]}")
+    for key, value in state.items():  # torch's own size-mismatch error names neither file nor spec
+        if value.shape != own[key].shape:
+            raise ModelDirError(
+                f"{path}: {key} has shape {tuple(value.shape)}, the model its speechllm.json describes "
+                f"expects {tuple(own[key].shape)}"
+            )
     model.load_state_dict(state, strict=False)

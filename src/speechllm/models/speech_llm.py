@@ -23,7 +23,15 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from speechllm.settings import config_choice
+
 IGNORE_INDEX = -100
+# How a hypothesis ends that used the whole `max_new_tokens` budget without eos (config
+# evaluate.unfinished_hypotheses): `keep` every generated token; `drop_last_token`, the reference's: its
+# asr_inference.py cuts the last token of every output (`yseq[1:-1]`), which is eos when the beam finished but
+# a real token when it ran out of budget (DigitalPhonetics/bloomzmms@77dc192:
+# espnet-bloomzmms-files/espnet2/bin/asr_inference.py). Finished hypotheses end at their eos either way.
+UNFINISHED_HYPOTHESES = ("keep", "drop_last_token")
 
 # A prompt segment: token ids (embedded with the LM's input embeddings) or speech vectors (T_i, H).
 Segment = Sequence[int] | torch.Tensor
@@ -139,6 +147,10 @@ def shifted_labels(prompt_length: int, target: Sequence[int], eos_token_id: int 
     predicted = list(target) + ([eos_token_id] if eos_token_id is not None else [])
     labels = [IGNORE_INDEX] * (prompt_length - 1) + predicted
     return labels + [IGNORE_INDEX] * (prompt_length + len(target) - len(labels))
+
+
+def check_unfinished_hypotheses(value: str) -> str:
+    return config_choice(value, UNFINISHED_HYPOTHESES, "evaluate.unfinished_hypotheses")
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -433,11 +445,15 @@ class SpeechLLM(nn.Module):
 
     # ------------------------------------------------------------------ generation
 
-    def _strip(self, tokens: Sequence[int]) -> list[int]:
-        """Cut at the first eos, then drop trailing pad tokens (HF pads finished sequences)."""
+    def _strip(self, tokens: Sequence[int], budget: int | None = None) -> list[int]:
+        """Cut at the first eos, then drop trailing pad tokens (HF pads finished sequences). With a
+        `budget`, a sequence of that many tokens without eos (it ran out of budget) loses its last token
+        (`drop_last_token`, see UNFINISHED_HYPOTHESES)."""
         out = list(tokens)
         if self.eos_token_id in out:
             out = out[: out.index(self.eos_token_id)]
+        elif budget is not None and len(out) >= budget:
+            out = out[:-1]
         while out and out[-1] == self.pad_token_id:
             out.pop()
         return out
@@ -448,6 +464,7 @@ class SpeechLLM(nn.Module):
         segments: Sequence[Sequence[Segment]],
         max_new_tokens: int,
         num_beams: int = 1,
+        unfinished_hypotheses: str = "keep",
         **generate_kwargs: object,
     ) -> list[list[int]]:
         """Decode continuations of the prompts with HF `generate(inputs_embeds=...)`.
@@ -459,12 +476,15 @@ class SpeechLLM(nn.Module):
             segments: B prompts (see `build_inputs`).
             max_new_tokens: generation budget.
             num_beams: beam size (BLOOMZMMS: 5).
+            unfinished_hypotheses: `keep` | `drop_last_token` (config evaluate.unfinished_hypotheses): what
+                becomes of the last token of a sequence that reached `max_new_tokens` without eos.
             generate_kwargs: passed to HF `generate` (e.g. `num_return_sequences`, `repetition_penalty`).
 
         Returns:
             B * num_return_sequences token-id lists, each cut at the first eos and without trailing pad
             tokens.
         """
+        check_unfinished_hypotheses(unfinished_hypotheses)
         with self._inference_layers():
             inputs = self.build_inputs(segments)
             kwargs: dict[str, object] = {
@@ -481,4 +501,5 @@ class SpeechLLM(nn.Module):
             kwargs.update(generate_kwargs)
             output = self.lm.generate(**kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        return [self._strip(row) for row in sequences.tolist()]
+        budget = max_new_tokens if unfinished_hypotheses == "drop_last_token" else None
+        return [self._strip(row, budget) for row in sequences.tolist()]
