@@ -56,7 +56,7 @@ Time (with `plan.mfu` and `plan.gpu`, a key of `plan.gpu_peak_tflops`)
     run           `max_epochs` epochs (an upper bound under early stopping), or `max_steps` * `accum_grad`
                   micro-batches when that comes first.
     reference     `plan.reference.<stage>`: the reference's own statement (GPUs, GPU type, hours per epoch),
-                  and the MFU it implies for these FLOPs when the GPU types match.
+                  and the MFU it implies for these FLOPs when the GPU type and count match.
 """
 
 from __future__ import annotations
@@ -878,7 +878,9 @@ def time_estimate(plan: StagePlan, cfg: dict[str, Any]) -> TimeEstimate | None:
     stated = (plan_cfg.get("reference") or {}).get(plan.stage)
     if stated:
         reference = dict(stated, gpu_hours_per_epoch=stated["gpus"] * stated["hours_per_epoch"])
-        if stated["gpu"] == gpu and epoch:  # the MFU at which this plan's FLOPs take the stated time
+        # The MFU at which this plan's FLOPs take the stated time: only on the same number of the same GPUs
+        # (on fewer GPUs each one's share of the micro-batch, and so its step time, is larger).
+        if stated["gpu"] == gpu and int(stated["gpus"]) == plan.gpus and epoch:
             stated_step = stated["hours_per_epoch"] * 3600 / epoch
             reference["implied_mfu"] = mfu * step / stated_step
     return TimeEstimate(
@@ -1054,7 +1056,7 @@ def format_estimate(e: TimeEstimate, gpus: int) -> list[str]:
         implied = (
             f"; these FLOPs in that time are MFU {r['implied_mfu']:.3g}"
             if "implied_mfu" in r
-            else f" (not {e.gpu}: not comparable)"
+            else f" (not {gpus} x {e.gpu}: not comparable)"
         )
         lines.append(
             f"reference: {r['hours_per_epoch']:g} h per epoch on {r['gpus']} x {r['gpu']} = "
