@@ -415,6 +415,14 @@ def test_covost2_table_and_malformed_metrics_name_the_file(tmp_path: Path) -> No
     bad = _score_file(tmp_path / "bad", "speechxnli", "t", {"per_language": {"en": {"accuracy": "n/a"}}})
     with pytest.raises(ValueError, match=f"{bad}: malformed speechxnli metrics"):
         build_table("speechxnli", [bad])
+    # A GLUE task without its primary metric (the averages need it), and a file that is no JSON object.
+    no_primary = _score_file(tmp_path / "glue", "speechglue", "t", {"per_task": {"cola": {"accuracy": 0.5}}})
+    with pytest.raises(ValueError, match=f"{no_primary}: malformed speechglue metrics: no 'matthews_corr"):
+        build_table("speechglue", [no_primary])
+    number = tmp_path / "number.json"
+    number.write_text("5", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{number}: not a score file"):
+        build_table("speechglue", [number])
 
 
 def test_read_json_errors_name_the_file(tmp_path):

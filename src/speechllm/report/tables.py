@@ -91,6 +91,8 @@ Row = tuple[str, str]
 def load_score_file(path: Path) -> dict[str, Any]:
     """Read one score file and check it has ``benchmark``, ``model`` and ``metrics``."""
     data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a score file (a JSON object with benchmark, model and metrics)")
     missing = [key for key in ("benchmark", "model", "metrics") if key not in data]
     if missing:
         raise ValueError(f"{path}: score file lacks {missing}")
@@ -267,6 +269,8 @@ def table_column(name: str, path: Path, data: Mapping[str, Any]) -> dict[Row, fl
     """One model's table values by row; a malformed metric raises ValueError naming the score file."""
     try:
         return ROW_BUILDERS[name](data["metrics"])
+    except KeyError as err:  # e.g. a GLUE task without its primary metric, needed for the averages
+        raise ValueError(f"{path}: malformed {name} metrics: no {err}") from err
     except (AttributeError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: malformed {name} metrics: {err}") from err
 
