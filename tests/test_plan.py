@@ -234,6 +234,10 @@ def test_config_errors_name_the_key(tmp_path) -> None:
         plan_experiment({k: v for k, v in cfg.items() if k != "plan"}, MODELS_DIR)
     with pytest.raises(PlanError, match="'models.pooling' is missing"):
         plan_experiment(dict(cfg, system="kang_roy"), MODELS_DIR)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("plan: [\n", encoding="utf-8")
+    with pytest.raises(PlanError, match=f"{broken}:2: not valid YAML"):
+        load_experiment([BLOOMZMMS, broken])
 
 
 def test_plan_cli_json_and_table(capsys) -> None:

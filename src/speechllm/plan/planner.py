@@ -961,7 +961,13 @@ def load_experiment(path: Path | Sequence[Path], base: Path | None = None) -> di
         base = candidate if candidate.is_file() and candidate != paths[0].resolve() else None
     merged: dict[str, Any] = {}
     for source in ([base] if base else []) + paths:
-        data = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
+        try:
+            data = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or " ".join(str(err).split())
+            raise PlanError(f"{source}{where}: not valid YAML ({problem})") from err
         if not isinstance(data, dict):
             raise PlanError(f"{source}: not a mapping")
         merged = deep_merge(merged, data)
