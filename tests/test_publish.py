@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -292,3 +293,24 @@ def test_config_files_merge_as_snakemake_configfile(tmp_path) -> None:
     assert languages_of({"language_ids": {"English": 1, "French": 2}}, config) == ["cmn", "en", "fr"]
     with pytest.raises(FileNotFoundError, match="no-such.yaml"):
         load_config([str(REPO / "config" / "config.yaml"), str(tmp_path / "no-such.yaml")])
+
+
+def test_push_out_never_replaces_a_directory_that_is_not_a_packaged_folder(demo_run) -> None:
+    """`--out` names the folder itself: an existing directory of other files (e.g. a results/hub parent meant
+    to hold it), the model directory or one of its parents is refused, and nothing in it is touched."""
+    model_dir = demo_run / "results" / "models" / "tmi"
+    hub = demo_run / "results" / "hub"
+    (hub / "other-model").mkdir(parents=True)
+    (hub / "other-model" / "README.md").write_text("another packaged model")
+    config = str(REPO / "config" / "config.yaml")
+    push = ["push", "--model", str(model_dir), "--repo", "me/tmi", "--dry-run", "--config", config, "--out"]
+    for out in (hub, model_dir, demo_run / "results" / "models"):
+        with pytest.raises(SystemExit, match=re.escape(f"--out {out}: ")):
+            main([*push, str(out)])
+    assert (hub / "other-model" / "README.md").read_text() == "another packaged model"
+    assert (model_dir / "model.safetensors").is_file() and not (model_dir / "README.md").exists()
+    # A folder packaged before is replaced as a whole.
+    folder = hub / "tmi"
+    for _ in range(2):
+        main([*push, str(folder)])
+    assert (folder / "README.md").is_file() and (folder / "speechllm.json").is_file()
