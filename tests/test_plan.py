@@ -240,6 +240,20 @@ def test_config_errors_name_the_key(tmp_path) -> None:
         load_experiment([BLOOMZMMS, broken])
 
 
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("plan:\n  utterance_seconds: abc\n", "plan.utterance_seconds"),
+        ("train:\n  ctc: {accum_grad: null}\n", "train.ctc.accum_grad"),
+    ],
+)
+def test_plan_cli_names_the_key_of_a_wrong_value(tmp_path, override: str, key: str) -> None:
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(override, encoding="utf-8")
+    with pytest.raises(SystemExit, match=f"config key '{key}': "):
+        main(["plan", "--config", str(BLOOMZMMS), str(wrong)])
+
+
 def test_plan_cli_json_and_table(capsys) -> None:
     main(["plan", "--config", str(SUMMARIZATION), "--json"])
     data = json.loads(capsys.readouterr().out)

@@ -974,6 +974,27 @@ def load_experiment(path: Path | Sequence[Path], base: Path | None = None) -> di
     return merged
 
 
+def workflow_schema(config_file: Path) -> Path | None:
+    """The workflow's config schema (`workflow/schemas/config.schema.yaml`) of the project a config file
+    belongs to, or None where there is none (a config outside a checkout)."""
+    path = config_root(config_file).parent / "workflow" / "schemas" / "config.schema.yaml"
+    return path if path.is_file() else None
+
+
+def check_config(cfg: dict[str, Any], schema_path: Path) -> None:
+    """The merged config against the workflow's schema, as Snakemake validates it before a run: a wrong value
+    (a string for `plan.utterance_seconds`, a null `accum_grad`) is a PlanError naming its key rather than a
+    TypeError somewhere in the arithmetic."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(cfg))
+    if error is not None:
+        key = ".".join(str(part) for part in error.absolute_path) or "<top level>"
+        raise PlanError(f"config key '{key}': {error.message} (schema {schema_path})")
+
+
 def _human(value: float, unit: str) -> str:
     prefixes = [(1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
     for scale, prefix in prefixes:
