@@ -44,6 +44,18 @@ EXAMPLES = {
 }
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes: a whole number >= 1 (a batch size below 1 made the CLI print
+    nothing at all)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number >= 1")
+    return value
+
+
 def parse_settings(raw: str) -> dict[str, Any]:
     """The JSON object a rule passes as `--settings`."""
     try:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from speechllm.cliutils import EXAMPLES, add_command, set_threads
+from speechllm.cliutils import EXAMPLES, add_command, positive_int, set_threads
 
 log = logging.getLogger("speechllm")
 
@@ -287,7 +287,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     """Options of `transcribe` and `ask`: where and how the model runs, how inputs are batched and printed."""
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=DEFAULT_BATCH_SIZE,
         help="inputs per padded batch (1 = one at a time; the text is the same)",
     )
@@ -298,9 +298,9 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
         "LLM's own from speechllm.json, float32 elsewhere)",
     )
     parser.add_argument(
-        "--sampling-rate", type=int, default=SAMPLING_RATE, help="rate the speech encoder expects"
+        "--sampling-rate", type=positive_int, default=SAMPLING_RATE, help="rate the speech encoder expects"
     )
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (when no GPU is used)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads (when no GPU is used)")
     parser.add_argument("--json", action="store_true", help="print JSON Lines instead of plain text")
 
 
@@ -320,8 +320,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="auto: CTC for a CTC-stage model, else the LLM with the model's transcription prompt",
     )
-    tx.add_argument("--num-beams", type=int, default=TRANSCRIBE_BEAMS)
-    tx.add_argument("--max-new-tokens", type=int, default=TRANSCRIBE_MAX_NEW_TOKENS)
+    tx.add_argument("--num-beams", type=positive_int, default=TRANSCRIBE_BEAMS)
+    tx.add_argument("--max-new-tokens", type=positive_int, default=TRANSCRIBE_MAX_NEW_TOKENS)
     add_runtime_options(tx)
 
     ask = add_command(
@@ -340,7 +340,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="prompts, one per line (- = standard input; a line in quotes is a JSON string)",
     )
     ask.add_argument(
-        "--num-beams", type=int, help="beam size (default: 5 for BLOOMZMMS, 1 = greedy for Kang & Roy)"
+        "--num-beams",
+        type=positive_int,
+        help="beam size (default: 5 for BLOOMZMMS, 1 = greedy for Kang & Roy)",
     )
-    ask.add_argument("--max-new-tokens", type=int, default=ASK_MAX_NEW_TOKENS)
+    ask.add_argument("--max-new-tokens", type=positive_int, default=ASK_MAX_NEW_TOKENS)
     add_runtime_options(ask)
