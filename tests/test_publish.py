@@ -265,12 +265,15 @@ def test_from_pretrained_fetches_hub_ids_with_snapshot_download(demo_run, monkey
         "token": None,
     }
 
-    def missing(repo_id, **kwargs):
-        raise huggingface_hub.errors.LocalEntryNotFoundError("no cached copy")
+    def missing(repo_id, **kwargs):  # huggingface_hub's offline message spans lines
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no cached copy.\nPlease check your connection.")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", missing)
-    with pytest.raises(ModelDirError, match=r"me/absent: no such local model directory.*no cached copy"):
+    with pytest.raises(
+        ModelDirError, match=r"me/absent: no such local model directory.*no cached copy"
+    ) as err:
         resolve_model_dir("me/absent")
+    assert "\n" not in str(err.value)  # the CLI's error stays one line
     with pytest.raises(ModelDirError, match="not a hub id"):
         resolve_model_dir(str(demo_run / "no" / "such" / "dir"))
 
