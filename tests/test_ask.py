@@ -313,3 +313,10 @@ def test_counts_below_one_are_refused_before_the_model_loads(command, option, va
     with pytest.raises(SystemExit) as exc:
         main([command, "--model", "no/such-model", option, value, *args])
     assert exc.value.code == 2 and f"argument {option}: " in capsys.readouterr().err
+
+
+def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("Répète: {audio:a.wav}\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match=f"speechllm ask: error: --prompts {prompts}: not UTF-8 text"):
+        main(["ask", "--model", str(tmp_path / "no_model"), "--prompts", str(prompts)])

@@ -189,7 +189,12 @@ def read_prompts(source: str) -> list[tuple[str, str]]:
     else:
         if not Path(source).is_file():
             raise FileNotFoundError(f"--prompts {source}: no such file")
-        lines, name = Path(source).read_text(encoding="utf-8").splitlines(), source
+        try:
+            lines, name = Path(source).read_text(encoding="utf-8").splitlines(), source
+        except UnicodeDecodeError as err:
+            raise PromptError(
+                f"--prompts {source}: not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from err
     prompts = []
     for number, text in enumerate(lines, start=1):
         if not text.strip():
