@@ -19,7 +19,7 @@ import speechllm
 from speechllm.api import resolve_model_dir
 from speechllm.cli import main
 from speechllm.models.export import ModelDirError, read_spec
-from speechllm.publish import languages_of, load_config
+from speechllm.publish import HUB_METRICS, CardFacts, TableResult, languages_of, load_config
 from speechllm.report.tables import build_table, table_footer, write_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -317,3 +317,15 @@ def test_push_out_never_replaces_a_directory_that_is_not_a_packaged_folder(demo_
     for _ in range(2):
         main([*push, str(folder)])
     assert (folder / "README.md").is_file() and (folder / "speechllm.json").is_file()
+
+
+def test_card_metrics_name_every_measure_of_the_result_tables() -> None:
+    """Each metric label a result table can hold (but the GLUE averages' `primary`) has its hub metric id."""
+    from speechllm.evaluate.metrics import GLUE_PRIMARY_METRIC
+    from speechllm.report.tables import METRIC_ORDER, SUMMARY_LABELS
+
+    labels = {*METRIC_ORDER, *SUMMARY_LABELS, *GLUE_PRIMARY_METRIC.values(), "perplexity"}
+    assert labels <= HUB_METRICS.keys()
+    rows = [("articles", "ROUGE-1", 40.0), ("articles", "BERTScore-F1", 88.0), ("all", "perplexity", 3.0)]
+    facts = CardFacts("me/kr", "kang_roy", {}, results=[TableResult("summarization", "", rows)])
+    assert facts.metrics == ["rouge", "bertscore", "perplexity"]

@@ -47,6 +47,9 @@ HUB_METRICS = {
     "ROUGE-2": "rouge",
     "ROUGE-L": "rouge",
     "METEOR": "meteor",
+    "BERTScore-P": "bertscore",
+    "BERTScore-R": "bertscore",
+    "BERTScore-F1": "bertscore",
 }
 SYSTEM_NAMES = {
     "bloomzmms": "BLOOMZMMS (Denisov & Vu, NAACL 2024 Findings): a frozen speech encoder, a trainable "
