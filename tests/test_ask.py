@@ -320,3 +320,9 @@ def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path) -> None:
     prompts.write_bytes("Répète: {audio:a.wav}\n".encode("latin-1"))
     with pytest.raises(SystemExit, match=f"speechllm ask: error: --prompts {prompts}: not UTF-8 text"):
         main(["ask", "--model", str(tmp_path / "no_model"), "--prompts", str(prompts)])
+
+
+def test_transcribe_names_a_missing_audio_file_before_loading_anything(tmp_path) -> None:
+    missing = tmp_path / "nowhere.wav"
+    with pytest.raises(SystemExit, match=f"speechllm transcribe: error: {missing}: no such audio file"):
+        main(["transcribe", "--model", str(tmp_path / "no_model"), str(missing)])

@@ -278,6 +278,11 @@ def check_transcribable(spec: dict[str, Any], model_dir: Path) -> None:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
+    missing = [path for path in args.audio if not Path(path).is_file()]
+    if missing:  # before the (slow) model loading, as `ask` checks its prompts' files
+        raise FileNotFoundError(
+            f"{missing[0]}: no such audio file ({len(missing)} of {len(args.audio)} missing)"
+        )
     model = load_for_cli(args, args.decoder, check_transcribable)
     for window in windows(args.audio, args.batch_size * PRINT_BATCHES):
         texts = model.transcribe(
