@@ -19,7 +19,14 @@ import speechllm
 from speechllm.api import resolve_model_dir
 from speechllm.cli import main
 from speechllm.models.export import ModelDirError, read_spec
-from speechllm.publish import HUB_METRICS, CardFacts, TableResult, languages_of, load_config
+from speechllm.publish import (
+    HUB_METRICS,
+    CardFacts,
+    TableResult,
+    languages_of,
+    load_config,
+    model_results,
+)
 from speechllm.report.tables import build_table, table_footer, write_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,3 +336,13 @@ def test_card_metrics_name_every_measure_of_the_result_tables() -> None:
     rows = [("articles", "ROUGE-1", 40.0), ("articles", "BERTScore-F1", 88.0), ("all", "perplexity", 3.0)]
     facts = CardFacts("me/kr", "kang_roy", {}, results=[TableResult("summarization", "", rows)])
     assert facts.metrics == ["rouge", "bertscore", "perplexity"]
+
+
+def test_a_malformed_result_table_is_named(tmp_path) -> None:
+    table = tmp_path / "fleurs_asr.csv"
+    table.write_text("language,metric,tmi\nde_de,wer,n/a?\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{table}: column 'tmi' is not numbers"):
+        model_results(tmp_path, "tmi")
+    table.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{table}: not a result table"):
+        model_results(tmp_path, "tmi")

@@ -168,16 +168,23 @@ def model_results(tables_dir: Path, model_name: str) -> list[TableResult]:
         path = tables_dir / f"{table}.csv"
         if not path.is_file():
             continue
-        frame = pd.read_csv(path)
+        try:
+            frame = pd.read_csv(path)
+        except ValueError as err:  # pandas' EmptyDataError / ParserError
+            raise ValueError(f"{path}: not a result table ({err})") from err
         label = ROW_LEVEL[table]
         if model_name not in frame.columns:
             continue
         if label not in frame.columns or "metric" not in frame.columns:
             raise ValueError(f"{path}: not a result table (no {label!r} and 'metric' columns)")
+        try:
+            values = [float(value) for value in frame[model_name]]
+        except ValueError as err:
+            raise ValueError(f"{path}: column {model_name!r} is not numbers ({err})") from err
         rows = [
-            (str(row[label]), str(row["metric"]), float(row[model_name]))
-            for _, row in frame.iterrows()
-            if not math.isnan(float(row[model_name]))
+            (str(row[label]), str(row["metric"]), value)
+            for (_, row), value in zip(frame.iterrows(), values, strict=True)
+            if not math.isnan(value)
         ]
         if rows:
             results.append(TableResult(table, VALUE_NOTES[table], rows))
