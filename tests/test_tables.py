@@ -102,7 +102,7 @@ def test_bad_inputs_raise(tmp_path: Path, asr_files: list[Path]) -> None:
 
 def test_fleurs_st_table_and_signature_footer(tmp_path: Path) -> None:
     def metrics(bleu: float) -> dict[str, Any]:
-        entry = {"bleu": bleu, "chrf": bleu + 20, "bleu_signature": BLEU_SIG}
+        entry = {"bleu": bleu, "chrf": bleu + 20, "bleu_signature": BLEU_SIG, "normalized": "both"}
         return {"all": entry, "per_language": {"de_de": entry, "fr_fr": {**entry, "bleu": bleu + 1}}}
 
     files = [_score_file(tmp_path, "fleurs_st", m, metrics(b)) for m, b in [("t", 10.0), ("mi", 12.5)]]
@@ -113,6 +113,8 @@ def test_fleurs_st_table_and_signature_footer(tmp_path: Path) -> None:
     assert table.loc[("all", "chrf"), "t"] == pytest.approx(30.0)
     footer = table_footer("fleurs_st", files, ORDER)
     assert footer.count(BLEU_SIG) == 2  # once per model, deduplicated across languages
+    # which sides were normalised (evaluate.st_normalize) changes BLEU: each model's line says it
+    assert footer.count("normalized: both") == 2
 
 
 def test_speechglue_table_rows_and_averages(tmp_path: Path) -> None:
