@@ -297,3 +297,32 @@ def test_transcribe_points_kang_roy_models_to_ask(kang_roy_dir, clips) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["transcribe", "--model", str(kang_roy_dir), str(clips[0])])
     assert "speechllm ask" in str(exc.value.code)
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [
+        ("transcribe", "--batch-size", "-1"),  # decoded nothing and printed nothing, exit 0
+        ("transcribe", "--batch-size", "0"),
+        ("ask", "--num-beams", "0"),  # fell back to the default beam size
+        ("ask", "--max-new-tokens", "0"),
+    ],
+)
+def test_counts_below_one_are_refused_before_the_model_loads(command, option, value, capsys) -> None:
+    args = ["--prompt", "Repeat the sentence: {audio:a.wav}. "] if command == "ask" else ["a.wav"]
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--model", "no/such-model", option, value, *args])
+    assert exc.value.code == 2 and f"argument {option}: " in capsys.readouterr().err
+
+
+def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("Répète: {audio:a.wav}\n".encode("latin-1"))
+    with pytest.raises(SystemExit, match=f"speechllm ask: error: --prompts {prompts}: not UTF-8 text"):
+        main(["ask", "--model", str(tmp_path / "no_model"), "--prompts", str(prompts)])
+
+
+def test_transcribe_names_a_missing_audio_file_before_loading_anything(tmp_path) -> None:
+    missing = tmp_path / "nowhere.wav"
+    with pytest.raises(SystemExit, match=f"speechllm transcribe: error: {missing}: no such audio file"):
+        main(["transcribe", "--model", str(tmp_path / "no_model"), str(missing)])

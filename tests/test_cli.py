@@ -71,3 +71,10 @@ def test_every_parser_is_raw_and_every_subcommand_runs_a_function() -> None:
     assert not [
         " ".join(path) for path in set(parsers) - leaves if parsers[path].get_default("func") is not None
     ]
+
+
+def test_report_table_help_names_every_table() -> None:
+    from speechllm.report.tables import TABLE_NAMES
+
+    name = next(a for a in parser_at(("report", "table"))._actions if "--name" in a.option_strings)
+    assert name.help.split(" | ") == list(TABLE_NAMES)

@@ -28,6 +28,7 @@ from speechllm.plan.planner import (
     PlanError,
     Workload,
     adaptor_flops,
+    format_estimate,
     gpu_for_device,
     llm_part,
     load_arch_config,
@@ -233,6 +234,24 @@ def test_config_errors_name_the_key(tmp_path) -> None:
         plan_experiment({k: v for k, v in cfg.items() if k != "plan"}, MODELS_DIR)
     with pytest.raises(PlanError, match="'models.pooling' is missing"):
         plan_experiment(dict(cfg, system="kang_roy"), MODELS_DIR)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("plan: [\n", encoding="utf-8")
+    with pytest.raises(PlanError, match=f"{broken}:2: not valid YAML"):
+        load_experiment([BLOOMZMMS, broken])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("plan:\n  utterance_seconds: abc\n", "plan.utterance_seconds"),
+        ("train:\n  ctc: {accum_grad: null}\n", "train.ctc.accum_grad"),
+    ],
+)
+def test_plan_cli_names_the_key_of_a_wrong_value(tmp_path, override: str, key: str) -> None:
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(override, encoding="utf-8")
+    with pytest.raises(SystemExit, match=f"config key '{key}': "):
+        main(["plan", "--config", str(BLOOMZMMS), str(wrong)])
 
 
 def test_plan_cli_json_and_table(capsys) -> None:
@@ -409,6 +428,11 @@ def test_predicted_times_config_switches(bloomzmms_plans, summarization_plans) -
     cfg["plan"].update(gpu="H100", mfu=0.5)
     faster = {p.stage: p.estimate for p in plan_experiment(cfg, MODELS_DIR)}["ctc"]
     assert "implied_mfu" not in faster.reference  # another GPU type: the statement is shown, not compared
+    fewer = load_experiment(BLOOMZMMS)
+    fewer["plan"]["gpus"]["ctc"] = 1  # the reference's 13 h were on 2 GPUs: one GPU's step time is not theirs
+    alone = {p.stage: p.estimate for p in plan_experiment(fewer, MODELS_DIR)}["ctc"]
+    assert alone.reference["gpus"] == 2 and "implied_mfu" not in alone.reference
+    assert "(not 1 x A6000: not comparable)" in "\n".join(format_estimate(alone, 1))
     speedup = (0.5 * peaks["H100"]["tf32"]) / (mfu * peaks["A6000"]["tf32"])
     assert bloomzmms_plans["ctc"].estimate.micro_batch_seconds / faster.micro_batch_seconds == pytest.approx(
         speedup

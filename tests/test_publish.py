@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,14 @@ import speechllm
 from speechllm.api import resolve_model_dir
 from speechllm.cli import main
 from speechllm.models.export import ModelDirError, read_spec
-from speechllm.publish import languages_of, load_config
+from speechllm.publish import (
+    HUB_METRICS,
+    CardFacts,
+    TableResult,
+    languages_of,
+    load_config,
+    model_results,
+)
 from speechllm.report.tables import build_table, table_footer, write_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,12 +272,15 @@ def test_from_pretrained_fetches_hub_ids_with_snapshot_download(demo_run, monkey
         "token": None,
     }
 
-    def missing(repo_id, **kwargs):
-        raise huggingface_hub.errors.LocalEntryNotFoundError("no cached copy")
+    def missing(repo_id, **kwargs):  # huggingface_hub's offline message spans lines
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no cached copy.\nPlease check your connection.")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", missing)
-    with pytest.raises(ModelDirError, match=r"me/absent: no such local model directory.*no cached copy"):
+    with pytest.raises(
+        ModelDirError, match=r"me/absent: no such local model directory.*no cached copy"
+    ) as err:
         resolve_model_dir("me/absent")
+    assert "\n" not in str(err.value)  # the CLI's error stays one line
     with pytest.raises(ModelDirError, match="not a hub id"):
         resolve_model_dir(str(demo_run / "no" / "such" / "dir"))
 
@@ -292,3 +303,46 @@ def test_config_files_merge_as_snakemake_configfile(tmp_path) -> None:
     assert languages_of({"language_ids": {"English": 1, "French": 2}}, config) == ["cmn", "en", "fr"]
     with pytest.raises(FileNotFoundError, match="no-such.yaml"):
         load_config([str(REPO / "config" / "config.yaml"), str(tmp_path / "no-such.yaml")])
+
+
+def test_push_out_never_replaces_a_directory_that_is_not_a_packaged_folder(demo_run) -> None:
+    """`--out` names the folder itself: an existing directory of other files (e.g. a results/hub parent meant
+    to hold it), the model directory or one of its parents is refused, and nothing in it is touched."""
+    model_dir = demo_run / "results" / "models" / "tmi"
+    hub = demo_run / "results" / "hub"
+    (hub / "other-model").mkdir(parents=True)
+    (hub / "other-model" / "README.md").write_text("another packaged model")
+    config = str(REPO / "config" / "config.yaml")
+    push = ["push", "--model", str(model_dir), "--repo", "me/tmi", "--dry-run", "--config", config, "--out"]
+    for out in (hub, model_dir, demo_run / "results" / "models"):
+        with pytest.raises(SystemExit, match=re.escape(f"--out {out}: ")):
+            main([*push, str(out)])
+    assert (hub / "other-model" / "README.md").read_text() == "another packaged model"
+    assert (model_dir / "model.safetensors").is_file() and not (model_dir / "README.md").exists()
+    # A folder packaged before is replaced as a whole.
+    folder = hub / "tmi"
+    for _ in range(2):
+        main([*push, str(folder)])
+    assert (folder / "README.md").is_file() and (folder / "speechllm.json").is_file()
+
+
+def test_card_metrics_name_every_measure_of_the_result_tables() -> None:
+    """Each metric label a result table can hold (but the GLUE averages' `primary`) has its hub metric id."""
+    from speechllm.evaluate.metrics import GLUE_PRIMARY_METRIC
+    from speechllm.report.tables import METRIC_ORDER, SUMMARY_LABELS
+
+    labels = {*METRIC_ORDER, *SUMMARY_LABELS, *GLUE_PRIMARY_METRIC.values(), "perplexity"}
+    assert labels <= HUB_METRICS.keys()
+    rows = [("articles", "ROUGE-1", 40.0), ("articles", "BERTScore-F1", 88.0), ("all", "perplexity", 3.0)]
+    facts = CardFacts("me/kr", "kang_roy", {}, results=[TableResult("summarization", "", rows)])
+    assert facts.metrics == ["rouge", "bertscore", "perplexity"]
+
+
+def test_a_malformed_result_table_is_named(tmp_path) -> None:
+    table = tmp_path / "fleurs_asr.csv"
+    table.write_text("language,metric,tmi\nde_de,wer,n/a?\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{table}: column 'tmi' is not numbers"):
+        model_results(tmp_path, "tmi")
+    table.write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{table}: not a result table"):
+        model_results(tmp_path, "tmi")

@@ -283,6 +283,33 @@ def test_results_run_holds_the_system_tables_and_links_the_training_run(tmp_path
         log_system_results(typed(settings), "mi", files, tmp_path / "other")
 
 
+def test_a_rerun_logs_at_the_resumed_runs_next_step(tmp_path, monkeypatch) -> None:
+    """Online, a rerun resumes the results run (stable id); W&B ignores a log call below the run's step."""
+    import wandb
+
+    class ResumedRun:
+        id, step = "resumed", 3  # three rows logged by earlier runs
+
+        def __init__(self) -> None:
+            self.logged: list[tuple[list[str], int]] = []
+            self.summary: dict = {}
+
+        def log(self, values: dict, step: int) -> None:
+            self.logged.append((sorted(values), step))
+
+        def finish(self) -> None:
+            pass
+
+    run = ResumedRun()
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: run)
+    files = [score_file(tmp_path, "speechglue", "t", GLUE)]
+    settings = {"experiment": "demo", "wandb": {"project": "p", "mode": "online"}, "model_run": None}
+    record = log_system_results(typed(settings), "t", files, tmp_path / "results/wandb/t")
+    assert [step for _, step in run.logged] == [3, 3]
+    assert run.logged[0][0] == ["speechglue/table"] and run.summary == record["summary"]
+
+
 def test_results_without_wandb_and_recorded_run_ids(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "disabled")
     files = [score_file(tmp_path, "speechxnli", "ctc_init", {"per_language": {"en": {"accuracy": 0.4}}})]

@@ -102,7 +102,7 @@ def test_bad_inputs_raise(tmp_path: Path, asr_files: list[Path]) -> None:
 
 def test_fleurs_st_table_and_signature_footer(tmp_path: Path) -> None:
     def metrics(bleu: float) -> dict[str, Any]:
-        entry = {"bleu": bleu, "chrf": bleu + 20, "bleu_signature": BLEU_SIG}
+        entry = {"bleu": bleu, "chrf": bleu + 20, "bleu_signature": BLEU_SIG, "normalized": "both"}
         return {"all": entry, "per_language": {"de_de": entry, "fr_fr": {**entry, "bleu": bleu + 1}}}
 
     files = [_score_file(tmp_path, "fleurs_st", m, metrics(b)) for m, b in [("t", 10.0), ("mi", 12.5)]]
@@ -113,6 +113,8 @@ def test_fleurs_st_table_and_signature_footer(tmp_path: Path) -> None:
     assert table.loc[("all", "chrf"), "t"] == pytest.approx(30.0)
     footer = table_footer("fleurs_st", files, ORDER)
     assert footer.count(BLEU_SIG) == 2  # once per model, deduplicated across languages
+    # which sides were normalised (evaluate.st_normalize) changes BLEU: each model's line says it
+    assert footer.count("normalized: both") == 2
 
 
 def test_speechglue_table_rows_and_averages(tmp_path: Path) -> None:
@@ -415,6 +417,14 @@ def test_covost2_table_and_malformed_metrics_name_the_file(tmp_path: Path) -> No
     bad = _score_file(tmp_path / "bad", "speechxnli", "t", {"per_language": {"en": {"accuracy": "n/a"}}})
     with pytest.raises(ValueError, match=f"{bad}: malformed speechxnli metrics"):
         build_table("speechxnli", [bad])
+    # A GLUE task without its primary metric (the averages need it), and a file that is no JSON object.
+    no_primary = _score_file(tmp_path / "glue", "speechglue", "t", {"per_task": {"cola": {"accuracy": 0.5}}})
+    with pytest.raises(ValueError, match=f"{no_primary}: malformed speechglue metrics: no 'matthews_corr"):
+        build_table("speechglue", [no_primary])
+    number = tmp_path / "number.json"
+    number.write_text("5", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"{number}: not a score file"):
+        build_table("speechglue", [number])
 
 
 def test_read_json_errors_name_the_file(tmp_path):

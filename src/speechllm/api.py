@@ -174,7 +174,7 @@ def resolve_model_dir(
     except Exception as err:  # not found, no access, offline without a cached copy: one line that says which
         raise ModelDirError(
             f"{repo_id}: no such local model directory, and getting it from the hub failed: "
-            f"{type(err).__name__}: {err}"
+            f"{type(err).__name__}: {' '.join(str(err).split())}"
         ) from err
 
 

@@ -45,13 +45,14 @@ EXAMPLES = {
 
 
 def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1 (argparse names the option in its error)."""
+    """argparse type of counts and sizes: a whole number >= 1 (a batch size below 1 made the CLI print
+    nothing at all)."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{value} is not a whole number >= 1")
     return value
 
 

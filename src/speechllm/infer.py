@@ -189,7 +189,12 @@ def read_prompts(source: str) -> list[tuple[str, str]]:
     else:
         if not Path(source).is_file():
             raise FileNotFoundError(f"--prompts {source}: no such file")
-        lines, name = Path(source).read_text(encoding="utf-8").splitlines(), source
+        try:
+            lines, name = Path(source).read_text(encoding="utf-8").splitlines(), source
+        except UnicodeDecodeError as err:
+            raise PromptError(
+                f"--prompts {source}: not UTF-8 text ({err.reason} at byte {err.start})"
+            ) from err
     prompts = []
     for number, text in enumerate(lines, start=1):
         if not text.strip():
@@ -273,6 +278,11 @@ def check_transcribable(spec: dict[str, Any], model_dir: Path) -> None:
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
+    missing = [path for path in args.audio if not Path(path).is_file()]
+    if missing:  # before the (slow) model loading, as `ask` checks its prompts' files
+        raise FileNotFoundError(
+            f"{missing[0]}: no such audio file ({len(missing)} of {len(args.audio)} missing)"
+        )
     model = load_for_cli(args, args.decoder, check_transcribable)
     for window in windows(args.audio, args.batch_size * PRINT_BATCHES):
         texts = model.transcribe(
@@ -300,7 +310,7 @@ def add_runtime_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sampling-rate", type=positive_int, default=SAMPLING_RATE, help="rate the speech encoder expects"
     )
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (when no GPU is used)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads (when no GPU is used)")
     parser.add_argument("--json", action="store_true", help="print JSON Lines instead of plain text")
 
 

@@ -47,6 +47,9 @@ HUB_METRICS = {
     "ROUGE-2": "rouge",
     "ROUGE-L": "rouge",
     "METEOR": "meteor",
+    "BERTScore-P": "bertscore",
+    "BERTScore-R": "bertscore",
+    "BERTScore-F1": "bertscore",
 }
 SYSTEM_NAMES = {
     "bloomzmms": "BLOOMZMMS (Denisov & Vu, NAACL 2024 Findings): a frozen speech encoder, a trainable "
@@ -165,16 +168,23 @@ def model_results(tables_dir: Path, model_name: str) -> list[TableResult]:
         path = tables_dir / f"{table}.csv"
         if not path.is_file():
             continue
-        frame = pd.read_csv(path)
+        try:
+            frame = pd.read_csv(path)
+        except ValueError as err:  # pandas' EmptyDataError / ParserError
+            raise ValueError(f"{path}: not a result table ({err})") from err
         label = ROW_LEVEL[table]
         if model_name not in frame.columns:
             continue
         if label not in frame.columns or "metric" not in frame.columns:
             raise ValueError(f"{path}: not a result table (no {label!r} and 'metric' columns)")
+        try:
+            values = [float(value) for value in frame[model_name]]
+        except ValueError as err:
+            raise ValueError(f"{path}: column {model_name!r} is not numbers ({err})") from err
         rows = [
-            (str(row[label]), str(row["metric"]), float(row[model_name]))
-            for _, row in frame.iterrows()
-            if not math.isnan(float(row[model_name]))
+            (str(row[label]), str(row["metric"]), value)
+            for (_, row), value in zip(frame.iterrows(), values, strict=True)
+            if not math.isnan(value)
         ]
         if rows:
             results.append(TableResult(table, VALUE_NOTES[table], rows))
@@ -357,6 +367,28 @@ def package_model(model_dir: Path, out_dir: Path, facts: CardFacts) -> Path:
     return out_dir
 
 
+def check_out_folder(out: Path, model_dir: Path) -> None:
+    """`--out` names the packaged folder itself, which replaces whatever is there: refuse the model directory,
+    a directory holding it, and an existing path that is not a folder `speechllm push` wrote (say, a
+    `results/hub` meant to hold it), so that no other file is lost."""
+    from speechllm.models.export import CTC_HEAD_FILE, MODEL_PARTS
+
+    target, model = out.resolve(), model_dir.resolve()
+    if target == model or target in model.parents:
+        raise ValueError(
+            f"--out {out}: is the model directory or holds it; name a new folder for the package"
+        )
+    if not target.exists():
+        return
+    packaged = {"README.md", "speechllm.json", "model.safetensors", CTC_HEAD_FILE, *MODEL_PARTS}
+    names = {p.name for p in target.iterdir()} if target.is_dir() else None
+    if names is None or (names and not ({"README.md", "speechllm.json"} <= names <= packaged)):
+        raise ValueError(
+            f"--out {out}: exists and is not a folder written by `speechllm push` (it would be replaced "
+            "whole); name the package's own folder, e.g. <dir>/<repo name>"
+        )
+
+
 def upload(folder: Path, repo_id: str, private: bool, revision: str | None, commit_message: str) -> str:
     """Create the hub repository if needed and upload the folder as one commit; returns the commit URL."""
     from huggingface_hub import HfApi
@@ -397,6 +429,10 @@ def cmd_push(args: argparse.Namespace) -> None:
     model_dir = Path(args.model)
     read_spec(model_dir)  # a model directory, with its parts where the spec says
     repo_name = args.repo.split("/")[-1]
+    default_out = model_dir.resolve().parent.parent / "hub" / repo_name if args.dry_run else None
+    out = Path(args.out) if args.out else default_out
+    if out is not None:
+        check_out_folder(out, model_dir)
     tables = Path(args.tables) if args.tables else model_dir.resolve().parent.parent / "tables"
     facts = gather_facts(
         model_dir,
@@ -406,13 +442,12 @@ def cmd_push(args: argparse.Namespace) -> None:
         load_config(args.config),
         args.license,
     )
-    if args.dry_run:
-        out = Path(args.out) if args.out else model_dir.resolve().parent.parent / "hub" / repo_name
+    if out is not None and args.dry_run:
         package_model(model_dir, out, facts)
         print(out, flush=True)
         return
     with tempfile.TemporaryDirectory(prefix="speechllm-push-") as scratch:
-        folder = package_model(model_dir, Path(args.out) if args.out else Path(scratch) / repo_name, facts)
+        folder = package_model(model_dir, out or Path(scratch) / repo_name, facts)
         url = upload(
             folder,
             args.repo,
@@ -437,7 +472,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     push.add_argument("--repo", required=True, help="hub repository id, owner/name")
     push.add_argument("--dry-run", action="store_true", help="only write the folder; upload nothing")
-    push.add_argument("--out", help="where to write the folder (default with --dry-run: results/hub/<name>)")
+    push.add_argument(
+        "--out",
+        help="the folder to write, replaced whole: new, or one push wrote before (default with --dry-run: "
+        "results/hub/<name>)",
+    )
     push.add_argument(
         "--tables", help="result tables directory (default: results/tables beside results/models)"
     )

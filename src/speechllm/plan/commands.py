@@ -124,10 +124,21 @@ def cmd_import_kang_roy(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from speechllm.plan.planner import PlanError, config_root, format_plan, load_experiment, plan_experiment
+    from speechllm.plan.planner import (
+        PlanError,
+        check_config,
+        config_root,
+        format_plan,
+        load_experiment,
+        plan_experiment,
+        workflow_schema,
+    )
 
     try:
         cfg = load_experiment([Path(c) for c in args.config], Path(args.base) if args.base else None)
+        schema = workflow_schema(Path(args.config[0]))
+        if schema is not None:
+            check_config(cfg, schema)
         models_dir = (
             Path(args.models_dir) if args.models_dir else config_root(Path(args.config[0])) / "models"
         )
@@ -145,7 +156,8 @@ PLAN_EPILOG = """example:
   speechllm plan --config config/experiments/speech_summarization.yaml --json
   speechllm plan --config config/experiments/bloomzmms.yaml config/experiments/bloomzmms_exact.yaml
 
-Models are built on the meta device from config/models/<hub name>.json (no download). The formulas are in the
+Models are built on the meta device from config/models/<hub name>.json (no download). The merged config is
+checked against workflow/schemas/config.schema.yaml first, as snakemake checks it. The formulas are in the
 docstring of speechllm.plan.planner."""
 
 

@@ -56,7 +56,7 @@ Time (with `plan.mfu` and `plan.gpu`, a key of `plan.gpu_peak_tflops`)
     run           `max_epochs` epochs (an upper bound under early stopping), or `max_steps` * `accum_grad`
                   micro-batches when that comes first.
     reference     `plan.reference.<stage>`: the reference's own statement (GPUs, GPU type, hours per epoch),
-                  and the MFU it implies for these FLOPs when the GPU types match.
+                  and the MFU it implies for these FLOPs when the GPU type and count match.
 """
 
 from __future__ import annotations
@@ -878,7 +878,9 @@ def time_estimate(plan: StagePlan, cfg: dict[str, Any]) -> TimeEstimate | None:
     stated = (plan_cfg.get("reference") or {}).get(plan.stage)
     if stated:
         reference = dict(stated, gpu_hours_per_epoch=stated["gpus"] * stated["hours_per_epoch"])
-        if stated["gpu"] == gpu and epoch:  # the MFU at which this plan's FLOPs take the stated time
+        # The MFU at which this plan's FLOPs take the stated time: only on the same number of the same GPUs
+        # (on fewer GPUs each one's share of the micro-batch, and so its step time, is larger).
+        if stated["gpu"] == gpu and int(stated["gpus"]) == plan.gpus and epoch:
             stated_step = stated["hours_per_epoch"] * 3600 / epoch
             reference["implied_mfu"] = mfu * step / stated_step
     return TimeEstimate(
@@ -959,11 +961,38 @@ def load_experiment(path: Path | Sequence[Path], base: Path | None = None) -> di
         base = candidate if candidate.is_file() and candidate != paths[0].resolve() else None
     merged: dict[str, Any] = {}
     for source in ([base] if base else []) + paths:
-        data = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
+        try:
+            data = yaml.safe_load(Path(source).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or " ".join(str(err).split())
+            raise PlanError(f"{source}{where}: not valid YAML ({problem})") from err
         if not isinstance(data, dict):
             raise PlanError(f"{source}: not a mapping")
         merged = deep_merge(merged, data)
     return merged
+
+
+def workflow_schema(config_file: Path) -> Path | None:
+    """The workflow's config schema (`workflow/schemas/config.schema.yaml`) of the project a config file
+    belongs to, or None where there is none (a config outside a checkout)."""
+    path = config_root(config_file).parent / "workflow" / "schemas" / "config.schema.yaml"
+    return path if path.is_file() else None
+
+
+def check_config(cfg: dict[str, Any], schema_path: Path) -> None:
+    """The merged config against the workflow's schema, as Snakemake validates it before a run: a wrong value
+    (a string for `plan.utterance_seconds`, a null `accum_grad`) is a PlanError naming its key rather than a
+    TypeError somewhere in the arithmetic."""
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text(encoding="utf-8"))
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(schema).iter_errors(cfg))
+    if error is not None:
+        key = ".".join(str(part) for part in error.absolute_path) or "<top level>"
+        raise PlanError(f"config key '{key}': {error.message} (schema {schema_path})")
 
 
 def _human(value: float, unit: str) -> str:
@@ -1054,7 +1083,7 @@ def format_estimate(e: TimeEstimate, gpus: int) -> list[str]:
         implied = (
             f"; these FLOPs in that time are MFU {r['implied_mfu']:.3g}"
             if "implied_mfu" in r
-            else f" (not {e.gpu}: not comparable)"
+            else f" (not {gpus} x {e.gpu}: not comparable)"
         )
         lines.append(
             f"reference: {r['hours_per_epoch']:g} h per epoch on {r['gpus']} x {r['gpu']} = "

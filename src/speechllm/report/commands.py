@@ -120,7 +120,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = add_command(rsub, "table", "one table as .md, .csv and .tex", cmd_report_table, epilog=TABLE_EPILOG)
     r.add_argument(
-        "--name", required=True, help="fleurs_asr | fleurs_st | speechglue | speechxnli | summarization"
+        "--name",
+        required=True,
+        help="fleurs_asr | fleurs_st | covost2_st | speechglue | speechxnli | summarization",
     )
     r.add_argument("--scores", nargs="+", required=True, help="score files (JSON), one per system")
     r.add_argument("--models", nargs="+", required=True, help="column order (systems)")

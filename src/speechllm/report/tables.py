@@ -62,8 +62,10 @@ SUMMARY_ROWS: dict[str, tuple[str, ...]] = {
 VALUE_NOTES: dict[str, str] = {
     "fleurs_asr": "Primary metric per language in % (CER for zh/ja/th/lo/my, WER otherwise; "
     "corpus-level, Whisper basic normaliser on both sides); 'all' = pooled over all utterances.",
-    "fleurs_st": "sacreBLEU corpus BLEU and chrF (0-100); 'all' = pooled corpus score.",
-    "covost2_st": "CoVoST 2 X->English: sacreBLEU corpus BLEU and chrF (0-100); 'all' = pooled corpus score.",
+    "fleurs_st": "sacreBLEU corpus BLEU and chrF (0-100); 'all' = pooled corpus score; Whisper basic "
+    "normaliser on the sides each model's 'normalized' names.",
+    "covost2_st": "CoVoST 2 X->English: sacreBLEU corpus BLEU and chrF (0-100); 'all' = pooled corpus score; "
+    "Whisper basic normaliser on the sides each model's 'normalized' names.",
     "speechglue": "Primary metric per task in % (CoLA Matthews, STS-B Pearson, accuracy otherwise); "
     "averages are means of the primary metrics of every task but STS-B (as the reference's Avg.).",
     "speechxnli": "Accuracy in %; 'mean' = mean over languages.",
@@ -91,6 +93,8 @@ Row = tuple[str, str]
 def load_score_file(path: Path) -> dict[str, Any]:
     """Read one score file and check it has ``benchmark``, ``model`` and ``metrics``."""
     data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a score file (a JSON object with benchmark, model and metrics)")
     missing = [key for key in ("benchmark", "model", "metrics") if key not in data]
     if missing:
         raise ValueError(f"{path}: score file lacks {missing}")
@@ -267,6 +271,8 @@ def table_column(name: str, path: Path, data: Mapping[str, Any]) -> dict[Row, fl
     """One model's table values by row; a malformed metric raises ValueError naming the score file."""
     try:
         return ROW_BUILDERS[name](data["metrics"])
+    except KeyError as err:  # e.g. a GLUE task without its primary metric, needed for the averages
+        raise ValueError(f"{path}: malformed {name} metrics: no {err}") from err
     except (AttributeError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: malformed {name} metrics: {err}") from err
 
@@ -305,13 +311,14 @@ def _walk(node: Mapping[str, Any]) -> Iterator[tuple[str, Any]]:
 
 
 def _signatures(metrics: Mapping[str, Any]) -> list[str]:
-    """Distinct metric signatures, versions, skip reasons (e.g. METEOR without WordNet) and the ASR edit
-    alignment (config evaluate.asr_alignment) recorded anywhere in a score file's ``metrics``, first-seen
-    order."""
+    """Distinct metric signatures, versions, skip reasons (e.g. METEOR without WordNet), the ASR edit
+    alignment (config evaluate.asr_alignment) and which sides BLEU/chrF normalised (evaluate.st_normalize:
+    `normalized`) recorded anywhere in a score file's ``metrics``, first-seen order."""
     found = (
         f"{key}: {value}"
         for key, value in _walk(metrics)
-        if key.endswith(("signature", "_version", "_skipped", "alignment")) and not isinstance(value, Mapping)
+        if (key.endswith(("signature", "_version", "_skipped", "alignment")) or key == "normalized")
+        and not isinstance(value, Mapping)
     )
     return list(dict.fromkeys(found))
 

@@ -138,6 +138,10 @@ def log_system_results(
         config=config,
     )
     run = tracker.run
+    # The run's next step: 0 for a new run, one past its last row when a rerun resumes it online (stable id,
+    # resume="allow"); W&B drops a log call at a step below the current one (wandb/wandb#5632), which left
+    # the tables of a rerun unlogged.
+    step = int(run.step) if run is not None else 0
     if run is not None:
         import wandb
 
@@ -146,9 +150,9 @@ def log_system_results(
                 f"{benchmark}/table": wandb.Table(columns=list(frame.columns), data=_table_rows(frame))
                 for benchmark, frame in tables.items()
             },
-            step=0,
+            step=step,
         )
-    tracker.log(metrics, step=0)
+    tracker.log(metrics, step=step)
     tracker.summary(metrics)
     record = {
         "run": {
