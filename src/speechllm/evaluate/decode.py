@@ -1,4 +1,5 @@
-"""Decoding: CTC (greedy or prefix beam search), and LLM generation from [E(prefix); speech; E(postfix)].
+"""Decoding helpers: padded clips, CTC transcripts (greedy or prefix beam search), and the post-processing of
+LLM outputs generated from [E(prefix); speech; E(postfix)].
 
 LLM generation is batched with left padding (`SpeechLLM.generate`: beam 5 and 192 new tokens at paper scale)
 and post-processed as the reference's tokenizer overlay: `batch_decode(skip_special_tokens=True)`, newlines to
@@ -9,7 +10,7 @@ token unless config evaluate.unfinished_hypotheses is `drop_last_token` (the ben
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,18 +18,11 @@ import torch
 from speechllm.audio import check_min_length, load_audio
 from speechllm.evaluate.ctc_search import CTCSearch, ctc_decode
 from speechllm.models.bloomzmms import BloomzMMS
-from speechllm.models.speech_llm import Segment
 
 
 def postprocess(text: str) -> str:
     """As the reference tokenizer overlay: special tokens already dropped, newlines to spaces, stripped."""
     return text.replace("\n", " ").strip()
-
-
-def length_sorted_chunks(records: Sequence[dict[str, Any]], key: str, batch_size: int) -> Iterator[list[int]]:
-    order = sorted(range(len(records)), key=lambda i: -records[i][key])
-    for i in range(0, len(order), batch_size):
-        yield order[i : i + batch_size]
 
 
 def load_wavs(
@@ -84,17 +78,4 @@ def ctc_transcribe(
         ids = model.ctc_decode(out)
     else:
         ids = ctc_decode(model.ctc_head(out.speech), out.speech_lengths, model.ctc_blank_id, search)
-    return [postprocess(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-
-
-@torch.no_grad()
-def llm_generate(
-    model: BloomzMMS,
-    tokenizer: Any,
-    segments: Sequence[Sequence[Segment]],
-    num_beams: int,
-    max_new_tokens: int,
-) -> list[str]:
-    assert model.llm is not None, "this model has no LLM"
-    ids = model.generate(segments, max_new_tokens, num_beams=num_beams)
     return [postprocess(t) for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
