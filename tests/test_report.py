@@ -131,6 +131,11 @@ def test_bar_values_per_benchmark(tmp_path) -> None:
     cer = bar_values("fleurs_asr", asr, ["ctc", "tmi"])
     assert list(cer.columns) == ["ctc", "tmi"] and list(cer.index) == ["de_de", "en_us", "all"]
     assert cer.loc["de_de", "ctc"] == pytest.approx(40.0) and cer.loc["all", "tmi"] == pytest.approx(20.0)
+    # models covering different languages: one A-Z order, not the order the files list them in
+    fr = asr_metrics(0.0)
+    fr["per_language"] = {"fr_fr": fr["per_language"]["en_us"]}
+    mixed = [score_file(tmp_path, "fleurs_asr", "mi", fr), asr[0]]
+    assert list(bar_values("fleurs_asr", mixed, ["mi", "tmi"]).index) == ["de_de", "en_us", "fr_fr", "all"]
     st_entry = {"bleu": 12.0, "chrf": 40.0}
     st = [score_file(tmp_path, "fleurs_st", "t", {"all": st_entry, "per_language": {"de_de": st_entry}})]
     assert bar_values("fleurs_st", st).to_dict() == {"t": {"de_de": 12.0, "all": 12.0}}

@@ -126,8 +126,7 @@ def _asr_cer_columns(files: Sequence[Path], model_order: Sequence[str] | None) -
         except (AttributeError, TypeError, ValueError) as err:
             raise PlotError(f"{path}: malformed fleurs_asr metrics: {err}") from err
         columns[data["model"]] = values
-    rows = list(dict.fromkeys(row for values in columns.values() for row in values))
-    rows = [r for r in rows if r != "all"] + ["all"]
+    rows = sorted({row for values in columns.values() for row in values} - {"all"}) + ["all"]
     return pd.DataFrame({m: [v.get(r, math.nan) for r in rows] for m, v in columns.items()}, index=rows)
 
 
