@@ -138,6 +138,13 @@ def test_a_file_that_is_not_a_record_is_named(tmp_path: Path) -> None:
         cli.main(["rerun", str(path)])
 
 
+def test_a_record_that_cannot_be_written_ends_in_one_line_naming_the_step(tmp_path: Path) -> None:
+    blocker = tmp_path / "logs"
+    blocker.write_text("a file where the log directory should be")
+    with pytest.raises(SystemExit, match=r"^speechllm plan: failed: FileExistsError: .*logs"):
+        cli.main(["plan", "--config", "config/config.yaml", "--record", str(blocker / "plan.log")])
+
+
 def test_every_rule_records_its_job() -> None:
     """Each rule that runs `speechllm` passes its log to `--record` (so every job can be rerun by hand)."""
     rules = Path(__file__).resolve().parents[1] / "rules"

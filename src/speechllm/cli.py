@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if getattr(args, "record", None) and runrecord.is_main_process():
-        runrecord.write_record(args.record, argv)
     try:
+        if getattr(args, "record", None) and runrecord.is_main_process():
+            runrecord.write_record(args.record, argv)
         args.func(args)
     except (ValueError, FileNotFoundError) as err:
         # Bad input: one clear line naming the file/key; the traceback goes to the log at debug level.
