@@ -83,6 +83,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def reduced_demo(tmp_path_factory):
+    """The reduced demo DAG, run once for the session (reduced_demo.py)."""
+    from reduced_demo import run_reduced_demo
+
+    return run_reduced_demo(tmp_path_factory.mktemp("reduced_demo"))
+
+
+@pytest.fixture(scope="session")
 def tiny_bertscore_model(tmp_path_factory) -> Path:
     """A 3-layer RoBERTa with a byte-level BPE tokenizer (the kind of bert-score's English roberta-large),
     saved with save_pretrained: a local BERTScore scoring model."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_workflow import REDUCED
+from reduced_demo import REDUCED, outputs
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,7 +37,7 @@ STAGE_RULES = [
     "train_ce",
     "table",
 ]
-# The reduced demo of test_workflow.py with two tables (ASR and ST on the FLEURS-shaped test split, which need
+# The reduced demo (reduced_demo.py) with two tables (ASR and ST on the FLEURS-shaped test split, which need
 # every stage: data, both demo models, targets, CTC and CE training, evaluation, tables), frequent checkpoints
 # (so that a kill during training resumes), no W&B.
 CHAOS = {
@@ -196,11 +196,6 @@ def wait_until_idle(workdir: Path, timeout: float = 30) -> None:
     raise AssertionError(f"processes still work in {workdir}: {busy}")
 
 
-def outputs(workdir: Path) -> dict[str, bytes]:
-    files = [*workdir.glob("results/tables/*"), *workdir.glob("results/eval/*/*.scores.json")]
-    return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(files)}
-
-
 def run_to_end(command: list[str], log: Path, timeout: float = 1500) -> None:
     proc = start(command, log)
     assert proc.wait(timeout=timeout) == 0, log.read_text(errors="replace")[-5000:]
@@ -237,16 +232,18 @@ def chaos_run(
 
 
 @pytest.mark.slow
-def test_sigkilled_dag_reruns_to_byte_identical_tables(tmp_path):
+def test_sigkilled_dag_reruns_to_byte_identical_tables(tmp_path, reduced_demo):
     override = tmp_path / "override.yaml"
     override.write_text(yaml.safe_dump(CHAOS))
-
-    began = time.monotonic()
-    run_to_end(
-        [str(BIN / "snakemake"), *arguments(tmp_path / "straight", override)], tmp_path / "straight.log"
-    )
-    straight_seconds = time.monotonic() - began
-    expected = outputs(tmp_path / "straight")
+    # The uninterrupted run is the session's reduced demo: the same DAG with two more tables, W&B offline and
+    # fewer checkpoints, none of which changes these tables and scores. It gives the expected tables and score
+    # files, and its log the duration of each job.
+    tables = CHAOS["report"]["tables"]
+    expected = {
+        name: content
+        for name, content in reduced_demo.outputs.items()
+        if any(name.startswith((f"results/tables/{table}.", f"results/eval/{table}/")) for table in tables)
+    }
     assert len(expected) == 2 * 3 + 14, sorted(expected)  # 2 tables x md/csv/tex; 8 ASR + 6 ST score files
 
     # The plan: KILLS stage rules and as many fractions drawn with a seed. Kill k SIGKILLs the run (its
@@ -256,7 +253,7 @@ def test_sigkilled_dag_reruns_to_byte_identical_tables(tmp_path):
     rng = random.Random(SEED)
     stages = sorted(rng.sample(STAGE_RULES, KILLS), key=STAGE_RULES.index)
     plan = [(stage, rng.uniform(0.1, 0.9)) for stage in stages]
-    durations = job_durations_of((tmp_path / "straight.log").read_text(errors="replace"))
+    durations = job_durations_of(reduced_demo.log.read_text(errors="replace"))
     kills: list[Kill] = []
     for chaos in range(ROUNDS):
         kills += chaos_run(tmp_path / f"chaos{chaos}", override, plan[len(kills) :], durations)
@@ -269,9 +266,8 @@ def test_sigkilled_dag_reruns_to_byte_identical_tables(tmp_path):
     assert len(kills) == KILLS, (
         f"{len(kills)} kills hit running jobs in {ROUNDS} runs: {'; '.join(map(str, kills))}"
     )
-    print(
-        f"straight run {straight_seconds:.0f} s; chaos runs {chaos + 1}; kills: {'; '.join(map(str, kills))}"
-    )
+    kills_made = "; ".join(map(str, kills))
+    print(f"straight run {reduced_demo.seconds:.0f} s; chaos runs {chaos + 1}; kills: {kills_made}")
 
 
 def test_rerun_after_kill_refuses_while_a_run_still_works_there(tmp_path):

@@ -185,77 +185,37 @@ def test_test_split_duration_filter_follows_the_config(tmp_path):
         assert filtered == {"results/data/test.jsonl": flag, "results/data/dev.jsonl": True}
 
 
-REDUCED = {
-    "data": {
-        "languages": ["en_us", "de_de"],
-        "speechglue": {"tasks": ["sst2", "rte"]},
-        "speechxnli": {"languages": ["en", "de"]},
-        "demo": {"composed": {"train": 12, "dev": 2, "test": 2, "seed": 0}},
-    },
-    "models": {
-        "demo_build": {
-            "llm_pretrain": {
-                "steps": 200,
-                "batch_size": 16,
-                "lr": 3.0e-3,
-                "warmup_steps": 20,
-                "max_length": 128,
-                "sort_pool_batches": 4,
-                "weight_decay": 0.0,
-                "templates_per_sentence": 1,
-                "task_repeats": 1,
-            },
-            "speech_encoder": {"ctc_finetune": {"updates": 20, "warmup_steps": 5}},
-        }
-    },
-    "targets": {"shards": 1, "max_new_tokens": 16},
-    "train": {
-        "ctc": {"max_steps": 40, "eval_every": 20, "warmup_steps": 10},
-        "ce": {"max_steps": 20, "eval_every": 10, "warmup_steps": 5},
-    },
-    "evaluate": {"max_new_tokens": 16, "num_beams": 2},
-}
-
-
 @pytest.mark.slow
-def test_reduced_demo_end_to_end(tmp_path):
+def test_reduced_demo_end_to_end(reduced_demo):
     """The whole DAG on a reduced demo: tables with real numbers; a rerun does nothing; one table alone."""
-    res = snakemake(
-        "-c2",
-        "-d",
-        str(tmp_path),
-        "--configfile",
-        str(REPO / "config/config.yaml"),
-        str(override(tmp_path, REDUCED)),
-    )
-    assert res.returncode == 0, res.stderr[-5000:]
+    workdir = reduced_demo.workdir
     for name in ("fleurs_asr", "fleurs_st", "speechglue", "speechxnli"):
         for ext in ("md", "csv", "tex"):
-            assert (tmp_path / f"results/tables/{name}.{ext}").stat().st_size > 0
-    asr = pd.read_csv(tmp_path / "results/tables/fleurs_asr.csv")
+            assert (workdir / f"results/tables/{name}.{ext}").stat().st_size > 0
+    asr = pd.read_csv(workdir / "results/tables/fleurs_asr.csv")
     assert {"ctc_init", "ctc", "ce_init", "t", "mi", "tmi"} <= set(asr.columns)
     assert asr[["ctc_init", "ctc", "t"]].notna().all().all()
-    md = (tmp_path / "results/tables/fleurs_asr.md").read_text()
+    md = (workdir / "results/tables/fleurs_asr.md").read_text()
     assert "transformers==" in md and "results/models/ctc" in md
     # Exported models: speechllm.json + safetensors, and training curves were written.
     for model in ("ctc", "t", "mi", "tmi"):
-        assert (tmp_path / f"results/models/{model}/speechllm.json").is_file()
-        assert (tmp_path / f"results/models/{model}/model.safetensors").is_file()
-        assert len(pd.read_csv(tmp_path / f"results/train/{model}/metrics.csv")) > 0
+        assert (workdir / f"results/models/{model}/speechllm.json").is_file()
+        assert (workdir / f"results/models/{model}/model.safetensors").is_file()
+        assert len(pd.read_csv(workdir / f"results/train/{model}/metrics.csv")) > 0
     # Per-utterance outputs make every score recomputable.
-    hyps = pd.read_parquet(tmp_path / "results/eval/fleurs_asr/ctc.parquet")
+    hyps = pd.read_parquet(workdir / "results/eval/fleurs_asr/ctc.parquet")
     assert {"id", "language", "reference", "hypothesis", "reference_normalized"} <= set(hyps.columns)
     # Every job was measured (its benchmark file); the resource view sets each rule against its request.
-    usage = pd.read_csv(tmp_path / "results/resources/usage.csv").set_index("rule")
+    usage = pd.read_csv(workdir / "results/resources/usage.csv").set_index("rule")
     assert {"demo_data", "train_ctc", "train_ce", "evaluate", "table"} <= set(usage.index)
     assert usage.loc["train_ctc", "max_rss_mb"] > 100 and usage.loc["train_ctc", "mem_mb"] == 8000
-    assert usage.loc["evaluate", "jobs"] == len(list(tmp_path.glob("results/eval/*/*.parquet")))
+    assert usage.loc["evaluate", "jobs"] == len(list(workdir.glob("results/eval/*/*.parquet")))
     # Every job recorded its settings and command beside its log, and one step reruns by hand from its record.
-    logs = tmp_path / "logs"
+    logs = workdir / "logs"
     assert {p.with_suffix("") for p in logs.rglob("*.log")} == {
         p.with_name(p.name.removesuffix(".run.json")) for p in logs.rglob("*.run.json")
     }
-    table = tmp_path / "results/tables/fleurs_asr.csv"
+    table = workdir / "results/tables/fleurs_asr.csv"
     before = table.read_bytes()
     table.unlink()
     by_hand = subprocess.run(
@@ -269,21 +229,21 @@ def test_reduced_demo_end_to_end(tmp_path):
     rerun = snakemake(
         "-n",
         "-d",
-        str(tmp_path),
+        str(workdir),
         "--configfile",
         str(REPO / "config/config.yaml"),
-        str(override(tmp_path, REDUCED)),
+        str(reduced_demo.override),
     )
     assert rerun.returncode == 0 and "Nothing to be done" in rerun.stdout + rerun.stderr
-    shutil.rmtree(tmp_path / "results/tables")
+    shutil.rmtree(workdir / "results/tables")
     one = snakemake(
         "results/tables/speechglue.md",
         "-n",
         "-d",
-        str(tmp_path),
+        str(workdir),
         "--configfile",
         str(REPO / "config/config.yaml"),
-        str(override(tmp_path, REDUCED)),
+        str(reduced_demo.override),
     )
     out = one.stdout + one.stderr
     assert (
