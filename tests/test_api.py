@@ -119,6 +119,25 @@ def test_import_speechllm_stays_cheap_and_load_is_lazy() -> None:
     assert done.stdout.strip() == "speechllm.api"
 
 
+def test_steps_that_read_scores_or_gather_shards_start_without_the_heavy_libraries() -> None:
+    """Tables, plots, the W&B summary, the resource view and the gather of response shards run as many small
+    jobs: none imports torch, transformers, scipy or scikit-learn (seconds per job)."""
+    modules = [
+        "speechllm.report.tables",
+        "speechllm.report.plots",
+        "speechllm.report.wandb_runs",
+        "speechllm.report.resources",
+        "speechllm.targets.shards",
+    ]
+    code = (
+        f"import sys; [__import__(m) for m in {modules!r}]; "
+        "print(sorted({'torch', 'transformers', 'scipy', 'sklearn'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_load_picks_the_decoder_from_the_stage(bloomzmms_models) -> None:
     ctc = speechllm.load(bloomzmms_models["ctc"], device="cpu")
     ce = speechllm.load(bloomzmms_models["ce"], device="cpu")

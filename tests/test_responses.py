@@ -15,12 +15,12 @@ from speechllm.cli import main
 from speechllm.data.manifest import ManifestError, read_manifest
 from speechllm.targets.generate import HFGenerator, cache_key, partial_path
 from speechllm.targets.responses import (
-    gather_shards,
     generate_responses_shard,
     response_prompt,
     response_settings,
 )
 from speechllm.targets.settings import ResponsesSettings
+from speechllm.targets.shards import gather_shards
 
 TEMPLATE = "[|User|] {text}</s>[|Assistant|]"
 TRANSCRIPTS = [

@@ -23,8 +23,6 @@ from typing import Any, Literal
 
 import jiwer
 import sacrebleu
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from speechllm.evaluate.alignment import EditCounts, sclite_counts
 from speechllm.settings import config_choice
@@ -226,6 +224,11 @@ def classification_scores(task: str, labels: Sequence[Any], preds: Sequence[Any]
     ``spearmanr`` on floats (NaN if either side is constant). Predictions must already be mapped
     to label ids (BLOOMZMMS maps an unmatched answer to class 0).
     """
+    # Imported here: scipy and scikit-learn take half a second, which jobs that only read scores (tables,
+    # plots) should not pay.
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     _check_lengths(labels, preds)
     if task not in KNOWN_TASKS:
         raise ValueError(f"unknown classification task {task!r}; expected one of {sorted(KNOWN_TASKS)}")

@@ -169,7 +169,7 @@ def cmd_targets_responses(args: argparse.Namespace) -> None:
 
 def cmd_targets_gather(args: argparse.Namespace) -> None:
     from speechllm.data.manifest import write_manifest
-    from speechllm.targets.responses import gather_shards
+    from speechllm.targets.shards import gather_shards
 
     count = write_manifest(args.out, gather_shards([Path(p) for p in args.shards]))
     log.info("gathered %d records into %s", count, args.out)

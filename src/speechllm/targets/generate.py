@@ -30,6 +30,7 @@ from speechllm import stopping
 from speechllm.io import atomic_write_text, drop_torn_tail
 from speechllm.models.speech_llm import position_ids_from_mask
 from speechllm.targets.settings import GenerateSettings
+from speechllm.targets.shards import shard_indices
 
 OnBatch = Callable[[list[tuple[int, str]]], None]
 
@@ -586,13 +587,6 @@ def cached_generate(
         if todo:
             generator.generate([prompts[i] for i in todo], [max_new_tokens[i] for i in todo], on_batch=save)
     return [done[key]["output"] for key in keys], len(todo)
-
-
-def shard_indices(n: int, shard: int, num_shards: int) -> list[int]:
-    """Every `num_shards`-th item from `shard`: shards partition the items and balance lengths."""
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"shard {shard} is outside 0..{num_shards - 1}")
-    return list(range(shard, n, num_shards))
 
 
 def write_jsonl(out: Path, rows: list[dict[str, Any]]) -> None:

@@ -9,7 +9,6 @@ The response is decoded without special tokens, so no eos is stored. Cached and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,10 @@ from speechllm.targets.generate import (
     cached_generate,
     generation_settings,
     partial_path,
-    shard_indices,
     write_jsonl,
 )
 from speechllm.targets.settings import ResponsesSettings
+from speechllm.targets.shards import shard_indices
 
 RESPONSE_FIELD = "llm_response"  # the reference's dataset column
 # targets.responses.prompt_template value that puts the text in the tokenizer's own chat turn
@@ -73,26 +72,6 @@ def generate_responses_shard(
         "reused": len(mine) - generated,
         "max_new_tokens": max(limits, default=0),
     }
-
-
-def gather_shards(paths: list[Path]) -> list[dict[str, Any]]:
-    """Shard rows back in manifest order, without `index`; every index 0..n-1 exactly once."""
-    rows: dict[int, dict[str, Any]] = {}
-    for path in paths:
-        with Path(path).open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                try:
-                    row = json.loads(line)
-                    index = int(row.pop("index"))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                    raise ValueError(f"{path}:{lineno}: not a shard row with an index ({err})") from err
-                if index in rows:
-                    raise ValueError(f"{path}:{lineno}: index {index} appears in more than one shard row")
-                rows[index] = row
-    missing = sorted(set(range(len(rows))) - set(rows))
-    if missing:
-        raise ValueError(f"shards {', '.join(map(str, paths))} miss indices, e.g. {missing[:5]}")
-    return [rows[i] for i in range(len(rows))]
 
 
 def response_settings(s: ResponsesSettings) -> dict[str, Any]:

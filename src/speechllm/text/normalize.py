@@ -9,15 +9,17 @@ words and lowers their WER artificially. Report CER alongside WER for such langu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
-
-import transformers
-from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+from importlib.metadata import version
 
 
 @cache
-def _basic_normalizer() -> BasicTextNormalizer:
-    """Shared normaliser instance (default options, as ESPnet's ``whisper_basic``)."""
+def _basic_normalizer() -> Callable[[str], str]:
+    """Shared normaliser instance (default options, as ESPnet's ``whisper_basic``). Imported here: importing
+    transformers takes most of a second, which jobs that only read scores (tables, plots) should not pay."""
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer
+
     return BasicTextNormalizer()
 
 
@@ -28,4 +30,4 @@ def basic_normalize(text: str) -> str:
 
 def normalizer_version() -> str:
     """Identify the normaliser implementation, e.g. ``transformers==5.23.0 BasicTextNormalizer``."""
-    return f"transformers=={transformers.__version__} BasicTextNormalizer"
+    return f"transformers=={version('transformers')} BasicTextNormalizer"
