@@ -630,6 +630,49 @@ def test_fetch_url_file_scheme(tmp_path):
     assert not (tmp_path / "empty.out").exists()
 
 
+@pytest.fixture
+def cut_server():
+    """A loopback HTTP server that announces 1000 bytes and closes the connection after 10, as a dropped
+    download does; yields its URL."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"\x1f\x8b" + bytes(8))
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/speech_xnli.tar.gz"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def test_fetch_url_refuses_a_cut_download_and_keeps_the_earlier_file(tmp_path, cut_server):
+    """http.client ends a connection cut before Content-Length as a short read: the 10 bytes must not become
+    the finished output (Snakemake would never fetch it again), and an earlier complete file stays."""
+    out = tmp_path / "zenodo" / "speech_xnli.tar.gz"
+    with pytest.raises(SourceError, match=r"cut short: 10 of 1000 bytes"):
+        fetch_url(cut_server, out, timeout=10)
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    out.write_bytes(b"complete earlier download")
+    with pytest.raises(SourceError, match="cut short"):
+        fetch_url(cut_server, out, timeout=10)
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(SourceError, match="0 bytes"):
+        fetch_url((tmp_path / "empty").as_uri(), out)
+    assert out.read_bytes() == b"complete earlier download" and list(out.parent.iterdir()) == [out]
+
+
 def test_cli_released_speechxnli_and_hub_articles(tmp_path):
     """The `speechllm data` subcommands the rules call, with settings as the rules build them."""
     from datasets import Features, Value
