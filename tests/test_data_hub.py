@@ -214,6 +214,21 @@ def test_fleurs_ids_stable_across_reruns_and_row_order(fleurs_hub, tmp_path, spe
     assert keyed(first / "train.jsonl") == keyed(second / "train.jsonl")
 
 
+def test_a_rerun_replaces_a_clip_of_the_same_size_but_other_content(fleurs_hub, tmp_path):
+    """A WAV's size follows from its length alone: a clip left by an earlier build from other data (another
+    revision, a re-encoded release) must not be kept because its size matches."""
+    out = tmp_path / "fleurs"
+    build = [["en_us", "de_de"], str(fleurs_hub), "refs/convert/parquet"]
+    build_fleurs(out, *build, cache_dir=str(tmp_path / "c"))
+    clip = Path(read_manifest(out / "test.jsonl")[0]["audio"])
+    released = clip.read_bytes()
+    header = sf.info(str(clip))
+    sf.write(str(clip), np.zeros(header.frames, dtype=np.int16), header.samplerate, subtype="PCM_16")
+    assert clip.stat().st_size == len(released) and clip.read_bytes() != released
+    build_fleurs(out, *build, cache_dir=str(tmp_path / "c"))
+    assert clip.read_bytes() == released
+
+
 def test_parquet_layouts_old_and_partial(tmp_path, fleurs_hub):
     old = tmp_path / "old"
     (old / "en_us").mkdir(parents=True)

@@ -135,8 +135,9 @@ def audio_bytes_info(audio: dict[str, Any] | None, where: str) -> sf._SoundFileI
 
 
 def write_clip(data: bytes, path: Path) -> None:
-    """Write released audio bytes once; a rerun leaves an identical file alone."""
-    if path.is_file() and path.stat().st_size == len(data):
+    """Write released audio bytes once; a rerun leaves an identical file alone and replaces any other (a
+    WAV's size depends only on its length, so a clip re-released with the same length differs in content)."""
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
     atomic_write_bytes(path, data)
 
