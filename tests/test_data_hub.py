@@ -634,6 +634,14 @@ def test_speechglue_tts_fallback_through_load_dataset(tmp_path):
     assert sf.info(ex["fields"]["sentence"]["audio"]).frames == ex["fields"]["sentence"]["num_samples"] > 0
 
 
+@pytest.mark.parametrize("text", ["-lrb- a fine film -rrb- .", "-- and then it rained."])
+def test_espeak_voices_a_text_that_starts_with_a_dash(speak, text):
+    """SST-2 validation sentences may start with "-lrb-", MNLI premises with "--": espeak-ng must read them as
+    text, not as options (which left it with no text and no clip, exit status 0)."""
+    wav = speak(text, "en-us")
+    assert wav.shape[0] > SR // 2
+
+
 def test_fetch_url_file_scheme(tmp_path):
     src = tmp_path / "cv12_train_utts.lst.gz"
     src.write_bytes(b"\x1f\x8b" + bytes(range(200)))
