@@ -214,6 +214,21 @@ def test_fleurs_ids_stable_across_reruns_and_row_order(fleurs_hub, tmp_path, spe
     assert keyed(first / "train.jsonl") == keyed(second / "train.jsonl")
 
 
+def test_a_rerun_replaces_a_clip_of_the_same_size_but_other_content(fleurs_hub, tmp_path):
+    """A WAV's size follows from its length alone: a clip left by an earlier build from other data (another
+    revision, a re-encoded release) must not be kept because its size matches."""
+    out = tmp_path / "fleurs"
+    build = [["en_us", "de_de"], str(fleurs_hub), "refs/convert/parquet"]
+    build_fleurs(out, *build, cache_dir=str(tmp_path / "c"))
+    clip = Path(read_manifest(out / "test.jsonl")[0]["audio"])
+    released = clip.read_bytes()
+    header = sf.info(str(clip))
+    sf.write(str(clip), np.zeros(header.frames, dtype=np.int16), header.samplerate, subtype="PCM_16")
+    assert clip.stat().st_size == len(released) and clip.read_bytes() != released
+    build_fleurs(out, *build, cache_dir=str(tmp_path / "c"))
+    assert clip.read_bytes() == released
+
+
 def test_parquet_layouts_old_and_partial(tmp_path, fleurs_hub):
     old = tmp_path / "old"
     (old / "en_us").mkdir(parents=True)
@@ -619,6 +634,14 @@ def test_speechglue_tts_fallback_through_load_dataset(tmp_path):
     assert sf.info(ex["fields"]["sentence"]["audio"]).frames == ex["fields"]["sentence"]["num_samples"] > 0
 
 
+@pytest.mark.parametrize("text", ["-lrb- a fine film -rrb- .", "-- and then it rained."])
+def test_espeak_voices_a_text_that_starts_with_a_dash(speak, text):
+    """SST-2 validation sentences may start with "-lrb-", MNLI premises with "--": espeak-ng must read them as
+    text, not as options (which left it with no text and no clip, exit status 0)."""
+    wav = speak(text, "en-us")
+    assert wav.shape[0] > SR // 2
+
+
 def test_fetch_url_file_scheme(tmp_path):
     src = tmp_path / "cv12_train_utts.lst.gz"
     src.write_bytes(b"\x1f\x8b" + bytes(range(200)))
@@ -628,6 +651,49 @@ def test_fetch_url_file_scheme(tmp_path):
     with pytest.raises(SourceError, match="0 bytes"):
         fetch_url((tmp_path / "empty").as_uri(), tmp_path / "empty.out")
     assert not (tmp_path / "empty.out").exists()
+
+
+@pytest.fixture
+def cut_server():
+    """A loopback HTTP server that announces 1000 bytes and closes the connection after 10, as a dropped
+    download does; yields its URL."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"\x1f\x8b" + bytes(8))
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/speech_xnli.tar.gz"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def test_fetch_url_refuses_a_cut_download_and_keeps_the_earlier_file(tmp_path, cut_server):
+    """http.client ends a connection cut before Content-Length as a short read: the 10 bytes must not become
+    the finished output (Snakemake would never fetch it again), and an earlier complete file stays."""
+    out = tmp_path / "zenodo" / "speech_xnli.tar.gz"
+    with pytest.raises(SourceError, match=r"cut short: 10 of 1000 bytes"):
+        fetch_url(cut_server, out, timeout=10)
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    out.write_bytes(b"complete earlier download")
+    with pytest.raises(SourceError, match="cut short"):
+        fetch_url(cut_server, out, timeout=10)
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(SourceError, match="0 bytes"):
+        fetch_url((tmp_path / "empty").as_uri(), out)
+    assert out.read_bytes() == b"complete earlier download" and list(out.parent.iterdir()) == [out]
 
 
 def test_cli_released_speechxnli_and_hub_articles(tmp_path):

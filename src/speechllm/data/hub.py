@@ -135,8 +135,9 @@ def audio_bytes_info(audio: dict[str, Any] | None, where: str) -> sf._SoundFileI
 
 
 def write_clip(data: bytes, path: Path) -> None:
-    """Write released audio bytes once; a rerun leaves an identical file alone."""
-    if path.is_file() and path.stat().st_size == len(data):
+    """Write released audio bytes once; a rerun leaves an identical file alone and replaces any other (a
+    WAV's size depends only on its length, so a clip re-released with the same length differs in content)."""
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return
     atomic_write_bytes(path, data)
 
@@ -496,20 +497,25 @@ def build_speechglue_released(
 
 
 def fetch_url(url: str, out: Path, timeout: float = 60.0) -> int:
-    """Stream `url` (https://, or file:// for local copies) to `out` atomically. Returns the byte count."""
+    """Stream `url` (https://, or file:// for local copies) to `out` atomically. Returns the byte count.
+
+    Nothing replaces `out` unless the whole body arrived: an empty body, or fewer bytes than the server's
+    Content-Length (http.client ends a cut connection as a short read, not an error), is a SourceError."""
     request = urllib.request.Request(url, headers={"User-Agent": "speechllm"})
     total = 0
     with (
         urllib.request.urlopen(request, timeout=timeout) as response,
         atomic_path(out) as tmp,
-        tmp.open("wb") as fh,
     ):
-        while chunk := response.read(1 << 20):
-            fh.write(chunk)
-            total += len(chunk)
-    if total == 0:
-        out.unlink()
-        raise SourceError(f"downloaded 0 bytes from {url}")
+        with tmp.open("wb") as fh:
+            while chunk := response.read(1 << 20):
+                fh.write(chunk)
+                total += len(chunk)
+        announced = response.headers.get("Content-Length")
+        if announced is not None and announced.isdigit() and total != int(announced):
+            raise SourceError(f"download of {url} cut short: {total} of {announced} bytes arrived")
+        if total == 0:
+            raise SourceError(f"downloaded 0 bytes from {url}")
     return total
 
 

@@ -50,10 +50,14 @@ class EspeakNG:
 
     def synthesize(self, text: str, voice: str, out_path: Path) -> None:
         with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
-            cmd = [self.binary, "-v", voice, "-s", str(self.words_per_minute), "-w", tmp.name, text]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"espeak-ng failed for voice {voice!r} on {text!r}: {proc.stderr.strip()}")
+            # `--` ends the options: a text starting with "-" (SST-2's "-lrb- ...", a quoted "--") would be
+            # parsed as options, and espeak-ng would then read its text from stdin, exiting 0 without a clip.
+            cmd = [self.binary, "-v", voice, "-s", str(self.words_per_minute), "-w", tmp.name, "--", text]
+            proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if proc.returncode != 0 or Path(tmp.name).stat().st_size == 0:
+                raise RuntimeError(
+                    f"espeak-ng wrote no clip for voice {voice!r} on {text!r}: {proc.stderr.strip()}"
+                )
             wav = load_audio(tmp.name, self.sampling_rate)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out_path) as part:  # a killed job leaves no clip that looks finished
