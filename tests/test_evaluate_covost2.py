@@ -63,6 +63,20 @@ def test_test_split_records_in_fleurs_shape(release, tmp_path) -> None:
     assert lines[-1]["raw_transcription"] == "Bonjour." and lines[-1]["translation"] == "Hello."
 
 
+def test_tsvs_are_read_as_covost_reads_them(release) -> None:
+    """A backslash escapes the next character (a tab inside a sentence, a backslash itself), as in CoVoST's
+    get_covost_splits.py; quotes stay plain characters."""
+    (release / "de" / "covost_v2.de_en.tsv").write_text(
+        HEADER + 'de_1.mp3\tEr sagte "Hallo"\\\tdann ging er.\tHe said "hello"\\\tthen left.\tc1\ttest\n'
+        "de_2.mp3\tA\\\\B.\tA\\\\B.\tc2\ttest\n",
+        encoding="utf-8",
+    )
+    first, second = covost2_test_records(release, "de")
+    assert first["raw_transcription"] == 'Er sagte "Hallo"\tdann ging er.'
+    assert first["translation"] == 'He said "hello"\tthen left.'
+    assert second["raw_transcription"] == second["translation"] == "A\\B."
+
+
 def test_bad_release_errors_name_the_file(release, tmp_path) -> None:
     with pytest.raises(CoVoSTError, match="covost_v2.fr_en.tsv"):
         covost2_test_records(release, "fr")  # no tsv_dir given

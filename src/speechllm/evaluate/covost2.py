@@ -30,8 +30,9 @@ class CoVoSTError(ValueError):
 
 def _read_tsv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
     with path.open(encoding="utf-8", newline="") as fh:
-        # CoVoST / Common Voice tsvs hold unescaped quotes inside sentences
-        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        # As CoVoST's own split script reads its tsv and Common Voice's: quotes are plain characters, a
+        # backslash escapes the next one (facebookresearch/covost@4cddf32:get_covost_splits.py).
+        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
             raise CoVoSTError(f"{path}: missing column(s) {missing} (has {reader.fieldnames})")
