@@ -439,11 +439,12 @@ class Trainer:
                 name = self.checkpoints.save_kept(state.step, self.trainable_weights())
                 kept = [KeptState(k.value, k.step, name) if k.step == state.step else k for k in kept]
             state.kept = kept
-        if stage.patience is not None:
-            value = selection_value(metrics, stage.early_stopping_metric)
-            state.best_early_stop, state.evals_since_best = early_stopping_update(
-                state.best_early_stop, state.evals_since_best, value
-            )
+        # Counted with or without patience: patience may be set or changed when a run is resumed
+        # (commands.TRAJECTORY_FREE), and the count must then be the uninterrupted run's.
+        value = selection_value(metrics, stage.early_stopping_metric)
+        state.best_early_stop, state.evals_since_best = early_stopping_update(
+            state.best_early_stop, state.evals_since_best, value
+        )
 
     def save_checkpoint(self) -> None:
         trainer = {"optimizer": self.optimizer_state(), "scheduler": self.scheduler.state_dict()}
