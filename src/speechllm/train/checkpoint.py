@@ -78,6 +78,8 @@ class TrainerState:
         pass_position: micro-batches consumed in the current pass (the sampler's resume position).
         epoch: completed "epochs" (`num_iters_per_epoch` micro-batches each).
         epoch_start_batch: `batches_seen` when the current epoch began.
+        epoch_updates: updates of the current epoch that were made (a finite gradient norm).
+        invalid_epoch: an epoch ended in which no update was made (ESPnet stops there).
         kept: evaluations whose weights are kept for the final selection, best first.
         best_early_stop: best value of the early-stopping metric so far (lower is better).
         evals_since_best: dev evaluations since it last improved.
@@ -95,6 +97,8 @@ class TrainerState:
     pass_position: int = 0
     epoch: int = 0
     epoch_start_batch: int = 0
+    epoch_updates: int = 0
+    invalid_epoch: bool = False
     kept: list[KeptState] = field(default_factory=list)
     best_early_stop: float | None = None
     evals_since_best: int = 0
