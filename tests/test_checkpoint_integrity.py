@@ -173,3 +173,47 @@ def test_trainer_state_round_trips(tmp_path):
     assert TrainerState.from_json(state.to_json()) == state
     with pytest.raises(CheckpointError, match="x.json: not a valid trainer state"):
         TrainerState.from_json(json.dumps({"step": 1, "unknown": 2}), "x.json")
+
+
+FILE_SIZE_LIMIT = """
+import resource, signal, sys, torch
+from pathlib import Path
+from speechllm.train.checkpoint import CheckpointManager, CheckpointWriteError, TrainerState
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+manager = CheckpointManager(Path(sys.argv[1]), keep=2)
+small, large = {"w": torch.zeros(16)}, {"w": torch.zeros(64 * 1024)}
+attempts = {
+    "weights": lambda: manager.save(TrainerState(step=1), large, {"s": small["w"]}, rank=0),
+    "trainer": lambda: manager.save(TrainerState(step=2), small, {"s": large["w"]}, rank=0),
+    "kept": lambda: manager.save_kept(3, large),
+}
+for name, attempt in attempts.items():
+    try:
+        attempt()
+    except CheckpointWriteError as err:
+        print(name, err)
+print("steps", manager.steps(), sorted(p.name for p in manager.root.iterdir() if p.name != "kept"))
+"""
+
+
+def test_a_real_failed_write_names_the_checkpoint_directory(tmp_path):
+    """safetensors and torch.save do not raise OSError when the disk fills: they raise their own errors
+    ("unexpected pos N vs M" from torch). A write that the OS refuses (here past RLIMIT_FSIZE, EFBIG, as a
+    full disk refuses with ENOSPC) still ends in the one-line error naming the directory, and leaves no
+    partial directory behind."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "checkpoints"
+    done = subprocess.run(
+        [sys.executable, "-c", FILE_SIZE_LIMIT, str(root)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        f"weights [Errno {errno.EFBIG}] cannot write checkpoint {root / 'step_00000001'}: File too large",
+        f"trainer [Errno {errno.EFBIG}] cannot write checkpoint {root / 'step_00000002'}: File too large",
+        f"kept [Errno {errno.EFBIG}] cannot write checkpoint {root / 'kept'}: File too large",
+        "steps [] []",
+    ]

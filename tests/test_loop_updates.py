@@ -48,9 +48,8 @@ def tracker_factory(log_dir: Path, job: str):
     return make
 
 
-def test_espnet_stages_do_not_advance_the_schedule_on_a_skipped_update(tiny_spec, tmp_path):
-    """CTC stage, warm-up 4: update 2 is skipped, so update 3 uses update 2's rate (warm-up step 2 of 4), as
-    ESPnet's WarmupLR, which counts only the updates that were made."""
+def ctc_trainer(tiny_spec: dict, tmp_path: Path, **stage: object) -> Trainer:
+    """A CTC-stage trainer over the tiny model and 8 training utterances, updating at every micro-batch."""
     from speechllm.data.batches import Collator, SpeechDataset
     from speechllm.data.manifest import read_manifest
     from speechllm.models.export import build_model
@@ -58,26 +57,24 @@ def test_espnet_stages_do_not_advance_the_schedule_on_a_skipped_update(tiny_spec
     model, tokenizer = build_model(tiny_spec, with_ctc=True, with_llm=False)
     corpus = write_corpus(tmp_path / "data", num_train=8, num_dev=2)
     datasets = [SpeechDataset(read_manifest(corpus[s]), 16000) for s in ("train", "dev")]
-    settings = {
-        **CTC_STAGE,
-        "accum_grad": 1,
-        "max_epochs": None,
-        "max_steps": 4,
-        "best_metric": "last",
-        "checkpoint_every": 100,
-    }
-    stage = StageConfig.from_config("ctc", settings)
+    settings = {**CTC_STAGE, "accum_grad": 1, "best_metric": "last", "checkpoint_every": 100, **stage}
     collator = Collator(tokenizer, {"English": 1, "German": 2}, "Repeat the sentence: ", ". ")
-    trainer = Trainer(
+    return Trainer(
         model,
         tokenizer,
-        stage,
+        StageConfig.from_config("ctc", settings),
         *datasets,
         collator,
         tracker_factory(tmp_path / "log", "train_ctc"),
         0,
         tmp_path / "ckpt",
     )
+
+
+def test_espnet_stages_do_not_advance_the_schedule_on_a_skipped_update(tiny_spec, tmp_path):
+    """CTC stage, warm-up 4: update 2 is skipped, so update 3 uses update 2's rate (warm-up step 2 of 4), as
+    ESPnet's WarmupLR, which counts only the updates that were made."""
+    trainer = ctc_trainer(tiny_spec, tmp_path, max_epochs=None, max_steps=4)
     non_finite_at(trainer, {2})
     trainer.run()
     base = CTC_STAGE["lr"]
@@ -102,3 +99,17 @@ def test_kang_roy_advances_the_schedule_on_a_skipped_update(tmp_path):
     finally:
         Trainer.run = real_run  # type: ignore[method-assign]
     assert logged_lrs(tmp_path / "log") == pytest.approx([1e-3, 2e-3 / 3, 1e-3 / 3])
+
+
+def test_espnet_stages_stop_after_an_epoch_whose_updates_were_all_skipped(tiny_spec, tmp_path):
+    """ESPnet stops training after an epoch in which no update was made (`all_steps_are_invalid`), after
+    that epoch's evaluation and checkpoint. Epochs of 4 updates: epoch 1 makes one update, epoch 2 none."""
+    from speechllm.train.checkpoint import CheckpointManager
+
+    trainer = ctc_trainer(tiny_spec, tmp_path, num_iters_per_epoch=4, max_epochs=3)
+    non_finite_at(trainer, {1, 2, 3, 5, 6, 7, 8})
+    summary = trainer.run().summary
+    assert (summary["stopped"], summary["final_step"], summary["epochs"]) == ("all_updates_invalid", 8, 2)
+    assert [h["step"] for h in summary["history"]] == [4, 8]  # the last epoch was still evaluated
+    saved = CheckpointManager.load_state(CheckpointManager(tmp_path / "ckpt", 1).latest())
+    assert saved.step == 8 and saved.invalid_epoch  # a rerun resumes into the same stop

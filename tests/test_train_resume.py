@@ -423,6 +423,32 @@ def test_k_best_bookkeeping_and_patience_follow_espnet():
     assert stops == [False, False, False, False, False, True, False] and best == 3.0
 
 
+def test_patience_set_on_a_resumed_run_counts_the_evaluations_before_the_resume():
+    """`patience` does not enter the run fingerprint, so a run started without early stopping resumes with
+    it. The evaluations before the resume count as in a run that had patience from the start: dev loss best
+    at the first, then three evaluations without gain, then patience 2 is set: the run stops at once."""
+    from types import SimpleNamespace
+
+    from speechllm.train.loop import Trainer
+
+    def evaluate(trainer, losses):
+        for loss in losses:
+            trainer.state.step += 1
+            Trainer.after_evaluation(trainer, {"dev_loss": loss})
+
+    def trainer(patience):
+        stage = StageConfig.from_config("ctc", {**CTC_STAGE, "best_metric": "last", "patience": patience})
+        return SimpleNamespace(stage=stage, state=TrainerState())
+
+    straight, resumed = trainer(2), trainer(None)
+    evaluate(straight, [3.0, 3.5, 3.2, 3.1])
+    evaluate(resumed, [3.0, 3.5, 3.2, 3.1])
+    resumed.stage = straight.stage  # resumed from its checkpoint with patience 2
+    assert Trainer.stop_reason(straight) == "patience"
+    assert (resumed.state.best_early_stop, resumed.state.evals_since_best) == (3.0, 3)
+    assert Trainer.stop_reason(resumed) == "patience"
+
+
 def test_fingerprint_ignores_run_length_but_not_the_recipe(tmp_path):
     import argparse
 

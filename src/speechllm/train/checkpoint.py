@@ -78,6 +78,8 @@ class TrainerState:
         pass_position: micro-batches consumed in the current pass (the sampler's resume position).
         epoch: completed "epochs" (`num_iters_per_epoch` micro-batches each).
         epoch_start_batch: `batches_seen` when the current epoch began.
+        epoch_updates: updates of the current epoch that were made (a finite gradient norm).
+        invalid_epoch: an epoch ended in which no update was made (ESPnet stops there).
         kept: evaluations whose weights are kept for the final selection, best first.
         best_early_stop: best value of the early-stopping metric so far (lower is better).
         evals_since_best: dev evaluations since it last improved.
@@ -95,6 +97,8 @@ class TrainerState:
     pass_position: int = 0
     epoch: int = 0
     epoch_start_batch: int = 0
+    epoch_updates: int = 0
+    invalid_epoch: bool = False
     kept: list[KeptState] = field(default_factory=list)
     best_early_stop: float | None = None
     evals_since_best: int = 0
@@ -158,10 +162,37 @@ def restore_rng(state: dict[str, Any]) -> None:
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """safetensors file written under a temporary name and renamed."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    _save_safetensors(tensors, tmp)
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """`torch.save` through a Python file object: a failed write (a full disk) then leaves its OSError as the
+    context of torch's RuntimeError. Given a path, torch reports only "unexpected pos N vs M"."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OS error behind a failed write: `err` itself or one it was raised from (torch.save to a file
+    object), or the `(os error N)` that safetensors (a Rust io::Error) puts in its message. None: not an
+    OS error."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def file_sha256(path: Path) -> str:
@@ -325,8 +356,11 @@ class CheckpointManager:
                 self.kept_dir.mkdir(parents=True, exist_ok=True)
                 _save_tensors(weights, path)
                 atomic_write_text(path.with_name(name + DIGEST_SUFFIX), f"{file_sha256(path)}  {name}\n")
-            except OSError as err:
-                raise _write_error(err, self.kept_dir) from err
+            except Exception as err:  # safetensors and torch wrap the OS error in their own types
+                cause = _os_error(err)
+                if cause is None:
+                    raise
+                raise _write_error(cause, self.kept_dir) from err
         return name
 
     def load_kept(self, name: str) -> dict[str, torch.Tensor]:
@@ -371,15 +405,18 @@ class CheckpointManager:
                     shutil.rmtree(tmp)
                 tmp.mkdir(parents=True)
             sync()
-            torch.save(capture_rng(), tmp / f"rng_rank{rank}.pt")
+            _torch_save(capture_rng(), tmp / f"rng_rank{rank}.pt")
             fsync_path(tmp / f"rng_rank{rank}.pt")
             sync()
             if self.is_main:
                 self._write_main_files(tmp, final, state, weights, trainer)
-        except OSError as err:
+        except Exception as err:  # safetensors and torch wrap the OS error in their own types
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise _write_error(err, final) from err
+            cause = _os_error(err)
+            if cause is None:
+                raise
+            raise _write_error(cause, final) from err
         sync()
         return final
 
@@ -392,10 +429,8 @@ class CheckpointManager:
         trainer: dict[str, Any],
     ) -> None:
         """Weights, trainer state, counters and checksums into `tmp`, then publish it as `final` and prune."""
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors")
-        )
-        torch.save(trainer, tmp / "trainer.pt")
+        _save_safetensors(weights, tmp / "model.safetensors")
+        _torch_save(trainer, tmp / "trainer.pt")
         for name in ("model.safetensors", "trainer.pt"):  # on disk before the rename makes the step visible
             fsync_path(tmp / name)
         atomic_write_text(tmp / "trainer_state.json", state.to_json())

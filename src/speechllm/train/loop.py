@@ -3,7 +3,8 @@
 Recipe (spec bloomzmms.md §3, ESPnet semantics):
 - Adam (not AdamW), warm-up then inverse-sqrt decay, gradient clipping, gradient accumulation (loss / accum);
   an update whose gradient norm is not finite is skipped (ESPnet). Whether the schedule still advances
-  follows each reference (`SCHEDULE_SKIPPED_UPDATES`).
+  follows each reference (`SCHEDULE_SKIPPED_UPDATES`), and so does stopping after an epoch of only skipped
+  updates (`STOP_AFTER_AN_INVALID_EPOCH`).
 - Batches by padded seconds (`DurationBucketSampler`); an "epoch" is `num_iters_per_epoch` micro-batches drawn
   from a stream of passes over the data (null: the number of batches of the first pass). It ends at the first
   optimizer update at or after that count. With several processes a micro-batch is a global one (below), so
@@ -94,6 +95,12 @@ SELECTION_METRICS = ("dev_cer", "dev_acc", "dev_loss", "last")
 # (wonjune-kang/llm-speech-summarization@0a3d8e6:trainer.py) call `lr_scheduler.step()` after every
 # `scaler.step()`, which skips the optimizer step on inf / nan gradients.
 SCHEDULE_SKIPPED_UPDATES = {"ctc": False, "ce": False, "kd": True}
+
+# Whether training stops after an epoch in which every update was skipped. ESPnet's `train_one_epoch` returns
+# `all_steps_are_invalid` and its `run` then stops ("The gradients at all steps are invalid in this epoch"),
+# after the epoch's validation and checkpoint, before the early-stopping check (same files as above). Kang &
+# Roy's trainer has no such check.
+STOP_AFTER_AN_INVALID_EPOCH = {"ctc": True, "ce": True, "kd": False}
 
 
 @dataclass
@@ -439,11 +446,12 @@ class Trainer:
                 name = self.checkpoints.save_kept(state.step, self.trainable_weights())
                 kept = [KeptState(k.value, k.step, name) if k.step == state.step else k for k in kept]
             state.kept = kept
-        if stage.patience is not None:
-            value = selection_value(metrics, stage.early_stopping_metric)
-            state.best_early_stop, state.evals_since_best = early_stopping_update(
-                state.best_early_stop, state.evals_since_best, value
-            )
+        # Counted with or without patience: patience may be set or changed when a run is resumed
+        # (commands.TRAJECTORY_FREE), and the count must then be the uninterrupted run's.
+        value = selection_value(metrics, stage.early_stopping_metric)
+        state.best_early_stop, state.evals_since_best = early_stopping_update(
+            state.best_early_stop, state.evals_since_best, value
+        )
 
     def save_checkpoint(self) -> None:
         trainer = {"optimizer": self.optimizer_state(), "scheduler": self.scheduler.state_dict()}
@@ -458,6 +466,8 @@ class Trainer:
 
     def stop_reason(self) -> str:
         stage, state = self.stage, self.state
+        if state.invalid_epoch:
+            return "all_updates_invalid"
         if stage.max_steps is not None and state.step >= stage.max_steps:
             return "max_steps"
         if stage.max_epochs is not None and state.epoch >= stage.max_epochs:
@@ -565,6 +575,7 @@ class Trainer:
                 finite = math.isfinite(grad_norm)
                 if finite:
                     self.optimizer.step()
+                    state.epoch_updates += 1
                 else:
                     log.warning("step %d: gradient norm is %s, update skipped", state.step + 1, grad_norm)
                 lr = self.scheduler.get_last_lr()[0]  # the rate this update used
@@ -603,8 +614,15 @@ class Trainer:
             self.after_evaluation(metrics)
             row.update(metrics)
         if epoch_end:
+            if state.epoch_updates == 0 and STOP_AFTER_AN_INVALID_EPOCH[stage.objective]:
+                state.invalid_epoch = True
+                log.warning(
+                    "every update of epoch %d had a non-finite gradient norm: training stops (ESPnet)",
+                    state.epoch + 1,
+                )
             state.epoch += 1
             state.epoch_start_batch = state.batches_seen
+            state.epoch_updates = 0
         state.stopped = self.stop_reason()
         if row:
             self.tracker.log(row, step=state.step)
