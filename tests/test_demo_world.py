@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
+from speechllm.data.languages import language_name
 from speechllm.demo.build import (
     _batches,
+    _template_target,
     build_llm,
     instruction_examples,
     pretraining_batch,
@@ -26,6 +29,7 @@ from speechllm.demo.corpus import (
     split_for_llm,
 )
 from speechllm.evaluate.prompts import TASK_PROMPTS, render_text
+from speechllm.targets.templates import builtin_templates
 
 COUNTS = {"train": 60, "dev": 6, "test": 6}
 LANGUAGES = ("en", "de", "fr", "es", "it", "pt")
@@ -252,3 +256,29 @@ def test_demo_llm_pretraining_scores_only_the_completion():
         torch.tensor([20, 21, 2, 22, 2]),
     )
     assert torch.allclose(model(**batch).loss, nll)
+
+
+def test_template_translations_answer_in_the_language_the_template_asks_for():
+    """A template that names two languages ("A text in English: ... The same text in German:", "from German
+    to English") asks for the one it names last: the demo LLM's answer is the sentence in that language."""
+    names = {col: language_name(col) for col in LANGUAGES}
+    assert _template_target("A text in English: ", "\nThe same text in German:", names) == "de"
+    assert _template_target("Translate the following text from German to English\n", "\n", names) == "en"
+    assert (
+        _template_target("", " The previous text is in French. Here is a translation to Italian:", names)
+        == "it"
+    )
+    assert _template_target("Say this sentence again: ", "\n", names) is None
+    bank = sum(_template_target(p, q, names) is not None for p, q in builtin_templates())
+    examples = instruction_examples(0.5, "Repeat: ", ". ", "From {language}:\n", "\n", bank, 0, " ", 0)
+    sentences = {col: {" " + row[col] for row in demo_sentences(None)} for col in LANGUAGES}
+    column = {name: col for col, name in names.items()}
+    asked = re.compile(r"(?:^Translate the following text from \w+ to (\w+)\n|(?:in|to) (\w+):$)")
+    checked = 0
+    for example in examples:
+        if match := asked.search(example.prompt):
+            assert example.completion in sentences[column[match[1] or match[2]]], example
+            checked += 1
+    assert checked == 52 * len(LANGUAGES) * len(demo_sentences(None))  # every template names its target
+    with pytest.raises(ValueError, match=r"llm_pretrain\.templates_per_sentence=53 exceeds the 52"):
+        instruction_examples(0.5, "Repeat: ", ". ", "From {language}:\n", "\n", bank + 1, 0, " ", 0)
