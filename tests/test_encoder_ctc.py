@@ -16,7 +16,12 @@ from transformers import Wav2Vec2ForCTC, Wav2Vec2Model, Wav2Vec2Processor
 
 from speechllm.data.manifest import ManifestError, write_manifest
 from speechllm.demo.build import build_speech_encoder
-from speechllm.demo.encoder_ctc import CtcFinetuneConfig, character_vocab, finetune_encoder
+from speechllm.demo.encoder_ctc import (
+    CtcFinetuneConfig,
+    character_vocab,
+    finetune_encoder,
+    read_transcribed,
+)
 
 SR = 16_000
 ENCODER = {
@@ -130,6 +135,20 @@ def test_an_empty_transcript_names_the_manifest_line(tone_data, tmp_path):
     build_speech_encoder(out, {"speech_encoder": ENCODER}, SR, seed=0)
     with pytest.raises(ManifestError, match=rf"{bad}:2: empty 'transcription'"):
         finetune_encoder(out, bad, tone_data["dev"], FINETUNE, SR, seed=0)
+
+
+def test_an_empty_manifest_is_an_error_not_an_endless_wait(tone_data, tmp_path):
+    """No training utterance: the sampler yields no batch, and the update loop would never end."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ManifestError, match=rf"{empty}: no utterances"):
+        read_transcribed(empty)
+    out = tmp_path / "mms"
+    build_speech_encoder(out, {"speech_encoder": ENCODER}, SR, seed=0)
+    with pytest.raises(ManifestError, match=rf"{empty}: no utterances"):
+        finetune_encoder(out, empty, tone_data["dev"], FINETUNE, SR, seed=0)
+    with pytest.raises(ManifestError, match=rf"{empty}: no utterances"):
+        finetune_encoder(out, tone_data["train"], empty, FINETUNE, SR, seed=0)
 
 
 def run_cli(tmp_path: Path, updates: int, *manifest_args: str) -> subprocess.CompletedProcess:
