@@ -20,6 +20,7 @@ from speechllm.demo.build import (
 )
 from speechllm.demo.corpus import (
     COMPOSED_SLOTS,
+    build_speechxnli,
     composed_glue,
     composed_sentences,
     demo_file,
@@ -27,6 +28,7 @@ from speechllm.demo.corpus import (
     glue_split,
     read_tsv,
     split_for_llm,
+    voice_for,
 )
 from speechllm.evaluate.prompts import TASK_PROMPTS, render_text
 from speechllm.targets.templates import builtin_templates
@@ -282,3 +284,14 @@ def test_template_translations_answer_in_the_language_the_template_asks_for():
     assert checked == 52 * len(LANGUAGES) * len(demo_sentences(None))  # every template names its target
     with pytest.raises(ValueError, match=r"llm_pretrain\.templates_per_sentence=53 exceeds the 52"):
         instruction_examples(0.5, "Repeat: ", ". ", "From {language}:\n", "\n", bank + 1, 0, " ", 0)
+
+
+def test_a_missing_tts_voice_names_the_config_key(tmp_path):
+    """Every spoken set checks its languages' voices before voicing anything (SpeechXNLI's codes are
+    short)."""
+    voices = {"en": "en-us", "de": "de"}
+    with pytest.raises(ValueError, match=r"no TTS voice for 'fr' \(config key data\.tts\.voices\)"):
+        build_speechxnli(tmp_path, ["en", "de", "fr"], voices, None, 16_000, 0.5, 1)
+    with pytest.raises(ValueError, match=r"no TTS voice for 'en_us' \(config key data\.tts\.voices\)"):
+        voice_for(voices, "en_us")
+    assert not list(tmp_path.iterdir())

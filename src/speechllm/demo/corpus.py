@@ -202,6 +202,13 @@ def split_for_llm(rows: list[dict[str, str]], fraction: float) -> tuple[list[dic
     return rows[:cut], rows[cut:]
 
 
+def voice_for(voices: dict[str, str], code: str) -> str:
+    """The TTS voice of language `code`, or an error naming the config key."""
+    if code not in voices:
+        raise ValueError(f"no TTS voice for {code!r} (config key data.tts.voices)")
+    return voices[code]
+
+
 def build_corpus(
     out_dir: Path,
     languages: list[str],
@@ -218,12 +225,11 @@ def build_corpus(
         short = FLEURS_TO_SHORT.get(code)
         if short is None or short not in rows[0]:
             raise ValueError(f"language {code!r} (config key data.languages) is not in the demo corpus")
-        if code not in voices:
-            raise ValueError(f"no TTS voice for {code!r} (config key data.tts.voices)")
+        voice = voice_for(voices, code)
         for row in rows:
             sid = int(row["id"])
             path = out_dir / "audio" / code / f"{sid:04d}.wav"
-            jobs.append((row[short], voices[code], path))
+            jobs.append((row[short], voice, path))
             records[row["split"]].append(
                 {
                     "id": f"{code}-{row['split']}-{sid:04d}",
@@ -302,13 +308,14 @@ def build_speechxnli(
         raise ValueError(
             f"demo SpeechXNLI has no language(s) {sorted(missing)} (config key data.speechxnli.languages)"
         )
+    voice = {lang: voice_for(voices, lang) for lang in languages}
     jobs, pending = [], []
     for row in rows:
         lang = row["language"]
         paths = {
             f: out_dir / "audio" / "speechxnli" / lang / f"{int(row['id']):04d}_{f}.wav" for f in XNLI_FIELDS
         }
-        jobs += [(row[f], voices[lang], p) for f, p in paths.items()]
+        jobs += [(row[f], voice[lang], p) for f, p in paths.items()]
         pending.append((row, paths))
     speak_all(tts, jobs, threads)
     examples = [
