@@ -117,6 +117,10 @@ def test_finetuning_learns_the_characters_and_saves_an_mms_all_shaped_model(tone
     encoder = Wav2Vec2Model.from_pretrained(out)  # what the pipeline's frontend loads
     assert any(not torch.equal(v, random_encoder[k]) for k, v in encoder.state_dict().items())
     asr = Wav2Vec2ForCTC.from_pretrained(out).eval()
+    # the fine-tuned weights themselves, not a fresh initialisation under the CTC checkpoint's names
+    tuned = asr.wav2vec2.state_dict()
+    assert encoder.state_dict().keys() == tuned.keys()
+    assert all(torch.equal(v, tuned[k]) for k, v in encoder.state_dict().items())
     processor = Wav2Vec2Processor.from_pretrained(out)  # the hub model's usage: normalise, logits, decode
     with torch.no_grad():
         logits = asr(
