@@ -32,6 +32,7 @@ from speechllm.demo.corpus import (
 )
 from speechllm.evaluate.prompts import TASK_PROMPTS, render_text
 from speechllm.targets.templates import builtin_templates
+from speechllm.text.normalize import basic_normalize
 
 COUNTS = {"train": 60, "dev": 6, "test": 6}
 LANGUAGES = ("en", "de", "fr", "es", "it", "pt")
@@ -295,3 +296,16 @@ def test_a_missing_tts_voice_names_the_config_key(tmp_path):
     with pytest.raises(ValueError, match=r"no TTS voice for 'en_us' \(config key data\.tts\.voices\)"):
         voice_for(voices, "en_us")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_demo_sentence_is_in_two_splits_in_any_language(seed):
+    """Written and composed sentences together: no text (raw or as the normalised CTC target) of one split
+    appears in another, in any of the six languages."""
+    rows = demo_sentences({**COUNTS, "seed": seed})
+    for col in LANGUAGES:
+        splits: dict[str, set[str]] = {}
+        for row in rows:
+            for text in (row[col], basic_normalize(row[col])):
+                splits.setdefault(text, set()).add(row["split"])
+        assert not {text: s for text, s in splits.items() if len(s) > 1}, col
