@@ -309,3 +309,13 @@ def test_no_demo_sentence_is_in_two_splits_in_any_language(seed):
             for text in (row[col], basic_normalize(row[col])):
                 splits.setdefault(text, set()).add(row["split"])
         assert not {text: s for text, s in splits.items() if len(s) > 1}, col
+
+
+def test_a_malformed_demo_table_names_the_file_and_line(tmp_path):
+    table = tmp_path / "t.tsv"
+    table.write_text("id\ten\n1\tone\n2\ttwo\textra\n3\t\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{table}:3: 3 fields, the header has 2"):
+        read_tsv(table)
+    table.write_text("id\ten\n1\tone\n\n3\t\n", encoding="utf-8")  # a blank line is still a line
+    with pytest.raises(ValueError, match=rf"{table}:4: empty field\(s\) en"):
+        read_tsv(table)

@@ -29,12 +29,21 @@ def demo_file(name: str) -> Path:
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:
+    """The rows of a tab-separated table with a header; a row with more fields than the header or an empty
+    field is an error naming the file and line (blank lines, which csv skips, still count)."""
+    rows = []
     with path.open(encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    for lineno, row in enumerate(rows, start=2):
-        empty = [key for key, value in row.items() if not (value or "").strip()]
-        if empty:
-            raise ValueError(f"{path}:{lineno}: empty field(s) {', '.join(empty)}")
+        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row:  # csv's key for the fields past the header's
+                raise ValueError(
+                    f"{where}: {len(row) - 1 + len(row[None])} fields, the header has {len(row) - 1}"
+                )
+            empty = [key for key, value in row.items() if not (value or "").strip()]
+            if empty:
+                raise ValueError(f"{where}: empty field(s) {', '.join(empty)}")
+            rows.append(row)
     return rows
 
 
