@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
+from speechllm.data.languages import language_name
 from speechllm.demo.build import (
     _batches,
+    _template_target,
     build_llm,
     instruction_examples,
     pretraining_batch,
@@ -17,6 +20,7 @@ from speechllm.demo.build import (
 )
 from speechllm.demo.corpus import (
     COMPOSED_SLOTS,
+    build_speechxnli,
     composed_glue,
     composed_sentences,
     demo_file,
@@ -24,8 +28,11 @@ from speechllm.demo.corpus import (
     glue_split,
     read_tsv,
     split_for_llm,
+    voice_for,
 )
 from speechllm.evaluate.prompts import TASK_PROMPTS, render_text
+from speechllm.targets.templates import builtin_templates
+from speechllm.text.normalize import basic_normalize
 
 COUNTS = {"train": 60, "dev": 6, "test": 6}
 LANGUAGES = ("en", "de", "fr", "es", "it", "pt")
@@ -252,3 +259,63 @@ def test_demo_llm_pretraining_scores_only_the_completion():
         torch.tensor([20, 21, 2, 22, 2]),
     )
     assert torch.allclose(model(**batch).loss, nll)
+
+
+def test_template_translations_answer_in_the_language_the_template_asks_for():
+    """A template that names two languages ("A text in English: ... The same text in German:", "from German
+    to English") asks for the one it names last: the demo LLM's answer is the sentence in that language."""
+    names = {col: language_name(col) for col in LANGUAGES}
+    assert _template_target("A text in English: ", "\nThe same text in German:", names) == "de"
+    assert _template_target("Translate the following text from German to English\n", "\n", names) == "en"
+    assert (
+        _template_target("", " The previous text is in French. Here is a translation to Italian:", names)
+        == "it"
+    )
+    assert _template_target("Say this sentence again: ", "\n", names) is None
+    bank = sum(_template_target(p, q, names) is not None for p, q in builtin_templates())
+    examples = instruction_examples(0.5, "Repeat: ", ". ", "From {language}:\n", "\n", bank, 0, " ", 0)
+    sentences = {col: {" " + row[col] for row in demo_sentences(None)} for col in LANGUAGES}
+    column = {name: col for col, name in names.items()}
+    asked = re.compile(r"(?:^Translate the following text from \w+ to (\w+)\n|(?:in|to) (\w+):$)")
+    checked = 0
+    for example in examples:
+        if match := asked.search(example.prompt):
+            assert example.completion in sentences[column[match[1] or match[2]]], example
+            checked += 1
+    assert checked == 52 * len(LANGUAGES) * len(demo_sentences(None))  # every template names its target
+    with pytest.raises(ValueError, match=r"llm_pretrain\.templates_per_sentence=53 exceeds the 52"):
+        instruction_examples(0.5, "Repeat: ", ". ", "From {language}:\n", "\n", bank + 1, 0, " ", 0)
+
+
+def test_a_missing_tts_voice_names_the_config_key(tmp_path):
+    """Every spoken set checks its languages' voices before voicing anything (SpeechXNLI's codes are
+    short)."""
+    voices = {"en": "en-us", "de": "de"}
+    with pytest.raises(ValueError, match=r"no TTS voice for 'fr' \(config key data\.tts\.voices\)"):
+        build_speechxnli(tmp_path, ["en", "de", "fr"], voices, None, 16_000, 0.5, 1)
+    with pytest.raises(ValueError, match=r"no TTS voice for 'en_us' \(config key data\.tts\.voices\)"):
+        voice_for(voices, "en_us")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_demo_sentence_is_in_two_splits_in_any_language(seed):
+    """Written and composed sentences together: no text (raw or as the normalised CTC target) of one split
+    appears in another, in any of the six languages."""
+    rows = demo_sentences({**COUNTS, "seed": seed})
+    for col in LANGUAGES:
+        splits: dict[str, set[str]] = {}
+        for row in rows:
+            for text in (row[col], basic_normalize(row[col])):
+                splits.setdefault(text, set()).add(row["split"])
+        assert not {text: s for text, s in splits.items() if len(s) > 1}, col
+
+
+def test_a_malformed_demo_table_names_the_file_and_line(tmp_path):
+    table = tmp_path / "t.tsv"
+    table.write_text("id\ten\n1\tone\n2\ttwo\textra\n3\t\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"{table}:3: 3 fields, the header has 2"):
+        read_tsv(table)
+    table.write_text("id\ten\n1\tone\n\n3\t\n", encoding="utf-8")  # a blank line is still a line
+    with pytest.raises(ValueError, match=rf"{table}:4: empty field\(s\) en"):
+        read_tsv(table)

@@ -106,3 +106,15 @@ def test_config_settings_named_in_the_docs_exist_with_an_allowed_value():
             elif "enum" in node and yaml.safe_load(value) not in node["enum"]:
                 wrong.append(f"{page.name}: {key}: {value} is not one of {node['enum']}")
     assert not wrong, wrong
+
+
+def test_repository_paths_named_in_the_docs_exist():
+    """A backticked path into this repository (`src/speechllm/...`, `config/...`, ...) names a file or folder
+    that is there (patterns and placeholders aside; a pytest id is checked as its file)."""
+    pages = [README, REPO / "benchmarks" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    prefixes = "src/speechllm|config|rules|scripts|tests|workflow|envs|profiles"
+    for page in pages:
+        for path in re.findall(rf"`((?:{prefixes})/[^`\s]+)`", page.read_text(encoding="utf-8")):
+            path = path.split("::", 1)[0]
+            if not re.search(r"[*<>{}]", path):
+                assert (REPO / path).exists(), f"{page.relative_to(REPO)} names {path}, which does not exist"

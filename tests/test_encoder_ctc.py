@@ -16,7 +16,12 @@ from transformers import Wav2Vec2ForCTC, Wav2Vec2Model, Wav2Vec2Processor
 
 from speechllm.data.manifest import ManifestError, write_manifest
 from speechllm.demo.build import build_speech_encoder
-from speechllm.demo.encoder_ctc import CtcFinetuneConfig, character_vocab, finetune_encoder
+from speechllm.demo.encoder_ctc import (
+    CtcFinetuneConfig,
+    character_vocab,
+    finetune_encoder,
+    read_transcribed,
+)
 
 SR = 16_000
 ENCODER = {
@@ -112,6 +117,10 @@ def test_finetuning_learns_the_characters_and_saves_an_mms_all_shaped_model(tone
     encoder = Wav2Vec2Model.from_pretrained(out)  # what the pipeline's frontend loads
     assert any(not torch.equal(v, random_encoder[k]) for k, v in encoder.state_dict().items())
     asr = Wav2Vec2ForCTC.from_pretrained(out).eval()
+    # the fine-tuned weights themselves, not a fresh initialisation under the CTC checkpoint's names
+    tuned = asr.wav2vec2.state_dict()
+    assert encoder.state_dict().keys() == tuned.keys()
+    assert all(torch.equal(v, tuned[k]) for k, v in encoder.state_dict().items())
     processor = Wav2Vec2Processor.from_pretrained(out)  # the hub model's usage: normalise, logits, decode
     with torch.no_grad():
         logits = asr(
@@ -130,6 +139,20 @@ def test_an_empty_transcript_names_the_manifest_line(tone_data, tmp_path):
     build_speech_encoder(out, {"speech_encoder": ENCODER}, SR, seed=0)
     with pytest.raises(ManifestError, match=rf"{bad}:2: empty 'transcription'"):
         finetune_encoder(out, bad, tone_data["dev"], FINETUNE, SR, seed=0)
+
+
+def test_an_empty_manifest_is_an_error_not_an_endless_wait(tone_data, tmp_path):
+    """No training utterance: the sampler yields no batch, and the update loop would never end."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ManifestError, match=rf"{empty}: no utterances"):
+        read_transcribed(empty)
+    out = tmp_path / "mms"
+    build_speech_encoder(out, {"speech_encoder": ENCODER}, SR, seed=0)
+    with pytest.raises(ManifestError, match=rf"{empty}: no utterances"):
+        finetune_encoder(out, empty, tone_data["dev"], FINETUNE, SR, seed=0)
+    with pytest.raises(ManifestError, match=rf"{empty}: no utterances"):
+        finetune_encoder(out, tone_data["train"], empty, FINETUNE, SR, seed=0)
 
 
 def run_cli(tmp_path: Path, updates: int, *manifest_args: str) -> subprocess.CompletedProcess:

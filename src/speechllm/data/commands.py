@@ -25,7 +25,7 @@ def cmd_data_demo(args: argparse.Namespace) -> None:
     glue = demo.build_speechglue(
         out,
         s.speechglue.tasks,
-        s.tts.voices["en_us"],
+        demo.voice_for(s.tts.voices, "en_us"),
         tts,
         s.sampling_rate,
         s.demo.llm_train_fraction,

@@ -61,8 +61,13 @@ def instruction_examples(
     examples: list[Example] = []
     names = {col: language_name(col) for col in DEMO_COLUMNS}
     translation_templates = [
-        (p, q, t) for p, q in builtin_templates() if (t := _template_target(q + p, names)) is not None
+        (p, q, t) for p, q in builtin_templates() if (t := _template_target(p, q, names)) is not None
     ]
+    if templates_per_sentence > len(translation_templates):
+        raise ValueError(
+            f"models.demo_build.llm_pretrain.templates_per_sentence={templates_per_sentence} exceeds the "
+            f"{len(translation_templates)} translation templates of the built-in bank"
+        )
     for row in demo_sentences(composed):
         for col in DEMO_COLUMNS:
             examples.append(Example(repeat_prefix + row[col] + repeat_postfix, row[col]))
@@ -91,12 +96,17 @@ def instruction_examples(
     return examples
 
 
-def _template_target(text: str, names: dict[str, str]) -> str | None:
-    """The demo column a translation template asks for ("... in Y:" / "to Y"), else None."""
-    for col, name in names.items():
-        if f"in {name}:" in text or f"to {name}\n" in text or f"to {name}:" in text:
-            return col
-    return None
+def _template_target(prefix: str, postfix: str, names: dict[str, str]) -> str | None:
+    """The demo column a translation template asks for, else None: of the languages it names ("in Y:",
+    "to Y"), the one named last, since every form names the source first ("A text in X: ... The same text
+    in Y:", "from X to Y", "... is in X. Here is a translation to Y:")."""
+    found = []
+    for part, text in enumerate((prefix, postfix)):
+        for col, name in names.items():
+            for pattern in (f"in {name}:", f"to {name}\n", f"to {name}:"):
+                if (at := text.rfind(pattern)) >= 0:
+                    found.append((part, at, col))
+    return max(found)[2] if found else None
 
 
 def build_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:

@@ -29,12 +29,21 @@ def demo_file(name: str) -> Path:
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:
+    """The rows of a tab-separated table with a header; a row with more fields than the header or an empty
+    field is an error naming the file and line (blank lines, which csv skips, still count)."""
+    rows = []
     with path.open(encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    for lineno, row in enumerate(rows, start=2):
-        empty = [key for key, value in row.items() if not (value or "").strip()]
-        if empty:
-            raise ValueError(f"{path}:{lineno}: empty field(s) {', '.join(empty)}")
+        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row:  # csv's key for the fields past the header's
+                raise ValueError(
+                    f"{where}: {len(row) - 1 + len(row[None])} fields, the header has {len(row) - 1}"
+                )
+            empty = [key for key, value in row.items() if not (value or "").strip()]
+            if empty:
+                raise ValueError(f"{where}: empty field(s) {', '.join(empty)}")
+            rows.append(row)
     return rows
 
 
@@ -202,6 +211,13 @@ def split_for_llm(rows: list[dict[str, str]], fraction: float) -> tuple[list[dic
     return rows[:cut], rows[cut:]
 
 
+def voice_for(voices: dict[str, str], code: str) -> str:
+    """The TTS voice of language `code`, or an error naming the config key."""
+    if code not in voices:
+        raise ValueError(f"no TTS voice for {code!r} (config key data.tts.voices)")
+    return voices[code]
+
+
 def build_corpus(
     out_dir: Path,
     languages: list[str],
@@ -218,12 +234,11 @@ def build_corpus(
         short = FLEURS_TO_SHORT.get(code)
         if short is None or short not in rows[0]:
             raise ValueError(f"language {code!r} (config key data.languages) is not in the demo corpus")
-        if code not in voices:
-            raise ValueError(f"no TTS voice for {code!r} (config key data.tts.voices)")
+        voice = voice_for(voices, code)
         for row in rows:
             sid = int(row["id"])
             path = out_dir / "audio" / code / f"{sid:04d}.wav"
-            jobs.append((row[short], voices[code], path))
+            jobs.append((row[short], voice, path))
             records[row["split"]].append(
                 {
                     "id": f"{code}-{row['split']}-{sid:04d}",
@@ -302,13 +317,14 @@ def build_speechxnli(
         raise ValueError(
             f"demo SpeechXNLI has no language(s) {sorted(missing)} (config key data.speechxnli.languages)"
         )
+    voice = {lang: voice_for(voices, lang) for lang in languages}
     jobs, pending = [], []
     for row in rows:
         lang = row["language"]
         paths = {
             f: out_dir / "audio" / "speechxnli" / lang / f"{int(row['id']):04d}_{f}.wav" for f in XNLI_FIELDS
         }
-        jobs += [(row[f], voices[lang], p) for f, p in paths.items()]
+        jobs += [(row[f], voice[lang], p) for f, p in paths.items()]
         pending.append((row, paths))
     speak_all(tts, jobs, threads)
     examples = [

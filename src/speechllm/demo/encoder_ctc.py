@@ -90,8 +90,11 @@ def write_tokenizer(vocab: dict[str, int], out_dir: Path) -> Wav2Vec2CTCTokenize
 
 
 def read_transcribed(manifest: Path) -> list[dict[str, Any]]:
-    """Manifest records with audio and a non-empty transcript (an empty one names the file and line)."""
+    """Manifest records with audio and a non-empty transcript (an empty one names the file and line); an
+    empty manifest is an error too (fine-tuning would wait forever for a first batch)."""
     records = read_manifest(manifest, required=("audio", TEXT_FIELD))
+    if not records:
+        raise ManifestError(f"{manifest}: no utterances to fine-tune or score the demo encoder on")
     for record in records:
         if not str(record[TEXT_FIELD]).strip():
             raise ManifestError(f"{manifest}:{record['_line']}: empty {TEXT_FIELD!r}")
