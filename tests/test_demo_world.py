@@ -10,6 +10,7 @@ import torch
 from transformers import BloomConfig, BloomForCausalLM
 
 from speechllm.data.languages import language_name
+from speechllm.data.tts import voice_for
 from speechllm.demo.build import (
     _batches,
     _template_target,
@@ -28,7 +29,6 @@ from speechllm.demo.corpus import (
     glue_split,
     read_tsv,
     split_for_llm,
-    voice_for,
 )
 from speechllm.evaluate.prompts import TASK_PROMPTS, render_text
 from speechllm.targets.templates import builtin_templates

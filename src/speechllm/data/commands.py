@@ -13,7 +13,7 @@ log = logging.getLogger("speechllm")
 
 def cmd_data_demo(args: argparse.Namespace) -> None:
     from speechllm.data.settings import DemoSettings
-    from speechllm.data.tts import make_tts
+    from speechllm.data.tts import make_tts, voice_for
     from speechllm.demo import corpus as demo
 
     s = DemoSettings.from_settings(parse_settings(args.settings))
@@ -25,7 +25,7 @@ def cmd_data_demo(args: argparse.Namespace) -> None:
     glue = demo.build_speechglue(
         out,
         s.speechglue.tasks,
-        demo.voice_for(s.tts.voices, "en_us"),
+        voice_for(s.tts.voices, "en_us"),
         tts,
         s.sampling_rate,
         s.demo.llm_train_fraction,
@@ -118,7 +118,7 @@ def cmd_data_librispeech(args: argparse.Namespace) -> None:
 def cmd_data_articles(args: argparse.Namespace) -> None:
     from speechllm.data import articles
     from speechllm.data.settings import ArticlesSettings
-    from speechllm.data.tts import make_tts
+    from speechllm.data.tts import make_tts, voice_for
 
     s = ArticlesSettings.from_settings(parse_settings(args.settings))
     a = s.articles
@@ -135,7 +135,7 @@ def cmd_data_articles(args: argparse.Namespace) -> None:
         Path(args.out_dir),
         items,
         tts,
-        s.tts.voices[a.voice],
+        voice_for(s.tts.voices, a.voice),
         s.sampling_rate,
         a.segmentation,
         a.pause_seconds,
@@ -147,7 +147,7 @@ def cmd_data_articles(args: argparse.Namespace) -> None:
 def cmd_data_speechglue(args: argparse.Namespace) -> None:
     from speechllm.data.hub import build_speechglue_released, build_speechglue_tts
     from speechllm.data.settings import SpeechGlueSettings
-    from speechllm.data.tts import make_tts
+    from speechllm.data.tts import make_tts, voice_for
 
     s = SpeechGlueSettings.from_settings(parse_settings(args.settings))
     glue = s.speechglue
@@ -168,7 +168,7 @@ def cmd_data_speechglue(args: argparse.Namespace) -> None:
         Path(args.out_dir),
         glue.tasks,
         tts,
-        s.tts.voices["en_us"],
+        voice_for(s.tts.voices, "en_us"),
         s.sampling_rate,
         glue.dataset,
         args.threads,

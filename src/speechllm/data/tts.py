@@ -64,6 +64,13 @@ class EspeakNG:
             sf.write(str(part), np.clip(wav, -1.0, 1.0), self.sampling_rate, subtype="PCM_16")
 
 
+def voice_for(voices: dict[str, str], code: str) -> str:
+    """The TTS voice of language `code`, or an error naming the config key."""
+    if code not in voices:
+        raise ValueError(f"no TTS voice for {code!r} (config key data.tts.voices)")
+    return voices[code]
+
+
 def make_tts(backend: str, sampling_rate: int, words_per_minute: int) -> TTSBackend:
     if backend == "espeak-ng":
         return EspeakNG(sampling_rate, words_per_minute)

@@ -14,7 +14,7 @@ import soundfile as sf
 
 from speechllm.data.languages import FLEURS_TO_SHORT, SHORT_TO_FLEURS
 from speechllm.data.manifest import spoken_example, write_manifest
-from speechllm.data.tts import TTSBackend, speak_all
+from speechllm.data.tts import TTSBackend, speak_all, voice_for
 
 GLUE_FIELDS: dict[str, tuple[str, ...]] = {
     "sst2": ("sentence",),
@@ -209,13 +209,6 @@ def split_for_llm(rows: list[dict[str, str]], fraction: float) -> tuple[list[dic
     evaluated."""
     cut = math.ceil(len(rows) * fraction)
     return rows[:cut], rows[cut:]
-
-
-def voice_for(voices: dict[str, str], code: str) -> str:
-    """The TTS voice of language `code`, or an error naming the config key."""
-    if code not in voices:
-        raise ValueError(f"no TTS voice for {code!r} (config key data.tts.voices)")
-    return voices[code]
 
 
 def build_corpus(
