@@ -4,7 +4,6 @@ demo."""
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -14,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from reduced_demo import SNAKEMAKE, snakemake_environment
 
 REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 STAGE_RULES = {
     "fleurs_data",
     "speechglue_data",
@@ -35,17 +34,12 @@ STAGE_RULES = {
 
 
 def snakemake(*args: str, cwd: Path = REPO, timeout: int = 1800) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "WANDB_MODE": "offline",
-    }
     return subprocess.run(
         [SNAKEMAKE, "-s", str(REPO / "Snakefile"), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
-        env=env,
+        env=snakemake_environment(),
         timeout=timeout,
     )
 
