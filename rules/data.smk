@@ -15,10 +15,9 @@ rule demo_data:
         "logs/data/demo_data.log",
     benchmark:
         "logs/benchmark/demo_data.tsv"
-    threads: 2
+    threads: rule_resources("demo_data")["cpu_threads"]
     resources:
-        mem_mb=2000,
-        runtime=30,
+        **job_resources("demo_data"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -57,10 +56,9 @@ rule prepare_split:
         "logs/data/prepare_{split}.log",
     benchmark:
         "logs/benchmark/prepare_split/{split}.tsv"
-    threads: 1
+    threads: rule_resources("prepare_split")["cpu_threads"]
     resources:
-        mem_mb=4000,
-        runtime=120,
+        **job_resources("prepare_split"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -79,10 +77,9 @@ rule language_ids:
         "logs/data/language_ids.log",
     benchmark:
         "logs/benchmark/language_ids.tsv"
-    threads: 1
+    threads: rule_resources("language_ids")["cpu_threads"]
     resources:
-        mem_mb=1000,
-        runtime=10,
+        **job_resources("language_ids"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -142,10 +139,9 @@ rule zenodo_file:
         "logs/data/zenodo_{name}.log",
     benchmark:
         "logs/benchmark/zenodo_file/{name}.tsv"
-    threads: 1
+    threads: rule_resources("zenodo_file")["cpu_threads"]
     resources:
-        mem_mb=1000,
-        runtime=180,
+        **job_resources("zenodo_file"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -185,10 +181,9 @@ rule hub_train_manifest:
         "logs/data/hub_train_manifest.log",
     benchmark:
         "logs/benchmark/hub_train_manifest.tsv"
-    threads: 1
+    threads: rule_resources("hub_train_manifest")["cpu_threads"]
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **job_resources("hub_train_manifest"),
     conda:
         "../envs/speechllm.yaml"
     shell:

@@ -77,10 +77,9 @@ else:
             "logs/eval/{benchmark}/{system}.gather.log",
         benchmark:
             "logs/benchmark/evaluate_gather/{benchmark}/{system}.tsv"
-        threads: 1
+        threads: rule_resources("evaluate_gather")["cpu_threads"]
         resources:
-            mem_mb=4000,
-            runtime=60,
+            **job_resources("evaluate_gather"),
         conda:
             "../envs/speechllm.yaml"
         shell:
@@ -98,10 +97,9 @@ rule covost2_data:
         "logs/eval/covost2_data.log",
     benchmark:
         "logs/benchmark/covost2_data.tsv"
-    threads: 1
+    threads: rule_resources("covost2_data")["cpu_threads"]
     resources:
-        mem_mb=2000,
-        runtime=60,
+        **job_resources("covost2_data"),
     conda:
         "../envs/speechllm.yaml"
     shell:

@@ -12,10 +12,9 @@ rule demo_llm:
         "logs/models/demo_llm.log",
     benchmark:
         "logs/benchmark/demo_llm.tsv"
-    threads: 2
+    threads: rule_resources("demo_llm")["cpu_threads"]
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **job_resources("demo_llm"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -34,10 +33,9 @@ rule demo_speech_encoder:
         "logs/models/demo_speech_encoder.log",
     benchmark:
         "logs/benchmark/demo_speech_encoder.tsv"
-    threads: 2
+    threads: rule_resources("demo_speech_encoder")["cpu_threads"]
     resources:
-        mem_mb=3000,
-        runtime=30,
+        **job_resources("demo_speech_encoder"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -57,10 +55,9 @@ rule fetch_model:
         "logs/models/fetch_{part}.log",
     benchmark:
         "logs/benchmark/fetch_model/{part}.tsv"
-    threads: 1
+    threads: rule_resources("fetch_model")["cpu_threads"]
     resources:
-        mem_mb=2000,
-        runtime=240,
+        **job_resources("fetch_model"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -80,10 +77,9 @@ rule fetch_released:
         "logs/models/fetch_released_{released}.log",
     benchmark:
         "logs/benchmark/fetch_released/{released}.tsv"
-    threads: 1
+    threads: rule_resources("fetch_released")["cpu_threads"]
     resources:
-        mem_mb=2000,
-        runtime=240,
+        **job_resources("fetch_released"),
     conda:
         "../envs/speechllm.yaml"
     shell:

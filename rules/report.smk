@@ -17,10 +17,9 @@ rule table:
         "logs/report/table_{name}.log",
     benchmark:
         "logs/benchmark/table/{name}.tsv"
-    threads: 1
+    threads: rule_resources("table")["cpu_threads"]
     resources:
-        mem_mb=1000,
-        runtime=10,
+        **job_resources("table"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -40,10 +39,9 @@ rule benchmark_plot:
         "logs/report/plot_{name}.log",
     benchmark:
         "logs/benchmark/benchmark_plot/{name}.tsv"
-    threads: 1
+    threads: rule_resources("benchmark_plot")["cpu_threads"]
     resources:
-        mem_mb=1000,
-        runtime=10,
+        **job_resources("benchmark_plot"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -63,10 +61,9 @@ rule learning_curves:
         "logs/report/learning_curves_{model}.log",
     benchmark:
         "logs/benchmark/learning_curves/{model}.tsv"
-    threads: 1
+    threads: rule_resources("learning_curves")["cpu_threads"]
     resources:
-        mem_mb=1000,
-        runtime=10,
+        **job_resources("learning_curves"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -89,10 +86,9 @@ rule wandb_results:
         "logs/report/wandb_{system}.log",
     benchmark:
         "logs/benchmark/wandb_results/{system}.tsv"
-    threads: 1
+    threads: rule_resources("wandb_results")["cpu_threads"]
     resources:
-        mem_mb=2000,
-        runtime=10,
+        **job_resources("wandb_results"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -113,10 +109,9 @@ rule wandb_sync:
     benchmark:
         "logs/benchmark/wandb_sync.tsv"
     localrule: True
-    threads: 1
+    threads: rule_resources("wandb_sync")["cpu_threads"]
     resources:
-        mem_mb=1000,
-        runtime=60,
+        **job_resources("wandb_sync"),
     conda:
         "../envs/speechllm.yaml"
     shell:
@@ -146,10 +141,9 @@ rule resource_usage:
         "logs/report/resource_usage.log",
     benchmark:
         "logs/benchmark/resource_usage.tsv"
-    threads: 1
+    threads: rule_resources("resource_usage")["cpu_threads"]
     resources:
-        mem_mb=1000,
-        runtime=10,
+        **job_resources("resource_usage"),
     conda:
         "../envs/speechllm.yaml"
     shell:

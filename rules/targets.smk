@@ -17,10 +17,9 @@ if FETCHED_TEMPLATES:
             "logs/targets/fetch_templates.log",
         benchmark:
             "logs/benchmark/fetch_templates.tsv"
-        threads: 1
+        threads: rule_resources("fetch_templates")["cpu_threads"]
         resources:
-            mem_mb=1000,
-            runtime=10,
+            **job_resources("fetch_templates"),
         conda:
             "../envs/speechllm.yaml"
         shell:
@@ -73,10 +72,9 @@ if config["targets"]["source"] == "released":
             "logs/targets/fetch_released.log",
         benchmark:
             "logs/benchmark/fetch_released_targets.tsv"
-        threads: 1
+        threads: rule_resources("fetch_released_targets")["cpu_threads"]
         resources:
-            mem_mb=1000,
-            runtime=60,
+            **job_resources("fetch_released_targets"),
         conda:
             "../envs/speechllm.yaml"
         shell:
@@ -103,10 +101,9 @@ if config["targets"]["source"] == "released":
             "logs/targets/import_released.log",
         benchmark:
             "logs/benchmark/import_released_targets.tsv"
-        threads: 1
+        threads: rule_resources("import_released_targets")["cpu_threads"]
         resources:
-            mem_mb=16000,
-            runtime=120,
+            **job_resources("import_released_targets"),
         conda:
             "../envs/speechllm.yaml"
         shell:
@@ -133,10 +130,9 @@ else:
             "logs/targets/assemble.log",
         benchmark:
             "logs/benchmark/assemble_targets.tsv"
-        threads: 1
+        threads: rule_resources("assemble_targets")["cpu_threads"]
         resources:
-            mem_mb=4000,
-            runtime=60,
+            **job_resources("assemble_targets"),
         conda:
             "../envs/speechllm.yaml"
         shell:
@@ -185,10 +181,9 @@ rule gather_responses:
         "logs/targets/gather_responses_{response_set}.log",
     benchmark:
         "logs/benchmark/gather_responses/{response_set}.tsv"
-    threads: 1
+    threads: rule_resources("gather_responses")["cpu_threads"]
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **job_resources("gather_responses"),
     conda:
         "../envs/speechllm.yaml"
     shell:

@@ -175,6 +175,12 @@ def test_one_process_steps_take_rule_overrides_and_retry_scaling(tmp_path, paper
         demo["mem_mb"] * scale**2
     )
     assert "--threads" not in fleurs["shell"]  # the FLEURS conversion streams one split at a time
+    # So do the light steps (tables, manifests, bookkeeping): sized in config.yaml, never on a GPU.
+    for rule in ("prepare_split", "language_ids", "assemble_targets"):
+        own = yaml.safe_load((REPO / "config/config.yaml").read_text())["resources"]["rules"][rule]
+        job = paper_jobs[rule]["resources"]
+        assert job["gpu"] == 0 and job["mem_mb"] == round(own["mem_mb"] * scale**2), rule
+        assert job["runtime"] == round(own["runtime"] * scale**2), rule
 
 
 LAUNCH = 'trap "" TERM USR1; exec env PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT accelerate launch '
@@ -449,7 +455,8 @@ def test_launchers_wait_for_a_signalled_step_to_save(paper_jobs, tmp_path, rule,
         ({"resources": {"rules": {"evaluate": {"gpu": 2}}}}, "resources.rules.evaluate.gpu"),
         ({"resources": {"rules": {"evaluate": {"nodes": 2}}}}, "resources.rules.evaluate.nodes"),
         ({"resources": {"rules": {"train_ce": {"nodes": 2, "gpu": 0}}}}, "resources.rules.train_ce.nodes"),
-        ({"resources": {"rules": {"prepare_split": {"gpu": 1}}}}, "resources.rules"),
+        ({"resources": {"rules": {"prepare_split": {"gpu": 2}}}}, "resources.rules.prepare_split.gpu"),
+        ({"resources": {"rules": {"prepare_splits": {"gpu": 0}}}}, "resources.rules"),  # no such rule
     ],
 )
 def test_resource_config_errors_name_the_key(tmp_path, data, key):
