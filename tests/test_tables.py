@@ -261,6 +261,44 @@ def test_no_space_left_names_the_file_and_directory_being_written(tmp_path: Path
         (tmp_path / "missing.txt").read_text()
 
 
+SAFETENSORS_PAST_LIMIT = """
+import resource, signal, sys, torch
+from pathlib import Path
+from safetensors.torch import save_file
+from speechllm.io import atomic_dir
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+try:
+    with atomic_dir(Path(sys.argv[1])) as tmp:  # as models.export.save_model_dir writes a model
+        save_file({"w": torch.zeros(64 * 1024)}, str(tmp / "model.safetensors"))
+except OSError as err:
+    print(type(err).__name__, err.errno, err)
+"""
+
+
+def test_a_real_failed_safetensors_write_names_the_directory(tmp_path: Path) -> None:
+    """safetensors reports a refused write as its own error type with "(os error N)" in the message; the
+    atomic directory restates it as that OSError naming the directory, and leaves nothing behind."""
+    import errno
+    import subprocess
+    import sys
+
+    target = tmp_path / "model"
+    done = subprocess.run(
+        [sys.executable, "-c", SAFETENSORS_PAST_LIMIT, str(target)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        done.stdout.strip()
+        == f"OSError {errno.EFBIG} [Errno {errno.EFBIG}] File too large while writing {target}"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_atomic_writes_replace_and_set_mode(tmp_path: Path) -> None:
     target = tmp_path / "data.bin"
     atomic_write_bytes(target, b"\x00\x01")

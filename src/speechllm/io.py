@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -38,12 +39,31 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def os_error_behind(err: BaseException) -> OSError | None:
+    """The OS error behind a failed write: `err` itself or one it was raised from (torch.save to a file
+    object), or the `(os error N)` that safetensors (a Rust io::Error) puts in its message. None: not an
+    OS error, or not an Exception (an interrupt is never restated)."""
+    if not isinstance(err, Exception):
+        return None
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    found = re.search(r"\(os error (\d+)\)", str(err))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
+
+
 def _name_target(err: BaseException, target: Path) -> BaseException:
-    """An OS error that does not name a file (ENOSPC from a write, a failed fsync) restated with the
-    target."""
-    if isinstance(err, OSError) and err.filename is None:
-        hint = "; free space there" if err.errno == errno.ENOSPC else ""
-        return OSError(err.errno, f"{err.strerror or err} while writing {target}{hint}")
+    """An OS error that does not name a file (ENOSPC from a write, a failed fsync, safetensors' own error
+    for either) restated with the target."""
+    cause = os_error_behind(err)
+    if cause is not None and cause.filename is None:
+        hint = "; free space there" if cause.errno == errno.ENOSPC else ""
+        return OSError(cause.errno, f"{cause.strerror or cause} while writing {target}{hint}")
     return err
 
 

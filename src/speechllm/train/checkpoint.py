@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from speechllm.io import atomic_write_text, fsync_path
+from speechllm.io import atomic_write_text, fsync_path, os_error_behind
 
 log = logging.getLogger("speechllm")
 
@@ -177,22 +177,6 @@ def _torch_save(obj: Any, path: Path) -> None:
     context of torch's RuntimeError. Given a path, torch reports only "unexpected pos N vs M"."""
     with open(path, "wb") as fh:
         torch.save(obj, fh)
-
-
-def _os_error(err: BaseException) -> OSError | None:
-    """The OS error behind a failed write: `err` itself or one it was raised from (torch.save to a file
-    object), or the `(os error N)` that safetensors (a Rust io::Error) puts in its message. None: not an
-    OS error."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    found = re.search(r"\(os error (\d+)\)", str(err))
-    if found is None:
-        return None
-    code = int(found.group(1))
-    return OSError(code, os.strerror(code))
 
 
 def file_sha256(path: Path) -> str:
@@ -357,7 +341,7 @@ class CheckpointManager:
                 _save_tensors(weights, path)
                 atomic_write_text(path.with_name(name + DIGEST_SUFFIX), f"{file_sha256(path)}  {name}\n")
             except Exception as err:  # safetensors and torch wrap the OS error in their own types
-                cause = _os_error(err)
+                cause = os_error_behind(err)
                 if cause is None:
                     raise
                 raise _write_error(cause, self.kept_dir) from err
@@ -413,7 +397,7 @@ class CheckpointManager:
         except Exception as err:  # safetensors and torch wrap the OS error in their own types
             if self.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            cause = _os_error(err)
+            cause = os_error_behind(err)
             if cause is None:
                 raise
             raise _write_error(cause, final) from err
