@@ -780,3 +780,19 @@ def test_cli_released_speechxnli_and_hub_articles(tmp_path):
         "end": rec["num_samples"],
         "text": "Rain fell all day. The river rose.",
     }
+
+
+def test_spoken_sets_check_every_voice_and_task_before_downloading(tmp_path, monkeypatch):
+    """A bad last entry (a language without a voice, an unknown task) fails before the first download, not
+    after voicing the ones before it."""
+    from speechllm.data import hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"downloaded {args}")
+
+    monkeypatch.setattr(hub, "load_split", no_download)
+    with pytest.raises(ValueError, match=r"no TTS voice for 'fr' \(config key data\.tts\.voices\)"):
+        hub.build_speechxnli_tts(tmp_path, ["en", "fr"], None, {"en": "en-us"}, 16_000, "xnli", 1)
+    with pytest.raises(hub.SourceError, match=r"unknown SpeechGLUE task 'nope' \(config key"):
+        hub.build_speechglue_tts(tmp_path, ["sst2", "nope"], None, "en-us", 16_000, "glue", 1)
+    assert not list(tmp_path.iterdir())

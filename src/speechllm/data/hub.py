@@ -22,7 +22,7 @@ from tqdm import tqdm
 from speechllm.audio import AudioError
 from speechllm.data.languages import SHORT_TO_FLEURS
 from speechllm.data.manifest import spoken_example, write_manifest
-from speechllm.data.tts import TTSBackend, speak_all
+from speechllm.data.tts import TTSBackend, speak_all, voice_for
 from speechllm.io import atomic_path, atomic_write_bytes, atomic_write_text
 
 PARQUET_REVISION = "refs/convert/parquet"
@@ -260,9 +260,10 @@ def build_speechglue_tts(
 ) -> dict[str, int]:
     """SpeechGLUE-shaped validation sets: every text field of every example voiced as its own clip."""
     counts = {}
-    for task in tasks:
+    for task in tasks:  # all, before any download
         if task not in GLUE_TEXT_FIELDS:
             raise SourceError(f"unknown SpeechGLUE task {task!r} (config key data.speechglue.tasks)")
+    for task in tasks:
         config, split = glue_config_split(task)
         ds = load_split(dataset, config, split, revision)
         jobs, pending = [], []
@@ -302,16 +303,15 @@ def build_speechxnli_tts(
 ) -> int:
     """SpeechXNLI-shaped set from XNLI validation, voiced per language."""
     examples: list[dict[str, Any]] = []
-    for lang in languages:
-        if lang not in voices:
-            raise SourceError(f"no TTS voice for {lang!r} (config key data.tts.voices)")
+    language_voices = {lang: voice_for(voices, lang) for lang in languages}  # all, before any download
+    for lang, voice in language_voices.items():
         ds = load_split(dataset, lang, "validation", revision)
         jobs, pending = [], []
         for i, row in enumerate(ds):
             paths = {
                 f: out_dir / "audio" / "speechxnli" / lang / f"{i:05d}_{f}.wav" for f in XNLI_TEXT_FIELDS
             }
-            jobs += [(row[f], voices[lang], p) for f, p in paths.items()]
+            jobs += [(row[f], voice, p) for f, p in paths.items()]
             pending.append((i, row, paths))
         speak_all(tts, jobs, threads)
         examples += [
