@@ -377,6 +377,23 @@ def test_st_last_per_sentence_keeps_the_reference_fleurs_st_set(world) -> None:
     assert list(df.id) == ["de_de-1", "de_de-2", "de_de-0b"]
 
 
+def test_st_leaves_out_sources_whose_sentence_has_no_target_recording(caplog) -> None:
+    """FLEURS: a sentence recorded in German but in no en_us split has translation null; it is no test case
+    (counted in a warning), while a translation of the wrong type or none at all is an error."""
+    records = [
+        {"id": "en-1", "language": "en_us", "sentence_id": 1, "translation": "one"},
+        {"id": "de-1", "language": "de_de", "sentence_id": 1, "translation": "one"},
+        {"id": "de-7", "language": "de_de", "sentence_id": 7, "translation": None},
+    ]
+    with caplog.at_level("WARNING"):
+        assert [r["id"] for r in benchmarks.st_sources(records, "en_us")] == ["de-1"]
+    assert "1 of 2 source recordings have no translation" in caplog.text and "de-7" in caplog.text
+    with pytest.raises(ValueError, match="no utterance has a translation into en_us"):
+        benchmarks.st_sources(records[2:], "en_us")
+    with pytest.raises(ValueError, match="de-1: translation is not a string"):
+        benchmarks.st_sources([dict(records[1], translation=3)], "en_us")
+
+
 def test_rescore_records_the_scoring_settings_it_used(world, tmp_path) -> None:
     """A rescore with st_normalize: references must not leave `both` in the score file's settings."""
     records = world["utterances"]

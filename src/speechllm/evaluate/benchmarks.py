@@ -8,6 +8,7 @@ file without decoding again.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -34,6 +35,8 @@ from speechllm.evaluate.shards import BatchRunner, take
 from speechllm.evaluate.system import Clip, EvalSystem, Fill
 from speechllm.settings import config_choice
 from speechllm.text.normalize import basic_normalize
+
+log = logging.getLogger(__name__)
 
 STSB_VALUES: tuple[str, ...] = tuple(
     f"{i / 5:.1f}" for i in range(26)
@@ -287,18 +290,39 @@ def st_sources(
     """The utterances to translate, each with its `translation`: every one not in the target language
     (`recordings` "all"), or the reference's one recording per source sentence ("last_per_sentence", config
     evaluate.st_recordings), of the sentences the target language's own recordings have when the manifest
-    holds any (FLEURS; a CoVoST 2 manifest has none, and each of its rows is its own sentence)."""
+    holds any (FLEURS; a CoVoST 2 manifest has none, and each of its rows is its own sentence).
+
+    A FLEURS recording whose sentence has no recording in the target language (`translation` null) has no
+    reference: it is left out, with a warning that counts them; none left is an error."""
     config_choice(recordings, ST_RECORDINGS, "evaluate.st_recordings")
     sources = [r for r in records if r["language"] != target_language]
     if recordings == "last_per_sentence":
         targets = {r.get("sentence_id") for r in records if r["language"] == target_language} - {None}
         sources = last_recording_per_sentence(sources, targets or None)
-    missing = [r for r in sources if not isinstance(r.get("translation"), str)]
-    if missing:
+    untranslated = [r for r in sources if r.get("translation") is None]
+    wrong = [r for r in sources if r.get("translation") is not None and not isinstance(r["translation"], str)]
+    if wrong:
         raise ValueError(
-            f"{location(missing[0])}: utterance {missing[0]['id']} has no translation into {target_language}"
+            f"{location(wrong[0])}: utterance {wrong[0]['id']}: translation is not a string "
+            f"({type(wrong[0]['translation']).__name__})"
         )
-    return sources
+    if untranslated and len(untranslated) == len(sources):
+        raise ValueError(
+            f"{location(untranslated[0])}: no utterance has a translation into {target_language} "
+            f"({len(sources)} sources, e.g. {untranslated[0]['id']})"
+        )
+    if untranslated:
+        log.warning(
+            "ST into %s: %d of %d source recordings have no translation (their sentence has no %s recording) "
+            "and are left out, e.g. %s (%s)",
+            target_language,
+            len(untranslated),
+            len(sources),
+            target_language,
+            untranslated[0]["id"],
+            location(untranslated[0]),
+        )
+    return [r for r in sources if r.get("translation") is not None]
 
 
 def decode_st(
