@@ -61,6 +61,18 @@ def test_weights_of_another_shape_are_a_one_line_error_naming_the_file(exported)
         load_model_dir(out, with_ctc=True, with_llm=False)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_damaged_or_missing_weights_file_is_a_one_line_error_naming_it(exported, damage):
+    _, out = exported
+    weights = out / "model.safetensors"
+    if damage == "truncate":  # e.g. a copy cut short
+        weights.write_bytes(weights.read_bytes()[:5])
+    else:
+        weights.unlink()
+    with pytest.raises(ModelDirError, match=r"model\.safetensors: (unreadable|missing)"):
+        load_model_dir(out, with_ctc=True, with_llm=False)
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "speechllm.cli", *args], capture_output=True, text=True)
 

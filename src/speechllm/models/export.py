@@ -438,6 +438,17 @@ def load_model_dir(
     return model, tokenizer, spec
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A model directory's safetensors file; a missing, truncated or garbled one is an error naming it
+    (safetensors' own error for a damaged header names no file)."""
+    if not Path(path).is_file():
+        raise ModelDirError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type (SafetensorError)
+        raise ModelDirError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+
+
 def load_ctc_head_file(model: BloomzMMS | KangRoy, spec: dict[str, Any], model_dir: Path) -> None:
     """Replace the CTC head cut from the LLM's embeddings by the one the spec names (`ctc_head.weights`)."""
     name = spec.get("ctc_head", {}).get("weights")
@@ -451,7 +462,7 @@ def load_ctc_head_file(model: BloomzMMS | KangRoy, spec: dict[str, Any], model_d
     if not path.is_file():
         raise ModelDirError(f"{path}: missing (named by ctc_head.weights)")
     assert isinstance(model, BloomzMMS) and model.ctc_head is not None
-    state = load_file(str(path))
+    state = read_tensors(path)
     own = model.ctc_head.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         raise ModelDirError(
@@ -466,7 +477,7 @@ def load_trained_weights(model: BloomzMMS | KangRoy, path: Path, fresh_lora: boo
 
     `fresh_lora`: the weights come from an earlier stage without LoRA (`--init-from` a CTC model): the LLM's
     adapters keep their fresh initialisation instead of being required."""
-    state = load_file(str(path))
+    state = read_tensors(path)
     own = model.state_dict()
     unknown = [k for k in state if k not in own]
     if unknown:
