@@ -583,3 +583,26 @@ def test_paper_scale_layout_maps_onto_the_project_model(tmp_path):
         250_680,
         4096,
     )
+
+
+@pytest.mark.parametrize(
+    "meta, config",
+    [
+        ("files: [\n", None),  # malformed meta.yaml
+        ("- a list\n", None),
+        ("yaml_files: [exp/config.yaml]\n", None),  # a section that is not a mapping
+        (None, "encoder: [\n"),  # malformed training config
+    ],
+)
+def test_malformed_meta_or_config_yaml_is_named(tmp_path, meta, config):
+    from speechllm.models.espnet_import import read_espnet_repo
+
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "model.pth").write_bytes(b"")
+    (tmp_path / "exp" / "config.yaml").write_text(config or "encoder: e_branchformer\n")
+    (tmp_path / "meta.yaml").write_text(
+        meta or "files: {asr_model_file: exp/model.pth}\nyaml_files: {asr_train_config: exp/config.yaml}\n"
+    )
+    bad = "meta.yaml" if meta else "config.yaml"
+    with pytest.raises(CheckpointImportError, match=rf"{bad}: .*(YAML|mapping)"):
+        read_espnet_repo(tmp_path)

@@ -178,15 +178,13 @@ class EspnetRepo:
 
 def read_espnet_repo(root: Path) -> EspnetRepo:
     """Read `meta.yaml` and the training config it names (paths relative to the repository, as packed)."""
-    import yaml
-
     meta_path = Path(root) / META_FILE
     if not meta_path.is_file():
         raise CheckpointImportError(f"not an ESPnet model-zoo repository (no {META_FILE}): {root}")
-    meta = yaml.safe_load(meta_path.read_text(encoding="utf-8")) or {}
+    meta = _read_mapping(meta_path)
 
     def named(section: str, key: str) -> Path:
-        value = (meta.get(section) or {}).get(key)
+        value = _section(meta, section, meta_path).get(key)
         if not isinstance(value, str):
             raise CheckpointImportError(f"{meta_path}: {section}.{key} is missing")
         path = Path(root) / value
@@ -195,10 +193,20 @@ def read_espnet_repo(root: Path) -> EspnetRepo:
         return path
 
     config_path, model_path = named("yaml_files", "asr_train_config"), named("files", "asr_model_file")
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    if not isinstance(config, dict):
-        raise CheckpointImportError(f"{config_path}: not a mapping")
-    return EspnetRepo(Path(root), config_path, model_path, config)
+    return EspnetRepo(Path(root), config_path, model_path, _read_mapping(config_path))
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file holding a mapping; malformed YAML or another kind of document is an error naming it."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise CheckpointImportError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointImportError(f"{path}: not a mapping")
+    return data
 
 
 def load_state(path: Path) -> dict[str, Any]:
