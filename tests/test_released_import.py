@@ -606,3 +606,24 @@ def test_malformed_meta_or_config_yaml_is_named(tmp_path, meta, config):
     bad = "meta.yaml" if meta else "config.yaml"
     with pytest.raises(CheckpointImportError, match=rf"{bad}: .*(YAML|mapping)"):
         read_espnet_repo(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("preencoder_conf", "input_size", None),
+        ("preencoder_conf", "output_size", None),
+        ("preencoder_conf", "output_size", "128"),
+        ("postencoder_conf", "output_size", True),
+    ],
+)
+def test_a_missing_or_non_integer_layer_width_is_named(tmp_path, section, key, value):
+    from speechllm.models.espnet_import import espnet_architecture
+
+    config = training_config("ctc", "bigscience/bloomz-7b1", ["a", "b"])
+    if value is None:
+        del config[section][key]
+    else:
+        config[section][key] = value
+    with pytest.raises(CheckpointImportError, match=rf"config\.yaml: unsupported {section}\.{key}"):
+        espnet_architecture(config, tmp_path / "config.yaml")

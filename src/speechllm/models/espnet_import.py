@@ -252,6 +252,13 @@ def _require(where: Path, key: str, value: Any, expected: Any) -> None:
         )
 
 
+def _size(where: Path, key: str, value: Any) -> int:
+    """A layer width the model is built with: a positive whole number, else an error naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise CheckpointImportError(f"{where}: unsupported {key} {value!r} (a positive whole number)")
+    return value
+
+
 def _unknown_keys(where: Path, section: str, keys: set[str], known: set[str]) -> None:
     unknown = sorted(keys - known)
     if unknown:
@@ -335,11 +342,9 @@ def espnet_architecture(cfg: dict[str, Any], where: Path) -> EspnetArchitecture:
         {"model_name_or_path", "length_adaptor_n_layers", "output_size", "lang_token_id"},
     )
     _require(where, "postencoder_conf.lang_token_id", post.get("lang_token_id", -1), -1)
-    if not isinstance(post.get("output_size"), int) or post["output_size"] <= 0:
-        raise CheckpointImportError(
-            f"{where}: unsupported postencoder_conf.output_size {post.get('output_size')!r} "
-            "(the importer supports a linear_in to the LLM's width: a positive size)"
-        )
+    upstream_size = _size(where, "preencoder_conf.input_size", pre.get("input_size"))
+    preencoder_size = _size(where, "preencoder_conf.output_size", pre.get("output_size"))
+    llm_width = _size(where, "postencoder_conf.output_size", post.get("output_size"))
     _require(where, "postencoder_conf.model_name_or_path", post.get("model_name_or_path"), "dummy")
     # The overlay's LID head has one length-adaptor layer; AdaptorConfig uses one count for both heads.
     _require(
@@ -388,13 +393,11 @@ def espnet_architecture(cfg: dict[str, Any], where: Path) -> EspnetArchitecture:
     if not isinstance(llm, str) or not llm:
         raise CheckpointImportError(f"{where}: no LLM named (bpemodel / decoder_conf.model_name_or_path)")
     fields.update(
-        input_dim=int(pre["output_size"]),
-        llm_hidden_size=int(post["output_size"]),
+        input_dim=preencoder_size,
+        llm_hidden_size=llm_width,
         length_adaptor_layers=DEFAULT_LENGTH_ADAPTOR_LAYERS,
     )
-    return EspnetArchitecture(
-        fields, stage, llm, str(prefix), str(postfix), len(token_list), int(pre["input_size"])
-    )
+    return EspnetArchitecture(fields, stage, llm, str(prefix), str(postfix), len(token_list), upstream_size)
 
 
 # ---------------------------------------------------------------------------------------------------- weights
