@@ -225,3 +225,11 @@ def test_bad_inputs_are_named(tmp_path):
         generate_responses_shard(
             manifest, 0, 1, None, {}, "raw_transcription", TEMPLATE, True, 2, tmp_path / "o.jsonl"
         )
+
+
+@pytest.mark.parametrize("line", ['["a list"]', '{"index": 1.5}', '{"index": "1"}', '{"index": -1}', "{}"])
+def test_gather_names_a_shard_row_without_a_whole_number_index(tmp_path, line):
+    shard = tmp_path / "shard0.jsonl"
+    shard.write_text(json.dumps({"index": 0, "id": "a"}) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=f"{shard}:2: not a shard row"):
+        gather_shards([shard])

@@ -23,9 +23,12 @@ def gather_shards(paths: list[Path]) -> list[dict[str, Any]]:
             for lineno, line in enumerate(fh, start=1):
                 try:
                     row = json.loads(line)
-                    index = int(row.pop("index"))
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                    raise ValueError(f"{path}:{lineno}: not a shard row with an index ({err})") from err
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from err
+                index = row.pop("index", None) if isinstance(row, dict) else None
+                if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+                    # 1.5, "1" or true would be taken for another row's place
+                    raise ValueError(f"{path}:{lineno}: not a shard row with a whole-number index >= 0")
                 if index in rows:
                     raise ValueError(f"{path}:{lineno}: index {index} appears in more than one shard row")
                 rows[index] = row
