@@ -276,6 +276,39 @@ def test_assemble_cli_names_the_bad_shard_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_assemble_refuses_shards_drawn_for_another_manifest_or_setting(tmp_path):
+    """Shards must hold templates_per_occurrence items per utterance of each transcript and none for a text
+    the manifest lacks; stale shards would otherwise leave utterances silently without synthetic items."""
+    manifest = tmp_path / "train.jsonl"
+    records = [{"id": f"u{i}", "raw_transcription": "Hi.", "transcription": "hi"} for i in range(2)]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
+    settings = {
+        "prompt": {"prefix": "Repeat: ", "postfix": ". "},
+        "mi_reading": "synthetic_only",
+        "templates_per_occurrence": 2,
+        "drop_blank_outputs": True,
+    }
+    shard = tmp_path / "shard0.jsonl"
+
+    def run(texts: list[str], per_occurrence: int = 2) -> None:
+        items = [
+            {"index": i, "text": t, "prefix": "P: ", "postfix": "", "output": " o"}
+            for i, t in enumerate(texts)
+        ]
+        shard.write_text("".join(json.dumps(x) + "\n" for x in items))
+        args = ["--manifest", str(manifest), "--shards", str(shard), "--out-dir", str(tmp_path / "out")]
+        s = json.dumps({**settings, "templates_per_occurrence": per_occurrence})
+        main(["targets", "assemble", "--settings", s, *args])
+
+    with pytest.raises(SystemExit, match=rf"{manifest}:1: the shards hold 2 items .* draws 4"):
+        run(["Hi."] * 2)  # drawn with templates_per_occurrence 1
+    with pytest.raises(SystemExit, match=rf"{shard}:5: transcript 'Bye.' is not in {manifest}"):
+        run(["Hi."] * 4 + ["Bye."])
+    assert not (tmp_path / "out").exists()
+    run(["Hi."] * 2, per_occurrence=1)
+    assert len((tmp_path / "out" / "train_tmi.jsonl").read_text().splitlines()) == 4
+
+
 def test_generation_is_deterministic_under_torch_seed_changes(lm):
     model, tok = lm
     torch.manual_seed(123)

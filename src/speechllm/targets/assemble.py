@@ -42,6 +42,29 @@ def read_generated(paths: list[Path]) -> list[dict[str, Any]]:
     return items
 
 
+def check_drawn_for(train: list[dict[str, Any]], generated: list[dict[str, Any]], per_utterance: int) -> None:
+    """The shards' items are the ones `targets generate` draws for this manifest: `per_utterance` per
+    utterance of each transcript (templates.draw_items), none for another text. Shards of an earlier manifest
+    or another targets.templates_per_occurrence would otherwise leave utterances silently without items."""
+    drawn = Counter(item["text"] for item in generated)
+    sharing = Counter(rec["raw_transcription"] for rec in train)
+    for rec in train:
+        text = rec["raw_transcription"]
+        if drawn[text] != per_utterance * sharing[text]:
+            raise ValueError(
+                f"{location(rec)}: the shards hold {drawn[text]} items for its transcript {text!r}, but "
+                f"targets.templates_per_occurrence {per_utterance} x {sharing[text]} utterance(s) draws "
+                f"{per_utterance * sharing[text]} (shards of another manifest or setting?)"
+            )
+    manifest = train[0].get("_manifest", "the training manifest") if train else "the training manifest"
+    for item in generated:
+        if item["text"] not in sharing:
+            raise ValueError(
+                f"{location(item)}: transcript {item['text']!r} is not in {manifest} (shards of another "
+                "manifest?)"
+            )
+
+
 def usable_output(output: str, drop_blank: bool) -> bool:
     """Whether a continuation can be a target. The reference keeps every output that tokenises to at least
     one id, i.e. any non-empty string (DigitalPhonetics/bloomzmms@77dc192:data/synthetic-targets/

@@ -70,12 +70,13 @@ def cmd_targets_generate(args: argparse.Namespace) -> None:
 
 def cmd_targets_assemble(args: argparse.Namespace) -> None:
     from speechllm.data.manifest import read_manifest, write_manifest
-    from speechllm.targets.assemble import assemble, read_generated
+    from speechllm.targets.assemble import assemble, check_drawn_for, read_generated
     from speechllm.targets.settings import AssembleSettings
 
     s = AssembleSettings.from_settings(parse_settings(args.settings))
     train = read_manifest(args.manifest, required=("raw_transcription", "transcription"))
     generated = read_generated([Path(p) for p in args.shards])
+    check_drawn_for(train, generated, s.templates_per_occurrence)
     sets = assemble(
         train,
         generated,
