@@ -328,6 +328,24 @@ def test_atomic_dir_replaces_a_directory_whole_or_not_at_all(tmp_path: Path) -> 
     assert (target / "weights").read_text() == "v2"
 
 
+def test_atomic_dir_flushes_every_file_before_it_appears(tmp_path: Path, monkeypatch) -> None:
+    """A crash right after the rename must not leave a model directory whose files lost their data: every
+    file and folder inside is fsynced before the rename (links are not followed), the parent after it."""
+    import speechllm.io
+
+    flushed: list[str] = []
+    monkeypatch.setattr(speechllm.io, "fsync_path", lambda path: flushed.append(str(path)))
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "encoder").mkdir()
+        (tmp / "encoder" / "weights").write_text("w")
+        (tmp / "spec.json").write_text("{}")
+        (tmp / "link").symlink_to(tmp_path)
+    inside = [str(Path(p).relative_to(tmp)) for p in flushed[:-1]]
+    assert sorted(inside) == [".", "encoder", "encoder/weights", "spec.json"]
+    assert flushed[-1] == str(tmp_path)
+
+
 def test_summarization_table_reads_summary_and_perplexity_files(tmp_path: Path) -> None:
     """The evaluation writes ROUGE/METEOR/BERTScore (`summarization`) and perplexity (`response_ppl`) to two
     score files."""

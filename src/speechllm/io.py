@@ -39,6 +39,16 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: Path) -> None:
+    """`fsync_path` every regular file and directory under `root` (symbolic links are not followed)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                fsync_path(path)
+        fsync_path(Path(folder))
+
+
 def os_error_behind(err: BaseException) -> OSError | None:
     """The OS error behind a failed write: `err` itself or one it was raised from (torch.save to a file
     object), or the `(os error N)` that safetensors (a Rust io::Error) puts in its message. None: not an
@@ -121,6 +131,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
+        fsync_tree(tmp)  # the rename must not publish files whose data a crash could still lose
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, old / target.name)
@@ -128,6 +139,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(tmp, target)
+        fsync_path(target.parent)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         named = _name_target(err, target)
