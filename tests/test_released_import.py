@@ -585,6 +585,20 @@ def test_paper_scale_layout_maps_onto_the_project_model(tmp_path):
     )
 
 
+def test_two_checkpoint_keys_for_one_parameter_are_an_error(tmp_path):
+    """The old and the parametrized name of the weight-normed positional convolution both map to one
+    parameter: a file holding both is refused, not imported with whichever came last."""
+    from speechllm.models.espnet_import import CheckpointImportError, map_espnet_state
+
+    prefix = "frontend.upstream.upstream.model.encoder.pos_conv.0."
+    state = {
+        prefix + "weight_g": torch.zeros(1),
+        prefix + "parametrizations.weight.original0": torch.ones(1),
+    }
+    with pytest.raises(CheckpointImportError, match=r"weight_g and .*original0 both map to"):
+        map_espnet_state(state, tmp_path / "10epoch.pth")
+
+
 @pytest.mark.parametrize(
     "meta, config",
     [

@@ -427,6 +427,7 @@ def map_espnet_state(state: Mapping[str, Any], where: Path) -> MappedState:
     error naming the key."""
     mapped = MappedState({}, {}, {}, {"decoder (int8 BLOOMZ)": 0, "wav2vec2 pretraining heads": 0})
     unmapped = []
+    source: dict[tuple[int, str], str] = {}  # (target, new name) -> the checkpoint key it came from
     for key, value in state.items():
         if key.startswith(DECODER_PREFIX):
             mapped.dropped["decoder (int8 BLOOMZ)"] += 1
@@ -445,8 +446,10 @@ def map_espnet_state(state: Mapping[str, Any], where: Path) -> MappedState:
             target, name = mapped.speech, rename(key, SPEECH_RENAMES)
         if name is None:
             unmapped.append(key)
-        else:
-            target[name] = value
+            continue
+        if (earlier := source.setdefault((id(target), name), key)) != key:
+            raise CheckpointImportError(f"{where}: {earlier} and {key} both map to {name}")
+        target[name] = value
     if unmapped:
         raise CheckpointImportError(
             f"{where}: {len(unmapped)} key(s) the importer cannot map: {unmapped[:10]}"
