@@ -19,6 +19,13 @@ post-encoder with ``model_name_or_path: dummy``. Module names follow ESPnet (``e
 
 Unlike ESPnet, the adaptor is padding invariant: the valid outputs of an utterance do not depend on
 what else is in the batch (see ``upsample_nearest`` and ``speechllm.models.ebranchformer``).
+
+There is no layer drop. The reference's ``encoder_conf`` sets ``layer_drop_rate: 0.1``
+(DigitalPhonetics/bloomzmms@77dc192:espnet-bloomzmms-files/egs2/fleurs/asr1/conf/tuning/
+train_asr_e_branchformer_mms1b-asr_bloomz7b_{ctc,aed}.yaml), but ESPnet v.202304's ``EBranchformerEncoder``
+drops layers only inside ``MultiSequential.forward``, which it calls when ``interctc_layer_idx`` is empty.
+With ``interctc_layer_idx: [3]`` it loops over the blocks itself and runs every block, so the setting never
+takes effect.
 """
 
 from __future__ import annotations
