@@ -2,13 +2,12 @@
 
 Both papers keep the LLM frozen (`models.llm.lora: null`, the default). With a LoRA section, low-rank adapters
 (Hu et al. 2022, via peft's `inject_adapter_in_model`) are added to the named linear layers of the LLM after
-it is
-frozen: their weights are trainable, so they are in `trainable_state_dict`, the optimizer, every checkpoint
-    (exact
-resume) and the exported `model.safetensors`; a model directory whose `speechllm.json` names the same LoRA
-section rebuilds them before its weights load. B starts at zero, so a fresh adapter leaves the LLM's outputs
-unchanged. The adapters act in the stages that train through the LLM (spec stage other than `ctc`); Kang &
-Roy's teacher (the text-prompted run of the same LLM) runs with them switched off: it is the frozen LLM.
+it is frozen: their weights are trainable, so they are in `trainable_state_dict`, the optimizer, every
+checkpoint (exact resume) and the exported `model.safetensors`; a model directory whose `speechllm.json` names
+the same LoRA section rebuilds them before its weights load. B starts at zero, so a fresh adapter leaves the
+LLM's outputs unchanged. The adapters act in the stages that train through the LLM (spec stage other than
+`ctc`); Kang & Roy's teacher (the text-prompted run of the same LLM) runs with them switched off: it is the
+frozen LLM.
 """
 
 from __future__ import annotations
