@@ -71,7 +71,9 @@ class Side:
 
 def paper_config(blocks: int, interctc_layer: int) -> AdaptorConfig:
     adaptor = yaml.safe_load(PAPER_CONFIG.read_text())["models"]["adaptor"]
-    return AdaptorConfig(**{**adaptor, "num_blocks": blocks, "interctc_layer": interctc_layer})
+    sizes = {**adaptor, "num_blocks": blocks, "interctc_layer": interctc_layer}
+    lid_classes = sizes.pop("lid_classes")  # the reference's 140
+    return AdaptorConfig(**sizes, num_lid_classes=lid_classes)
 
 
 def reference_side(

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from speechllm.models import subsampling
-from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor, lengths_to_mask, upsample_nearest
+from speechllm.models.adaptor import (
+    AdaptorConfig,
+    SpeechAdaptor,
+    lengths_to_mask,
+    lid_class_count,
+    upsample_nearest,
+)
 from speechllm.models.attention import RelPositionMultiHeadedAttention, rel_shift
 from speechllm.models.ebranchformer import ConvolutionalGatingMLP, EBranchformerLayer
 from speechllm.models.espnet_reference import ESPNET_ENCODER_MODULE, OverlayLidCtc, copy_encoder_weights
@@ -412,3 +418,12 @@ def test_gradients_match_espnet(im2col: bool, monkeypatch: pytest.MonkeyPatch) -
         assert param.grad is not None and expected is not None, name
         scale = float(expected.abs().max())
         torch.testing.assert_close(param.grad, expected, atol=ATOL * max(scale, 1.0), rtol=1e-4, msg=name)
+
+
+def test_lid_classes_come_from_the_data_or_the_config() -> None:
+    """models.adaptor.lid_classes: null sizes the LID head to the data's languages + blank; a number (the
+    reference's 140) is kept, unless too small for the data's labels."""
+    assert lid_class_count(None, 6) == 7
+    assert lid_class_count(140, 6) == 140 and lid_class_count(140, 139) == 140
+    with pytest.raises(ValueError, match=r"models\.adaptor\.lid_classes is 6, but the data has 6 languages"):
+        lid_class_count(6, 6)

@@ -50,6 +50,20 @@ from speechllm.models.positional import RelPositionalEncoding
 from speechllm.models.subsampling import Conv2dSubsampling
 
 
+def lid_class_count(configured: int | None, languages: int) -> int:
+    """Classes of the LID-CTC head: `configured` (config models.adaptor.lid_classes; the reference: 140 =
+    139 languages + blank), or, when None, the `languages` of the data + the CTC blank 0."""
+    needed = languages + 1
+    if configured is None:
+        return needed
+    if configured < needed:
+        raise ValueError(
+            f"models.adaptor.lid_classes is {configured}, but the data has {languages} languages "
+            "(+ the blank)"
+        )
+    return configured
+
+
 @dataclass
 class AdaptorConfig:
     """Sizes of the speech adaptor; defaults are the paper's (ESPnet yaml ``encoder_conf`` etc.)."""

@@ -108,15 +108,15 @@ def build_for_stage(
         return model, tokenizer, spec, {}
     from transformers import AutoConfig
 
-    from speechllm.models.adaptor import AdaptorConfig
+    from speechllm.models.adaptor import AdaptorConfig, lid_class_count
 
     if language_ids is None:
         raise ValueError(f"--language-ids is required for the {stage} stage")
     lid = read_json(language_ids)
     llm_cfg = AutoConfig.from_pretrained(s.models.llm.name_or_path)
-    adaptor = AdaptorConfig(
-        **dataclasses.asdict(s.adaptor), num_lid_classes=len(lid) + 1, llm_hidden_size=llm_cfg.hidden_size
-    )
+    sizes = dataclasses.asdict(s.adaptor)
+    lid_classes = lid_class_count(sizes.pop("lid_classes"), len(lid))
+    adaptor = AdaptorConfig(**sizes, num_lid_classes=lid_classes, llm_hidden_size=llm_cfg.hidden_size)
     objective = "ctc" if stage == "init" else stage
     spec = model_spec(models_cfg, adaptor, lid, stage=objective)
     model, tokenizer = build_model(

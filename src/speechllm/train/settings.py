@@ -59,6 +59,8 @@ class Adaptor:
     attn_dropout: float
     interctc_layer: int
     """1-based block after which the LID inter-CTC reads"""
+    lid_classes: int | None = setting(default=None)
+    """classes of the LID-CTC head (None: the data's languages + blank; the reference: 140)"""
 
 
 @dataclass(frozen=True)
