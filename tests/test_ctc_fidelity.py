@@ -328,3 +328,24 @@ def test_s3prl_frame_count_is_padding_invariant() -> None:
             torch.testing.assert_close(feats[b, :t], single[0], atol=ATOL, rtol=0)
             assert (feats[b, t:] == 0).all()
     assert lengths_to_mask(feat_lengths, feats.shape[1]).sum() == feat_lengths.sum()
+
+
+def test_ctc_head_keeps_the_stored_embedding_values(tiny_spec, tmp_path) -> None:
+    """The CTC head is copied from the LLM's embeddings as stored (the reference loaded the LLM in fp32 to
+    export them), not rounded to models.llm.dtype: an fp16-stored LLM under dtype bfloat16 gives the exact
+    fp16 values."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_spec["llm"]["name_or_path"])
+    weight = lm.get_input_embeddings().weight
+    with torch.no_grad():  # 1 + k / 1024: fp16 holds them, bfloat16 (8 significant bits) does not
+        weight.copy_(1 + (torch.arange(weight.numel()) % 7).view_as(weight) / 1024)
+    stored = tmp_path / "llm-fp16"
+    lm.half().save_pretrained(stored)
+    AutoTokenizer.from_pretrained(tiny_spec["llm"]["name_or_path"]).save_pretrained(stored)
+    spec = json.loads(json.dumps(tiny_spec))
+    spec["llm"].update(name_or_path=str(stored), dtype="bfloat16")
+    model, tok = build_model(spec, with_ctc=True, with_llm=False)
+    expected = weight[: len(tok)].float()
+    assert torch.equal(model.ctc_head.ctc_lo.weight, expected)
+    assert not torch.equal(expected.bfloat16().float(), expected)  # bfloat16 would have rounded them

@@ -146,8 +146,9 @@ def llm_hidden_size(llm_cfg: dict[str, Any]) -> int:
     return int(AutoConfig.from_pretrained(llm_cfg["name_or_path"], **_hub_kwargs(llm_cfg)).hidden_size)
 
 
-def load_llm(llm_cfg: dict[str, Any], device: torch.device | str = "cpu"):
-    """The frozen causal LM and its tokenizer through the hub-style `from_pretrained` calls."""
+def load_llm(llm_cfg: dict[str, Any], device: torch.device | str = "cpu", stored_dtype: bool = False):
+    """The frozen causal LM and its tokenizer through the hub-style `from_pretrained` calls; in
+    `models.llm.dtype`, or with `stored_dtype` in the precision its weights are stored in."""
     if llm_cfg.get("load_in_8bit"):
         check_8bit_support()
     kwargs = _hub_kwargs(llm_cfg)
@@ -157,7 +158,7 @@ def load_llm(llm_cfg: dict[str, Any], device: torch.device | str = "cpu"):
 
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     lm = AutoModelForCausalLM.from_pretrained(
-        llm_cfg["name_or_path"], dtype=DTYPES[llm_cfg["dtype"]], **kwargs
+        llm_cfg["name_or_path"], dtype="auto" if stored_dtype else DTYPES[llm_cfg["dtype"]], **kwargs
     )
     if not llm_cfg.get("load_in_8bit"):
         lm = lm.to(device)
@@ -322,8 +323,14 @@ def build_model(
         return model.to(device), tokenizer
     # Without the LLM in the model, only its input embeddings (the CTC head) are read: 8-bit loading would not
     # change them (LLM.int8() quantises linear layers) and needs a GPU, so the init / CTC steps load it
-    # plainly.
-    lm, tokenizer = load_llm(spec["llm"] if with_llm else {**spec["llm"], "load_in_8bit": False}, device)
+    # plainly, in the precision it is stored in: the reference exported the head from the LLM loaded at the
+    # fp32 default (DigitalPhonetics/bloomzmms@77dc192:espnet-bloomzmms-files/egs2/fleurs/asr1/local/
+    # export_hf_embed_tokens.py), which keeps the stored values exactly; models.llm.dtype bfloat16 would
+    # round fp16- or fp32-stored embeddings.
+    if with_llm:
+        lm, tokenizer = load_llm(spec["llm"], device)
+    else:
+        lm, tokenizer = load_llm({**spec["llm"], "load_in_8bit": False}, device, stored_dtype=True)
     ctc_head = (
         CTCHead.from_embeddings(input_embedding_rows(lm, len(tokenizer)), len(tokenizer))
         if with_ctc
