@@ -408,9 +408,15 @@ def trainable_speech_encoder_activation(
 # --------------------------------------------------------------------------- BLOOMZMMS adaptor
 
 
+def subsampled(length: int, config: AdaptorConfig) -> tuple[int, int]:
+    """`length` (frames or features) after the first and after the second subsampling convolution."""
+    once = conv_output_length(length, config.subsampling_kernel, config.subsampling_stride)
+    return once, conv_output_length(once, config.subsampling_kernel, config.subsampling_stride)
+
+
 def adaptor_frames(frames: int, config: AdaptorConfig) -> tuple[int, int]:
     """(T1 after Conv2d subsampling, T2 after the length adaptor) for T0 input frames."""
-    t1 = ((frames - 1) // 2 - 1) // 2
+    t1 = subsampled(frames, config)[1]
     return t1, t1 // config.length_adaptor_ratio
 
 
@@ -418,9 +424,8 @@ def adaptor_flops(adaptor: SpeechAdaptor, batch: int, frames: int) -> float:
     """Forward FLOPs of the E-Branchformer adaptor."""
     cfg = adaptor.config
     t1, t2 = adaptor_frames(frames, cfg)
-    f1 = (cfg.input_dim - 1) // 2
-    f2 = (f1 - 1) // 2
-    conv_positions = {"embed.conv.0": ((frames - 1) // 2) * f1, "embed.conv.2": t1 * f2}
+    f1, f2 = subsampled(cfg.input_dim, cfg)
+    conv_positions = {"embed.conv.0": subsampled(frames, cfg)[0] * f1, "embed.conv.2": t1 * f2}
 
     def positions(name: str, layer: nn.Module) -> float:
         if name in conv_positions:
@@ -455,12 +460,10 @@ def adaptor_activation(adaptor: SpeechAdaptor, batch: int, frames: int, act_byte
     cfg = adaptor.config
     t1, t2 = adaptor_frames(frames, cfg)
     per_position, masks = ebranchformer_activation_elements(cfg, t1)
-    f1 = (cfg.input_dim - 1) // 2
+    f1, f2 = subsampled(cfg.input_dim, cfg)
     # conv input, first ReLU output (= second conv input), second ReLU output and its flattened copy
     subsampling = (
-        frames * cfg.input_dim
-        + ((frames - 1) // 2) * f1 * cfg.d_model
-        + 2 * t1 * ((f1 - 1) // 2) * cfg.d_model
+        frames * cfg.input_dim + subsampled(frames, cfg)[0] * f1 * cfg.d_model + 2 * t1 * f2 * cfg.d_model
     )
     heads = 2 * t2 * cfg.d_model + t1 * cfg.num_lid_classes  # length adaptors, LID softmax / conditioning
     per_utterance = (
