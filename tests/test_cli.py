@@ -78,3 +78,19 @@ def test_report_table_help_names_every_table() -> None:
 
     name = next(a for a in parser_at(("report", "table"))._actions if "--name" in a.option_strings)
     assert name.help.split(" | ") == list(TABLE_NAMES)
+
+
+def test_bad_settings_json_is_one_line_naming_the_command(tmp_path) -> None:
+    """A rule's --settings that is not a JSON object ends as `speechllm <command>: error: ...`, as every
+    other bad input does."""
+    import pytest
+
+    from speechllm.cli import main
+
+    m = str(tmp_path / "m.jsonl")
+    for settings, expected in (
+        ("{", r"^speechllm data prepare: error: --settings is not valid JSON: .* \(line 1 column 2\)$"),
+        ("[1]", r"^speechllm data prepare: error: --settings must be a JSON object, not list$"),
+    ):
+        with pytest.raises(SystemExit, match=expected):
+            main(["data", "prepare", "--settings", settings, "--manifest", m, "--out", m, "--report", m])

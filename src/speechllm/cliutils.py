@@ -57,13 +57,16 @@ def positive_int(text: str) -> int:
 
 
 def parse_settings(raw: str) -> dict[str, Any]:
-    """The JSON object a rule passes as `--settings`."""
+    """The JSON object a rule passes as `--settings` (a ValueError otherwise, which `speechllm` reports in
+    one line naming the command)."""
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise SystemExit(f"--settings is not valid JSON: {err.msg}") from err
+        raise ValueError(
+            f"--settings is not valid JSON: {err.msg} (line {err.lineno} column {err.colno})"
+        ) from err
     if not isinstance(value, dict):
-        raise SystemExit("--settings must be a JSON object")
+        raise ValueError(f"--settings must be a JSON object, not {type(value).__name__}")
     return value
 
 
