@@ -204,12 +204,16 @@ def read_shards(paths: Sequence[Path], header: Mapping[str, Any]) -> tuple[dict[
     """Every shard's rows, merged, and the first shard's document (without rows). The files must be shards
     0..N-1 of one run (same fingerprint) whose header matches `header`; errors name the file."""
     rows: dict[str, Row] = {}
+    origin: dict[str, Path] = {}
     first: dict[str, Any] | None = None
     seen = set()
     for path in paths:
         document = read_json(path)
         if not isinstance(document, dict) or not isinstance(document.get("rows"), dict):
             raise ValueError(f"{path}: not an evaluation shard file")
+        shard, num_shards = document.get("shard"), document.get("num_shards")
+        if not (isinstance(shard, int) and isinstance(num_shards, int) and 0 <= shard < num_shards):
+            raise ValueError(f"{path}: shard {shard!r} of {num_shards!r} is not one of shards 0..N-1")
         for key, value in header.items():
             if document.get(key) != value:
                 raise ValueError(f"{path}: {key} is {document.get(key)!r}, expected {value!r}")
@@ -221,7 +225,14 @@ def read_shards(paths: Sequence[Path], header: Mapping[str, Any]) -> tuple[dict[
         if document["shard"] in seen:
             raise ValueError(f"{path}: shard {document['shard']} given twice")
         seen.add(document["shard"])
+        twice = [key for key in document["rows"] if key in rows]
+        if twice:
+            raise ValueError(
+                f"{path}: row {twice[0]} ({len(twice)} rows) is also in {origin[twice[0]]}: each record is "
+                "decoded by one shard"
+            )
         rows.update(document["rows"])
+        origin.update(dict.fromkeys(document["rows"], Path(path)))
     if first is None:
         raise ValueError("no shard files given")
     if seen != set(range(first["num_shards"])):
