@@ -120,6 +120,21 @@ def test_gather_refuses_missing_or_foreign_shards(world, tmp_path):
         gather(world, tmp_path, "fleurs_asr", rows, tmp_path / "out")
 
 
+def test_gather_refuses_shards_decoded_from_other_manifest_records(world, tmp_path):
+    """The gather pairs each row with the record of the same index in the manifests it reads: manifests
+    rewritten since the shards ran (here the same utterances in another order, which the shard count and
+    the rows' keys cannot tell) stop it with an error naming the shard file, instead of scoring every
+    hypothesis against another utterance's reference."""
+    rows = [tmp_path / f"shard{k}.json" for k in range(2)]
+    for k, path in enumerate(rows):
+        evaluate(world, tmp_path, "fleurs_asr", "--shard", str(k), "--num-shards", "2", "--rows", str(path))
+    reordered = {**world, "utterances": world["utterances"][::-1]}
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(rows[0]))}: inputs is .*changed since this shard"):
+        gather(reordered, tmp_path, "fleurs_asr", rows, tmp_path / "out")
+    gather(world, tmp_path, "fleurs_asr", rows, tmp_path / "out")  # the manifests as decoded
+    assert (tmp_path / "out" / "scores.json").is_file()
+
+
 def test_a_stopped_shard_resumes_without_redoing_batches_and_ends_identical(
     world, tmp_path, monkeypatch, stop_signals
 ):
