@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +432,27 @@ def test_rescore_asr_with_sclite_alignment_records_it(tmp_path) -> None:
     assert again["metrics"]["per_language"]["en_us"]["primary"] == pytest.approx(6 / 7)
     assert again["metrics"]["all"]["alignment"] == "sclite"
     assert again["settings"]["asr_alignment"] == "sclite"
+
+
+def test_rescore_of_another_benchmarks_outputs_names_the_file_and_columns(tmp_path) -> None:
+    """A rescore given an ST Parquet for SpeechGLUE (or any frame without the columns its scorer reads) stops
+    with an error naming the Parquet and what it lacks, not pandas' AttributeError."""
+    df = pd.DataFrame(
+        {
+            "id": ["de-0"],
+            "language": ["de_de"],
+            "target_language": ["en_us"],
+            "reference": ["hello"],
+            "hypothesis": ["hello"],
+        }
+    )
+    assert_recomputable(tmp_path, "fleurs_st", df, benchmarks.score_st(df, ev("fleurs_st")))
+    hyps, scores = tmp_path / "fleurs_st.parquet", tmp_path / "fleurs_st.scores.json"
+    document = json.loads(scores.read_text())
+    scores.write_text(json.dumps({**document, "benchmark": "speechglue"}))
+    full = {"evaluate": SETTINGS, "experiment": "test", "sampling_rate": SR}
+    with pytest.raises(ValueError, match=rf"{re.escape(str(hyps))}: no column\(s\) \['task', 'prediction', "):
+        rescore("speechglue", hyps, scores, full)
 
 
 def test_unknown_asr_alignment_stops_before_decoding(world) -> None:

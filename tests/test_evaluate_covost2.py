@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -85,6 +86,24 @@ def test_bad_release_errors_name_the_file(release, tmp_path) -> None:
         covost2_test_records(release, "de")
     with pytest.raises(CoVoSTError, match="evaluate.covost2.release_dir"):
         build_covost2_manifest(tmp_path / "nowhere", ["de"], tmp_path / "x.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("row", "fields"),
+    [
+        ("de_2.mp3\tGuten Morgen.\tGood morning.\tc2", 4),
+        ("de_2.mp3\tGuten\tMorgen.\tGood morning.\tc2\ttest", 6),
+    ],
+)
+def test_a_covost_row_with_missing_or_extra_fields_is_an_error_naming_its_line(release, row, fields) -> None:
+    """A cut row (no split) or one with an unescaped tab (every later column shifted) would not read as a
+    test row and silently drop out of the test set; it stops the manifest naming the tsv line."""
+    tsv = release / "de" / "covost_v2.de_en.tsv"
+    tsv.write_text(HEADER + 'de_1.mp3\tEr sagte "Hallo".\tHe said "hello".\tc1\ttest\n' + row + "\n")
+    with pytest.raises(
+        CoVoSTError, match=rf"{re.escape(str(tsv))}:3: {fields} tab-separated fields .* has 5"
+    ):
+        covost2_test_records(release, "de")
 
 
 def test_covost2_scores_against_english_with_13a(release) -> None:

@@ -5,6 +5,7 @@ stopped or killed shard resumes without redoing its finished batches and ends wi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +120,21 @@ def test_gather_refuses_missing_or_foreign_shards(world, tmp_path):
         gather(world, tmp_path, "fleurs_asr", rows, tmp_path / "out")
 
 
+def test_gather_refuses_shards_decoded_from_other_manifest_records(world, tmp_path):
+    """The gather pairs each row with the record of the same index in the manifests it reads: manifests
+    rewritten since the shards ran (here the same utterances in another order, which the shard count and
+    the rows' keys cannot tell) stop it with an error naming the shard file, instead of scoring every
+    hypothesis against another utterance's reference."""
+    rows = [tmp_path / f"shard{k}.json" for k in range(2)]
+    for k, path in enumerate(rows):
+        evaluate(world, tmp_path, "fleurs_asr", "--shard", str(k), "--num-shards", "2", "--rows", str(path))
+    reordered = {**world, "utterances": world["utterances"][::-1]}
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(rows[0]))}: inputs is .*changed since this shard"):
+        gather(reordered, tmp_path, "fleurs_asr", rows, tmp_path / "out")
+    gather(world, tmp_path, "fleurs_asr", rows, tmp_path / "out")  # the manifests as decoded
+    assert (tmp_path / "out" / "scores.json").is_file()
+
+
 def test_a_stopped_shard_resumes_without_redoing_batches_and_ends_identical(
     world, tmp_path, monkeypatch, stop_signals
 ):
@@ -197,3 +213,33 @@ def test_a_torn_line_does_not_swallow_the_next_kept_batch(tmp_path):
     runner = BatchRunner("model A", partial)
     runner.run("", records, [[0, 1], [2, 3]], decode, "test")
     assert decoded == [[0, 1], [2, 3]] and runner.reused == 2
+
+
+def test_gather_refuses_a_row_in_two_shards_or_a_shard_outside_the_run(tmp_path):
+    """Each record's row comes from exactly one shard: a row that two shard files hold (one copied over
+    another, or decoded with another shard count) and a shard number outside 0..N-1 stop the gather with an
+    error naming the file, instead of one row silently replacing the other."""
+    from speechllm.evaluate.shards import read_shards
+
+    def shard_file(name: str, shard: Any, rows: dict[str, Any]) -> Path:
+        path = tmp_path / name
+        document = {"benchmark": "b", "shard": shard, "num_shards": 2, "fingerprint": "f", "notes": {}}
+        path.write_text(json.dumps({**document, "rows": rows}))
+        return path
+
+    first = shard_file("shard0.json", 0, {":0": {"hypothesis": "a"}, ":2": {"hypothesis": "c"}})
+    second = shard_file("shard1.json", 1, {":1": {"hypothesis": "b"}})
+    rows, _ = read_shards([first, second], {"benchmark": "b"})
+    assert sorted(rows) == [":0", ":1", ":2"]
+    overlapping = shard_file("overlap.json", 1, {":1": {"hypothesis": "b"}, ":2": {"hypothesis": "other"}})
+    with pytest.raises(
+        ValueError,
+        match=rf"{re.escape(str(overlapping))}: row :2 \(1 rows\) is also in {re.escape(str(first))}",
+    ):
+        read_shards([first, overlapping], {"benchmark": "b"})
+    for shard in (2, -1, None, "1"):
+        outside = shard_file("outside.json", shard, {":1": {"hypothesis": "b"}})
+        with pytest.raises(
+            ValueError, match=rf"{re.escape(str(outside))}: shard .* of 2 is not one of shards 0..N-1"
+        ):
+            read_shards([first, outside], {"benchmark": "b"})

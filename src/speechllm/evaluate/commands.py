@@ -103,9 +103,17 @@ def write_scored(
     log.info("%s %s (%s): %s", args.benchmark, args.name, args.decoder, json.dumps(metrics)[:400])
 
 
-def shard_header(args: argparse.Namespace) -> dict[str, Any]:
-    """What a shard file records of its job, for the gather step to check."""
-    return {"benchmark": args.benchmark, "decoder": args.decoder, "model": str(args.model)}
+def shard_header(args: argparse.Namespace, inputs: Any) -> dict[str, Any]:
+    """What a shard file records of its job, for the gather step to check (`inputs`: the records read from
+    the manifests, whose rows the gather pairs by index)."""
+    from speechllm.evaluate.shards import inputs_digest
+
+    return {
+        "benchmark": args.benchmark,
+        "decoder": args.decoder,
+        "model": str(args.model),
+        "inputs": inputs_digest(inputs),
+    }
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -131,7 +139,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     runner = BatchRunner(fingerprint, partial_path(out), args.shard, args.num_shards)
     decode_inputs(args.benchmark, system, spec, inputs, ev, runner)
     if args.rows:
-        write_shard(out, runner, {**shard_header(args), "notes": system.notes})
+        write_shard(out, runner, {**shard_header(args, inputs), "notes": system.notes})
     else:
         write_scored(args, s, ev, frame_inputs(args.benchmark, inputs, runner.rows, ev), system.notes)
     runner.finish()
@@ -153,7 +161,7 @@ def cmd_gather(args: argparse.Namespace) -> None:
     s = parse_settings(args.settings)
     ev = benchmark_settings(args.benchmark, s)
     inputs = read_inputs(args.benchmark, [Path(m) for m in args.manifests], ev)
-    rows, first = read_shards([Path(r) for r in args.rows], shard_header(args))
+    rows, first = read_shards([Path(r) for r in args.rows], shard_header(args, inputs))
     write_scored(args, s, ev, frame_inputs(args.benchmark, inputs, rows, ev), first["notes"])
 
 

@@ -28,7 +28,9 @@ class CoVoSTError(ValueError):
     """A CoVoST 2 release that cannot be read; the message names the file and what is wrong."""
 
 
-def _read_tsv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
+def _read_tsv(path: Path, required: tuple[str, ...], whole_rows: bool = False) -> list[dict[str, str]]:
+    """The rows of a tsv with the `required` columns; with `whole_rows`, a row with fewer or more fields
+    than the header (its split and translation would be shifted or missing) is an error naming its line."""
     with path.open(encoding="utf-8", newline="") as fh:
         # As CoVoST's own split script reads its tsv and Common Voice's: quotes are plain characters, a
         # backslash escapes the next one (facebookresearch/covost@4cddf32:get_covost_splits.py).
@@ -36,7 +38,17 @@ def _read_tsv(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:
             raise CoVoSTError(f"{path}: missing column(s) {missing} (has {reader.fieldnames})")
-        return list(reader)
+        rows = []
+        for row in reader:
+            # DictReader fills the fields of a short row with None and puts a long row's extras under None.
+            if whole_rows and (None in row or None in row.values()):
+                fields = sum(len(v) if k is None else v is not None for k, v in row.items())
+                raise CoVoSTError(
+                    f"{path}:{reader.line_num}: {fields} tab-separated fields where the header has "
+                    f"{len(reader.fieldnames or [])} (an unescaped tab, or a cut row)"
+                )
+            rows.append(row)
+        return rows
 
 
 def covost_tsv(release_dir: Path, locale: str, tsv_dir: Path | None) -> Path:
@@ -57,7 +69,9 @@ def covost2_test_records(
     """FLEURS-shaped records for one source locale: id, language (the CV locale), audio, num_samples,
     sampling_rate, raw_transcription (source text), translation (English reference)."""
     tsv = covost_tsv(release_dir, locale, tsv_dir)
-    rows = [r for r in _read_tsv(tsv, ("path", "translation", "split")) if r["split"] == split]
+    rows = [
+        r for r in _read_tsv(tsv, ("path", "translation", "split"), whole_rows=True) if r["split"] == split
+    ]
     sentences: dict[str, str] = {}
     if rows and "sentence" not in rows[0]:
         validated = release_dir / locale / "validated.tsv"

@@ -29,6 +29,16 @@ SCORERS: dict[str, Callable[[pd.DataFrame, dict[str, Any]], dict[str, Any]]] = {
     "response_ppl": summarization.score_response_ppl,
 }
 BENCHMARKS: tuple[str, ...] = tuple(SCORERS)
+# The per-utterance columns each scorer reads (the frames of evaluate/benchmarks.py and summarization.py).
+SCORED_COLUMNS: dict[str, tuple[str, ...]] = {
+    "fleurs_asr": ("language", "reference", "hypothesis"),
+    "fleurs_st": ("language", "target_language", "reference", "hypothesis"),
+    "covost2_st": ("language", "target_language", "reference", "hypothesis"),
+    "speechglue": ("task", "reference", "prediction", "matched"),
+    "speechxnli": ("language", "reference", "prediction", "matched"),
+    "summarization": ("reference", "hypothesis"),
+    "response_ppl": ("subset", "nll", "num_tokens"),
+}
 SETTING_KEYS = (
     "num_beams",
     "max_new_tokens",
@@ -129,7 +139,14 @@ def rescore(
     if document.get("benchmark") != benchmark:
         raise ValueError(f"{scores_path}: benchmark {document.get('benchmark')!r}, not {benchmark!r}")
     evaluate = benchmark_settings(benchmark, settings)
-    document["metrics"] = score_frame(benchmark, pd.read_parquet(hyps), evaluate)
+    df = pd.read_parquet(hyps)
+    missing = [column for column in SCORED_COLUMNS[benchmark] if column not in df]
+    if missing:
+        raise ValueError(
+            f"{hyps}: no column(s) {missing}, which {benchmark} scores (columns: {list(df.columns)}); "
+            f"not the per-utterance outputs of a {benchmark} evaluation"
+        )
+    document["metrics"] = score_frame(benchmark, df, evaluate)
     document["versions"] = versions()
     document["settings"] = scored_settings(document.get("settings", {}), settings["evaluate"])
     with atomic_path(out or scores_path) as tmp:

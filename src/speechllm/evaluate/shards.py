@@ -33,6 +33,11 @@ from speechllm.versions import installed_version
 Row = dict[str, Any]
 # Settings that choose which shard a job runs, not what it decodes.
 UNKEYED_SETTINGS = ("shards",)
+# What a mismatch of a shard header's key means (read_shards).
+HEADER_HINTS = {
+    "inputs": " (a digest of the manifests' records: they changed since this shard was decoded; decode it "
+    "again)"
+}
 
 
 def unit(group: str, index: int) -> str:
@@ -88,6 +93,23 @@ def run_fingerprint(
         "versions": [__version__, installed_version("torch"), installed_version("transformers")],
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _without_locations(node: Any) -> Any:
+    """`node` with every mapping's manifest-location keys (`_line`, `_manifest`: leading `_`) left out."""
+    if isinstance(node, Mapping):
+        return {k: _without_locations(v) for k, v in node.items() if not str(k).startswith("_")}
+    if isinstance(node, list | tuple):
+        return [_without_locations(v) for v in node]
+    return node
+
+
+def inputs_digest(inputs: Any) -> str:
+    """sha256 over a benchmark's records as read from its manifests (SpeechGLUE: task -> records), without
+    where they were read from. A shard file records it; the gather step, which pairs rows with records by
+    their index, checks that its manifests still hold the same records in the same order."""
+    blob = json.dumps(_without_locations(inputs), sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def partial_path(out: Path) -> Path:
@@ -204,15 +226,20 @@ def read_shards(paths: Sequence[Path], header: Mapping[str, Any]) -> tuple[dict[
     """Every shard's rows, merged, and the first shard's document (without rows). The files must be shards
     0..N-1 of one run (same fingerprint) whose header matches `header`; errors name the file."""
     rows: dict[str, Row] = {}
+    origin: dict[str, Path] = {}
     first: dict[str, Any] | None = None
     seen = set()
     for path in paths:
         document = read_json(path)
         if not isinstance(document, dict) or not isinstance(document.get("rows"), dict):
             raise ValueError(f"{path}: not an evaluation shard file")
+        shard, num_shards = document.get("shard"), document.get("num_shards")
+        if not (isinstance(shard, int) and isinstance(num_shards, int) and 0 <= shard < num_shards):
+            raise ValueError(f"{path}: shard {shard!r} of {num_shards!r} is not one of shards 0..N-1")
         for key, value in header.items():
             if document.get(key) != value:
-                raise ValueError(f"{path}: {key} is {document.get(key)!r}, expected {value!r}")
+                hint = HEADER_HINTS.get(key, "")
+                raise ValueError(f"{path}: {key} is {document.get(key)!r}, expected {value!r}{hint}")
         if first is None:
             first = {k: v for k, v in document.items() if k != "rows"}
         for key in ("num_shards", "fingerprint", "notes"):
@@ -221,7 +248,14 @@ def read_shards(paths: Sequence[Path], header: Mapping[str, Any]) -> tuple[dict[
         if document["shard"] in seen:
             raise ValueError(f"{path}: shard {document['shard']} given twice")
         seen.add(document["shard"])
+        twice = [key for key in document["rows"] if key in rows]
+        if twice:
+            raise ValueError(
+                f"{path}: row {twice[0]} ({len(twice)} rows) is also in {origin[twice[0]]}: each record is "
+                "decoded by one shard"
+            )
         rows.update(document["rows"])
+        origin.update(dict.fromkeys(document["rows"], Path(path)))
     if first is None:
         raise ValueError("no shard files given")
     if seen != set(range(first["num_shards"])):
