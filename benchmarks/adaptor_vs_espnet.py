@@ -42,7 +42,7 @@ import torch
 import yaml
 from torch import nn
 
-from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor, lengths_to_mask
+from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor, adaptor_config, lengths_to_mask
 from speechllm.models.espnet_reference import (
     OverlayLidCtc,
     copy_encoder_weights,
@@ -70,10 +70,9 @@ class Side:
 
 
 def paper_config(blocks: int, interctc_layer: int) -> AdaptorConfig:
-    adaptor = yaml.safe_load(PAPER_CONFIG.read_text())["models"]["adaptor"]
-    sizes = {**adaptor, "num_blocks": blocks, "interctc_layer": interctc_layer}
-    lid_classes = sizes.pop("lid_classes")  # the reference's 140
-    return AdaptorConfig(**sizes, num_lid_classes=lid_classes)
+    config = yaml.safe_load(PAPER_CONFIG.read_text())
+    sizes = {**config["models"]["adaptor"], "num_blocks": blocks, "interctc_layer": interctc_layer}
+    return adaptor_config(sizes, len(config["data"]["languages"]))
 
 
 def reference_side(

@@ -37,7 +37,7 @@ from kd_batching import paired_samples_per_second  # the alternating-rounds time
 import speechllm
 from speechllm.demo.build import build_speech_encoder, build_tokenizer
 from speechllm.demo.corpus import parallel_sentences
-from speechllm.models.adaptor import AdaptorConfig, lid_class_count
+from speechllm.models.adaptor import adaptor_config
 from speechllm.models.export import build_model, model_spec, save_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,9 +62,9 @@ def demo_models(config: dict[str, Any], out_dir: Path, seed: int) -> tuple[Path,
         "speech_encoder": {**models_cfg["speech_encoder"], "name_or_path": str(out_dir / "encoder")},
         "prompt": models_cfg["prompt"],
     }
-    sizes = dict(models_cfg["adaptor"])
-    lid_classes = lid_class_count(sizes.pop("lid_classes", None), len(config["data"]["languages"]))
-    adaptor = AdaptorConfig(**sizes, llm_hidden_size=build["llm"]["hidden_size"], num_lid_classes=lid_classes)
+    adaptor = adaptor_config(
+        models_cfg["adaptor"], len(config["data"]["languages"]), llm_hidden_size=build["llm"]["hidden_size"]
+    )
     dirs = []
     for stage in ("ctc", "ce"):
         spec = model_spec(parts, adaptor, {}, stage)

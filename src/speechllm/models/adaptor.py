@@ -30,8 +30,9 @@ takes effect.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -62,6 +63,14 @@ def lid_class_count(configured: int | None, languages: int) -> int:
             "(+ the blank)"
         )
     return configured
+
+
+def adaptor_config(sizes: Mapping[str, Any], languages: int, **fields: Any) -> AdaptorConfig:
+    """AdaptorConfig from a config `models.adaptor` section, its `lid_classes` resolved for the data's
+    `languages` (lid_class_count), and further `fields` (llm_hidden_size, ...)."""
+    sizes = dict(sizes)
+    lid_classes = lid_class_count(sizes.pop("lid_classes", None), languages)
+    return AdaptorConfig(**sizes, num_lid_classes=lid_classes, **fields)
 
 
 @dataclass

@@ -82,7 +82,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from speechllm.data.bucketing import rank_batch_sizes
 from speechllm.io import read_json
-from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor, lid_class_count
+from speechllm.models.adaptor import AdaptorConfig, SpeechAdaptor, adaptor_config
 from speechllm.models.ctc_head import CTCHead
 from speechllm.models.encoder_inputs import encoder_only, input_family
 from speechllm.models.frames import fbank_frame_count
@@ -627,11 +627,10 @@ def bloomzmms_parts(
     if not enc_cfg["language_adapters"]:  # built as `speechllm.models.export.load_speech_encoder` builds it
         enc_config = without_language_adapters(enc_config)
     llm_config, llm_facts = load_arch_config(models_cfg["llm"]["name_or_path"], models_dir)
-    sizes = dict(models_cfg["adaptor"])
-    # null: one class per configured language + blank (what `data language-ids` finds when all have data)
-    lid_classes = lid_class_count(sizes.pop("lid_classes", None), len(cfg["data"]["languages"]))
-    adaptor_cfg = AdaptorConfig(
-        **sizes, num_lid_classes=lid_classes, llm_hidden_size=llm_hidden_size(llm_config)
+    # lid_classes null: one class per configured language + blank (what `data language-ids` finds when all
+    # have data)
+    adaptor_cfg = adaptor_config(
+        models_cfg["adaptor"], len(cfg["data"]["languages"]), llm_hidden_size=llm_hidden_size(llm_config)
     )
     encoder = speech_encoder_from_config(enc_config, device)
     features = arch_feature_extractor(enc_config, enc_facts)

@@ -108,15 +108,13 @@ def build_for_stage(
         return model, tokenizer, spec, {}
     from transformers import AutoConfig
 
-    from speechllm.models.adaptor import AdaptorConfig, lid_class_count
+    from speechllm.models.adaptor import adaptor_config
 
     if language_ids is None:
         raise ValueError(f"--language-ids is required for the {stage} stage")
     lid = read_json(language_ids)
     llm_cfg = AutoConfig.from_pretrained(s.models.llm.name_or_path)
-    sizes = dataclasses.asdict(s.adaptor)
-    lid_classes = lid_class_count(sizes.pop("lid_classes"), len(lid))
-    adaptor = AdaptorConfig(**sizes, num_lid_classes=lid_classes, llm_hidden_size=llm_cfg.hidden_size)
+    adaptor = adaptor_config(dataclasses.asdict(s.adaptor), len(lid), llm_hidden_size=llm_cfg.hidden_size)
     objective = "ctc" if stage == "init" else stage
     spec = model_spec(models_cfg, adaptor, lid, stage=objective)
     model, tokenizer = build_model(
