@@ -135,6 +135,7 @@ rule zenodo_file:
         name=r"[A-Za-z0-9_.-]+",
     params:
         url=lambda wc: zenodo_url(wc.name),
+        timeout=config["resources"]["download_timeout_seconds"],
     log:
         "logs/data/zenodo_{name}.log",
     benchmark:
@@ -145,7 +146,7 @@ rule zenodo_file:
     conda:
         "../envs/speechllm.yaml"
     shell:
-        "speechllm data fetch --url {params.url:q} --out {output} --record {log} > {log} 2>&1"
+        "speechllm data fetch --url {params.url:q} --out {output} --timeout {params.timeout} --record {log} > {log} 2>&1"
 
 
 rule common_voice_data:

@@ -13,6 +13,7 @@ if FETCHED_TEMPLATES:
         params:
             url=config["targets"]["templates_download"]["url"],
             sha256=config["targets"]["templates_download"]["sha256"],
+            timeout=config["resources"]["download_timeout_seconds"],
         log:
             "logs/targets/fetch_templates.log",
         benchmark:
@@ -24,7 +25,7 @@ if FETCHED_TEMPLATES:
             "../envs/speechllm.yaml"
         shell:
             "speechllm targets fetch-templates --url {params.url:q} --sha256 {params.sha256} --out {output} "
-            "--record {log} > {log} 2>&1"
+            "--timeout {params.timeout} --record {log} > {log} 2>&1"
 
 
 rule generate_targets:
@@ -68,6 +69,7 @@ if config["targets"]["source"] == "released":
             url=config["targets"]["released"]["url"],
             # No published checksum for the tar: then the download logs its hash instead of checking it.
             sha256_arg=optional_arg("--sha256", config["targets"]["released"]["sha256"]),
+            timeout=config["resources"]["download_timeout_seconds"],
         log:
             "logs/targets/fetch_released.log",
         benchmark:
@@ -79,7 +81,7 @@ if config["targets"]["source"] == "released":
             "../envs/speechllm.yaml"
         shell:
             "speechllm targets fetch-released --url {params.url:q} {params.sha256_arg} --out {output} "
-            "--record {log} > {log} 2>&1"
+            "--timeout {params.timeout} --record {log} > {log} 2>&1"
 
     rule import_released_targets:
         input:

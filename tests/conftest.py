@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,41 @@ def stop_signals():
         for sig, handler in saved.items():
             signal.signal(sig, handler)
         stopping.reset()
+
+
+@pytest.fixture()
+def bad_server():
+    """`bad_server(kind)` starts a loopback HTTP server and returns the URL of a file it serves badly: "cut"
+    announces 1000 bytes and closes the connection after 10 (a dropped download); "stall" sends the headers
+    and 10 bytes, then nothing for 30 s (a stalled server). Stopped at teardown."""
+    started = []
+    released = threading.Event()
+
+    def start(kind: str) -> str:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                self.wfile.write(b"\x1f\x8b" + bytes(8))
+                self.wfile.flush()
+                if kind == "stall":
+                    released.wait(30)
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        return f"http://127.0.0.1:{server.server_address[1]}/speech_xnli.tar.gz"
+
+    yield start
+    released.set()
+    for server, thread in started:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

@@ -8,6 +8,7 @@ import json
 import random
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -646,43 +647,17 @@ def test_fetch_url_file_scheme(tmp_path):
     src = tmp_path / "cv12_train_utts.lst.gz"
     src.write_bytes(b"\x1f\x8b" + bytes(range(200)))
     out = tmp_path / "resources" / "zenodo" / "cv12_train_utts.lst.gz"
-    assert fetch_url(src.as_uri(), out) == 202 and out.read_bytes() == src.read_bytes()
+    assert fetch_url(src.as_uri(), out, timeout=10) == 202 and out.read_bytes() == src.read_bytes()
     (tmp_path / "empty").write_bytes(b"")
     with pytest.raises(SourceError, match="0 bytes"):
-        fetch_url((tmp_path / "empty").as_uri(), tmp_path / "empty.out")
+        fetch_url((tmp_path / "empty").as_uri(), tmp_path / "empty.out", timeout=10)
     assert not (tmp_path / "empty.out").exists()
 
 
-@pytest.fixture
-def cut_server():
-    """A loopback HTTP server that announces 1000 bytes and closes the connection after 10, as a dropped
-    download does; yields its URL."""
-    import http.server
-    import threading
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "1000")
-            self.end_headers()
-            self.wfile.write(b"\x1f\x8b" + bytes(8))
-            self.close_connection = True
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/speech_xnli.tar.gz"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=10)
-
-
-def test_fetch_url_refuses_a_cut_download_and_keeps_the_earlier_file(tmp_path, cut_server):
+def test_fetch_url_refuses_a_cut_download_and_keeps_the_earlier_file(tmp_path, bad_server):
     """http.client ends a connection cut before Content-Length as a short read: the 10 bytes must not become
     the finished output (Snakemake would never fetch it again), and an earlier complete file stays."""
+    cut_server = bad_server("cut")
     out = tmp_path / "zenodo" / "speech_xnli.tar.gz"
     with pytest.raises(SourceError, match=r"cut short: 10 of 1000 bytes"):
         fetch_url(cut_server, out, timeout=10)
@@ -692,8 +667,21 @@ def test_fetch_url_refuses_a_cut_download_and_keeps_the_earlier_file(tmp_path, c
         fetch_url(cut_server, out, timeout=10)
     (tmp_path / "empty").write_bytes(b"")
     with pytest.raises(SourceError, match="0 bytes"):
-        fetch_url((tmp_path / "empty").as_uri(), out)
+        fetch_url((tmp_path / "empty").as_uri(), out, timeout=10)
     assert out.read_bytes() == b"complete earlier download" and list(out.parent.iterdir()) == [out]
+
+
+def test_fetch_url_gives_up_on_a_silent_server(tmp_path, bad_server):
+    """A server that stops sending fails the download after the timeout (config
+    resources.download_timeout_seconds) instead of holding the job until its time limit."""
+    out = tmp_path / "zenodo" / "speech_xnli.tar.gz"
+    started = time.monotonic()
+    with pytest.raises(
+        SourceError, match=r"download of http://127\.0\.0\.1:\d+/speech_xnli.tar.gz failed: timed out"
+    ):
+        fetch_url(bad_server("stall"), out, timeout=0.5)
+    assert time.monotonic() - started < 20  # the server stays silent for 30 s
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
 
 
 def test_cli_released_speechxnli_and_hub_articles(tmp_path):

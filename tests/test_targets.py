@@ -31,7 +31,7 @@ from speechllm.cli import main
 from speechllm.stopping import PREEMPTED_EXIT, Preempted
 from speechllm.targets.assemble import assemble
 from speechllm.targets.backends import load_generator
-from speechllm.targets.download import DownloadError
+from speechllm.targets.download import DownloadError, fetch_verified
 from speechllm.targets.generate import (
     GreedyDecoder,
     HFGenerator,
@@ -488,15 +488,26 @@ def test_template_download_verifies_hash_and_parses(shared_data, tmp_path):
     assert "/77dc192" in pinned["url"] and pinned["url"].endswith("/data/synthetic-targets/templates.json")
     src = shared_data / "bloomzmms" / "templates.json"
     out = tmp_path / "resources" / "bloomzmms" / "templates.json"
-    assert fetch_templates(src.as_uri(), pinned["sha256"], out) == 4300  # file:// URL, read in place
+    timeout = CONFIG["resources"]["download_timeout_seconds"]
+    assert fetch_templates(src.as_uri(), pinned["sha256"], out, timeout) == 4300  # file:// URL, read in place
     assert load_templates(str(out)) == load_templates(str(src))
-    assert fetch_templates(str(src), pinned["sha256"], tmp_path / "from_path.json") == 4300
+    assert fetch_templates(str(src), pinned["sha256"], tmp_path / "from_path.json", timeout) == 4300
     bad = tmp_path / "bad" / "templates.json"
     with pytest.raises(DownloadError, match="does not match.*targets.templates_download.sha256"):
-        fetch_templates(src.as_uri(), "0" * 64, bad)
+        fetch_templates(src.as_uri(), "0" * 64, bad, timeout)
     assert not bad.parent.exists() or list(bad.parent.iterdir()) == []  # nothing left behind, not even a temp
-    with pytest.raises(DownloadError, match="no such file"):
-        fetch_templates(str(tmp_path / "missing.json"), pinned["sha256"], bad)
+    with pytest.raises(DownloadError, match="(?i)no such file.*config key targets.templates_download.url"):
+        fetch_templates(str(tmp_path / "missing.json"), pinned["sha256"], bad, timeout)
+
+
+@pytest.mark.parametrize(("kind", "error"), [("cut", "cut short: 10 of 1000 bytes"), ("stall", "timed out")])
+def test_released_download_refuses_a_cut_or_stalled_server(tmp_path, bad_server, kind, error):
+    """Without a pinned sha256 (the released targets' tar has none) only the download itself can tell a
+    partial body: a cut or stalled one fails naming the config key, and nothing is left at the target."""
+    out = tmp_path / "resources" / "bloomzmms" / "tmi.tar.gz"
+    with pytest.raises(DownloadError, match=f"{error}.*config key targets.released.url"):
+        fetch_verified(bad_server(kind), None, out, "targets.released", timeout=0.5)
+    assert list(out.parent.iterdir()) == []
 
 
 def test_template_download_rejects_a_bank_that_does_not_parse(tmp_path):
@@ -504,7 +515,7 @@ def test_template_download_rejects_a_bank_that_does_not_parse(tmp_path):
     src.write_text('[["a", "b"], ["only one"]]')
     out = tmp_path / "out" / "templates.json"
     with pytest.raises(TemplateError, match="entry 1"):
-        fetch_templates(src.as_uri(), hashlib.sha256(src.read_bytes()).hexdigest(), out)
+        fetch_templates(src.as_uri(), hashlib.sha256(src.read_bytes()).hexdigest(), out, timeout=10)
     assert not out.exists()
 
 

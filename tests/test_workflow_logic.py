@@ -28,6 +28,7 @@ RESOURCES = {
     "slurm_partition": None,
     "slurm_account": None,
     "offline_compute_nodes": False,
+    "download_timeout_seconds": 60,
     "rules": {},
 }
 

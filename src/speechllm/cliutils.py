@@ -56,6 +56,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def add_download_timeout(parser: argparse.ArgumentParser) -> None:
+    """`--timeout`: the download steps' stall limit, from config resources.download_timeout_seconds."""
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        required=True,
+        help="seconds a silent server is waited for before the download fails "
+        "(config resources.download_timeout_seconds)",
+    )
+
+
 def parse_settings(raw: str) -> dict[str, Any]:
     """The JSON object a rule passes as `--settings` (a ValueError otherwise, which `speechllm` reports in
     one line naming the command)."""

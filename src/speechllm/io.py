@@ -2,21 +2,24 @@
 
 A reader (or Snakemake) therefore sees either the old file, or the complete new one, never a
 partial file. On any exception the temp file is removed and the target is left untouched.
-Also the one JSON reader whose errors name the file.
+Also the one JSON reader whose errors name the file, and the one streaming download (URL or path).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import http.client
 import json
 import os
 import re
 import shutil
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 def _read_umask() -> int:
@@ -28,6 +31,7 @@ def _read_umask() -> int:
 
 _UMASK = _read_umask()
 CHUNK = 1 << 16  # bytes read at a time when scanning a file backwards
+DOWNLOAD_CHUNK = 1 << 20  # bytes read at a time from a download
 
 
 def fsync_path(path: Path) -> None:
@@ -182,3 +186,59 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise FileNotFoundError(f"{path}: no such file") from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+
+
+class DownloadFailed(OSError):
+    """Reading a download failed (refused, timed out, cut short, empty). `filename` is the source, so that
+    `atomic_path` does not restate it as a failed write of its target; write errors are not wrapped."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(None, reason, source)
+
+    def __str__(self) -> str:
+        return f"download of {self.filename} failed: {self.strerror}"
+
+
+def _reason(err: BaseException) -> str:
+    """What went wrong reading a download, without urllib's "<urlopen error ...>" wrapping."""
+    reason = getattr(err, "reason", None)  # URLError
+    if reason is None:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+    return str(reason) or type(err).__name__
+
+
+def copy_source(source: str, dst: BinaryIO, timeout: float) -> tuple[int, str]:
+    """Stream `source` (an http(s):// or file:// URL, or a local path) into `dst`; returns (bytes, sha256).
+
+    Reading raises DownloadFailed: when the source cannot be opened, when a server sends nothing for
+    `timeout` seconds, when the body is empty or shorter than the Content-Length the server announced
+    (http.client ends a connection cut early as a short read, not an error). Errors writing `dst` pass."""
+    read_errors = (OSError, http.client.HTTPException)
+    try:
+        if "://" in source:
+            request = urllib.request.Request(source, headers={"User-Agent": "speechllm"})
+            opened = urllib.request.urlopen(request, timeout=timeout)
+        else:
+            opened = Path(source).open("rb")  # noqa: SIM115 (closed by the `with` below)
+    except read_errors as err:
+        raise DownloadFailed(source, _reason(err)) from err
+    digest = hashlib.sha256()
+    total = 0
+    with opened as src:
+        while True:
+            try:
+                chunk = src.read(DOWNLOAD_CHUNK)
+            except read_errors as err:
+                raise DownloadFailed(source, _reason(err)) from err
+            if not chunk:
+                break
+            digest.update(chunk)
+            dst.write(chunk)
+            total += len(chunk)
+        headers = getattr(src, "headers", None)
+        announced = headers.get("Content-Length") if headers is not None else None
+    if announced is not None and announced.isdigit() and total != int(announced):
+        raise DownloadFailed(source, f"cut short: {total} of {announced} bytes arrived")
+    if total == 0:
+        raise DownloadFailed(source, "0 bytes arrived")
+    return total, digest.hexdigest()

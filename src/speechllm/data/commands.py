@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from speechllm.cliutils import EXAMPLES, add_command, example, parse_settings
+from speechllm.cliutils import EXAMPLES, add_command, add_download_timeout, example, parse_settings
 
 log = logging.getLogger("speechllm")
 
@@ -222,7 +222,7 @@ def cmd_data_speechxnli(args: argparse.Namespace) -> None:
 def cmd_data_fetch(args: argparse.Namespace) -> None:
     from speechllm.data.hub import fetch_url
 
-    n = fetch_url(args.url, Path(args.out))
+    n = fetch_url(args.url, Path(args.out), args.timeout)
     log.info("%s: %d bytes from %s", args.out, n, args.url)
 
 
@@ -342,11 +342,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=example(
             "speechllm data fetch --url 'https://zenodo.org/records/10900287/files/"
             "speech_xnli.tar.gz?download=1' "
-            "--out resources/zenodo/speech_xnli.tar.gz"
+            "--out resources/zenodo/speech_xnli.tar.gz --timeout 60"
         ),
     )
     d.add_argument("--url", required=True)
     d.add_argument("--out", required=True)
+    add_download_timeout(d)
     d = add_command(
         dsub,
         "prepare",

@@ -11,7 +11,6 @@ import io
 import json
 import shutil
 import tarfile
-import urllib.request
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,7 +22,7 @@ from speechllm.audio import AudioError
 from speechllm.data.languages import SHORT_TO_FLEURS
 from speechllm.data.manifest import spoken_example, write_manifest
 from speechllm.data.tts import TTSBackend, speak_all, voice_for
-from speechllm.io import atomic_path, atomic_write_bytes, atomic_write_text
+from speechllm.io import DownloadFailed, atomic_path, atomic_write_bytes, atomic_write_text, copy_source
 
 PARQUET_REVISION = "refs/convert/parquet"
 FLEURS_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
@@ -496,26 +495,16 @@ def build_speechglue_released(
 # Released files: download and unpack
 
 
-def fetch_url(url: str, out: Path, timeout: float = 60.0) -> int:
+def fetch_url(url: str, out: Path, timeout: float) -> int:
     """Stream `url` (https://, or file:// for local copies) to `out` atomically. Returns the byte count.
 
-    Nothing replaces `out` unless the whole body arrived: an empty body, or fewer bytes than the server's
-    Content-Length (http.client ends a cut connection as a short read, not an error), is a SourceError."""
-    request = urllib.request.Request(url, headers={"User-Agent": "speechllm"})
-    total = 0
-    with (
-        urllib.request.urlopen(request, timeout=timeout) as response,
-        atomic_path(out) as tmp,
-    ):
-        with tmp.open("wb") as fh:
-            while chunk := response.read(1 << 20):
-                fh.write(chunk)
-                total += len(chunk)
-        announced = response.headers.get("Content-Length")
-        if announced is not None and announced.isdigit() and total != int(announced):
-            raise SourceError(f"download of {url} cut short: {total} of {announced} bytes arrived")
-        if total == 0:
-            raise SourceError(f"downloaded 0 bytes from {url}")
+    Nothing replaces `out` unless the whole body arrived: a failed, stalled (nothing for `timeout` seconds),
+    empty or cut-short download (io.copy_source) is a SourceError naming the URL; write errors name `out`."""
+    with atomic_path(out) as tmp, tmp.open("wb") as fh:
+        try:
+            total, _ = copy_source(url, fh, timeout)
+        except DownloadFailed as err:
+            raise SourceError(str(err)) from err
     return total
 
 

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from speechllm import stopping
-from speechllm.cliutils import add_command, parse_settings, set_threads
+from speechllm.cliutils import add_command, add_download_timeout, parse_settings, set_threads
 
 log = logging.getLogger("speechllm")
 
@@ -20,9 +20,9 @@ EXAMPLES = {
     "--out-dir results/data",
     "fetch-templates": "example:\n  speechllm targets fetch-templates --url https://raw.githubusercontent.com/"
     "DigitalPhonetics/bloomzmms/<commit>/data/synthetic-targets/templates.json "
-    "--sha256 3baa3c49... --out resources/bloomzmms/templates.json",
+    "--sha256 3baa3c49... --out resources/bloomzmms/templates.json --timeout 60",
     "fetch-released": "example:\n  speechllm targets fetch-released --url 'https://zenodo.org/records/10900287/"
-    "files/tmi_training_targets.tar.gz?download=1' --out resources/bloomzmms/tmi.tar.gz",
+    "files/tmi_training_targets.tar.gz?download=1' --out resources/bloomzmms/tmi.tar.gz --timeout 60",
     "import-released": "example:\n  speechllm targets import-released --settings '{...}' "
     "--manifest results/data/train.jsonl --archive resources/bloomzmms/tmi.tar.gz "
     "--out-dir results/data",
@@ -95,14 +95,14 @@ def cmd_targets_assemble(args: argparse.Namespace) -> None:
 def cmd_targets_fetch_templates(args: argparse.Namespace) -> None:
     from speechllm.targets.templates import fetch_templates
 
-    count = fetch_templates(args.url, args.sha256, Path(args.out))
+    count = fetch_templates(args.url, args.sha256, Path(args.out), args.timeout)
     log.info("template bank: %d (prefix, postfix) pairs", count)
 
 
 def cmd_targets_fetch_released(args: argparse.Namespace) -> None:
     from speechllm.targets.download import fetch_verified
 
-    fetch_verified(args.url, args.sha256 or None, Path(args.out), "targets.released")
+    fetch_verified(args.url, args.sha256 or None, Path(args.out), "targets.released", args.timeout)
 
 
 def cmd_targets_import_released(args: argparse.Namespace) -> None:
@@ -209,6 +209,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--url", required=True, help="http(s):// or file:// URL, or a local path")
     t.add_argument("--sha256", required=True)
     t.add_argument("--out", required=True)
+    add_download_timeout(t)
     t = add_command(
         tsub,
         "fetch-released",
@@ -219,6 +220,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--url", required=True, help="http(s):// or file:// URL, or a local path")
     t.add_argument("--sha256", default="", help="expected sha256; empty: not verified, logged")
     t.add_argument("--out", required=True)
+    add_download_timeout(t)
     t = add_command(
         tsub,
         "import-released",

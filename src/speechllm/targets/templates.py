@@ -47,15 +47,16 @@ def parse_templates(raw: bytes, name: str) -> list[tuple[str, str]]:
     return out
 
 
-def fetch_templates(url: str, sha256: str, out: Path) -> int:
+def fetch_templates(url: str, sha256: str, out: Path, timeout: float) -> int:
     """Download the reference's templates.json to `out`, verified by sha256 and parsed before it is moved
-    into place (config keys targets.templates_download.url/sha256). Returns the number of pairs."""
+    into place (config keys targets.templates_download.url/sha256; `timeout`: seconds a silent server is
+    waited for). Returns the number of pairs."""
     count = []
 
     def check(tmp: Path) -> None:
         count.append(len(parse_templates(tmp.read_bytes(), url)))
 
-    fetch_verified(url, sha256, out, "targets.templates_download", check)
+    fetch_verified(url, sha256, out, "targets.templates_download", timeout, check)
     return count[0]
 
 
