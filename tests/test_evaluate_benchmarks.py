@@ -25,6 +25,7 @@ from speechllm.evaluate.settings import benchmark_settings
 from speechllm.evaluate.shards import BatchRunner, unit
 from speechllm.evaluate.summarization import summarization_frame
 from speechllm.evaluate.system import EvalSystem, assemble, build_system
+from speechllm.report.tables import build_table
 from speechllm.text.normalize import basic_normalize
 
 SR = 16000
@@ -432,6 +433,39 @@ def test_rescore_asr_with_sclite_alignment_records_it(tmp_path) -> None:
     assert again["metrics"]["per_language"]["en_us"]["primary"] == pytest.approx(6 / 7)
     assert again["metrics"]["all"]["alignment"] == "sclite"
     assert again["settings"]["asr_alignment"] == "sclite"
+
+
+def test_undefined_metrics_are_null_in_a_strict_score_file(tmp_path) -> None:
+    """STS-B predictions that are all equal have no Pearson / Spearman correlation (NaN, as in HF evaluate's
+    GLUE metric), nor have the GLUE averages over them: the score file stays strict JSON (null, named in
+    notes.undefined_metrics), a rescore writes the same, and the table shows the cells as missing."""
+    df = pd.DataFrame(
+        {
+            "task": ["sst2", "sst2", "stsb", "stsb", "stsb"],
+            "reference": [1, 0, 0.4, 3.8, 2.0],
+            "prediction": [1, 1, 2.0, 2.0, 2.0],
+            "matched": [True, True, True, True, True],
+        }
+    )
+    metrics = benchmarks.score_speechglue(df, ev("speechglue"))
+    assert math.isnan(metrics["per_task"]["stsb"]["pearson"])
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"non-JSON token {token} in the score file")
+
+    written = assert_recomputable(tmp_path, "speechglue", df, metrics)
+    strict = json.loads((tmp_path / "speechglue.scores.json").read_text(), parse_constant=refuse)
+    assert strict == written
+    stsb = strict["metrics"]["per_task"]["stsb"]
+    assert stsb["pearson"] is None and stsb["spearmanr"] is None and stsb["num_examples"] == 3
+    assert strict["metrics"]["per_task"]["sst2"]["accuracy"] == 0.5
+    undefined = strict["notes"]["undefined_metrics"]
+    assert {"per_task.stsb.pearson", "per_task.stsb.spearmanr"} <= set(undefined)
+    again = json.loads((tmp_path / "again.json").read_text(), parse_constant=refuse)
+    assert again["notes"]["undefined_metrics"] == undefined
+    table = build_table("speechglue", [tmp_path / "speechglue.scores.json"])
+    assert table.loc[("sst2", "accuracy"), "sys"] == 50.0
+    assert math.isnan(table.loc[("stsb", "pearson"), "sys"])
 
 
 def test_rescore_of_another_benchmarks_outputs_names_the_file_and_columns(tmp_path) -> None:

@@ -2,12 +2,13 @@
 
 A score file is JSON: `benchmark`, `model`, `decoder`, `checkpoint`, `experiment`, `metrics` (what the tables
 read), `versions` (speechllm, normaliser, sacreBLEU, rouge-score), `settings` (the decoding/scoring knobs that
-shaped it) and `notes` (e.g. why a model has no CTC-branch score).
+shaped it) and `notes` (e.g. why a model has no CTC-branch score). Strict JSON: an undefined metric is null.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,36 @@ def write_outputs(df: pd.DataFrame, scores: dict[str, Any], hyps: Path, scores_p
     with atomic_path(hyps) as tmp:
         df.to_parquet(tmp, index=False)
     with atomic_path(scores_path) as tmp:
-        tmp.write_text(json.dumps(scores, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(score_file_text(scores), encoding="utf-8")
+
+
+def _undefined_to_null(value: Any, path: str, undefined: list[str]) -> Any:
+    """`value` with each NaN / infinite float replaced by None, whose dotted paths go into `undefined`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        undefined.append(path)
+        return None
+    if isinstance(value, dict):
+        return {k: _undefined_to_null(v, f"{path}.{k}".lstrip("."), undefined) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_undefined_to_null(v, f"{path}.{i}", undefined) for i, v in enumerate(value)]
+    return value
+
+
+def strict_scores(document: dict[str, Any]) -> dict[str, Any]:
+    """A score document as strict JSON holds it: an undefined metric (NaN: STS-B predictions that are all
+    equal, so no correlation; averages over it) becomes null and is named in notes.undefined_metrics.
+    Tables and plots show it as missing."""
+    undefined: list[str] = []
+    metrics = _undefined_to_null(document.get("metrics"), "", undefined)
+    notes = {k: v for k, v in (document.get("notes") or {}).items() if k != "undefined_metrics"}
+    if undefined:
+        notes["undefined_metrics"] = undefined
+    return {**document, "metrics": metrics, "notes": notes}
+
+
+def score_file_text(document: dict[str, Any]) -> str:
+    """The score file's text: `strict_scores(document)` as indented JSON (no NaN / Infinity tokens)."""
+    return json.dumps(strict_scores(document), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def score_document(
@@ -150,5 +180,5 @@ def rescore(
     document["versions"] = versions()
     document["settings"] = scored_settings(document.get("settings", {}), settings["evaluate"])
     with atomic_path(out or scores_path) as tmp:
-        tmp.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return document
+        tmp.write_text(score_file_text(document), encoding="utf-8")
+    return strict_scores(document)  # as written
