@@ -219,7 +219,10 @@ def test_asr_every_decoder_with_cascade_and_text_inputs(world, tmp_path) -> None
     _, ce_metrics = benchmarks.run_asr(ce, records, prefix, postfix, asr)
     assert "ctc_branch" not in ce_metrics
 
-    cascade_df, _ = benchmarks.run_asr(system(world, "ctc", "cascade"), records, prefix, postfix, asr)
+    cascade = system(world, "ctc", "cascade")
+    assert cascade.notes["cascade_asr"] == f"{world['dirs']['ctc']} (own CTC head)"
+    assert "cascade_asr" not in system(world, "ctc", "ctc").notes  # the ctc decoder is no cascade
+    cascade_df, _ = benchmarks.run_asr(cascade, records, prefix, postfix, asr)
     assert list(cascade_df.input_text) == list(ctc_df.hypothesis)  # the CTC transcript went into the prompt
     text_df, text_metrics = benchmarks.run_asr(system(world, "ctc", "text"), records, prefix, postfix, asr)
     assert list(text_df.input_text) == [r["raw_transcription"] for r in records]

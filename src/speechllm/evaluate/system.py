@@ -376,7 +376,8 @@ def build_system(
                 "checkpoint for its cascade"
             )
         system.transcribe = own_ctc_transcriber(model, tokenizer, sampling_rate, device, search)
-        notes["cascade_asr"] = f"{model_dir} (own CTC head)"
+        if decoder == "cascade":  # the ctc decoder's transcripts are its output, not a cascade's input
+            notes["cascade_asr"] = f"{model_dir} (own CTC head)"
     elif decoder == "cascade":
         system.transcribe = hf_ctc_transcriber(
             cascade_asr,
