@@ -209,13 +209,16 @@ def stop_signals():
 def bad_server():
     """`bad_server(kind)` starts a loopback HTTP server and returns the URL of a file it serves badly: "cut"
     announces 1000 bytes and closes the connection after 10 (a dropped download); "stall" sends the headers
-    and 10 bytes, then nothing for 30 s (a stalled server). Stopped at teardown."""
+    and 10 bytes, then nothing for 30 s (a stalled server); "missing" answers 404. Stopped at teardown."""
     started = []
     released = threading.Event()
 
     def start(kind: str) -> str:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
+                if kind == "missing":
+                    self.send_error(404)
+                    return
                 self.send_response(200)
                 self.send_header("Content-Length", "1000")
                 self.end_headers()

@@ -682,6 +682,8 @@ def test_fetch_url_gives_up_on_a_silent_server(tmp_path, bad_server):
         fetch_url(bad_server("stall"), out, timeout=0.5)
     assert time.monotonic() - started < 20  # the server stays silent for 30 s
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+    with pytest.raises(SourceError, match=r"speech_xnli.tar.gz failed: HTTP Error 404: Not Found$"):
+        fetch_url(bad_server("missing"), out, timeout=10)
 
 
 def test_cli_released_speechxnli_and_hub_articles(tmp_path):

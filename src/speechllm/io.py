@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -201,6 +202,8 @@ class DownloadFailed(OSError):
 
 def _reason(err: BaseException) -> str:
     """What went wrong reading a download, without urllib's "<urlopen error ...>" wrapping."""
+    if isinstance(err, urllib.error.HTTPError):
+        return str(err)  # "HTTP Error 404: Not Found"
     reason = getattr(err, "reason", None)  # URLError
     if reason is None:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else err
