@@ -16,6 +16,7 @@ The positional encoding, which ESPnet attaches to this module's output layer, li
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from speechllm.models.frames import DEFAULT_SUBSAMPLING_KERNEL, DEFAULT_SUBSAMPLING_STRIDE, conv_output_length
@@ -23,20 +24,41 @@ from speechllm.models.frames import DEFAULT_SUBSAMPLING_KERNEL, DEFAULT_SUBSAMPL
 DEFAULT_KERNEL = DEFAULT_SUBSAMPLING_KERNEL
 DEFAULT_STRIDE = DEFAULT_SUBSAMPLING_STRIDE
 
-# Input channels x kernel area (the GEMM's reduction size) from which `conv2d` takes im2col + GEMM on the CPU:
-# measured on the backward, 4.6k (512 channels, 3x3) is ~1.1x and 9.2k (1024) ~1.4x faster than oneDNN,
-# while 0.9k-2.3k (96-256 channels) are 5-20 % slower (benchmarks/adaptor_vs_espnet.py).
+# Input channels x kernel area (the GEMM's reduction size) from which a convolution's backward runs as ATen's
+# im2col + GEMM on the CPU: measured (benchmarks/adaptor_vs_espnet.py) 1.1x at 4.6k (512 channels, 3x3) and
+# 1.4-1.8x at 9.2k (1024) faster than oneDNN's backward on an AVX-512 Xeon and 1.25x at 9.2k on an AVX2 EPYC,
+# while 0.9k-2.3k (96-256 channels) are 5-20 % slower. The forward stays on oneDNN: as fast on the Xeon, 1.6x
+# faster on the EPYC.
 IM2COL_MIN_REDUCTION = 4096
 
 
+class _Im2colBackwardConv2d(torch.autograd.Function):
+    """``F.conv2d`` forward (oneDNN on the CPU) with the backward of ATen's im2col + GEMM kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+        grad_x, grad_weight, grad_bias = torch.ops.aten._slow_conv2d_backward(
+            grad.contiguous(), x, weight, weight.shape[2:], ctx.stride, ctx.padding, wanted
+        )
+        return grad_x, grad_weight, grad_bias if ctx.has_bias else None, None, None
+
+
 def conv2d(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)``; a wide ungrouped convolution on the CPU runs ATen's im2col + GEMM kernel ("thnn")
-    instead of oneDNN, whose backward is slow for it. The results agree to float rounding."""
+    """``conv(x)``; a wide ungrouped convolution on the CPU keeps oneDNN's forward but takes its backward
+    from ATen's im2col + GEMM kernel, which is faster for it. The results agree to float rounding."""
     plain = conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
     wide = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] >= IM2COL_MIN_REDUCTION
     if x.device.type != "cpu" or not plain or not wide or isinstance(conv.padding, str):
         return conv(x)
-    return torch.ops.aten.thnn_conv2d(x, conv.weight, conv.kernel_size, conv.bias, conv.stride, conv.padding)
+    return _Im2colBackwardConv2d.apply(x, conv.weight, conv.bias, conv.stride, conv.padding)
 
 
 class Conv2dSubsampling(nn.Module):
