@@ -31,9 +31,8 @@ def fetch_verified(
         try:
             with tmp.open("wb") as dst:
                 _, got = copy_source(source, dst, timeout)
-        except (
-            DownloadFailed
-        ) as err:  # refused, timed out, missing path, cut or empty body (not a write error)
+        except DownloadFailed as err:
+            # refused, timed out, missing path, cut or empty body; a write error names `out` (atomic_path)
             raise DownloadError(f"{err} (config key {key}.url)") from err
         if sha256 is None:
             log.warning(
